@@ -1,0 +1,274 @@
+"""Drain throughput: N pre-enqueued no-op jobs, Tenantry's Worker versus PGQueuer 1.6.
+
+Tenantry: the jobs are inserted in one statement (generate_series) over a few tenants;
+a Worker (plus the Listener, wired as in `service.app`) drains them with a no-op
+handler.  The clock runs from starting the worker until the hook has seen every
+outcome flushed to the database.  A couple of queue concurrencies are tried; the best
+is reported (all are in the JSON).
+
+PGQueuer: the same number of jobs, enqueued with its own `Queries.enqueue` into a
+database of its own on the same server (schema from its own installer), drained by
+QueueManagers in `drain` mode with a no-op entrypoint; the clock runs from starting
+them until every one has returned (queue empty, its status-log buffer flushed).  A
+couple of (connections x batch size) settings are tried, PGQueuer's own benchmark
+default (5 x 10) among them; the best is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from typing import Any
+
+import anyio
+import asyncpg
+
+from service import db
+from service.jobs.model import Job
+from service.jobs.registry import Registry
+
+from . import common
+from .common import Result, fmt_rate, progress
+
+NAME = "drain"
+GOAL_RATIO = 3.0
+
+
+async def _noop(_job: Job) -> None:
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="jobs to drain (100000; quick 20000)"
+    )
+    parser.add_argument("--tenants", type=int, default=4, help="tenants the jobs are spread over")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[100, 200],
+        help="Tenantry queue concurrencies to try (best is reported)",
+    )
+    parser.add_argument("--pool-size", type=int, default=10, help="Tenantry pool size (default 10)")
+    parser.add_argument(
+        "--pgq-settings",
+        nargs="+",
+        default=["5x10", "5x50"],
+        help="PGQueuer settings to try, as CONNECTIONSxBATCH (best is reported)",
+    )
+    parser.add_argument("--skip-pgqueuer", action="store_true")
+
+
+# --- Tenantry -----------------------------------------------------------------------
+
+
+async def tenantry_round(
+    url: str, jobs: int, tenants: int, concurrency: int, pool_size: int
+) -> Result:
+    pool = await db.create_pool(url, min_size=pool_size, max_size=pool_size)
+    try:
+        async with pool.acquire() as conn:
+            await common.reset_tables(conn)
+            await common.bulk_enqueue(conn, jobs, [common.tenant(i) for i in range(tenants)])
+            await common.checkpoint(conn)
+        registry = Registry()
+        registry.add("noop", _noop)
+        counter = common.OutcomeCounter()
+        started = time.monotonic()
+        async with common.running_worker(
+            url, pool, registry, concurrency=concurrency, hook=counter
+        ):
+            done = await counter.wait_flushed(jobs, within=max(60.0, jobs / 500))
+            elapsed = time.monotonic() - started
+        async with pool.acquire() as conn:
+            left = await conn.fetchval("SELECT count(*) FROM tenantry.jobs")
+            succeeded = await conn.fetchval("SELECT sum(succeeded) FROM tenantry.job_counters")
+    finally:
+        await pool.close()
+    if not done:
+        raise RuntimeError(f"tenantry drain timed out: {counter.flushed}/{jobs} flushed")
+    return {
+        "concurrency": concurrency,
+        "jobs": jobs,
+        "seconds": round(elapsed, 3),
+        "jobs_per_s": round(jobs / elapsed, 1),
+        "claims": counter.claims,
+        "avg_claim_batch": round(counter.claimed / max(counter.claims, 1), 1),
+        "left_in_table": int(left),
+        "counted_succeeded": int(succeeded or 0),
+    }
+
+
+# --- PGQueuer -----------------------------------------------------------------------
+
+
+def _parse_pgq(spec: str) -> tuple[int, int]:
+    conns, _, batch = spec.lower().partition("x")
+    return int(conns), int(batch)
+
+
+async def pgqueuer_install(url: str) -> None:
+    from pgqueuer.db import AsyncpgDriver  # noqa: PLC0415 - optional bench dependency
+    from pgqueuer.queries import Queries  # noqa: PLC0415
+
+    conn = await asyncpg.connect(url)
+    try:
+        await Queries(AsyncpgDriver(conn)).install()
+    finally:
+        await conn.close()
+
+
+async def pgqueuer_enqueue(
+    url: str, jobs: int, entrypoint: str = "noop", chunk: int = 10_000
+) -> None:
+    from pgqueuer.db import AsyncpgDriver  # noqa: PLC0415
+    from pgqueuer.queries import Queries  # noqa: PLC0415
+
+    conn = await asyncpg.connect(url)
+    try:
+        queries = Queries(AsyncpgDriver(conn))
+        for offset in range(0, jobs, chunk):
+            k = min(chunk, jobs - offset)
+            await queries.enqueue([entrypoint] * k, [None] * k, [0] * k)
+        await conn.execute("VACUUM ANALYZE pgqueuer")
+        await conn.execute("VACUUM ANALYZE pgqueuer_log")
+        await common.checkpoint(conn)
+    finally:
+        await conn.close()
+
+
+async def _pgq_noop(_job: Any) -> None:
+    return None
+
+
+async def pgqueuer_round(url: str, jobs: int, connections: int, batch_size: int) -> Result:
+    from pgqueuer.db import AsyncpgDriver  # noqa: PLC0415
+    from pgqueuer.qm import QueueManager  # noqa: PLC0415
+    from pgqueuer.queries import Queries  # noqa: PLC0415
+    from pgqueuer.types import QueueExecutionMode  # noqa: PLC0415
+
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute("TRUNCATE pgqueuer, pgqueuer_log, pgqueuer_statistics")
+    finally:
+        await admin.close()
+    await pgqueuer_enqueue(url, jobs)
+    conns = [await asyncpg.connect(url) for _ in range(connections)]
+    try:
+        managers: list[Any] = []
+        for conn in conns:
+            qm = QueueManager(Queries(AsyncpgDriver(conn)))
+            qm.entrypoint("noop")(_pgq_noop)
+            managers.append(qm)
+        started = time.monotonic()
+        with anyio.fail_after(max(120.0, jobs / 200)):
+            async with anyio.create_task_group() as tg:
+                for qm in managers:
+                    tg.start_soon(
+                        functools.partial(
+                            qm.run, batch_size=batch_size, mode=QueueExecutionMode.drain
+                        )
+                    )
+        elapsed = time.monotonic() - started
+        left = await conns[0].fetchval("SELECT count(*) FROM pgqueuer")
+        logged = await conns[0].fetchval(
+            "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'"
+        )
+    finally:
+        for conn in conns:
+            await conn.close()
+    if left:
+        raise RuntimeError(f"pgqueuer drain ended with {left} jobs left")
+    return {
+        "connections": connections,
+        "batch_size": batch_size,
+        "jobs": jobs,
+        "seconds": round(elapsed, 3),
+        "jobs_per_s": round(jobs / elapsed, 1),
+        "left_in_table": int(left),
+        "logged_successful": int(logged),
+    }
+
+
+# --- the benchmark ------------------------------------------------------------------
+
+
+async def run(server_url: str, args: argparse.Namespace) -> Result:
+    jobs = common.pick(args.jobs, quick=args.quick, quick_value=20_000, full_value=100_000)
+    tenantry_rounds: list[Result] = []
+    async with common.fresh_database(server_url, "drain") as url:
+        for c in args.concurrency:
+            progress(f"drain: tenantry, {jobs} jobs, concurrency {c}")
+            r = await tenantry_round(url, jobs, args.tenants, c, args.pool_size)
+            progress(f"drain: tenantry concurrency {c}: {fmt_rate(r['jobs_per_s'])} jobs/s")
+            tenantry_rounds.append(r)
+    best_t = max(tenantry_rounds, key=lambda r: float(r["jobs_per_s"]))
+    result: Result = {
+        "jobs": jobs,
+        "tenants": args.tenants,
+        "pool_size": args.pool_size,
+        "tenantry": {"best": best_t, "rounds": tenantry_rounds},
+    }
+    if args.skip_pgqueuer:
+        return result
+    import pgqueuer  # noqa: PLC0415
+
+    pgq_rounds: list[Result] = []
+    async with common.fresh_database(server_url, "drain_pgq", schema=False) as url:
+        await pgqueuer_install(url)
+        for spec in args.pgq_settings:
+            connections, batch = _parse_pgq(spec)
+            progress(f"drain: pgqueuer {pgqueuer.__version__}, {jobs} jobs, {connections}x{batch}")
+            r = await pgqueuer_round(url, jobs, connections, batch)
+            progress(f"drain: pgqueuer {connections}x{batch}: {fmt_rate(r['jobs_per_s'])} jobs/s")
+            pgq_rounds.append(r)
+    best_p = max(pgq_rounds, key=lambda r: float(r["jobs_per_s"]))
+    ratio = float(best_t["jobs_per_s"]) / float(best_p["jobs_per_s"])
+    result["pgqueuer"] = {"version": pgqueuer.__version__, "best": best_p, "rounds": pgq_rounds}
+    result["ratio_tenantry_over_pgqueuer"] = round(ratio, 2)
+    result["goal"] = {"ratio_at_least": GOAL_RATIO, "met": ratio >= GOAL_RATIO}
+    return result
+
+
+def render(result: Result) -> str:
+    lines = common.header(result, f"drain: {result['jobs']:,} pre-enqueued no-op jobs")
+    t = result["tenantry"]
+    lines.append(
+        f"Tenantry Worker ({result['tenants']} tenants, pool {result['pool_size']}),"
+        " start -> all outcomes flushed:"
+    )
+    for r in t["rounds"]:
+        mark = "  <- best" if r is t["best"] or r == t["best"] else ""
+        lines.append(
+            f"  concurrency {r['concurrency']:>4}: {fmt_rate(r['jobs_per_s']):>8} jobs/s"
+            f"  ({r['seconds']:.2f} s, {r['claims']} claims"
+            f" of {r['avg_claim_batch']} rows avg){mark}"
+        )
+    if "pgqueuer" in result:
+        p = result["pgqueuer"]
+        lines.append(f"PGQueuer {p['version']} QueueManagers in drain mode, start -> all returned:")
+        for r in p["rounds"]:
+            mark = "  <- best" if r == p["best"] else ""
+            lines.append(
+                f"  {r['connections']} connections x batch {r['batch_size']:>3}:"
+                f" {fmt_rate(r['jobs_per_s']):>8} jobs/s  ({r['seconds']:.2f} s){mark}"
+            )
+        g = result["goal"]
+        lines.append(
+            f"Ratio tenantry/pgqueuer (best vs best): {result['ratio_tenantry_over_pgqueuer']:.2f}x"
+            f"   goal >= {g['ratio_at_least']:g}x: {common.verdict(g['met'])}"
+        )
+    return "\n".join(lines)
+
+
+BENCH = common.Bench(NAME, __doc__ or NAME, add_arguments, run, render)
+
+
+def main() -> int:
+    return common.main(BENCH)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,329 @@
+"""The `tenantry` command line.  Bad arguments get a one-line message and exit 2;
+a failed operation (unknown job, database down) exits 1."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn
+
+import anyio
+import asyncpg
+import orjson
+
+from . import config, db, migrate
+from . import logging as log
+from .app import serve
+from .embedded import EmbeddedPostgres
+from .errors import Conflict, Invalid, NotFound, SchemaMismatch, TenantryError
+from .jobs import queue as jobs
+from .jobs.registry import load as load_registry
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"tenantry: error: {message}\n")
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> int:
+    sys.stderr.write(f"tenantry: error: {message}\n")
+    return code
+
+
+def _uuid(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a UUID") from None
+
+
+def _json(raw: str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"invalid JSON ({exc})") from None
+
+
+def _job_id(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a job id") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a job id")
+    return value
+
+
+def _positive(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a positive integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a positive integer")
+    return value
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _timestamp(raw: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not an ISO 8601 timestamp") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{raw!r} needs a timezone (e.g. +00:00)")
+    return value
+
+
+def _port(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a port") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a port")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tenantry", description="Postgres-native background work for SaaS.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="migrate (unless told not to) and run the service")
+    run.add_argument("--host", help="HTTP listen address (TENANTRY_HOST)")
+    run.add_argument("--port", type=_port, help="HTTP listen port (TENANTRY_PORT)")
+    run.add_argument("--no-migrate", action="store_true", help="do not migrate first")
+
+    mig = sub.add_parser("migrate", help="apply pending schema migrations")
+    mig.add_argument(
+        "--check",
+        action="store_true",
+        help="only check: exit 1 when the database is behind or ahead",
+    )
+
+    enq = sub.add_parser("enqueue", help="enqueue a job")
+    enq.add_argument("kind")
+    enq.add_argument("--tenant", type=_uuid, required=True, help="tenant UUID")
+    enq.add_argument("--payload", type=_json, default={}, help="JSON payload")
+    enq.add_argument("--queue", default="default")
+    enq.add_argument("--priority", type=int, default=0, help="higher runs first")
+    when = enq.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=_seconds, help="run after this many seconds")
+    when.add_argument("--run-at", type=_timestamp, help="run at this ISO 8601 time")
+    enq.add_argument("--dedup-key")
+    enq.add_argument("--max-attempts", type=_positive)
+
+    jobs_p = sub.add_parser("jobs", help="queue information")
+    jobs_sub = jobs_p.add_subparsers(dest="jobs_command", required=True, parser_class=_Parser)
+    st = jobs_sub.add_parser("stats", help="depth, oldest age, running, failed, dead per queue")
+    st.add_argument("--json", action="store_true")
+
+    dead = sub.add_parser("dead", help="inspect, retry or discard dead jobs")
+    dead_sub = dead.add_subparsers(dest="dead_command", required=True, parser_class=_Parser)
+    dl = dead_sub.add_parser("list")
+    dl.add_argument("--limit", type=_positive, default=50)
+    dl.add_argument("--json", action="store_true")
+    for name in ("show", "retry", "discard"):
+        d = dead_sub.add_parser(name)
+        d.add_argument("id", type=_job_id)
+    return p
+
+
+def _resolve_dsn(settings: config.Settings) -> str:
+    if settings.database_url:
+        return settings.database_url
+    return EmbeddedPostgres(settings.data_dir).start()
+
+
+def _run_async(fn: Callable[..., Awaitable[int]], *args: Any) -> int:
+    return anyio.run(fn, *args, backend="asyncio", backend_options={"use_uvloop": True})
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one error inside (nested) task-group exception groups, if there is one."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BaseExceptionGroup as group:
+        leaf = _leaf(group)
+        if isinstance(leaf, TenantryError):
+            return _fail(str(leaf))
+        if isinstance(leaf, (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+            return _fail(f"database: {leaf}")
+        raise
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = config.from_env()
+    except TenantryError as exc:
+        return _fail(f"configuration: {exc}", EXIT_USAGE)
+    log.configure(settings.log_level)
+    if args.command == "run":
+        overrides: dict[str, object] = {}
+        if args.host:
+            overrides["host"] = args.host
+        if args.port is not None:
+            overrides["port"] = args.port
+        settings = settings.with_overrides(**overrides)
+    try:
+        registry = load_registry(settings.handlers) if args.command == "run" else None
+        dsn = _resolve_dsn(settings)
+        if args.command == "run":
+            assert registry is not None
+            if settings.migrate_on_start and not args.no_migrate:
+                _run_async(_migrate, dsn, False, True)
+            return _run_async(serve, settings, dsn, registry)
+        return _run_async(_dispatch, args, dsn)
+    except (SchemaMismatch, Conflict, NotFound, Invalid) as exc:
+        return _fail(str(exc))
+    except TenantryError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return _fail(f"database: {exc} ({db.redact_dsn(settings.database_url or 'embedded')})")
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _migrate(dsn: str, check: bool, quiet: bool = False) -> int:
+    """`quiet`: inside `run`, where stdout carries JSON logs only (the migrator logs)."""
+    conn = await db.connect(dsn)
+    try:
+        if check:
+            st = await migrate.status(conn)
+            _out(st.describe())
+            return EXIT_OK if st.current else EXIT_FAILED
+        done = await migrate.migrate(conn)
+        if not quiet:
+            _out(f"applied {len(done)} migration(s)" if done else "schema is current")
+        return EXIT_OK
+    finally:
+        await conn.close()
+
+
+async def _dispatch(args: argparse.Namespace, dsn: str) -> int:
+    if args.command == "migrate":
+        return await _migrate(dsn, args.check)
+    conn = await db.connect(dsn)
+    try:
+        if args.command == "enqueue":
+            return await _enqueue(conn, args)
+        if args.command == "jobs":
+            return await _stats(conn, args.json)
+        return await _dead(conn, args)
+    finally:
+        await conn.close()
+
+
+async def _enqueue(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    run_at = args.run_at
+    if args.delay is not None:
+        run_at = datetime.now(UTC) + timedelta(seconds=args.delay)
+    job_id = await jobs.enqueue(
+        conn,
+        tenant_id=args.tenant,
+        kind=args.kind,
+        payload=args.payload,
+        queue=args.queue,
+        run_at=run_at,
+        priority=args.priority,
+        dedup_key=args.dedup_key,
+        max_attempts=args.max_attempts,
+    )
+    _out(str(job_id))
+    return EXIT_OK
+
+
+async def _stats(conn: asyncpg.Connection, as_json: bool) -> int:
+    rows = await jobs.stats(conn)
+    if as_json:
+        _out(orjson.dumps([r.__dict__ for r in rows]).decode())
+        return EXIT_OK
+    header = (
+        "queue",
+        "available",
+        "scheduled",
+        "running",
+        "retrying",
+        "oldest_s",
+        "ok_1h",
+        "failed_1h",
+        "dead",
+    )
+    table = [header] + [
+        (
+            r.queue,
+            str(r.available),
+            str(r.scheduled),
+            str(r.running),
+            str(r.retrying),
+            f"{r.oldest_age_s:.1f}",
+            str(r.succeeded_1h),
+            str(r.failed_1h),
+            str(r.dead),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        _out("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, uuid.UUID):
+        return str(obj)
+    raise TypeError
+
+
+async def _dead(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    cmd = args.dead_command
+    if cmd == "list":
+        rows = await jobs.dead_list(conn, args.limit)
+        if args.json:
+            _out(orjson.dumps(rows, default=_default).decode())
+        else:
+            for r in rows:
+                _out(
+                    f"{r['id']}  {r['died_at']:%Y-%m-%dT%H:%M:%S}  {r['queue']}  {r['kind']}  "
+                    f"{r['reason']}  attempts={r['attempts']}  {r['last_error'] or ''}"
+                )
+        return EXIT_OK
+    if cmd == "show":
+        row = await jobs.dead_show(conn, args.id)
+        _out(orjson.dumps(row, default=_default, option=orjson.OPT_INDENT_2).decode())
+        return EXIT_OK
+    if cmd == "retry":
+        _out(f"requeued job {await jobs.dead_retry(conn, args.id)}")
+        return EXIT_OK
+    await jobs.dead_discard(conn, args.id)
+    _out(f"discarded job {args.id}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""Configuration from environment variables, validated once at startup.
+
+Every variable is documented in the README's configuration table; a bad value stops
+the process with a message naming the variable, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+_QUEUE_NAME_MAX = 100
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    data_dir: Path = Path(".tenantry")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    handlers: tuple[str, ...] = ()
+    log_level: str = "info"
+    # queue name -> concurrency (slots) in this process
+    queues: Mapping[str, int] = field(default_factory=lambda: {"default": 10})
+    # running jobs one tenant may hold per queue in this process's claims (None: no cap)
+    tenant_concurrency: int | None = None
+    poll_interval: float = 1.0
+    lease_seconds: float = 30.0
+    job_timeout: float = 300.0
+    shutdown_grace: float = 25.0
+    pool_size: int = 10
+    counter_retention_days: int = 14
+    maintenance_interval: float = 5.0
+    migrate_on_start: bool = True
+
+    def with_overrides(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _parse(env: Mapping[str, str], name: str, conv: Callable[[str], T], default: T) -> T:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return conv(raw.strip())
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{name}={raw!r}: {exc}") from None
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be a number > 0")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if value < 0:
+        raise ValueError("must be a number >= 0")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("must be an integer > 0") from None
+    if value <= 0:
+        raise ValueError("must be an integer > 0")
+    return value
+
+
+def _port(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("must be a port number 0-65535") from None
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number 0-65535")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _log_level(raw: str) -> str:
+    lowered = raw.lower()
+    if lowered not in {"debug", "info", "warning", "error"}:
+        raise ValueError("must be one of debug, info, warning, error")
+    return lowered
+
+
+def parse_queues(raw: str) -> dict[str, int]:
+    """`default=10,email=4` -> {"default": 10, "email": 4}."""
+    queues: dict[str, int] = {}
+    for raw_item in raw.split(","):
+        item = raw_item.strip()
+        if not item:
+            continue
+        name, sep, count = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"{item!r} is not of the form queue=concurrency")
+        if len(name) > _QUEUE_NAME_MAX:
+            raise ValueError(f"queue name {name[:20]!r}... is longer than {_QUEUE_NAME_MAX}")
+        if name in queues:
+            raise ValueError(f"queue {name!r} is listed twice")
+        queues[name] = _positive_int(count.strip())
+    if not queues:
+        raise ValueError("names no queue")
+    return queues
+
+
+def _handlers(raw: str) -> tuple[str, ...]:
+    specs = tuple(s.strip() for s in raw.split(",") if s.strip())
+    for spec in specs:
+        module, sep, attr = spec.partition(":")
+        if not sep or not module or not attr:
+            raise ValueError(f"{spec!r} is not of the form package.module:registry")
+    return specs
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    e = os.environ if env is None else env
+    d = Settings()
+    return Settings(
+        database_url=_parse(e, "DATABASE_URL", str, None),
+        data_dir=_parse(e, "TENANTRY_DATA_DIR", Path, d.data_dir),
+        host=_parse(e, "TENANTRY_HOST", str, d.host),
+        port=_parse(e, "TENANTRY_PORT", _port, d.port),
+        handlers=_parse(e, "TENANTRY_HANDLERS", _handlers, d.handlers),
+        log_level=_parse(e, "TENANTRY_LOG_LEVEL", _log_level, d.log_level),
+        queues=_parse(e, "TENANTRY_QUEUES", parse_queues, dict(d.queues)),
+        tenant_concurrency=_parse(e, "TENANTRY_TENANT_CONCURRENCY", _positive_int, None),
+        poll_interval=_parse(e, "TENANTRY_POLL_INTERVAL", _positive_float, d.poll_interval),
+        lease_seconds=_parse(e, "TENANTRY_LEASE_SECONDS", _positive_float, d.lease_seconds),
+        job_timeout=_parse(e, "TENANTRY_JOB_TIMEOUT", _positive_float, d.job_timeout),
+        shutdown_grace=_parse(e, "TENANTRY_SHUTDOWN_GRACE", _non_negative_float, d.shutdown_grace),
+        pool_size=_parse(e, "TENANTRY_POOL_SIZE", _positive_int, d.pool_size),
+        counter_retention_days=_parse(
+            e, "TENANTRY_COUNTER_RETENTION_DAYS", _positive_int, d.counter_retention_days
+        ),
+        maintenance_interval=_parse(
+            e, "TENANTRY_MAINTENANCE_INTERVAL", _positive_float, d.maintenance_interval
+        ),
+        migrate_on_start=_parse(e, "TENANTRY_MIGRATE", _bool, d.migrate_on_start),
+    )

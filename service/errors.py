@@ -1,0 +1,57 @@
+"""Typed errors, mapped once at the edge (HTTP problem JSON, job outcome, CLI exit)."""
+
+from __future__ import annotations
+
+
+class TenantryError(Exception):
+    """Base class for errors the service raises on purpose."""
+
+
+class Invalid(TenantryError):
+    """Bad input: names the field at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class NotFound(TenantryError):
+    pass
+
+
+class Conflict(TenantryError):
+    pass
+
+
+class ConfigError(TenantryError):
+    """A bad configuration value, reported once at startup."""
+
+
+class StartupError(TenantryError):
+    """A component could not start (the port is taken, ...)."""
+
+
+class SchemaMismatch(TenantryError):
+    """The database schema is behind or ahead of the code."""
+
+
+# --- job outcomes a handler may raise -------------------------------------------------
+
+
+class Snooze(Exception):
+    """Run the job again after `delay` seconds without using an attempt."""
+
+    def __init__(self, delay: float) -> None:
+        if delay < 0:
+            raise ValueError("snooze delay must be >= 0")
+        super().__init__(f"snoozed for {delay}s")
+        self.delay = delay
+
+
+class PermanentFailure(Exception):
+    """The job can never succeed: dead-letter it now, without retries."""
+
+
+class Cancel(Exception):
+    """The job is no longer wanted: remove it without retrying (recorded as dead)."""

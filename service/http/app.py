@@ -1,0 +1,78 @@
+"""The HTTP edge: thin aiohttp handlers.  This issue's part: liveness and readiness."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import orjson
+from aiohttp import web
+from anyio.abc import TaskStatus
+
+from .. import logging as log
+from ..errors import StartupError
+
+ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+
+
+@dataclass(frozen=True)
+class Readiness:
+    check: ReadinessCheck
+
+
+READINESS = web.AppKey("readiness", Readiness)
+
+
+def _json(body: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks = await request.app[READINESS].check()
+    ready = all(checks.values())
+    return _json(
+        {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
+    )
+
+
+def build_app(readiness: Readiness) -> web.Application:
+    app = web.Application()
+    app[READINESS] = readiness
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+class HttpServer:
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
+        self._app = app
+        self._host = host
+        self._port = port
+        self.port: int | None = None  # the bound port (useful with port 0)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._host, self._port, shutdown_timeout=2.0)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {self._host}:{self._port}: {exc.strerror or exc}"
+                    " (set TENANTRY_PORT or --port)"
+                ) from exc
+            server = site._server
+            sockets = getattr(server, "sockets", None) or []
+            self.port = sockets[0].getsockname()[1] if sockets else self._port
+            log.get("http").info("http_listening", host=self._host, port=self.port)
+            task_status.started()
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await runner.cleanup()

@@ -1,0 +1,305 @@
+-- Named statements of the jobs module, the only writer of tenantry.jobs,
+-- tenantry.dead_jobs, tenantry.job_counters and tenantry.periodic_runs.
+
+-- name: enqueue
+SELECT tenantry.enqueue(
+    tenant_id    => $1::uuid,
+    kind         => $2::text,
+    payload      => $3::jsonb,
+    queue        => $4::text,
+    run_at       => $5::timestamptz,
+    priority     => $6::smallint,
+    dedup_key    => $7::text,
+    max_attempts => $8::integer
+)
+
+-- name: claim
+-- Fair claim.  Walk the tenants that have queued rows in this queue (a loose index
+-- scan: one index probe per tenant, starting after the rotating cursor $5), give each
+-- visited tenant an equal share of the free slots ($2), honour the per-tenant cap ($6),
+-- then interleave: every tenant's most urgent row first, then every tenant's second...
+-- A tenant with a deep backlog therefore cannot push another tenant's job back.
+WITH RECURSIVE walk(tenant_id, n) AS (
+    (SELECT j.tenant_id, 1
+       FROM tenantry.jobs j
+      WHERE j.state = 'queued' AND j.tenant_id > $5::uuid AND j.queue = $1::text
+      -- The claim index's full order: only that index can serve it (the primary key
+      -- also starts with tenant_id, but would read running rows from the heap).
+      ORDER BY j.tenant_id, j.queue, j.priority DESC, j.run_at, j.id
+      LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.tenant_id
+              FROM tenantry.jobs j
+             WHERE j.state = 'queued' AND j.tenant_id > w.tenant_id AND j.queue = $1::text
+             ORDER BY j.tenant_id, j.queue, j.priority DESC, j.run_at, j.id
+             LIMIT 1),
+           w.n + 1
+      FROM walk w
+     WHERE w.tenant_id IS NOT NULL AND w.n < $7::integer
+),
+visited AS (
+    SELECT tenant_id FROM walk WHERE tenant_id IS NOT NULL
+),
+share AS (
+    SELECT ceil($2::numeric / greatest(count(*), 1))::integer AS per_tenant FROM visited
+),
+candidates AS (
+    SELECT c.tenant_id, c.id, c.priority, c.run_at, c.rn
+      FROM visited v
+     CROSS JOIN share s
+     CROSS JOIN LATERAL (
+        SELECT j.tenant_id, j.id, j.priority, j.run_at,
+               row_number() OVER (ORDER BY j.priority DESC, j.run_at, j.id) AS rn
+          FROM tenantry.jobs j
+         WHERE j.tenant_id = v.tenant_id AND j.queue = $1::text
+           AND j.state = 'queued' AND j.run_at <= now()
+         ORDER BY j.priority DESC, j.run_at, j.id
+         LIMIT CASE
+                 WHEN $6::integer IS NULL THEN s.per_tenant
+                 ELSE least(s.per_tenant, greatest(0, $6::integer - (
+                        SELECT count(*) FROM tenantry.jobs r
+                         WHERE r.tenant_id = v.tenant_id AND r.queue = $1::text
+                           AND r.state = 'running'))::integer)
+               END
+     ) c
+),
+picked AS (
+    -- The short, ordered candidate list drives a primary-key lookup per row.
+    SELECT j.tenant_id, j.id
+      FROM (SELECT c.tenant_id, c.id FROM candidates c
+             ORDER BY c.priority DESC, c.rn, c.run_at, c.id
+             LIMIT $2::integer) c
+      JOIN tenantry.jobs j ON j.tenant_id = c.tenant_id AND j.id = c.id
+     WHERE j.state = 'queued'
+       FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE tenantry.jobs j
+   SET state = 'running',
+       attempts = j.attempts + 1,
+       lease_owner = $3::text,
+       lease_expires_at = now() + make_interval(secs => $4::double precision),
+       started_at = now()
+  FROM picked p
+ WHERE j.tenant_id = p.tenant_id AND j.id = p.id
+RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload, j.priority, j.attempts,
+          j.max_attempts, j.run_at, j.created_at, j.lease_expires_at
+
+-- name: next_due
+-- When the earliest delayed job of these queues becomes runnable (NULL: none waiting).
+SELECT min(j.run_at) AS due, now() AS db_now
+  FROM tenantry.jobs j
+ WHERE j.state = 'queued' AND j.queue = ANY($1::text[]) AND j.run_at > now()
+
+-- name: complete_many
+-- Success: the rows leave the hot table and become counters.  Only the lease holder
+-- may complete (a rescued job belongs to whoever holds it now).  Counter rows are
+-- upserted in key order so concurrent batches cannot deadlock.
+WITH done AS (
+    DELETE FROM tenantry.jobs j
+     USING unnest($1::uuid[], $2::bigint[]) AS d(tenant_id, id)
+     WHERE j.tenant_id = d.tenant_id AND j.id = d.id
+       AND j.state = 'running' AND j.lease_owner = $3::text
+    RETURNING j.tenant_id, j.queue, j.kind
+)
+INSERT INTO tenantry.job_counters AS c (tenant_id, queue, kind, minute, succeeded)
+SELECT tenant_id, queue, kind, date_trunc('minute', now()), count(*)
+  FROM done
+ GROUP BY tenant_id, queue, kind
+ ORDER BY tenant_id, queue, kind
+ON CONFLICT (tenant_id, queue, kind, minute)
+DO UPDATE SET succeeded = c.succeeded + excluded.succeeded
+
+-- name: complete_one
+-- The same for one job, inside a handler's own tenant transaction (exactly-once effects).
+WITH done AS (
+    DELETE FROM tenantry.jobs j
+     WHERE j.tenant_id = $1::uuid AND j.id = $2::bigint
+       AND j.state = 'running' AND j.lease_owner = $3::text
+    RETURNING j.tenant_id, j.queue, j.kind
+), counted AS (
+    INSERT INTO tenantry.job_counters AS c (tenant_id, queue, kind, minute, succeeded)
+    SELECT tenant_id, queue, kind, date_trunc('minute', now()), 1 FROM done
+    ON CONFLICT (tenant_id, queue, kind, minute)
+    DO UPDATE SET succeeded = c.succeeded + excluded.succeeded
+)
+SELECT count(*) FROM done
+
+-- name: requeue_many
+-- Retry (an attempt used, error recorded) or snooze (attempt refunded, no error).
+WITH r AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::timestamptz[], $4::text[],
+                         $5::jsonb[], $6::boolean[])
+           AS r(tenant_id, id, run_at, error, error_obj, refund)
+), moved AS (
+    UPDATE tenantry.jobs j
+       SET state = 'queued',
+           run_at = r.run_at,
+           attempts = CASE WHEN r.refund THEN greatest(j.attempts - 1, 0) ELSE j.attempts END,
+           last_error = coalesce(r.error, j.last_error),
+           errors = CASE WHEN r.error_obj IS NULL THEN j.errors
+                         ELSE j.errors || jsonb_build_array(r.error_obj) END,
+           lease_owner = NULL,
+           lease_expires_at = NULL,
+           started_at = NULL
+      FROM r
+     WHERE j.tenant_id = r.tenant_id AND j.id = r.id
+       AND j.state = 'running' AND j.lease_owner = $7::text
+    RETURNING j.tenant_id, j.queue, j.kind, r.error IS NOT NULL AS failed
+)
+INSERT INTO tenantry.job_counters AS c (tenant_id, queue, kind, minute, failed)
+SELECT tenant_id, queue, kind, date_trunc('minute', now()), count(*)
+  FROM moved
+ WHERE failed
+ GROUP BY tenant_id, queue, kind
+ ORDER BY tenant_id, queue, kind
+ON CONFLICT (tenant_id, queue, kind, minute)
+DO UPDATE SET failed = c.failed + excluded.failed
+
+-- name: bury_many
+-- Dead-letter: move the rows, with every error, to dead_jobs.
+WITH d AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::text[])
+           AS d(tenant_id, id, error, error_obj, reason)
+), gone AS (
+    DELETE FROM tenantry.jobs j
+     USING d
+     WHERE j.tenant_id = d.tenant_id AND j.id = d.id
+       AND j.state = 'running' AND j.lease_owner = $6::text
+    RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload, j.priority, j.attempts,
+              j.max_attempts, j.dedup_key, j.created_at, j.errors, d.error, d.error_obj, d.reason
+), buried AS (
+    INSERT INTO tenantry.dead_jobs
+           (tenant_id, id, queue, kind, payload, priority, attempts, max_attempts,
+            last_error, errors, dedup_key, reason, created_at)
+    SELECT tenant_id, id, queue, kind, payload, priority, attempts, max_attempts,
+           error, errors || jsonb_build_array(error_obj), dedup_key, reason, created_at
+      FROM gone
+)
+INSERT INTO tenantry.job_counters AS c (tenant_id, queue, kind, minute, failed, dead)
+SELECT tenant_id, queue, kind, date_trunc('minute', now()), count(*), count(*)
+  FROM gone
+ GROUP BY tenant_id, queue, kind
+ ORDER BY tenant_id, queue, kind
+ON CONFLICT (tenant_id, queue, kind, minute)
+DO UPDATE SET failed = c.failed + excluded.failed, dead = c.dead + excluded.dead
+
+-- name: release_many
+-- Shutdown: hand unfinished jobs back at once, the interrupted attempt refunded.
+UPDATE tenantry.jobs j
+   SET state = 'queued', run_at = now(), attempts = greatest(j.attempts - 1, 0),
+       lease_owner = NULL, lease_expires_at = NULL, started_at = NULL
+  FROM unnest($1::uuid[], $2::bigint[]) AS d(tenant_id, id)
+ WHERE j.tenant_id = d.tenant_id AND j.id = d.id
+   AND j.state = 'running' AND j.lease_owner = $3::text
+
+-- name: extend_leases
+-- Heartbeat: returns the jobs whose lease this worker still holds.
+UPDATE tenantry.jobs j
+   SET lease_expires_at = now() + make_interval(secs => $4::double precision)
+  FROM unnest($1::uuid[], $2::bigint[]) AS d(tenant_id, id)
+ WHERE j.tenant_id = d.tenant_id AND j.id = d.id
+   AND j.state = 'running' AND j.lease_owner = $3::text
+RETURNING j.tenant_id, j.id
+
+-- name: rescue_expired
+-- A running job whose lease expired lost its worker: requeue it now; the lost attempt
+-- counts (the claim already counted it) and is recorded as an error.  A job that has
+-- used all its attempts is dead-lettered by the worker that claims it next.
+WITH expired AS (
+    SELECT j.tenant_id, j.id
+      FROM tenantry.jobs j
+     WHERE j.state = 'running' AND j.lease_expires_at < now()
+     ORDER BY j.lease_expires_at
+     LIMIT $1::integer
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE tenantry.jobs j
+   SET state = 'queued',
+       run_at = now(),
+       last_error = 'lease expired: worker ' || j.lease_owner || ' stopped heartbeating',
+       errors = j.errors || jsonb_build_array(jsonb_build_object(
+           'attempt', j.attempts, 'at', now(), 'worker', j.lease_owner,
+           'error', 'lease expired: worker stopped heartbeating')),
+       lease_owner = NULL,
+       lease_expires_at = NULL,
+       started_at = NULL
+  FROM expired e
+ WHERE j.tenant_id = e.tenant_id AND j.id = e.id
+RETURNING j.tenant_id, j.id, j.queue, j.kind, j.attempts
+
+-- name: prune_counters
+DELETE FROM tenantry.job_counters WHERE minute < now() - make_interval(days => $1::integer)
+
+-- name: advance_periodic
+-- Compare-and-set on the period: exactly one process wins each period.
+INSERT INTO tenantry.periodic_runs AS p (name, last_period)
+VALUES ($1::text, $2::timestamptz)
+ON CONFLICT (name) DO UPDATE
+   SET last_period = excluded.last_period, updated_at = now()
+ WHERE p.last_period < excluded.last_period
+RETURNING p.name
+
+-- name: stats
+WITH live AS (
+    SELECT j.queue,
+           count(*) FILTER (WHERE j.state = 'queued' AND j.run_at <= now()) AS available,
+           count(*) FILTER (WHERE j.state = 'queued' AND j.run_at > now()) AS scheduled,
+           count(*) FILTER (WHERE j.state = 'running') AS running,
+           count(*) FILTER (WHERE j.state = 'queued' AND j.attempts > 0) AS retrying,
+           extract(epoch FROM now() - min(j.run_at)
+                   FILTER (WHERE j.state = 'queued' AND j.run_at <= now()))::float8
+               AS oldest_age_s
+      FROM tenantry.jobs j
+     GROUP BY j.queue
+), recent AS (
+    SELECT c.queue,
+           sum(c.succeeded)::bigint AS succeeded_1h,
+           sum(c.failed)::bigint AS failed_1h
+      FROM tenantry.job_counters c
+     WHERE c.minute >= now() - interval '1 hour'
+     GROUP BY c.queue
+), dead AS (
+    SELECT d.queue, count(*) AS dead FROM tenantry.dead_jobs d GROUP BY d.queue
+)
+SELECT q.queue,
+       coalesce(l.available, 0) AS available,
+       coalesce(l.scheduled, 0) AS scheduled,
+       coalesce(l.running, 0) AS running,
+       coalesce(l.retrying, 0) AS retrying,
+       coalesce(l.oldest_age_s, 0) AS oldest_age_s,
+       coalesce(r.succeeded_1h, 0) AS succeeded_1h,
+       coalesce(r.failed_1h, 0) AS failed_1h,
+       coalesce(d.dead, 0) AS dead
+  FROM (SELECT queue FROM live UNION SELECT queue FROM recent UNION SELECT queue FROM dead) q
+  LEFT JOIN live l USING (queue)
+  LEFT JOIN recent r USING (queue)
+  LEFT JOIN dead d USING (queue)
+ ORDER BY q.queue
+
+-- name: dead_list
+SELECT d.tenant_id, d.id, d.queue, d.kind, d.attempts, d.reason, d.last_error, d.died_at
+  FROM tenantry.dead_jobs d
+ ORDER BY d.died_at DESC, d.id DESC
+ LIMIT $1::integer
+
+-- name: dead_show
+SELECT d.tenant_id, d.id, d.queue, d.kind, d.payload, d.priority, d.attempts,
+       d.max_attempts, d.last_error, d.errors, d.dedup_key, d.reason, d.created_at, d.died_at
+  FROM tenantry.dead_jobs d
+ WHERE d.id = $1::bigint
+
+-- name: dead_retry
+-- Back to the queue with fresh attempts; the error history stays with the row.
+WITH gone AS (
+    DELETE FROM tenantry.dead_jobs d WHERE d.id = $1::bigint
+    RETURNING d.*
+)
+INSERT INTO tenantry.jobs (tenant_id, id, queue, kind, payload, priority, max_attempts,
+                           errors, dedup_key, created_at)
+SELECT tenant_id, id, queue, kind, payload, priority, max_attempts, errors, dedup_key,
+       created_at
+  FROM gone
+RETURNING id
+
+-- name: dead_discard
+DELETE FROM tenantry.dead_jobs d WHERE d.id = $1::bigint RETURNING d.id

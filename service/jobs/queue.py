@@ -1,0 +1,99 @@
+"""Enqueue from Python (on the caller's connection, so it joins the caller's
+transaction), queue statistics, and the dead-letter operations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from ..db import Executor
+from ..errors import Conflict, Invalid, NotFound
+from ..sql import queries_for
+from ..tenancy import parse_tenant_id
+
+Q = queries_for(__file__)
+
+
+async def enqueue(
+    conn: Executor,
+    *,
+    tenant_id: object,
+    kind: str,
+    payload: Any = None,
+    queue: str = "default",
+    run_at: datetime | None = None,
+    priority: int = 0,
+    dedup_key: str | None = None,
+    max_attempts: int | None = None,
+) -> int:
+    """Enqueue a job; with `dedup_key`, a live job with that key is returned instead."""
+    tid = parse_tenant_id(tenant_id)
+    if not kind:
+        raise Invalid("kind", "must not be empty")
+    if not queue:
+        raise Invalid("queue", "must not be empty")
+    if max_attempts is not None and max_attempts < 1:
+        raise Invalid("max_attempts", "must be >= 1")
+    if not -32768 <= priority <= 32767:
+        raise Invalid("priority", "must fit in a smallint")
+    if run_at is not None and run_at.tzinfo is None:
+        raise Invalid("run_at", "must be timezone-aware")
+    job_id: int = await conn.fetchval(
+        Q["enqueue"],
+        tid,
+        kind,
+        {} if payload is None else payload,
+        queue,
+        run_at,
+        priority,
+        dedup_key,
+        max_attempts,
+    )
+    return job_id
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    queue: str
+    available: int
+    scheduled: int
+    running: int
+    retrying: int
+    oldest_age_s: float
+    succeeded_1h: int
+    failed_1h: int
+    dead: int
+
+
+async def stats(conn: Executor) -> list[QueueStats]:
+    rows = await conn.fetch(Q["stats"])
+    return [QueueStats(**dict(r)) for r in rows]
+
+
+async def dead_list(conn: Executor, limit: int = 50) -> list[dict[str, Any]]:
+    return [dict(r) for r in await conn.fetch(Q["dead_list"], limit)]
+
+
+async def dead_show(conn: Executor, job_id: int) -> dict[str, Any]:
+    row = await conn.fetchrow(Q["dead_show"], job_id)
+    if row is None:
+        raise NotFound(f"no dead job with id {job_id}")
+    return dict(row)
+
+
+async def dead_retry(conn: Executor, job_id: int) -> int:
+    try:
+        new_id = await conn.fetchval(Q["dead_retry"], job_id)
+    except asyncpg.UniqueViolationError as exc:
+        raise Conflict(f"dead job {job_id}: a live job already holds its id or dedup key") from exc
+    if new_id is None:
+        raise NotFound(f"no dead job with id {job_id}")
+    return int(new_id)
+
+
+async def dead_discard(conn: Executor, job_id: int) -> None:
+    if await conn.fetchval(Q["dead_discard"], job_id) is None:
+        raise NotFound(f"no dead job with id {job_id}")

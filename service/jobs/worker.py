@@ -1,0 +1,445 @@
+"""The worker pool: one claim loop per queue, one task per running job.
+
+A queue's loop sleeps until something may be runnable (a NOTIFY hint, a freed slot,
+the next delayed job's due time, or a jittered poll), then claims as many rows as it
+has free slots in one statement.  NOTIFY is only a hint: after each wake the loop
+fetches again once (the trailing fetch), and the poll catches whatever a throttled or
+lost notification swallowed.
+"""
+
+from __future__ import annotations
+
+import traceback
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import anyio
+import asyncpg
+from anyio.abc import TaskGroup, TaskStatus
+
+from .. import logging as log
+from ..clock import Clock, Random, SystemClock, system_random
+from ..errors import Cancel, PermanentFailure, Snooze
+from ..sql import queries_for
+from .backoff import full_jitter
+from .model import Job
+from .outcomes import Bury, Complete, Key, Outcome, OutcomeWriter, Release, Requeue
+from .registry import Policy, Registry
+
+Q = queries_for(__file__)
+NIL = uuid.UUID(int=0)
+_MAX_TENANTS_PER_CLAIM = 100
+_ERROR_TEXT_MAX = 4000
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    queues: Mapping[str, int]
+    tenant_concurrency: int | None = None
+    poll_interval: float = 1.0
+    lease_seconds: float = 30.0
+    job_timeout: float = 300.0
+    # After a wake-up, fetch once more this much later: catches rows whose NOTIFY the
+    # throttle swallowed because another transaction was notifying at the same moment.
+    trailing_fetch: float = 0.02
+
+
+# Test and bench hooks: called synchronously with an event name and its data.
+Hook = Callable[[str, dict[str, Any]], None]
+
+
+class _Running:
+    __slots__ = ("job", "scope", "why")
+
+    def __init__(self, job: Job, scope: anyio.CancelScope) -> None:
+        self.job = job
+        self.scope = scope
+        self.why: str | None = None  # why it was cancelled from outside
+
+
+class QueueLoop:
+    def __init__(self, worker: Worker, queue: str, concurrency: int) -> None:
+        self.w = worker
+        self.queue = queue
+        self.concurrency = concurrency
+        self.running: dict[Key, _Running] = {}
+        self.cursor = NIL
+        self._wake = anyio.Event()
+        self._saturated = False
+        self._due: float | None = None  # monotonic time of the next delayed job
+        self._trailing: float | None = None
+        self._poll_due = True
+
+    @property
+    def free(self) -> int:
+        return self.concurrency - len(self.running)
+
+    def wake(self, *, trailing: bool = False) -> None:
+        if trailing:
+            self._trailing = self.w.clock.monotonic() + self.w.config.trailing_fetch
+        self._wake.set()
+
+    def due_at(self, when: datetime) -> None:
+        """A job of this queue becomes runnable at `when`: make sure we wake then."""
+        delay = (when - self.w.clock.now()).total_seconds()
+        at = self.w.clock.monotonic() + max(delay, 0.0)
+        if self._due is None or at < self._due:
+            self._due = at
+            self._wake.set()
+
+    def slot_freed(self) -> None:
+        # Claim in batches: wait for half the slots when the queue was saturated,
+        # rather than claiming one row per finished job.
+        if self._saturated and self.free >= max(1, self.concurrency // 2):
+            self._saturated = False
+            self._wake.set()
+
+    async def run(self) -> None:
+        while not self.w.stopping:
+            await self._sleep()
+            if self.w.stopping:
+                break
+            polling = self._poll_due
+            self._poll_due = False
+            await self._fill()
+            if polling:
+                await self._refresh_due()
+
+    async def _sleep(self) -> None:
+        now = self.w.clock.monotonic()
+        jitter = 0.5 + self.w.rnd.random()  # poll at 0.5x to 1.5x the interval
+        poll_at = now + self.w.config.poll_interval * jitter
+        deadline = poll_at
+        for t in (self._due, self._trailing):
+            if t is not None:
+                deadline = min(deadline, t)
+        if not self._wake.is_set():
+            with anyio.move_on_after(max(deadline - now, 0.0)):
+                await self._wake.wait()
+        self._wake = anyio.Event()
+        now = self.w.clock.monotonic()
+        if self._due is not None and self._due <= now:
+            self._due = None
+        if self._trailing is not None and self._trailing <= now:
+            self._trailing = None
+        if now >= poll_at:
+            self._poll_due = True
+
+    async def _fill(self) -> None:
+        while self.free > 0 and not self.w.stopping:
+            want = self.free
+            from_cursor = self.cursor
+            rows = await self.w.claim(self.queue, want, from_cursor)
+            if rows is None:  # database unavailable: the poll will try again
+                return
+            tenants = {r["tenant_id"] for r in rows}
+            self.cursor = max(tenants) if len(tenants) >= min(want, _MAX_TENANTS_PER_CLAIM) else NIL
+            for row in rows:
+                self.w.start_job(self, row)
+            if not rows:
+                if from_cursor == NIL:
+                    return
+                continue  # wrap around to the tenants before the cursor
+        self._saturated = self.free <= 0
+
+    async def _refresh_due(self) -> None:
+        try:
+            async with self.w.pool.acquire() as conn:
+                row = await conn.fetchrow(Q["next_due"], [self.queue])
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return
+        if row is not None and row["due"] is not None:
+            # Use the database's own clock for the delay: run_at was set by it.
+            delay = (row["due"] - row["db_now"]).total_seconds()
+            at = self.w.clock.monotonic() + max(delay, 0.0)
+            if self._due is None or at < self._due:
+                self._due = at
+
+
+class Worker:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        registry: Registry,
+        config: WorkerConfig,
+        *,
+        owner: str | None = None,
+        clock: Clock | None = None,
+        rnd: Random | None = None,
+        hook: Hook | None = None,
+    ) -> None:
+        self.pool = pool
+        self.registry = registry
+        self.config = config
+        self.owner = owner or f"worker-{uuid.uuid4()}"
+        self.clock = clock or SystemClock()
+        self.rnd = rnd or system_random()
+        self.hook = hook
+        self.stopping = False
+        self.loops = {q: QueueLoop(self, q, n) for q, n in config.queues.items()}
+        self.writer = OutcomeWriter(pool, self.owner, on_flushed=self._flushed)
+        self._jobs_tg: TaskGroup | None = None
+        self._idle = anyio.Event()
+        self._done = anyio.Event()
+        self._log = log.get("worker", worker=self.owner)
+
+    # --- signals from outside -----------------------------------------------------
+
+    def notify(self, queue: str) -> None:
+        """A NOTIFY hint arrived for `queue` (payload of the channel)."""
+        loop = self.loops.get(queue)
+        if loop is not None:
+            loop.wake(trailing=True)
+
+    def resync(self) -> None:
+        """The listener (re)connected: notifications may have been lost; sweep."""
+        for loop in self.loops.values():
+            loop.wake(trailing=True)
+
+    @property
+    def running_count(self) -> int:
+        return sum(len(q.running) for q in self.loops.values())
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as infra:
+            infra.start_soon(self.writer.run)
+            infra.start_soon(self._heartbeat)
+            async with anyio.create_task_group() as jobs:
+                self._jobs_tg = jobs
+                async with anyio.create_task_group() as loops:
+                    for loop in self.loops.values():
+                        loops.start_soon(loop.run)
+                    task_status.started()
+            # Every job task has ended: write their last outcomes, then stop.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await self.writer.drain()
+            infra.cancel_scope.cancel()
+        self._done.set()
+
+    async def shutdown(self, grace: float) -> None:
+        """Soft stop (no new claims), wait up to `grace` for running jobs, then cancel
+        the rest and hand their jobs back to the queue."""
+        self.stop_claiming()
+        with anyio.move_on_after(grace):
+            await self.wait_idle()
+        self.cancel_running("shutdown")
+        await self._done.wait()
+
+    def stop_claiming(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self._log.info("worker_stopping", running=self.running_count)
+        for loop in self.loops.values():
+            loop.wake()
+
+    def cancel_running(self, why: str) -> None:
+        for loop in self.loops.values():
+            for r in loop.running.values():
+                r.why = why
+                r.scope.cancel()
+
+    async def wait_idle(self) -> None:
+        while self.running_count:
+            self._idle = anyio.Event()
+            await self._idle.wait()
+
+    # --- claiming -----------------------------------------------------------------
+
+    async def claim(self, queue: str, limit: int, cursor: uuid.UUID) -> list[asyncpg.Record] | None:
+        try:
+            async with self.pool.acquire() as conn:
+                rows: list[asyncpg.Record] = await conn.fetch(
+                    Q["claim"],
+                    queue,
+                    limit,
+                    self.owner,
+                    self.config.lease_seconds,
+                    cursor,
+                    self.config.tenant_concurrency,
+                    min(limit, _MAX_TENANTS_PER_CLAIM),
+                )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._log.warning("claim_failed", queue=queue, error=str(exc))
+            return None
+        if rows and self.hook is not None:
+            self.hook("claimed", {"queue": queue, "count": len(rows)})
+        return rows
+
+    def start_job(self, loop: QueueLoop, row: asyncpg.Record) -> None:
+        reg = self.registry.get(row["kind"])
+        policy = reg.policy if reg is not None else Policy()
+        job = Job(
+            id=row["id"],
+            tenant_id=row["tenant_id"],
+            queue=row["queue"],
+            kind=row["kind"],
+            payload=row["payload"],
+            attempt=row["attempts"],
+            max_attempts=row["max_attempts"] or policy.max_attempts,
+            priority=row["priority"],
+            created_at=row["created_at"],
+            _pool=self.pool,
+            _lease_owner=self.owner,
+        )
+        scope = anyio.CancelScope()
+        loop.running[(job.tenant_id, job.id)] = _Running(job, scope)
+        assert self._jobs_tg is not None
+        self._jobs_tg.start_soon(self._execute, loop, job, scope)
+
+    # --- running ------------------------------------------------------------------
+
+    async def _execute(self, loop: QueueLoop, job: Job, scope: anyio.CancelScope) -> None:
+        key: Key = (job.tenant_id, job.id)
+        jlog = self._log.bind(
+            job_id=job.id,
+            tenant_id=str(job.tenant_id),
+            kind=job.kind,
+            attempt=job.attempt,
+            queue=job.queue,
+        )
+        try:
+            outcome = await self._outcome(job, scope, jlog)
+        finally:
+            entry = loop.running.pop(key, None)
+            loop.slot_freed()
+            if not self.running_count:
+                self._idle.set()
+        if outcome is not None:
+            self.writer.put(outcome)
+        if self.hook is not None:
+            self.hook(
+                "finished", {"job": job, "outcome": outcome, "why": entry.why if entry else None}
+            )
+
+    async def _outcome(self, job: Job, scope: anyio.CancelScope, jlog: Any) -> Outcome | None:
+        key: Key = (job.tenant_id, job.id)
+        reg = self.registry.get(job.kind)
+        if reg is None:
+            msg = f"no handler registered for kind {job.kind!r}"
+            jlog.warning("job_dead", reason="unknown_kind", error=msg)
+            return Bury(key, msg, self._error_obj(job, msg), "unknown_kind")
+        if job.attempt > job.max_attempts:
+            # Rescued after its last attempt's worker died: nothing left to try.
+            msg = f"attempts exhausted ({job.attempt - 1} of {job.max_attempts})"
+            jlog.warning("job_dead", reason="exhausted", error=msg)
+            return Bury(key, msg, self._error_obj(job, msg), "exhausted")
+        timeout = reg.policy.timeout or self.config.job_timeout
+        jlog.debug("job_started")
+        if self.hook is not None:
+            self.hook("started", {"job": job})
+        started = self.clock.monotonic()
+        try:
+            with scope:
+                with anyio.fail_after(timeout):
+                    await reg.handler(job)
+        except TimeoutError:
+            return self._failed(job, reg.policy, f"timed out after {timeout:g}s", jlog)
+        except Snooze as s:
+            run_at = self.clock.now() + timedelta(seconds=s.delay)
+            jlog.debug("job_snoozed", delay=s.delay)
+            return Requeue(key, run_at, None, None) if not job.completed_in_tx else None
+        except PermanentFailure as exc:
+            msg = _describe(exc)
+            jlog.warning("job_dead", reason="permanent", error=msg)
+            return Bury(key, msg, self._error_obj(job, msg, exc), "permanent")
+        except Cancel as exc:
+            msg = _describe(exc)
+            jlog.warning("job_dead", reason="cancelled", error=msg)
+            return Bury(key, msg, self._error_obj(job, msg, exc), "cancelled")
+        except Exception as exc:
+            if job.completed_in_tx:
+                # Its effects and completion already committed together; a failure
+                # after that cannot be retried without doing them twice.
+                jlog.warning("job_failed_after_commit", error=_describe(exc))
+                return None
+            return self._failed(job, reg.policy, _describe(exc), jlog, exc)
+        if scope.cancelled_caught:
+            entry = self.loops[job.queue].running.get(key)
+            why = entry.why if entry else None
+            if why == "lease_lost":
+                jlog.warning("job_abandoned", reason="lease lost to another worker")
+                return None
+            jlog.info("job_released", reason=why)
+            return None if job.completed_in_tx else Release(key)
+        jlog.debug("job_succeeded", duration_ms=round((self.clock.monotonic() - started) * 1e3, 3))
+        return None if job.completed_in_tx else Complete(key)
+
+    def _failed(
+        self, job: Job, policy: Policy, msg: str, jlog: Any, exc: BaseException | None = None
+    ) -> Outcome:
+        key: Key = (job.tenant_id, job.id)
+        err = self._error_obj(job, msg, exc)
+        if job.attempt >= job.max_attempts:
+            jlog.warning("job_dead", reason="exhausted", error=msg)
+            return Bury(key, msg, err, "exhausted")
+        delay = full_jitter(
+            job.attempt, base=policy.backoff_base, cap=policy.backoff_cap, rnd=self.rnd
+        )
+        run_at = self.clock.now() + timedelta(seconds=delay)
+        jlog.warning("job_failed", error=msg, retry_in_s=round(delay, 3))
+        self.loops[job.queue].due_at(run_at)
+        return Requeue(key, run_at, msg, err)
+
+    def _error_obj(self, job: Job, msg: str, exc: BaseException | None = None) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "attempt": job.attempt,
+            "at": self.clock.now().isoformat(),
+            "error": msg[:_ERROR_TEXT_MAX],
+            "worker": self.owner,
+        }
+        if exc is not None:
+            tb = "".join(traceback.format_exception(exc, limit=8))
+            obj["traceback"] = tb[-_ERROR_TEXT_MAX:]
+        return obj
+
+    def _flushed(self, outcomes: list[Outcome]) -> None:
+        if self.hook is not None:
+            self.hook("flushed", {"outcomes": outcomes})
+
+    # --- leases -------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        interval = self.config.lease_seconds / 3
+        while True:
+            await anyio.sleep(interval * (0.9 + 0.2 * self.rnd.random()))
+            await self.heartbeat_once()
+
+    async def heartbeat_once(self) -> int:
+        """Extend every lease this worker holds; cancel jobs whose lease it lost."""
+        held = [(k, r) for loop in self.loops.values() for k, r in loop.running.items()]
+        if not held:
+            return 0
+        try:
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(
+                    Q["extend_leases"],
+                    [k[0] for k, _ in held],
+                    [k[1] for k, _ in held],
+                    self.owner,
+                    self.config.lease_seconds,
+                )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._log.warning("heartbeat_failed", error=str(exc), jobs=len(held))
+            return 0
+        kept = {(r["tenant_id"], r["id"]) for r in rows}
+        for key, r in held:
+            # A job may have finished (and been flushed) since `held` was taken.
+            if (
+                key not in kept
+                and key in self.loops[r.job.queue].running
+                and not r.job.completed_in_tx
+            ):
+                r.why = "lease_lost"
+                r.scope.cancel()
+        return len(kept)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name

@@ -1,0 +1,151 @@
+"""The real `tenantry run` process: signals, kill -9, HTTP probes, schema checks."""
+
+from __future__ import annotations
+
+import signal
+import socket
+
+import aiohttp
+import asyncpg
+
+from service.jobs import queue as jobs
+from tests.acceptance.process import ServiceProcess
+from tests.helpers import TENANT_A, one
+
+
+async def test_sigterm_lets_a_running_job_finish_then_exits_zero(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    svc = await ServiceProcess.start(database_url, TENANTRY_SHUTDOWN_GRACE="20")
+    try:
+        await svc.started()
+        job_id = await jobs.enqueue(
+            pool, tenant_id=TENANT_A, kind="sleep", payload={"seconds": 0.5}
+        )
+        await svc.wait_log("job_started", lambda x: x["job_id"] == job_id)
+        svc.signal(signal.SIGTERM)
+        assert await svc.wait_exit() == 0
+    finally:
+        await svc.kill()
+    assert await pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
+    assert await pool.fetchval("SELECT sum(succeeded) FROM tenantry.job_counters") == 1
+    # Soft stop: no claims after the signal.
+    assert svc.find("job_succeeded")
+
+
+async def test_sigterm_after_grace_releases_the_job_for_a_prompt_retry(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    svc = await ServiceProcess.start(database_url, TENANTRY_SHUTDOWN_GRACE="0.3")
+    try:
+        await svc.started()
+        job_id = await jobs.enqueue(
+            pool, tenant_id=TENANT_A, kind="sleep", payload={"seconds": 600}
+        )
+        await svc.wait_log("job_started", lambda x: x["job_id"] == job_id)
+        svc.signal(signal.SIGTERM)
+        assert await svc.wait_exit() == 0
+    finally:
+        await svc.kill()
+    row = await one(
+        pool,
+        "SELECT state, attempts, lease_owner, run_at <= now() AS due"
+        " FROM tenantry.jobs WHERE id = $1",
+        job_id,
+    )
+    assert dict(row) == {"state": "queued", "attempts": 0, "lease_owner": None, "due": True}
+
+
+async def test_second_signal_stops_at_once(pool: asyncpg.Pool, database_url: str) -> None:
+    svc = await ServiceProcess.start(database_url, TENANTRY_SHUTDOWN_GRACE="600")
+    try:
+        await svc.started()
+        job_id = await jobs.enqueue(
+            pool, tenant_id=TENANT_A, kind="sleep", payload={"seconds": 600}
+        )
+        await svc.wait_log("job_started", lambda x: x["job_id"] == job_id)
+        svc.signal(signal.SIGTERM)
+        await svc.wait_log("worker_stopping")
+        svc.signal(signal.SIGINT)
+        assert await svc.wait_exit(timeout=10) == 0
+    finally:
+        await svc.kill()
+    assert svc.find("hard_stop")
+    state = await pool.fetchval("SELECT state FROM tenantry.jobs WHERE id = $1", job_id)
+    assert state == "queued"
+
+
+async def test_killed_worker_job_is_rescued_by_another_process(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    fast_lease = {"TENANTRY_LEASE_SECONDS": "1", "TENANTRY_MAINTENANCE_INTERVAL": "0.2"}
+    first = await ServiceProcess.start(database_url, **fast_lease)
+    try:
+        await first.started()
+        job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="block_first_attempt")
+        await first.wait_log("job_started", lambda x: x["job_id"] == job_id)
+    finally:
+        await first.kill()  # SIGKILL: no cleanup, no lease release
+    assert first.proc.returncode == -signal.SIGKILL
+    second = await ServiceProcess.start(database_url, **fast_lease)
+    try:
+        await second.started()
+        await second.wait_log("job_rescued", lambda x: x["job_id"] == job_id)
+        await second.wait_log(
+            "job_succeeded", lambda x: x["job_id"] == job_id and x["attempt"] == 2
+        )
+        second.signal(signal.SIGTERM)
+        assert await second.wait_exit() == 0
+    finally:
+        await second.kill()
+    assert await pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
+
+
+async def test_health_and_readiness_over_http(database_url: str) -> None:
+    svc = await ServiceProcess.start(database_url)
+    try:
+        port = await svc.started()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 200
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                body = await r.json()
+                assert r.status == 200, body
+                assert body["checks"] == {"database": True, "listener": True, "migrations": True}
+        svc.signal(signal.SIGTERM)
+        assert await svc.wait_exit() == 0
+    finally:
+        await svc.kill()
+    # Operators parse stdout: every line of it is a JSON log record.
+    assert not svc.find("<non-json>"), svc.raw
+
+
+async def test_refuses_to_serve_a_schema_newer_than_its_code(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    await pool.execute(
+        "INSERT INTO tenantry.schema_migrations (version, name, checksum)"
+        " VALUES (9999, 'future', 'x')"
+    )
+    svc = await ServiceProcess.start(database_url)
+    try:
+        code = await svc.wait_exit()
+    finally:
+        await svc.kill()
+    assert code == 1
+    assert any("ahead" in line for line in svc.raw), svc.raw
+
+
+async def test_port_in_use_is_a_clear_error(database_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        svc = await ServiceProcess.start(database_url, TENANTRY_PORT=str(port))
+        try:
+            code = await svc.wait_exit()
+        finally:
+            await svc.kill()
+    assert code == 1
+    assert any(f"cannot listen on 127.0.0.1:{port}" in line for line in svc.raw), svc.raw
+    assert not any("Traceback" in line for line in svc.raw), svc.raw

@@ -1,0 +1,111 @@
+"""Test databases: DATABASE_URL when set, otherwise one embedded PostgreSQL per run.
+
+A template database is migrated once; every test that needs a database gets its own
+clone of it, so tests never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from service import db, migrate
+from service import logging as log
+from service.embedded import EmbeddedPostgres
+
+log.configure(os.environ.get("TENANTRY_TEST_LOG_LEVEL", "warning"))
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A URL of the server's maintenance database (`postgres`)."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield with_database(url, "postgres")
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="tenantry-test-"))
+    server = EmbeddedPostgres(
+        tmp,
+        ephemeral=True,
+        # Durability buys nothing in a throwaway test cluster; speed does.
+        settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"},
+    )
+    started = server.start()
+    try:
+        yield with_database(started, "postgres")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+async def template_db(server_url: str) -> AsyncIterator[str]:
+    name = f"tenantry_tpl_{os.getpid()}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name}")
+        await admin.execute(f"CREATE DATABASE {name}")
+        conn = await db.connect(with_database(server_url, name))
+        try:
+            await migrate.migrate(conn)
+        finally:
+            await conn.close()
+        yield name
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+@pytest.fixture
+async def database_url(server_url: str, template_db: str) -> AsyncIterator[str]:
+    """A fresh, migrated database of this test's own."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_db} STRATEGY FILE_COPY")
+        yield with_database(server_url, name)
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+@pytest.fixture
+async def empty_database_url(server_url: str) -> AsyncIterator[str]:
+    """A database with no schema at all (migration tests)."""
+    name = f"e_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(server_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        yield with_database(server_url, name)
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await db.create_pool(database_url, min_size=1, max_size=10)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    c = await db.connect(database_url)
+    try:
+        yield c
+    finally:
+        await c.close()

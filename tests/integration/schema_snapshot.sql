@@ -1,0 +1,44 @@
+-- The catalog view the snapshot test compares: tables with their columns, constraints,
+-- indexes, triggers and function bodies in the tenantry schema, one line each.
+SELECT line FROM (
+    SELECT 'column ' || c.relname || '.' || a.attname || ' ' ||
+           format_type(a.atttypid, a.atttypmod) ||
+           CASE WHEN a.attnotnull THEN ' not null' ELSE '' END ||
+           coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), '') AS line
+      FROM pg_attribute a
+      JOIN pg_class c ON c.oid = a.attrelid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+     WHERE n.nspname = 'tenantry' AND c.relkind = 'r' AND a.attnum > 0
+       AND NOT a.attisdropped
+    UNION ALL
+    SELECT 'constraint ' || c.relname || '.' || k.conname || ' ' || pg_get_constraintdef(k.oid)
+      FROM pg_constraint k
+      JOIN pg_class c ON c.oid = k.conrelid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'tenantry' AND k.contype <> 'n'
+    UNION ALL
+    SELECT 'index ' || pg_get_indexdef(i.indexrelid)
+      FROM pg_index i
+      JOIN pg_class c ON c.oid = i.indrelid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'tenantry'
+    UNION ALL
+    SELECT 'trigger ' || pg_get_triggerdef(t.oid)
+      FROM pg_trigger t
+      JOIN pg_class c ON c.oid = t.tgrelid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'tenantry' AND NOT t.tgisinternal
+    UNION ALL
+    SELECT 'function ' || p.proname || '(' || pg_get_function_identity_arguments(p.oid) ||
+           ') body md5 ' || md5(p.prosrc)
+      FROM pg_proc p
+      JOIN pg_namespace n ON n.oid = p.pronamespace
+     WHERE n.nspname = 'tenantry'
+    UNION ALL
+    SELECT 'reloptions ' || c.relname || ' ' || array_to_string(c.reloptions, ',')
+      FROM pg_class c
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'tenantry' AND c.reloptions IS NOT NULL
+) s
+ORDER BY line

@@ -1,0 +1,136 @@
+"""Wake-ups through LISTEN/NOTIFY, listener reconnects, and periodic jobs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import asyncpg
+
+from service import db
+from service.jobs import queue as jobs
+from service.jobs.maintenance import PeriodicEnqueuer
+from service.jobs.model import Job
+from service.jobs.registry import Registry
+from service.listener import Listener
+from tests.helpers import TENANT_A, FakeClock, running_worker
+
+
+async def test_notify_wakes_an_idle_worker_without_polling(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    reg = Registry()
+
+    @reg.handler("ping")
+    async def ping(job: Job) -> None:
+        return None
+
+    # A one-hour poll: only the notification can start the job in time.
+    async with running_worker(pool, reg, poll_interval=3600) as (w, rec):
+        listener = Listener(database_url, {"tenantry_jobs": w.notify}, [w.resync])
+        async with anyio.create_task_group() as tg:
+            await tg.start(listener.run)
+            for _ in range(3):
+                await jobs.enqueue(pool, tenant_id=TENANT_A, kind="ping")
+            await rec.wait_flushed(3, timeout=5)
+            tg.cancel_scope.cancel()
+
+
+async def test_listener_reconnects_after_backend_is_terminated(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    reg = Registry()
+    done: list[int] = []
+
+    @reg.handler("n")
+    async def n(job: Job) -> None:
+        done.append(job.payload["i"])
+
+    async with running_worker(pool, reg, poll_interval=3600) as (w, rec):
+        listener = Listener(
+            database_url, {"tenantry_jobs": w.notify}, [w.resync], ping_interval=0.2
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(listener.run)
+            await jobs.enqueue(pool, tenant_id=TENANT_A, kind="n", payload={"i": 0})
+            await rec.wait_flushed(1)
+            pid = listener.backend_pid
+            assert await pool.fetchval("SELECT pg_terminate_backend($1)", pid)
+            # Jobs enqueued while the listener is down: their NOTIFYs are lost for good;
+            # the resync after the reconnect must find them.
+            for i in range(1, 6):
+                await jobs.enqueue(pool, tenant_id=TENANT_A, kind="n", payload={"i": i})
+            await listener.wait_connections(2)
+            assert listener.backend_pid != pid
+            await rec.wait_flushed(6, timeout=10)
+            # And it listens again.
+            await jobs.enqueue(pool, tenant_id=TENANT_A, kind="n", payload={"i": 6})
+            await rec.wait_flushed(7, timeout=5)
+            tg.cancel_scope.cancel()
+    assert sorted(done) == list(range(7))
+
+
+async def test_throttled_trigger_notifies_at_most_once_per_window(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    got: list[str] = []
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.add_listener("tenantry_jobs", lambda *a: got.append(a[3]))
+        async with pool.acquire() as c, c.transaction():
+            # 50 single-row inserts inside one transaction, i.e. within one window:
+            for _ in range(50):
+                await jobs.enqueue(c, tenant_id=TENANT_A, kind="x", queue="q1")
+            # Delayed rows never notify.
+            await jobs.enqueue(
+                c,
+                tenant_id=TENANT_A,
+                kind="x",
+                queue="later",
+                run_at=datetime.now(UTC) + timedelta(hours=1),
+            )
+        with anyio.fail_after(5):
+            while not got:
+                await conn.execute("SELECT 1")  # let the notification arrive
+        await conn.execute("SELECT 1")
+        assert got == ["q1"]
+    finally:
+        await conn.close()
+
+
+async def test_periodic_job_enqueued_once_per_period_by_two_processes(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    reg = Registry()
+
+    @reg.handler("tick", every=timedelta(minutes=1))
+    async def tick(job: Job) -> None:
+        return None
+
+    other_pool = await db.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        clock = FakeClock(datetime(2030, 1, 1, 12, 0, 30, tzinfo=UTC))
+        a = PeriodicEnqueuer(pool, reg.periodic(), clock)
+        b = PeriodicEnqueuer(other_pool, reg.periodic(), clock)
+        # First sight records the current period without running it.
+        assert await a.run_once() + await b.run_once() == 0
+        total = 0
+        for _ in range(5):
+            clock.advance(60)
+            results: list[int] = []
+
+            async def run(p: PeriodicEnqueuer, out: list[int] = results) -> None:
+                out.append(await p.run_once())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, a)
+                tg.start_soon(run, b)
+            assert sorted(results) == [0, 1]
+            total += sum(results)
+        assert total == 5
+        rows = await pool.fetch("SELECT payload FROM tenantry.jobs ORDER BY id")
+        periods = [r["payload"]["period"] for r in rows]
+        assert len(set(periods)) == 5
+        assert periods[0] == "2030-01-01T12:01:00+00:00"
+    finally:
+        await other_pool.close()

@@ -1,0 +1,79 @@
+"""Migrations: apply, check, refuse edited or unknown ones, concurrent migrators."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import asyncpg
+import pytest
+
+from service import db, migrate
+from service.errors import SchemaMismatch
+
+
+async def test_migrate_applies_all_then_nothing(empty_database_url: str) -> None:
+    conn = await db.connect(empty_database_url)
+    try:
+        assert not (await migrate.status(conn)).current
+        applied = await migrate.migrate(conn)
+        assert [m.version for m in applied] == [m.version for m in migrate.discover()]
+        assert await migrate.migrate(conn) == []
+        assert (await migrate.status(conn)).current
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrators_apply_each_migration_once(empty_database_url: str) -> None:
+    conns = [await db.connect(empty_database_url) for _ in range(4)]
+    results: list[int] = []
+    try:
+
+        async def run(c: asyncpg.Connection) -> None:
+            results.append(len(await migrate.migrate(c)))
+
+        async with anyio.create_task_group() as tg:
+            for c in conns:
+                tg.start_soon(run, c)
+        assert sorted(results) == [0, 0, 0, len(migrate.discover())]
+        count = await conns[0].fetchval("SELECT count(*) FROM tenantry.schema_migrations")
+        assert count == len(migrate.discover())
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_database_ahead_of_code_is_refused(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        "INSERT INTO tenantry.schema_migrations (version, name, checksum)"
+        " VALUES (9999, 'future', 'x')"
+    )
+    st = await migrate.status(conn)
+    assert st.unknown == [9999] and "ahead" in st.describe()
+    with pytest.raises(SchemaMismatch, match="ahead"):
+        await migrate.migrate(conn)
+
+
+async def test_edited_migration_is_refused(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        "UPDATE tenantry.schema_migrations SET checksum = 'edited' WHERE version = 1"
+    )
+    st = await migrate.status(conn)
+    assert st.edited == [1]
+    with pytest.raises(SchemaMismatch, match="edited"):
+        await migrate.migrate(conn)
+
+
+async def test_failed_migration_leaves_no_trace(empty_database_url: str, tmp_path: Path) -> None:
+    d = tmp_path
+    (d / "0001_ok.sql").write_text("CREATE TABLE tenantry.a (x int);")
+    (d / "0002_bad.sql").write_text("CREATE TABLE tenantry.b (x int); SELECT 1/0;")
+    conn = await db.connect(empty_database_url)
+    try:
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await migrate.migrate(conn, d)
+        versions = await conn.fetch("SELECT version FROM tenantry.schema_migrations")
+        assert [r["version"] for r in versions] == [1]
+        assert await conn.fetchval("SELECT to_regclass('tenantry.b')") is None
+    finally:
+        await conn.close()

@@ -1,0 +1,110 @@
+"""Pure logic: backoff, configuration, registry, periodic periods, SQL blocks."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service import config, migrate, sql
+from service.errors import ConfigError
+from service.jobs.backoff import full_jitter
+from service.jobs.registry import Periodic, Policy, Registry
+from tests.helpers import FixedRandom
+
+
+def test_full_jitter_schedule() -> None:
+    assert full_jitter(1, base=2, cap=100, rnd=FixedRandom(0.5)) == 1.0
+    assert full_jitter(3, base=2, cap=100, rnd=FixedRandom(0.5)) == 4.0
+    assert full_jitter(10, base=2, cap=100, rnd=FixedRandom(1.0)) == 100.0
+    assert full_jitter(10_000, base=2, cap=100, rnd=FixedRandom(0.25)) == 25.0
+
+
+@given(st.integers(min_value=1, max_value=10_000), st.floats(min_value=0, max_value=1))
+def test_full_jitter_is_within_bounds(attempt: int, r: float) -> None:
+    d = full_jitter(attempt, base=1, cap=3600, rnd=FixedRandom(r))
+    assert 0 <= d <= 3600
+
+
+def test_config_defaults_and_parsing() -> None:
+    s = config.from_env({})
+    assert s.database_url is None and s.port == 8080 and s.queues == {"default": 10}
+    s = config.from_env(
+        {
+            "TENANTRY_QUEUES": "default=4, mail=2",
+            "TENANTRY_PORT": "9000",
+            "TENANTRY_HANDLERS": "a.b:reg,c:d",
+        }
+    )
+    assert s.queues == {"default": 4, "mail": 2} and s.port == 9000
+    assert s.handlers == ("a.b:reg", "c:d")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("TENANTRY_PORT", "http"),
+        ("TENANTRY_PORT", "70000"),
+        ("TENANTRY_QUEUES", "default"),
+        ("TENANTRY_QUEUES", "a=0"),
+        ("TENANTRY_QUEUES", "a=1,a=2"),
+        ("TENANTRY_POLL_INTERVAL", "-1"),
+        ("TENANTRY_HANDLERS", "nomodule"),
+        ("TENANTRY_LOG_LEVEL", "loud"),
+        ("TENANTRY_MIGRATE", "maybe"),
+        ("TENANTRY_POOL_SIZE", "0"),
+    ],
+)
+def test_bad_config_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        config.from_env({name: value})
+
+
+def test_registry_rejects_duplicates_and_bad_policy() -> None:
+    reg = Registry()
+
+    @reg.handler("a")
+    async def a(job: object) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="twice"):
+        reg.add("a", a)
+    with pytest.raises(ValueError):
+        Policy(max_attempts=0)
+    with pytest.raises(ValueError):
+        Periodic()
+    with pytest.raises(ValueError):
+        Periodic(cron="not a cron")
+
+
+def test_periodic_period_start() -> None:
+    every = Periodic(every=timedelta(minutes=5))
+    t = datetime(2030, 1, 1, 12, 7, 30, tzinfo=UTC)
+    assert every.period_start(t) == datetime(2030, 1, 1, 12, 5, tzinfo=UTC)
+    assert every.next_after(every.period_start(t)) == datetime(2030, 1, 1, 12, 10, tzinfo=UTC)
+    cron = Periodic(cron="0 * * * *")
+    assert cron.period_start(t) == datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+    on_boundary = datetime(2030, 1, 1, 13, 0, tzinfo=UTC)
+    assert cron.period_start(on_boundary) == on_boundary
+
+
+def test_sql_blocks_parse_and_reject_duplicates() -> None:
+    blocks = sql.parse("-- name: a\nSELECT 1\n-- name: b\nSELECT 2;\n")
+    assert blocks == {"a": "SELECT 1", "b": "SELECT 2;"}
+    with pytest.raises(ValueError, match="duplicate"):
+        sql.parse("-- name: a\nSELECT 1\n-- name: a\nSELECT 2\n")
+
+
+def test_migration_files_are_numbered_and_unique() -> None:
+    found = migrate.discover()
+    assert [m.version for m in found] == sorted({m.version for m in found})
+    assert found[0].version == 1
+
+
+def test_migration_file_names_are_checked(tmp_path: Path) -> None:
+    (tmp_path / "1_bad.sql").write_text("SELECT 1")
+    with pytest.raises(Exception, match="NNNN_name"):
+        migrate.discover(tmp_path)
