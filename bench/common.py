@@ -256,15 +256,24 @@ async def running_worker(
 ) -> AsyncIterator[Worker]:
     """A Worker on queue 'default' plus the Listener wired to it exactly as
     `service.app.build` does (NOTIFY hints to worker.notify, resync on connect)."""
+    claim_pool = await db.create_pool(
+        dsn,
+        min_size=1,
+        max_size=2,
+        settings=db.CLAIM_SETTINGS,
+        name="tenantry-claim",
+        stateless=True,
+    )
     worker = Worker(
         pool,
         registry,
         WorkerConfig(queues={"default": concurrency}, poll_interval=poll_interval),
         owner=f"bench-{uuid.uuid4().hex[:8]}",
         hook=hook,
+        claim_pool=claim_pool,
     )
     listener = Listener(dsn, {JOBS_CHANNEL: worker.notify}, on_connect=[worker.resync])
-    async with anyio.create_task_group() as tg:
+    async with claim_pool, anyio.create_task_group() as tg:
         await tg.start(listener.run)
         await tg.start(worker.run)
         try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from importlib.metadata import version
 from typing import Any
 
 import anyio
@@ -213,20 +214,20 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
     }
     if args.skip_pgqueuer:
         return result
-    import pgqueuer  # noqa: PLC0415
+    pgq_version = version("pgqueuer")
 
     pgq_rounds: list[Result] = []
     async with common.fresh_database(server_url, "drain_pgq", schema=False) as url:
         await pgqueuer_install(url)
         for spec in args.pgq_settings:
             connections, batch = _parse_pgq(spec)
-            progress(f"drain: pgqueuer {pgqueuer.__version__}, {jobs} jobs, {connections}x{batch}")
+            progress(f"drain: pgqueuer {pgq_version}, {jobs} jobs, {connections}x{batch}")
             r = await pgqueuer_round(url, jobs, connections, batch)
             progress(f"drain: pgqueuer {connections}x{batch}: {fmt_rate(r['jobs_per_s'])} jobs/s")
             pgq_rounds.append(r)
     best_p = max(pgq_rounds, key=lambda r: float(r["jobs_per_s"]))
     ratio = float(best_t["jobs_per_s"]) / float(best_p["jobs_per_s"])
-    result["pgqueuer"] = {"version": pgqueuer.__version__, "best": best_p, "rounds": pgq_rounds}
+    result["pgqueuer"] = {"version": pgq_version, "best": best_p, "rounds": pgq_rounds}
     result["ratio_tenantry_over_pgqueuer"] = round(ratio, 2)
     result["goal"] = {"ratio_at_least": GOAL_RATIO, "met": ratio >= GOAL_RATIO}
     return result

@@ -32,6 +32,7 @@ class Service:
     settings: Settings
     dsn: str
     pool: asyncpg.Pool
+    claim_pool: asyncpg.Pool
     worker: Worker
     listener: Listener
     http: HttpServer
@@ -44,7 +45,13 @@ async def check_schema(conn: db.Conn) -> None:
         raise SchemaMismatch(st.describe())
 
 
-def build(settings: Settings, dsn: str, pool: asyncpg.Pool, registry: Registry) -> Service:
+def build(
+    settings: Settings,
+    dsn: str,
+    pool: asyncpg.Pool,
+    claim_pool: asyncpg.Pool,
+    registry: Registry,
+) -> Service:
     owner = f"{uuid.uuid4().hex[:12]}"
     worker = Worker(
         pool,
@@ -57,6 +64,7 @@ def build(settings: Settings, dsn: str, pool: asyncpg.Pool, registry: Registry) 
             job_timeout=settings.job_timeout,
         ),
         owner=owner,
+        claim_pool=claim_pool,
     )
     listener = Listener(dsn, {JOBS_CHANNEL: worker.notify}, on_connect=[worker.resync])
     periodic = registry.periodic()
@@ -78,19 +86,31 @@ def build(settings: Settings, dsn: str, pool: asyncpg.Pool, registry: Registry) 
         return checks
 
     http = HttpServer(build_app(Readiness(readiness)), settings.host, settings.port)
-    return Service(settings, dsn, pool, worker, listener, http, maintenance)
+    return Service(settings, dsn, pool, claim_pool, worker, listener, http, maintenance)
 
 
 async def serve(settings: Settings, dsn: str, registry: Registry) -> int:
     logger = log.get("app")
     pool = await db.create_pool(dsn, min_size=1, max_size=settings.pool_size)
+    claim_pool: asyncpg.Pool | None = None
     try:
         async with pool.acquire() as conn:
             await check_schema(conn)
-        svc = build(settings, dsn, pool, registry)
+        # Two: one queue's claim may overlap another's, or a heartbeat.
+        claim_pool = await db.create_pool(
+            dsn,
+            min_size=1,
+            max_size=2,
+            settings=db.CLAIM_SETTINGS,
+            name="tenantry-claim",
+            stateless=True,
+        )
+        svc = build(settings, dsn, pool, claim_pool, registry)
         return await run_service(svc)
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            if claim_pool is not None:
+                await claim_pool.close()
             await pool.close()
         logger.info("stopped")
 

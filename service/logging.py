@@ -31,7 +31,17 @@ def _dumps(obj: Any, default: Any = None) -> str:
     return orjson.dumps(obj, default=default or str).decode()
 
 
+_debug = False
+
+
+def debug_enabled() -> bool:
+    """Whether debug lines are written: lets hot paths skip building them at all."""
+    return _debug
+
+
 def configure(level: str = "info") -> None:
+    global _debug  # noqa: PLW0603 - one process-wide logging setup
+    _debug = _LEVELS[level] <= logging.DEBUG
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

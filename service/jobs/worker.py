@@ -9,8 +9,10 @@ lost notification swallowed.
 
 from __future__ import annotations
 
+import asyncio
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,7 +20,7 @@ from typing import Any
 
 import anyio
 import asyncpg
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
 from .. import logging as log
 from ..clock import Clock, Random, SystemClock, system_random
@@ -44,7 +46,9 @@ class WorkerConfig:
     job_timeout: float = 300.0
     # After a wake-up, fetch once more this much later: catches rows whose NOTIFY the
     # throttle swallowed because another transaction was notifying at the same moment.
-    trailing_fetch: float = 0.02
+    # Twice the trigger's 5 ms throttle window; not a round figure like 20 ms, which
+    # producers enqueueing on a timer line up with (the fetch then races their commit).
+    trailing_fetch: float = 0.011
 
 
 # Test and bench hooks: called synchronously with an event name and its data.
@@ -52,12 +56,18 @@ Hook = Callable[[str, dict[str, Any]], None]
 
 
 class _Running:
-    __slots__ = ("job", "scope", "why")
+    __slots__ = ("job", "task", "why")
 
-    def __init__(self, job: Job, scope: anyio.CancelScope) -> None:
+    def __init__(self, job: Job) -> None:
         self.job = job
-        self.scope = scope
+        self.task: asyncio.Task[None] | None = None
         self.why: str | None = None  # why it was cancelled from outside
+
+    def cancel(self, why: str) -> None:
+        if self.why is None:
+            self.why = why
+        if self.task is not None:
+            self.task.cancel(why)
 
 
 class QueueLoop:
@@ -135,14 +145,20 @@ class QueueLoop:
             rows = await self.w.claim(self.queue, want, from_cursor)
             if rows is None:  # database unavailable: the poll will try again
                 return
-            tenants = {r["tenant_id"] for r in rows}
-            self.cursor = max(tenants) if len(tenants) >= min(want, _MAX_TENANTS_PER_CLAIM) else NIL
+            per_tenant: Counter[uuid.UUID] = Counter(r["tenant_id"] for r in rows)
+            walked_all = len(per_tenant) < min(want, _MAX_TENANTS_PER_CLAIM)
+            self.cursor = NIL if walked_all else max(per_tenant)
             for row in rows:
                 self.w.start_job(self, row)
             if not rows:
                 if from_cursor == NIL:
                     return
                 continue  # wrap around to the tenants before the cursor
+            # Every tenant gave less than its share: nothing else is runnable now, and
+            # another claim would come back empty.
+            share = rows[0]["per_tenant"]
+            if walked_all and from_cursor == NIL and all(n < share for n in per_tenant.values()):
+                break
         self._saturated = self.free <= 0
 
     async def _refresh_due(self) -> None:
@@ -170,8 +186,11 @@ class Worker:
         clock: Clock | None = None,
         rnd: Random | None = None,
         hook: Hook | None = None,
+        claim_pool: asyncpg.Pool | None = None,
     ) -> None:
         self.pool = pool
+        # Claims and heartbeats: `db.CLAIM_SETTINGS` connections when given.
+        self.claim_pool = claim_pool or pool
         self.registry = registry
         self.config = config
         self.owner = owner or f"worker-{uuid.uuid4()}"
@@ -181,7 +200,10 @@ class Worker:
         self.stopping = False
         self.loops = {q: QueueLoop(self, q, n) for q, n in config.queues.items()}
         self.writer = OutcomeWriter(pool, self.owner, on_flushed=self._flushed)
-        self._jobs_tg: TaskGroup | None = None
+        # One plain asyncio task per running job, not an anyio task group: the group's
+        # spawn, cancel scope and fail_after cost more than the no-op job itself (they
+        # were two thirds of the worker's CPU in the drain benchmark's profile).
+        self._tasks: set[asyncio.Task[None]] = set()
         self._idle = anyio.Event()
         self._done = anyio.Event()
         self._log = log.get("worker", worker=self.owner)
@@ -209,15 +231,24 @@ class Worker:
         async with anyio.create_task_group() as infra:
             infra.start_soon(self.writer.run)
             infra.start_soon(self._heartbeat)
-            async with anyio.create_task_group() as jobs:
-                self._jobs_tg = jobs
+            try:
                 async with anyio.create_task_group() as loops:
                     for loop in self.loops.values():
                         loops.start_soon(loop.run)
                     task_status.started()
-            # Every job task has ended: write their last outcomes, then stop.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                await self.writer.drain()
+                if self.hook is not None:
+                    self.hook("claiming_stopped", {"running": self.running_count})
+                await self.wait_idle()
+            finally:
+                # Cancelled from outside (a hard stop): hand the jobs back rather than
+                # leave them to lease expiry.
+                with anyio.CancelScope(shield=True):
+                    self.cancel_running("hard_stop")
+                    if self._tasks:
+                        await asyncio.wait(self._tasks)
+                    # Every job task has ended: write their last outcomes, then stop.
+                    with anyio.move_on_after(10):
+                        await self.writer.drain()
             infra.cancel_scope.cancel()
         self._done.set()
 
@@ -240,19 +271,21 @@ class Worker:
     def cancel_running(self, why: str) -> None:
         for loop in self.loops.values():
             for r in loop.running.values():
-                r.why = why
-                r.scope.cancel()
+                r.cancel(why)
 
     async def wait_idle(self) -> None:
         while self.running_count:
-            self._idle = anyio.Event()
+            # Several may wait (shutdown and run): replacing an unset event would strand
+            # the others on one that is never set.
+            if self._idle.is_set():
+                self._idle = anyio.Event()
             await self._idle.wait()
 
     # --- claiming -----------------------------------------------------------------
 
     async def claim(self, queue: str, limit: int, cursor: uuid.UUID) -> list[asyncpg.Record] | None:
         try:
-            async with self.pool.acquire() as conn:
+            async with self.claim_pool.acquire() as conn:
                 rows: list[asyncpg.Record] = await conn.fetch(
                     Q["claim"],
                     queue,
@@ -286,37 +319,37 @@ class Worker:
             _pool=self.pool,
             _lease_owner=self.owner,
         )
-        scope = anyio.CancelScope()
-        loop.running[(job.tenant_id, job.id)] = _Running(job, scope)
-        assert self._jobs_tg is not None
-        self._jobs_tg.start_soon(self._execute, loop, job, scope)
+        entry = _Running(job)
+        loop.running[(job.tenant_id, job.id)] = entry
+        task = asyncio.get_running_loop().create_task(self._execute(loop, entry))
+        entry.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # _execute turns every handler error into an outcome; this is our own bug.
+            self._log.error("job_task_crashed", error=_describe(exc))
 
     # --- running ------------------------------------------------------------------
 
-    async def _execute(self, loop: QueueLoop, job: Job, scope: anyio.CancelScope) -> None:
+    async def _execute(self, loop: QueueLoop, entry: _Running) -> None:
+        job = entry.job
         key: Key = (job.tenant_id, job.id)
-        jlog = self._log.bind(
-            job_id=job.id,
-            tenant_id=str(job.tenant_id),
-            kind=job.kind,
-            attempt=job.attempt,
-            queue=job.queue,
-        )
         try:
-            outcome = await self._outcome(job, scope, jlog)
+            outcome = await self._outcome(job, entry, _JobLog(self._log, job))
         finally:
-            entry = loop.running.pop(key, None)
+            loop.running.pop(key, None)
             loop.slot_freed()
             if not self.running_count:
                 self._idle.set()
         if outcome is not None:
             self.writer.put(outcome)
         if self.hook is not None:
-            self.hook(
-                "finished", {"job": job, "outcome": outcome, "why": entry.why if entry else None}
-            )
+            self.hook("finished", {"job": job, "outcome": outcome, "why": entry.why})
 
-    async def _outcome(self, job: Job, scope: anyio.CancelScope, jlog: Any) -> Outcome | None:
+    async def _outcome(self, job: Job, entry: _Running, jlog: _JobLog) -> Outcome | None:
         key: Key = (job.tenant_id, job.id)
         reg = self.registry.get(job.kind)
         if reg is None:
@@ -329,16 +362,24 @@ class Worker:
             jlog.warning("job_dead", reason="exhausted", error=msg)
             return Bury(key, msg, self._error_obj(job, msg), "exhausted")
         timeout = reg.policy.timeout or self.config.job_timeout
-        jlog.debug("job_started")
+        if log.debug_enabled():
+            jlog.debug("job_started")
         if self.hook is not None:
             self.hook("started", {"job": job})
         started = self.clock.monotonic()
         try:
-            with scope:
-                with anyio.fail_after(timeout):
-                    await reg.handler(job)
+            async with asyncio.timeout(timeout):
+                await reg.handler(job)
         except TimeoutError:
             return self._failed(job, reg.policy, f"timed out after {timeout:g}s", jlog)
+        except asyncio.CancelledError:
+            if entry.why is None:
+                raise  # not a cancellation of ours: let it through
+            if entry.why == "lease_lost":
+                jlog.warning("job_abandoned", reason="lease lost to another worker")
+                return None
+            jlog.info("job_released", reason=entry.why)
+            return None if job.completed_in_tx else Release(key)
         except Snooze as s:
             run_at = self.clock.now() + timedelta(seconds=s.delay)
             jlog.debug("job_snoozed", delay=s.delay)
@@ -358,19 +399,13 @@ class Worker:
                 jlog.warning("job_failed_after_commit", error=_describe(exc))
                 return None
             return self._failed(job, reg.policy, _describe(exc), jlog, exc)
-        if scope.cancelled_caught:
-            entry = self.loops[job.queue].running.get(key)
-            why = entry.why if entry else None
-            if why == "lease_lost":
-                jlog.warning("job_abandoned", reason="lease lost to another worker")
-                return None
-            jlog.info("job_released", reason=why)
-            return None if job.completed_in_tx else Release(key)
-        jlog.debug("job_succeeded", duration_ms=round((self.clock.monotonic() - started) * 1e3, 3))
+        if log.debug_enabled():
+            elapsed_ms = round((self.clock.monotonic() - started) * 1e3, 3)
+            jlog.debug("job_succeeded", duration_ms=elapsed_ms)
         return None if job.completed_in_tx else Complete(key)
 
     def _failed(
-        self, job: Job, policy: Policy, msg: str, jlog: Any, exc: BaseException | None = None
+        self, job: Job, policy: Policy, msg: str, jlog: _JobLog, exc: BaseException | None = None
     ) -> Outcome:
         key: Key = (job.tenant_id, job.id)
         err = self._error_obj(job, msg, exc)
@@ -415,7 +450,7 @@ class Worker:
         if not held:
             return 0
         try:
-            async with self.pool.acquire() as conn:
+            async with self.claim_pool.acquire() as conn:
                 rows = await conn.fetch(
                     Q["extend_leases"],
                     [k[0] for k, _ in held],
@@ -434,9 +469,34 @@ class Worker:
                 and key in self.loops[r.job.queue].running
                 and not r.job.completed_in_tx
             ):
-                r.why = "lease_lost"
-                r.scope.cancel()
+                r.cancel("lease_lost")
         return len(kept)
+
+
+class _JobLog:
+    """The worker's logger bound to one job, built only when a line is written: binding
+    on every job start costs more than a no-op job."""
+
+    __slots__ = ("_base", "_job")
+
+    def __init__(self, base: Any, job: Job) -> None:
+        self._base = base
+        self._job = job
+
+    def _bound(self) -> Any:
+        j = self._job
+        return self._base.bind(
+            job_id=j.id, tenant_id=str(j.tenant_id), kind=j.kind, attempt=j.attempt, queue=j.queue
+        )
+
+    def debug(self, event: str, **kw: Any) -> None:
+        self._bound().debug(event, **kw)
+
+    def info(self, event: str, **kw: Any) -> None:
+        self._bound().info(event, **kw)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self._bound().warning(event, **kw)
 
 
 def _describe(exc: BaseException) -> str:

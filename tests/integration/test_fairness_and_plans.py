@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 import anyio
 import asyncpg
 
 from service.jobs import queue as jobs
 from service.jobs.model import Job
+from service.jobs.outcomes import Q as QO
 from service.jobs.registry import Registry
 from service.jobs.worker import NIL, Q, Worker, WorkerConfig
 from tests.helpers import TENANT_A, TENANT_B, running_worker
@@ -112,4 +114,66 @@ async def test_claim_uses_its_partial_index(pool: asyncpg.Pool) -> None:
     # The tenant walk and the per-tenant fetch both run on the claim index...
     assert plan.count("jobs_claim_idx") >= 2, plan
     # ...and nothing reads the whole table.
+    assert "Seq Scan on jobs" not in plan, plan
+
+
+async def test_batch_statements_look_jobs_up_by_primary_key(pool: asyncpg.Pool) -> None:
+    """Regression: with statistics saying no job runs (the usual case right after an
+    ANALYZE), `state = 'running'` in a completion made the planner scan the whole
+    partial running index once per key; under load one batch completion took 48 s."""
+    await pool.execute(
+        "INSERT INTO tenantry.jobs (tenant_id, kind) "
+        "SELECT t, 'w' FROM unnest($1::uuid[]) t, generate_series(1, 2000)",
+        [uuid.uuid4() for _ in range(4)],
+    )
+    await pool.execute("VACUUM ANALYZE tenantry.jobs")
+    claimed = await pool.fetch(Q["claim"], "default", 200, "probe", 30.0, NIL, None, 100)
+    assert len(claimed) == 200
+    tids = [r["tenant_id"] for r in claimed]
+    ids = [r["id"] for r in claimed]
+    now = [datetime.now(UTC)] * len(ids)
+    statements: dict[str, tuple[object, ...]] = {
+        "complete_many": (tids, ids, "probe"),
+        "requeue_many": (tids, ids, now, [None] * 200, [None] * 200, [True] * 200, "probe"),
+        "bury_many": (tids, ids, ["x"] * 200, [{}] * 200, ["permanent"] * 200, "probe"),
+        "release_many": (tids, ids, "probe"),
+        "extend_leases": (tids, ids, "probe", 30.0),
+    }
+    for name, args in statements.items():
+        sql = QO[name] if name in QO.names() else Q[name]
+        async with pool.acquire() as conn:
+            # A generic plan is what a long-lived prepared statement ends up with.
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
+            tx = conn.transaction()
+            await tx.start()
+            rows = await conn.fetch("EXPLAIN (COSTS OFF) " + sql, *args)
+            await tx.rollback()
+            await conn.execute("RESET plan_cache_mode")
+        plan = "\n".join(r[0] for r in rows)
+        assert "jobs_running_idx" not in plan, f"{name}:\n{plan}"
+        assert "Seq Scan on jobs" not in plan, f"{name}:\n{plan}"
+        assert "Index Scan using jobs_pkey" in plan, f"{name}:\n{plan}"
+        assert "Tid Scan on jobs" in plan, f"{name}:\n{plan}"
+
+
+async def test_claim_plan_survives_statistics_taken_while_empty(pool: asyncpg.Pool) -> None:
+    """Regression: statistics from an empty queue (what autovacuum usually sees) made
+    the planner serve the claim from jobs_due_idx and sort the whole backlog on every
+    claim: 0.7 s per claim with 40,000 queued jobs."""
+    await pool.execute("ANALYZE tenantry.jobs")  # empty
+    await pool.execute(
+        "INSERT INTO tenantry.jobs (tenant_id, kind) "
+        "SELECT t, 'w' FROM unnest($1::uuid[]) t, generate_series(1, 5000)",
+        [uuid.uuid4() for _ in range(4)],
+    )
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        rows = await conn.fetch(
+            "EXPLAIN (COSTS OFF) " + Q["claim"], "default", 100, "probe", 30.0, NIL, None, 100
+        )
+        await tx.rollback()
+    plan = "\n".join(r[0] for r in rows)
+    assert plan.count("jobs_claim_idx") >= 2, plan
+    assert "jobs_due_idx" not in plan, plan
     assert "Seq Scan on jobs" not in plan, plan

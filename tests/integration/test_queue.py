@@ -387,6 +387,30 @@ async def test_graceful_shutdown_releases_unfinished_jobs(pool: asyncpg.Pool) ->
     assert (row["state"], row["attempts"], row["lease_owner"]) == ("queued", 0, None)
 
 
+async def test_hard_stop_during_grace_ends_the_shutdown_at_once(pool: asyncpg.Pool) -> None:
+    """Regression: shutdown() and run() both waited for idle, and each replaced the
+    other's event, so a hard stop during the grace period left shutdown() waiting for
+    the whole grace period (the process did not exit on a second signal)."""
+    reg = Registry()
+
+    @reg.handler("forever")
+    async def forever(job: Job) -> None:
+        await anyio.sleep_forever()
+
+    for _ in range(3):
+        await jobs.enqueue(pool, tenant_id=TENANT_A, kind="forever")
+    async with running_worker(pool, reg) as (w, rec):
+        await rec.wait_for(lambda: len(rec.named("started")) == 3)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(w.shutdown, 600.0)
+                # Both wait for idle now: shutdown (its grace) and then run().
+                await rec.wait_for(lambda: bool(rec.named("claiming_stopped")))
+                w.cancel_running("hard_stop")
+    assert {f["why"] for f in rec.named("finished")} == {"hard_stop"}
+    assert await pool.fetchval("SELECT count(*) FROM tenantry.jobs WHERE state = 'queued'") == 3
+
+
 async def test_tenant_tx_completes_the_job_in_the_same_transaction(pool: asyncpg.Pool) -> None:
     await pool.execute("CREATE TABLE public.effects (tenant_id uuid, job_id bigint UNIQUE)")
     reg = Registry()

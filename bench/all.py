@@ -1,0 +1,302 @@
+"""Every benchmark in sequence against one server: `python -m bench.all [--quick]
+[--json] [--only NAME ...]` (`make bench`).
+
+Each benchmark module is imported by name when it is about to run, so a module that
+does not exist (yet) is reported as missing and the others still run; one that fails
+is reported with its error and the run goes on.  Each benchmark parses its own
+arguments with its own defaults, given only --quick and --database-url from here.
+
+Output: each benchmark's own report as soon as it finishes, then a markdown table of
+the headline figures and their verdicts; with --json, one JSON object keyed by
+benchmark name instead.  The exit status is 1 when a benchmark failed or one named
+with --only is missing; a MISSED goal is a result, not a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import common
+from .common import Result, fmt_ms, fmt_rate, progress
+
+# The order they run in: the cheap throughput figures first, the long ones last.
+BENCHMARKS = ("drain", "sustained", "latency", "trigger_tax", "noisy")
+
+
+@dataclass(frozen=True)
+class Headline:
+    bench: str
+    figure: str
+    value: str
+    goal: str = ""
+    verdict: str = "-"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.all", description=__doc__)
+    common.add_common_arguments(parser)
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=BENCHMARKS,
+        metavar="NAME",
+        help=f"run only these ({', '.join(BENCHMARKS)})",
+    )
+    return parser
+
+
+def load(name: str) -> common.Bench | None:
+    """The module's BENCH, or None when the module does not exist.  Any other import
+    error (a half-written module) propagates: it is a failure, not an absence."""
+    try:
+        module = importlib.import_module(f"{__package__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"{__package__}.{name}":
+            return None
+        raise
+    bench = getattr(module, "BENCH", None)
+    if not isinstance(bench, common.Bench):
+        raise TypeError(f"bench.{name} has no BENCH")
+    return bench
+
+
+def bench_args(bench: common.Bench, args: argparse.Namespace) -> argparse.Namespace:
+    """The benchmark's own defaults; only the switches shared by all pass through."""
+    flags: list[str] = []
+    if args.quick:
+        flags.append("--quick")
+    if args.database_url:
+        flags += ["--database-url", args.database_url]
+    return common.build_parser(bench).parse_args(flags)
+
+
+# --- headline figures ---------------------------------------------------------------
+
+
+def _x(value: Any) -> str:
+    return f"{float(value):.2f}x"
+
+
+def _drain(r: Result) -> list[Headline]:
+    best = r["tenantry"]["best"]
+    rows = [
+        Headline(
+            "drain",
+            f"Tenantry drain, {r['jobs']:,} no-op jobs (best concurrency {best['concurrency']})",
+            f"{fmt_rate(best['jobs_per_s'])} jobs/s",
+        )
+    ]
+    if "goal" in r:
+        g = r["goal"]
+        rows.append(
+            Headline(
+                "drain",
+                "drain throughput Tenantry / PGQueuer",
+                _x(r["ratio_tenantry_over_pgqueuer"]),
+                f">= {g['ratio_at_least']:g}x",
+                common.verdict(g["met"]),
+            )
+        )
+    return rows
+
+
+def _sustained(r: Result) -> list[Headline]:
+    rows = []
+    for rnd in r["rounds"]:
+        label = "max rate" if rnd["rate"] is None else f"{rnd['rate']:g}/s offered"
+        rows.append(
+            Headline(
+                "sustained",
+                f"jobs in / out per s ({label}, {rnd['clients']} clients)",
+                f"{fmt_rate(rnd['jobs_in_per_s'])} / {fmt_rate(rnd['jobs_out_per_s'])}",
+                "depth bounded",
+                "yes" if rnd["bounded"] else "NO",
+            )
+        )
+    return rows
+
+
+def _latency(r: Result) -> list[Headline]:
+    t = r["tenantry"]["commit_to_start_ms"]
+    g = r["goal"]
+    rows = [
+        Headline(
+            "latency",
+            "commit -> handler start, idle worker: p50 / p99",
+            f"{fmt_ms(t['p50'])} / {fmt_ms(t['p99'])} ms",
+            f"<= {g['p50_ms_at_most']:g} / {g['p99_ms_at_most']:g} ms",
+            common.verdict(g["met"]),
+        )
+    ]
+    if "pgqueuer" in r:
+        p = r["pgqueuer"]["commit_to_start_ms"]
+        rows.append(
+            Headline(
+                "latency",
+                "PGQueuer, same probe: p50 / p99",
+                f"{fmt_ms(p['p50'])} / {fmt_ms(p['p99'])} ms",
+            )
+        )
+    return rows
+
+
+def _trigger_tax(r: Result) -> list[Headline]:
+    g = r["goal"]
+    return [
+        Headline(
+            "trigger_tax",
+            f"insert tps with / without the throttled trigger ({r['clients']} clients)",
+            _x(r["ratio_throttled_over_none"]),
+            f">= {g['ratio_at_least']:g}x",
+            common.verdict(g["met"]),
+        ),
+        Headline(
+            "trigger_tax",
+            "insert tps with a naive per-row NOTIFY / without (reference)",
+            _x(r["ratio_naive_over_none"]),
+        ),
+    ]
+
+
+def _noisy(r: Result) -> list[Headline]:
+    g = r["goal"]
+    rows = [
+        Headline(
+            "noisy",
+            f"B's commit -> start p99 behind A's {r['latency']['backlog']:,}-job backlog",
+            f"{fmt_ms(r['latency']['backlog_ms'].get('p99', float('nan')))} ms",
+            f"<= {g['p99_ms_at_most']:g} ms",
+            common.verdict(g["met"]),
+        )
+    ]
+    if "drain" in r:
+        d = r["drain"]
+        rows.append(
+            Headline(
+                "noisy",
+                "drain fair claim / FIFO claim (worst tenant spread)",
+                _x(d["worst_ratio_fair_over_fifo"]),
+                f">= {d['goal']['ratio_at_least']:g}x",
+                common.verdict(d["goal"]["met"]),
+            )
+        )
+    return rows
+
+
+HEADLINES: dict[str, Callable[[Result], list[Headline]]] = {
+    "drain": _drain,
+    "sustained": _sustained,
+    "latency": _latency,
+    "trigger_tax": _trigger_tax,
+    "noisy": _noisy,
+}
+
+
+def _generic(name: str, r: Result) -> list[Headline]:
+    """Any `goal` dict ({..., "met": bool}) at the top level or one level down."""
+    rows = []
+    for key, value in [("", r), *((k, v) for k, v in r.items() if isinstance(v, dict))]:
+        goal = value.get("goal")
+        if isinstance(goal, dict) and "met" in goal:
+            spec = ", ".join(f"{k} {v}" for k, v in goal.items() if k != "met")
+            rows.append(
+                Headline(name, f"{key} goal".strip(), "-", spec, common.verdict(goal["met"]))
+            )
+    return rows or [Headline(name, "(no headline figure)", "-")]
+
+
+def headlines(name: str, r: Result) -> list[Headline]:
+    if _status(r):
+        what = f"bench.{name} not found" if _status(r) == "missing" else str(r.get("error"))
+        return [Headline(name, what, "-", "", str(r["status"]).upper())]
+    try:
+        return HEADLINES[name](r)
+    except (KeyError, TypeError, ValueError):
+        # The module's result changed shape: its goals are still worth a row.
+        return _generic(name, r)
+
+
+def summary_table(rows: Sequence[Headline]) -> str:
+    head = ("benchmark", "figure", "value", "goal", "verdict")
+    cells = [head, *((h.bench, h.figure, h.value, h.goal, h.verdict) for h in rows)]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+
+    def line(cols: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)) + " |"
+
+    out = ["== summary ==", line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(c) for c in cells[1:]]
+    return "\n".join(out)
+
+
+# --- running ------------------------------------------------------------------------
+
+
+def _status(r: Result) -> str | None:
+    """'failed' or 'missing' for the placeholders below; None for a real result."""
+    status = r.get("status")
+    return status if status in ("failed", "missing") else None
+
+
+def _failure(name: str, exc: BaseException) -> Result:
+    progress(f"{name}: FAILED\n{traceback.format_exc().rstrip()}")
+    return {"benchmark": name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _render_status(r: Result) -> str:
+    return f"== {r['benchmark']}: {r['status'].upper()} ==\n   {r.get('error', '')}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    common.configure_logging()
+    names = list(args.only) if args.only else list(BENCHMARKS)
+    results: dict[str, Result] = {}
+    benches: dict[str, common.Bench] = {}
+    for name in names:
+        try:
+            bench = load(name)
+        except Exception as exc:
+            results[name] = _failure(name, exc)
+            continue
+        if bench is None:
+            progress(f"{name}: module bench.{name} not found, skipped")
+            results[name] = {"benchmark": name, "status": "missing"}
+        else:
+            benches[name] = bench
+    with common.server(args.database_url) as url:
+        for name in names:
+            if name not in benches:
+                continue
+            bench = benches[name]
+            try:
+                results[name] = common.run_async(
+                    common.run_one, bench, url, bench_args(bench, args)
+                )
+            except Exception as exc:
+                results[name] = _failure(name, exc)
+            if not args.json:
+                render = _render_status if _status(results[name]) else bench.render
+                common.emit(results[name], False, render)
+                common.emit({}, False, lambda _r: "")
+    ordered = {name: results[name] for name in names}
+    if args.json:
+        common.emit(ordered, True, common.dumps)
+    else:
+        for name in names:
+            if name not in benches:
+                common.emit(results[name], False, _render_status)
+        rows = [h for name in names for h in headlines(name, ordered[name])]
+        common.emit({}, False, lambda _r: summary_table(rows))
+    failed = any(_status(r) == "failed" for r in ordered.values())
+    missing_asked = bool(args.only) and any(_status(r) == "missing" for r in ordered.values())
+    return 1 if failed or missing_asked else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
