@@ -10,9 +10,10 @@ lost notification swallowed.
 from __future__ import annotations
 
 import asyncio
+import math
 import traceback
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -49,6 +50,12 @@ class WorkerConfig:
     # Twice the trigger's 5 ms throttle window; not a round figure like 20 ms, which
     # producers enqueueing on a timer line up with (the fetch then races their commit).
     trailing_fetch: float = 0.011
+    # Rows a queue claims ahead of its free slots, as a fraction of its concurrency.
+    # While a batch runs, the next one is already being claimed, so the database's
+    # work and ours overlap instead of taking turns (the drain benchmark: +40%).  A
+    # prefetched row waits only for a slot of this process; its lease is heartbeated
+    # and it is handed back at shutdown.  0 disables it.
+    prefetch: float = 0.5
 
 
 # Test and bench hooks: called synchronously with an event name and its data.
@@ -56,10 +63,12 @@ Hook = Callable[[str, dict[str, Any]], None]
 
 
 class _Running:
-    __slots__ = ("job", "task", "why")
+    __slots__ = ("deadline", "job", "task", "timeout", "why")
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, timeout: float, deadline: float) -> None:
         self.job = job
+        self.timeout = timeout
+        self.deadline = deadline  # monotonic; the watchdog cancels the job after it
         self.task: asyncio.Task[None] | None = None
         self.why: str | None = None  # why it was cancelled from outside
 
@@ -76,6 +85,9 @@ class QueueLoop:
         self.queue = queue
         self.concurrency = concurrency
         self.running: dict[Key, _Running] = {}
+        # Claimed (leased) rows waiting for a slot: the prefetch.
+        self.ready: deque[asyncpg.Record] = deque()
+        self.prefetch = int(concurrency * worker.config.prefetch)
         self.cursor = NIL
         self._wake = anyio.Event()
         self._saturated = False
@@ -85,7 +97,12 @@ class QueueLoop:
 
     @property
     def free(self) -> int:
-        return self.concurrency - len(self.running)
+        """Rows to claim: free slots plus the prefetch, less what is already waiting."""
+        return self.concurrency + self.prefetch - len(self.running) - len(self.ready)
+
+    def start_ready(self) -> None:
+        while self.ready and len(self.running) < self.concurrency and not self.w.stopping:
+            self.w.start_job(self, self.ready.popleft())
 
     def wake(self, *, trailing: bool = False) -> None:
         if trailing:
@@ -101,6 +118,7 @@ class QueueLoop:
             self._wake.set()
 
     def slot_freed(self) -> None:
+        self.start_ready()
         # Claim in batches: wait for half the slots when the queue was saturated,
         # rather than claiming one row per finished job.
         if self._saturated and self.free >= max(1, self.concurrency // 2):
@@ -148,8 +166,8 @@ class QueueLoop:
             per_tenant: Counter[uuid.UUID] = Counter(r["tenant_id"] for r in rows)
             walked_all = len(per_tenant) < min(want, _MAX_TENANTS_PER_CLAIM)
             self.cursor = NIL if walked_all else max(per_tenant)
-            for row in rows:
-                self.w.start_job(self, row)
+            self.ready.extend(rows)
+            self.start_ready()
             if not rows:
                 if from_cursor == NIL:
                     return
@@ -204,6 +222,11 @@ class Worker:
         # spawn, cancel scope and fail_after cost more than the no-op job itself (they
         # were two thirds of the worker's CPU in the drain benchmark's profile).
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running = 0
+        # Timeouts: one watchdog for all jobs instead of a timer per job (asyncio's
+        # timeout() cost as much as the rest of a no-op job's bookkeeping).
+        self._watch_wake = anyio.Event()
+        self._watch_next = math.inf
         self._idle = anyio.Event()
         self._done = anyio.Event()
         self._log = log.get("worker", worker=self.owner)
@@ -223,7 +246,7 @@ class Worker:
 
     @property
     def running_count(self) -> int:
-        return sum(len(q.running) for q in self.loops.values())
+        return self._running
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -231,6 +254,7 @@ class Worker:
         async with anyio.create_task_group() as infra:
             infra.start_soon(self.writer.run)
             infra.start_soon(self._heartbeat)
+            infra.start_soon(self._watchdog)
             try:
                 async with anyio.create_task_group() as loops:
                     for loop in self.loops.values():
@@ -266,6 +290,10 @@ class Worker:
             self.stopping = True
             self._log.info("worker_stopping", running=self.running_count)
         for loop in self.loops.values():
+            # Prefetched rows never started: hand them back now.
+            while loop.ready:
+                row = loop.ready.popleft()
+                self.writer.put(Release((row["tenant_id"], row["id"])))
             loop.wake()
 
     def cancel_running(self, why: str) -> None:
@@ -306,6 +334,7 @@ class Worker:
     def start_job(self, loop: QueueLoop, row: asyncpg.Record) -> None:
         reg = self.registry.get(row["kind"])
         policy = reg.policy if reg is not None else Policy()
+        timeout = policy.timeout or self.config.job_timeout
         job = Job(
             id=row["id"],
             tenant_id=row["tenant_id"],
@@ -319,8 +348,12 @@ class Worker:
             _pool=self.pool,
             _lease_owner=self.owner,
         )
-        entry = _Running(job)
+        deadline = self.clock.monotonic() + timeout
+        entry = _Running(job, timeout, deadline)
         loop.running[(job.tenant_id, job.id)] = entry
+        self._running += 1
+        if deadline < self._watch_next:
+            self._watch_wake.set()
         task = asyncio.get_running_loop().create_task(self._execute(loop, entry))
         entry.task = task
         self._tasks.add(task)
@@ -341,6 +374,7 @@ class Worker:
             outcome = await self._outcome(job, entry, _JobLog(self._log, job))
         finally:
             loop.running.pop(key, None)
+            self._running -= 1
             loop.slot_freed()
             if not self.running_count:
                 self._idle.set()
@@ -361,20 +395,18 @@ class Worker:
             msg = f"attempts exhausted ({job.attempt - 1} of {job.max_attempts})"
             jlog.warning("job_dead", reason="exhausted", error=msg)
             return Bury(key, msg, self._error_obj(job, msg), "exhausted")
-        timeout = reg.policy.timeout or self.config.job_timeout
         if log.debug_enabled():
             jlog.debug("job_started")
         if self.hook is not None:
             self.hook("started", {"job": job})
         started = self.clock.monotonic()
         try:
-            async with asyncio.timeout(timeout):
-                await reg.handler(job)
-        except TimeoutError:
-            return self._failed(job, reg.policy, f"timed out after {timeout:g}s", jlog)
+            await reg.handler(job)
         except asyncio.CancelledError:
             if entry.why is None:
                 raise  # not a cancellation of ours: let it through
+            if entry.why == "timeout":
+                return self._failed(job, reg.policy, f"timed out after {entry.timeout:g}s", jlog)
             if entry.why == "lease_lost":
                 jlog.warning("job_abandoned", reason="lease lost to another worker")
                 return None
@@ -436,6 +468,25 @@ class Worker:
         if self.hook is not None:
             self.hook("flushed", {"outcomes": outcomes})
 
+    async def _watchdog(self) -> None:
+        """Cancel jobs past their deadline; sleep until the earliest one.  start_job
+        wakes it when a new job's deadline comes before that."""
+        while True:
+            now = self.clock.monotonic()
+            nxt = math.inf
+            for loop in self.loops.values():
+                for entry in loop.running.values():
+                    if entry.why is not None:
+                        continue
+                    if entry.deadline <= now:
+                        entry.cancel("timeout")
+                    else:
+                        nxt = min(nxt, entry.deadline)
+            self._watch_next = nxt
+            self._watch_wake = anyio.Event()
+            with anyio.move_on_after(nxt - now):
+                await self._watch_wake.wait()
+
     # --- leases -------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
@@ -447,21 +498,33 @@ class Worker:
     async def heartbeat_once(self) -> int:
         """Extend every lease this worker holds; cancel jobs whose lease it lost."""
         held = [(k, r) for loop in self.loops.values() for k, r in loop.running.items()]
-        if not held:
+        waiting: list[Key] = [
+            (row["tenant_id"], row["id"]) for loop in self.loops.values() for row in loop.ready
+        ]
+        keys = [k for k, _ in held] + waiting
+        if not keys:
             return 0
         try:
             async with self.claim_pool.acquire() as conn:
                 rows = await conn.fetch(
                     Q["extend_leases"],
-                    [k[0] for k, _ in held],
-                    [k[1] for k, _ in held],
+                    [k[0] for k in keys],
+                    [k[1] for k in keys],
                     self.owner,
                     self.config.lease_seconds,
                 )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            self._log.warning("heartbeat_failed", error=str(exc), jobs=len(held))
+            self._log.warning("heartbeat_failed", error=str(exc), jobs=len(keys))
             return 0
         kept = {(r["tenant_id"], r["id"]) for r in rows}
+        # A prefetched row whose lease was lost belongs to someone else now.  (Rows
+        # claimed during the heartbeat were not asked about: keep them.)
+        lost = set(waiting) - kept
+        if lost:
+            for loop in self.loops.values():
+                loop.ready = deque(
+                    row for row in loop.ready if (row["tenant_id"], row["id"]) not in lost
+                )
         for key, r in held:
             # A job may have finished (and been flushed) since `held` was taken.
             if (
