@@ -59,11 +59,11 @@ share AS (
     SELECT ceil($2::numeric / greatest(count(*), 1))::integer AS per_tenant FROM visited
 ),
 candidates AS (
-    SELECT c.tenant_id, c.id, c.priority, c.run_at, c.rn, s.per_tenant
+    SELECT c.tid, c.id, c.priority, c.run_at, c.rn
       FROM visited v
      CROSS JOIN share s
      CROSS JOIN LATERAL (
-        SELECT j.tenant_id, j.id, j.priority, j.run_at,
+        SELECT j.ctid AS tid, j.id, j.priority, j.run_at,
                row_number() OVER (ORDER BY j.priority DESC, j.run_at, j.id) AS rn
           FROM tenantry.jobs j
          WHERE j.tenant_id = v.tenant_id AND j.queue = $1::text
@@ -78,15 +78,22 @@ candidates AS (
                END
      ) c
 ),
+chosen AS (
+    SELECT c.tid FROM candidates c
+     ORDER BY c.priority DESC, c.rn, c.run_at, c.id
+     LIMIT $2::integer
+),
 picked AS (
-    -- The short, ordered candidate list drives a primary-key lookup per row.
-    SELECT j.tenant_id, j.id, c.per_tenant
-      FROM (SELECT c.tenant_id, c.id, c.per_tenant FROM candidates c
-             ORDER BY c.priority DESC, c.rn, c.run_at, c.id
-             LIMIT $2::integer) c
-      JOIN tenantry.jobs j ON j.tenant_id = c.tenant_id AND j.id = c.id
-     WHERE j.state = 'queued'
-       FOR UPDATE OF j SKIP LOCKED
+    -- Lock the chosen rows by ctid (a Tid Scan, no index descent per row).  A row
+    -- another worker claimed since our snapshot has a new version at a new ctid, so
+    -- the lock's recheck of `ctid = ANY (...)` skips it; a row locked right now by
+    -- another claim is skipped too.  No `state = 'queued'` here: it would let the
+    -- planner pick the partial claim index and scan it whole (see the batch
+    -- statements below).
+    SELECT j.ctid AS tid
+      FROM tenantry.jobs j
+     WHERE j.ctid = ANY (ARRAY(SELECT c.tid FROM chosen c))
+       FOR UPDATE SKIP LOCKED
 )
 UPDATE tenantry.jobs j
    SET state = 'running',
@@ -94,13 +101,12 @@ UPDATE tenantry.jobs j
        lease_owner = $3::text,
        lease_expires_at = now() + make_interval(secs => $4::double precision),
        started_at = now()
-  FROM picked p
- WHERE j.tenant_id = p.tenant_id AND j.id = p.id
+ WHERE j.ctid = ANY (ARRAY(SELECT p.tid FROM picked p))
 RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload, j.priority, j.attempts,
-          j.max_attempts, j.run_at, j.created_at, j.lease_expires_at,
+          j.max_attempts, j.created_at,
           -- How many rows each tenant could give: a tenant that gave fewer has no
           -- more runnable rows, so the worker knows whether to claim again.
-          p.per_tenant
+          (SELECT s.per_tenant FROM share s) AS per_tenant
 
 -- name: next_due
 -- When the earliest delayed job of these queues becomes runnable (NULL: none waiting).
