@@ -68,7 +68,7 @@ TRIAL_TIMEOUT = 10.0
 # Same lock discipline and RETURNING columns as the fair `claim` in queries.sql.
 FIFO_CLAIM = """
 WITH picked AS (
-    SELECT j.tenant_id, j.id
+    SELECT j.ctid AS tid
       FROM tenantry.jobs j
      WHERE j.state = 'queued' AND j.queue = $1::text AND j.run_at <= now()
      ORDER BY j.queue, j.priority DESC, j.run_at, j.id
@@ -81,10 +81,9 @@ UPDATE tenantry.jobs j
        lease_owner = $3::text,
        lease_expires_at = now() + make_interval(secs => $4::double precision),
        started_at = now()
-  FROM picked p
- WHERE j.tenant_id = p.tenant_id AND j.id = p.id
+ WHERE j.ctid = ANY (ARRAY(SELECT p.tid FROM picked p))
 RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload, j.priority, j.attempts,
-          j.max_attempts, j.run_at, j.created_at, j.lease_expires_at
+          j.max_attempts, j.created_at, $2::integer AS per_tenant
 """
 FIFO_INDEX = (
     "CREATE INDEX bench_fifo_claim_idx ON tenantry.jobs (queue, priority DESC, run_at, id)"
@@ -256,7 +255,7 @@ class FifoWorker(Worker):
 
     async def claim(self, queue: str, limit: int, cursor: uuid.UUID) -> list[asyncpg.Record] | None:
         try:
-            async with self.pool.acquire() as conn:
+            async with self.claim_pool.acquire() as conn:
                 rows: list[asyncpg.Record] = await conn.fetch(
                     FIFO_CLAIM, queue, limit, self.owner, self.config.lease_seconds
                 )

@@ -126,15 +126,25 @@ class QueueLoop:
             self._wake.set()
 
     async def run(self) -> None:
+        backoff = 0.1
         while not self.w.stopping:
             await self._sleep()
             if self.w.stopping:
                 break
             polling = self._poll_due
             self._poll_due = False
-            await self._fill()
-            if polling:
-                await self._refresh_due()
+            try:
+                await self._fill()
+                if polling:
+                    await self._refresh_due()
+            except Exception as exc:
+                # A bug of ours, not a database outage (claim() absorbs those).  Say so
+                # loudly and keep the queue alive rather than stop working it.
+                self.w._log.exception("claim_loop_failed", queue=self.queue, error=repr(exc))
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            else:
+                backoff = 0.1
 
     async def _sleep(self) -> None:
         now = self.w.clock.monotonic()
@@ -175,7 +185,12 @@ class QueueLoop:
             # Every tenant gave less than its share: nothing else is runnable now, and
             # another claim would come back empty.
             share = rows[0]["per_tenant"]
-            if walked_all and from_cursor == NIL and all(n < share for n in per_tenant.values()):
+            if (
+                len(rows) < want
+                and walked_all
+                and from_cursor == NIL
+                and all(n < share for n in per_tenant.values())
+            ):
                 break
         self._saturated = self.free <= 0
 
@@ -251,6 +266,13 @@ class Worker:
     # --- lifecycle ----------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(task_status)
+        finally:
+            # Whatever ended run(), shutdown() must not wait for it forever.
+            self._done.set()
+
+    async def _run(self, task_status: TaskStatus[None]) -> None:
         async with anyio.create_task_group() as infra:
             infra.start_soon(self.writer.run)
             infra.start_soon(self._heartbeat)
@@ -274,7 +296,6 @@ class Worker:
                     with anyio.move_on_after(10):
                         await self.writer.drain()
             infra.cancel_scope.cancel()
-        self._done.set()
 
     async def shutdown(self, grace: float) -> None:
         """Soft stop (no new claims), wait up to `grace` for running jobs, then cancel

@@ -504,3 +504,36 @@ async def test_unique_tenant_ids_do_not_collide(pool: asyncpg.Pool) -> None:
         await jobs.enqueue(pool, tenant_id=t, kind="k")
     got = await pool.fetch("SELECT DISTINCT tenant_id FROM tenantry.jobs")
     assert {r["tenant_id"] for r in got} == set(tenants)
+
+
+async def test_a_failing_claim_loop_keeps_the_queue_alive(pool: asyncpg.Pool) -> None:
+    """Regression: an unexpected error in a queue's claim loop (a bench's claim without
+    a column the loop reads) ended the worker's run() without setting its done event,
+    and shutdown() then waited forever.  Now the loop logs it and carries on."""
+
+    class Flaky(Worker):
+        failures = 0
+
+        async def claim(
+            self, queue: str, limit: int, cursor: uuid.UUID
+        ) -> list[asyncpg.Record] | None:
+            if self.failures == 0:
+                self.failures += 1
+                raise RuntimeError("bug in the claim loop")
+            return await super().claim(queue, limit, cursor)
+
+    reg = Registry()
+    ran = anyio.Event()
+
+    @reg.handler("w")
+    async def w(job: Job) -> None:
+        ran.set()
+
+    worker = Flaky(pool, reg, WorkerConfig(queues={"default": 2}, poll_interval=0.05))
+    await jobs.enqueue(pool, tenant_id=TENANT_A, kind="w")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            await ran.wait()
+            await worker.shutdown(grace=5)
+    assert worker.failures == 1
