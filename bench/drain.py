@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency",
         type=int,
         nargs="+",
-        default=[100, 200],
+        default=[200, 400],
         help="Tenantry queue concurrencies to try (best is reported)",
     )
     parser.add_argument("--pool-size", type=int, default=10, help="Tenantry pool size (default 10)")

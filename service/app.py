@@ -59,6 +59,7 @@ def build(
         WorkerConfig(
             queues=settings.queues,
             tenant_concurrency=settings.tenant_concurrency,
+            prefetch=settings.prefetch,
             poll_interval=settings.poll_interval,
             lease_seconds=settings.lease_seconds,
             job_timeout=settings.job_timeout,

@@ -31,6 +31,8 @@ class Settings:
     queues: Mapping[str, int] = field(default_factory=lambda: {"default": 10})
     # running jobs one tenant may hold per queue in this process's claims (None: no cap)
     tenant_concurrency: int | None = None
+    # rows claimed ahead of free slots, as a fraction of a queue's concurrency
+    prefetch: float = 0.5
     poll_interval: float = 1.0
     lease_seconds: float = 30.0
     job_timeout: float = 300.0
@@ -65,6 +67,13 @@ def _non_negative_float(raw: str) -> float:
     value = float(raw)
     if value < 0:
         raise ValueError("must be a number >= 0")
+    return value
+
+
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value <= 4:
+        raise ValueError("must be a number from 0 to 4")
     return value
 
 
@@ -146,6 +155,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         log_level=_parse(e, "TENANTRY_LOG_LEVEL", _log_level, d.log_level),
         queues=_parse(e, "TENANTRY_QUEUES", parse_queues, dict(d.queues)),
         tenant_concurrency=_parse(e, "TENANTRY_TENANT_CONCURRENCY", _positive_int, None),
+        prefetch=_parse(e, "TENANTRY_PREFETCH", _fraction, d.prefetch),
         poll_interval=_parse(e, "TENANTRY_POLL_INTERVAL", _positive_float, d.poll_interval),
         lease_seconds=_parse(e, "TENANTRY_LEASE_SECONDS", _positive_float, d.lease_seconds),
         job_timeout=_parse(e, "TENANTRY_JOB_TIMEOUT", _positive_float, d.job_timeout),

@@ -37,9 +37,10 @@ def test_config_defaults_and_parsing() -> None:
             "TENANTRY_QUEUES": "default=4, mail=2",
             "TENANTRY_PORT": "9000",
             "TENANTRY_HANDLERS": "a.b:reg,c:d",
+            "TENANTRY_PREFETCH": "0",
         }
     )
-    assert s.queues == {"default": 4, "mail": 2} and s.port == 9000
+    assert s.queues == {"default": 4, "mail": 2} and s.port == 9000 and s.prefetch == 0
     assert s.handlers == ("a.b:reg", "c:d")
 
 
@@ -56,6 +57,8 @@ def test_config_defaults_and_parsing() -> None:
         ("TENANTRY_LOG_LEVEL", "loud"),
         ("TENANTRY_MIGRATE", "maybe"),
         ("TENANTRY_POOL_SIZE", "0"),
+        ("TENANTRY_PREFETCH", "-0.5"),
+        ("TENANTRY_PREFETCH", "lots"),
     ],
 )
 def test_bad_config_names_the_variable(name: str, value: str) -> None:
