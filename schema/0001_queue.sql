@@ -56,7 +56,16 @@ CREATE INDEX jobs_due_idx ON tenantry.jobs (queue, run_at)
 CREATE UNIQUE INDEX jobs_dedup_idx ON tenantry.jobs (tenant_id, dedup_key)
     WHERE dedup_key IS NOT NULL;
 
-ALTER TABLE tenantry.jobs SET (fillfactor = 90);
+-- Every claimed row leaves a dead entry at the front of the claim index, which each
+-- later claim steps over until VACUUM removes it (a 200,000-job drain runs ~40% slower
+-- than a 100,000-job one for that reason).  Vacuum this small, hot table after a fixed
+-- number of dead rows rather than a fraction of its size, and without cost delays.
+ALTER TABLE tenantry.jobs SET (
+    fillfactor = 90,
+    autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 10000,
+    autovacuum_vacuum_cost_delay = 0
+);
 
 CREATE TABLE tenantry.dead_jobs (
     tenant_id    uuid        NOT NULL,
