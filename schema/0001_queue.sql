@@ -37,7 +37,10 @@ CREATE TABLE tenantry.jobs (
 );
 
 -- The claim walks tenants (loose index scan) and takes each tenant's most urgent rows.
-CREATE INDEX jobs_claim_idx ON tenantry.jobs (tenant_id, queue, priority DESC, run_at, id)
+-- -priority rather than priority DESC: the claim starts its per-tenant scan from a
+-- position, a row comparison, which needs every column ascending (see queries.sql).
+CREATE INDEX jobs_claim_idx ON tenantry.jobs
+    (tenant_id, queue, (-priority::integer), run_at, id)
     WHERE state = 'queued';
 -- Per-tenant concurrency caps count running rows; lease rescue scans them all (there
 -- are at most as many as the workers' slots).  No index on lease_expires_at: it would

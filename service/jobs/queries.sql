@@ -34,26 +34,33 @@ SELECT tenantry.enqueue(
 -- visited tenant an equal share of the free slots ($2), honour the per-tenant cap ($6),
 -- then interleave: every tenant's most urgent row first, then every tenant's second...
 -- A tenant with a deep backlog therefore cannot push another tenant's job back.
-WITH RECURSIVE walk(tenant_id, n) AS (
-    (SELECT j.tenant_id, 1
+-- The walk remembers where each tenant's first queued row sits in the claim index
+-- (its -priority, run_at, id), and the per-tenant fetch starts right there: the dead
+-- entries that claimed rows leave at the front of a tenant's range (until VACUUM) are
+-- stepped over once per claim, not twice.  The index orders by -priority so that this
+-- position is a plain row comparison an index scan can start from.
+WITH RECURSIVE walk(tenant_id, np, run_at, id, n) AS (
+    (SELECT j.tenant_id, -j.priority::integer, j.run_at, j.id, 1
        FROM tenantry.jobs j
       WHERE j.state = 'queued' AND j.tenant_id > $5::uuid AND j.queue = $1::text
       -- The claim index's full order: only that index can serve it (the primary key
       -- also starts with tenant_id, but would read running rows from the heap).
-      ORDER BY j.tenant_id, j.queue, j.priority DESC, j.run_at, j.id
+      ORDER BY j.tenant_id, j.queue, -j.priority::integer, j.run_at, j.id
       LIMIT 1)
     UNION ALL
-    SELECT (SELECT j.tenant_id
-              FROM tenantry.jobs j
-             WHERE j.state = 'queued' AND j.tenant_id > w.tenant_id AND j.queue = $1::text
-             ORDER BY j.tenant_id, j.queue, j.priority DESC, j.run_at, j.id
-             LIMIT 1),
-           w.n + 1
+    SELECT x.tenant_id, x.np, x.run_at, x.id, w.n + 1
       FROM walk w
-     WHERE w.tenant_id IS NOT NULL AND w.n < $7::integer
+     CROSS JOIN LATERAL (
+        SELECT j.tenant_id, -j.priority::integer AS np, j.run_at, j.id
+          FROM tenantry.jobs j
+         WHERE j.state = 'queued' AND j.tenant_id > w.tenant_id AND j.queue = $1::text
+         ORDER BY j.tenant_id, j.queue, -j.priority::integer, j.run_at, j.id
+         LIMIT 1
+     ) x
+     WHERE w.n < $7::integer
 ),
 visited AS (
-    SELECT tenant_id FROM walk WHERE tenant_id IS NOT NULL
+    SELECT tenant_id, np, run_at, id FROM walk
 ),
 share AS (
     SELECT ceil($2::numeric / greatest(count(*), 1))::integer AS per_tenant FROM visited
@@ -64,11 +71,12 @@ candidates AS (
      CROSS JOIN share s
      CROSS JOIN LATERAL (
         SELECT j.ctid AS tid, j.id, j.priority, j.run_at,
-               row_number() OVER (ORDER BY j.priority DESC, j.run_at, j.id) AS rn
+               row_number() OVER (ORDER BY -j.priority::integer, j.run_at, j.id) AS rn
           FROM tenantry.jobs j
          WHERE j.tenant_id = v.tenant_id AND j.queue = $1::text
            AND j.state = 'queued' AND j.run_at <= now()
-         ORDER BY j.priority DESC, j.run_at, j.id
+           AND (-j.priority::integer, j.run_at, j.id) >= (v.np, v.run_at, v.id)
+         ORDER BY -j.priority::integer, j.run_at, j.id
          LIMIT CASE
                  WHEN $6::integer IS NULL THEN s.per_tenant
                  ELSE least(s.per_tenant, greatest(0, $6::integer - (
