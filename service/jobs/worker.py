@@ -14,7 +14,7 @@ import math
 import traceback
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -173,6 +173,11 @@ class QueueLoop:
             rows = await self.w.claim(self.queue, want, from_cursor)
             if rows is None:  # database unavailable: the poll will try again
                 return
+            if self.w.stopping:
+                # Shutdown began while this claim was in flight: hand its rows back
+                # now rather than leave them leased until the lease runs out.
+                self.w.hand_back(rows)
+                return
             per_tenant: Counter[uuid.UUID] = Counter(r["tenant_id"] for r in rows)
             walked_all = len(per_tenant) < min(want, _MAX_TENANTS_PER_CLAIM)
             self.cursor = NIL if walked_all else max(per_tenant)
@@ -312,10 +317,14 @@ class Worker:
             self._log.info("worker_stopping", running=self.running_count)
         for loop in self.loops.values():
             # Prefetched rows never started: hand them back now.
-            while loop.ready:
-                row = loop.ready.popleft()
-                self.writer.put(Release((row["tenant_id"], row["id"])))
+            self.hand_back(loop.ready)
+            loop.ready.clear()
             loop.wake()
+
+    def hand_back(self, rows: Iterable[asyncpg.Record]) -> None:
+        """Release claimed rows that never started (their attempt is refunded)."""
+        for row in rows:
+            self.writer.put(Release((row["tenant_id"], row["id"])))
 
     def cancel_running(self, why: str) -> None:
         for loop in self.loops.values():

@@ -537,3 +537,41 @@ async def test_a_failing_claim_loop_keeps_the_queue_alive(pool: asyncpg.Pool) ->
             await ran.wait()
             await worker.shutdown(grace=5)
     assert worker.failures == 1
+
+
+async def test_rows_of_a_claim_in_flight_at_shutdown_are_handed_back(
+    pool: asyncpg.Pool,
+) -> None:
+    """Regression: rows returned by a claim that was in flight when shutdown began were
+    neither started nor released: they stayed leased until the lease ran out, and the
+    rescue then counted an attempt they never had."""
+    in_claim = anyio.Event()
+    go_on = anyio.Event()
+
+    class Slow(Worker):
+        async def claim(
+            self, queue: str, limit: int, cursor: uuid.UUID
+        ) -> list[asyncpg.Record] | None:
+            in_claim.set()
+            await go_on.wait()
+            return await super().claim(queue, limit, cursor)
+
+    reg = Registry()
+
+    @reg.handler("w")
+    async def w(job: Job) -> None:
+        raise AssertionError("must not start after shutdown began")
+
+    job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="w")
+    worker = Slow(pool, reg, WorkerConfig(queues={"default": 2}, poll_interval=0.05))
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.run)
+            await in_claim.wait()
+            worker.stop_claiming()
+            go_on.set()
+            await worker.shutdown(grace=5)
+    row = await one(
+        pool, "SELECT state, attempts, lease_owner FROM tenantry.jobs WHERE id = $1", job_id
+    )
+    assert dict(row) == {"state": "queued", "attempts": 0, "lease_owner": None}
