@@ -256,14 +256,7 @@ async def running_worker(
 ) -> AsyncIterator[Worker]:
     """A Worker on queue 'default' plus the Listener wired to it exactly as
     `service.app.build` does (NOTIFY hints to worker.notify, resync on connect)."""
-    claim_pool = await db.create_pool(
-        dsn,
-        min_size=1,
-        max_size=2,
-        settings=db.CLAIM_SETTINGS,
-        name="tenantry-claim",
-        stateless=True,
-    )
+    claim_pool = await db.create_claim_pool(dsn)
     worker = Worker(
         pool,
         registry,

@@ -97,15 +97,7 @@ async def serve(settings: Settings, dsn: str, registry: Registry) -> int:
     try:
         async with pool.acquire() as conn:
             await check_schema(conn)
-        # Two: one queue's claim may overlap another's, or a heartbeat.
-        claim_pool = await db.create_pool(
-            dsn,
-            min_size=1,
-            max_size=2,
-            settings=db.CLAIM_SETTINGS,
-            name="tenantry-claim",
-            stateless=True,
-        )
+        claim_pool = await db.create_claim_pool(dsn)
         svc = build(settings, dsn, pool, claim_pool, registry)
         return await run_service(svc)
     finally:
