@@ -253,11 +253,13 @@ async def running_worker(
     concurrency: int,
     hook: Callable[[str, dict[str, Any]], None] | None = None,
     poll_interval: float = 1.0,
+    worker_cls: type[Worker] = Worker,
 ) -> AsyncIterator[Worker]:
     """A Worker on queue 'default' plus the Listener wired to it exactly as
-    `service.app.build` does (NOTIFY hints to worker.notify, resync on connect)."""
+    `service.app.build` does (NOTIFY hints to worker.notify, resync on connect, its own
+    claim pool).  `worker_cls` lets a benchmark swap in a subclass."""
     claim_pool = await db.create_claim_pool(dsn)
-    worker = Worker(
+    worker = worker_cls(
         pool,
         registry,
         WorkerConfig(queues={"default": concurrency}, poll_interval=poll_interval),

@@ -39,19 +39,15 @@ import random
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import asyncpg
 
 from service import db
-from service.app import JOBS_CHANNEL
 from service.jobs.model import Job
 from service.jobs.registry import Registry
-from service.jobs.worker import Hook, Worker, WorkerConfig
-from service.listener import Listener
+from service.jobs.worker import Worker
 
 from . import common
 from .common import Result, fmt_ms, fmt_rate, progress
@@ -267,36 +263,6 @@ class FifoWorker(Worker):
         return rows
 
 
-@asynccontextmanager
-async def running_worker(
-    dsn: str,
-    pool: asyncpg.Pool,
-    registry: Registry,
-    worker_cls: type[Worker],
-    *,
-    concurrency: int,
-    hook: Hook,
-) -> AsyncIterator[Worker]:
-    """common.running_worker with a choice of Worker class (it builds a Worker itself)."""
-    worker = worker_cls(
-        pool,
-        registry,
-        WorkerConfig(queues={"default": concurrency}),
-        owner=f"bench-{uuid.uuid4().hex[:8]}",
-        hook=hook,
-    )
-    listener = Listener(dsn, {JOBS_CHANNEL: worker.notify}, on_connect=[worker.resync])
-    async with anyio.create_task_group() as tg:
-        await tg.start(listener.run)
-        await tg.start(worker.run)
-        try:
-            yield worker
-        finally:
-            with anyio.CancelScope(shield=True):
-                await worker.shutdown(grace=5)
-            tg.cancel_scope.cancel()
-
-
 async def use_index(conn: db.Conn, *, fair: bool, claim_idx_ddl: str) -> None:
     """Swap the claim index: the migrated one for the fair claim, a FIFO one for FIFO.
     Done on the empty table, so it costs nothing."""
@@ -329,13 +295,13 @@ async def drain_round(
         registry.add("noop", _noop)
         counter = common.OutcomeCounter()
         started = time.monotonic()
-        async with running_worker(
+        async with common.running_worker(
             url,
             pool,
             registry,
-            Worker if fair else FifoWorker,
             concurrency=args.concurrency,
             hook=counter,
+            worker_cls=Worker if fair else FifoWorker,
         ):
             done = await counter.wait_flushed(jobs, within=max(60.0, jobs / 200))
             elapsed = time.monotonic() - started
