@@ -4,15 +4,14 @@
 -- Batch statements on one worker's jobs take arrays of keys.  They find each row with
 -- a correlated primary-key lookup that yields its ctid, then act on the rows with
 -- `ctid = ANY (ARRAY(...))` (a Tid Scan), rather than joining the key array to the
--- table.  The join's plan
--- depends on statistics that are nearly always wrong for a queue: right after an
--- ANALYZE no job runs, so "state = 'running'" or "lease_owner = $me" look like one
--- row, and the planner scans a whole index or the whole table once per key.  Seen: a
--- batch completion taking 48 s instead of 2 ms.  A per-key lookup on the primary key
--- is the only sensible plan for the subquery, whatever the statistics say.  If a row
--- changed meanwhile (rescued), it has a new ctid and the recheck of `ctid = tid`
--- skips it; no other predicate on the outer table, or the planner would estimate
--- it as one row and seq-scan the table again.
+-- table.  A join's plan depends on statistics that are nearly always wrong for a
+-- queue: right after an ANALYZE no job runs, so "state = 'running'" or
+-- "lease_owner = $me" look like one row, and the planner scans a whole index or the
+-- whole table once per key.  Seen: a batch completion taking 48 s instead of 2 ms.  A
+-- per-key lookup on the primary key is the only sensible plan for the subquery,
+-- whatever the statistics say.  If a row changed meanwhile (rescued), it has a new
+-- ctid and the recheck of `ctid = ANY (...)` skips it.  No other predicate on the
+-- outer table, or the planner would estimate it as one row and seq-scan it again.
 -- Matching `lease_owner = $me` without `state = 'running'` (a CHECK makes them
 -- equivalent) also keeps the partial running index out of the picture.
 
