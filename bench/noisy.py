@@ -63,7 +63,11 @@ TRIAL_TIMEOUT = 10.0
 # The fair-less baseline: the most urgent rows of the queue, whoever they belong to.
 # Same lock discipline and RETURNING columns as the fair `claim` in queries.sql.
 FIFO_CLAIM = """
-WITH picked AS (
+WITH unused AS (
+    -- The fair claim's parameters that FIFO ignores (rotating cursor, per-tenant cap,
+    -- tenants per claim): declared, so both statements take the same arguments.
+    SELECT $5::uuid, $6::integer, $7::integer
+), picked AS (
     SELECT j.ctid AS tid
       FROM tenantry.jobs j
      WHERE j.state = 'queued' AND j.queue = $1::text AND j.run_at <= now()
@@ -249,18 +253,7 @@ async def latency_part(url: str, args: argparse.Namespace, backlog: int, trials:
 class FifoWorker(Worker):
     """The shipped Worker with a fair-less claim; everything else is inherited."""
 
-    async def claim(self, queue: str, limit: int, cursor: uuid.UUID) -> list[asyncpg.Record] | None:
-        try:
-            async with self.claim_pool.acquire() as conn:
-                rows: list[asyncpg.Record] = await conn.fetch(
-                    FIFO_CLAIM, queue, limit, self.owner, self.config.lease_seconds
-                )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            self._log.warning("claim_failed", queue=queue, error=str(exc))
-            return None
-        if rows and self.hook is not None:
-            self.hook("claimed", {"queue": queue, "count": len(rows)})
-        return rows
+    claim_statement = FIFO_CLAIM
 
 
 async def use_index(conn: db.Conn, *, fair: bool, claim_idx_ddl: str) -> None:
