@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import anyio
 import asyncpg
 
-from . import db, migrate
+from . import db, migrate, roles
 from . import logging as log
 from .config import Settings
 from .errors import SchemaMismatch
@@ -86,7 +86,7 @@ def build(
             pass
         return checks
 
-    http = HttpServer(build_app(Readiness(readiness)), settings.host, settings.port)
+    http = HttpServer(build_app(Readiness(readiness), pool), settings.host, settings.port)
     return Service(settings, dsn, pool, claim_pool, worker, listener, http, maintenance)
 
 
@@ -96,6 +96,7 @@ async def serve(settings: Settings, dsn: str, registry: Registry) -> int:
     claim_pool: asyncpg.Pool | None = None
     try:
         async with pool.acquire() as conn:
+            await roles.check_login(conn)
             await check_schema(conn)
         claim_pool = await db.create_claim_pool(dsn)
         svc = build(settings, dsn, pool, claim_pool, registry)

@@ -7,6 +7,7 @@ import argparse
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -14,13 +15,14 @@ import anyio
 import asyncpg
 import orjson
 
-from . import config, db, migrate
+from . import config, db, migrate, roles
 from . import logging as log
 from .app import serve
 from .embedded import EmbeddedPostgres
-from .errors import Conflict, Invalid, NotFound, SchemaMismatch, TenantryError
+from .errors import Conflict, InsecureRole, Invalid, NotFound, SchemaMismatch, TenantryError
 from .jobs import queue as jobs
 from .jobs.registry import load as load_registry
+from .tenants import store as tenants
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -144,13 +146,39 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("show", "retry", "discard"):
         d = dead_sub.add_parser(name)
         d.add_argument("id", type=_job_id)
+
+    ten = sub.add_parser("tenants", help="create tenants and their API keys")
+    ten_sub = ten.add_subparsers(dest="tenants_command", required=True, parser_class=_Parser)
+    tc = ten_sub.add_parser("create", help="create a tenant; prints its id")
+    tc.add_argument("name")
+    tc.add_argument("--slug", help="URL-safe handle (default: from the name)")
+    tc.add_argument("--plan", choices=("free", "pro"), default="free")
+    keys = ten_sub.add_parser("keys", help="API keys of a tenant")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    kc = keys_sub.add_parser("create", help="create a key; prints it once")
+    kc.add_argument("tenant", type=_uuid, help="tenant UUID")
+    kc.add_argument("--name", default="", help="a label for the key")
+    kl = keys_sub.add_parser("list", help="a tenant's keys (never the secrets)")
+    kl.add_argument("tenant", type=_uuid)
+    kr = keys_sub.add_parser("revoke", help="revoke a key")
+    kr.add_argument("tenant", type=_uuid)
+    kr.add_argument("id", type=_positive, help="key id (from `keys list`)")
     return p
 
 
-def _resolve_dsn(settings: config.Settings) -> str:
+@dataclass(frozen=True)
+class Urls:
+    admin: str  # migrations only
+    service: str  # everything else
+
+
+def _resolve_urls(settings: config.Settings) -> Urls:
     if settings.database_url:
-        return settings.database_url
-    return EmbeddedPostgres(settings.data_dir).start()
+        return Urls(settings.admin_url or settings.database_url, settings.database_url)
+    # Embedded: migrate as the cluster's superuser, run as a login of our own that
+    # migrate creates (the socket is private to this user, with trust auth).
+    admin = EmbeddedPostgres(settings.data_dir).start()
+    return Urls(admin, roles.with_login(admin, roles.DEFAULT_LOGIN))
 
 
 def _run_async(fn: Callable[..., Awaitable[int]], *args: Any) -> int:
@@ -192,14 +220,16 @@ def _main(argv: Sequence[str] | None) -> int:
         settings = settings.with_overrides(**overrides)
     try:
         registry = load_registry(settings.handlers) if args.command == "run" else None
-        dsn = _resolve_dsn(settings)
+        urls = _resolve_urls(settings)
         if args.command == "run":
             assert registry is not None
             if settings.migrate_on_start and not args.no_migrate:
-                _run_async(_migrate, dsn, False, True)
-            return _run_async(serve, settings, dsn, registry)
-        return _run_async(_dispatch, args, dsn)
-    except (SchemaMismatch, Conflict, NotFound, Invalid) as exc:
+                _run_async(_migrate, urls, False, True)
+            return _run_async(serve, settings, urls.service, registry)
+        if args.command == "migrate":
+            return _run_async(_migrate, urls, args.check)
+        return _run_async(_dispatch, args, urls.service)
+    except (SchemaMismatch, Conflict, NotFound, Invalid, InsecureRole) as exc:
         return _fail(str(exc))
     except TenantryError as exc:
         return _fail(str(exc), EXIT_USAGE)
@@ -209,15 +239,22 @@ def _main(argv: Sequence[str] | None) -> int:
         return 130
 
 
-async def _migrate(dsn: str, check: bool, quiet: bool = False) -> int:
-    """`quiet`: inside `run`, where stdout carries JSON logs only (the migrator logs)."""
-    conn = await db.connect(dsn)
+async def _migrate(urls: Urls, check: bool, quiet: bool = False) -> int:
+    """Migrate on the admin URL and make sure the service's login exists.
+
+    With a single URL (no TENANTRY_ADMIN_URL) and a current schema, nothing needs the
+    admin's rights, so a service login can run this as a no-op check.
+    `quiet`: inside `run`, where stdout carries JSON logs only (the migrator logs)."""
+    conn = await db.connect(urls.admin)
     try:
+        st = await migrate.status(conn)
         if check:
-            st = await migrate.status(conn)
             _out(st.describe())
             return EXIT_OK if st.current else EXIT_FAILED
-        done = await migrate.migrate(conn)
+        done = [] if st.current else await migrate.migrate(conn)
+        login = roles.login_of(urls.service)
+        if login.user != roles.login_of(urls.admin).user:
+            await roles.ensure_login(conn, login)
         if not quiet:
             _out(f"applied {len(done)} migration(s)" if done else "schema is current")
         return EXIT_OK
@@ -226,14 +263,14 @@ async def _migrate(dsn: str, check: bool, quiet: bool = False) -> int:
 
 
 async def _dispatch(args: argparse.Namespace, dsn: str) -> int:
-    if args.command == "migrate":
-        return await _migrate(dsn, args.check)
     conn = await db.connect(dsn)
     try:
         if args.command == "enqueue":
             return await _enqueue(conn, args)
         if args.command == "jobs":
             return await _stats(conn, args.json)
+        if args.command == "tenants":
+            return await _tenants(conn, args)
         return await _dead(conn, args)
     finally:
         await conn.close()
@@ -322,6 +359,26 @@ async def _dead(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
         return EXIT_OK
     await jobs.dead_discard(conn, args.id)
     _out(f"discarded job {args.id}")
+    return EXIT_OK
+
+
+async def _tenants(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    if args.tenants_command == "create":
+        t = await tenants.create_tenant(conn, name=args.name, slug=args.slug, plan=args.plan)
+        _out(f"{t.id}  {t.slug}")
+        return EXIT_OK
+    if args.keys_command == "create":
+        key = await tenants.create_key(conn, args.tenant, name=args.name)
+        # The only time the key is shown: the database keeps its hash alone.
+        _out(key.secret)
+        return EXIT_OK
+    if args.keys_command == "list":
+        for k in await tenants.list_keys(conn, args.tenant):
+            revoked = f"revoked {k.revoked_at:%Y-%m-%dT%H:%M:%S}" if k.revoked_at else "active"
+            _out(f"{k.id}  {k.created_at:%Y-%m-%dT%H:%M:%S}  {revoked}  {k.name}")
+        return EXIT_OK
+    await tenants.revoke_key(conn, args.tenant, args.id)
+    _out(f"revoked key {args.id}")
     return EXIT_OK
 
 

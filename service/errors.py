@@ -32,6 +32,14 @@ class StartupError(TenantryError):
     """A component could not start (the port is taken, ...)."""
 
 
+class InsecureRole(TenantryError):
+    """The service's login could bypass row-level security."""
+
+
+class Unauthorized(TenantryError):
+    """Missing or invalid credentials."""
+
+
 class SchemaMismatch(TenantryError):
     """The database schema is behind or ahead of the code."""
 

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from .db import Conn
+from .db import Conn, Executor
 from .errors import Invalid
 
 
@@ -51,3 +51,19 @@ async def tenant_tx(pool: asyncpg.Pool, tenant_id: object) -> AsyncIterator[Conn
     tid = parse_tenant_id(tenant_id)
     async with pool.acquire() as conn, tenant_tx_on(conn, tid) as tx:
         yield tx
+
+
+@asynccontextmanager
+async def tenant_scope(executor: Executor, tenant_id: object) -> AsyncIterator[Conn]:
+    """The tenant's context for one operation.  A connection already in a transaction
+    is used as it is: the caller opened it (with `tenant_tx`) and the operation joins
+    it; if its context names another tenant, or none, row-level security refuses the
+    rows.  A pool, or an idle connection, gets a tenant transaction of its own."""
+    if isinstance(executor, asyncpg.Pool):
+        async with tenant_tx(executor, tenant_id) as tx:
+            yield tx
+    elif executor.is_in_transaction():
+        yield executor
+    else:
+        async with tenant_tx_on(executor, tenant_id) as tx:
+            yield tx

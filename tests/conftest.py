@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from service import db, migrate
+from service import db, migrate, roles
 from service import logging as log
 from service.embedded import EmbeddedPostgres
 
@@ -59,6 +59,7 @@ async def template_db(server_url: str) -> AsyncIterator[str]:
         conn = await db.connect(with_database(server_url, name))
         try:
             await migrate.migrate(conn)
+            await roles.ensure_login(conn, roles.Login(roles.DEFAULT_LOGIN, None))
         finally:
             await conn.close()
         yield name
@@ -94,8 +95,27 @@ async def empty_database_url(server_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    p = await db.create_pool(database_url, min_size=1, max_size=10)
+def app_url(database_url: str) -> str:
+    """The test database as the service's own login (NOSUPERUSER, NOBYPASSRLS, not the
+    owner): what the service runs as, so row-level security applies."""
+    return roles.with_login(database_url, roles.DEFAULT_LOGIN)
+
+
+@pytest.fixture
+async def pool(app_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """The service's pool, logged in as the service role."""
+    p = await db.create_pool(app_url, min_size=1, max_size=10)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@pytest.fixture
+async def admin_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A superuser's pool (bypasses row-level security): for setting up and inspecting
+    rows across tenants, never for the code under test."""
+    p = await db.create_pool(database_url, min_size=1, max_size=4)
     try:
         yield p
     finally:

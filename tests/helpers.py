@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -111,3 +112,25 @@ async def one(pool: asyncpg.Pool, sql: str, *args: object) -> asyncpg.Record:
     row = await pool.fetchrow(sql, *args)
     assert row is not None, sql
     return row
+
+
+# The SECURITY DEFINER function behind each of the worker's cross-tenant statements.
+DEFINER_OF = {
+    "claim": "claim_jobs",
+    "complete_many": "complete_jobs",
+    "requeue_many": "requeue_jobs",
+    "bury_many": "bury_jobs",
+    "release_many": "release_jobs",
+    "extend_leases": "extend_job_leases",
+}
+
+
+async def function_statement(conn: asyncpg.Connection | asyncpg.Pool, function: str) -> str:
+    """The single statement a PL/pgSQL function of schema tenantry runs, with its $n
+    parameters, so that a test can EXPLAIN what the function plans."""
+    src = await conn.fetchval(
+        "SELECT prosrc FROM pg_proc WHERE oid = $1::text::regproc", f"tenantry.{function}"
+    )
+    match = re.search(r"\bBEGIN\s+(?:RETURN QUERY\s+)?(.*?);\s*END;\s*$", src, re.S)
+    assert match is not None, f"{function}: not a single-statement body"
+    return match[1]

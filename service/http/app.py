@@ -1,4 +1,5 @@
-"""The HTTP edge: thin aiohttp handlers.  This issue's part: liveness and readiness."""
+"""The HTTP edge: thin aiohttp handlers.  Liveness and readiness here; tenant routes
+in tenant_api."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
+import asyncpg
 import orjson
 from aiohttp import web
 from anyio.abc import TaskStatus
 
 from .. import logging as log
 from ..errors import StartupError
+from . import tenant_api
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
 
@@ -40,11 +43,13 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-def build_app(readiness: Readiness) -> web.Application:
+def build_app(readiness: Readiness, pool: asyncpg.Pool | None = None) -> web.Application:
     app = web.Application()
     app[READINESS] = readiness
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if pool is not None:
+        tenant_api.add_routes(app, pool)
     return app
 
 

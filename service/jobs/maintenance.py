@@ -14,6 +14,7 @@ from anyio.abc import TaskStatus
 from .. import logging as log
 from ..clock import Clock, Random, SystemClock, system_random
 from ..sql import queries_for
+from ..tenancy import tenant_tx_on
 from .queue import enqueue
 from .registry import Registration
 
@@ -66,8 +67,8 @@ class CounterPruner:
         self._days = retention_days
 
     async def run_once(self) -> int:
-        status: str = await self._pool.execute(Q["prune_counters"], self._days)
-        return int(status.rsplit(maxsplit=1)[-1])
+        pruned: int = await self._pool.fetchval(Q["prune_counters"], self._days)
+        return pruned
 
 
 class PeriodicEnqueuer:
@@ -100,7 +101,9 @@ class PeriodicEnqueuer:
 
     async def enqueue_period(self, reg: Registration, period: datetime) -> bool:
         assert reg.periodic is not None
-        async with self._pool.acquire() as conn, conn.transaction():
+        # The job belongs to the handler's tenant (the nil system tenant by default):
+        # enqueuing it needs that tenant's context.
+        async with self._pool.acquire() as conn, tenant_tx_on(conn, reg.periodic.tenant_id):
             first = await conn.fetchval(
                 "SELECT NOT EXISTS (SELECT 1 FROM tenantry.periodic_runs WHERE name = $1)", reg.kind
             )

@@ -12,7 +12,7 @@ import asyncpg
 from ..db import Executor
 from ..errors import Conflict, Invalid, NotFound
 from ..sql import queries_for
-from ..tenancy import parse_tenant_id
+from ..tenancy import parse_tenant_id, tenant_scope
 
 Q = queries_for(__file__)
 
@@ -29,7 +29,12 @@ async def enqueue(
     dedup_key: str | None = None,
     max_attempts: int | None = None,
 ) -> int:
-    """Enqueue a job; with `dedup_key`, a live job with that key is returned instead."""
+    """Enqueue a job; with `dedup_key`, a live job with that key is returned instead.
+
+    On a connection inside a transaction, the job joins that transaction, which must
+    be in the job's tenant context (`tenant_tx`): row-level security rejects it
+    otherwise.  Given a pool, or a connection outside a transaction, enqueue opens a
+    tenant transaction of its own."""
     tid = parse_tenant_id(tenant_id)
     if not kind:
         raise Invalid("kind", "must not be empty")
@@ -41,17 +46,18 @@ async def enqueue(
         raise Invalid("priority", "must fit in a smallint")
     if run_at is not None and run_at.tzinfo is None:
         raise Invalid("run_at", "must be timezone-aware")
-    job_id: int = await conn.fetchval(
-        Q["enqueue"],
-        tid,
-        kind,
-        {} if payload is None else payload,
-        queue,
-        run_at,
-        priority,
-        dedup_key,
-        max_attempts,
-    )
+    async with tenant_scope(conn, tid) as tx:
+        job_id: int = await tx.fetchval(
+            Q["enqueue"],
+            tid,
+            kind,
+            {} if payload is None else payload,
+            queue,
+            run_at,
+            priority,
+            dedup_key,
+            max_attempts,
+        )
     return job_id
 
 

@@ -13,14 +13,19 @@ from typing import Any
 import anyio
 import orjson
 
+from service import roles
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def service_env(database_url: str, **extra: str) -> dict[str, str]:
+    """The process's environment as a deployment would set it: `database_url` (a
+    superuser's) migrates, the service logs in as its own unprivileged role."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTRY_")}
     env.update(
         {
-            "DATABASE_URL": database_url,
+            "DATABASE_URL": roles.with_login(database_url, roles.DEFAULT_LOGIN),
+            "TENANTRY_ADMIN_URL": database_url,
             "TENANTRY_HANDLERS": "tests.acceptance.handlers:registry",
             "TENANTRY_LOG_LEVEL": "debug",
             "TENANTRY_PORT": "0",
@@ -115,7 +120,8 @@ async def run_cli(
 ) -> tuple[int, str, str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTRY_")}
     if database_url is not None:
-        full_env["DATABASE_URL"] = database_url
+        full_env["DATABASE_URL"] = roles.with_login(database_url, roles.DEFAULT_LOGIN)
+        full_env["TENANTRY_ADMIN_URL"] = database_url
     full_env.update(env or {})
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

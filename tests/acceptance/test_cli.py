@@ -36,7 +36,9 @@ async def test_bad_configuration_exits_2(database_url: str) -> None:
     assert code == 2 and "TENANTRY_PORT" in err
 
 
-async def test_enqueue_stats_and_dead_commands(pool: asyncpg.Pool, database_url: str) -> None:
+async def test_enqueue_stats_and_dead_commands(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool, database_url: str
+) -> None:
     code, out, err = await run_cli(
         "enqueue",
         "report",
@@ -52,7 +54,7 @@ async def test_enqueue_stats_and_dead_commands(pool: asyncpg.Pool, database_url:
     )
     assert code == 0, err
     job_id = int(out.strip())
-    row = await one(pool, "SELECT * FROM tenantry.jobs WHERE id = $1", job_id)
+    row = await one(admin_pool, "SELECT * FROM tenantry.jobs WHERE id = $1", job_id)
     assert row["payload"] == {"n": 1} and row["queue"] == "mail"
 
     code, out, _ = await run_cli("jobs", "stats", "--json", database_url=database_url)
@@ -65,7 +67,7 @@ async def test_enqueue_stats_and_dead_commands(pool: asyncpg.Pool, database_url:
     code, _out, err = await run_cli("dead", "retry", "424242", database_url=database_url)
     assert code == 1
     # Nothing changed by the failed commands.
-    assert await pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 1
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 1
 
 
 async def test_migrate_check_exit_codes(empty_database_url: str) -> None:

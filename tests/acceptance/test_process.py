@@ -14,7 +14,7 @@ from tests.helpers import TENANT_A, one
 
 
 async def test_sigterm_lets_a_running_job_finish_then_exits_zero(
-    pool: asyncpg.Pool, database_url: str
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool, database_url: str
 ) -> None:
     svc = await ServiceProcess.start(database_url, TENANTRY_SHUTDOWN_GRACE="20")
     try:
@@ -27,14 +27,14 @@ async def test_sigterm_lets_a_running_job_finish_then_exits_zero(
         assert await svc.wait_exit() == 0
     finally:
         await svc.kill()
-    assert await pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
-    assert await pool.fetchval("SELECT sum(succeeded) FROM tenantry.job_counters") == 1
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
+    assert await admin_pool.fetchval("SELECT sum(succeeded) FROM tenantry.job_counters") == 1
     # Soft stop: no claims after the signal.
     assert svc.find("job_succeeded")
 
 
 async def test_sigterm_after_grace_releases_the_job_for_a_prompt_retry(
-    pool: asyncpg.Pool, database_url: str
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool, database_url: str
 ) -> None:
     svc = await ServiceProcess.start(database_url, TENANTRY_SHUTDOWN_GRACE="0.3")
     try:
@@ -48,7 +48,7 @@ async def test_sigterm_after_grace_releases_the_job_for_a_prompt_retry(
     finally:
         await svc.kill()
     row = await one(
-        pool,
+        admin_pool,
         "SELECT state, attempts, lease_owner, run_at <= now() AS due"
         " FROM tenantry.jobs WHERE id = $1",
         job_id,
@@ -56,7 +56,9 @@ async def test_sigterm_after_grace_releases_the_job_for_a_prompt_retry(
     assert dict(row) == {"state": "queued", "attempts": 0, "lease_owner": None, "due": True}
 
 
-async def test_second_signal_stops_at_once(pool: asyncpg.Pool, database_url: str) -> None:
+async def test_second_signal_stops_at_once(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool, database_url: str
+) -> None:
     svc = await ServiceProcess.start(database_url, TENANTRY_SHUTDOWN_GRACE="600")
     try:
         await svc.started()
@@ -71,12 +73,12 @@ async def test_second_signal_stops_at_once(pool: asyncpg.Pool, database_url: str
     finally:
         await svc.kill()
     assert svc.find("hard_stop")
-    state = await pool.fetchval("SELECT state FROM tenantry.jobs WHERE id = $1", job_id)
+    state = await admin_pool.fetchval("SELECT state FROM tenantry.jobs WHERE id = $1", job_id)
     assert state == "queued"
 
 
 async def test_killed_worker_job_is_rescued_by_another_process(
-    pool: asyncpg.Pool, database_url: str
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool, database_url: str
 ) -> None:
     fast_lease = {"TENANTRY_LEASE_SECONDS": "1", "TENANTRY_MAINTENANCE_INTERVAL": "0.2"}
     first = await ServiceProcess.start(database_url, **fast_lease)
@@ -98,7 +100,7 @@ async def test_killed_worker_job_is_rescued_by_another_process(
         assert await second.wait_exit() == 0
     finally:
         await second.kill()
-    assert await pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
 
 
 async def test_health_and_readiness_over_http(database_url: str) -> None:
@@ -121,9 +123,9 @@ async def test_health_and_readiness_over_http(database_url: str) -> None:
 
 
 async def test_refuses_to_serve_a_schema_newer_than_its_code(
-    pool: asyncpg.Pool, database_url: str
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool, database_url: str
 ) -> None:
-    await pool.execute(
+    await admin_pool.execute(
         "INSERT INTO tenantry.schema_migrations (version, name, checksum)"
         " VALUES (9999, 'future', 'x')"
     )

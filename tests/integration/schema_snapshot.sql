@@ -1,5 +1,6 @@
 -- The catalog view the snapshot test compares: tables with their columns, constraints,
--- indexes, triggers and function bodies in the tenantry schema, one line each.
+-- indexes, triggers and function bodies in the tenantry schema, and the security around
+-- them (row-level security, policies, owners, privileges), one line each.
 SELECT line FROM (
     SELECT 'column ' || c.relname || '.' || a.attname || ' ' ||
            format_type(a.atttypid, a.atttypmod) ||
@@ -31,7 +32,9 @@ SELECT line FROM (
      WHERE n.nspname = 'tenantry' AND NOT t.tgisinternal
     UNION ALL
     SELECT 'function ' || p.proname || '(' || pg_get_function_identity_arguments(p.oid) ||
-           ') body md5 ' || md5(p.prosrc)
+           ') body md5 ' || md5(p.prosrc) || ' owner ' || pg_get_userbyid(p.proowner) ||
+           CASE WHEN p.prosecdef THEN ' security definer' ELSE '' END ||
+           ' acl ' || coalesce(array_to_string(p.proacl, ','), 'default')
       FROM pg_proc p
       JOIN pg_namespace n ON n.oid = p.pronamespace
      WHERE n.nspname = 'tenantry'
@@ -40,5 +43,32 @@ SELECT line FROM (
       FROM pg_class c
       JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE n.nspname = 'tenantry' AND c.reloptions IS NOT NULL
+    UNION ALL
+    SELECT 'relation ' || c.relname || ' kind ' || c.relkind::text || ' owner ' ||
+           pg_get_userbyid(c.relowner) ||
+           CASE WHEN c.relrowsecurity THEN ' rls' ELSE '' END ||
+           CASE WHEN c.relforcerowsecurity THEN ' forced' ELSE '' END ||
+           ' acl ' || coalesce(array_to_string(c.relacl, ','), 'default')
+      FROM pg_class c
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'tenantry' AND c.relkind IN ('r', 'v', 'm')
+    UNION ALL
+    SELECT 'policy ' || c.relname || '.' || p.polname ||
+           CASE WHEN p.polpermissive THEN ' permissive' ELSE ' restrictive' END ||
+           ' cmd ' || p.polcmd::text ||
+           ' to ' || coalesce((SELECT string_agg(CASE WHEN r = 0 THEN 'public'
+                                                      ELSE pg_get_userbyid(r) END, ',')
+                                 FROM unnest(p.polroles) r), '') ||
+           ' using ' || coalesce(pg_get_expr(p.polqual, p.polrelid), '-') ||
+           ' check ' || coalesce(pg_get_expr(p.polwithcheck, p.polrelid), '-')
+      FROM pg_policy p
+      JOIN pg_class c ON c.oid = p.polrelid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'tenantry'
+    UNION ALL
+    SELECT 'schema tenantry owner ' || pg_get_userbyid(n.nspowner) || ' acl ' ||
+           coalesce(array_to_string(n.nspacl, ','), 'default')
+      FROM pg_namespace n
+     WHERE n.nspname = 'tenantry'
 ) s
 ORDER BY line

@@ -11,20 +11,21 @@ import pytest
 
 from service.jobs import queue as jobs
 from service.jobs.model import Job
-from service.jobs.outcomes import Q as QO
 from service.jobs.registry import Registry
 from service.jobs.worker import NIL, Q, Worker, WorkerConfig
-from tests.helpers import TENANT_A, TENANT_B, running_worker
+from tests.helpers import DEFINER_OF, TENANT_A, TENANT_B, function_statement, running_worker
 
 
-async def test_noisy_tenant_does_not_starve_another(pool: asyncpg.Pool) -> None:
+async def test_noisy_tenant_does_not_starve_another(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     """50,000 of A's jobs are queued; B's job, enqueued after them, starts next."""
-    await pool.execute(
+    await admin_pool.execute(
         "INSERT INTO tenantry.jobs (tenant_id, kind) "
         "SELECT $1, 'work' FROM generate_series(1, 50000)",
         TENANT_A,
     )
-    await pool.execute("ANALYZE tenantry.jobs")
+    await admin_pool.execute("ANALYZE tenantry.jobs")
     order: list[uuid.UUID] = []
     gate = anyio.Event()
     reg = Registry()
@@ -44,8 +45,8 @@ async def test_noisy_tenant_does_not_starve_another(pool: asyncpg.Pool) -> None:
         assert order.index(TENANT_B) - mark <= 2 * 20
 
 
-async def test_claim_interleaves_tenants(pool: asyncpg.Pool) -> None:
-    await pool.execute(
+async def test_claim_interleaves_tenants(admin_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
+    await admin_pool.execute(
         "INSERT INTO tenantry.jobs (tenant_id, kind) SELECT $1, 'w' FROM generate_series(1, 100)",
         TENANT_A,
     )
@@ -58,8 +59,8 @@ async def test_claim_interleaves_tenants(pool: asyncpg.Pool) -> None:
     assert len(rows) == 3
 
 
-async def test_per_tenant_cap(pool: asyncpg.Pool) -> None:
-    await pool.execute(
+async def test_per_tenant_cap(admin_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
+    await admin_pool.execute(
         "INSERT INTO tenantry.jobs (tenant_id, kind) SELECT $1, 'w' FROM generate_series(1, 10)",
         TENANT_A,
     )
@@ -88,20 +89,21 @@ async def test_cursor_rotates_through_many_tenants(pool: asyncpg.Pool) -> None:
     assert sorted(seen) == tenants
 
 
-async def test_claim_uses_its_partial_index(pool: asyncpg.Pool) -> None:
+async def test_claim_uses_its_partial_index(admin_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
     tenants = [uuid.uuid4() for _ in range(50)]
-    await pool.execute(
+    await admin_pool.execute(
         "INSERT INTO tenantry.jobs (tenant_id, kind, run_at) "
         "SELECT t, 'w', now() - interval '1 second' FROM unnest($1::uuid[]) t, "
         "generate_series(1, 400)",
         tenants,
     )
-    await pool.execute("ANALYZE tenantry.jobs")
-    async with pool.acquire() as conn:
+    await admin_pool.execute("ANALYZE tenantry.jobs")
+    claim = await function_statement(admin_pool, DEFINER_OF["claim"])
+    async with admin_pool.acquire() as conn:
         tx = conn.transaction()
         await tx.start()
         rows = await conn.fetch(
-            "EXPLAIN (ANALYZE, COSTS OFF) " + Q["claim"],
+            "EXPLAIN (ANALYZE, COSTS OFF) " + claim,
             "default",
             50,
             "probe",
@@ -118,17 +120,19 @@ async def test_claim_uses_its_partial_index(pool: asyncpg.Pool) -> None:
     assert "Seq Scan on jobs" not in plan, plan
 
 
-async def test_batch_statements_look_jobs_up_by_primary_key(pool: asyncpg.Pool) -> None:
+async def test_batch_statements_look_jobs_up_by_primary_key(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     """Regression: with statistics saying no job runs (the usual case right after an
     ANALYZE), `state = 'running'` in a completion made the planner scan the whole
     partial running index once per key; under load one batch completion took 48 s."""
-    await pool.execute(
+    await admin_pool.execute(
         "INSERT INTO tenantry.jobs (tenant_id, kind) "
         "SELECT t, 'w' FROM unnest($1::uuid[]) t, generate_series(1, 2000)",
         [uuid.uuid4() for _ in range(4)],
     )
-    await pool.execute("VACUUM ANALYZE tenantry.jobs")
-    claimed = await pool.fetch(Q["claim"], "default", 200, "probe", 30.0, NIL, None, 100)
+    await admin_pool.execute("VACUUM ANALYZE tenantry.jobs")
+    claimed = await admin_pool.fetch(Q["claim"], "default", 200, "probe", 30.0, NIL, None, 100)
     assert len(claimed) == 200
     tids = [r["tenant_id"] for r in claimed]
     ids = [r["id"] for r in claimed]
@@ -141,8 +145,10 @@ async def test_batch_statements_look_jobs_up_by_primary_key(pool: asyncpg.Pool) 
         "extend_leases": (tids, ids, "probe", 30.0),
     }
     for name, args in statements.items():
-        sql = QO[name] if name in QO.names() else Q[name]
-        async with pool.acquire() as conn:
+        # The function's statement, explained by a superuser: like the function's
+        # owner, it bypasses row-level security.
+        sql = await function_statement(admin_pool, DEFINER_OF[name])
+        async with admin_pool.acquire() as conn:
             # A generic plan is what a long-lived prepared statement ends up with.
             await conn.execute("SET plan_cache_mode = force_generic_plan")
             tx = conn.transaction()
@@ -160,27 +166,28 @@ async def test_batch_statements_look_jobs_up_by_primary_key(pool: asyncpg.Pool) 
 @pytest.mark.parametrize("analyzed", ["empty", "full"])
 @pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
 async def test_claim_plan_does_not_depend_on_statistics(
-    pool: asyncpg.Pool, analyzed: str, plan_mode: str
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool, analyzed: str, plan_mode: str
 ) -> None:
     """Regression: statistics from an empty queue (what autovacuum usually sees) made
     the planner serve the claim from jobs_due_idx and sort the whole backlog on every
     claim: 0.7 s per claim with 40,000 queued jobs.  The claim connections use generic
     plans (db.CLAIM_SETTINGS), so both kinds must hold up, with either statistics."""
     if analyzed == "empty":
-        await pool.execute("ANALYZE tenantry.jobs")
-    await pool.execute(
+        await admin_pool.execute("ANALYZE tenantry.jobs")
+    await admin_pool.execute(
         "INSERT INTO tenantry.jobs (tenant_id, kind) "
         "SELECT t, 'w' FROM unnest($1::uuid[]) t, generate_series(1, 5000)",
         [uuid.uuid4() for _ in range(4)],
     )
     if analyzed == "full":
-        await pool.execute("ANALYZE tenantry.jobs")
-    async with pool.acquire() as conn:
+        await admin_pool.execute("ANALYZE tenantry.jobs")
+    claim = await function_statement(admin_pool, DEFINER_OF["claim"])
+    async with admin_pool.acquire() as conn:
         await conn.execute(f"SET plan_cache_mode = {plan_mode}")
         tx = conn.transaction()
         await tx.start()
         rows = await conn.fetch(
-            "EXPLAIN (COSTS OFF) " + Q["claim"], "default", 100, "probe", 30.0, NIL, None, 100
+            "EXPLAIN (COSTS OFF) " + claim, "default", 100, "probe", 30.0, NIL, None, 100
         )
         await tx.rollback()
         await conn.execute("RESET plan_cache_mode")

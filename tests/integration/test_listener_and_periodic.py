@@ -13,6 +13,7 @@ from service.jobs.maintenance import PeriodicEnqueuer
 from service.jobs.model import Job
 from service.jobs.registry import Registry
 from service.listener import Listener
+from service.tenancy import tenant_tx
 from tests.helpers import TENANT_A, FakeClock, running_worker
 
 
@@ -37,7 +38,7 @@ async def test_notify_wakes_an_idle_worker_without_polling(
 
 
 async def test_listener_reconnects_after_backend_is_terminated(
-    pool: asyncpg.Pool, database_url: str
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool, database_url: str
 ) -> None:
     reg = Registry()
     done: list[int] = []
@@ -55,7 +56,7 @@ async def test_listener_reconnects_after_backend_is_terminated(
             await jobs.enqueue(pool, tenant_id=TENANT_A, kind="n", payload={"i": 0})
             await rec.wait_flushed(1)
             pid = listener.backend_pid
-            assert await pool.fetchval("SELECT pg_terminate_backend($1)", pid)
+            assert await admin_pool.fetchval("SELECT pg_terminate_backend($1)", pid)
             # Jobs enqueued while the listener is down: their NOTIFYs are lost for good;
             # the resync after the reconnect must find them.
             for i in range(1, 6):
@@ -77,7 +78,7 @@ async def test_throttled_trigger_notifies_at_most_once_per_window(
     conn = await asyncpg.connect(database_url)
     try:
         await conn.add_listener("tenantry_jobs", lambda *a: got.append(a[3]))
-        async with pool.acquire() as c, c.transaction():
+        async with tenant_tx(pool, TENANT_A) as c:
             # 50 single-row inserts inside one transaction, i.e. within one window:
             for _ in range(50):
                 await jobs.enqueue(c, tenant_id=TENANT_A, kind="x", queue="q1")
@@ -99,7 +100,7 @@ async def test_throttled_trigger_notifies_at_most_once_per_window(
 
 
 async def test_periodic_job_enqueued_once_per_period_by_two_processes(
-    pool: asyncpg.Pool, database_url: str
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool, database_url: str
 ) -> None:
     reg = Registry()
 
@@ -128,7 +129,7 @@ async def test_periodic_job_enqueued_once_per_period_by_two_processes(
             assert sorted(results) == [0, 1]
             total += sum(results)
         assert total == 5
-        rows = await pool.fetch("SELECT payload FROM tenantry.jobs ORDER BY id")
+        rows = await admin_pool.fetch("SELECT payload FROM tenantry.jobs ORDER BY id")
         periods = [r["payload"]["period"] for r in rows]
         assert len(set(periods)) == 5
         assert periods[0] == "2030-01-01T12:01:00+00:00"

@@ -17,11 +17,12 @@ from service.jobs.model import Job
 from service.jobs.outcomes import Bury, Complete, Release, Requeue
 from service.jobs.registry import Policy, Registry
 from service.jobs.worker import NIL, Worker, WorkerConfig
+from service.tenancy import tenant_tx_on
 from tests.helpers import TENANT_A, TENANT_B, FakeClock, FixedRandom, one, running_worker
 
 
 async def test_sql_enqueue_in_foreign_transaction_runs_once_after_commit(
-    pool: asyncpg.Pool, database_url: str
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool, database_url: str
 ) -> None:
     seen: list[int] = []
     reg = Registry()
@@ -47,36 +48,36 @@ async def test_sql_enqueue_in_foreign_transaction_runs_once_after_commit(
                 {"n": 2},
             )
             # Not committed: a claim sees nothing.
-            visible = await pool.fetchval("SELECT count(*) FROM tenantry.jobs")
+            visible = await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs")
             assert visible == 0
             assert rec.named("started") == []
             await tx.commit()
             await rec.wait_flushed(2)
         assert sorted(seen) == [1, 2]
         assert isinstance(job_id, int)
-        assert await pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
-        ok = await pool.fetchval("SELECT sum(succeeded) FROM tenantry.job_counters")
+        assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
+        ok = await admin_pool.fetchval("SELECT sum(succeeded) FROM tenantry.job_counters")
         assert ok == 2
     finally:
         await other.close()
 
 
-async def test_rolled_back_enqueue_never_runs(pool: asyncpg.Pool) -> None:
+async def test_rolled_back_enqueue_never_runs(admin_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
-        tx = conn.transaction()
-        await tx.start()
-        await jobs.enqueue(conn, tenant_id=TENANT_A, kind="x")
-        await tx.rollback()
-    assert await pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
+        with pytest.raises(RuntimeError):
+            async with tenant_tx_on(conn, TENANT_A):
+                await jobs.enqueue(conn, tenant_id=TENANT_A, kind="x")
+                raise RuntimeError("roll back")
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
 
 
-async def test_dedup_key_returns_live_job(pool: asyncpg.Pool) -> None:
+async def test_dedup_key_returns_live_job(admin_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
     a = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="k", dedup_key="once")
     b = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="k", dedup_key="once")
     c = await jobs.enqueue(pool, tenant_id=TENANT_B, kind="k", dedup_key="once")
     assert a == b
     assert c != a  # keys are per tenant
-    assert await pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 2
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 2
 
 
 async def test_dedup_key_is_free_again_after_the_job_finished(pool: asyncpg.Pool) -> None:
@@ -111,15 +112,17 @@ async def test_concurrent_dedup_enqueues_make_one_job(database_url: str) -> None
             await c.close()
 
 
-async def test_enqueue_rejects_bad_input_and_writes_nothing(pool: asyncpg.Pool) -> None:
+async def test_enqueue_rejects_bad_input_and_writes_nothing(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     with pytest.raises(Invalid) as err:
         await jobs.enqueue(pool, tenant_id="not-a-uuid", kind="k")
     assert err.value.field == "tenant_id"
     with pytest.raises(Invalid):
         await jobs.enqueue(pool, tenant_id=TENANT_A, kind="")
     with pytest.raises(asyncpg.PostgresError):
-        await pool.fetchval("SELECT tenantry.enqueue(tenant_id => NULL, kind => 'k')")
-    assert await pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
+        await admin_pool.fetchval("SELECT tenantry.enqueue(tenant_id => NULL, kind => 'k')")
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
 
 
 async def test_priority_then_run_at_order(pool: asyncpg.Pool) -> None:
@@ -138,7 +141,7 @@ async def test_priority_then_run_at_order(pool: asyncpg.Pool) -> None:
     assert order == ["high", "low-old", "low-new"]
 
 
-async def test_queues_are_separate(pool: asyncpg.Pool) -> None:
+async def test_queues_are_separate(admin_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
     ran: list[str] = []
     reg = Registry()
 
@@ -151,11 +154,11 @@ async def test_queues_are_separate(pool: asyncpg.Pool) -> None:
     async with running_worker(pool, reg, queues={"alpha": 2}) as (_w, rec):
         await rec.wait_flushed(1)
     assert ran == ["a"]
-    left = await pool.fetch("SELECT queue FROM tenantry.jobs")
+    left = await admin_pool.fetch("SELECT queue FROM tenantry.jobs")
     assert [r["queue"] for r in left] == ["beta"]
 
 
-async def test_delayed_job_starts_on_time(pool: asyncpg.Pool) -> None:
+async def test_delayed_job_starts_on_time(admin_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
     reg = Registry()
     started_at: list[float] = []
 
@@ -166,7 +169,7 @@ async def test_delayed_job_starts_on_time(pool: asyncpg.Pool) -> None:
     # Long poll interval: only the worker's own due-time timer can start it on time.
     async with running_worker(pool, reg, poll_interval=30) as (w, rec):
         await w.loops["default"]._refresh_due()  # what every poll does
-        due = await pool.fetchval("SELECT now() + interval '700 milliseconds'")
+        due = await admin_pool.fetchval("SELECT now() + interval '700 milliseconds'")
         await jobs.enqueue(pool, tenant_id=TENANT_A, kind="later", run_at=due)
         t0 = anyio.current_time()
         # The worker learns of it by its poll; emulate the poll having happened.
@@ -177,7 +180,9 @@ async def test_delayed_job_starts_on_time(pool: asyncpg.Pool) -> None:
     assert 0.6 <= delay <= 0.9, delay
 
 
-async def test_retry_schedule_uses_injected_clock_and_random(pool: asyncpg.Pool) -> None:
+async def test_retry_schedule_uses_injected_clock_and_random(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     clock = FakeClock()
     reg = Registry()
 
@@ -188,7 +193,7 @@ async def test_retry_schedule_uses_injected_clock_and_random(pool: asyncpg.Pool)
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="flaky")
     async with running_worker(pool, reg, clock=clock, rnd=FixedRandom(0.5)) as (_w, rec):
         await rec.wait_flushed(1)
-    row = await one(pool, "SELECT * FROM tenantry.jobs")
+    row = await one(admin_pool, "SELECT * FROM tenantry.jobs")
     # attempt 1 failed: delay = 0.5 * min(100, 2 * 2**0) = 1.0 s after the clock's now
     assert row["run_at"] == clock.at + timedelta(seconds=1.0)
     assert row["state"] == "queued"
@@ -196,10 +201,12 @@ async def test_retry_schedule_uses_injected_clock_and_random(pool: asyncpg.Pool)
     assert row["last_error"] == "RuntimeError: boom"
     assert row["errors"][0]["attempt"] == 1
     assert "Traceback" in row["errors"][0]["traceback"]
-    assert await pool.fetchval("SELECT sum(failed) FROM tenantry.job_counters") == 1
+    assert await admin_pool.fetchval("SELECT sum(failed) FROM tenantry.job_counters") == 1
 
 
-async def test_exhausted_job_is_dead_lettered_with_every_error(pool: asyncpg.Pool) -> None:
+async def test_exhausted_job_is_dead_lettered_with_every_error(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     reg = Registry()
 
     @reg.handler("bad", policy=Policy(max_attempts=3, backoff_base=0.001, backoff_cap=0.001))
@@ -211,7 +218,7 @@ async def test_exhausted_job_is_dead_lettered_with_every_error(pool: asyncpg.Poo
         await rec.wait_for(
             lambda: any(isinstance(o, Bury) for d in rec.named("flushed") for o in d["outcomes"])
         )
-    assert await pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
     dead = await jobs.dead_show(pool, job_id)
     assert dead["reason"] == "exhausted"
     assert dead["attempts"] == 3
@@ -222,12 +229,14 @@ async def test_exhausted_job_is_dead_lettered_with_every_error(pool: asyncpg.Poo
     ]
     # Retry from the dead letter table puts it back with fresh attempts.
     assert await jobs.dead_retry(pool, job_id) == job_id
-    row = await one(pool, "SELECT attempts, state FROM tenantry.jobs WHERE id = $1", job_id)
+    row = await one(admin_pool, "SELECT attempts, state FROM tenantry.jobs WHERE id = $1", job_id)
     assert (row["attempts"], row["state"]) == (0, "queued")
-    assert await pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 0
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 0
 
 
-async def test_permanent_failure_goes_straight_to_dead_letter(pool: asyncpg.Pool) -> None:
+async def test_permanent_failure_goes_straight_to_dead_letter(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     reg = Registry()
 
     @reg.handler("never")
@@ -240,7 +249,7 @@ async def test_permanent_failure_goes_straight_to_dead_letter(pool: asyncpg.Pool
     dead = await jobs.dead_show(pool, job_id)
     assert (dead["reason"], dead["attempts"]) == ("permanent", 1)
     await jobs.dead_discard(pool, job_id)
-    assert await pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 0
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 0
 
 
 async def test_unknown_kind_is_dead_lettered_not_dropped(pool: asyncpg.Pool) -> None:
@@ -250,7 +259,7 @@ async def test_unknown_kind_is_dead_lettered_not_dropped(pool: asyncpg.Pool) -> 
     assert (await jobs.dead_show(pool, job_id))["reason"] == "unknown_kind"
 
 
-async def test_snooze_does_not_use_an_attempt(pool: asyncpg.Pool) -> None:
+async def test_snooze_does_not_use_an_attempt(admin_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
     clock = FakeClock()
     reg = Registry()
 
@@ -261,14 +270,16 @@ async def test_snooze_does_not_use_an_attempt(pool: asyncpg.Pool) -> None:
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="wait")
     async with running_worker(pool, reg, clock=clock) as (_w, rec):
         await rec.wait_flushed(1)
-    row = await one(pool, "SELECT * FROM tenantry.jobs")
+    row = await one(admin_pool, "SELECT * FROM tenantry.jobs")
     assert row["attempts"] == 0
     assert row["run_at"] == clock.at + timedelta(seconds=60)
     assert row["errors"] == []
     assert isinstance(rec.named("flushed")[0]["outcomes"][0], Requeue)
 
 
-async def test_timeout_cancels_and_counts_as_failed_attempt(pool: asyncpg.Pool) -> None:
+async def test_timeout_cancels_and_counts_as_failed_attempt(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     reg = Registry()
     cancelled = anyio.Event()
 
@@ -283,12 +294,12 @@ async def test_timeout_cancels_and_counts_as_failed_attempt(pool: asyncpg.Pool) 
     async with running_worker(pool, reg) as (_w, rec):
         await rec.wait_flushed(1)
     assert cancelled.is_set()
-    row = await one(pool, "SELECT * FROM tenantry.jobs")
+    row = await one(admin_pool, "SELECT * FROM tenantry.jobs")
     assert row["attempts"] == 1
     assert row["last_error"] == "timed out after 0.2s"
 
 
-async def test_lease_rescue_after_worker_dies(pool: asyncpg.Pool) -> None:
+async def test_lease_rescue_after_worker_dies(admin_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
     """A worker claims and then vanishes without heartbeating: the rescuer requeues the
     job once its lease expires, and another worker completes it."""
     job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="work")
@@ -302,10 +313,10 @@ async def test_lease_rescue_after_worker_dies(pool: asyncpg.Pool) -> None:
     rescuer = LeaseRescuer(pool, rescued.append)
     assert await rescuer.run_once() == 0
     # ...now it has (time moved on: the acceptance test waits for a real expiry).
-    await pool.execute("UPDATE tenantry.jobs SET lease_expires_at = now() - interval '1 ms'")
+    await admin_pool.execute("UPDATE tenantry.jobs SET lease_expires_at = now() - interval '1 ms'")
     assert await rescuer.run_once() == 1
     assert rescued == ["default"]
-    row = await one(pool, "SELECT * FROM tenantry.jobs WHERE id = $1", job_id)
+    row = await one(admin_pool, "SELECT * FROM tenantry.jobs WHERE id = $1", job_id)
     assert (row["state"], row["attempts"], row["lease_owner"]) == ("queued", 1, None)
     assert "lease expired" in row["last_error"]
 
@@ -320,16 +331,18 @@ async def test_lease_rescue_after_worker_dies(pool: asyncpg.Pool) -> None:
         await rec.wait_flushed(1)
     assert ran == [2]
     # The dead worker's late completion must not touch a job it no longer owns.
-    assert await pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
 
 
-async def test_rescued_job_past_its_last_attempt_is_buried(pool: asyncpg.Pool) -> None:
+async def test_rescued_job_past_its_last_attempt_is_buried(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="w", max_attempts=1)
     w = Worker(
         pool, Registry(), WorkerConfig(queues={"default": 1}, lease_seconds=30), owner="doomed"
     )
     await w.claim("default", 1, NIL)
-    await pool.execute("UPDATE tenantry.jobs SET lease_expires_at = now() - interval '1 ms'")
+    await admin_pool.execute("UPDATE tenantry.jobs SET lease_expires_at = now() - interval '1 ms'")
     assert await LeaseRescuer(pool, lambda _q: None).run_once() == 1
     reg = Registry()
 
@@ -342,7 +355,9 @@ async def test_rescued_job_past_its_last_attempt_is_buried(pool: asyncpg.Pool) -
     assert (await jobs.dead_show(pool, job_id))["reason"] == "exhausted"
 
 
-async def test_heartbeat_extends_lease_and_cancels_lost_jobs(pool: asyncpg.Pool) -> None:
+async def test_heartbeat_extends_lease_and_cancels_lost_jobs(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     reg = Registry()
     gate = anyio.Event()
 
@@ -354,15 +369,19 @@ async def test_heartbeat_extends_lease_and_cancels_lost_jobs(pool: asyncpg.Pool)
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="hold")
     async with running_worker(pool, reg, lease_seconds=60) as (w, rec):
         await rec.wait_for(lambda: len(rec.named("started")) == 2)
-        before = await pool.fetch("SELECT id, lease_expires_at FROM tenantry.jobs ORDER BY id")
+        before = await admin_pool.fetch(
+            "SELECT id, lease_expires_at FROM tenantry.jobs ORDER BY id"
+        )
         # Another worker stole one job (as a rescue would after a stall).
         stolen = before[0]["id"]
-        await pool.execute("UPDATE tenantry.jobs SET lease_owner = 'thief' WHERE id = $1", stolen)
+        await admin_pool.execute(
+            "UPDATE tenantry.jobs SET lease_owner = 'thief' WHERE id = $1", stolen
+        )
         assert await w.heartbeat_once() == 1
         await rec.wait_for(lambda: len(rec.named("finished")) == 1)
         fin = rec.named("finished")[0]
         assert fin["job"].id == stolen and fin["why"] == "lease_lost" and fin["outcome"] is None
-        after = await pool.fetchval(
+        after = await admin_pool.fetchval(
             "SELECT lease_expires_at FROM tenantry.jobs WHERE id = $1", before[1]["id"]
         )
         assert after > before[1]["lease_expires_at"]
@@ -370,7 +389,9 @@ async def test_heartbeat_extends_lease_and_cancels_lost_jobs(pool: asyncpg.Pool)
         await rec.wait_flushed(1)
 
 
-async def test_graceful_shutdown_releases_unfinished_jobs(pool: asyncpg.Pool) -> None:
+async def test_graceful_shutdown_releases_unfinished_jobs(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     reg = Registry()
 
     @reg.handler("forever")
@@ -382,12 +403,14 @@ async def test_graceful_shutdown_releases_unfinished_jobs(pool: asyncpg.Pool) ->
         await rec.wait_for(lambda: len(rec.named("started")) == 1)
         await w.shutdown(grace=0.1)
     assert isinstance(rec.named("flushed")[0]["outcomes"][0], Release)
-    row = await one(pool, "SELECT * FROM tenantry.jobs WHERE id = $1", job_id)
+    row = await one(admin_pool, "SELECT * FROM tenantry.jobs WHERE id = $1", job_id)
     # Handed back at once, the interrupted attempt refunded.
     assert (row["state"], row["attempts"], row["lease_owner"]) == ("queued", 0, None)
 
 
-async def test_hard_stop_during_grace_ends_the_shutdown_at_once(pool: asyncpg.Pool) -> None:
+async def test_hard_stop_during_grace_ends_the_shutdown_at_once(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     """Regression: shutdown() and run() both waited for idle, and each replaced the
     other's event, so a hard stop during the grace period left shutdown() waiting for
     the whole grace period (the process did not exit on a second signal)."""
@@ -408,11 +431,16 @@ async def test_hard_stop_during_grace_ends_the_shutdown_at_once(pool: asyncpg.Po
                 await rec.wait_for(lambda: bool(rec.named("claiming_stopped")))
                 w.cancel_running("hard_stop")
     assert {f["why"] for f in rec.named("finished")} == {"hard_stop"}
-    assert await pool.fetchval("SELECT count(*) FROM tenantry.jobs WHERE state = 'queued'") == 3
+    assert (
+        await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs WHERE state = 'queued'") == 3
+    )
 
 
-async def test_tenant_tx_completes_the_job_in_the_same_transaction(pool: asyncpg.Pool) -> None:
-    await pool.execute("CREATE TABLE public.effects (tenant_id uuid, job_id bigint UNIQUE)")
+async def test_tenant_tx_completes_the_job_in_the_same_transaction(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    await admin_pool.execute("CREATE TABLE public.effects (tenant_id uuid, job_id bigint UNIQUE)")
+    await admin_pool.execute("GRANT ALL ON public.effects TO tenantry_service")
     reg = Registry()
     calls = 0
 
@@ -431,35 +459,40 @@ async def test_tenant_tx_completes_the_job_in_the_same_transaction(pool: asyncpg
         await rec.wait_for(lambda: len(rec.named("finished")) == 1)
     assert calls == 1
     assert rec.named("finished")[0]["outcome"] is None  # completed inside the handler's tx
-    assert await pool.fetchval("SELECT count(*) FROM public.effects") == 1
-    assert await pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
-    assert await pool.fetchval("SELECT sum(succeeded) FROM tenantry.job_counters") == 1
+    assert await admin_pool.fetchval("SELECT count(*) FROM public.effects") == 1
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
+    assert await admin_pool.fetchval("SELECT sum(succeeded) FROM tenantry.job_counters") == 1
 
 
-async def test_tenant_tx_rolls_back_when_lease_was_lost(pool: asyncpg.Pool) -> None:
-    await pool.execute("CREATE TABLE public.effects (job_id bigint)")
+async def test_tenant_tx_rolls_back_when_lease_was_lost(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    await admin_pool.execute("CREATE TABLE public.effects (job_id bigint)")
+    await admin_pool.execute("GRANT ALL ON public.effects TO tenantry_service")
     reg = Registry()
 
     @reg.handler("effect", policy=Policy(max_attempts=1))
     async def effect(job: Job) -> None:
-        await pool.execute("UPDATE tenantry.jobs SET lease_owner = 'thief' WHERE id = $1", job.id)
+        await admin_pool.execute(
+            "UPDATE tenantry.jobs SET lease_owner = 'thief' WHERE id = $1", job.id
+        )
         async with job.tenant_tx() as tx:
             await tx.execute("INSERT INTO public.effects VALUES ($1)", job.id)
 
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="effect")
     async with running_worker(pool, reg) as (_w, rec):
         await rec.wait_for(lambda: len(rec.named("finished")) == 1)
-    assert await pool.fetchval("SELECT count(*) FROM public.effects") == 0
+    assert await admin_pool.fetchval("SELECT count(*) FROM public.effects") == 0
 
 
-async def test_many_jobs_complete_in_batches(pool: asyncpg.Pool) -> None:
+async def test_many_jobs_complete_in_batches(admin_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
     reg = Registry()
 
     @reg.handler("noop")
     async def noop(job: Job) -> None:
         return None
 
-    await pool.execute(
+    await admin_pool.execute(
         "INSERT INTO tenantry.jobs (tenant_id, kind)"
         " SELECT $1, 'noop' FROM generate_series(1, 2000)",
         TENANT_A,
@@ -469,14 +502,16 @@ async def test_many_jobs_complete_in_batches(pool: asyncpg.Pool) -> None:
     flushes = rec.named("flushed")
     assert all(isinstance(o, Complete) for d in flushes for o in d["outcomes"])
     assert len(flushes) < 2000 / 5  # batched, not one statement per job
-    assert await pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
-    assert await pool.fetchval("SELECT sum(succeeded) FROM tenantry.job_counters") == 2000
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
+    assert await admin_pool.fetchval("SELECT sum(succeeded) FROM tenantry.job_counters") == 2000
 
 
-async def test_stats_report_depth_age_running_failed_dead(pool: asyncpg.Pool) -> None:
+async def test_stats_report_depth_age_running_failed_dead(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="a")
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="a", queue="mail")
-    await pool.execute(
+    await admin_pool.execute(
         "INSERT INTO tenantry.dead_jobs (tenant_id, id, queue, kind, payload, priority, attempts,"
         " errors, reason, created_at) VALUES ($1, 999, 'mail', 'a', '{}', 0, 3, '[]',"
         " 'exhausted', now())",
@@ -498,11 +533,13 @@ async def test_second_version_check(database_url: str) -> None:
     assert int(version) >= 150000
 
 
-async def test_unique_tenant_ids_do_not_collide(pool: asyncpg.Pool) -> None:
+async def test_unique_tenant_ids_do_not_collide(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     tenants = [uuid.uuid4() for _ in range(5)]
     for t in tenants:
         await jobs.enqueue(pool, tenant_id=t, kind="k")
-    got = await pool.fetch("SELECT DISTINCT tenant_id FROM tenantry.jobs")
+    got = await admin_pool.fetch("SELECT DISTINCT tenant_id FROM tenantry.jobs")
     assert {r["tenant_id"] for r in got} == set(tenants)
 
 
@@ -540,7 +577,7 @@ async def test_a_failing_claim_loop_keeps_the_queue_alive(pool: asyncpg.Pool) ->
 
 
 async def test_rows_of_a_claim_in_flight_at_shutdown_are_handed_back(
-    pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     """Regression: rows returned by a claim that was in flight when shutdown began were
     neither started nor released: they stayed leased until the lease ran out, and the
@@ -572,6 +609,6 @@ async def test_rows_of_a_claim_in_flight_at_shutdown_are_handed_back(
             go_on.set()
             await worker.shutdown(grace=5)
     row = await one(
-        pool, "SELECT state, attempts, lease_owner FROM tenantry.jobs WHERE id = $1", job_id
+        admin_pool, "SELECT state, attempts, lease_owner FROM tenantry.jobs WHERE id = $1", job_id
     )
     assert dict(row) == {"state": "queued", "attempts": 0, "lease_owner": None}

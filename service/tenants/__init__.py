@@ -1,0 +1,1 @@
+"""Tenants and their API keys; the tenant-owned tables onboarding provisions."""

@@ -1,0 +1,128 @@
+"""Tenants and API keys.  Every statement runs in the tenant's own context."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from ..db import Executor
+from ..errors import Conflict, Invalid, NotFound, Unauthorized
+from ..sql import queries_for
+from ..tenancy import parse_tenant_id, tenant_scope
+from .keys import new_key, parse_key
+
+Q = queries_for(__file__)
+
+_SLUG = re.compile(r"^[a-z0-9]([a-z0-9-]{0,48}[a-z0-9])?$")
+_NAME_MAX = 100
+PLANS = ("free", "pro")
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: uuid.UUID
+    slug: str
+    name: str
+    plan: str
+    state: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class NewKey:
+    id: int
+    secret: str  # shown once, never stored
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: int
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def slug_from(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:50].strip("-")
+    return slug
+
+
+async def create_tenant(
+    conn: Executor,
+    *,
+    name: str,
+    slug: str | None = None,
+    plan: str = "free",
+    tenant_id: uuid.UUID | None = None,
+) -> Tenant:
+    name = name.strip()
+    if not 1 <= len(name) <= _NAME_MAX:
+        raise Invalid("name", f"must be 1 to {_NAME_MAX} characters")
+    slug = slug if slug is not None else slug_from(name)
+    if not _SLUG.match(slug):
+        raise Invalid("slug", "must be 1-50 of a-z, 0-9 and inner dashes")
+    if plan not in PLANS:
+        raise Invalid("plan", f"must be one of {', '.join(PLANS)}")
+    tid = tenant_id or uuid.uuid4()
+    try:
+        async with tenant_scope(conn, tid) as tx:
+            row = await tx.fetchrow(Q["create_tenant"], tid, slug, name, plan)
+    except asyncpg.UniqueViolationError as exc:
+        # The slug is a public handle, unique across tenants by design.
+        raise Conflict(f"slug {slug!r} is taken") from exc
+    assert row is not None
+    return Tenant(**dict(row))
+
+
+async def get_tenant(conn: Executor, tenant_id: object) -> Tenant:
+    tid = parse_tenant_id(tenant_id)
+    async with tenant_scope(conn, tid) as tx:
+        row = await tx.fetchrow(Q["get_tenant"], tid)
+    if row is None:
+        raise NotFound(f"no tenant {tid}")
+    return Tenant(**dict(row))
+
+
+async def create_key(conn: Executor, tenant_id: object, *, name: str = "") -> NewKey:
+    tid = parse_tenant_id(tenant_id)
+    if len(name) > _NAME_MAX:
+        raise Invalid("name", f"must be at most {_NAME_MAX} characters")
+    secret, digest = new_key(tid)
+    try:
+        async with tenant_scope(conn, tid) as tx:
+            key_id = await tx.fetchval(Q["create_key"], tid, name, digest)
+    except asyncpg.ForeignKeyViolationError as exc:
+        raise NotFound(f"no tenant {tid}") from exc
+    return NewKey(int(key_id), secret)
+
+
+async def list_keys(conn: Executor, tenant_id: object) -> list[KeyInfo]:
+    tid = parse_tenant_id(tenant_id)
+    async with tenant_scope(conn, tid) as tx:
+        rows = await tx.fetch(Q["list_keys"], tid)
+    return [KeyInfo(**dict(r)) for r in rows]
+
+
+async def revoke_key(conn: Executor, tenant_id: object, key_id: int) -> None:
+    tid = parse_tenant_id(tenant_id)
+    async with tenant_scope(conn, tid) as tx:
+        found = await tx.fetchval(Q["revoke_key"], tid, key_id)
+    if found is None:
+        raise NotFound(f"tenant {tid} has no key {key_id}")
+
+
+async def authenticate(conn: Executor, raw_key: str) -> uuid.UUID:
+    """The tenant a key belongs to, or Unauthorized (one message for every failure:
+    malformed, unknown, revoked and foreign keys look alike)."""
+    parsed = parse_key(raw_key)
+    if parsed is None:
+        raise Unauthorized("invalid API key")
+    async with tenant_scope(conn, parsed.tenant_id) as tx:
+        found = await tx.fetchval(Q["find_key"], parsed.tenant_id, parsed.secret_hash)
+    if found is None:
+        raise Unauthorized("invalid API key")
+    return parsed.tenant_id
