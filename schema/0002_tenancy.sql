@@ -467,6 +467,15 @@ WITH d AS (
            g.max_attempts, g.error, g.errors || jsonb_build_array(g.error_obj), g.dedup_key,
            g.reason, g.created_at
       FROM gone g
+    -- A dead row under this id already (a job retried from the dead-letter table keeps
+    -- its id, or a row restored by hand): the latest death replaces it.  Without this
+    -- the batch would fail and be retried forever, holding up its other outcomes.
+    ON CONFLICT (tenant_id, id) DO UPDATE
+       SET queue = excluded.queue, kind = excluded.kind, payload = excluded.payload,
+           priority = excluded.priority, attempts = excluded.attempts,
+           max_attempts = excluded.max_attempts, last_error = excluded.last_error,
+           errors = excluded.errors, dedup_key = excluded.dedup_key,
+           reason = excluded.reason, created_at = excluded.created_at, died_at = now()
 )
 INSERT INTO tenantry.job_counters AS c (tenant_id, queue, kind, minute, failed, dead)
 SELECT g.tenant_id, g.queue, g.kind, date_trunc('minute', now()), count(*), count(*)

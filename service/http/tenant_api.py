@@ -15,7 +15,7 @@ from ..tenants import store
 from .problems import problem
 
 POOL = web.AppKey("pool", asyncpg.Pool)
-TENANT_ID = "tenantry.tenant_id"
+TENANT_ID = web.RequestKey("tenant_id", uuid.UUID)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -40,8 +40,7 @@ def authenticated(handler: Handler) -> Handler:
 
 
 def tenant_of(request: web.Request) -> uuid.UUID:
-    tenant_id: uuid.UUID = request[TENANT_ID]
-    return tenant_id
+    return request[TENANT_ID]
 
 
 @authenticated

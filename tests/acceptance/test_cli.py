@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import uuid
+
 import asyncpg
 import orjson
 import pytest
@@ -77,3 +80,44 @@ async def test_migrate_check_exit_codes(empty_database_url: str) -> None:
     assert code == 0 and "applied" in out
     code, out, _ = await run_cli("migrate", "--check", database_url=empty_database_url)
     assert code == 0 and "current" in out
+
+
+async def test_tenant_and_key_commands(admin_pool: asyncpg.Pool, database_url: str) -> None:
+    code, out, err = await run_cli("tenants", "create", "Acme Corp", database_url=database_url)
+    assert code == 0, err
+    tenant_id, slug = out.split()
+    assert slug == "acme-corp"
+
+    code, out, err = await run_cli(
+        "tenants", "keys", "create", tenant_id, "--name", "ci", database_url=database_url
+    )
+    assert code == 0, err
+    key = out.strip()
+    assert key.startswith(f"tnt_{tenant_id.replace('-', '')}_")
+    # Printed once; the database keeps only its hash.
+    secret = key[len("tnt_") + 32 + 1 :]  # the secret may contain "_"
+    stored = await admin_pool.fetchval("SELECT secret_hash FROM tenantry.api_keys")
+    assert stored == hashlib.sha256(secret.encode()).digest()
+    assert key not in out.replace(key, "", 1) and key not in err
+
+    code, out, _ = await run_cli("tenants", "keys", "list", tenant_id, database_url=database_url)
+    assert code == 0 and "active" in out and "ci" in out and secret not in out
+    key_id = out.split()[0]
+    code, out, _ = await run_cli(
+        "tenants", "keys", "revoke", tenant_id, key_id, database_url=database_url
+    )
+    assert code == 0
+    code, out, _ = await run_cli("tenants", "keys", "list", tenant_id, database_url=database_url)
+    assert "revoked" in out
+
+    # A taken slug, an unknown tenant, a bad id: clear messages, non-zero exits.
+    code, _, err = await run_cli("tenants", "create", "Acme Corp", database_url=database_url)
+    assert code == 1 and "taken" in err
+    code, _, err = await run_cli(
+        "tenants", "keys", "create", str(uuid.uuid4()), database_url=database_url
+    )
+    assert code == 1 and "no tenant" in err
+    code, _, err = await run_cli("tenants", "keys", "create", "acme", database_url=database_url)
+    assert code == 2 and "is not a UUID" in err
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.tenants") == 1
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.api_keys") == 1

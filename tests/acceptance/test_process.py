@@ -151,3 +151,20 @@ async def test_port_in_use_is_a_clear_error(database_url: str) -> None:
     assert code == 1
     assert any(f"cannot listen on 127.0.0.1:{port}" in line for line in svc.raw), svc.raw
     assert not any("Traceback" in line for line in svc.raw), svc.raw
+
+
+async def test_refuses_to_run_as_a_login_that_bypasses_row_level_security(
+    database_url: str,
+) -> None:
+    """The deployment mistake of one superuser URL for everything: the service
+    refuses to start, says why and how to fix it, and leaks no password."""
+    svc = await ServiceProcess.start(database_url, DATABASE_URL=database_url)
+    try:
+        code = await svc.wait_exit()
+    finally:
+        await svc.kill()
+    assert code == 1
+    message = next(line for line in svc.raw if line.startswith("tenantry: error:"))
+    assert "is a superuser" in message
+    assert "TENANTRY_ADMIN_URL" in message and "NOBYPASSRLS" in message
+    assert not any("Traceback" in line for line in svc.raw), svc.raw

@@ -48,7 +48,10 @@ SELECT line FROM (
            pg_get_userbyid(c.relowner) ||
            CASE WHEN c.relrowsecurity THEN ' rls' ELSE '' END ||
            CASE WHEN c.relforcerowsecurity THEN ' forced' ELSE '' END ||
-           ' acl ' || coalesce(array_to_string(c.relacl, ','), 'default')
+           -- PostgreSQL 17 added MAINTAIN (m) to an owner's privileges; the snapshot
+           -- must read the same on every supported version.
+           ' acl ' || coalesce(replace(array_to_string(c.relacl, ','), 'arwdDxtm/', 'arwdDxt/'),
+                               'default')
       FROM pg_class c
       JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE n.nspname = 'tenantry' AND c.relkind IN ('r', 'v', 'm')

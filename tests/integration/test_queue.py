@@ -612,3 +612,39 @@ async def test_rows_of_a_claim_in_flight_at_shutdown_are_handed_back(
         admin_pool, "SELECT state, attempts, lease_owner FROM tenantry.jobs WHERE id = $1", job_id
     )
     assert dict(row) == {"state": "queued", "attempts": 0, "lease_owner": None}
+
+
+async def test_a_job_dying_again_replaces_its_old_dead_row(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    """Regression: a dead row already holding the job's id (a restored row) made the
+    bury fail, and the outcome batch was retried forever, holding up the other jobs
+    of the batch."""
+    reg = Registry()
+
+    @reg.handler("doomed")
+    async def doomed(_job: Job) -> None:
+        raise PermanentFailure("again")
+
+    @reg.handler("fine")
+    async def fine(_job: Job) -> None:
+        pass
+
+    job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="doomed")
+    await admin_pool.execute(
+        "INSERT INTO tenantry.dead_jobs (tenant_id, id, queue, kind, payload, priority,"
+        " attempts, errors, reason, created_at)"
+        " VALUES ($1, $2, 'default', 'doomed', '{}', 0, 3, '[]', 'exhausted', now())",
+        TENANT_A,
+        job_id,
+    )
+    await jobs.enqueue(pool, tenant_id=TENANT_A, kind="fine")
+    async with running_worker(pool, reg) as (_w, rec):
+        await rec.wait_flushed(2)
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
+    dead = await jobs.dead_show(pool, job_id)
+    assert (dead["reason"], dead["attempts"], dead["last_error"]) == (
+        "permanent",
+        1,
+        "PermanentFailure: again",
+    )

@@ -1,0 +1,573 @@
+"""Row-level security: tenant A's context can neither see nor touch tenant B's rows, in
+any tenant table, by any statement; an unset context sees and writes nothing; the
+service's login cannot get out of it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import asyncpg
+import pytest
+
+from service import roles
+from service.errors import InsecureRole
+from service.jobs import queue as jobs
+from service.jobs.model import Job
+from service.jobs.registry import Registry
+from service.sql import load
+from service.tenancy import tenant_tx, tenant_tx_on
+from tests.helpers import running_worker
+
+ROOT = Path(__file__).resolve().parents[2]
+A = uuid.UUID("aaaaaaaa-1111-4111-8111-000000000001")
+B = uuid.UUID("bbbbbbbb-2222-4222-8222-000000000002")
+# Fixed ids in B, so that A's statements can aim at B's rows precisely.
+B_USER = uuid.UUID("bbbbbbbb-0000-4000-8000-0000000000a1")
+B_WORKSPACE = uuid.UUID("bbbbbbbb-0000-4000-8000-0000000000b1")
+SHARED_EMAIL = "same@example.com"
+SHARED_SLUG = "main"
+SHARED_HASH = b"\x01" * 32
+
+
+async def seed(admin: asyncpg.Pool, tenant: uuid.UUID, user: uuid.UUID, ws: uuid.UUID) -> None:
+    """One row of every tenant table for `tenant` (as a superuser: no policies)."""
+    await admin.execute(
+        "INSERT INTO tenantry.tenants (id, slug, name) VALUES ($1, $2, $2)",
+        tenant,
+        f"t-{tenant.hex[:8]}",
+    )
+    await admin.execute(
+        "INSERT INTO tenantry.users (tenant_id, id, email) VALUES ($1, $2, $3)",
+        tenant,
+        user,
+        SHARED_EMAIL,
+    )
+    await admin.execute(
+        "INSERT INTO tenantry.workspaces (tenant_id, id, slug, name) VALUES ($1, $2, $3, 'Main')",
+        tenant,
+        ws,
+        SHARED_SLUG,
+    )
+    await admin.execute("INSERT INTO tenantry.roles (tenant_id, name) VALUES ($1, 'owner')", tenant)
+    await admin.execute(
+        "INSERT INTO tenantry.memberships (tenant_id, workspace_id, user_id, role)"
+        " VALUES ($1, $2, $3, 'owner')",
+        tenant,
+        ws,
+        user,
+    )
+    await admin.execute(
+        "INSERT INTO tenantry.api_keys (tenant_id, secret_hash) VALUES ($1, $2)",
+        tenant,
+        SHARED_HASH,
+    )
+    await admin.execute(
+        "INSERT INTO tenantry.jobs (tenant_id, kind, dedup_key) VALUES ($1, 'k', 'same-key')",
+        tenant,
+    )
+    await admin.execute(
+        "INSERT INTO tenantry.dead_jobs (tenant_id, id, queue, kind, payload, priority,"
+        " attempts, errors, reason, created_at)"
+        " VALUES ($1, 1, 'default', 'k', '{}', 0, 1, '[]', 'permanent', now())",
+        tenant,
+    )
+    await admin.execute(
+        "INSERT INTO tenantry.job_counters (tenant_id, queue, kind, minute, succeeded)"
+        " VALUES ($1, 'default', 'k', date_trunc('minute', now()), 1)",
+        tenant,
+    )
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    column: str  # the tenant column
+    # Inserts one row for tenant $1 (not colliding with the seeded rows).
+    insert: str
+
+
+TABLES = [
+    Table(
+        "tenants",
+        "id",
+        "INSERT INTO tenantry.tenants (id, slug, name)"
+        " VALUES ($1::uuid, 'x-' || left(md5($1::uuid::text), 8), 'x')",
+    ),
+    Table(
+        "users",
+        "tenant_id",
+        "INSERT INTO tenantry.users (tenant_id, id, email)"
+        " VALUES ($1, gen_random_uuid(), 'new@example.com')",
+    ),
+    Table(
+        "workspaces",
+        "tenant_id",
+        "INSERT INTO tenantry.workspaces (tenant_id, id, slug, name)"
+        " VALUES ($1, gen_random_uuid(), 'other', 'Other')",
+    ),
+    Table(
+        "roles", "tenant_id", "INSERT INTO tenantry.roles (tenant_id, name) VALUES ($1, 'member')"
+    ),
+    Table(
+        "memberships",
+        "tenant_id",
+        # B's seeded user in B's seeded workspace: needs no other row.
+        "INSERT INTO tenantry.memberships (tenant_id, workspace_id, user_id, role)"
+        f" VALUES ($1, '{B_WORKSPACE}', '{B_USER}', 'owner')",
+    ),
+    Table(
+        "api_keys",
+        "tenant_id",
+        "INSERT INTO tenantry.api_keys (tenant_id, secret_hash)"
+        " VALUES ($1::uuid, sha256($1::uuid::text::bytea))",
+    ),
+    Table("jobs", "tenant_id", "INSERT INTO tenantry.jobs (tenant_id, kind) VALUES ($1, 'k')"),
+    Table(
+        "dead_jobs",
+        "tenant_id",
+        "INSERT INTO tenantry.dead_jobs (tenant_id, id, queue, kind, payload, priority,"
+        " attempts, errors, reason, created_at)"
+        " VALUES ($1, 2, 'default', 'k', '{}', 0, 1, '[]', 'permanent', now())",
+    ),
+    Table(
+        "job_counters",
+        "tenant_id",
+        "INSERT INTO tenantry.job_counters (tenant_id, queue, kind, minute)"
+        " VALUES ($1, 'other', 'k', now())",
+    ),
+]
+TABLE_IDS = [t.name for t in TABLES]
+
+
+@pytest.fixture
+async def seeded(admin_pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Pool]:
+    await seed(admin_pool, A, uuid.uuid4(), uuid.uuid4())
+    await seed(admin_pool, B, B_USER, B_WORKSPACE)
+    yield admin_pool
+
+
+async def test_every_tenant_table_has_forced_rls_and_the_restrictive_policy(
+    admin_pool: asyncpg.Pool,
+) -> None:
+    """The matrix below covers every table with a tenant column; nothing is missed."""
+    rows = await admin_pool.fetch(
+        """
+        SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity,
+               (SELECT count(*) FROM pg_policy p
+                 WHERE p.polrelid = c.oid AND NOT p.polpermissive AND p.polcmd = '*'
+                   AND pg_get_expr(p.polqual, p.polrelid) LIKE '%current_setting(''app.tenant_id''%'
+                   AND pg_get_expr(p.polwithcheck, p.polrelid)
+                       LIKE '%current_setting(''app.tenant_id''%') AS restrictive
+          FROM pg_class c
+         WHERE c.relnamespace = 'tenantry'::regnamespace AND c.relkind = 'r'
+           AND (EXISTS (SELECT 1 FROM pg_attribute a
+                         WHERE a.attrelid = c.oid AND a.attname = 'tenant_id')
+                OR c.relname = 'tenants')
+        """
+    )
+    assert sorted(r["relname"] for r in rows) == sorted(TABLE_IDS)
+    for r in rows:
+        assert r["relrowsecurity"] and r["relforcerowsecurity"], r["relname"]
+        assert r["restrictive"] == 1, r["relname"]
+
+
+async def test_no_view_or_materialized_view_runs_with_its_owners_rights(
+    admin_pool: asyncpg.Pool,
+) -> None:
+    rows = await admin_pool.fetch(
+        "SELECT c.relname, c.relkind::text AS kind, c.reloptions FROM pg_class c"
+        " WHERE c.relnamespace = 'tenantry'::regnamespace AND c.relkind IN ('v', 'm')"
+    )
+    assert rows, "the schema has a view to check"
+    for r in rows:
+        assert r["kind"] == "v", f"{r['relname']}: a materialized view has no row security"
+        assert "security_invoker=true" in (r["reloptions"] or []), r["relname"]
+
+
+@pytest.mark.parametrize("table", TABLES, ids=TABLE_IDS)
+async def test_select_sees_only_the_own_tenant(
+    seeded: asyncpg.Pool, pool: asyncpg.Pool, table: Table
+) -> None:
+    async with tenant_tx(pool, A) as tx:
+        seen = await tx.fetch(f"SELECT {table.column} AS t FROM tenantry.{table.name}")
+        aimed = await tx.fetchval(
+            f"SELECT count(*) FROM tenantry.{table.name} WHERE {table.column} = $1", B
+        )
+    assert {r["t"] for r in seen} == {A}
+    assert aimed == 0
+
+
+@pytest.mark.parametrize("context", [None, ""], ids=["unset", "empty"])
+@pytest.mark.parametrize("table", TABLES, ids=TABLE_IDS)
+async def test_no_context_sees_and_writes_nothing(
+    seeded: asyncpg.Pool, pool: asyncpg.Pool, table: Table, context: str | None
+) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        if context is not None:
+            await conn.execute("SELECT set_config('app.tenant_id', $1, true)", context)
+        assert await conn.fetchval(f"SELECT count(*) FROM tenantry.{table.name}") == 0
+        assert (
+            await conn.execute(f"UPDATE tenantry.{table.name} SET {table.column} = {table.column}")
+            == "UPDATE 0"
+        )
+        assert await conn.execute(f"DELETE FROM tenantry.{table.name}") == "DELETE 0"
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+            await conn.execute(table.insert, A)
+    assert await seeded.fetchval(f"SELECT count(*) FROM tenantry.{table.name}") == 2
+
+
+@pytest.mark.parametrize("table", TABLES, ids=TABLE_IDS)
+async def test_cannot_insert_update_or_delete_another_tenants_rows(
+    seeded: asyncpg.Pool, pool: asyncpg.Pool, table: Table
+) -> None:
+    before = await seeded.fetch(f"SELECT * FROM tenantry.{table.name} WHERE {table.column} = $1", B)
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+            async with tenant_tx_on(conn, A):
+                await conn.execute(table.insert, B)
+        async with tenant_tx_on(conn, A):
+            col = table.column
+            updated = await conn.execute(
+                f"UPDATE tenantry.{table.name} SET {col} = {col} WHERE {col} = $1", B
+            )
+            deleted = await conn.execute(f"DELETE FROM tenantry.{table.name} WHERE {col} = $1", B)
+        assert (updated, deleted) == ("UPDATE 0", "DELETE 0")
+        # Moving an own row into B is refused too (WITH CHECK on the new row).
+        with pytest.raises(asyncpg.PostgresError):
+            async with tenant_tx_on(conn, A):
+                await conn.execute(f"UPDATE tenantry.{table.name} SET {col} = $1", B)
+    after = await seeded.fetch(f"SELECT * FROM tenantry.{table.name} WHERE {table.column} = $1", B)
+    assert after == before
+
+
+@pytest.mark.parametrize("table", TABLES, ids=TABLE_IDS)
+async def test_copy_out_shows_only_the_own_tenant_and_copy_in_is_refused(
+    seeded: asyncpg.Pool, pool: asyncpg.Pool, table: Table
+) -> None:
+    async with pool.acquire() as conn:
+        async with tenant_tx_on(conn, A):
+            out = io.BytesIO()
+            await conn.copy_from_table(
+                table.name, schema_name="tenantry", columns=[table.column], output=out
+            )
+        assert out.getvalue().decode().split() == [str(A)]
+        with pytest.raises(asyncpg.FeatureNotSupportedError, match="row-level security"):
+            async with tenant_tx_on(conn, A):
+                await conn.copy_to_table(
+                    table.name,
+                    schema_name="tenantry",
+                    columns=[table.column],
+                    source=io.BytesIO(f"{B}\n".encode()),
+                )
+
+
+async def test_unique_keys_do_not_reveal_another_tenants_values(
+    seeded: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    """B holds this email, workspace slug, key hash and dedup key: A can use them all,
+    so no unique violation tells A that they exist."""
+    for table in ("memberships", "users", "workspaces", "api_keys", "jobs"):
+        await seeded.execute(f"DELETE FROM tenantry.{table} WHERE tenant_id = $1", A)
+    async with tenant_tx(pool, A) as tx:
+        await tx.execute(
+            "INSERT INTO tenantry.users (tenant_id, id, email) VALUES ($1, $2, $3)",
+            A,
+            uuid.uuid4(),
+            SHARED_EMAIL.upper(),
+        )
+        await tx.execute(
+            "INSERT INTO tenantry.workspaces (tenant_id, id, slug, name) VALUES ($1, $2, $3, 'x')",
+            A,
+            uuid.uuid4(),
+            SHARED_SLUG,
+        )
+        await tx.execute(
+            "INSERT INTO tenantry.api_keys (tenant_id, secret_hash) VALUES ($1, $2)",
+            A,
+            SHARED_HASH,
+        )
+    b_job = await seeded.fetchval("SELECT id FROM tenantry.jobs WHERE tenant_id = $1", B)
+    a_job = await jobs.enqueue(pool, tenant_id=A, kind="k", dedup_key="same-key")
+    assert a_job != b_job  # a new job, not B's live one
+    # The keys do work within a tenant (on the normalised email, too).
+    with pytest.raises(asyncpg.UniqueViolationError):
+        async with tenant_tx(pool, A) as tx:
+            await tx.execute(
+                "INSERT INTO tenantry.users (tenant_id, id, email) VALUES ($1, $2, $3)",
+                A,
+                uuid.uuid4(),
+                SHARED_EMAIL,
+            )
+
+
+async def test_foreign_keys_do_not_reveal_another_tenants_rows(
+    seeded: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    """Pointing at B's workspace fails exactly as pointing at no workspace does."""
+
+    async def membership_error(workspace: uuid.UUID) -> str:
+        a_user = await seeded.fetchval("SELECT id FROM tenantry.users WHERE tenant_id = $1", A)
+        with pytest.raises(asyncpg.ForeignKeyViolationError) as err:
+            async with tenant_tx(pool, A) as tx:
+                await tx.execute(
+                    "INSERT INTO tenantry.memberships (tenant_id, workspace_id, user_id, role)"
+                    " VALUES ($1, $2, $3, 'owner')",
+                    A,
+                    workspace,
+                    a_user,
+                )
+        return str(err.value.detail).replace(str(workspace), "<id>")
+
+    missing = uuid.uuid4()
+    assert await membership_error(B_WORKSPACE) == await membership_error(missing)
+
+
+async def test_sql_enqueue_is_bound_to_the_context(
+    seeded: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    async with pool.acquire() as conn:
+        for context in (A, None):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+                async with conn.transaction():
+                    if context is not None:
+                        await conn.execute(
+                            "SELECT set_config('app.tenant_id', $1, true)", str(context)
+                        )
+                    await conn.execute("SELECT tenantry.enqueue($1, 'k')", B)
+        async with tenant_tx_on(conn, A):
+            assert await conn.fetchval("SELECT tenantry.enqueue($1, 'k')", A) is not None
+    assert await seeded.fetchval("SELECT count(*) FROM tenantry.jobs WHERE tenant_id = $1", B) == 1
+
+
+# --- the service's login -----------------------------------------------------------
+
+
+async def test_service_login_cannot_escape_row_level_security(
+    seeded: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    async with pool.acquire() as conn:
+        for role in ("tenantry_owner", "tenantry_system", "postgres"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(f"SET ROLE {role}")
+        for ddl in (
+            "ALTER TABLE tenantry.users DISABLE ROW LEVEL SECURITY",
+            "ALTER TABLE tenantry.users NO FORCE ROW LEVEL SECURITY",
+            "DROP POLICY tenant_isolation ON tenantry.users",
+            "CREATE POLICY open ON tenantry.users USING (true)",
+            "ALTER TABLE tenantry.users OWNER TO tenantry_app",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(ddl)
+        # row_security = off does not bypass: the query fails instead.
+        await conn.execute("SET row_security = off")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+            await conn.fetch("SELECT * FROM tenantry.users")
+        await conn.execute("RESET row_security")
+        # Cross-tenant functions of our own are the only way across, and the service
+        # cannot define one: it may not create anything in the schema.
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(
+                "CREATE FUNCTION tenantry.peek() RETURNS int LANGUAGE sql AS 'SELECT 1'"
+            )
+        await roles.check_login(conn)  # and the startup check agrees
+
+
+async def test_reset_all_and_commit_end_the_context(
+    seeded: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    async with pool.acquire() as conn:
+        async with tenant_tx_on(conn, A):
+            assert await conn.fetchval("SELECT count(*) FROM tenantry.users") == 1
+            await conn.execute("RESET ALL")
+            assert await conn.fetchval("SELECT count(*) FROM tenantry.users") == 0
+        async with tenant_tx_on(conn, A):
+            assert await conn.fetchval("SELECT count(*) FROM tenantry.users") == 1
+        # The next transaction on the same connection has no tenant.
+        assert await conn.fetchval("SELECT current_setting('app.tenant_id', true)") in ("", None)
+        assert await conn.fetchval("SELECT count(*) FROM tenantry.users") == 0
+
+
+async def test_pooled_connections_never_carry_a_context_over(
+    admin_pool: asyncpg.Pool, app_url: str
+) -> None:
+    """Many tenants interleaved on a two-connection pool: every transaction sees its
+    own tenant's rows only, and a context-less use right after sees none."""
+    tenants = [uuid.uuid4() for _ in range(12)]
+    for t in tenants:
+        await seed(admin_pool, t, uuid.uuid4(), uuid.uuid4())
+    small = await asyncpg.create_pool(app_url, min_size=2, max_size=2)
+    assert small is not None
+    mixed: list[str] = []
+
+    async def use(t: uuid.UUID, i: int) -> None:
+        async with tenant_tx(small, t) as tx:
+            seen = {r["tenant_id"] for r in await tx.fetch("SELECT tenant_id FROM tenantry.users")}
+            if seen != {t}:
+                mixed.append(f"{t}: saw {seen}")
+            await anyio.lowlevel.checkpoint()  # let the others interleave inside the transaction
+            if i % 3 == 0:
+                raise RuntimeError("rolled back")
+        bare = await small.fetchval("SELECT count(*) FROM tenantry.users")
+        if bare:
+            mixed.append(f"after {t}: a context-less query saw {bare} rows")
+
+    async def run(t: uuid.UUID, i: int) -> None:
+        with contextlib.suppress(RuntimeError):
+            await use(t, i)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(240):
+                tg.start_soon(run, tenants[i % len(tenants)], i)
+    finally:
+        await small.close()
+    assert mixed == []
+
+
+async def test_a_handler_sees_only_its_jobs_tenant(
+    seeded: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    reg = Registry()
+    seen: dict[str, object] = {}
+
+    @reg.handler("k")  # the seeded jobs
+    async def noop(_job: Job) -> None:
+        pass
+
+    @reg.handler("peek")
+    async def peek(job: Job) -> None:
+        async with job.tenant_tx() as tx:
+            seen["own"] = await tx.fetchval("SELECT count(*) FROM tenantry.users")
+            seen["other"] = await tx.fetchval(
+                "SELECT count(*) FROM tenantry.users WHERE tenant_id = $1", B
+            )
+            seen["all_tenants"] = await tx.fetch("SELECT DISTINCT tenant_id FROM tenantry.users")
+            seen["update_other"] = await tx.execute(
+                "UPDATE tenantry.users SET display_name = 'pwned' WHERE tenant_id = $1", B
+            )
+
+    await jobs.enqueue(pool, tenant_id=A, kind="peek")
+    async with running_worker(pool, reg) as (_w, rec):
+        await rec.wait_for(lambda: "update_other" in seen)
+    assert seen["own"] == 1
+    assert seen["other"] == 0
+    assert [r["tenant_id"] for r in seen["all_tenants"]] == [A]  # type: ignore[attr-defined]
+    assert seen["update_other"] == "UPDATE 0"
+    assert (
+        await seeded.fetchval("SELECT display_name FROM tenantry.users WHERE tenant_id = $1", B)
+        == ""
+    )
+
+
+# --- the startup check ---------------------------------------------------------------
+
+
+async def test_startup_check_refuses_unsafe_logins(
+    admin_pool: asyncpg.Pool, database_url: str
+) -> None:
+    async with admin_pool.acquire() as conn:
+        with pytest.raises(InsecureRole, match="is a superuser"):
+            await roles.check_login(conn)
+    suffix = uuid.uuid4().hex[:8]
+    cases = {
+        f"tenantry_t_bypass_{suffix}": ("LOGIN BYPASSRLS", "has BYPASSRLS"),
+        f"tenantry_t_owner_{suffix}": ("LOGIN", "owns the tenantry schema"),
+        f"tenantry_t_become_{suffix}": ("LOGIN", "can SET ROLE to tenantry_system"),
+    }
+    grants = {
+        f"tenantry_t_owner_{suffix}": "tenantry_owner",
+        f"tenantry_t_become_{suffix}": "tenantry_system",
+    }
+    try:
+        for name, (options, _) in cases.items():
+            await admin_pool.execute(f"CREATE ROLE {name} {options}")
+            await admin_pool.execute(f"GRANT tenantry_service TO {name}")
+            if name in grants:
+                await admin_pool.execute(f"GRANT {grants[name]} TO {name}")
+        for name, (_, reason) in cases.items():
+            login = await asyncpg.connect(roles.with_login(database_url, name))
+            try:
+                with pytest.raises(InsecureRole, match=reason):
+                    await roles.check_login(login)
+            finally:
+                await login.close()
+    finally:
+        for name in cases:
+            await admin_pool.execute(f"DROP ROLE IF EXISTS {name}")
+
+
+# --- EXPLAIN: the tenant predicate is an index condition ---------------------------
+
+# Every tenant-scoped statement the package issues, with arguments to plan it with.
+TENANT_STATEMENTS: dict[tuple[str, str], tuple[object, ...]] = {
+    ("service/tenants/queries.sql", "create_tenant"): (A, "a-new", "A", "free"),
+    ("service/tenants/queries.sql", "get_tenant"): (A,),
+    ("service/tenants/queries.sql", "create_key"): (A, "k", b"\x02" * 32),
+    ("service/tenants/queries.sql", "find_key"): (A, b"\x02" * 32),
+    ("service/tenants/queries.sql", "list_keys"): (A,),
+    ("service/tenants/queries.sql", "revoke_key"): (A, 1),
+    ("service/jobs/queries.sql", "complete_one"): (A, 1, "probe"),
+}
+
+
+def _queries(path: str) -> dict[str, str]:
+    q = load(ROOT / path)
+    return {n: q[n] for n in q.names()}
+
+
+async def test_every_tenant_statement_uses_the_tenant_as_an_index_condition(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    tenant_file = "service/tenants/queries.sql"
+    assert {n for f, n in TENANT_STATEMENTS if f == tenant_file} == set(_queries(tenant_file)), (
+        "a tenant statement was added or removed: list it in TENANT_STATEMENTS"
+    )
+    # Enough rows across many tenants that a scan of everything would be the cheap
+    # plan if the tenant predicate could not be used.
+    many = [uuid.uuid4() for _ in range(2000)]
+    await admin_pool.execute(
+        "INSERT INTO tenantry.tenants (id, slug, name)"
+        " SELECT t, 's' || replace(t::text, '-', ''), 'x' FROM unnest($1::uuid[]) t",
+        [A, *many],
+    )
+    await admin_pool.execute(
+        "INSERT INTO tenantry.api_keys (tenant_id, secret_hash)"
+        " SELECT t, sha256((t::text || g)::bytea)"
+        " FROM unnest($1::uuid[]) t, generate_series(1, 2) g",
+        many,
+    )
+    await admin_pool.execute(
+        "INSERT INTO tenantry.jobs (tenant_id, kind) SELECT t, 'k'"
+        " FROM unnest($1::uuid[]) t, generate_series(1, 2)",
+        many,
+    )
+    await admin_pool.execute("ANALYZE")
+    for (path, name), args in TENANT_STATEMENTS.items():
+        sql = _queries(path)[name]
+        async with pool.acquire() as conn:
+            with pytest.raises(_Rollback):
+                async with tenant_tx_on(conn, A):
+                    plan = "\n".join(
+                        r[0] for r in await conn.fetch("EXPLAIN (COSTS OFF) " + sql, *args)
+                    )
+                    raise _Rollback
+        assert "Seq Scan" not in plan, f"{name}:\n{plan}"
+        for line in plan.splitlines():
+            if "Filter:" in line:
+                assert "tenant_id" not in line and "(id = " not in line, f"{name}:\n{plan}"
+        scans = [line for line in plan.splitlines() if "Index" in line and "Scan" in line]
+        conds = [line for line in plan.splitlines() if "Index Cond:" in line]
+        assert len(conds) == len(scans), f"{name}:\n{plan}"
+        for cond in conds:
+            assert "tenant_id =" in cond or "(id =" in cond, f"{name}:\n{plan}"
+
+
+class _Rollback(Exception):
+    pass
