@@ -25,7 +25,7 @@ from . import common
 from .common import Result, fmt_ms, fmt_rate, progress
 
 # The order they run in: the cheap throughput figures first, the long ones last.
-BENCHMARKS = ("drain", "sustained", "latency", "trigger_tax", "noisy")
+BENCHMARKS = ("drain", "sustained", "latency", "trigger_tax", "rls", "noisy")
 
 
 @dataclass(frozen=True)
@@ -188,11 +188,37 @@ def _noisy(r: Result) -> list[Headline]:
     return rows
 
 
+def _rls(r: Result) -> list[Headline]:
+    g = r["goal"]
+    rows = []
+    for clients, c in r["clients"].items():
+        rows.append(
+            Headline(
+                "rls",
+                f"indexed tenant read, {clients} client(s): policy adds, p99",
+                f"{c['policy_adds_p99_ms']:+.3f} ms",
+                f"<= {g['policy_p99_ms_at_most']:g} ms" if clients == "1" else "",
+                common.verdict(g["policy_met"]) if clients == "1" else "-",
+            )
+        )
+        rows.append(
+            Headline(
+                "rls",
+                f"indexed tenant read, {clients} client(s): tenant transaction adds, p99",
+                f"{c['tenant_tx_adds_p99_ms']:+.3f} ms",
+                f"<= {g['tx_p99_ms_at_most']:g} ms" if clients == "1" else "",
+                common.verdict(g["tx_met"]) if clients == "1" else "-",
+            )
+        )
+    return rows
+
+
 HEADLINES: dict[str, Callable[[Result], list[Headline]]] = {
     "drain": _drain,
     "sustained": _sustained,
     "latency": _latency,
     "trigger_tax": _trigger_tax,
+    "rls": _rls,
     "noisy": _noisy,
 }
 
