@@ -67,7 +67,11 @@ def build(
         owner=owner,
         claim_pool=claim_pool,
     )
-    listener = Listener(dsn, {JOBS_CHANNEL: worker.notify}, on_connect=[worker.resync])
+    # LISTEN is session state: behind a transaction-mode pooler it would silently stop
+    # hearing anything, hence a URL of its own (a direct or session-mode connection).
+    listener = Listener(
+        settings.listen_url or dsn, {JOBS_CHANNEL: worker.notify}, on_connect=[worker.resync]
+    )
     periodic = registry.periodic()
     maintenance = Maintenance(
         [LeaseRescuer(pool, worker.notify), CounterPruner(pool, settings.counter_retention_days)],

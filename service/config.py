@@ -24,6 +24,8 @@ class Settings:
     database_url: str | None = None
     # Used only to migrate (create roles, own the schema); DATABASE_URL when unset.
     admin_url: str | None = None
+    # The listener's own connection (LISTEN needs a session); DATABASE_URL when unset.
+    listen_url: str | None = None
     data_dir: Path = Path(".tenantry")
     host: str = "127.0.0.1"
     port: int = 8080
@@ -151,6 +153,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         database_url=_parse(e, "DATABASE_URL", str, None),
         admin_url=_parse(e, "TENANTRY_ADMIN_URL", str, None),
+        listen_url=_parse(e, "TENANTRY_LISTEN_URL", str, None),
         data_dir=_parse(e, "TENANTRY_DATA_DIR", Path, d.data_dir),
         host=_parse(e, "TENANTRY_HOST", str, d.host),
         port=_parse(e, "TENANTRY_PORT", _port, d.port),

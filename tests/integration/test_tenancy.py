@@ -571,3 +571,27 @@ async def test_every_tenant_statement_uses_the_tenant_as_an_index_condition(
 
 class _Rollback(Exception):
     pass
+
+
+async def test_migrate_creates_the_login_once_with_a_hashed_password(
+    admin_pool: asyncpg.Pool, app_url: str
+) -> None:
+    name = f"tenantry_t_login_{uuid.uuid4().hex[:8]}"
+    try:
+        async with admin_pool.acquire() as conn:
+            assert await roles.ensure_login(conn, roles.Login(name, "s3cret-pw"))
+            assert not await roles.ensure_login(conn, roles.Login(name, "s3cret-pw"))
+        row = await admin_pool.fetchrow(
+            "SELECT rolcanlogin, rolsuper, rolbypassrls, rolcreaterole, rolcreatedb, rolpassword,"
+            " pg_has_role(oid, 'tenantry_service', 'MEMBER') AS service"
+            " FROM pg_authid WHERE rolname = $1",
+            name,
+        )
+        assert row is not None
+        assert row["rolcanlogin"] and row["service"]
+        assert not (row["rolsuper"] or row["rolbypassrls"] or row["rolcreaterole"])
+        assert not row["rolcreatedb"]
+        assert row["rolpassword"].startswith("SCRAM-SHA-256$4096:")
+        assert "s3cret" not in row["rolpassword"]
+    finally:
+        await admin_pool.execute(f"DROP ROLE IF EXISTS {name}")

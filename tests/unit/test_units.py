@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -9,10 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service import config, migrate, sql
+from service import config, migrate, roles, sql
 from service.errors import ConfigError
 from service.jobs.backoff import full_jitter
 from service.jobs.registry import Periodic, Policy, Registry
+from service.tenants.keys import new_key, parse_key
 from tests.helpers import FixedRandom
 
 
@@ -111,3 +114,48 @@ def test_migration_file_names_are_checked(tmp_path: Path) -> None:
     (tmp_path / "1_bad.sql").write_text("SELECT 1")
     with pytest.raises(Exception, match="NNNN_name"):
         migrate.discover(tmp_path)
+
+
+def test_database_urls_and_logins() -> None:
+    s = config.from_env(
+        {
+            "DATABASE_URL": "postgresql://app:pw@db/x",
+            "TENANTRY_ADMIN_URL": "postgresql://admin:root@db/x",
+            "TENANTRY_LISTEN_URL": "postgresql://app:pw@db-direct/x",
+        }
+    )
+    assert (s.database_url, s.admin_url, s.listen_url) == (
+        "postgresql://app:pw@db/x",
+        "postgresql://admin:root@db/x",
+        "postgresql://app:pw@db-direct/x",
+    )
+    assert config.from_env({}).admin_url is None
+    assert roles.login_of("postgresql://a%40b:p%3Aw@h:5/d") == roles.Login("a@b", "p:w")
+    assert roles.login_of("postgresql://app@h/d") == roles.Login("app", None)
+    embedded = "postgresql://postgres:@/tenantry?host=/tmp/x"
+    assert (
+        roles.with_login(embedded, "tenantry_app")
+        == "postgresql://tenantry_app@/tenantry?host=/tmp/x"
+    )
+    assert roles.with_login("postgresql://h:5/d", "u", "p") == "postgresql://u:p@h:5/d"
+
+
+def test_scram_verifier_has_postgres_stored_form() -> None:
+    v = roles.scram_verifier("pencil", salt=b"0123456789abcdef")
+    method, rest = v.split("$", 1)
+    iterations_salt, keys = rest.split("$")
+    assert method == "SCRAM-SHA-256"
+    assert iterations_salt == "4096:MDEyMzQ1Njc4OWFiY2RlZg=="
+    stored, server = keys.split(":")
+    assert len(base64.b64decode(stored)) == 32 and len(base64.b64decode(server)) == 32
+    assert "pencil" not in v
+    assert roles.scram_verifier("pencil") != roles.scram_verifier("pencil")  # fresh salt
+
+
+def test_api_keys_name_their_tenant_and_parse_strictly() -> None:
+    tid = uuid.uuid4()
+    key, digest = new_key(tid)
+    parsed = parse_key(key)
+    assert parsed is not None and parsed.tenant_id == tid and parsed.secret_hash == digest
+    for bad in ("", key + "x", key[:-1], key.replace("tnt_", "tnx_"), f"tnt_{tid}_x" * 2):
+        assert parse_key(bad) is None
