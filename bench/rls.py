@@ -195,7 +195,8 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
     async with common.fresh_database(server_url, "rls") as url:
         admin = await db.connect(url)
         try:
-            await roles.ensure_login(admin, roles.Login(roles.DEFAULT_LOGIN, None))
+            login = roles.Login(roles.DEFAULT_LOGIN, None)
+            await roles.ensure_login(admin, login, roles.SERVICE_ROLES)
             progress(f"rls: loading {rows:,} users over {len(tenants)} tenants")
             await load(admin, rows, tenants)
             await common.checkpoint(admin)

@@ -31,7 +31,8 @@ JOBS_CHANNEL = "tenantry_jobs"
 class Service:
     settings: Settings
     dsn: str
-    pool: asyncpg.Pool
+    pool: asyncpg.Pool  # tenant code
+    system_pool: asyncpg.Pool  # the worker's cross-tenant functions
     claim_pool: asyncpg.Pool
     worker: Worker
     listener: Listener
@@ -49,6 +50,8 @@ def build(
     settings: Settings,
     dsn: str,
     pool: asyncpg.Pool,
+    *,
+    system_pool: asyncpg.Pool,
     claim_pool: asyncpg.Pool,
     registry: Registry,
 ) -> Service:
@@ -65,6 +68,7 @@ def build(
             job_timeout=settings.job_timeout,
         ),
         owner=owner,
+        system_pool=system_pool,
         claim_pool=claim_pool,
     )
     # LISTEN is session state: behind a transaction-mode pooler it would silently stop
@@ -74,7 +78,10 @@ def build(
     )
     periodic = registry.periodic()
     maintenance = Maintenance(
-        [LeaseRescuer(pool, worker.notify), CounterPruner(pool, settings.counter_retention_days)],
+        [
+            LeaseRescuer(system_pool, worker.notify),
+            CounterPruner(system_pool, settings.counter_retention_days),
+        ],
         settings.maintenance_interval,
         PeriodicEnqueuer(pool, periodic) if periodic else None,
     )
@@ -91,25 +98,37 @@ def build(
         return checks
 
     http = HttpServer(build_app(Readiness(readiness), pool), settings.host, settings.port)
-    return Service(settings, dsn, pool, claim_pool, worker, listener, http, maintenance)
+    return Service(
+        settings, dsn, pool, system_pool, claim_pool, worker, listener, http, maintenance
+    )
 
 
-async def serve(settings: Settings, dsn: str, registry: Registry) -> int:
+async def serve(settings: Settings, dsn: str, worker_dsn: str, registry: Registry) -> int:
+    """Run the service: `dsn` is the login of tenant code, `worker_dsn` the worker's
+    (the cross-tenant functions); both are checked before anything starts."""
     logger = log.get("app")
     pool = await db.create_pool(dsn, min_size=1, max_size=settings.pool_size)
+    system_pool: asyncpg.Pool | None = None
     claim_pool: asyncpg.Pool | None = None
     try:
         async with pool.acquire() as conn:
-            await roles.check_login(conn)
+            await roles.check_login(conn, "DATABASE_URL", roles.SERVICE_ROLES)
             await check_schema(conn)
-        claim_pool = await db.create_claim_pool(dsn)
-        svc = build(settings, dsn, pool, claim_pool, registry)
+        system_pool = await db.create_pool(
+            worker_dsn, min_size=1, max_size=3, name="tenantry-worker"
+        )
+        async with system_pool.acquire() as conn:
+            await roles.check_login(conn, "TENANTRY_WORKER_URL", roles.WORKER_ROLES)
+        claim_pool = await db.create_claim_pool(worker_dsn)
+        svc = build(
+            settings, dsn, pool, system_pool=system_pool, claim_pool=claim_pool, registry=registry
+        )
         return await run_service(svc)
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            if claim_pool is not None:
-                await claim_pool.close()
-            await pool.close()
+            for p in (claim_pool, system_pool, pool):
+                if p is not None:
+                    await p.close()
         logger.info("stopped")
 
 

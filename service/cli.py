@@ -169,16 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
 @dataclass(frozen=True)
 class Urls:
     admin: str  # migrations only
-    service: str  # everything else
+    service: str  # tenant code: the tenant tables under row-level security
+    worker: str  # the cross-tenant functions: claims, completions, operator commands
 
 
 def _resolve_urls(settings: config.Settings) -> Urls:
     if settings.database_url:
-        return Urls(settings.admin_url or settings.database_url, settings.database_url)
-    # Embedded: migrate as the cluster's superuser, run as a login of our own that
-    # migrate creates (the socket is private to this user, with trust auth).
-    admin = EmbeddedPostgres(settings.data_dir).start()
-    return Urls(admin, roles.with_login(admin, roles.DEFAULT_LOGIN))
+        service = settings.database_url
+        admin = settings.admin_url or service
+    else:
+        # Embedded: migrate as the cluster's superuser, run as logins of our own that
+        # migrate creates (the socket is private to this user, with trust auth).
+        admin = EmbeddedPostgres(settings.data_dir).start()
+        service = roles.with_login(admin, roles.DEFAULT_LOGIN)
+    return Urls(admin, service, settings.worker_url or roles.worker_url_for(service))
 
 
 def _run_async(fn: Callable[..., Awaitable[int]], *args: Any) -> int:
@@ -225,10 +229,12 @@ def _main(argv: Sequence[str] | None) -> int:
             assert registry is not None
             if settings.migrate_on_start and not args.no_migrate:
                 _run_async(_migrate, urls, False, True)
-            return _run_async(serve, settings, urls.service, registry)
+            return _run_async(serve, settings, urls.service, urls.worker, registry)
         if args.command == "migrate":
             return _run_async(_migrate, urls, args.check)
-        return _run_async(_dispatch, args, urls.service)
+        # Operators' commands see across tenants: the worker's login has those functions.
+        cross_tenant = args.command in ("jobs", "dead")
+        return _run_async(_dispatch, args, urls.worker if cross_tenant else urls.service)
     except (SchemaMismatch, Conflict, NotFound, Invalid, InsecureRole) as exc:
         return _fail(str(exc))
     except TenantryError as exc:
@@ -252,9 +258,17 @@ async def _migrate(urls: Urls, check: bool, quiet: bool = False) -> int:
             _out(st.describe())
             return EXIT_OK if st.current else EXIT_FAILED
         done = [] if st.current else await migrate.migrate(conn)
-        login = roles.login_of(urls.service)
-        if login.user != roles.login_of(urls.admin).user:
-            await roles.ensure_login(conn, login)
+        # With one URL for everything (the service would log in as the admin, and
+        # refuse to start) there are no logins to create.
+        admin_user = roles.login_of(urls.admin).user
+        if roles.login_of(urls.service).user != admin_user:
+            for url, grants in (
+                (urls.service, roles.SERVICE_ROLES),
+                (urls.worker, roles.WORKER_ROLES),
+            ):
+                login = roles.login_of(url)
+                if login.user != admin_user:
+                    await roles.ensure_login(conn, login, grants)
         if not quiet:
             _out(f"applied {len(done)} migration(s)" if done else "schema is current")
         return EXIT_OK

@@ -26,6 +26,9 @@ class Settings:
     admin_url: str | None = None
     # The listener's own connection (LISTEN needs a session); DATABASE_URL when unset.
     listen_url: str | None = None
+    # The worker's login for the cross-tenant functions; derived from DATABASE_URL
+    # (user + "_worker", same password) when unset.
+    worker_url: str | None = None
     data_dir: Path = Path(".tenantry")
     host: str = "127.0.0.1"
     port: int = 8080
@@ -154,6 +157,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         database_url=_parse(e, "DATABASE_URL", str, None),
         admin_url=_parse(e, "TENANTRY_ADMIN_URL", str, None),
         listen_url=_parse(e, "TENANTRY_LISTEN_URL", str, None),
+        worker_url=_parse(e, "TENANTRY_WORKER_URL", str, None),
         data_dir=_parse(e, "TENANTRY_DATA_DIR", Path, d.data_dir),
         host=_parse(e, "TENANTRY_HOST", str, d.host),
         port=_parse(e, "TENANTRY_PORT", _port, d.port),

@@ -36,6 +36,10 @@ class InsecureRole(TenantryError):
     """The service's login could bypass row-level security."""
 
 
+class TenantContextError(TenantryError):
+    """An operation for one tenant was given a transaction of another (or of none)."""
+
+
 class Unauthorized(TenantryError):
     """Missing or invalid credentials."""
 

@@ -1,24 +1,34 @@
 -- Statements about database roles (the login the service runs as).
 
 -- name: login_risks
--- Everything that would let this login escape row-level security: being a superuser,
--- having BYPASSRLS, owning the schema or a table in it (an owner can disable or drop
--- the policies), or being able to become a role that can do any of that.
-SELECT r.rolname AS login,
-       r.rolsuper AS superuser,
-       r.rolbypassrls AS bypassrls,
+-- Everything that would let this login escape row-level security, or reach functions
+-- not meant for it: being a superuser, having BYPASSRLS or CREATEROLE (which can grant
+-- itself any role on PostgreSQL 15), owning the schema or a table in it (an owner can
+-- disable or drop the policies), or being able to become a role that can do any of
+-- that, read or write server files, or call another login's functions ($1: the
+-- tenantry roles this login is meant to hold).  Checked for the session user: a role
+-- set with SET ROLE or a connection option can be left again with RESET ROLE.
+SELECT s.rolname::text AS login,
+       current_user::text AS acting_as,
+       s.rolsuper AS superuser,
+       s.rolbypassrls AS bypassrls,
+       s.rolcreaterole AS createrole,
+       ARRAY(SELECT b.rolname::text FROM pg_catalog.pg_roles b
+              WHERE b.oid <> s.oid
+                AND pg_catalog.pg_has_role(s.oid, b.oid, 'MEMBER')
+                AND (b.rolsuper OR b.rolbypassrls OR b.rolcreaterole
+                     OR b.rolname IN ('pg_read_server_files', 'pg_write_server_files',
+                                      'pg_execute_server_program')
+                     OR (b.rolname LIKE 'tenantry\_%' AND b.rolname <> ALL ($1::text[])))
+              ORDER BY b.rolname) AS can_become,
        EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n
                 WHERE n.nspname = 'tenantry'
-                  AND pg_catalog.pg_has_role(r.oid, n.nspowner, 'MEMBER'))
+                  AND pg_catalog.pg_has_role(s.oid, n.nspowner, 'MEMBER'))
        OR EXISTS (SELECT 1 FROM pg_catalog.pg_class c
                    WHERE c.relnamespace = 'tenantry'::regnamespace
-                     AND pg_catalog.pg_has_role(r.oid, c.relowner, 'MEMBER')) AS owner,
-       ARRAY(SELECT b.rolname::text FROM pg_catalog.pg_roles b
-              WHERE b.oid <> r.oid AND (b.rolsuper OR b.rolbypassrls)
-                AND pg_catalog.pg_has_role(r.oid, b.oid, 'MEMBER')
-              ORDER BY b.rolname) AS can_become
-  FROM pg_catalog.pg_roles r
- WHERE r.rolname = current_user
+                     AND pg_catalog.pg_has_role(s.oid, c.relowner, 'MEMBER')) AS owner
+  FROM pg_catalog.pg_roles s
+ WHERE s.rolname = session_user
 
 -- name: role_exists
 SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1::text)
@@ -29,5 +39,6 @@ SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATER
               $1::text)
        || CASE WHEN $2::text IS NULL THEN '' ELSE format(' PASSWORD %L', $2::text) END
 
--- name: grant_service
-SELECT format('GRANT tenantry_service TO %I', $1::text)
+-- name: grant_roles
+SELECT format('GRANT %s TO %I',
+              (SELECT string_agg(quote_ident(r), ', ') FROM unnest($2::text[]) r), $1::text)

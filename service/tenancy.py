@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 import asyncpg
 
 from .db import Conn, Executor
-from .errors import Invalid
+from .errors import Invalid, TenantContextError
 
 
 def parse_tenant_id(value: object) -> uuid.UUID:
@@ -56,14 +56,21 @@ async def tenant_tx(pool: asyncpg.Pool, tenant_id: object) -> AsyncIterator[Conn
 @asynccontextmanager
 async def tenant_scope(executor: Executor, tenant_id: object) -> AsyncIterator[Conn]:
     """The tenant's context for one operation.  A connection already in a transaction
-    is used as it is: the caller opened it (with `tenant_tx`) and the operation joins
-    it; if its context names another tenant, or none, row-level security refuses the
-    rows.  A pool, or an idle connection, gets a tenant transaction of its own."""
+    joins it, after checking that the transaction is this tenant's (a mismatch is a
+    caller's bug: better an error than rows that silently are not there).  A pool, or
+    an idle connection, gets a tenant transaction of its own."""
+    tid = parse_tenant_id(tenant_id)
     if isinstance(executor, asyncpg.Pool):
-        async with tenant_tx(executor, tenant_id) as tx:
+        async with tenant_tx(executor, tid) as tx:
             yield tx
     elif executor.is_in_transaction():
+        current = await executor.fetchval("SELECT current_setting('app.tenant_id', true)")
+        if current != str(tid):
+            raise TenantContextError(
+                f"the open transaction is in tenant context {current or '(none)'!r},"
+                f" not {str(tid)!r}: open it with tenant_tx for this tenant"
+            )
         yield executor
     else:
-        async with tenant_tx_on(executor, tenant_id) as tx:
+        async with tenant_tx_on(executor, tid) as tx:
             yield tx

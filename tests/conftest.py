@@ -59,7 +59,10 @@ async def template_db(server_url: str) -> AsyncIterator[str]:
         conn = await db.connect(with_database(server_url, name))
         try:
             await migrate.migrate(conn)
-            await roles.ensure_login(conn, roles.Login(roles.DEFAULT_LOGIN, None))
+            service = roles.Login(roles.DEFAULT_LOGIN, None)
+            await roles.ensure_login(conn, service, roles.SERVICE_ROLES)
+            worker = roles.Login(roles.DEFAULT_LOGIN + roles.WORKER_SUFFIX, None)
+            await roles.ensure_login(conn, worker, roles.WORKER_ROLES)
         finally:
             await conn.close()
         yield name
@@ -105,6 +108,22 @@ def app_url(database_url: str) -> str:
 async def pool(app_url: str) -> AsyncIterator[asyncpg.Pool]:
     """The service's pool, logged in as the service role."""
     p = await db.create_pool(app_url, min_size=1, max_size=10)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@pytest.fixture
+def worker_url(app_url: str) -> str:
+    """The worker's login (the cross-tenant functions), as the service derives it."""
+    return roles.worker_url_for(app_url)
+
+
+@pytest.fixture
+async def worker_pool(worker_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """The worker's pool: outcomes, rescue, statistics, the dead-letter commands."""
+    p = await db.create_pool(worker_url, min_size=1, max_size=4)
     try:
         yield p
     finally:

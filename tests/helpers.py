@@ -73,6 +73,7 @@ class FixedRandom:
 @asynccontextmanager
 async def running_worker(
     pool: asyncpg.Pool,
+    worker_pool: asyncpg.Pool,
     registry: Registry,
     *,
     queues: dict[str, int] | None = None,
@@ -90,6 +91,7 @@ async def running_worker(
         cfg,
         owner=owner or f"test-{uuid.uuid4().hex[:8]}",
         hook=rec,
+        system_pool=worker_pool,
         clock=clock,
         rnd=rnd,
     )

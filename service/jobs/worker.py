@@ -201,7 +201,7 @@ class QueueLoop:
 
     async def _refresh_due(self) -> None:
         try:
-            async with self.w.pool.acquire() as conn:
+            async with self.w.system_pool.acquire() as conn:
                 row = await conn.fetchrow(Q["next_due"], [self.queue])
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             return
@@ -224,11 +224,16 @@ class Worker:
         clock: Clock | None = None,
         rnd: Random | None = None,
         hook: Hook | None = None,
+        system_pool: asyncpg.Pool | None = None,
         claim_pool: asyncpg.Pool | None = None,
     ) -> None:
+        # Handlers get connections from `pool` (tenant code's login: row-level
+        # security, no cross-tenant function).  Outcomes and the next-due query go
+        # through `system_pool` (the worker's login); claims and heartbeats through
+        # `claim_pool` (the worker's login with `db.CLAIM_SETTINGS`).
         self.pool = pool
-        # Claims and heartbeats: `db.CLAIM_SETTINGS` connections when given.
-        self.claim_pool = claim_pool or pool
+        self.system_pool = system_pool or pool
+        self.claim_pool = claim_pool or self.system_pool
         self.registry = registry
         self.config = config
         self.owner = owner or f"worker-{uuid.uuid4()}"
@@ -237,7 +242,7 @@ class Worker:
         self.hook = hook
         self.stopping = False
         self.loops = {q: QueueLoop(self, q, n) for q, n in config.queues.items()}
-        self.writer = OutcomeWriter(pool, self.owner, on_flushed=self._flushed)
+        self.writer = OutcomeWriter(self.system_pool, self.owner, on_flushed=self._flushed)
         # One plain asyncio task per running job, not an anyio task group: the group's
         # spawn, cancel scope and fail_after cost more than the no-op job itself (they
         # were about half of the worker's CPU in the drain benchmark's profile).

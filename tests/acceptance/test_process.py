@@ -8,6 +8,7 @@ import socket
 import aiohttp
 import asyncpg
 
+from service import roles
 from service.jobs import queue as jobs
 from tests.acceptance.process import ServiceProcess
 from tests.helpers import TENANT_A, one
@@ -158,7 +159,9 @@ async def test_refuses_to_run_as_a_login_that_bypasses_row_level_security(
 ) -> None:
     """The deployment mistake of one superuser URL for everything: the service
     refuses to start, says why and how to fix it, and leaks no password."""
-    svc = await ServiceProcess.start(database_url, DATABASE_URL=database_url)
+    # With a password in the URL (trust auth ignores it): it must not be echoed.
+    with_password = roles.with_login(database_url, roles.login_of(database_url).user, "hunter2")
+    svc = await ServiceProcess.start(database_url, DATABASE_URL=with_password)
     try:
         code = await svc.wait_exit()
     finally:
@@ -168,3 +171,4 @@ async def test_refuses_to_run_as_a_login_that_bypasses_row_level_security(
     assert "is a superuser" in message
     assert "TENANTRY_ADMIN_URL" in message and "NOBYPASSRLS" in message
     assert not any("Traceback" in line for line in svc.raw), svc.raw
+    assert not any("hunter2" in line for line in svc.raw), svc.raw

@@ -18,7 +18,7 @@ from tests.helpers import TENANT_A, FakeClock, running_worker
 
 
 async def test_notify_wakes_an_idle_worker_without_polling(
-    pool: asyncpg.Pool, database_url: str
+    worker_pool: asyncpg.Pool, pool: asyncpg.Pool, database_url: str
 ) -> None:
     reg = Registry()
 
@@ -27,7 +27,7 @@ async def test_notify_wakes_an_idle_worker_without_polling(
         return None
 
     # A one-hour poll: only the notification can start the job in time.
-    async with running_worker(pool, reg, poll_interval=3600) as (w, rec):
+    async with running_worker(pool, worker_pool, reg, poll_interval=3600) as (w, rec):
         listener = Listener(database_url, {"tenantry_jobs": w.notify}, [w.resync])
         async with anyio.create_task_group() as tg:
             await tg.start(listener.run)
@@ -38,7 +38,7 @@ async def test_notify_wakes_an_idle_worker_without_polling(
 
 
 async def test_listener_reconnects_after_backend_is_terminated(
-    admin_pool: asyncpg.Pool, pool: asyncpg.Pool, database_url: str
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool, database_url: str
 ) -> None:
     reg = Registry()
     done: list[int] = []
@@ -47,7 +47,7 @@ async def test_listener_reconnects_after_backend_is_terminated(
     async def n(job: Job) -> None:
         done.append(job.payload["i"])
 
-    async with running_worker(pool, reg, poll_interval=3600) as (w, rec):
+    async with running_worker(pool, worker_pool, reg, poll_interval=3600) as (w, rec):
         listener = Listener(
             database_url, {"tenantry_jobs": w.notify}, [w.resync], ping_interval=0.2
         )

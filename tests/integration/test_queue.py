@@ -22,7 +22,7 @@ from tests.helpers import TENANT_A, TENANT_B, FakeClock, FixedRandom, one, runni
 
 
 async def test_sql_enqueue_in_foreign_transaction_runs_once_after_commit(
-    admin_pool: asyncpg.Pool, pool: asyncpg.Pool, database_url: str
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool, database_url: str
 ) -> None:
     seen: list[int] = []
     reg = Registry()
@@ -33,7 +33,7 @@ async def test_sql_enqueue_in_foreign_transaction_runs_once_after_commit(
 
     other = await db.connect(database_url)
     try:
-        async with running_worker(pool, reg) as (_w, rec):
+        async with running_worker(pool, worker_pool, reg) as (_w, rec):
             tx = other.transaction()
             await tx.start()
             job_id = await other.fetchval(
@@ -80,7 +80,9 @@ async def test_dedup_key_returns_live_job(admin_pool: asyncpg.Pool, pool: asyncp
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 2
 
 
-async def test_dedup_key_is_free_again_after_the_job_finished(pool: asyncpg.Pool) -> None:
+async def test_dedup_key_is_free_again_after_the_job_finished(
+    worker_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     reg = Registry()
 
     @reg.handler("k")
@@ -88,7 +90,7 @@ async def test_dedup_key_is_free_again_after_the_job_finished(pool: asyncpg.Pool
         return None
 
     first = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="k", dedup_key="d")
-    async with running_worker(pool, reg) as (_w, rec):
+    async with running_worker(pool, worker_pool, reg) as (_w, rec):
         await rec.wait_flushed(1)
     second = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="k", dedup_key="d")
     assert second != first
@@ -125,7 +127,7 @@ async def test_enqueue_rejects_bad_input_and_writes_nothing(
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
 
 
-async def test_priority_then_run_at_order(pool: asyncpg.Pool) -> None:
+async def test_priority_then_run_at_order(worker_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
     order: list[str] = []
     reg = Registry()
 
@@ -136,12 +138,14 @@ async def test_priority_then_run_at_order(pool: asyncpg.Pool) -> None:
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="p", payload={"name": "low-old"}, priority=0)
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="p", payload={"name": "high"}, priority=5)
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="p", payload={"name": "low-new"}, priority=0)
-    async with running_worker(pool, reg, queues={"default": 1}) as (_w, rec):
+    async with running_worker(pool, worker_pool, reg, queues={"default": 1}) as (_w, rec):
         await rec.wait_flushed(3)
     assert order == ["high", "low-old", "low-new"]
 
 
-async def test_queues_are_separate(admin_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
+async def test_queues_are_separate(
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     ran: list[str] = []
     reg = Registry()
 
@@ -151,14 +155,16 @@ async def test_queues_are_separate(admin_pool: asyncpg.Pool, pool: asyncpg.Pool)
 
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="a", queue="alpha")
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="a", queue="beta")
-    async with running_worker(pool, reg, queues={"alpha": 2}) as (_w, rec):
+    async with running_worker(pool, worker_pool, reg, queues={"alpha": 2}) as (_w, rec):
         await rec.wait_flushed(1)
     assert ran == ["a"]
     left = await admin_pool.fetch("SELECT queue FROM tenantry.jobs")
     assert [r["queue"] for r in left] == ["beta"]
 
 
-async def test_delayed_job_starts_on_time(admin_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
+async def test_delayed_job_starts_on_time(
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     reg = Registry()
     started_at: list[float] = []
 
@@ -167,7 +173,7 @@ async def test_delayed_job_starts_on_time(admin_pool: asyncpg.Pool, pool: asyncp
         started_at.append(anyio.current_time())
 
     # Long poll interval: only the worker's own due-time timer can start it on time.
-    async with running_worker(pool, reg, poll_interval=30) as (w, rec):
+    async with running_worker(pool, worker_pool, reg, poll_interval=30) as (w, rec):
         await w.loops["default"]._refresh_due()  # what every poll does
         due = await admin_pool.fetchval("SELECT now() + interval '700 milliseconds'")
         await jobs.enqueue(pool, tenant_id=TENANT_A, kind="later", run_at=due)
@@ -181,7 +187,7 @@ async def test_delayed_job_starts_on_time(admin_pool: asyncpg.Pool, pool: asyncp
 
 
 async def test_retry_schedule_uses_injected_clock_and_random(
-    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     clock = FakeClock()
     reg = Registry()
@@ -191,7 +197,10 @@ async def test_retry_schedule_uses_injected_clock_and_random(
         raise RuntimeError("boom")
 
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="flaky")
-    async with running_worker(pool, reg, clock=clock, rnd=FixedRandom(0.5)) as (_w, rec):
+    async with running_worker(pool, worker_pool, reg, clock=clock, rnd=FixedRandom(0.5)) as (
+        _w,
+        rec,
+    ):
         await rec.wait_flushed(1)
     row = await one(admin_pool, "SELECT * FROM tenantry.jobs")
     # attempt 1 failed: delay = 0.5 * min(100, 2 * 2**0) = 1.0 s after the clock's now
@@ -205,7 +214,7 @@ async def test_retry_schedule_uses_injected_clock_and_random(
 
 
 async def test_exhausted_job_is_dead_lettered_with_every_error(
-    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     reg = Registry()
 
@@ -214,12 +223,12 @@ async def test_exhausted_job_is_dead_lettered_with_every_error(
         raise ValueError(f"attempt {job.attempt}")
 
     job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="bad")
-    async with running_worker(pool, reg, poll_interval=0.05) as (_w, rec):
+    async with running_worker(pool, worker_pool, reg, poll_interval=0.05) as (_w, rec):
         await rec.wait_for(
             lambda: any(isinstance(o, Bury) for d in rec.named("flushed") for o in d["outcomes"])
         )
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
-    dead = await jobs.dead_show(pool, job_id)
+    dead = await jobs.dead_show(worker_pool, job_id)
     assert dead["reason"] == "exhausted"
     assert dead["attempts"] == 3
     assert [e["error"] for e in dead["errors"]] == [
@@ -228,14 +237,14 @@ async def test_exhausted_job_is_dead_lettered_with_every_error(
         "ValueError: attempt 3",
     ]
     # Retry from the dead letter table puts it back with fresh attempts.
-    assert await jobs.dead_retry(pool, job_id) == job_id
+    assert await jobs.dead_retry(worker_pool, job_id) == job_id
     row = await one(admin_pool, "SELECT attempts, state FROM tenantry.jobs WHERE id = $1", job_id)
     assert (row["attempts"], row["state"]) == (0, "queued")
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 0
 
 
 async def test_permanent_failure_goes_straight_to_dead_letter(
-    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     reg = Registry()
 
@@ -244,22 +253,26 @@ async def test_permanent_failure_goes_straight_to_dead_letter(
         raise PermanentFailure("address does not exist")
 
     job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="never")
-    async with running_worker(pool, reg) as (_w, rec):
+    async with running_worker(pool, worker_pool, reg) as (_w, rec):
         await rec.wait_flushed(1)
-    dead = await jobs.dead_show(pool, job_id)
+    dead = await jobs.dead_show(worker_pool, job_id)
     assert (dead["reason"], dead["attempts"]) == ("permanent", 1)
-    await jobs.dead_discard(pool, job_id)
+    await jobs.dead_discard(worker_pool, job_id)
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 0
 
 
-async def test_unknown_kind_is_dead_lettered_not_dropped(pool: asyncpg.Pool) -> None:
+async def test_unknown_kind_is_dead_lettered_not_dropped(
+    worker_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="nobody-handles-this")
-    async with running_worker(pool, Registry()) as (_w, rec):
+    async with running_worker(pool, worker_pool, Registry()) as (_w, rec):
         await rec.wait_flushed(1)
-    assert (await jobs.dead_show(pool, job_id))["reason"] == "unknown_kind"
+    assert (await jobs.dead_show(worker_pool, job_id))["reason"] == "unknown_kind"
 
 
-async def test_snooze_does_not_use_an_attempt(admin_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
+async def test_snooze_does_not_use_an_attempt(
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     clock = FakeClock()
     reg = Registry()
 
@@ -268,7 +281,7 @@ async def test_snooze_does_not_use_an_attempt(admin_pool: asyncpg.Pool, pool: as
         raise Snooze(60)
 
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="wait")
-    async with running_worker(pool, reg, clock=clock) as (_w, rec):
+    async with running_worker(pool, worker_pool, reg, clock=clock) as (_w, rec):
         await rec.wait_flushed(1)
     row = await one(admin_pool, "SELECT * FROM tenantry.jobs")
     assert row["attempts"] == 0
@@ -278,7 +291,7 @@ async def test_snooze_does_not_use_an_attempt(admin_pool: asyncpg.Pool, pool: as
 
 
 async def test_timeout_cancels_and_counts_as_failed_attempt(
-    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     reg = Registry()
     cancelled = anyio.Event()
@@ -291,7 +304,7 @@ async def test_timeout_cancels_and_counts_as_failed_attempt(
             cancelled.set()
 
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="slow")
-    async with running_worker(pool, reg) as (_w, rec):
+    async with running_worker(pool, worker_pool, reg) as (_w, rec):
         await rec.wait_flushed(1)
     assert cancelled.is_set()
     row = await one(admin_pool, "SELECT * FROM tenantry.jobs")
@@ -299,18 +312,24 @@ async def test_timeout_cancels_and_counts_as_failed_attempt(
     assert row["last_error"] == "timed out after 0.2s"
 
 
-async def test_lease_rescue_after_worker_dies(admin_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
+async def test_lease_rescue_after_worker_dies(
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     """A worker claims and then vanishes without heartbeating: the rescuer requeues the
     job once its lease expires, and another worker completes it."""
     job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="work")
     dead_worker = Worker(
-        pool, Registry(), WorkerConfig(queues={"default": 1}, lease_seconds=30), owner="doomed"
+        pool,
+        Registry(),
+        WorkerConfig(queues={"default": 1}, lease_seconds=30),
+        owner="doomed",
+        system_pool=worker_pool,
     )
     rows = await dead_worker.claim("default", 1, NIL)
     assert rows is not None and [r["id"] for r in rows] == [job_id]
     # The "doomed" worker never heartbeats or completes.  Its lease has not expired yet:
     rescued: list[str] = []
-    rescuer = LeaseRescuer(pool, rescued.append)
+    rescuer = LeaseRescuer(worker_pool, rescued.append)
     assert await rescuer.run_once() == 0
     # ...now it has (time moved on: the acceptance test waits for a real expiry).
     await admin_pool.execute("UPDATE tenantry.jobs SET lease_expires_at = now() - interval '1 ms'")
@@ -327,7 +346,7 @@ async def test_lease_rescue_after_worker_dies(admin_pool: asyncpg.Pool, pool: as
     async def work(job: Job) -> None:
         ran.append(job.attempt)
 
-    async with running_worker(pool, reg) as (_w, rec):
+    async with running_worker(pool, worker_pool, reg) as (_w, rec):
         await rec.wait_flushed(1)
     assert ran == [2]
     # The dead worker's late completion must not touch a job it no longer owns.
@@ -335,28 +354,32 @@ async def test_lease_rescue_after_worker_dies(admin_pool: asyncpg.Pool, pool: as
 
 
 async def test_rescued_job_past_its_last_attempt_is_buried(
-    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="w", max_attempts=1)
     w = Worker(
-        pool, Registry(), WorkerConfig(queues={"default": 1}, lease_seconds=30), owner="doomed"
+        pool,
+        Registry(),
+        WorkerConfig(queues={"default": 1}, lease_seconds=30),
+        owner="doomed",
+        system_pool=worker_pool,
     )
     await w.claim("default", 1, NIL)
     await admin_pool.execute("UPDATE tenantry.jobs SET lease_expires_at = now() - interval '1 ms'")
-    assert await LeaseRescuer(pool, lambda _q: None).run_once() == 1
+    assert await LeaseRescuer(worker_pool, lambda _q: None).run_once() == 1
     reg = Registry()
 
     @reg.handler("w")
     async def handler(job: Job) -> None:
         raise AssertionError("must not run a job with no attempts left")
 
-    async with running_worker(pool, reg) as (_w, rec):
+    async with running_worker(pool, worker_pool, reg) as (_w, rec):
         await rec.wait_flushed(1)
-    assert (await jobs.dead_show(pool, job_id))["reason"] == "exhausted"
+    assert (await jobs.dead_show(worker_pool, job_id))["reason"] == "exhausted"
 
 
 async def test_heartbeat_extends_lease_and_cancels_lost_jobs(
-    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     reg = Registry()
     gate = anyio.Event()
@@ -367,7 +390,7 @@ async def test_heartbeat_extends_lease_and_cancels_lost_jobs(
 
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="hold")
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="hold")
-    async with running_worker(pool, reg, lease_seconds=60) as (w, rec):
+    async with running_worker(pool, worker_pool, reg, lease_seconds=60) as (w, rec):
         await rec.wait_for(lambda: len(rec.named("started")) == 2)
         before = await admin_pool.fetch(
             "SELECT id, lease_expires_at FROM tenantry.jobs ORDER BY id"
@@ -390,7 +413,7 @@ async def test_heartbeat_extends_lease_and_cancels_lost_jobs(
 
 
 async def test_graceful_shutdown_releases_unfinished_jobs(
-    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     reg = Registry()
 
@@ -399,7 +422,7 @@ async def test_graceful_shutdown_releases_unfinished_jobs(
         await anyio.sleep_forever()
 
     job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="forever")
-    async with running_worker(pool, reg) as (w, rec):
+    async with running_worker(pool, worker_pool, reg) as (w, rec):
         await rec.wait_for(lambda: len(rec.named("started")) == 1)
         await w.shutdown(grace=0.1)
     assert isinstance(rec.named("flushed")[0]["outcomes"][0], Release)
@@ -409,7 +432,7 @@ async def test_graceful_shutdown_releases_unfinished_jobs(
 
 
 async def test_hard_stop_during_grace_ends_the_shutdown_at_once(
-    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     """Regression: shutdown() and run() both waited for idle, and each replaced the
     other's event, so a hard stop during the grace period left shutdown() waiting for
@@ -422,7 +445,7 @@ async def test_hard_stop_during_grace_ends_the_shutdown_at_once(
 
     for _ in range(3):
         await jobs.enqueue(pool, tenant_id=TENANT_A, kind="forever")
-    async with running_worker(pool, reg) as (w, rec):
+    async with running_worker(pool, worker_pool, reg) as (w, rec):
         await rec.wait_for(lambda: len(rec.named("started")) == 3)
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
@@ -437,7 +460,7 @@ async def test_hard_stop_during_grace_ends_the_shutdown_at_once(
 
 
 async def test_tenant_tx_completes_the_job_in_the_same_transaction(
-    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     await admin_pool.execute("CREATE TABLE public.effects (tenant_id uuid, job_id bigint UNIQUE)")
     await admin_pool.execute("GRANT ALL ON public.effects TO tenantry_service")
@@ -455,7 +478,7 @@ async def test_tenant_tx_completes_the_job_in_the_same_transaction(
             await tx.execute("INSERT INTO public.effects VALUES ($1, $2)", job.tenant_id, job.id)
 
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="effect")
-    async with running_worker(pool, reg) as (_w, rec):
+    async with running_worker(pool, worker_pool, reg) as (_w, rec):
         await rec.wait_for(lambda: len(rec.named("finished")) == 1)
     assert calls == 1
     assert rec.named("finished")[0]["outcome"] is None  # completed inside the handler's tx
@@ -465,7 +488,7 @@ async def test_tenant_tx_completes_the_job_in_the_same_transaction(
 
 
 async def test_tenant_tx_rolls_back_when_lease_was_lost(
-    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     await admin_pool.execute("CREATE TABLE public.effects (job_id bigint)")
     await admin_pool.execute("GRANT ALL ON public.effects TO tenantry_service")
@@ -480,12 +503,14 @@ async def test_tenant_tx_rolls_back_when_lease_was_lost(
             await tx.execute("INSERT INTO public.effects VALUES ($1)", job.id)
 
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="effect")
-    async with running_worker(pool, reg) as (_w, rec):
+    async with running_worker(pool, worker_pool, reg) as (_w, rec):
         await rec.wait_for(lambda: len(rec.named("finished")) == 1)
     assert await admin_pool.fetchval("SELECT count(*) FROM public.effects") == 0
 
 
-async def test_many_jobs_complete_in_batches(admin_pool: asyncpg.Pool, pool: asyncpg.Pool) -> None:
+async def test_many_jobs_complete_in_batches(
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
     reg = Registry()
 
     @reg.handler("noop")
@@ -497,7 +522,7 @@ async def test_many_jobs_complete_in_batches(admin_pool: asyncpg.Pool, pool: asy
         " SELECT $1, 'noop' FROM generate_series(1, 2000)",
         TENANT_A,
     )
-    async with running_worker(pool, reg, queues={"default": 100}) as (_w, rec):
+    async with running_worker(pool, worker_pool, reg, queues={"default": 100}) as (_w, rec):
         await rec.wait_flushed(2000, timeout=30)
     flushes = rec.named("flushed")
     assert all(isinstance(o, Complete) for d in flushes for o in d["outcomes"])
@@ -507,7 +532,7 @@ async def test_many_jobs_complete_in_batches(admin_pool: asyncpg.Pool, pool: asy
 
 
 async def test_stats_report_depth_age_running_failed_dead(
-    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="a")
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="a", queue="mail")
@@ -517,7 +542,7 @@ async def test_stats_report_depth_age_running_failed_dead(
         " 'exhausted', now())",
         TENANT_A,
     )
-    stats = {s.queue: s for s in await jobs.stats(pool)}
+    stats = {s.queue: s for s in await jobs.stats(worker_pool)}
     assert stats["default"].available == 1
     assert stats["mail"].available == 1 and stats["mail"].dead == 1
     assert stats["default"].oldest_age_s >= 0
@@ -543,7 +568,9 @@ async def test_unique_tenant_ids_do_not_collide(
     assert {r["tenant_id"] for r in got} == set(tenants)
 
 
-async def test_a_failing_claim_loop_keeps_the_queue_alive(pool: asyncpg.Pool) -> None:
+async def test_a_failing_claim_loop_keeps_the_queue_alive(
+    pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> None:
     """Regression: an unexpected error in a queue's claim loop (a bench's claim without
     a column the loop reads) ended the worker's run() without setting its done event,
     and shutdown() then waited forever.  Now the loop logs it and carries on."""
@@ -566,7 +593,12 @@ async def test_a_failing_claim_loop_keeps_the_queue_alive(pool: asyncpg.Pool) ->
     async def w(job: Job) -> None:
         ran.set()
 
-    worker = Flaky(pool, reg, WorkerConfig(queues={"default": 2}, poll_interval=0.05))
+    worker = Flaky(
+        pool,
+        reg,
+        WorkerConfig(queues={"default": 2}, poll_interval=0.05),
+        system_pool=worker_pool,
+    )
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="w")
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -577,7 +609,7 @@ async def test_a_failing_claim_loop_keeps_the_queue_alive(pool: asyncpg.Pool) ->
 
 
 async def test_rows_of_a_claim_in_flight_at_shutdown_are_handed_back(
-    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
 ) -> None:
     """Regression: rows returned by a claim that was in flight when shutdown began were
     neither started nor released: they stayed leased until the lease ran out, and the
@@ -600,7 +632,12 @@ async def test_rows_of_a_claim_in_flight_at_shutdown_are_handed_back(
         raise AssertionError("must not start after shutdown began")
 
     job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="w")
-    worker = Slow(pool, reg, WorkerConfig(queues={"default": 2}, poll_interval=0.05))
+    worker = Slow(
+        pool,
+        reg,
+        WorkerConfig(queues={"default": 2}, poll_interval=0.05),
+        system_pool=worker_pool,
+    )
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             await tg.start(worker.run)
@@ -615,7 +652,7 @@ async def test_rows_of_a_claim_in_flight_at_shutdown_are_handed_back(
 
 
 async def test_a_job_dying_again_replaces_its_old_dead_row(
-    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     """Regression: a dead row already holding the job's id (a restored row) made the
     bury fail, and the outcome batch was retried forever, holding up the other jobs
@@ -639,10 +676,10 @@ async def test_a_job_dying_again_replaces_its_old_dead_row(
         job_id,
     )
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="fine")
-    async with running_worker(pool, reg) as (_w, rec):
+    async with running_worker(pool, worker_pool, reg) as (_w, rec):
         await rec.wait_flushed(2)
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
-    dead = await jobs.dead_show(pool, job_id)
+    dead = await jobs.dead_show(worker_pool, job_id)
     assert (dead["reason"], dead["attempts"], dead["last_error"]) == (
         "permanent",
         1,

@@ -16,13 +16,14 @@ import anyio.lowlevel
 import asyncpg
 import pytest
 
-from service import roles
-from service.errors import InsecureRole
+from service import db, migrate, roles
+from service.errors import InsecureRole, TenantContextError
 from service.jobs import queue as jobs
 from service.jobs.model import Job
 from service.jobs.registry import Registry
 from service.sql import load
 from service.tenancy import tenant_tx, tenant_tx_on
+from tests.conftest import with_database
 from tests.helpers import running_worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +92,13 @@ class Table:
     column: str  # the tenant column
     # Inserts one row for tenant $1 (not colliding with the seeded rows).
     insert: str
+    # False: the service's login may not insert or update at all (dead_jobs: only the
+    # worker's bury writes them), which refuses even the tenant's own rows.
+    writable: bool = True
+
+    @property
+    def refusal(self) -> str:
+        return "row-level security" if self.writable else "permission denied"
 
 
 TABLES = [
@@ -135,6 +143,7 @@ TABLES = [
         "INSERT INTO tenantry.dead_jobs (tenant_id, id, queue, kind, payload, priority,"
         " attempts, errors, reason, created_at)"
         " VALUES ($1, 2, 'default', 'k', '{}', 0, 1, '[]', 'permanent', now())",
+        writable=False,
     ),
     Table(
         "job_counters",
@@ -213,13 +222,15 @@ async def test_no_context_sees_and_writes_nothing(
         if context is not None:
             await conn.execute("SELECT set_config('app.tenant_id', $1, true)", context)
         assert await conn.fetchval(f"SELECT count(*) FROM tenantry.{table.name}") == 0
-        assert (
-            await conn.execute(f"UPDATE tenantry.{table.name} SET {table.column} = {table.column}")
-            == "UPDATE 0"
-        )
         assert await conn.execute(f"DELETE FROM tenantry.{table.name}") == "DELETE 0"
-        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
-            await conn.execute(table.insert, A)
+        update = f"UPDATE tenantry.{table.name} SET {table.column} = {table.column}"
+        if table.writable:
+            assert await conn.execute(update) == "UPDATE 0"
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match=table.refusal):
+            if table.writable:
+                await conn.execute(table.insert, A)
+            else:
+                await conn.execute(update)
     assert await seeded.fetchval(f"SELECT count(*) FROM tenantry.{table.name}") == 2
 
 
@@ -228,19 +239,22 @@ async def test_cannot_insert_update_or_delete_another_tenants_rows(
     seeded: asyncpg.Pool, pool: asyncpg.Pool, table: Table
 ) -> None:
     before = await seeded.fetch(f"SELECT * FROM tenantry.{table.name} WHERE {table.column} = $1", B)
+    col = table.column
     async with pool.acquire() as conn:
-        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match=table.refusal):
             async with tenant_tx_on(conn, A):
                 await conn.execute(table.insert, B)
         async with tenant_tx_on(conn, A):
-            col = table.column
-            updated = await conn.execute(
-                f"UPDATE tenantry.{table.name} SET {col} = {col} WHERE {col} = $1", B
-            )
             deleted = await conn.execute(f"DELETE FROM tenantry.{table.name} WHERE {col} = $1", B)
+            updated = "UPDATE 0"
+            if table.writable:
+                updated = await conn.execute(
+                    f"UPDATE tenantry.{table.name} SET {col} = {col} WHERE {col} = $1", B
+                )
         assert (updated, deleted) == ("UPDATE 0", "DELETE 0")
-        # Moving an own row into B is refused too (WITH CHECK on the new row).
-        with pytest.raises(asyncpg.PostgresError):
+        # Moving an own row into B is refused too, by WITH CHECK on the new row (it is
+        # checked before any unique or foreign key).
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match=table.refusal):
             async with tenant_tx_on(conn, A):
                 await conn.execute(f"UPDATE tenantry.{table.name} SET {col} = $1", B)
     after = await seeded.fetch(f"SELECT * FROM tenantry.{table.name} WHERE {table.column} = $1", B)
@@ -258,7 +272,12 @@ async def test_copy_out_shows_only_the_own_tenant_and_copy_in_is_refused(
                 table.name, schema_name="tenantry", columns=[table.column], output=out
             )
         assert out.getvalue().decode().split() == [str(A)]
-        with pytest.raises(asyncpg.FeatureNotSupportedError, match="row-level security"):
+        refused = (
+            asyncpg.FeatureNotSupportedError
+            if table.writable
+            else asyncpg.InsufficientPrivilegeError
+        )
+        with pytest.raises(refused, match=table.refusal):
             async with tenant_tx_on(conn, A):
                 await conn.copy_to_table(
                     table.name,
@@ -376,7 +395,7 @@ async def test_service_login_cannot_escape_row_level_security(
             await conn.execute(
                 "CREATE FUNCTION tenantry.peek() RETURNS int LANGUAGE sql AS 'SELECT 1'"
             )
-        await roles.check_login(conn)  # and the startup check agrees
+        await roles.check_login(conn, "DATABASE_URL", roles.SERVICE_ROLES)  # it agrees
 
 
 async def test_reset_all_and_commit_end_the_context(
@@ -402,7 +421,8 @@ async def test_pooled_connections_never_carry_a_context_over(
     tenants = [uuid.uuid4() for _ in range(12)]
     for t in tenants:
         await seed(admin_pool, t, uuid.uuid4(), uuid.uuid4())
-    small = await asyncpg.create_pool(app_url, min_size=2, max_size=2)
+    # No reset on release: the context must end with its transaction on its own.
+    small = await asyncpg.create_pool(app_url, min_size=2, max_size=2, reset=_no_reset)
     assert small is not None
     mixed: list[str] = []
 
@@ -431,8 +451,12 @@ async def test_pooled_connections_never_carry_a_context_over(
     assert mixed == []
 
 
+async def _no_reset(_conn: object) -> None:
+    pass
+
+
 async def test_a_handler_sees_only_its_jobs_tenant(
-    seeded: asyncpg.Pool, pool: asyncpg.Pool
+    worker_pool: asyncpg.Pool, seeded: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     reg = Registry()
     seen: dict[str, object] = {}
@@ -454,7 +478,7 @@ async def test_a_handler_sees_only_its_jobs_tenant(
             )
 
     await jobs.enqueue(pool, tenant_id=A, kind="peek")
-    async with running_worker(pool, reg) as (_w, rec):
+    async with running_worker(pool, worker_pool, reg) as (_w, rec):
         await rec.wait_for(lambda: "update_other" in seen)
     assert seen["own"] == 1
     assert seen["other"] == 0
@@ -470,37 +494,137 @@ async def test_a_handler_sees_only_its_jobs_tenant(
 
 
 async def test_startup_check_refuses_unsafe_logins(
-    admin_pool: asyncpg.Pool, database_url: str
+    admin_pool: asyncpg.Pool, database_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
 ) -> None:
+    # The two logins as migrated pass, each for its own purpose only.
+    async with pool.acquire() as conn:
+        await roles.check_login(conn, "DATABASE_URL", roles.SERVICE_ROLES)
+        with pytest.raises(InsecureRole):
+            await roles.check_login(conn, "TENANTRY_WORKER_URL", ())
+    async with worker_pool.acquire() as conn:
+        await roles.check_login(conn, "TENANTRY_WORKER_URL", roles.WORKER_ROLES)
+        with pytest.raises(InsecureRole, match="can SET ROLE to tenantry_operator"):
+            await roles.check_login(conn, "DATABASE_URL", roles.SERVICE_ROLES)
     async with admin_pool.acquire() as conn:
         with pytest.raises(InsecureRole, match="is a superuser"):
-            await roles.check_login(conn)
+            await roles.check_login(conn, "DATABASE_URL", roles.SERVICE_ROLES)
+    # A superuser that switches to the service role when it connects is still one.
+    sneaky = await asyncpg.connect(database_url, server_settings={"role": roles.DEFAULT_LOGIN})
+    try:
+        assert await sneaky.fetchval("SELECT current_user") == roles.DEFAULT_LOGIN
+        with pytest.raises(InsecureRole, match="switches to role") as err:
+            await roles.check_login(sneaky, "DATABASE_URL", roles.SERVICE_ROLES)
+        assert "is a superuser" in str(err.value)
+    finally:
+        await sneaky.close()
+
     suffix = uuid.uuid4().hex[:8]
     cases = {
-        f"tenantry_t_bypass_{suffix}": ("LOGIN BYPASSRLS", "has BYPASSRLS"),
-        f"tenantry_t_owner_{suffix}": ("LOGIN", "owns the tenantry schema"),
-        f"tenantry_t_become_{suffix}": ("LOGIN", "can SET ROLE to tenantry_system"),
-    }
-    grants = {
-        f"tenantry_t_owner_{suffix}": "tenantry_owner",
-        f"tenantry_t_become_{suffix}": "tenantry_system",
+        f"t_bypass_{suffix}": ("LOGIN BYPASSRLS", None, "has BYPASSRLS"),
+        f"t_createrole_{suffix}": ("LOGIN CREATEROLE", None, "has CREATEROLE"),
+        f"t_owner_{suffix}": ("LOGIN", "tenantry_owner", "owns the tenantry schema"),
+        f"t_system_{suffix}": ("LOGIN", "tenantry_system", "can SET ROLE to tenantry_system"),
+        f"t_worker_{suffix}": ("LOGIN", "tenantry_worker", "can SET ROLE to tenantry_worker"),
+        f"t_files_{suffix}": (
+            "LOGIN",
+            "pg_write_server_files",
+            "can SET ROLE to pg_write_server_files",
+        ),
     }
     try:
-        for name, (options, _) in cases.items():
+        for name, (options, extra, _) in cases.items():
             await admin_pool.execute(f"CREATE ROLE {name} {options}")
             await admin_pool.execute(f"GRANT tenantry_service TO {name}")
-            if name in grants:
-                await admin_pool.execute(f"GRANT {grants[name]} TO {name}")
-        for name, (_, reason) in cases.items():
+            if extra:
+                await admin_pool.execute(f"GRANT {extra} TO {name}")
+        for name, (_, _, reason) in cases.items():
             login = await asyncpg.connect(roles.with_login(database_url, name))
             try:
                 with pytest.raises(InsecureRole, match=reason):
-                    await roles.check_login(login)
+                    await roles.check_login(login, "DATABASE_URL", roles.SERVICE_ROLES)
             finally:
                 await login.close()
     finally:
         for name in cases:
             await admin_pool.execute(f"DROP ROLE IF EXISTS {name}")
+
+
+async def test_tenant_code_cannot_call_the_cross_tenant_functions(
+    seeded: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    """The login handlers and HTTP requests run on has no EXECUTE on any of them, so
+    no bug in tenant code can claim, complete, inspect or prune another tenant's jobs."""
+    functions = await seeded.fetch(
+        "SELECT p.oid::regprocedure::text AS sig, p.pronargs FROM pg_proc p"
+        " WHERE p.pronamespace = 'tenantry'::regnamespace AND p.prosecdef"
+    )
+    assert len(functions) >= 10
+    async with pool.acquire() as conn:
+        for f in functions:
+            assert not await conn.fetchval(
+                "SELECT has_function_privilege($1, 'EXECUTE')", f["sig"]
+            ), f["sig"]
+        async with tenant_tx_on(conn, A):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.fetch("SELECT * FROM tenantry.dead_jobs_list(10)")
+        # Nor can it forge a dead job (only the worker's bury writes them).
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            async with tenant_tx_on(conn, A):
+                await conn.execute(
+                    "INSERT INTO tenantry.dead_jobs (tenant_id, id, queue, kind, payload,"
+                    " priority, attempts, errors, reason, created_at)"
+                    " VALUES ($1, 99, 'default', 'k', '{}', 0, 1, '[]', 'permanent', now())",
+                    A,
+                )
+        # Nor choose a job's id (operators address dead jobs by id).
+        with pytest.raises(asyncpg.GeneratedAlwaysError):
+            async with tenant_tx_on(conn, A):
+                await conn.execute(
+                    "INSERT INTO tenantry.jobs (tenant_id, id, kind) VALUES ($1, 7, 'k')", A
+                )
+
+
+async def test_migrating_as_a_createrole_admin_that_is_not_a_superuser(
+    admin_pool: asyncpg.Pool, server_url: str
+) -> None:
+    """The managed-Postgres path: the admin can create roles but is no superuser.
+    (The roles exist already in this cluster, as if the admin had created them: it
+    holds them WITH ADMIN OPTION, as PostgreSQL 16+ gives a role's creator.)"""
+    suffix = uuid.uuid4().hex[:8]
+    admin_name, dbname = f"t_admin_{suffix}", f"t_managed_{suffix}"
+    login = roles.Login(f"t_app_{suffix}", "pw")
+    grant_roles = ", ".join(
+        ("tenantry_owner", "tenantry_system", *roles.SERVICE_ROLES, *roles.WORKER_ROLES)
+    )
+    bootstrap = await asyncpg.connect(server_url)
+    try:
+        await bootstrap.execute(f"CREATE ROLE {admin_name} LOGIN CREATEROLE")
+        await bootstrap.execute(f"GRANT {grant_roles} TO {admin_name} WITH ADMIN OPTION")
+        await bootstrap.execute(f"CREATE DATABASE {dbname} OWNER {admin_name}")
+        url = roles.with_login(with_database(server_url, dbname), admin_name)
+        conn = await db.connect(url)
+        try:
+            await migrate.migrate(conn)
+            await roles.ensure_login(conn, login, roles.SERVICE_ROLES)
+            assert (await migrate.status(conn)).current
+            owners = await conn.fetch(
+                "SELECT DISTINCT pg_get_userbyid(relowner) AS o FROM pg_class"
+                " WHERE relnamespace = 'tenantry'::regnamespace AND relkind IN ('r', 'v')"
+            )
+            assert [r["o"] for r in owners] == ["tenantry_owner"]
+        finally:
+            await conn.close()
+        app = await asyncpg.connect(roles.with_login(with_database(server_url, dbname), login.user))
+        try:
+            await roles.check_login(app, "DATABASE_URL", roles.SERVICE_ROLES)
+        finally:
+            await app.close()
+    finally:
+        await bootstrap.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+        for name in (login.user, admin_name):
+            await bootstrap.execute(f"DROP OWNED BY {name} CASCADE")
+            await bootstrap.execute(f"DROP ROLE IF EXISTS {name}")
+        await bootstrap.close()
 
 
 # --- EXPLAIN: the tenant predicate is an index condition ---------------------------
@@ -579,8 +703,9 @@ async def test_migrate_creates_the_login_once_with_a_hashed_password(
     name = f"tenantry_t_login_{uuid.uuid4().hex[:8]}"
     try:
         async with admin_pool.acquire() as conn:
-            assert await roles.ensure_login(conn, roles.Login(name, "s3cret-pw"))
-            assert not await roles.ensure_login(conn, roles.Login(name, "s3cret-pw"))
+            login = roles.Login(name, "s3cret-pw")
+            assert await roles.ensure_login(conn, login, roles.SERVICE_ROLES)
+            assert not await roles.ensure_login(conn, login, roles.SERVICE_ROLES)
         row = await admin_pool.fetchrow(
             "SELECT rolcanlogin, rolsuper, rolbypassrls, rolcreaterole, rolcreatedb, rolpassword,"
             " pg_has_role(oid, 'tenantry_service', 'MEMBER') AS service"
@@ -595,3 +720,20 @@ async def test_migrate_creates_the_login_once_with_a_hashed_password(
         assert "s3cret" not in row["rolpassword"]
     finally:
         await admin_pool.execute(f"DROP ROLE IF EXISTS {name}")
+
+
+async def test_joining_a_transaction_of_another_tenant_is_an_error(
+    seeded: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    async with pool.acquire() as conn:
+        for context in (B, None):
+            with pytest.raises(TenantContextError, match="open it with tenant_tx"):
+                async with conn.transaction():
+                    if context is not None:
+                        await conn.execute(
+                            "SELECT set_config('app.tenant_id', $1, true)", str(context)
+                        )
+                    await jobs.enqueue(conn, tenant_id=A, kind="k")
+        async with tenant_tx_on(conn, A):
+            assert await jobs.enqueue(conn, tenant_id=A, kind="k") > 0
+    assert await seeded.fetchval("SELECT count(*) FROM tenantry.jobs WHERE tenant_id = $1", A) == 2

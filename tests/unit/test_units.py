@@ -138,6 +138,16 @@ def test_database_urls_and_logins() -> None:
         == "postgresql://tenantry_app@/tenantry?host=/tmp/x"
     )
     assert roles.with_login("postgresql://h:5/d", "u", "p") == "postgresql://u:p@h:5/d"
+    assert roles.login_of("postgresql://h/d?user=q&password=s") == roles.Login("q", "s")
+    assert roles.with_login("postgresql://h/d?user=q&password=s&sslmode=require", "u") == (
+        "postgresql://u@h/d?sslmode=require"
+    )
+    assert roles.worker_url_for("postgresql://app:p%40ss@h/d") == (
+        "postgresql://app_worker:p%40ss@h/d"
+    )
+    assert config.from_env({"TENANTRY_WORKER_URL": "postgresql://w@h/d"}).worker_url == (
+        "postgresql://w@h/d"
+    )
 
 
 def test_scram_verifier_has_postgres_stored_form() -> None:
