@@ -19,11 +19,12 @@ spread of tenants (`--drain-tenants`: 1, i.e. A's backlog alone, and 100): once 
 Worker as shipped (the fair claim: a loose index scan over tenants, equal shares), and
 once by a subclass whose `claim` runs a plain FIFO statement instead
 (`... ORDER BY priority DESC, run_at, id LIMIT n FOR UPDATE SKIP LOCKED`, the same
-RETURNING columns): identical worker, listener, outcome writer and pool, only the
-claim statement differs.  Each design gets the index its claim needs and no other:
-the fair rounds use the migrated `jobs_claim_idx` (tenant_id, queue, priority DESC,
-run_at, id); the FIFO rounds drop it and create (queue, priority DESC, run_at, id),
-both partial on state = 'queued'; so neither pays for the other's index maintenance.
+columns, wrapped in a SECURITY DEFINER function like the fair claim): identical
+worker, listener, outcome writer and pool, only the claim differs.  Each design gets
+the index its claim needs and no other: the fair rounds use the migrated
+`jobs_claim_idx` (tenant_id, queue, priority DESC, run_at, id); the FIFO rounds drop it
+and create (queue, priority DESC, run_at, id), both partial on state = 'queued'; so
+neither pays for the other's index maintenance.
 The clock runs from starting the worker until every outcome is flushed (as in
 bench.drain).  The order alternates (fair first, then FIFO first) over
 `--drain-rounds` repetitions and the median is reported.
@@ -61,29 +62,55 @@ TENANT_B = common.tenant(1)
 TRIAL_TIMEOUT = 10.0
 
 # The fair-less baseline: the most urgent rows of the queue, whoever they belong to.
-# Same lock discipline and RETURNING columns as the fair `claim` in queries.sql.
-FIFO_CLAIM = """
-WITH unused AS (
-    -- The fair claim's parameters that FIFO ignores (rotating cursor, per-tenant cap,
-    -- tenants per claim): declared, so both statements take the same arguments.
-    SELECT $5::uuid, $6::integer, $7::integer
-), picked AS (
+# Same lock discipline and columns as the fair `tenantry.claim_jobs`, and wrapped the
+# same way (a PL/pgSQL SECURITY DEFINER function owned by tenantry_system, with the same
+# SET clauses), so that the comparison prices fairness and not the wrapper.  Created in
+# the benchmark's own database only.
+FIFO_FUNCTION = """
+CREATE FUNCTION tenantry.bench_fifo_claim(
+    for_queue text, n integer, owner text, lease_s double precision, after_tenant uuid,
+    tenant_cap integer, max_tenants integer)
+RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload jsonb,
+               priority smallint, attempts integer, max_attempts integer,
+               created_at timestamptz, per_tenant integer)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
+WITH picked AS (
     SELECT j.ctid AS tid
       FROM tenantry.jobs j
      WHERE j.state = 'queued' AND j.queue = $1::text AND j.run_at <= now()
      ORDER BY j.queue, j.priority DESC, j.run_at, j.id
      LIMIT $2::integer
        FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE tenantry.jobs j
+       SET state = 'running',
+           attempts = j.attempts + 1,
+           lease_owner = $3::text,
+           lease_expires_at = now() + make_interval(secs => $4::double precision),
+           started_at = now()
+     WHERE j.ctid = ANY (ARRAY(SELECT p.tid FROM picked p))
+    RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload, j.priority, j.attempts,
+              j.max_attempts, j.created_at
 )
-UPDATE tenantry.jobs j
-   SET state = 'running',
-       attempts = j.attempts + 1,
-       lease_owner = $3::text,
-       lease_expires_at = now() + make_interval(secs => $4::double precision),
-       started_at = now()
- WHERE j.ctid = ANY (ARRAY(SELECT p.tid FROM picked p))
-RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload, j.priority, j.attempts,
-          j.max_attempts, j.created_at, $2::integer AS per_tenant
+SELECT c.tenant_id, c.id, c.queue, c.kind, c.payload, c.priority, c.attempts,
+       c.max_attempts, c.created_at, $2::integer
+  FROM claimed c;
+END;
+$$;
+ALTER FUNCTION tenantry.bench_fifo_claim(text, integer, text, double precision, uuid, integer,
+                                        integer) OWNER TO tenantry_system;
+"""
+# The fair claim's parameters that FIFO ignores (rotating cursor, per-tenant cap, tenants
+# per claim) are passed all the same, so both statements take the same arguments.
+FIFO_CLAIM = """
+SELECT * FROM tenantry.bench_fifo_claim($1::text, $2::integer, $3::text,
+                                        $4::double precision, $5::uuid, $6::integer,
+                                        $7::integer)
 """
 FIFO_INDEX = (
     "CREATE INDEX bench_fifo_claim_idx ON tenantry.jobs (queue, priority DESC, run_at, id)"
@@ -323,6 +350,7 @@ async def drain_part(url: str, args: argparse.Namespace, jobs: int, rounds: int)
             claim_idx_ddl: str = await conn.fetchval(
                 "SELECT pg_get_indexdef('tenantry.jobs_claim_idx'::regclass)"
             )
+            await conn.execute(FIFO_FUNCTION)
         finally:
             await conn.close()
         spreads: list[Result] = []
