@@ -150,31 +150,25 @@ async def measure(
     samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
     rnd = random.Random(clients)
     try:
-        # Untimed warm-up: prepared statements, caches.
-        for variant in VARIANTS:
+
+        async def round_of(variant: str, reads: int, into: list[float]) -> None:
             await one_round(
                 variant,
                 pools[variant],
                 clients=clients,
                 tenants=tenants,
                 rows=args["rows"],
-                reads=200,
+                reads=reads,
                 rnd=rnd,
-                samples=[],
+                samples=into,
             )
+
+        # Untimed warm-up: prepared statements, caches.
+        for variant in VARIANTS:
+            await round_of(variant, 200, [])
         for r in range(args["rounds"]):
-            order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
-            for variant in order:
-                await one_round(
-                    variant,
-                    pools[variant],
-                    clients=clients,
-                    tenants=tenants,
-                    rows=args["rows"],
-                    reads=args["reads"],
-                    rnd=rnd,
-                    samples=samples[variant],
-                )
+            for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+                await round_of(variant, args["reads"], samples[variant])
     finally:
         for p in pools.values():
             await p.close()

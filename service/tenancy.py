@@ -28,6 +28,11 @@ def parse_tenant_id(value: object) -> uuid.UUID:
         raise Invalid("tenant_id", f"{value[:40]!r} is not a UUID") from None
 
 
+# The tenant of each connection inside `tenant_tx_on`, so that an operation joining
+# that transaction (`tenant_scope`) can check its tenant without a round trip.
+_OPEN: dict[int, uuid.UUID] = {}
+
+
 @asynccontextmanager
 async def tenant_tx_on(conn: Conn, tenant_id: object) -> AsyncIterator[Conn]:
     """Run a transaction on `conn` with the tenant context set."""
@@ -35,6 +40,7 @@ async def tenant_tx_on(conn: Conn, tenant_id: object) -> AsyncIterator[Conn]:
     # str(UUID) is canonical hex and dashes: safe to inline, and inlining is what lets
     # BEGIN and set_config share one message.
     await conn.execute(f"BEGIN; SELECT set_config('app.tenant_id', '{tid}', true)")
+    _OPEN[id(conn)] = tid
     try:
         yield conn
     except BaseException:
@@ -43,6 +49,8 @@ async def tenant_tx_on(conn: Conn, tenant_id: object) -> AsyncIterator[Conn]:
         raise
     else:
         await conn.execute("COMMIT")
+    finally:
+        _OPEN.pop(id(conn), None)
 
 
 @asynccontextmanager
@@ -64,7 +72,13 @@ async def tenant_scope(executor: Executor, tenant_id: object) -> AsyncIterator[C
         async with tenant_tx(executor, tid) as tx:
             yield tx
     elif executor.is_in_transaction():
-        current = await executor.fetchval("SELECT current_setting('app.tenant_id', true)")
+        known = _OPEN.get(id(executor))
+        current = (
+            str(known)
+            if known is not None
+            # A transaction the caller opened itself: ask the server.
+            else await executor.fetchval("SELECT current_setting('app.tenant_id', true)")
+        )
         if current != str(tid):
             raise TenantContextError(
                 f"the open transaction is in tenant context {current or '(none)'!r},"

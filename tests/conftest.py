@@ -107,11 +107,8 @@ def app_url(database_url: str) -> str:
 @pytest.fixture
 async def pool(app_url: str) -> AsyncIterator[asyncpg.Pool]:
     """The service's pool, logged in as the service role."""
-    p = await db.create_pool(app_url, min_size=1, max_size=10)
-    try:
+    async with await db.create_pool(app_url, min_size=1, max_size=10) as p:
         yield p
-    finally:
-        await p.close()
 
 
 @pytest.fixture
@@ -123,22 +120,16 @@ def worker_url(app_url: str) -> str:
 @pytest.fixture
 async def worker_pool(worker_url: str) -> AsyncIterator[asyncpg.Pool]:
     """The worker's pool: outcomes, rescue, statistics, the dead-letter commands."""
-    p = await db.create_pool(worker_url, min_size=1, max_size=4)
-    try:
+    async with await db.create_pool(worker_url, min_size=1, max_size=4) as p:
         yield p
-    finally:
-        await p.close()
 
 
 @pytest.fixture
 async def admin_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A superuser's pool (bypasses row-level security): for setting up and inspecting
     rows across tenants, never for the code under test."""
-    p = await db.create_pool(database_url, min_size=1, max_size=4)
-    try:
+    async with await db.create_pool(database_url, min_size=1, max_size=4) as p:
         yield p
-    finally:
-        await p.close()
 
 
 @pytest.fixture

@@ -734,6 +734,9 @@ async def test_joining_a_transaction_of_another_tenant_is_an_error(
                             "SELECT set_config('app.tenant_id', $1, true)", str(context)
                         )
                     await jobs.enqueue(conn, tenant_id=A, kind="k")
+        with pytest.raises(TenantContextError, match="open it with tenant_tx"):
+            async with tenant_tx_on(conn, B):
+                await jobs.enqueue(conn, tenant_id=A, kind="k")
         async with tenant_tx_on(conn, A):
             assert await jobs.enqueue(conn, tenant_id=A, kind="k") > 0
     assert await seeded.fetchval("SELECT count(*) FROM tenantry.jobs WHERE tenant_id = $1", A) == 2
