@@ -19,12 +19,23 @@ from . import logging as log
 from .config import Settings
 from .errors import SchemaMismatch
 from .http.app import HttpServer, Readiness, build_app
-from .jobs.maintenance import CounterPruner, LeaseRescuer, Maintenance, PeriodicEnqueuer
+from .http.onboarding_api import OnboardingApi
+from .http.ratelimit import RateLimiter
+from .hub import Hub
+from .jobs.maintenance import CounterPruner, LeaseRescuer, Maintenance, PeriodicEnqueuer, Pruner
 from .jobs.registry import Registry
 from .jobs.worker import Worker, WorkerConfig
 from .listener import Listener
+from .onboarding import machine
+from .onboarding.mail import mailer_for
+from .onboarding.model import AGGREGATE, TERMINAL_EVENTS
+from .onboarding.provision import Provisioner
+from .onboarding.storage import LocalStorage
+from .onboarding.tokens import Signer, load_secret
+from .outbox import store as outbox
 
 JOBS_CHANNEL = "tenantry_jobs"
+OUTBOX_CHANNEL = "tenantry_outbox"
 
 
 @dataclass
@@ -36,6 +47,7 @@ class Service:
     claim_pool: asyncpg.Pool
     worker: Worker
     listener: Listener
+    hub: Hub
     http: HttpServer
     maintenance: Maintenance
 
@@ -56,9 +68,15 @@ def build(
     registry: Registry,
 ) -> Service:
     owner = f"{uuid.uuid4().hex[:12]}"
+    data_dir = settings.data_dir.resolve()
+    mailer = mailer_for(settings.smtp_url, data_dir / "mail", settings.mail_from)
+    provisioner = Provisioner(LocalStorage(data_dir / "tenants"), mailer)
+    handlers = Registry()
+    handlers.merge(registry)
+    handlers.merge(provisioner.registry(settings.onboarding_queue))
     worker = Worker(
         pool,
-        registry,
+        handlers,
         WorkerConfig(
             queues=settings.queues,
             tenant_concurrency=settings.tenant_concurrency,
@@ -73,14 +91,30 @@ def build(
     )
     # LISTEN is session state: behind a transaction-mode pooler it would silently stop
     # hearing anything, hence a URL of its own (a direct or session-mode connection).
+    hub = Hub(
+        system_pool,
+        aggregate_type=AGGREGATE,
+        terminal_events=TERMINAL_EVENTS,
+        queue_size=settings.sse_queue_size,
+        keepalive=settings.sse_keepalive,
+    )
     listener = Listener(
-        settings.listen_url or dsn, {JOBS_CHANNEL: worker.notify}, on_connect=[worker.resync]
+        settings.listen_url or dsn,
+        {JOBS_CHANNEL: worker.notify, OUTBOX_CHANNEL: hub.notify},
+        on_connect=[worker.resync, hub.resync],
     )
     periodic = registry.periodic()
     maintenance = Maintenance(
         [
             LeaseRescuer(system_pool, worker.notify),
             CounterPruner(system_pool, settings.counter_retention_days),
+            Pruner("prune_outbox", system_pool, outbox.prune, settings.outbox_retention_days),
+            Pruner(
+                "prune_idempotency_keys",
+                system_pool,
+                machine.prune_keys,
+                settings.idempotency_retention_hours,
+            ),
         ],
         settings.maintenance_interval,
         PeriodicEnqueuer(pool, periodic) if periodic else None,
@@ -97,9 +131,19 @@ def build(
             pass
         return checks
 
-    http = HttpServer(build_app(Readiness(readiness), pool), settings.host, settings.port)
+    onboarding = OnboardingApi(
+        pool,
+        hub,
+        Signer(load_secret(settings.token_secret, data_dir), settings.token_ttl),
+        RateLimiter(settings.signup_rate, settings.signup_burst),
+        queue=settings.onboarding_queue,
+    )
+    http = HttpServer(
+        build_app(Readiness(readiness), pool, onboarding), settings.host, settings.port
+    )
+    log.get("app").info("mail", transport=mailer.describe())
     return Service(
-        settings, dsn, pool, system_pool, claim_pool, worker, listener, http, maintenance
+        settings, dsn, pool, system_pool, claim_pool, worker, listener, hub, http, maintenance
     )
 
 
@@ -137,6 +181,7 @@ async def run_service(svc: Service) -> int:
     async with anyio.create_task_group() as tg:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             await tg.start(svc.listener.run)
+            await tg.start(svc.hub.run)
             await tg.start(svc.worker.run)
             await tg.start(svc.maintenance.run)
             await tg.start(svc.http.run)
@@ -151,8 +196,12 @@ async def run_service(svc: Service) -> int:
                     "signal_received",
                     signal=signal.Signals(signum).name,
                     running=svc.worker.running_count,
+                    streams=svc.hub.clients,
                 )
                 break
+            # Streams end first: a browser reconnects (to another process) and resumes
+            # from its last event id, and the HTTP server need not wait for them.
+            svc.hub.close_all()
 
             async def second_signal() -> None:
                 async for signum in signals:

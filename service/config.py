@@ -17,6 +17,16 @@ from .errors import ConfigError
 T = TypeVar("T")
 
 _QUEUE_NAME_MAX = 100
+_SECRET_VARS = frozenset(
+    {
+        "DATABASE_URL",
+        "TENANTRY_ADMIN_URL",
+        "TENANTRY_LISTEN_URL",
+        "TENANTRY_WORKER_URL",
+        "TENANTRY_SMTP_URL",
+        "TENANTRY_TOKEN_SECRET",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,18 @@ class Settings:
     counter_retention_days: int = 14
     maintenance_interval: float = 5.0
     migrate_on_start: bool = True
+    # Onboarding: mail, status tokens, the public endpoint's rate limit, the streams.
+    smtp_url: str | None = None
+    mail_from: str = "Tenantry <no-reply@localhost>"
+    token_secret: str | None = None
+    token_ttl: int = 86_400
+    signup_rate: float = 1.0  # requests per second per client, sustained
+    signup_burst: int = 10
+    onboarding_queue: str = "default"
+    outbox_retention_days: int = 30
+    idempotency_retention_hours: int = 24
+    sse_queue_size: int = 64
+    sse_keepalive: float = 15.0
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -60,7 +82,9 @@ def _parse(env: Mapping[str, str], name: str, conv: Callable[[str], T], default:
     try:
         return conv(raw.strip())
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{name}={raw!r}: {exc}") from None
+        # A secret (or a URL that may hold a password) is never echoed back.
+        shown = name if name in _SECRET_VARS else f"{name}={raw!r}"
+        raise ConfigError(f"{shown}: {exc}") from None
 
 
 def _positive_float(raw: str) -> float:
@@ -118,6 +142,26 @@ def _log_level(raw: str) -> str:
     if lowered not in {"debug", "info", "warning", "error"}:
         raise ValueError("must be one of debug, info, warning, error")
     return lowered
+
+
+def _secret(raw: str) -> str:
+    # The value never appears in the message: config errors are printed.
+    if len(raw.encode("utf-8")) < 32:
+        raise ValueError("must be at least 32 bytes (e.g. `openssl rand -hex 32`)")
+    return raw
+
+
+def _smtp_url(raw: str) -> str:
+    from .onboarding.mail import parse_smtp_url  # noqa: PLC0415 - mail imports config-free code
+
+    parse_smtp_url(raw)
+    return raw
+
+
+def _queue_name(raw: str) -> str:
+    if len(raw) > _QUEUE_NAME_MAX:
+        raise ValueError(f"must be at most {_QUEUE_NAME_MAX} characters")
+    return raw
 
 
 def parse_queues(raw: str) -> dict[str, int]:
@@ -178,4 +222,19 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             e, "TENANTRY_MAINTENANCE_INTERVAL", _positive_float, d.maintenance_interval
         ),
         migrate_on_start=_parse(e, "TENANTRY_MIGRATE", _bool, d.migrate_on_start),
+        smtp_url=_parse(e, "TENANTRY_SMTP_URL", _smtp_url, None),
+        mail_from=_parse(e, "TENANTRY_MAIL_FROM", str, d.mail_from),
+        token_secret=_parse(e, "TENANTRY_TOKEN_SECRET", _secret, None),
+        token_ttl=_parse(e, "TENANTRY_TOKEN_TTL", _positive_int, d.token_ttl),
+        signup_rate=_parse(e, "TENANTRY_SIGNUP_RATE", _positive_float, d.signup_rate),
+        signup_burst=_parse(e, "TENANTRY_SIGNUP_BURST", _positive_int, d.signup_burst),
+        onboarding_queue=_parse(e, "TENANTRY_ONBOARDING_QUEUE", _queue_name, d.onboarding_queue),
+        outbox_retention_days=_parse(
+            e, "TENANTRY_OUTBOX_RETENTION_DAYS", _positive_int, d.outbox_retention_days
+        ),
+        idempotency_retention_hours=_parse(
+            e, "TENANTRY_IDEMPOTENCY_RETENTION_HOURS", _positive_int, d.idempotency_retention_hours
+        ),
+        sse_queue_size=_parse(e, "TENANTRY_SSE_QUEUE_SIZE", _positive_int, d.sse_queue_size),
+        sse_keepalive=_parse(e, "TENANTRY_SSE_KEEPALIVE", _positive_float, d.sse_keepalive),
     )

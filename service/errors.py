@@ -16,6 +16,14 @@ class Invalid(TenantryError):
         self.message = message
 
 
+class InvalidRequest(TenantryError):
+    """Bad input in several fields at once: each is named (HTTP 422)."""
+
+    def __init__(self, errors: list[Invalid]) -> None:
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = errors
+
+
 class NotFound(TenantryError):
     pass
 

@@ -57,6 +57,9 @@ def configure(level: str = "info") -> None:
     )
 
 
+Logger = structlog.stdlib.BoundLogger
+
+
 def get(component: str, **bound: Any) -> structlog.stdlib.BoundLogger:
     logger: structlog.stdlib.BoundLogger = structlog.get_logger(component=component, **bound)
     return logger

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -11,10 +12,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import anyio
 import asyncpg
+import orjson
 
+from service import db, roles
+from service.app import Service, build
 from service.clock import Clock, Random
+from service.config import Settings
 from service.jobs.registry import Registry
 from service.jobs.worker import Worker, WorkerConfig
 
@@ -136,3 +142,116 @@ async def function_statement(conn: asyncpg.Connection | asyncpg.Pool, function: 
     match = re.search(r"\bBEGIN\s+(?:RETURN QUERY\s+)?(.*?);\s*END;\s*$", src, re.S)
     assert match is not None, f"{function}: not a single-statement body"
     return match[1]
+
+
+TEST_TOKEN_SECRET = "test-secret-" + "x" * 40
+
+
+def service_settings(data_dir: Any, **overrides: Any) -> Settings:
+    """Settings for an in-process service: an ephemeral port, fast timers, a fixed
+    token secret, generous rate limits unless a test wants them tight."""
+    base: dict[str, Any] = {
+        "data_dir": data_dir,
+        "port": 0,
+        "poll_interval": 0.2,
+        "maintenance_interval": 0.2,
+        "token_secret": TEST_TOKEN_SECRET,
+        "signup_rate": 10_000.0,
+        "signup_burst": 10_000,
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
+@asynccontextmanager
+async def running_service(
+    settings: Settings, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> AsyncIterator[Service]:
+    """The whole service in this process (listener, hub, worker, maintenance, HTTP),
+    built by the composition root as `tenantry run` builds it, minus the signals."""
+    claim_pool = await db.create_claim_pool(roles.worker_url_for(app_url))
+    try:
+        svc = build(
+            settings,
+            app_url,
+            pool,
+            system_pool=worker_pool,
+            claim_pool=claim_pool,
+            registry=Registry(),
+        )
+        async with anyio.create_task_group() as tg:
+            for component in (svc.listener, svc.hub, svc.worker, svc.maintenance, svc.http):
+                await tg.start(component.run)
+            try:
+                yield svc
+            finally:
+                svc.hub.close_all()
+                with anyio.CancelScope(shield=True):
+                    await svc.worker.shutdown(grace=5)
+                tg.cancel_scope.cancel()
+    finally:
+        await claim_pool.close()
+
+
+@dataclass
+class Frame:
+    """One server-sent event as a client parses it (comments and retry included)."""
+
+    id: str | None = None
+    event: str | None = None
+    data: Any = None
+    retry: int | None = None
+    comment: str | None = None
+
+
+async def sse_frames(resp: aiohttp.ClientResponse) -> AsyncIterator[Frame]:
+    """Parse a text/event-stream response frame by frame, as EventSource does."""
+    frame = Frame()
+    lines: list[str] = []
+    async for raw in resp.content:
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if line == "":
+            if lines or frame.retry is not None or frame.comment is not None:
+                if lines:
+                    frame.data = orjson.loads("\n".join(lines))
+                yield frame
+            frame, lines = Frame(), []
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "":
+            frame.comment = value
+        elif name == "id":
+            frame.id = value
+        elif name == "event":
+            frame.event = value
+        elif name == "data":
+            lines.append(value)
+        elif name == "retry":
+            frame.retry = int(value)
+
+
+@asynccontextmanager
+async def background_service(
+    settings: Settings, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> AsyncIterator[Service]:
+    """`running_service` in a task of its own: usable from a fixture, whose set-up and
+    tear-down pytest-asyncio runs in different tasks (a task group cannot span them)."""
+    started: asyncio.Future[Service] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+
+    async def run() -> None:
+        async with running_service(settings, app_url, pool, worker_pool) as svc:
+            started.set_result(svc)
+            await stop.wait()
+
+    task = asyncio.create_task(run())
+    waiter: asyncio.Future[Any] = started  # wait() wants one future type
+    await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # it failed to start: raise why
+    try:
+        yield started.result()
+    finally:
+        stop.set()
+        await task

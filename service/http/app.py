@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import asyncpg
@@ -14,7 +15,8 @@ from anyio.abc import TaskStatus
 
 from .. import logging as log
 from ..errors import StartupError
-from . import tenant_api
+from . import onboarding_api, tenant_api
+from .onboarding_api import OnboardingApi
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
 
@@ -43,13 +45,27 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-def build_app(readiness: Readiness, pool: asyncpg.Pool | None = None) -> web.Application:
-    app = web.Application()
+_PAGE = Path(__file__).with_name("static") / "index.html"
+
+
+async def index(_request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(_PAGE, headers={"Cache-Control": "no-cache"})
+
+
+def build_app(
+    readiness: Readiness,
+    pool: asyncpg.Pool | None = None,
+    onboarding: OnboardingApi | None = None,
+) -> web.Application:
+    app = web.Application(client_max_size=onboarding_api.MAX_BODY * 4)
     app[READINESS] = readiness
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if pool is not None:
         tenant_api.add_routes(app, pool)
+    if onboarding is not None:
+        onboarding_api.add_routes(app, onboarding)
+        app.router.add_get("/", index)
     return app
 
 
@@ -61,10 +77,12 @@ class HttpServer:
         self.port: int | None = None  # the bound port (useful with port 0)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            self._app, access_log=None, handle_signals=False, shutdown_timeout=2.0
+        )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self._host, self._port, shutdown_timeout=2.0)
+            site = web.TCPSite(runner, self._host, self._port)
             try:
                 await site.start()
             except OSError as exc:

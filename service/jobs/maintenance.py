@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -69,6 +69,33 @@ class CounterPruner:
     async def run_once(self) -> int:
         pruned: int = await self._pool.fetchval(Q["prune_counters"], self._days)
         return pruned
+
+
+class Pruner:
+    """Deletes rows past their retention, a bounded batch per statement, until a batch
+    comes back short (short transactions: no long lock on a hot table)."""
+
+    def __init__(
+        self,
+        name: str,
+        pool: asyncpg.Pool,
+        prune: Callable[[asyncpg.Pool, int, int], Awaitable[int]],
+        retention: int,
+        batch: int = 5000,
+    ) -> None:
+        self.name = name
+        self._pool = pool
+        self._prune = prune
+        self._retention = retention
+        self._batch = batch
+
+    async def run_once(self) -> int:
+        total = 0
+        while True:
+            n = await self._prune(self._pool, self._retention, self._batch)
+            total += n
+            if n < self._batch:
+                return total
 
 
 class PeriodicEnqueuer:

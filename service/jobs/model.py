@@ -35,6 +35,12 @@ class Job:
     # Set when the handler completed the job inside its own transaction.
     completed_in_tx: bool = field(default=False, repr=False)
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The tenant code's pool, for reads outside the job's transactions (each
+        needs a tenant transaction of its own: `tenancy.tenant_tx`)."""
+        return self._pool
+
     @asynccontextmanager
     async def tenant_tx(self, *, complete: bool = True) -> AsyncIterator[Conn]:
         """A connection in a transaction scoped to this job's tenant.

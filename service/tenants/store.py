@@ -58,6 +58,7 @@ async def create_tenant(
     slug: str | None = None,
     plan: str = "free",
     tenant_id: uuid.UUID | None = None,
+    state: str = "active",
 ) -> Tenant:
     name = name.strip()
     if not 1 <= len(name) <= _NAME_MAX:
@@ -70,7 +71,7 @@ async def create_tenant(
     tid = tenant_id or uuid.uuid4()
     try:
         async with tenant_scope(conn, tid) as tx:
-            row = await tx.fetchrow(Q["create_tenant"], tid, slug, name, plan)
+            row = await tx.fetchrow(Q["create_tenant"], tid, slug, name, plan, state)
     except asyncpg.UniqueViolationError as exc:
         # The slug is a public handle, unique across tenants by design.
         raise Conflict(f"slug {slug!r} is taken") from exc
@@ -126,3 +127,78 @@ async def authenticate(conn: Executor, raw_key: str) -> uuid.UUID:
     if found is None:
         raise Unauthorized("invalid API key")
     return parsed.tenant_id
+
+
+# --- provisioning's building blocks (each joins the caller's tenant transaction) ------
+
+DEFAULT_ROLES = {
+    "owner": ("tenant.manage", "members.manage", "workspaces.manage", "billing.manage"),
+    "admin": ("members.manage", "workspaces.manage"),
+    "member": (),
+}
+
+
+async def provision_tenant(tx: Executor, *, tenant_id: uuid.UUID, name: str, plan: str) -> Tenant:
+    """Create the tenant in state `provisioning`, or return it if it exists.  Its slug
+    comes from the name; when another tenant holds that slug, the tenant id's first
+    hex digits make it unique (deterministic, so a retry picks the same one)."""
+    async with tenant_scope(tx, tenant_id) as conn:
+        row = await conn.fetchrow(Q["get_tenant"], tenant_id)
+        if row is not None:
+            return Tenant(**dict(row))
+        base = slug_from(name)[:43].strip("-") or "tenant"
+        for slug in (base, f"{base}-{tenant_id.hex[:6]}"):
+            # A savepoint: the slug collision must not abort the step's transaction (by
+            # hand: the transaction was begun with a plain BEGIN, see tenancy.py).
+            await conn.execute("SAVEPOINT tenant_slug")
+            try:
+                row = await conn.fetchrow(
+                    Q["create_tenant"], tenant_id, slug, name, plan, "provisioning"
+                )
+            except asyncpg.UniqueViolationError:
+                await conn.execute("ROLLBACK TO SAVEPOINT tenant_slug")
+                continue
+            await conn.execute("RELEASE SAVEPOINT tenant_slug")
+            assert row is not None
+            return Tenant(**dict(row))
+    raise Conflict(f"no free slug for {name!r}")
+
+
+async def add_user(
+    tx: Executor, tenant_id: uuid.UUID, user_id: uuid.UUID, email: str, display_name: str
+) -> None:
+    async with tenant_scope(tx, tenant_id) as conn:
+        await conn.execute(Q["add_user"], tenant_id, user_id, email, display_name)
+
+
+async def add_default_roles(tx: Executor, tenant_id: uuid.UUID) -> None:
+    names = list(DEFAULT_ROLES)
+    perms = [",".join(DEFAULT_ROLES[n]) for n in names]
+    async with tenant_scope(tx, tenant_id) as conn:
+        await conn.execute(Q["add_roles"], tenant_id, names, perms)
+
+
+async def add_workspace(
+    tx: Executor, tenant_id: uuid.UUID, workspace_id: uuid.UUID, slug: str, name: str
+) -> None:
+    async with tenant_scope(tx, tenant_id) as conn:
+        await conn.execute(Q["add_workspace"], tenant_id, workspace_id, slug, name)
+
+
+async def add_membership(
+    tx: Executor, tenant_id: uuid.UUID, workspace_id: uuid.UUID, user_id: uuid.UUID, role: str
+) -> None:
+    async with tenant_scope(tx, tenant_id) as conn:
+        await conn.execute(Q["add_membership"], tenant_id, workspace_id, user_id, role)
+
+
+async def set_tenant_state(tx: Executor, tenant_id: uuid.UUID, state: str) -> None:
+    async with tenant_scope(tx, tenant_id) as conn:
+        if await conn.fetchval(Q["set_tenant_state"], tenant_id, state) is None:
+            raise NotFound(f"no tenant {tenant_id}")
+
+
+async def delete_tenant(tx: Executor, tenant_id: uuid.UUID) -> bool:
+    """Delete the tenant and (cascading) everything it owns; False if it did not exist."""
+    async with tenant_scope(tx, tenant_id) as conn:
+        return await conn.fetchval(Q["delete_tenant"], tenant_id) is not None

@@ -5,6 +5,7 @@ service's login cannot get out of it."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import uuid
 from collections.abc import AsyncIterator
@@ -84,6 +85,22 @@ async def seed(admin: asyncpg.Pool, tenant: uuid.UUID, user: uuid.UUID, ws: uuid
         " VALUES ($1, 'default', 'k', date_trunc('minute', now()), 1)",
         tenant,
     )
+    await admin.execute(
+        "INSERT INTO tenantry.outbox (tenant_id, aggregate_type, aggregate_id, version,"
+        " event_type) VALUES ($1, 'thing', 'same', 1, 'thing.made')",
+        tenant,
+    )
+    await admin.execute(
+        "INSERT INTO tenantry.onboardings (tenant_id, id, email, tenant_name, plan)"
+        " VALUES ($1, $1, $2, 'Same name', 'free')",
+        tenant,
+        SHARED_EMAIL,
+    )
+    await admin.execute(
+        "INSERT INTO tenantry.onboarding_steps (tenant_id, onboarding_id, step)"
+        " VALUES ($1, $1, 'tenant')",
+        tenant,
+    )
 
 
 @dataclass(frozen=True)
@@ -92,13 +109,15 @@ class Table:
     column: str  # the tenant column
     # Inserts one row for tenant $1 (not colliding with the seeded rows).
     insert: str
-    # False: the service's login may not insert or update at all (dead_jobs: only the
-    # worker's bury writes them), which refuses even the tenant's own rows.
-    writable: bool = True
+    # What the service's login may do at all (row-level security then decides which
+    # rows): dead_jobs only SELECT and DELETE (only the worker's bury writes them), the
+    # outbox only SELECT and INSERT (append-only).
+    insertable: bool = True
+    updatable: bool = True
+    deletable: bool = True
 
-    @property
-    def refusal(self) -> str:
-        return "row-level security" if self.writable else "permission denied"
+    def refusal(self, allowed: bool) -> str:
+        return "row-level security" if allowed else "permission denied"
 
 
 TABLES = [
@@ -143,13 +162,35 @@ TABLES = [
         "INSERT INTO tenantry.dead_jobs (tenant_id, id, queue, kind, payload, priority,"
         " attempts, errors, reason, created_at)"
         " VALUES ($1, 2, 'default', 'k', '{}', 0, 1, '[]', 'permanent', now())",
-        writable=False,
+        insertable=False,
+        updatable=False,
     ),
     Table(
         "job_counters",
         "tenant_id",
         "INSERT INTO tenantry.job_counters (tenant_id, queue, kind, minute)"
         " VALUES ($1, 'other', 'k', now())",
+    ),
+    Table(
+        "outbox",
+        "tenant_id",
+        "INSERT INTO tenantry.outbox (tenant_id, aggregate_type, aggregate_id, version,"
+        " event_type) VALUES ($1, 'thing', 'other', 1, 'thing.made')",
+        updatable=False,
+        deletable=False,
+    ),
+    Table(
+        "onboardings",
+        "tenant_id",
+        "INSERT INTO tenantry.onboardings (tenant_id, id, email, tenant_name, plan)"
+        " VALUES ($1, gen_random_uuid(), 'n@example.com', 'New one', 'free')",
+    ),
+    Table(
+        "onboarding_steps",
+        "tenant_id",
+        # Every seeded onboarding's id is its tenant's id.
+        "INSERT INTO tenantry.onboarding_steps (tenant_id, onboarding_id, step)"
+        " VALUES ($1, $1, 'other')",
     ),
 ]
 TABLE_IDS = [t.name for t in TABLES]
@@ -179,6 +220,8 @@ async def test_every_tenant_table_has_forced_rls_and_the_restrictive_policy(
            AND (EXISTS (SELECT 1 FROM pg_attribute a
                          WHERE a.attrelid = c.oid AND a.attname = 'tenant_id')
                 OR c.relname = 'tenants')
+           -- Keyed by the idempotency key, not the tenant (tested on its own below).
+           AND c.relname <> 'idempotency_keys'
         """
     )
     assert sorted(r["relname"] for r in rows) == sorted(TABLE_IDS)
@@ -218,19 +261,27 @@ async def test_select_sees_only_the_own_tenant(
 async def test_no_context_sees_and_writes_nothing(
     seeded: asyncpg.Pool, pool: asyncpg.Pool, table: Table, context: str | None
 ) -> None:
-    async with pool.acquire() as conn, conn.transaction():
-        if context is not None:
-            await conn.execute("SELECT set_config('app.tenant_id', $1, true)", context)
-        assert await conn.fetchval(f"SELECT count(*) FROM tenantry.{table.name}") == 0
-        assert await conn.execute(f"DELETE FROM tenantry.{table.name}") == "DELETE 0"
-        update = f"UPDATE tenantry.{table.name} SET {table.column} = {table.column}"
-        if table.writable:
-            assert await conn.execute(update) == "UPDATE 0"
-        with pytest.raises(asyncpg.InsufficientPrivilegeError, match=table.refusal):
-            if table.writable:
-                await conn.execute(table.insert, A)
-            else:
-                await conn.execute(update)
+    update = f"UPDATE tenantry.{table.name} SET {table.column} = {table.column}"
+    async with pool.acquire() as conn:
+        for sql, allowed, ok in (
+            (f"SELECT count(*) FROM tenantry.{table.name}", True, "0"),
+            (f"DELETE FROM tenantry.{table.name}", table.deletable, "DELETE 0"),
+            (update, table.updatable, "UPDATE 0"),
+            (table.insert, table.insertable, None),
+        ):
+            async with conn.transaction():
+                if context is not None:
+                    await conn.execute("SELECT set_config('app.tenant_id', $1, true)", context)
+                args = (A,) if sql is table.insert else ()
+                if ok is None or not allowed:
+                    with pytest.raises(
+                        asyncpg.InsufficientPrivilegeError, match=table.refusal(allowed)
+                    ):
+                        await conn.execute(sql, *args)
+                elif sql.startswith("SELECT"):
+                    assert str(await conn.fetchval(sql)) == ok
+                else:
+                    assert await conn.execute(sql) == ok
     assert await seeded.fetchval(f"SELECT count(*) FROM tenantry.{table.name}") == 2
 
 
@@ -240,23 +291,29 @@ async def test_cannot_insert_update_or_delete_another_tenants_rows(
 ) -> None:
     before = await seeded.fetch(f"SELECT * FROM tenantry.{table.name} WHERE {table.column} = $1", B)
     col = table.column
-    async with pool.acquire() as conn:
-        with pytest.raises(asyncpg.InsufficientPrivilegeError, match=table.refusal):
-            async with tenant_tx_on(conn, A):
-                await conn.execute(table.insert, B)
-        async with tenant_tx_on(conn, A):
-            deleted = await conn.execute(f"DELETE FROM tenantry.{table.name} WHERE {col} = $1", B)
-            updated = "UPDATE 0"
-            if table.writable:
-                updated = await conn.execute(
-                    f"UPDATE tenantry.{table.name} SET {col} = {col} WHERE {col} = $1", B
-                )
-        assert (updated, deleted) == ("UPDATE 0", "DELETE 0")
+    aimed = (
+        (table.insert, table.insertable, None),
+        (f"DELETE FROM tenantry.{table.name} WHERE {col} = $1", table.deletable, "DELETE 0"),
+        (
+            f"UPDATE tenantry.{table.name} SET {col} = {col} WHERE {col} = $1",
+            table.updatable,
+            "UPDATE 0",
+        ),
         # Moving an own row into B is refused too, by WITH CHECK on the new row (it is
         # checked before any unique or foreign key).
-        with pytest.raises(asyncpg.InsufficientPrivilegeError, match=table.refusal):
-            async with tenant_tx_on(conn, A):
-                await conn.execute(f"UPDATE tenantry.{table.name} SET {col} = $1", B)
+        (f"UPDATE tenantry.{table.name} SET {col} = $1", table.updatable, None),
+    )
+    async with pool.acquire() as conn:
+        for sql, allowed, ok in aimed:
+            if ok is None or not allowed:
+                with pytest.raises(
+                    asyncpg.InsufficientPrivilegeError, match=table.refusal(allowed)
+                ):
+                    async with tenant_tx_on(conn, A):
+                        await conn.execute(sql, B)
+            else:
+                async with tenant_tx_on(conn, A):
+                    assert await conn.execute(sql, B) == ok
     after = await seeded.fetch(f"SELECT * FROM tenantry.{table.name} WHERE {table.column} = $1", B)
     assert after == before
 
@@ -274,10 +331,10 @@ async def test_copy_out_shows_only_the_own_tenant_and_copy_in_is_refused(
         assert out.getvalue().decode().split() == [str(A)]
         refused = (
             asyncpg.FeatureNotSupportedError
-            if table.writable
+            if table.insertable
             else asyncpg.InsufficientPrivilegeError
         )
-        with pytest.raises(refused, match=table.refusal):
+        with pytest.raises(refused, match=table.refusal(table.insertable)):
             async with tenant_tx_on(conn, A):
                 await conn.copy_to_table(
                     table.name,
@@ -631,13 +688,25 @@ async def test_migrating_as_a_createrole_admin_that_is_not_a_superuser(
 
 # Every tenant-scoped statement the package issues, with arguments to plan it with.
 TENANT_STATEMENTS: dict[tuple[str, str], tuple[object, ...]] = {
-    ("service/tenants/queries.sql", "create_tenant"): (A, "a-new", "A", "free"),
+    ("service/tenants/queries.sql", "create_tenant"): (A, "a-new", "A", "free", "active"),
     ("service/tenants/queries.sql", "get_tenant"): (A,),
     ("service/tenants/queries.sql", "create_key"): (A, "k", b"\x02" * 32),
     ("service/tenants/queries.sql", "find_key"): (A, b"\x02" * 32),
     ("service/tenants/queries.sql", "list_keys"): (A,),
     ("service/tenants/queries.sql", "revoke_key"): (A, 1),
+    ("service/tenants/queries.sql", "add_user"): (A, A, "a@example.com", "a"),
+    ("service/tenants/queries.sql", "add_roles"): (A, ["owner"], [""]),
+    ("service/tenants/queries.sql", "add_workspace"): (A, A, "default", "Default"),
+    ("service/tenants/queries.sql", "add_membership"): (A, A, A, "owner"),
+    ("service/tenants/queries.sql", "set_tenant_state"): (A, "active"),
+    ("service/tenants/queries.sql", "delete_tenant"): (A,),
     ("service/jobs/queries.sql", "complete_one"): (A, 1, "probe"),
+    ("service/onboarding/queries.sql", "get"): (A, A),
+    ("service/onboarding/queries.sql", "steps"): (A, A),
+    ("service/onboarding/queries.sql", "lock"): (A, A),
+    ("service/onboarding/queries.sql", "record_step"): (A, A, "tenant"),
+    ("service/onboarding/queries.sql", "transition"): (A, A, 1, "provisioning", None),
+    ("service/outbox/queries.sql", "events_after"): (A, "onboarding", str(A), 0, 100),
 }
 
 
@@ -670,6 +739,22 @@ async def test_every_tenant_statement_uses_the_tenant_as_an_index_condition(
     await admin_pool.execute(
         "INSERT INTO tenantry.jobs (tenant_id, kind) SELECT t, 'k'"
         " FROM unnest($1::uuid[]) t, generate_series(1, 2)",
+        many,
+    )
+    await admin_pool.execute(
+        "INSERT INTO tenantry.onboardings (tenant_id, id, email, tenant_name, plan)"
+        " SELECT t, t, 'o@example.com', 'Name', 'free' FROM unnest($1::uuid[]) t",
+        many,
+    )
+    await admin_pool.execute(
+        "INSERT INTO tenantry.onboarding_steps (tenant_id, onboarding_id, step)"
+        " SELECT t, t, s FROM unnest($1::uuid[]) t, unnest(ARRAY['tenant', 'owner']) s",
+        many,
+    )
+    await admin_pool.execute(
+        "INSERT INTO tenantry.outbox (tenant_id, aggregate_type, aggregate_id, version,"
+        " event_type) SELECT t, 'onboarding', t::text, v, 'x'"
+        " FROM unnest($1::uuid[]) t, generate_series(1, 3) v",
         many,
     )
     await admin_pool.execute("ANALYZE")
@@ -740,3 +825,40 @@ async def test_joining_a_transaction_of_another_tenant_is_an_error(
         async with tenant_tx_on(conn, A):
             assert await jobs.enqueue(conn, tenant_id=A, kind="k") > 0
     assert await seeded.fetchval("SELECT count(*) FROM tenantry.jobs WHERE tenant_id = $1", A) == 2
+
+
+async def test_an_idempotency_key_row_is_visible_only_to_who_presents_the_key(
+    admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    """Requests come before their tenant exists, so the key's row is not a tenant's:
+    the policy shows it to a transaction that presents the key, and to no other."""
+    mine, other = hashlib.sha256(b"mine").digest(), hashlib.sha256(b"other").digest()
+    for key in (mine, other):
+        await admin_pool.execute(
+            "INSERT INTO tenantry.idempotency_keys (key_hash, request_hash, tenant_id,"
+            " onboarding_id) VALUES ($1, $1, $2, $2)",
+            key,
+            A,
+        )
+    async with pool.acquire() as conn:
+        for presented, visible in ((None, []), ("", []), (mine.hex(), [mine])):
+            async with conn.transaction():
+                if presented is not None:
+                    await conn.execute(
+                        "SELECT set_config('app.idempotency_key', $1, true)", presented
+                    )
+                rows = await conn.fetch("SELECT key_hash FROM tenantry.idempotency_keys")
+                assert [r[0] for r in rows] == visible
+        # Nor can a transaction write a row for a key it does not present.
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+            async with conn.transaction():
+                await conn.execute("SELECT set_config('app.idempotency_key', $1, true)", mine.hex())
+                await conn.execute(
+                    "INSERT INTO tenantry.idempotency_keys (key_hash, request_hash, tenant_id,"
+                    " onboarding_id) VALUES ($1, $1, $2, $2)",
+                    hashlib.sha256(b"third").digest(),
+                    A,
+                )
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+            async with conn.transaction():
+                await conn.execute("DELETE FROM tenantry.idempotency_keys")

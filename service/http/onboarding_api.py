@@ -1,0 +1,242 @@
+"""The onboarding routes: sign up (public, rate-limited, idempotent), read the status
+and follow its events (a status token each).
+
+POST /v1/onboardings                 -> 202 {id, tenant_id, state, urls, token}
+GET  /v1/onboardings/{id}            -> the state, the steps done, the failure reason
+GET  /v1/onboardings/{id}/events     -> text/event-stream, replayable (Last-Event-ID)
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from .. import logging as log
+from ..errors import Conflict, InvalidRequest, NotFound
+from ..hub import Hub, encode
+from ..onboarding import machine
+from ..onboarding.model import AGGREGATE, TERMINAL_EVENTS, parse_sign_up
+from ..onboarding.tokens import Grant, Signer, TokenError
+from ..outbox import store as outbox
+from ..tenancy import tenant_tx
+from .problems import problem
+from .ratelimit import RateLimiter
+
+MAX_BODY = 16 * 1024
+_KEY_MAX = 255
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    # nginx and similar proxies buffer responses unless told not to.
+    "X-Accel-Buffering": "no",
+}
+
+
+@dataclass
+class OnboardingApi:
+    pool: asyncpg.Pool
+    hub: Hub
+    signer: Signer
+    limiter: RateLimiter
+    queue: str = "default"
+    retry_ms: int = 2000  # the EventSource reconnect delay, before jitter
+
+
+ONBOARDING = web.AppKey("onboarding", OnboardingApi)
+_log = log.get("http")
+
+
+def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def _invalid(exc: InvalidRequest) -> web.Response:
+    errors = [
+        {"field": e.field, "pointer": f"#/{e.field}" if e.field else "#", "detail": e.message}
+        for e in exc.errors
+    ]
+    return problem(422, "the request has invalid fields", errors=errors)
+
+
+def _client(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+async def create(request: web.Request) -> web.StreamResponse:
+    api = request.app[ONBOARDING]
+    wait = api.limiter.check(_client(request))
+    if wait > 0:
+        return problem(
+            429,
+            "too many sign-up requests from this client; retry later",
+            headers={"Retry-After": RateLimiter.retry_after(wait)},
+        )
+    if request.content_type != "application/json" and not request.content_type.endswith("+json"):
+        return problem(415, "send the body as application/json")
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return problem(413, f"the body must be at most {MAX_BODY} bytes")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        return problem(413, f"the body must be at most {MAX_BODY} bytes")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return problem(400, "the body is not valid JSON")
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= _KEY_MAX and key.isascii() and key.isprintable()):
+        return problem(
+            400,
+            f"Idempotency-Key must be 1 to {_KEY_MAX} printable ASCII characters",
+            errors=[{"field": "Idempotency-Key", "detail": "invalid header value"}],
+        )
+    try:
+        sign_up = parse_sign_up(body)
+        accepted = await machine.accept(api.pool, sign_up, idempotency_key=key, queue=api.queue)
+    except InvalidRequest as exc:
+        return _invalid(exc)
+    except Conflict as exc:
+        return problem(409, str(exc))
+    oid, tid = accepted.onboarding_id, accepted.tenant_id
+    token = api.signer.issue(oid, tid, accepted.created_at)
+    expires = datetime.fromtimestamp(api.signer.expiry(accepted.created_at), UTC)
+    status_url = f"/v1/onboardings/{oid}"
+    headers = {"Location": status_url}
+    if accepted.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    else:
+        _log.info("onboarding_accepted", onboarding_id=str(oid), tenant_id=str(tid))
+    return _json(
+        {
+            "id": str(oid),
+            "tenant_id": str(tid),
+            "state": "accepted",
+            "status_url": status_url,
+            "events_url": f"{status_url}/events?token={token}",
+            "token": token,
+            "token_expires_at": expires.isoformat(),
+        },
+        202,
+        headers,
+    )
+
+
+def _authorize(request: web.Request) -> Grant | web.Response:
+    """The status token (query `token`, for EventSource, or a bearer header) must be
+    valid and name this very onboarding."""
+    token = request.query.get("token")
+    if token is None:
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        token = value.strip() if scheme.lower() == "bearer" else None
+    challenge = {"WWW-Authenticate": 'Bearer realm="onboarding"'}
+    if not token:
+        return problem(401, "a status token is required (?token= or Bearer)", headers=challenge)
+    try:
+        grant = request.app[ONBOARDING].signer.verify(token)
+    except TokenError as exc:
+        return problem(401, str(exc), headers=challenge)
+    try:
+        wanted = uuid.UUID(request.match_info["id"])
+    except ValueError:
+        wanted = None
+    if wanted != grant.onboarding_id:
+        return problem(403, "the token is for another onboarding")
+    return grant
+
+
+async def status(request: web.Request) -> web.StreamResponse:
+    grant = _authorize(request)
+    if isinstance(grant, web.Response):
+        return grant
+    try:
+        o = await machine.get(request.app[ONBOARDING].pool, grant.tenant_id, grant.onboarding_id)
+    except NotFound as exc:
+        return problem(404, str(exc))
+    return _json(
+        {
+            "id": str(o.id),
+            "tenant_id": str(o.tenant_id),
+            "state": o.state,
+            "version": o.version,
+            "tenant_name": o.tenant_name,
+            "plan": o.plan,
+            "steps": [{"step": s.step, "done_at": s.done_at.isoformat()} for s in o.steps],
+            "failure_reason": o.failure_reason,
+            "created_at": o.created_at.isoformat(),
+            "updated_at": o.updated_at.isoformat(),
+        }
+    )
+
+
+def _last_event_id(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID", request.query.get("last_event_id", "0")).strip()
+    if not raw.isdigit() or len(raw) > 9:
+        return None
+    return int(raw)
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    grant = _authorize(request)
+    if isinstance(grant, web.Response):
+        return grant
+    last = _last_event_id(request)
+    if last is None:
+        return problem(400, "Last-Event-ID must be a non-negative integer (an event's id)")
+    api = request.app[ONBOARDING]
+    tid, oid = grant.tenant_id, grant.onboarding_id
+
+    def abort() -> None:
+        if request.transport is not None:
+            request.transport.abort()
+
+    async with api.hub.subscribe(tid, str(oid), abort) as sub:
+        # Subscribed first, so nothing committed after this replay is missed.
+        async with tenant_tx(api.pool, tid) as tx:
+            replay = await outbox.events_after(tx, tid, AGGREGATE, str(oid), last)
+            current = None if replay else await machine.find(tx, tid, oid)
+        if not replay:
+            if current is None:
+                return problem(404, f"no onboarding {oid}")
+            if current.terminal and last >= current.version:
+                # HTTP 204 tells an EventSource to stop reconnecting: it saw the end.
+                return web.Response(status=204)
+        resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        await resp.prepare(request)
+        try:
+            await resp.write(b"retry: %d\n\n" % (api.retry_ms + random.randrange(api.retry_ms)))
+            sent = last
+            for ev in replay:
+                terminal = ev.type in TERMINAL_EVENTS
+                await resp.write(encode(ev, terminal))
+                sent = ev.version
+                if terminal:
+                    return resp
+            while not sub.closed:
+                await sub.wake.wait()
+                for version, terminal, frame in sub.drain():
+                    if version == 0:
+                        await resp.write(frame)
+                        continue
+                    if version <= sent:
+                        continue  # the replay sent it already
+                    await resp.write(frame)
+                    sent = version
+                    if terminal:
+                        return resp
+        except (ConnectionResetError, ConnectionError):
+            return resp
+    return resp
+
+
+def add_routes(app: web.Application, api: OnboardingApi) -> None:
+    app[ONBOARDING] = api
+    app.router.add_post("/v1/onboardings", create)
+    app.router.add_get("/v1/onboardings/{id}", status)
+    app.router.add_get("/v1/onboardings/{id}/events", events)

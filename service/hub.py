@@ -1,0 +1,234 @@
+"""The SSE hub: one per process, it follows the outbox for every stream this process
+serves and fans each event out to the streams of its aggregate.
+
+Wake-ups come from the listener's one connection (NOTIFY on `tenantry_outbox`); each
+wake-up is one query for all subscribed aggregates (`outbox.follow`, whose horizon
+guarantees that nothing committed since the last read is missed), then one trailing
+read after the throttle window, and a jittered poll in case a notification was lost.
+An event is encoded once, however many clients follow it.  Every client has a bounded
+queue: one that cannot keep up is disconnected and resumes from its last event id,
+instead of growing the process's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import asyncpg
+import orjson
+from anyio.abc import TaskStatus
+
+from . import logging as log
+from .clock import Random, system_random
+from .outbox import store as outbox
+from .outbox.store import Event
+
+Key = tuple[uuid.UUID, str]  # (tenant id, aggregate id)
+
+KEEPALIVE = b": keepalive\n\n"
+# A read returning more than this many rows is worth a warning: something (a long
+# transaction) holds the horizon back and every read repeats the same rows.
+_LARGE_READ = 10_000
+
+
+def encode(event: Event, terminal: bool) -> bytes:
+    """One SSE frame: `id:` the aggregate version, `event:` the type, `data:` JSON."""
+    data = orjson.dumps(
+        {
+            "type": event.type,
+            "version": event.version,
+            "at": event.created_at,
+            "terminal": terminal,
+            **(event.payload if isinstance(event.payload, dict) else {"payload": event.payload}),
+        }
+    )
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.version, event.type.encode(), data)
+
+
+class Subscriber:
+    """One client's stream: a bounded queue of (version, terminal, frame); version 0
+    is a keepalive."""
+
+    __slots__ = ("_abort", "closed", "frames", "key", "limit", "reason", "wake")
+
+    def __init__(self, key: Key, limit: int, abort: Callable[[], None] | None) -> None:
+        self.key = key
+        self.limit = limit
+        self.frames: deque[tuple[int, bool, bytes]] = deque()
+        self.wake = asyncio.Event()
+        self.closed = False
+        self.reason = ""
+        self._abort = abort
+
+    def push(self, version: int, terminal: bool, frame: bytes) -> None:
+        if self.closed:
+            return
+        if len(self.frames) >= self.limit:
+            # The client is not reading: its writer is stuck in a drain, so waking it
+            # is not enough; abort the connection (it resumes from its last id).
+            self.close("slow client")
+            if self._abort is not None:
+                self._abort()
+            return
+        self.frames.append((version, terminal, frame))
+        self.wake.set()
+
+    def close(self, reason: str) -> None:
+        if not self.closed:
+            self.closed, self.reason = True, reason
+            self.wake.set()
+
+    def drain(self) -> Iterator[tuple[int, bool, bytes]]:
+        self.wake.clear()
+        while self.frames:
+            yield self.frames.popleft()
+
+
+class Hub:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        aggregate_type: str,
+        terminal_events: tuple[str, ...],
+        queue_size: int = 64,
+        keepalive: float = 15.0,
+        poll_interval: float = 1.0,
+        trail: float = 0.01,
+        rnd: Random | None = None,
+    ) -> None:
+        self._pool = pool  # the worker's login: following the log is cross-tenant
+        self._aggregate = aggregate_type
+        self._terminal = terminal_events
+        self._queue_size = queue_size
+        self._keepalive = keepalive
+        self._poll = poll_interval
+        self._trail = trail
+        self._rnd = rnd or system_random()
+        self._subs: dict[Key, set[Subscriber]] = {}
+        self._seen: dict[Key, int] = {}  # the last version fanned out per aggregate
+        self._wake = anyio.Event()
+        self._horizon: str | None = None
+        self.reads = 0  # completed reads (tests wait on it)
+        self._read_done = anyio.Event()
+        self.closing = False
+        self._log = log.get("sse_hub")
+
+    # --- the listener's callbacks -------------------------------------------------------
+
+    def notify(self, _payload: str) -> None:
+        self._wake.set()
+
+    def resync(self) -> None:
+        self._wake.set()
+
+    # --- subscribers ----------------------------------------------------------------------
+
+    @property
+    def clients(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+    @asynccontextmanager
+    async def subscribe(
+        self, tenant_id: uuid.UUID, aggregate_id: str, abort: Callable[[], None] | None = None
+    ) -> AsyncIterator[Subscriber]:
+        """Register first, replay after: whatever commits after the replay's snapshot
+        reaches the subscriber through the hub, and what both deliver is dropped by
+        version."""
+        key = (tenant_id, aggregate_id)
+        sub = Subscriber(key, self._queue_size, abort)
+        if self.closing:
+            sub.close("shutting down")
+        self._subs.setdefault(key, set()).add(sub)
+        try:
+            yield sub
+        finally:
+            subs = self._subs.get(key)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subs[key]
+                    self._seen.pop(key, None)
+
+    def close_all(self, reason: str = "shutting down") -> None:
+        """Shutdown: every stream ends now (clients reconnect to another process)."""
+        self.closing = True
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.close(reason)
+
+    async def wait_reads(self, n: int) -> None:
+        while self.reads < n:
+            self._read_done = anyio.Event()
+            await self._read_done.wait()
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._keepalives)
+            await self._read()
+            task_status.started()
+            while True:
+                with anyio.move_on_after(self._poll * (0.75 + 0.5 * self._rnd.random())):
+                    await self._wake.wait()
+                notified = self._wake.is_set()
+                self._wake = anyio.Event()
+                await self._read_safely()
+                if notified:
+                    # The notification was throttled for transactions that inserted
+                    # within the window after it: one more read once it has passed.
+                    await anyio.sleep(self._trail)
+                    self._wake = anyio.Event()
+                    await self._read_safely()
+
+    async def _read_safely(self) -> None:
+        try:
+            await self._read()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            self._log.warning("hub_read_failed", error=str(exc) or type(exc).__name__)
+
+    async def _read(self) -> None:
+        async with self._pool.acquire() as conn:
+            if self._horizon is None:
+                self._horizon = await outbox.horizon(conn)
+            horizon, events = await outbox.follow(conn, self._horizon, self._aggregate)
+        self._horizon = horizon
+        if len(events) > _LARGE_READ:
+            self._log.warning("hub_large_read", rows=len(events))
+        self._fan_out(events)
+        self.reads += 1
+        self._read_done.set()
+
+    def _fan_out(self, events: list[Event]) -> None:
+        for ev in events:
+            key = (ev.tenant_id, ev.aggregate_id)
+            subs = self._subs.get(key)
+            if not subs or ev.version <= self._seen.get(key, 0):
+                continue
+            self._seen[key] = ev.version
+            terminal = ev.type in self._terminal
+            frame = encode(ev, terminal)
+            for sub in tuple(subs):
+                sub.push(ev.version, terminal, frame)
+
+    async def _keepalives(self) -> None:
+        while True:
+            await anyio.sleep(self._keepalive)
+            for subs in tuple(self._subs.values()):
+                for sub in tuple(subs):
+                    sub.push(0, False, KEEPALIVE)
+
+
+def frame_data(frame: bytes) -> Any:
+    """The JSON of a frame's data line (tests and the benchmark read frames back)."""
+    for line in frame.split(b"\n"):
+        if line.startswith(b"data: "):
+            return orjson.loads(line[6:])
+    return None

@@ -1,0 +1,1 @@
+"""Tenant onboarding: accept, provision, stream status."""

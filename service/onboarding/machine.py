@@ -1,0 +1,205 @@
+"""The onboarding state machine: the only writer of onboarding state.
+
+accepted -> provisioning (one step at a time) -> completed, or -> failed.  Every
+transition happens with the onboarding's row locked, bumps its version by one and
+appends the event of that version to the outbox, in the transaction of the step's own
+rows: the state, the ledger, the step's effects and the event commit together or not
+at all.  The version is what the SSE stream's `id:` is, so a browser resumes exactly
+after the last transition it saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from ..db import Conn, Executor
+from ..errors import Conflict, NotFound
+from ..outbox import store as outbox
+from ..sql import queries_for
+from ..tenancy import tenant_scope, tenant_tx
+from .model import (
+    AGGREGATE,
+    COMPLETED,
+    FAILED,
+    STEP_DONE,
+    STEPS,
+    Onboarding,
+    SignUp,
+    StepDone,
+)
+
+Q = queries_for(__file__)
+PROVISION_KIND = "onboarding.provision"
+
+
+@dataclass(frozen=True)
+class Accepted:
+    onboarding_id: uuid.UUID
+    tenant_id: uuid.UUID
+    created_at: datetime
+    replayed: bool  # an earlier request with the same idempotency key made it
+
+
+class _Replay(Exception):
+    """Leaves the request's transaction (rolled back) with the earlier answer."""
+
+    def __init__(self, accepted: Accepted) -> None:
+        self.accepted = accepted
+
+
+def key_hash(idempotency_key: str) -> bytes:
+    return hashlib.sha256(idempotency_key.encode("utf-8")).digest()
+
+
+async def accept(
+    pool: asyncpg.Pool, sign_up: SignUp, *, idempotency_key: str | None, queue: str
+) -> Accepted:
+    """Record a sign-up and enqueue its provisioning, in one transaction.
+
+    With an idempotency key, the first request to present it wins: a concurrent one
+    waits on the key's unique index until the winner commits, then finds its row and
+    answers what the winner answered (the same body) or Conflict (another body)."""
+    tenant_id, onboarding_id = uuid.uuid4(), uuid.uuid4()
+    digest = sign_up.digest()
+    try:
+        async with tenant_tx(pool, tenant_id) as tx:
+            if idempotency_key is not None:
+                khash = key_hash(idempotency_key)
+                await tx.execute(Q["present_key"], khash.hex())
+                won = await tx.fetchval(Q["claim_key"], khash, digest, tenant_id, onboarding_id)
+                if won is None:
+                    raise _Replay(await _earlier(tx, khash, digest))
+            row = await tx.fetchrow(
+                Q["accept"],
+                tenant_id,
+                onboarding_id,
+                sign_up.email,
+                sign_up.tenant_name,
+                sign_up.plan,
+                {"state": "accepted"},
+                {"onboarding_id": str(onboarding_id)},
+                queue,
+            )
+            assert row is not None
+    except _Replay as replay:
+        return replay.accepted
+    return Accepted(onboarding_id, tenant_id, row["created_at"], replayed=False)
+
+
+async def _earlier(tx: Conn, khash: bytes, digest: bytes) -> Accepted:
+    row = await tx.fetchrow(Q["find_key"], khash)
+    if row is None:  # pragma: no cover - the conflicting row was just seen
+        raise Conflict("the idempotency key is being used by a request that did not finish")
+    if row["request_hash"] != digest:
+        raise Conflict("this Idempotency-Key was used with a different request body")
+    return Accepted(row["onboarding_id"], row["tenant_id"], row["created_at"], replayed=True)
+
+
+async def find(conn: Executor, tenant_id: uuid.UUID, onboarding_id: uuid.UUID) -> Onboarding | None:
+    async with tenant_scope(conn, tenant_id) as tx:
+        row = await tx.fetchrow(Q["get"], tenant_id, onboarding_id)
+        if row is None:
+            return None
+        steps = await tx.fetch(Q["steps"], tenant_id, onboarding_id)
+    return Onboarding(**dict(row), steps=[StepDone(r["step"], r["done_at"]) for r in steps])
+
+
+async def get(conn: Executor, tenant_id: uuid.UUID, onboarding_id: uuid.UUID) -> Onboarding:
+    found = await find(conn, tenant_id, onboarding_id)
+    if found is None:
+        raise NotFound(f"no onboarding {onboarding_id}")
+    return found
+
+
+@dataclass
+class Locked:
+    """An onboarding locked for one transition, inside the step's transaction."""
+
+    tx: Conn
+    tenant_id: uuid.UUID
+    id: uuid.UUID
+    state: str
+    version: int
+    email: str
+    tenant_name: str
+    plan: str
+    done: frozenset[str]
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in ("completed", "failed")
+
+    def next_step(self) -> str | None:
+        return next((s for s in STEPS if s not in self.done), None)
+
+
+async def lock(tx: Conn, tenant_id: uuid.UUID, onboarding_id: uuid.UUID) -> Locked:
+    row = await tx.fetchrow(Q["lock"], tenant_id, onboarding_id)
+    if row is None:
+        raise NotFound(f"no onboarding {onboarding_id}")
+    return Locked(
+        tx,
+        tenant_id,
+        onboarding_id,
+        row["state"],
+        row["version"],
+        row["email"],
+        row["tenant_name"],
+        row["plan"],
+        frozenset(row["done"]),
+    )
+
+
+async def _transition(
+    o: Locked, state: str, event_type: str, payload: dict[str, Any], reason: str | None = None
+) -> int:
+    version = await o.tx.fetchval(Q["transition"], o.tenant_id, o.id, o.version, state, reason)
+    if version is None:  # pragma: no cover - the row is locked by this transaction
+        raise Conflict(f"onboarding {o.id} moved on under its lock")
+    await outbox.append(
+        o.tx,
+        tenant_id=o.tenant_id,
+        aggregate_type=AGGREGATE,
+        aggregate_id=str(o.id),
+        event_type=event_type,
+        payload={"state": state, **payload},
+        version=version,
+    )
+    o.state, o.version = state, version
+    return int(version)
+
+
+async def step_done(o: Locked, step: str) -> None:
+    """Record a step (its effects are in the same transaction) and announce it."""
+    if step in o.done:
+        raise Conflict(f"onboarding {o.id}: step {step!r} is done already")
+    done_at = await o.tx.fetchval(Q["record_step"], o.tenant_id, o.id, step)
+    o.done = o.done | {step}
+    state = "completed" if step == STEPS[-1] else "provisioning"
+    await _transition(
+        o,
+        state,
+        COMPLETED if state == "completed" else STEP_DONE,
+        {
+            "step": step,
+            "done_at": done_at.isoformat(),
+            "steps_done": len(o.done),
+            "steps_total": len(STEPS),
+        },
+    )
+
+
+async def failed(o: Locked, reason: str, compensated: list[str]) -> None:
+    await _transition(o, "failed", FAILED, {"reason": reason, "compensated": compensated}, reason)
+
+
+async def prune_keys(conn: Executor, retention_hours: int, batch: int) -> int:
+    """Forget idempotency keys past their retention (the worker's login)."""
+    pruned: int = await conn.fetchval(Q["prune_keys"], retention_hours, batch)
+    return pruned

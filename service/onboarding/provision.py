@@ -1,0 +1,164 @@
+"""Provisioning: the `onboarding.provision` job, one committed step at a time.
+
+Each step runs in its own transaction with the onboarding locked: it checks the ledger
+(a step already done is skipped), writes its rows with ids derived from the onboarding
+id, records itself and the onboarding's next version and event (machine.py).  Effects
+outside the database happen before that transaction and are idempotent themselves (a
+directory that may exist, an email whose idempotency key is the onboarding's), so a
+retry or a kill -9 anywhere repeats at most an idempotent call and never duplicates or
+orphans anything.
+
+A permanent failure (the mail server refuses the address, say), or a transient one on
+the job's last attempt, ends the onboarding in `failed`: what earlier steps created
+outside the database is removed, the tenant's rows are deleted, and the failed event
+says what was compensated.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+
+from .. import logging as log
+from ..errors import PermanentFailure
+from ..jobs.model import Job
+from ..jobs.registry import Policy, Registry
+from ..outbox import store as outbox
+from ..tenants import store as tenants
+from . import machine
+from .mail import Mail, Mailer, MailRejected
+from .model import STEPS, TENANT_PROVISIONED, derived_id
+from .storage import Storage
+
+POLICY = Policy(max_attempts=20, backoff_base=1.0, backoff_cap=60.0, timeout=120.0)
+
+
+class Provisioner:
+    def __init__(self, storage: Storage, mailer: Mailer, product: str = "Tenantry") -> None:
+        self._storage = storage
+        self._mailer = mailer
+        self._product = product
+        self._log = log.get("provision")
+
+    def registry(self, queue: str = "default") -> Registry:
+        reg = Registry()
+        reg.add(machine.PROVISION_KIND, self.run, queue=queue, policy=POLICY)
+        return reg
+
+    async def run(self, job: Job) -> None:
+        onboarding_id = uuid.UUID(str(job.payload["onboarding_id"]))
+        logger = self._log.bind(onboarding_id=str(onboarding_id), tenant_id=str(job.tenant_id))
+        try:
+            while await self._next_step(job, onboarding_id, logger):
+                pass
+        except (MailRejected, PermanentFailure) as exc:
+            await self._fail(job, onboarding_id, str(exc) or type(exc).__name__, logger)
+        except Exception as exc:
+            if job.attempt < job.max_attempts:
+                raise  # retried with backoff; the ledger skips what is done
+            reason = f"gave up after {job.attempt} attempts: {exc or type(exc).__name__}"
+            await self._fail(job, onboarding_id, reason, logger)
+
+    async def _next_step(self, job: Job, onboarding_id: uuid.UUID, logger: log.Logger) -> bool:
+        """Run the next step; False when there is none left."""
+        tid = job.tenant_id
+        current = await machine.get(job.pool, tid, onboarding_id)
+        if current.terminal:
+            return False
+        done = {s.step for s in current.steps}
+        step = next(s for s in STEPS if s not in done)
+        external = self._external.get(step)
+        if external is not None:
+            await external(
+                self, current.tenant_id, onboarding_id, current.email, current.tenant_name
+            )
+        last = step == STEPS[-1]
+        # The last step completes the job in its own transaction.
+        async with job.tenant_tx(complete=last) as tx:
+            o = await machine.lock(tx, tid, onboarding_id)
+            if o.terminal or step in o.done:
+                return not last  # another run did it meanwhile; look again
+            await self._effects[step](self, o, onboarding_id)
+            await machine.step_done(o, step)
+        logger.info("onboarding_step_done", step=step, version=o.version)
+        return not last
+
+    # --- the steps' database effects (inside the step's transaction) -------------------
+
+    async def _tenant(self, o: machine.Locked, _oid: uuid.UUID) -> None:
+        await tenants.provision_tenant(o.tx, tenant_id=o.tenant_id, name=o.tenant_name, plan=o.plan)
+
+    async def _owner(self, o: machine.Locked, oid: uuid.UUID) -> None:
+        name = o.email.split("@", 1)[0][:100]
+        await tenants.add_user(o.tx, o.tenant_id, derived_id(oid, "owner"), o.email, name)
+
+    async def _roles(self, o: machine.Locked, _oid: uuid.UUID) -> None:
+        await tenants.add_default_roles(o.tx, o.tenant_id)
+
+    async def _workspace(self, o: machine.Locked, oid: uuid.UUID) -> None:
+        ws = derived_id(oid, "workspace")
+        await tenants.add_workspace(o.tx, o.tenant_id, ws, "default", "Default")
+        await tenants.add_membership(o.tx, o.tenant_id, ws, derived_id(oid, "owner"), "owner")
+
+    async def _nothing(self, _o: machine.Locked, _oid: uuid.UUID) -> None:
+        """A step whose effect is outside the database (done before its transaction)."""
+
+    async def _provisioned(self, o: machine.Locked, _oid: uuid.UUID) -> None:
+        await tenants.set_tenant_state(o.tx, o.tenant_id, "active")
+        await outbox.append(
+            o.tx,
+            tenant_id=o.tenant_id,
+            aggregate_type="tenant",
+            aggregate_id=str(o.tenant_id),
+            event_type=TENANT_PROVISIONED,
+            payload={"tenant_id": str(o.tenant_id), "name": o.tenant_name, "plan": o.plan},
+        )
+
+    _effects: dict[str, Callable[[Provisioner, machine.Locked, uuid.UUID], Awaitable[None]]] = {
+        "tenant": _tenant,
+        "owner": _owner,
+        "roles": _roles,
+        "workspace": _workspace,
+        "storage": _nothing,
+        "welcome_email": _nothing,
+        "provisioned": _provisioned,
+    }
+
+    # --- effects outside the database (idempotent, before the step's transaction) -----
+
+    async def _make_storage(
+        self, tenant_id: uuid.UUID, _oid: uuid.UUID, _email: str, _name: str
+    ) -> None:
+        await self._storage.ensure(tenant_id)
+
+    async def _send_welcome(self, _tid: uuid.UUID, oid: uuid.UUID, email: str, name: str) -> None:
+        await self._mailer.send(
+            Mail(
+                key=f"onboarding-{oid}-welcome",
+                to=email,
+                subject=f"Welcome to {self._product}: {name} is ready",
+                text=(
+                    f"Hello,\n\nthe workspace of {name} has been set up, and you are its owner."
+                    f"\n\n-- {self._product}\n"
+                ),
+            )
+        )
+
+    _external: dict[
+        str, Callable[[Provisioner, uuid.UUID, uuid.UUID, str, str], Awaitable[None]]
+    ] = {"storage": _make_storage, "welcome_email": _send_welcome}
+
+    async def _fail(
+        self, job: Job, onboarding_id: uuid.UUID, reason: str, logger: log.Logger
+    ) -> None:
+        compensated: list[str] = []
+        if await self._storage.remove(job.tenant_id):
+            compensated.append("storage")
+        async with job.tenant_tx() as tx:
+            o = await machine.lock(tx, job.tenant_id, onboarding_id)
+            if o.terminal:
+                return
+            if await tenants.delete_tenant(tx, job.tenant_id):
+                compensated.append("tenant")
+            await machine.failed(o, reason[:500], compensated)
+        logger.warning("onboarding_failed", reason=reason[:500], compensated=compensated)

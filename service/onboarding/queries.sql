@@ -1,0 +1,72 @@
+-- Named statements of the onboarding state machine, the only writer of
+-- tenantry.onboardings and tenantry.onboarding_steps.  Every one runs in the
+-- onboarding's tenant transaction.
+
+-- Accept: the onboarding, its first event and the provisioning job, in one statement
+-- (one round trip inside the request's transaction).
+-- name: accept
+WITH o AS (
+    INSERT INTO tenantry.onboardings (tenant_id, id, email, tenant_name, plan)
+    VALUES ($1::uuid, $2::uuid, $3::text, $4::text, $5::text)
+    RETURNING tenant_id, id, created_at
+)
+SELECT o.created_at,
+       tenantry.emit(o.tenant_id, 'onboarding', o.id::text, 'onboarding.accepted',
+                     $6::jsonb, 1) AS event_id,
+       tenantry.enqueue(o.tenant_id, 'onboarding.provision', $7::jsonb, $8::text,
+                        NULL::timestamptz, 0::smallint,
+                        'onboarding:' || o.id::text) AS job_id
+  FROM o
+
+-- The idempotency key's row is visible to the transaction that presents the key.
+-- name: present_key
+SELECT set_config('app.idempotency_key', $1::text, true)
+
+-- name: claim_key
+INSERT INTO tenantry.idempotency_keys (key_hash, request_hash, tenant_id, onboarding_id)
+VALUES ($1::bytea, $2::bytea, $3::uuid, $4::uuid)
+ON CONFLICT (key_hash) DO NOTHING
+RETURNING created_at
+
+-- name: find_key
+SELECT k.request_hash, k.tenant_id, k.onboarding_id, k.created_at
+  FROM tenantry.idempotency_keys k
+ WHERE k.key_hash = $1::bytea
+
+-- name: get
+SELECT o.tenant_id, o.id, o.email, o.tenant_name, o.plan, o.state, o.version,
+       o.failure_reason, o.created_at, o.updated_at
+  FROM tenantry.onboardings o
+ WHERE o.tenant_id = $1::uuid AND o.id = $2::uuid
+
+-- name: steps
+SELECT s.step, s.done_at
+  FROM tenantry.onboarding_steps s
+ WHERE s.tenant_id = $1::uuid AND s.onboarding_id = $2::uuid
+ ORDER BY s.done_at, s.step
+
+-- Lock the aggregate for one step: whoever else runs this onboarding (a rescued job
+-- still finishing, say) waits here and then sees the step done.  NO KEY UPDATE: the
+-- ledger rows the step adds only take KEY SHARE on this row, which must not wait.
+-- name: lock
+SELECT o.state, o.version, o.email, o.tenant_name, o.plan,
+       ARRAY(SELECT s.step FROM tenantry.onboarding_steps s
+              WHERE s.tenant_id = $1::uuid AND s.onboarding_id = $2::uuid) AS done
+  FROM tenantry.onboardings o
+ WHERE o.tenant_id = $1::uuid AND o.id = $2::uuid
+   FOR NO KEY UPDATE
+
+-- name: record_step
+INSERT INTO tenantry.onboarding_steps (tenant_id, onboarding_id, step)
+VALUES ($1::uuid, $2::uuid, $3::text)
+RETURNING done_at
+
+-- name: transition
+UPDATE tenantry.onboardings o
+   SET state = $4::text, version = $3::integer + 1, failure_reason = $5::text,
+       updated_at = now()
+ WHERE o.tenant_id = $1::uuid AND o.id = $2::uuid AND o.version = $3::integer
+RETURNING o.version
+
+-- name: prune_keys
+SELECT tenantry.prune_idempotency_keys($1::integer, $2::integer)

@@ -1,0 +1,1 @@
+"""The outbox: the append-only event log every other component follows."""

@@ -1,0 +1,25 @@
+-- Named statements of the outbox module, the only writer of tenantry.outbox (besides
+-- other services calling tenantry.emit in their own transactions).
+
+-- name: append
+SELECT tenantry.emit($1::uuid, $2::text, $3::text, $4::text, $5::jsonb, $6::integer)
+
+-- The events of one aggregate after a version, in the tenant's context (a replay).
+-- name: events_after
+SELECT o.version, o.event_type, o.payload, o.created_at
+  FROM tenantry.outbox o
+ WHERE o.tenant_id = $1::uuid AND o.aggregate_type = $2::text AND o.aggregate_id = $3::text
+   AND o.version > $4::integer
+ ORDER BY o.version
+ LIMIT $5::integer
+
+-- name: follow
+SELECT f.horizon::text AS horizon, f.tenant_id, f.aggregate_id, f.version, f.event_type,
+       f.payload, f.created_at
+  FROM tenantry.outbox_follow($1::text::xid8, $2::text) f
+
+-- name: horizon
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text
+
+-- name: prune
+SELECT tenantry.prune_outbox($1::integer, $2::integer)

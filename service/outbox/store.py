@@ -1,0 +1,99 @@
+"""Append events, replay an aggregate's events, follow the log across tenants."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from ..db import Executor
+from ..errors import Conflict
+from ..sql import queries_for
+
+Q = queries_for(__file__)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    tenant_id: uuid.UUID
+    aggregate_id: str
+    version: int
+    type: str
+    payload: Any
+    created_at: datetime
+
+
+async def append(
+    conn: Executor,
+    *,
+    tenant_id: uuid.UUID,
+    aggregate_type: str,
+    aggregate_id: str,
+    event_type: str,
+    payload: Any,
+    version: int | None = None,
+) -> int:
+    """Append one event in the caller's tenant transaction.  A version another writer
+    already took is a Conflict: two writers raced on one aggregate."""
+    try:
+        event_id: int = await conn.fetchval(
+            Q["append"], tenant_id, aggregate_type, aggregate_id, event_type, payload, version
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise Conflict(
+            f"{aggregate_type} {aggregate_id}: version {version} was written by another writer"
+        ) from exc
+    return event_id
+
+
+async def events_after(
+    conn: Executor,
+    tenant_id: uuid.UUID,
+    aggregate_type: str,
+    aggregate_id: str,
+    after_version: int,
+    *,
+    limit: int = 1000,
+) -> list[Event]:
+    """The aggregate's events after `after_version` (the caller's tenant context)."""
+    rows = await conn.fetch(
+        Q["events_after"], tenant_id, aggregate_type, aggregate_id, after_version, limit
+    )
+    return [
+        Event(tenant_id, aggregate_id, r["version"], r["event_type"], r["payload"], r["created_at"])
+        for r in rows
+    ]
+
+
+async def horizon(conn: Executor) -> str:
+    """Where a follower starting now begins (see `follow`)."""
+    value: str = await conn.fetchval(Q["horizon"])
+    return value
+
+
+async def follow(conn: Executor, after: str, aggregate_type: str) -> tuple[str, list[Event]]:
+    """Events of `aggregate_type` in every tenant written since the horizon `after`,
+    and the horizon to pass next time.  Needs the worker's login (a cross-tenant path).
+    Events already returned by an earlier call may come again: drop them by version."""
+    rows = await conn.fetch(Q["follow"], after, aggregate_type)
+    events = [
+        Event(
+            r["tenant_id"],
+            r["aggregate_id"],
+            r["version"],
+            r["event_type"],
+            r["payload"],
+            r["created_at"],
+        )
+        for r in rows
+        if r["version"] is not None
+    ]
+    return rows[0]["horizon"], events
+
+
+async def prune(conn: Executor, retention_days: int, batch: int) -> int:
+    pruned: int = await conn.fetchval(Q["prune"], retention_days, batch)
+    return pruned

@@ -1,0 +1,122 @@
+"""Onboarding end to end in one process: accept, provision, status, events."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import asyncpg
+import pytest
+
+from service.app import Service
+from service.onboarding.model import STEPS
+from tests.helpers import Frame, background_service, service_settings, sse_frames
+
+SIGN_UP = {"email": "Ada@Example.com", "tenant_name": "Analytical Engines", "plan": "pro"}
+
+
+@pytest.fixture
+async def svc(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> AsyncIterator[Service]:
+    async with background_service(service_settings(tmp_path), app_url, pool, worker_pool) as s:
+        yield s
+
+
+@pytest.fixture
+async def http(svc: Service) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{svc.http.port}") as session:
+        yield session
+
+
+async def sign_up(
+    http: aiohttp.ClientSession, body: Any = None, **headers: str
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    async with http.post("/v1/onboardings", json=body or SIGN_UP, headers=headers) as r:
+        return r.status, await r.json(content_type=None), dict(r.headers)
+
+
+async def follow(
+    http: aiohttp.ClientSession, url: str, *, last_event_id: str | None = None, timeout: float = 20
+) -> list[Frame]:
+    """Read a stream to its end (the server closes it after the terminal event)."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id is not None else {}
+    frames: list[Frame] = []
+    with anyio.fail_after(timeout):
+        async with http.get(url, headers=headers) as r:
+            assert r.status == 200, await r.text()
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            assert r.headers["Cache-Control"] == "no-cache"
+            assert r.headers["X-Accel-Buffering"] == "no"
+            async for f in sse_frames(r):
+                frames.append(f)
+    return frames
+
+
+async def test_sign_up_is_provisioned_and_streamed_to_the_end(
+    svc: Service, http: aiohttp.ClientSession, admin_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    status, body, headers = await sign_up(http)
+    assert status == 202, body
+    oid, tid = uuid.UUID(body["id"]), uuid.UUID(body["tenant_id"])
+    assert body["state"] == "accepted"
+    assert headers["Location"] == body["status_url"] == f"/v1/onboardings/{oid}"
+    assert body["events_url"] == f"/v1/onboardings/{oid}/events?token={body['token']}"
+
+    frames = await follow(http, body["events_url"])
+    assert frames[0].retry is not None and 2000 <= frames[0].retry < 4000
+    events = [f for f in frames if f.event]
+    assert [f.id for f in events] == [str(v) for v in range(1, len(STEPS) + 2)]
+    assert [f.event for f in events] == [
+        "onboarding.accepted",
+        *["onboarding.step_completed"] * (len(STEPS) - 1),
+        "onboarding.completed",
+    ]
+    assert [f.data["step"] for f in events[1:]] == list(STEPS)
+    assert events[-1].data["terminal"] is True and events[-1].data["state"] == "completed"
+
+    # Exactly one of everything, in the tenant's rows.
+    counts = await admin_pool.fetchrow(
+        """
+        SELECT (SELECT count(*) FROM tenantry.tenants WHERE id = $1 AND state = 'active')
+                   AS tenants,
+               (SELECT count(*) FROM tenantry.users WHERE tenant_id = $1) AS users,
+               (SELECT count(*) FROM tenantry.roles WHERE tenant_id = $1) AS roles,
+               (SELECT count(*) FROM tenantry.workspaces WHERE tenant_id = $1) AS workspaces,
+               (SELECT count(*) FROM tenantry.memberships WHERE tenant_id = $1
+                   AND role = 'owner') AS memberships,
+               (SELECT count(*) FROM tenantry.outbox WHERE tenant_id = $1
+                   AND event_type = 'tenant.provisioned') AS provisioned,
+               (SELECT count(*) FROM tenantry.jobs WHERE tenant_id = $1) AS jobs
+        """,
+        tid,
+    )
+    assert counts is not None
+    assert dict(counts) == {
+        "tenants": 1,
+        "users": 1,
+        "roles": 3,
+        "workspaces": 1,
+        "memberships": 1,
+        "provisioned": 1,
+        "jobs": 0,
+    }
+    assert (tmp_path / "tenants" / str(tid)).is_dir()
+    mails = list((tmp_path / "mail").glob("*.eml"))
+    assert len(mails) == 1 and "To: Ada@Example.com" in mails[0].read_text()
+
+    async with http.get(
+        body["status_url"], headers={"Authorization": f"Bearer {body['token']}"}
+    ) as r:
+        assert r.status == 200
+        st = await r.json()
+    assert st["state"] == "completed" and st["failure_reason"] is None
+    assert [s["step"] for s in st["steps"]] == list(STEPS)
+
+    # Reconnecting after the end: 204 tells EventSource to stop.
+    async with http.get(body["events_url"], headers={"Last-Event-ID": events[-1].id or ""}) as r:
+        assert r.status == 204

@@ -1,0 +1,234 @@
+"""The onboarding HTTP edge: validation, idempotency, rate limits, status tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+
+from service.app import Service
+from service.onboarding.tokens import Signer
+from tests.helpers import TEST_TOKEN_SECRET, background_service, service_settings
+
+SIGN_UP = {"email": "grace@example.com", "tenant_name": "Compilers Inc", "plan": "free"}
+
+
+async def _rows(admin_pool: asyncpg.Pool) -> dict[str, int]:
+    row = await admin_pool.fetchrow(
+        "SELECT (SELECT count(*) FROM tenantry.onboardings) AS onboardings,"
+        " (SELECT count(*) FROM tenantry.outbox) AS events,"
+        " (SELECT count(*) FROM tenantry.jobs) + (SELECT count(*) FROM tenantry.job_counters)"
+        "   AS jobs,"
+        " (SELECT count(*) FROM tenantry.idempotency_keys) AS keys"
+    )
+    assert row is not None
+    return dict(row)
+
+
+@pytest.fixture
+async def svc(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> AsyncIterator[Service]:
+    # No worker slots: these tests look at what the request wrote, not at provisioning.
+    settings = service_settings(tmp_path, queues={"other": 1}, signup_rate=0.001, signup_burst=300)
+    async with background_service(settings, app_url, pool, worker_pool) as s:
+        yield s
+
+
+@pytest.fixture
+async def http(svc: Service) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{svc.http.port}") as session:
+        yield session
+
+
+async def post(
+    http: aiohttp.ClientSession, data: bytes, content_type: str = "application/json", **headers: str
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    async with http.post(
+        "/v1/onboardings", data=data, headers={"Content-Type": content_type, **headers}
+    ) as r:
+        return r.status, orjson.loads(await r.read()), dict(r.headers)
+
+
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        ({}, {"email", "tenant_name", "plan"}),
+        ({**SIGN_UP, "email": "not-an-address"}, {"email"}),
+        ({**SIGN_UP, "email": "a@b"}, {"email"}),
+        ({**SIGN_UP, "email": "x" * 250 + "@example.com"}, {"email"}),
+        ({**SIGN_UP, "email": 42}, {"email"}),
+        ({**SIGN_UP, "tenant_name": "ab"}, {"tenant_name"}),
+        ({**SIGN_UP, "tenant_name": "x" * 51}, {"tenant_name"}),
+        ({**SIGN_UP, "tenant_name": "!!!"}, {"tenant_name"}),
+        ({**SIGN_UP, "tenant_name": None}, {"tenant_name"}),
+        ({**SIGN_UP, "plan": "enterprise"}, {"plan"}),
+        ({**SIGN_UP, "plan": ["pro"]}, {"plan"}),
+        ({**SIGN_UP, "admin": True}, {"admin"}),
+        ({"email": "", "tenant_name": "", "plan": ""}, {"email", "tenant_name", "plan"}),
+    ],
+)
+async def test_invalid_fields_are_a_422_naming_each_and_change_nothing(
+    http: aiohttp.ClientSession, admin_pool: asyncpg.Pool, body: dict[str, Any], fields: set[str]
+) -> None:
+    status, problem, headers = await post(http, orjson.dumps(body))
+    assert status == 422, problem
+    assert headers["Content-Type"] == "application/problem+json"
+    assert problem["status"] == 422 and problem["title"]
+    assert {e["field"] for e in problem["errors"]} == fields
+    assert all(e["pointer"] == f"#/{e['field']}" and e["detail"] for e in problem["errors"])
+    assert await _rows(admin_pool) == {"onboardings": 0, "events": 0, "jobs": 0, "keys": 0}
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "status"),
+    [
+        (b"{not json", "application/json", 400),
+        (b"", "application/json", 400),
+        (b"\xff\xfe", "application/json", 400),
+        (b"[1, 2]", "application/json", 422),
+        (b'"a string"', "application/json", 422),
+        (b"null", "application/json", 422),
+        (orjson.dumps(SIGN_UP), "text/plain", 415),
+        (orjson.dumps(SIGN_UP), "application/x-www-form-urlencoded", 415),
+        (b'{"email": "' + b"x" * 20_000 + b'"}', "application/json", 413),
+    ],
+)
+async def test_malformed_bodies_get_a_4xx_problem_never_a_500(
+    http: aiohttp.ClientSession,
+    admin_pool: asyncpg.Pool,
+    data: bytes,
+    content_type: str,
+    status: int,
+) -> None:
+    got, problem, headers = await post(http, data, content_type)
+    assert got == status, problem
+    assert headers["Content-Type"] == "application/problem+json"
+    assert problem["detail"]
+    assert (await _rows(admin_pool))["onboardings"] == 0
+
+
+async def test_a_bad_idempotency_key_is_refused(
+    http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    for key in ("x" * 256, "tab\there", "é-not-ascii"):
+        status, problem, _ = await post(http, orjson.dumps(SIGN_UP), **{"Idempotency-Key": key})
+        assert status == 400, (key, problem)
+        assert problem["errors"][0]["field"] == "Idempotency-Key"
+    assert (await _rows(admin_pool))["onboardings"] == 0
+
+
+async def test_the_same_key_and_body_replays_the_first_answer(
+    http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    key = str(uuid.uuid4())
+    s1, first, h1 = await post(http, orjson.dumps(SIGN_UP), **{"Idempotency-Key": key})
+    s2, again, h2 = await post(http, orjson.dumps(SIGN_UP), **{"Idempotency-Key": key})
+    assert s1 == s2 == 202
+    assert again == first  # byte for byte the same answer, token included
+    assert "Idempotent-Replayed" not in h1 and h2["Idempotent-Replayed"] == "true"
+    # The same body in another key order or with other whitespace is the same request.
+    s3, third, _ = await post(
+        http,
+        b'{ "plan": "free", "tenant_name": "Compilers Inc", "email": "grace@example.com" }',
+        **{"Idempotency-Key": key},
+    )
+    assert s3 == 202 and third == first
+    assert await _rows(admin_pool) == {"onboardings": 1, "events": 1, "jobs": 1, "keys": 1}
+
+
+async def test_the_same_key_with_another_body_is_a_409(
+    http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    key = str(uuid.uuid4())
+    assert (await post(http, orjson.dumps(SIGN_UP), **{"Idempotency-Key": key}))[0] == 202
+    status, problem, _ = await post(
+        http, orjson.dumps({**SIGN_UP, "plan": "pro"}), **{"Idempotency-Key": key}
+    )
+    assert status == 409 and "different request" in problem["detail"]
+    assert (await _rows(admin_pool))["onboardings"] == 1
+
+
+async def test_a_hundred_concurrent_identical_requests_make_one_tenant(
+    http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    key = str(uuid.uuid4())
+    answers = await asyncio.gather(
+        *(post(http, orjson.dumps(SIGN_UP), **{"Idempotency-Key": key}) for _ in range(100))
+    )
+    assert {status for status, _, _ in answers} == {202}
+    assert len({orjson.dumps(body) for _, body, _ in answers}) == 1
+    assert sum("Idempotent-Replayed" not in h for _, _, h in answers) == 1
+    assert await _rows(admin_pool) == {"onboardings": 1, "events": 1, "jobs": 1, "keys": 1}
+
+
+async def test_without_a_key_each_request_is_its_own_sign_up(
+    http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    a = await post(http, orjson.dumps(SIGN_UP))
+    b = await post(http, orjson.dumps(SIGN_UP))
+    assert a[0] == b[0] == 202 and a[1]["id"] != b[1]["id"]
+    assert (await _rows(admin_pool))["onboardings"] == 2
+
+
+async def test_a_client_over_its_rate_gets_429_with_retry_after(
+    tmp_path: Path,
+    app_url: str,
+    pool: asyncpg.Pool,
+    worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:
+    settings = service_settings(tmp_path, queues={"other": 1}, signup_rate=0.01, signup_burst=2)
+    async with (
+        background_service(settings, app_url, pool, worker_pool) as svc,
+        aiohttp.ClientSession(f"http://127.0.0.1:{svc.http.port}") as http,
+    ):
+        statuses = [(await post(http, orjson.dumps(SIGN_UP)))[0] for _ in range(2)]
+        status, problem, headers = await post(http, orjson.dumps(SIGN_UP))
+    assert statuses == [202, 202]
+    assert status == 429 and problem["status"] == 429
+    assert int(headers["Retry-After"]) >= 1
+    assert (await _rows(admin_pool))["onboardings"] == 2
+
+
+async def test_status_needs_this_onboardings_valid_token(
+    http: aiohttp.ClientSession,
+) -> None:
+    _, a, _ = await post(http, orjson.dumps(SIGN_UP))
+    _, b, _ = await post(http, orjson.dumps(SIGN_UP))
+    signer = Signer(TEST_TOKEN_SECRET.encode(), 3600)
+    forged = Signer(b"another-secret-" + b"y" * 40, 3600).issue(
+        uuid.UUID(a["id"]), uuid.UUID(a["tenant_id"]), _created()
+    )
+    expired = signer.issue(uuid.UUID(a["id"]), uuid.UUID(a["tenant_id"]), _created(-7200))
+    tampered = a["token"][:-2] + ("AA" if not a["token"].endswith("AA") else "BB")
+    for path in (a["status_url"], a["status_url"] + "/events"):
+        cases: list[tuple[dict[str, str], int]] = [
+            ({}, 401),
+            ({"token": "garbage"}, 401),
+            ({"token": forged}, 401),
+            ({"token": expired}, 401),
+            ({"token": tampered}, 401),
+            ({"token": b["token"]}, 403),  # a valid token of another onboarding
+        ]
+        for params, want in cases:
+            async with http.get(path, params=params) as r:
+                body = await r.read()
+                assert r.status == want, (path, params, body)
+                assert r.headers["Content-Type"] == "application/problem+json"
+                assert b"event:" not in body and b"tenant_name" not in body
+    async with http.get(a["status_url"], headers={"Authorization": f"Bearer {a['token']}"}) as r:
+        assert r.status == 200 and (await r.json())["state"] == "accepted"
+
+
+def _created(shift: float = 0.0) -> datetime:
+    return datetime.fromtimestamp(time.time() + shift, UTC)
