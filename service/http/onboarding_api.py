@@ -199,14 +199,15 @@ async def events(request: web.Request) -> web.StreamResponse:
     async with api.hub.subscribe(tid, str(oid), abort) as sub:
         # Subscribed first, so nothing committed after this replay is missed.
         async with tenant_tx(api.pool, tid) as tx:
-            replay = await outbox.events_after(tx, tid, AGGREGATE, str(oid), last)
-            current = None if replay else await machine.find(tx, tid, oid)
-        if not replay:
-            if current is None:
+            # From the client's last event on: whether that one was the end matters.
+            replay = await outbox.events_after(tx, tid, AGGREGATE, str(oid), max(last - 1, 0))
+            if replay and last > 0 and replay[0].version == last:
+                seen = replay.pop(0)
+                if seen.type in TERMINAL_EVENTS:
+                    # HTTP 204 tells an EventSource to stop reconnecting: it saw the end.
+                    return web.Response(status=204)
+            elif not replay and await machine.find(tx, tid, oid) is None:
                 return problem(404, f"no onboarding {oid}")
-            if current.terminal and last >= current.version:
-                # HTTP 204 tells an EventSource to stop reconnecting: it saw the end.
-                return web.Response(status=204)
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
         await resp.prepare(request)
         try:

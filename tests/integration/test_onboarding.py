@@ -15,6 +15,7 @@ import pytest
 from service.app import Service
 from service.onboarding.model import STEPS
 from tests.helpers import Frame, background_service, service_settings, sse_frames
+from tests.integration import test_mail
 
 SIGN_UP = {"email": "Ada@Example.com", "tenant_name": "Analytical Engines", "plan": "pro"}
 
@@ -120,3 +121,72 @@ async def test_sign_up_is_provisioned_and_streamed_to_the_end(
     # Reconnecting after the end: 204 tells EventSource to stop.
     async with http.get(body["events_url"], headers={"Last-Event-ID": events[-1].id or ""}) as r:
         assert r.status == 204
+
+
+smtp_server = test_mail.smtp_server  # a real SMTP server on loopback (aiosmtpd)
+
+
+async def test_a_refused_welcome_email_fails_the_onboarding_and_compensates(
+    tmp_path: Path,
+    app_url: str,
+    pool: asyncpg.Pool,
+    worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+    smtp_server: test_mail.Server,
+) -> None:
+    settings = service_settings(tmp_path, smtp_url=smtp_server.url())
+    async with (
+        background_service(settings, app_url, pool, worker_pool) as s,
+        aiohttp.ClientSession(f"http://127.0.0.1:{s.http.port}") as http,
+    ):
+        status, body, _ = await sign_up(http, {**SIGN_UP, "email": test_mail.NO_SUCH_USER})
+        assert status == 202, body
+        frames = await follow(http, body["events_url"])
+        async with http.get(body["status_url"], params={"token": body["token"]}) as r:
+            st = await r.json()
+    last = [f for f in frames if f.event][-1]
+    assert last.event == "onboarding.failed" and last.data["terminal"] is True
+    assert "550" in last.data["reason"] and "no such user" in last.data["reason"]
+    assert sorted(last.data["compensated"]) == ["storage", "tenant"]
+    assert st["state"] == "failed" and st["failure_reason"] == last.data["reason"]
+    tid = uuid.UUID(body["tenant_id"])
+    # Nothing of the tenant is left: no rows, no directory; the onboarding stays, failed.
+    for table, col in (
+        ("tenants", "id"),
+        ("users", "tenant_id"),
+        ("workspaces", "tenant_id"),
+        ("roles", "tenant_id"),
+        ("memberships", "tenant_id"),
+    ):
+        assert (
+            await admin_pool.fetchval(
+                f"SELECT count(*) FROM tenantry.{table} WHERE {col} = $1", tid
+            )
+            == 0
+        ), table
+    assert not (tmp_path / "tenants" / str(tid)).exists()
+    assert smtp_server.recorder.received == []
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 0
+
+
+async def test_a_welcome_email_goes_through_smtp_once(
+    tmp_path: Path,
+    app_url: str,
+    pool: asyncpg.Pool,
+    worker_pool: asyncpg.Pool,
+    smtp_server: test_mail.Server,
+) -> None:
+    settings = service_settings(tmp_path, smtp_url=smtp_server.url())
+    async with (
+        background_service(settings, app_url, pool, worker_pool) as s,
+        aiohttp.ClientSession(f"http://127.0.0.1:{s.http.port}") as http,
+    ):
+        _, body, _ = await sign_up(http)
+        frames = await follow(http, body["events_url"])
+    assert [f for f in frames if f.event][-1].event == "onboarding.completed"
+    received = await smtp_server.recorder.one_message()
+    assert received.rcpt_tos == [SIGN_UP["email"]]
+    message = received.parsed()
+    assert SIGN_UP["tenant_name"] in str(message["Subject"])
+    assert not list((tmp_path / "mail").glob("*.eml"))
