@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 
 from service.app import Service
+from service.db import Executor
 from service.hub import KEEPALIVE, Subscriber
 from tests.helpers import Frame, background_service, service_settings, sse_frames
 
@@ -44,7 +45,7 @@ async def accepted(http: aiohttp.ClientSession) -> dict[str, Any]:
 
 
 async def emit(
-    admin: asyncpg.Pool | asyncpg.Connection,
+    admin: Executor,
     body: dict[str, Any],
     version: int,
     event_type: str = "onboarding.step_completed",

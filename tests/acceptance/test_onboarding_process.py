@@ -1,0 +1,200 @@
+"""The real `tenantry` process: provisioning survives kill -9 in the middle of every
+step, several processes serve one database, and SIGTERM ends open streams at once."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import asyncpg
+import pytest
+
+from service.onboarding.model import STEPS
+from tests.acceptance.process import ServiceProcess
+from tests.helpers import TEST_TOKEN_SECRET, Frame, sse_frames
+
+SIGN_UP = {"email": "kim@example.com", "tenant_name": "Crash Test Dummies", "plan": "pro"}
+
+
+def env(data_dir: Path, **extra: str) -> dict[str, str]:
+    return {
+        "TENANTRY_DATA_DIR": str(data_dir),
+        "TENANTRY_TOKEN_SECRET": TEST_TOKEN_SECRET,
+        "TENANTRY_LEASE_SECONDS": "1",
+        "TENANTRY_MAINTENANCE_INTERVAL": "0.2",
+        "TENANTRY_LOG_LEVEL": "info",
+        "TENANTRY_SHUTDOWN_GRACE": "2",
+        **extra,
+    }
+
+
+async def post(port: int, body: dict[str, Any] = SIGN_UP) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"http://127.0.0.1:{port}/v1/onboardings", json=body) as r,
+    ):
+        assert r.status == 202, await r.text()
+        answer: dict[str, Any] = await r.json()
+        return answer
+
+
+async def follow_to_end(port: int, answer: dict[str, Any], timeout: float = 30) -> list[Frame]:
+    with anyio.fail_after(timeout):
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}{answer['events_url']}") as r,
+        ):
+            assert r.status == 200
+            return [f async for f in sse_frames(r) if f.event]
+
+
+async def blocked_backends(admin: asyncpg.Connection) -> int:
+    n: int = await admin.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND usename = 'tenantry_app'"
+        " AND wait_event_type = 'Lock'"
+    )
+    return n
+
+
+async def wait_blocked(admin: asyncpg.Connection, proc: ServiceProcess) -> None:
+    """Until the service's step transaction waits on the row this test holds."""
+    with anyio.fail_after(30):
+        while not await blocked_backends(admin):
+            assert proc.proc.returncode is None, "\n".join(proc.raw[-20:])
+            await anyio.sleep(0.02)  # polling the server's own view of its locks
+
+
+@pytest.mark.timeout(180)
+async def test_kill_9_in_the_middle_of_every_step_leaves_exactly_one_of_everything(
+    database_url: str, tmp_path: Path
+) -> None:
+    # Accepted by a process that does not provision (its worker serves another queue).
+    first = await ServiceProcess.start(database_url, **env(tmp_path, TENANTRY_QUEUES="other=1"))
+    try:
+        answer = await post(await first.started())
+    finally:
+        first.signal(signal.SIGTERM)
+        assert await first.wait_exit() == 0
+    tid, oid = uuid.UUID(answer["tenant_id"]), uuid.UUID(answer["id"])
+    admin = await asyncpg.connect(database_url)
+    try:
+        for step in STEPS:
+            # Hold the ledger row of `step`, uncommitted: the step does its work, then
+            # waits to record itself.  Killed right there, its transaction never commits.
+            tx = admin.transaction()
+            await tx.start()
+            await admin.execute(
+                "INSERT INTO tenantry.onboarding_steps (tenant_id, onboarding_id, step)"
+                " VALUES ($1, $2, $3)",
+                tid,
+                oid,
+                step,
+            )
+            proc = await ServiceProcess.start(database_url, **env(tmp_path))
+            try:
+                await proc.started()
+                await wait_blocked(admin, proc)
+            finally:
+                await proc.kill()  # SIGKILL
+            await tx.rollback()
+            done = await admin.fetchval(
+                "SELECT count(*) FROM tenantry.onboarding_steps WHERE onboarding_id = $1", oid
+            )
+            assert done == STEPS.index(step), f"crashed in {step}: {done} steps recorded"
+        # A last process: the job's lease expired with its killer, rescue hands it on.
+        last = await ServiceProcess.start(database_url, **env(tmp_path))
+        try:
+            frames = await follow_to_end(await last.started(), answer)
+        finally:
+            last.signal(signal.SIGTERM)
+            assert await last.wait_exit() == 0
+        assert frames[-1].event == "onboarding.completed"
+        versions = await admin.fetch(
+            "SELECT version, event_type FROM tenantry.outbox"
+            " WHERE aggregate_type = 'onboarding' AND aggregate_id = $1 ORDER BY version",
+            str(oid),
+        )
+        assert [r["version"] for r in versions] == list(range(1, len(STEPS) + 2))
+        counts = await admin.fetchrow(
+            """
+            SELECT (SELECT count(*) FROM tenantry.tenants) AS tenants,
+                   (SELECT count(*) FROM tenantry.users) AS users,
+                   (SELECT count(*) FROM tenantry.roles) AS roles,
+                   (SELECT count(*) FROM tenantry.workspaces) AS workspaces,
+                   (SELECT count(*) FROM tenantry.memberships) AS memberships,
+                   (SELECT count(*) FROM tenantry.onboarding_steps) AS steps,
+                   (SELECT count(*) FROM tenantry.outbox
+                     WHERE event_type = 'tenant.provisioned') AS provisioned,
+                   (SELECT count(*) FROM tenantry.jobs) AS live_jobs,
+                   (SELECT count(*) FROM tenantry.dead_jobs) AS dead_jobs,
+                   (SELECT state FROM tenantry.tenants WHERE id = $1) AS tenant_state
+            """,
+            tid,
+        )
+    finally:
+        await admin.close()
+    assert counts is not None
+    assert dict(counts) == {
+        "tenants": 1,
+        "users": 1,
+        "roles": 3,
+        "workspaces": 1,
+        "memberships": 1,
+        "steps": len(STEPS),
+        "provisioned": 1,
+        "live_jobs": 0,
+        "dead_jobs": 0,
+        "tenant_state": "active",
+    }
+    assert [p.name for p in (tmp_path / "tenants").iterdir()] == [str(tid)]
+    assert len(list((tmp_path / "mail").glob("*.eml"))) == 1
+
+
+@pytest.mark.timeout(120)
+async def test_two_processes_serve_one_database_and_streams_see_either(
+    database_url: str, tmp_path: Path
+) -> None:
+    a = await ServiceProcess.start(database_url, **env(tmp_path / "a"))
+    b = await ServiceProcess.start(database_url, **env(tmp_path / "b"))
+    try:
+        port_a, port_b = await a.started(), await b.started()
+        on_a, on_b = await post(port_a), await post(port_b)
+        # Each followed on the other process: the events come from the database.
+        frames_b, frames_a = await follow_to_end(port_b, on_a), await follow_to_end(port_a, on_b)
+        for frames in (frames_a, frames_b):
+            assert [f.id for f in frames] == [str(v) for v in range(1, len(STEPS) + 2)]
+            assert frames[-1].event == "onboarding.completed"
+    finally:
+        for p in (a, b):
+            p.signal(signal.SIGTERM)
+        assert [await a.wait_exit(), await b.wait_exit()] == [0, 0]
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_ends_open_streams_at_once_and_exits(
+    database_url: str, tmp_path: Path
+) -> None:
+    proc = await ServiceProcess.start(database_url, **env(tmp_path, TENANTRY_QUEUES="other=1"))
+    try:
+        port = await proc.started()
+        answer = await post(port)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}{answer['events_url']}") as r,
+        ):
+            frames = sse_frames(r).__aiter__()
+            first = await anext(frames)  # the retry hint
+            assert first.retry is not None
+            assert (await anext(frames)).event == "onboarding.accepted"
+            proc.signal(signal.SIGTERM)
+            with anyio.fail_after(5):
+                rest = [f async for f in frames]
+        assert [f for f in rest if f.event] == []
+        assert await proc.wait_exit(timeout=10) == 0
+    finally:
+        await proc.kill()
