@@ -255,3 +255,20 @@ async def background_service(
     finally:
         stop.set()
         await task
+
+
+async def wait_lock_waiter(
+    admin: asyncpg.Pool | asyncpg.Connection, user: str | None = None, timeout: float = 30
+) -> None:
+    """Until a backend of this database (of login `user`, if given) waits on a lock: it
+    is blocked on a row the test holds.  The server sends no event for that, so this
+    polls its own view (pg_stat_activity) every 20 ms."""
+    with anyio.fail_after(timeout):
+        while True:
+            if await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND ($1::text IS NULL OR usename = $1)",
+                user,
+            ):
+                return
+            await anyio.sleep(0.02)

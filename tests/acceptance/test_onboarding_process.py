@@ -3,6 +3,7 @@ step, several processes serve one database, and SIGTERM ends open streams at onc
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import uuid
 from pathlib import Path
@@ -13,9 +14,10 @@ import anyio
 import asyncpg
 import pytest
 
+from service import roles
 from service.onboarding.model import STEPS
 from tests.acceptance.process import ServiceProcess
-from tests.helpers import TEST_TOKEN_SECRET, Frame, sse_frames
+from tests.helpers import TEST_TOKEN_SECRET, Frame, sse_frames, wait_lock_waiter
 
 SIGN_UP = {"email": "kim@example.com", "tenant_name": "Crash Test Dummies", "plan": "pro"}
 
@@ -52,21 +54,16 @@ async def follow_to_end(port: int, answer: dict[str, Any], timeout: float = 30) 
             return [f async for f in sse_frames(r) if f.event]
 
 
-async def blocked_backends(admin: asyncpg.Connection) -> int:
-    n: int = await admin.fetchval(
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND usename = 'tenantry_app'"
-        " AND wait_event_type = 'Lock'"
-    )
-    return n
-
-
 async def wait_blocked(admin: asyncpg.Connection, proc: ServiceProcess) -> None:
     """Until the service's step transaction waits on the row this test holds."""
-    with anyio.fail_after(30):
-        while not await blocked_backends(admin):
-            assert proc.proc.returncode is None, "\n".join(proc.raw[-20:])
-            await anyio.sleep(0.02)  # polling the server's own view of its locks
+    waiting = asyncio.create_task(wait_lock_waiter(admin, roles.DEFAULT_LOGIN))
+    died = asyncio.create_task(proc.proc.wait())
+    done, _ = await asyncio.wait({waiting, died}, return_when=asyncio.FIRST_COMPLETED)
+    died.cancel()
+    if waiting not in done:
+        waiting.cancel()
+        raise AssertionError("the service died:\n" + "\n".join(proc.raw[-20:]))
+    waiting.result()
 
 
 @pytest.mark.timeout(180)
