@@ -1,0 +1,304 @@
+"""The sign-up page in a real browser (Debian's Chromium driven by Playwright) against the
+whole service in this process: the form, the server's field errors, the live step list
+over EventSource, and a failure shown as a failure."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+pytest.importorskip(
+    "playwright.async_api",
+    reason="the Python package playwright is not installed (pip install -e '.[dev]')",
+)
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from playwright.async_api import (
+    Browser,
+    Locator,
+    Page,
+    Request,
+    Route,
+    async_playwright,
+    expect,
+)
+
+from service.config import Settings
+from service.onboarding.model import STEPS
+from tests.helpers import background_service, service_settings
+
+CHROMIUM = os.environ.get("TENANTRY_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+if not os.access(CHROMIUM, os.X_OK):
+    pytest.skip(
+        f"no Chromium at {CHROMIUM} (apt-get install chromium, or set TENANTRY_CHROMIUM to"
+        " a Chromium binary)",
+        allow_module_level=True,
+    )
+
+# Provisioning runs seven jobs' worth of transactions; generous, but far below the
+# per-test timeout.
+PROVISIONED_WITHIN_MS = 15_000
+REJECTED = "ghost@example.test"
+
+
+@pytest.fixture(scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    args = ["--no-sandbox"] if os.geteuid() == 0 else []
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@dataclass
+class Tab:
+    """A page plus what it did: the sign-up requests it sent and any script errors."""
+
+    page: Page
+    posts: list[Request] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def on_request(self, request: Request) -> None:
+        if request.method == "POST" and request.url.endswith("/v1/onboardings"):
+            self.posts.append(request)
+
+    def body(self, n: int) -> Any:
+        return orjson.loads(self.posts[n].post_data or b"null")
+
+
+@pytest.fixture
+async def tab(browser: Browser) -> AsyncIterator[Tab]:
+    context = await browser.new_context()
+    page = await context.new_page()
+    t = Tab(page)
+    page.on("request", t.on_request)
+    page.on("pageerror", lambda exc: t.errors.append(str(exc)))
+    try:
+        yield t
+    finally:
+        await context.close()
+    assert t.errors == [], "the page raised script errors"
+
+
+@asynccontextmanager
+async def site(
+    settings: Settings, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> AsyncIterator[str]:
+    async with background_service(settings, app_url, pool, worker_pool) as svc:
+        yield f"http://127.0.0.1:{svc.http.port}/"
+
+
+@pytest.fixture
+async def url(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> AsyncIterator[str]:
+    async with site(service_settings(tmp_path), app_url, pool, worker_pool) as u:
+        yield u
+
+
+class RejectingSmtp:
+    """aiosmtpd handler: refuses one recipient for good (550), takes any other."""
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if address == REJECTED:
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        return "250 Message accepted for delivery"
+
+
+@pytest.fixture
+async def smtp_port() -> AsyncIterator[int]:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(RejectingSmtp(), hostname="mx.test", loop=loop), host="127.0.0.1", port=0
+    )
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture
+async def url_with_smtp(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool, smtp_port: int
+) -> AsyncIterator[str]:
+    settings = service_settings(tmp_path, smtp_url=f"smtp://127.0.0.1:{smtp_port}")
+    async with site(settings, app_url, pool, worker_pool) as u:
+        yield u
+
+
+async def fill(page: Page, email: str, tenant_name: str, plan: str = "free") -> None:
+    await page.get_by_test_id("email").fill(email)
+    await page.get_by_test_id("tenant_name").fill(tenant_name)
+    await page.get_by_test_id(f"plan-{plan}").check()
+
+
+def step(page: Page, name: str) -> Locator:
+    return page.locator(f'[data-testid="step"][data-step="{name}"]')
+
+
+async def test_sign_up_shows_each_step_then_ready(tab: Tab, url: str) -> None:
+    page = tab.page
+    await page.goto(url)
+    await fill(page, "ada@example.com", "Analytical Engines", "pro")
+    await page.get_by_test_id("submit").click()
+
+    for name in STEPS:
+        await expect(step(page, name)).to_have_attribute(
+            "data-state", "done", timeout=PROVISIONED_WITHIN_MS
+        )
+    status = page.get_by_test_id("status")
+    await expect(status).to_have_attribute("data-state", "completed")
+    await expect(status).to_have_text("Your organisation is ready.")
+    await expect(page.get_by_test_id("step")).to_have_count(len(STEPS))
+    await expect(step(page, "tenant")).to_contain_text("Creating your organisation")
+    await expect(step(page, "provisioned")).to_contain_text("Done")
+    # Each step shows when it was done (a <time> with the server's timestamp).
+    await expect(step(page, "welcome_email").locator("time")).to_have_attribute(
+        "datetime", re.compile(r"^\d{4}-\d\d-\d\dT")
+    )
+    await expect(page.get_by_test_id("progress-text")).to_have_text("7 of 7 steps")
+    await expect(page.get_by_test_id("progress")).to_have_attribute("value", "7")
+    await expect(page.get_by_test_id("reconnecting")).to_be_hidden()
+    await expect(page.get_by_test_id("error-banner")).to_be_hidden()
+    await expect(page.get_by_test_id("submit")).to_be_disabled()
+
+    assert len(tab.posts) == 1
+    post = tab.posts[0]
+    assert tab.body(0) == {
+        "email": "ada@example.com",
+        "tenant_name": "Analytical Engines",
+        "plan": "pro",
+    }
+    headers = await post.all_headers()
+    assert headers["content-type"] == "application/json"
+    assert re.fullmatch(r"[0-9a-f-]{36}", headers["idempotency-key"])
+
+
+async def test_server_field_errors_show_next_to_the_fields(tab: Tab, url: str) -> None:
+    page = tab.page
+    # Hold the first sign-up request until the page has been checked while it is in flight.
+    release = asyncio.Event()
+    held: list[Route] = []
+
+    async def hold(route: Route) -> None:
+        held.append(route)
+        if len(held) == 1:
+            await release.wait()
+        await route.continue_()
+
+    await page.route("**/v1/onboardings", hold)
+    await page.goto(url)
+    # Both invalid in ways the browser itself would have stopped (type=email, minlength):
+    # the form is novalidate, so the server's answer is what the user sees.
+    await fill(page, "not-an-email", "ab")
+    await page.get_by_test_id("submit").click()
+    await expect(page.get_by_test_id("submit")).to_be_disabled()
+    await page.get_by_test_id("tenant_name").press("Enter")  # a second try while in flight
+    release.set()
+
+    email_error = page.get_by_test_id("email-error")
+    name_error = page.get_by_test_id("tenant_name-error")
+    await expect(email_error).to_have_text("is not an email address")
+    await expect(name_error).to_have_text("must be 3 to 50 characters")
+    await expect(page.get_by_test_id("plan-error")).to_be_hidden()
+    await expect(page.get_by_test_id("error-banner")).to_be_hidden()
+    # Next to its field: in the same block, and announced with it.
+    for name in ("email", "tenant_name"):
+        field_ = page.locator(".field").filter(has=page.get_by_test_id(name))
+        await expect(field_.get_by_test_id(f"{name}-error")).to_be_visible()
+        await expect(page.get_by_test_id(name)).to_have_attribute("aria-invalid", "true")
+        await expect(page.get_by_test_id(name)).to_have_attribute(
+            "aria-describedby", re.compile(rf"\b{name}-error\b")
+        )
+    await expect(page.get_by_test_id("submit")).to_be_enabled()
+    await expect(page.locator("#tracker")).to_be_hidden()
+    assert len(tab.posts) == 1, "one submission, one request"
+
+    # Corrected, it is a new submission (a new key) and goes through.
+    await fill(page, "ada@example.com", "Analytical Engines")
+    await page.get_by_test_id("submit").click()
+    await expect(page.get_by_test_id("status")).to_have_attribute(
+        "data-state", "completed", timeout=PROVISIONED_WITHIN_MS
+    )
+    await expect(email_error).to_be_hidden()
+    await expect(name_error).to_be_hidden()
+    assert len(tab.posts) == 2
+    keys = [(await p.all_headers())["idempotency-key"] for p in tab.posts]
+    assert keys[0] != keys[1]
+
+
+async def test_a_failed_onboarding_is_shown_as_a_failure(tab: Tab, url_with_smtp: str) -> None:
+    page = tab.page
+    await page.goto(url_with_smtp)
+    await fill(page, REJECTED, "Ghost Company")
+    await page.get_by_test_id("submit").click()
+
+    status = page.get_by_test_id("status")
+    await expect(status).to_have_attribute("data-state", "failed", timeout=PROVISIONED_WITHIN_MS)
+    await expect(status).to_be_visible()
+    await expect(status).to_have_class(re.compile(r"\berror\b"))
+    await expect(status).to_contain_text("failed")
+    await expect(status).to_contain_text("550 5.1.1 no such user")
+    await expect(status).not_to_contain_text("ready")
+    # The steps before the mail are done; the mail and the end never were.
+    for name in STEPS[: STEPS.index("welcome_email")]:
+        await expect(step(page, name)).to_have_attribute("data-state", "done")
+    for name in ("welcome_email", "provisioned"):
+        await expect(step(page, name)).to_have_attribute("data-state", "pending")
+    await expect(page.get_by_test_id("reconnecting")).to_be_hidden()
+    assert len(tab.posts) == 1
+
+
+async def test_a_dropped_stream_shows_reconnecting_then_resumes(tab: Tab, url: str) -> None:
+    page = tab.page
+    streams: list[str] = []
+
+    async def drop_first(route: Route) -> None:
+        streams.append(route.request.url)
+        if len(streams) == 1:
+            # A stream that opens and ends at once: EventSource reconnects after `retry`,
+            # long enough for the note to be seen.
+            await route.fulfill(
+                status=200, headers={"Content-Type": "text/event-stream"}, body="retry: 2000\n\n"
+            )
+        else:
+            await route.continue_()
+
+    await page.route("**/v1/onboardings/*/events?*", drop_first)
+    await page.goto(url)
+    await fill(page, "ada@example.com", "Analytical Engines")
+    await page.get_by_test_id("submit").click()
+
+    reconnecting = page.get_by_test_id("reconnecting")
+    await expect(reconnecting).to_be_visible()
+    await expect(page.get_by_test_id("status")).to_have_attribute(
+        "data-state", "completed", timeout=PROVISIONED_WITHIN_MS
+    )
+    await expect(reconnecting).to_be_hidden()
+    await expect(page.get_by_test_id("error-banner")).to_be_hidden()
+    assert len(streams) == 2 and streams[0] == streams[1]
