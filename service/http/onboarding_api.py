@@ -19,11 +19,12 @@ from aiohttp import web
 
 from .. import logging as log
 from ..errors import Conflict, InvalidRequest, NotFound
-from ..hub import Hub, encode
+from ..hub import Hub, Subscriber, encode
 from ..onboarding import machine
 from ..onboarding.model import AGGREGATE, TERMINAL_EVENTS, parse_sign_up
 from ..onboarding.tokens import Grant, Signer, TokenError
 from ..outbox import store as outbox
+from ..outbox.store import Event
 from ..tenancy import tenant_tx
 from .problems import problem
 from .ratelimit import RateLimiter
@@ -205,35 +206,48 @@ async def events(request: web.Request) -> web.StreamResponse:
                 seen = replay.pop(0)
                 if seen.type in TERMINAL_EVENTS:
                     # HTTP 204 tells an EventSource to stop reconnecting: it saw the end.
+                    _log.debug("stream_refused_after_end", onboarding_id=str(oid), last=last)
                     return web.Response(status=204)
             elif not replay and await machine.find(tx, tid, oid) is None:
                 return problem(404, f"no onboarding {oid}")
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
         await resp.prepare(request)
+        sent, why = last, "client gone"
         try:
-            await resp.write(b"retry: %d\n\n" % (api.retry_ms + random.randrange(api.retry_ms)))
-            sent = last
-            for ev in replay:
-                terminal = ev.type in TERMINAL_EVENTS
-                await resp.write(encode(ev, terminal))
-                sent = ev.version
-                if terminal:
-                    return resp
-            while not sub.closed:
-                await sub.wake.wait()
-                for version, terminal, frame in sub.drain():
-                    if version == 0:
-                        await resp.write(frame)
-                        continue
-                    if version <= sent:
-                        continue  # the replay sent it already
-                    await resp.write(frame)
-                    sent = version
-                    if terminal:
-                        return resp
-        except (ConnectionResetError, ConnectionError):
-            return resp
+            sent, why = await _stream(resp, api, sub, replay, last)
+        except ConnectionError:
+            pass  # the client went away (ConnectionResetError and kin)
+        finally:
+            _log.debug("stream_closed", onboarding_id=str(oid), last=sent, reason=why)
     return resp
+
+
+async def _stream(
+    resp: web.StreamResponse, api: OnboardingApi, sub: Subscriber, replay: list[Event], last: int
+) -> tuple[int, str]:
+    """Write the replay, then what the hub hands over; the last version sent and why
+    the stream ends."""
+    await resp.write(b"retry: %d\n\n" % (api.retry_ms + random.randrange(api.retry_ms)))
+    sent = last
+    for ev in replay:
+        terminal = ev.type in TERMINAL_EVENTS
+        await resp.write(encode(ev, terminal))
+        sent = ev.version
+        if terminal:
+            return sent, "terminal event"
+    while not sub.closed:
+        await sub.wake.wait()
+        for version, terminal, frame in sub.drain():
+            if version == 0:
+                await resp.write(frame)  # keepalive
+                continue
+            if version <= sent:
+                continue  # the replay sent it already
+            await resp.write(frame)
+            sent = version
+            if terminal:
+                return sent, "terminal event"
+    return sent, sub.reason
 
 
 def add_routes(app: web.Application, api: OnboardingApi) -> None:

@@ -239,3 +239,22 @@ async def _until(sub: Subscriber, predicate: Callable[[], bool], timeout: float 
         while not predicate():
             sub.wake.clear()
             await sub.wake.wait()
+
+
+async def test_an_idle_stream_gets_keepalive_comments(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> None:
+    settings = service_settings(tmp_path, queues={"other": 1}, sse_keepalive=0.05)
+    async with (
+        background_service(settings, app_url, pool, worker_pool) as svc,
+        aiohttp.ClientSession(f"http://127.0.0.1:{svc.http.port}") as http,
+    ):
+        body = await accepted(http)
+        async with http.get(body["events_url"]) as r:
+            comments = 0
+            with anyio.fail_after(10):
+                async for f in sse_frames(r):
+                    comments += f.comment == "keepalive"
+                    if comments == 2:
+                        break
+    assert comments == 2

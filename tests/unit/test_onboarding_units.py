@@ -1,0 +1,106 @@
+"""Pure logic of onboarding: request validation, status tokens, the rate limiter."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.errors import ConfigError, InvalidRequest
+from service.http.ratelimit import RateLimiter
+from service.onboarding.model import SignUp, parse_sign_up
+from service.onboarding.tokens import Signer, TokenError, load_secret
+
+SECRET = b"s" * 32
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def test_a_valid_sign_up_is_normalised() -> None:
+    got = parse_sign_up({"email": " a@b.io ", "tenant_name": "  Big   Co ", "plan": "pro"})
+    assert got == SignUp("a@b.io", "Big Co", "pro")
+    # What idempotency compares: the validated request, not its spelling.
+    assert (
+        got.digest()
+        == parse_sign_up({"plan": "pro", "tenant_name": "Big Co", "email": "a@b.io"}).digest()
+    )
+    assert got.digest() != SignUp("a@b.io", "Big Co", "free").digest()
+
+
+@given(st.dictionaries(st.text(max_size=12), st.none() | st.integers() | st.text(max_size=60)))
+def test_any_json_object_either_validates_or_names_its_fields(body: dict[str, object]) -> None:
+    try:
+        parse_sign_up(body)
+    except InvalidRequest as exc:
+        assert exc.errors and all(e.message for e in exc.errors)
+
+
+def test_tokens_round_trip_and_are_stable() -> None:
+    signer = Signer(SECRET, 3600)
+    oid, tid = uuid.uuid4(), uuid.uuid4()
+    token = signer.issue(oid, tid, T0)
+    assert token == signer.issue(oid, tid, T0)  # an idempotent replay gets the same string
+    grant = signer.verify(token, now=T0.timestamp() + 10)
+    assert (grant.onboarding_id, grant.tenant_id) == (oid, tid)
+    assert grant.expires_at == int(T0.timestamp()) + 3600
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda t: "",
+        lambda t: "v2" + t[2:],
+        lambda t: t.replace(".", "", 1),
+        lambda t: t[:-1] + ("A" if t[-1] != "A" else "B"),
+        lambda t: t.split(".")[0] + ".!!!." + t.split(".")[2],
+        lambda t: t + "x" * 300,
+    ],
+)
+def test_a_mangled_token_is_refused(mangle: Callable[[str], str]) -> None:
+    signer = Signer(SECRET, 3600)
+    token = signer.issue(uuid.uuid4(), uuid.uuid4(), T0)
+    with pytest.raises(TokenError):
+        signer.verify(mangle(token), now=T0.timestamp())
+
+
+def test_an_expired_or_foreign_keyed_token_is_refused() -> None:
+    signer = Signer(SECRET, 60)
+    token = signer.issue(uuid.uuid4(), uuid.uuid4(), T0)
+    with pytest.raises(TokenError, match="expired"):
+        signer.verify(token, now=T0.timestamp() + 60)
+    with pytest.raises(TokenError, match="invalid"):
+        Signer(b"t" * 32, 60).verify(token, now=T0.timestamp())
+    with pytest.raises(ConfigError):
+        Signer(b"short", 60)
+
+
+def test_the_generated_secret_is_kept_and_private(tmp_path: Path) -> None:
+    first = load_secret(None, tmp_path)
+    assert load_secret(None, tmp_path) == first and len(first) >= 32
+    assert (tmp_path / "token.secret").stat().st_mode & 0o077 == 0
+    assert load_secret("configured-" + "z" * 30, tmp_path) == b"configured-" + b"z" * 30
+
+
+def test_the_rate_limiter_allows_a_burst_then_the_rate() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate=2.0, burst=3, now=lambda: now[0])
+    assert [limiter.check("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.check("a") == pytest.approx(0.5)
+    assert limiter.check("b") == 0.0  # per client
+    now[0] = 0.5
+    assert limiter.check("a") == 0.0
+    assert RateLimiter.retry_after(0.2) == "1" and RateLimiter.retry_after(2.1) == "3"
+
+
+def test_the_rate_limiter_forgets_the_oldest_clients_first() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate=1.0, burst=1, max_clients=2, now=lambda: now[0])
+    limiter.check("a")
+    limiter.check("b")
+    limiter.check("c")  # "a" is forgotten: it starts with a full bucket again
+    assert limiter.check("a") == 0.0
+    assert limiter.check("c") > 0
