@@ -49,8 +49,7 @@ class Provisioner:
         onboarding_id = uuid.UUID(str(job.payload["onboarding_id"]))
         logger = self._log.bind(onboarding_id=str(onboarding_id), tenant_id=str(job.tenant_id))
         try:
-            while await self._next_step(job, onboarding_id, logger):
-                pass
+            await self._steps(job, onboarding_id, logger)
         except (MailRejected, PermanentFailure) as exc:
             await self._fail(job, onboarding_id, str(exc) or type(exc).__name__, logger)
         except Exception as exc:
@@ -59,29 +58,28 @@ class Provisioner:
             reason = f"gave up after {job.attempt} attempts: {exc or type(exc).__name__}"
             await self._fail(job, onboarding_id, reason, logger)
 
-    async def _next_step(self, job: Job, onboarding_id: uuid.UUID, logger: log.Logger) -> bool:
-        """Run the next step; False when there is none left."""
+    async def _steps(self, job: Job, onboarding_id: uuid.UUID, logger: log.Logger) -> None:
+        """Run the steps not yet in the ledger, each in its own transaction."""
         tid = job.tenant_id
         current = await machine.get(job.pool, tid, onboarding_id)
-        if current.terminal:
-            return False
-        done = {s.step for s in current.steps}
-        step = next(s for s in STEPS if s not in done)
-        external = self._external.get(step)
-        if external is not None:
-            await external(
-                self, current.tenant_id, onboarding_id, current.email, current.tenant_name
-            )
-        last = step == STEPS[-1]
-        # The last step completes the job in its own transaction.
-        async with job.tenant_tx(complete=last) as tx:
-            o = await machine.lock(tx, tid, onboarding_id)
-            if o.terminal or step in o.done:
-                return not last  # another run did it meanwhile; look again
-            await self._effects[step](self, o, onboarding_id)
-            await machine.step_done(o, step)
-        logger.info("onboarding_step_done", step=step, version=o.version)
-        return not last
+        done, terminal = {s.step for s in current.steps}, current.terminal
+        while not terminal:
+            step = next(s for s in STEPS if s not in done)
+            external = self._external.get(step)
+            if external is not None:
+                await external(self, tid, onboarding_id, current.email, current.tenant_name)
+            # The last step completes the job in its own transaction.
+            ran = False
+            async with job.tenant_tx(complete=step == STEPS[-1]) as tx:
+                o = await machine.lock(tx, tid, onboarding_id)
+                # Under the lock, the ledger decides: another run may have done it.
+                if not o.terminal and step not in o.done:
+                    await self._effects[step](self, o, onboarding_id)
+                    await machine.step_done(o, step)
+                    ran = True
+            if ran:  # said once it has committed
+                logger.info("onboarding_step_done", step=step, version=o.version)
+            done, terminal = set(o.done), o.terminal
 
     # --- the steps' database effects (inside the step's transaction) -------------------
 
