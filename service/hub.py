@@ -196,9 +196,19 @@ class Hub:
 
     async def _read(self) -> None:
         async with self._pool.acquire() as conn:
-            if self._horizon is None:
-                self._horizon = await outbox.horizon(conn)
-            horizon, events = await outbox.follow(conn, self._horizon, self._aggregate)
+            if self._horizon is None or not self._subs:
+                # Nobody to deliver to: only move the horizon, unless a stream subscribed
+                # while it was taken.  That stream's replay may have read the database
+                # before this snapshot, and what committed in between would be behind
+                # the new horizon: keep the old one (taken before that stream existed).
+                # (None: the first read, before the HTTP server starts.)
+                fresh = await outbox.horizon(conn)
+                if self._horizon is None or not self._subs:
+                    self._horizon = fresh
+                events: list[Event] = []
+                horizon = self._horizon
+            else:
+                horizon, events = await outbox.follow(conn, self._horizon, self._aggregate)
         self._horizon = horizon
         if len(events) > _LARGE_READ:
             self._log.warning("hub_large_read", rows=len(events))
