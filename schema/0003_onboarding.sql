@@ -23,9 +23,13 @@ CREATE TABLE tenantry.outbox (
     xid            xid8        NOT NULL DEFAULT pg_current_xact_id(),
     PRIMARY KEY (tenant_id, id),
     CONSTRAINT outbox_version_positive CHECK (version >= 1),
-    CONSTRAINT outbox_names CHECK (
-        length(aggregate_type) BETWEEN 1 AND 100 AND length(aggregate_id) BETWEEN 1 AND 200
-        AND length(event_type) BETWEEN 1 AND 200)
+    -- Types are names, not text: they travel in SSE `event:` lines and webhook headers,
+    -- where a line break would let a writer forge fields.  Payloads are objects, so
+    -- a follower can add its envelope (type, version, at) without a second encoding.
+    CONSTRAINT outbox_aggregate_type CHECK (aggregate_type ~ '^[A-Za-z0-9_.:-]{1,100}$'),
+    CONSTRAINT outbox_aggregate_id CHECK (length(aggregate_id) BETWEEN 1 AND 200),
+    CONSTRAINT outbox_event_type CHECK (event_type ~ '^[A-Za-z0-9_.:-]{1,200}$'),
+    CONSTRAINT outbox_payload_object CHECK (jsonb_typeof(payload) = 'object')
 );
 CREATE UNIQUE INDEX outbox_aggregate_version_key
     ON tenantry.outbox (tenant_id, aggregate_type, aggregate_id, version);
@@ -184,6 +188,16 @@ GRANT EXECUTE ON FUNCTION tenantry.emit(uuid, text, text, text, jsonb, integer)
    TO tenantry_service;
 GRANT SELECT, DELETE ON tenantry.outbox, tenantry.idempotency_keys TO tenantry_system;
 
+-- An event as its followers send it on: the payload with the envelope's keys (which
+-- win over the payload's), as JSON text, so that no follower decodes and re-encodes it.
+CREATE FUNCTION tenantry.event_data(
+    payload jsonb, event_type text, version integer, created_at timestamptz
+) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN (payload || jsonb_build_object('type', event_type, 'version', version,
+                                      'at', created_at))::text;
+
 -- Follow the outbox across tenants (the SSE hub of every process): the events of one
 -- aggregate type written by transactions at or after `after_xmin`, and the horizon to
 -- pass next time, which is the xmin of this statement's own snapshot: every
@@ -195,7 +209,7 @@ GRANT SELECT, DELETE ON tenantry.outbox, tenantry.idempotency_keys TO tenantry_s
 -- long transaction holds the horizon back; the hub logs when a read grows large.
 CREATE FUNCTION tenantry.outbox_follow(after_xmin xid8, aggregate_type text)
 RETURNS TABLE (horizon xid8, tenant_id uuid, aggregate_id text, version integer,
-               event_type text, payload jsonb, created_at timestamptz)
+               event_type text, data text)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -204,12 +218,12 @@ AS $$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
-    SELECT h.horizon, e.tenant_id, e.aggregate_id, e.version, e.event_type, e.payload,
-           e.created_at
+    SELECT h.horizon, e.tenant_id, e.aggregate_id, e.version, e.event_type, e.data
       FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h
       LEFT JOIN LATERAL (
-            SELECT o.tenant_id, o.aggregate_id, o.version, o.event_type, o.payload,
-                   o.created_at
+            SELECT o.tenant_id, o.aggregate_id, o.version, o.event_type,
+                   tenantry.event_data(o.payload, o.event_type, o.version, o.created_at)
+                       AS data
               FROM tenantry.outbox o
              WHERE o.xid >= outbox_follow.after_xmin
                AND o.aggregate_type = outbox_follow.aggregate_type) e ON true
@@ -266,6 +280,10 @@ BEGIN
 END;
 $$;
 
+ALTER FUNCTION tenantry.event_data(jsonb, text, integer, timestamptz) OWNER TO tenantry_owner;
+GRANT EXECUTE ON FUNCTION tenantry.event_data(jsonb, text, integer, timestamptz)
+   TO tenantry_service, tenantry_system;
+
 GRANT CREATE ON SCHEMA tenantry TO tenantry_system;
 ALTER FUNCTION tenantry.outbox_follow(xid8, text) OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.prune_outbox(integer, integer) OWNER TO tenantry_system;
@@ -275,7 +293,8 @@ REVOKE EXECUTE ON FUNCTION tenantry.outbox_follow(xid8, text),
                            tenantry.prune_outbox(integer, integer),
                            tenantry.prune_idempotency_keys(integer, integer),
                            tenantry.outbox_notify(),
-                           tenantry.emit(uuid, text, text, text, jsonb, integer)
+                           tenantry.emit(uuid, text, text, text, jsonb, integer),
+                           tenantry.event_data(jsonb, text, integer, timestamptz)
    FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION tenantry.outbox_follow(xid8, text),
                           tenantry.prune_outbox(integer, integer),

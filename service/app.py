@@ -70,10 +70,12 @@ def build(
     owner = f"{uuid.uuid4().hex[:12]}"
     data_dir = settings.data_dir.resolve()
     mailer = mailer_for(settings.smtp_url, data_dir / "mail", settings.mail_from)
-    provisioner = Provisioner(LocalStorage(data_dir / "tenants"), mailer)
+    provisioner = Provisioner(
+        LocalStorage(data_dir / "tenants"), mailer, queue=settings.onboarding_queue
+    )
     handlers = Registry()
     handlers.merge(registry)
-    handlers.merge(provisioner.registry(settings.onboarding_queue))
+    handlers.merge(provisioner.registry())
     worker = Worker(
         pool,
         handlers,

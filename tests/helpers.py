@@ -6,7 +6,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -272,3 +272,15 @@ async def wait_lock_waiter(
             ):
                 return
             await anyio.sleep(0.02)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 20, every: float = 0.02
+) -> None:
+    """Until `check()` holds: for state that changes in another process or in the
+    database, where no event reaches the test (a job finishing elsewhere)."""
+    with anyio.fail_after(timeout):
+        while True:
+            if await check():
+                return
+            await anyio.sleep(every)

@@ -9,6 +9,7 @@ GET  /v1/onboardings/{id}/events     -> text/event-stream, replayable (Last-Even
 from __future__ import annotations
 
 import random
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -84,9 +85,12 @@ async def create(request: web.Request) -> web.StreamResponse:
         return problem(415, "send the body as application/json")
     if request.content_length is not None and request.content_length > MAX_BODY:
         return problem(413, f"the body must be at most {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        return problem(413, f"the body must be at most {MAX_BODY} bytes")
+    # read(n) returns what has arrived so far: read until the end, or past the cap.
+    raw = bytearray()
+    while chunk := await request.content.read(MAX_BODY + 1 - len(raw)):
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            return problem(413, f"the body must be at most {MAX_BODY} bytes")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -176,11 +180,13 @@ async def status(request: web.Request) -> web.StreamResponse:
     )
 
 
+_EVENT_ID = re.compile(r"[0-9]{1,9}")
+
+
 def _last_event_id(request: web.Request) -> int | None:
     raw = request.headers.get("Last-Event-ID", request.query.get("last_event_id", "0")).strip()
-    if not raw.isdigit() or len(raw) > 9:
-        return None
-    return int(raw)
+    # ASCII digits only: str.isdigit() also admits "²", which int() refuses.
+    return int(raw) if _EVENT_ID.fullmatch(raw) else None
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -201,15 +207,19 @@ async def events(request: web.Request) -> web.StreamResponse:
         # Subscribed first, so nothing committed after this replay is missed.
         async with tenant_tx(api.pool, tid) as tx:
             # From the client's last event on: whether that one was the end matters.
-            replay = await outbox.events_after(tx, tid, AGGREGATE, str(oid), max(last - 1, 0))
-            if replay and last > 0 and replay[0].version == last:
+            replay = await outbox.replay(tx, tid, AGGREGATE, str(oid), max(last - 1, 0))
+            if not replay and await machine.find(tx, tid, oid) is None:
+                return problem(404, f"no onboarding {oid}")
+        if last > 0:
+            if not replay:
+                # Not even the client's own last event is here: an id from elsewhere.
+                return problem(400, f"Last-Event-ID {last} is not an event of this stream")
+            if replay[0].version == last:
                 seen = replay.pop(0)
                 if seen.type in TERMINAL_EVENTS:
                     # HTTP 204 tells an EventSource to stop reconnecting: it saw the end.
                     _log.debug("stream_refused_after_end", onboarding_id=str(oid), last=last)
                     return web.Response(status=204)
-            elif not replay and await machine.find(tx, tid, oid) is None:
-                return problem(404, f"no onboarding {oid}")
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
         await resp.prepare(request)
         sent, why = last, "client gone"
@@ -231,7 +241,7 @@ async def _stream(
     sent = last
     for ev in replay:
         terminal = ev.type in TERMINAL_EVENTS
-        await resp.write(encode(ev, terminal))
+        await resp.write(encode(ev))
         sent = ev.version
         if terminal:
             return sent, "terminal event"

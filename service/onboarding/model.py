@@ -63,7 +63,7 @@ def parse_sign_up(body: Any) -> SignUp:
         email = email.strip()
         if len(email) > EMAIL_MAX:
             errors.append(Invalid("email", f"must be at most {EMAIL_MAX} characters"))
-        elif not _EMAIL.match(email):
+        elif _CONTROL.search(email) or not _EMAIL.match(email):
             errors.append(Invalid("email", "is not an email address"))
     name = body.get("tenant_name")
     if not isinstance(name, str):

@@ -9,9 +9,9 @@ retry or a kill -9 anywhere repeats at most an idempotent call and never duplica
 orphans anything.
 
 A permanent failure (the mail server refuses the address, say), or a transient one on
-the job's last attempt, ends the onboarding in `failed`: what earlier steps created
-outside the database is removed, the tenant's rows are deleted, and the failed event
-says what was compensated.
+the job's last attempt, ends the onboarding in `failed`: the tenant's rows are deleted,
+what earlier steps created outside the database is removed by a compensation job
+enqueued in the same transaction, and the failed event says what was undone.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from .. import logging as log
 from ..errors import PermanentFailure
 from ..jobs.model import Job
+from ..jobs.queue import enqueue
 from ..jobs.registry import Policy, Registry
 from ..outbox import store as outbox
 from ..tenants import store as tenants
@@ -31,18 +32,23 @@ from .model import STEPS, TENANT_PROVISIONED, derived_id
 from .storage import Storage
 
 POLICY = Policy(max_attempts=20, backoff_base=1.0, backoff_cap=60.0, timeout=120.0)
+COMPENSATE_KIND = "onboarding.compensate"
 
 
 class Provisioner:
-    def __init__(self, storage: Storage, mailer: Mailer, product: str = "Tenantry") -> None:
+    def __init__(
+        self, storage: Storage, mailer: Mailer, *, queue: str = "default", product: str = "Tenantry"
+    ) -> None:
         self._storage = storage
         self._mailer = mailer
+        self._queue = queue
         self._product = product
         self._log = log.get("provision")
 
-    def registry(self, queue: str = "default") -> Registry:
+    def registry(self) -> Registry:
         reg = Registry()
-        reg.add(machine.PROVISION_KIND, self.run, queue=queue, policy=POLICY)
+        reg.add(machine.PROVISION_KIND, self.run, queue=self._queue, policy=POLICY)
+        reg.add(COMPENSATE_KIND, self.compensate, queue=self._queue, policy=POLICY)
         return reg
 
     async def run(self, job: Job) -> None:
@@ -149,14 +155,36 @@ class Provisioner:
     async def _fail(
         self, job: Job, onboarding_id: uuid.UUID, reason: str, logger: log.Logger
     ) -> None:
-        compensated: list[str] = []
-        if await self._storage.remove(job.tenant_id):
-            compensated.append("storage")
+        """The database decides first: under the onboarding's lock, unless another run
+        finished it meanwhile, the tenant's rows go, the onboarding becomes `failed`,
+        and the removal of what lies outside the database is enqueued as a job of its
+        own in the same transaction (so it happens, retried, even if this process dies
+        right after the commit, and never for an onboarding that did not fail)."""
         async with job.tenant_tx() as tx:
             o = await machine.lock(tx, job.tenant_id, onboarding_id)
             if o.terminal:
                 return
-            if await tenants.delete_tenant(tx, job.tenant_id):
-                compensated.append("tenant")
+            compensated = ["tenant"] if await tenants.delete_tenant(tx, job.tenant_id) else []
+            if "storage" in o.done:
+                compensated.append("storage")
             await machine.failed(o, reason[:500], compensated)
+            await enqueue(
+                tx,
+                tenant_id=job.tenant_id,
+                kind=COMPENSATE_KIND,
+                payload={"onboarding_id": str(onboarding_id)},
+                queue=self._queue,
+                dedup_key=f"{COMPENSATE_KIND}:{onboarding_id}",
+            )
         logger.warning("onboarding_failed", reason=reason[:500], compensated=compensated)
+
+    async def compensate(self, job: Job) -> None:
+        """Undo what a failed onboarding made outside the database (idempotent: the
+        storage may be gone already, or may never have been made)."""
+        removed = await self._storage.remove(job.tenant_id)
+        self._log.info(
+            "onboarding_compensated",
+            onboarding_id=str(job.payload.get("onboarding_id")),
+            tenant_id=str(job.tenant_id),
+            storage_removed=removed,
+        )

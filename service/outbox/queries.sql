@@ -6,7 +6,8 @@ SELECT tenantry.emit($1::uuid, $2::text, $3::text, $4::text, $5::jsonb, $6::inte
 
 -- The events of one aggregate after a version, in the tenant's context (a replay).
 -- name: events_after
-SELECT o.version, o.event_type, o.payload, o.created_at
+SELECT o.version, o.event_type,
+       tenantry.event_data(o.payload, o.event_type, o.version, o.created_at) AS data
   FROM tenantry.outbox o
  WHERE o.tenant_id = $1::uuid AND o.aggregate_type = $2::text AND o.aggregate_id = $3::text
    AND o.version > $4::integer
@@ -15,7 +16,7 @@ SELECT o.version, o.event_type, o.payload, o.created_at
 
 -- name: follow
 SELECT f.horizon::text AS horizon, f.tenant_id, f.aggregate_id, f.version, f.event_type,
-       f.payload, f.created_at
+       f.data
   FROM tenantry.outbox_follow($1::text::xid8, $2::text) f
 
 -- name: horizon

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -18,12 +17,15 @@ Q = queries_for(__file__)
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """An event as followers pass it on: `data` is its JSON text, the payload's keys
+    with `type`, `version` and `at` (never decoded here: whatever a writer stored, a
+    follower forwards it unharmed)."""
+
     tenant_id: uuid.UUID
     aggregate_id: str
     version: int
     type: str
-    payload: Any
-    created_at: datetime
+    data: str
 
 
 async def append(
@@ -62,10 +64,29 @@ async def events_after(
     rows = await conn.fetch(
         Q["events_after"], tenant_id, aggregate_type, aggregate_id, after_version, limit
     )
-    return [
-        Event(tenant_id, aggregate_id, r["version"], r["event_type"], r["payload"], r["created_at"])
-        for r in rows
-    ]
+    return [Event(tenant_id, aggregate_id, r["version"], r["event_type"], r["data"]) for r in rows]
+
+
+async def replay(
+    conn: Executor,
+    tenant_id: uuid.UUID,
+    aggregate_type: str,
+    aggregate_id: str,
+    after_version: int,
+    *,
+    page: int = 500,
+) -> list[Event]:
+    """Every event of the aggregate after `after_version`, however many, a page of
+    rows per statement."""
+    events: list[Event] = []
+    while True:
+        batch = await events_after(
+            conn, tenant_id, aggregate_type, aggregate_id, after_version, limit=page
+        )
+        events += batch
+        if len(batch) < page:
+            return events
+        after_version = batch[-1].version
 
 
 async def horizon(conn: Executor) -> str:
@@ -80,14 +101,7 @@ async def follow(conn: Executor, after: str, aggregate_type: str) -> tuple[str, 
     Events already returned by an earlier call may come again: drop them by version."""
     rows = await conn.fetch(Q["follow"], after, aggregate_type)
     events = [
-        Event(
-            r["tenant_id"],
-            r["aggregate_id"],
-            r["version"],
-            r["event_type"],
-            r["payload"],
-            r["created_at"],
-        )
+        Event(r["tenant_id"], r["aggregate_id"], r["version"], r["event_type"], r["data"])
         for r in rows
         if r["version"] is not None
     ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import pytest
 
 from service.app import Service
 from service.onboarding.model import STEPS
-from tests.helpers import Frame, background_service, service_settings, sse_frames
+from tests.helpers import Frame, background_service, eventually, service_settings, sse_frames
 from tests.integration import test_mail
 
 SIGN_UP = {"email": "Ada@Example.com", "tenant_name": "Analytical Engines", "plan": "pro"}
@@ -78,7 +78,9 @@ async def test_sign_up_is_provisioned_and_streamed_to_the_end(
         "onboarding.completed",
     ]
     assert [f.data["step"] for f in events[1:]] == list(STEPS)
-    assert events[-1].data["terminal"] is True and events[-1].data["state"] == "completed"
+    assert events[-1].data["state"] == "completed"
+    assert [f.data["version"] for f in events] == [int(f.id or 0) for f in events]
+    assert all(f.data["type"] == f.event and f.data["at"] for f in events)
 
     # Exactly one of everything, in the tenant's rows.
     counts = await admin_pool.fetchrow(
@@ -145,7 +147,7 @@ async def test_a_refused_welcome_email_fails_the_onboarding_and_compensates(
         async with http.get(body["status_url"], params={"token": body["token"]}) as r:
             st = await r.json()
     last = [f for f in frames if f.event][-1]
-    assert last.event == "onboarding.failed" and last.data["terminal"] is True
+    assert last.event == "onboarding.failed" and last.data["state"] == "failed"
     assert "550" in last.data["reason"] and "no such user" in last.data["reason"]
     assert sorted(last.data["compensated"]) == ["storage", "tenant"]
     assert st["state"] == "failed" and st["failure_reason"] == last.data["reason"]
@@ -164,10 +166,26 @@ async def test_a_refused_welcome_email_fails_the_onboarding_and_compensates(
             )
             == 0
         ), table
+    # The directory goes with the compensation job, enqueued with the failure.
+    await eventually(_no_jobs_left(admin_pool))
     assert not (tmp_path / "tenants" / str(tid)).exists()
     assert smtp_server.recorder.received == []
-    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 0
+    done = await admin_pool.fetch(
+        "SELECT kind, sum(succeeded) AS n FROM tenantry.job_counters GROUP BY kind ORDER BY kind"
+    )
+    assert [(r["kind"], r["n"]) for r in done] == [
+        ("onboarding.compensate", 1),
+        ("onboarding.provision", 1),
+    ]
+
+
+def _no_jobs_left(admin_pool: asyncpg.Pool) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        left: int = await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs")
+        return left == 0
+
+    return check
 
 
 async def test_a_welcome_email_goes_through_smtp_once(

@@ -100,7 +100,7 @@ async def test_replay_then_live_then_resume_then_the_end(
         assert (await s.next_event()).id == "5"
         await emit(admin_pool, body, 6, "onboarding.completed")
         end = await s.next_event()
-        assert (end.id, end.event, end.data["terminal"]) == ("6", "onboarding.completed", True)
+        assert (end.id, end.event, end.data["version"]) == ("6", "onboarding.completed", 6)
         assert await s.ended()  # the server closes the stream after the terminal event
     async with http.get(body["events_url"], headers={"Last-Event-ID": "6"}) as r:
         assert r.status == 204  # EventSource stops reconnecting on 204
