@@ -20,7 +20,7 @@ from .config import Settings
 from .errors import SchemaMismatch
 from .http.app import HttpServer, Readiness, build_app
 from .http.onboarding_api import OnboardingApi
-from .http.ratelimit import RateLimiter
+from .http.ratelimit import RateLimiter, parse_networks
 from .hub import Hub
 from .jobs.maintenance import CounterPruner, LeaseRescuer, Maintenance, PeriodicEnqueuer, Pruner
 from .jobs.registry import Registry
@@ -133,12 +133,19 @@ def build(
             pass
         return checks
 
+    if settings.token_secret is None:
+        log.get("app").warning(
+            "token_secret_generated",
+            detail="TENANTRY_TOKEN_SECRET is unset: status tokens are signed with a key kept"
+            " in the data folder; processes that do not share it reject each other's tokens",
+        )
     onboarding = OnboardingApi(
         pool,
         hub,
         Signer(load_secret(settings.token_secret, data_dir), settings.token_ttl),
         RateLimiter(settings.signup_rate, settings.signup_burst),
         queue=settings.onboarding_queue,
+        trusted_proxies=parse_networks(settings.trusted_proxies),
     )
     http = HttpServer(
         build_app(Readiness(readiness), pool, onboarding), settings.host, settings.port

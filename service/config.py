@@ -68,6 +68,8 @@ class Settings:
     onboarding_queue: str = "default"
     outbox_retention_days: int = 30
     idempotency_retention_hours: int = 24
+    # Proxies whose X-Forwarded-For names the client (rate limits); none by default.
+    trusted_proxies: str = ""
     sse_queue_size: int = 64
     sse_keepalive: float = 15.0
 
@@ -158,6 +160,13 @@ def _smtp_url(raw: str) -> str:
     return raw
 
 
+def _networks(raw: str) -> str:
+    from .http.ratelimit import parse_networks  # noqa: PLC0415 - keep config import-light
+
+    parse_networks(raw)  # ValueError names the bad entry
+    return raw
+
+
 def _queue_name(raw: str) -> str:
     if len(raw) > _QUEUE_NAME_MAX:
         raise ValueError(f"must be at most {_QUEUE_NAME_MAX} characters")
@@ -235,6 +244,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         idempotency_retention_hours=_parse(
             e, "TENANTRY_IDEMPOTENCY_RETENTION_HOURS", _positive_int, d.idempotency_retention_hours
         ),
+        trusted_proxies=_parse(e, "TENANTRY_TRUSTED_PROXIES", _networks, d.trusted_proxies),
         sse_queue_size=_parse(e, "TENANTRY_SSE_QUEUE_SIZE", _positive_int, d.sse_queue_size),
         sse_keepalive=_parse(e, "TENANTRY_SSE_KEEPALIVE", _positive_float, d.sse_keepalive),
     )

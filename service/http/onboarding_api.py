@@ -28,7 +28,7 @@ from ..outbox import store as outbox
 from ..outbox.store import Event
 from ..tenancy import tenant_tx
 from .problems import problem
-from .ratelimit import RateLimiter
+from .ratelimit import Networks, RateLimiter, client_address
 
 MAX_BODY = 16 * 1024
 _KEY_MAX = 255
@@ -48,6 +48,7 @@ class OnboardingApi:
     limiter: RateLimiter
     queue: str = "default"
     retry_ms: int = 2000  # the EventSource reconnect delay, before jitter
+    trusted_proxies: Networks = ()
 
 
 ONBOARDING = web.AppKey("onboarding", OnboardingApi)
@@ -69,7 +70,10 @@ def _invalid(exc: InvalidRequest) -> web.Response:
 
 
 def _client(request: web.Request) -> str:
-    return request.remote or "unknown"
+    api = request.app[ONBOARDING]
+    return client_address(
+        request.remote, request.headers.get("X-Forwarded-For"), api.trusted_proxies
+    )
 
 
 async def create(request: web.Request) -> web.StreamResponse:

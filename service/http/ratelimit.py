@@ -7,6 +7,7 @@ endpoint; not an accounting system.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from collections import OrderedDict
@@ -48,3 +49,34 @@ class RateLimiter:
     @staticmethod
     def retry_after(wait: float) -> str:
         return str(max(1, math.ceil(wait)))
+
+
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def parse_networks(raw: str) -> Networks:
+    """`10.0.0.0/8, 127.0.0.1` -> networks (a bare address is a /32 or /128)."""
+    return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in raw.split(",") if p.strip())
+
+
+def _trusted(address: str, proxies: Networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in proxies)
+
+
+def client_address(remote: str | None, forwarded_for: str | None, proxies: Networks) -> str:
+    """The client a limit applies to.  Behind trusted proxies (TENANTRY_TRUSTED_PROXIES)
+    it is the right-most X-Forwarded-For hop that is not one of them: hops to the left
+    of it are whatever the client chose to send, and could be anything."""
+    if remote is None:
+        return "unknown"
+    if not forwarded_for or not _trusted(remote, proxies):
+        return remote
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, proxies):
+            return hop
+    return hops[0] if hops else remote

@@ -39,6 +39,15 @@ from service import logging as log
 from service.clock import Clock, SystemClock
 
 
+def masked(address: str) -> str:
+    """An address as logs show it: enough to tell which, not the whole of it
+    (`k***@example.com`).  Addresses are personal data; logs travel further."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return "***"
+    return f"{local[:1]}***@{domain}"
+
+
 @dataclass(frozen=True)
 class Mail:
     key: str  # idempotency key: the same key is the same message
@@ -157,9 +166,9 @@ class FileMailer:
         # fsync can take a while; keep it off the event loop.
         written = await asyncio.to_thread(_write_once, self._directory, path, data)
         if written:
-            self._log.info("mail_written", path=str(path), to=mail.to)
+            self._log.info("mail_written", path=str(path), to=masked(mail.to))
         else:
-            self._log.info("mail_already_written", path=str(path), to=mail.to)
+            self._log.info("mail_already_written", path=str(path), to=masked(mail.to))
 
 
 # --- SMTP -------------------------------------------------------------------------------
@@ -330,7 +339,7 @@ class SmtpMailer:
                     raise self._unavailable(mail, mid, exc) from exc
                 self._log.warning(
                     "mail_rejected",
-                    to=mail.to,
+                    to=masked(mail.to),
                     message_id=mid,
                     code=rejected.code,
                     reply=rejected.message,
@@ -342,7 +351,7 @@ class SmtpMailer:
                 await smtp.quit()
         finally:
             smtp.close()
-        self._log.info("mail_sent", to=mail.to, message_id=mid, server=self.describe())
+        self._log.info("mail_sent", to=masked(mail.to), message_id=mid, server=self.describe())
 
     def _unavailable(self, mail: Mail, mid: str, exc: BaseException) -> MailUnavailable:
         code: int | None = None
@@ -355,7 +364,7 @@ class SmtpMailer:
         detail = str(exc) or type(exc).__name__
         self._log.warning(
             "mail_unavailable",
-            to=mail.to,
+            to=masked(mail.to),
             message_id=mid,
             server=self.describe(),
             code=code,

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from .. import logging as log
-from ..errors import PermanentFailure
+from ..errors import Conflict, PermanentFailure
 from ..jobs.model import Job
 from ..jobs.queue import enqueue
 from ..jobs.registry import Policy, Registry
@@ -90,7 +90,12 @@ class Provisioner:
     # --- the steps' database effects (inside the step's transaction) -------------------
 
     async def _tenant(self, o: machine.Locked, _oid: uuid.UUID) -> None:
-        await tenants.provision_tenant(o.tx, tenant_id=o.tenant_id, name=o.tenant_name, plan=o.plan)
+        try:
+            await tenants.provision_tenant(
+                o.tx, tenant_id=o.tenant_id, name=o.tenant_name, plan=o.plan
+            )
+        except Conflict as exc:  # every candidate slug is taken: retrying cannot help
+            raise PermanentFailure(str(exc)) from exc
 
     async def _owner(self, o: machine.Locked, oid: uuid.UUID) -> None:
         name = o.email.split("@", 1)[0][:100]

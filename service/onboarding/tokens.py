@@ -44,7 +44,7 @@ def _b64(raw: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    return base64.urlsafe_b64decode(text.encode("ascii") + b"=" * (-len(text) % 4))
 
 
 class Signer:
@@ -73,6 +73,10 @@ class Signer:
             payload, given = _unb64(body), _unb64(mac)
         except ValueError:
             raise TokenError("malformed token") from None
+        # The decoder forgives stray padding and unused trailing bits: insist on the one
+        # canonical spelling, so a grant has exactly one token string.
+        if _b64(payload) != body or _b64(given) != mac:
+            raise TokenError("malformed token")
         if len(payload) != _PAYLOAD.size or not hmac.compare_digest(given, self._mac(payload)):
             raise TokenError("invalid token")
         onboarding, tenant, expires_at = _PAYLOAD.unpack(payload)

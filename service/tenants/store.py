@@ -146,8 +146,8 @@ async def provision_tenant(tx: Executor, *, tenant_id: uuid.UUID, name: str, pla
         row = await conn.fetchrow(Q["get_tenant"], tenant_id)
         if row is not None:
             return Tenant(**dict(row))
-        base = slug_from(name)[:43].strip("-") or "tenant"
-        for slug in (base, f"{base}-{tenant_id.hex[:6]}"):
+        base = slug_from(name)[:37].strip("-") or "tenant"
+        for slug in (base, f"{base}-{tenant_id.hex[:6]}", f"{base}-{tenant_id.hex[:12]}"):
             # A savepoint: the slug collision must not abort the step's transaction (by
             # hand: the transaction was begun with a plain BEGIN, see tenancy.py).
             await conn.execute("SAVEPOINT tenant_slug")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -208,3 +209,69 @@ async def test_a_welcome_email_goes_through_smtp_once(
     message = received.parsed()
     assert SIGN_UP["tenant_name"] in str(message["Subject"])
     assert not list((tmp_path / "mail").glob("*.eml"))
+
+
+async def test_a_hundred_identical_requests_provision_one_tenant(
+    svc: Service, http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    key = str(uuid.uuid4())
+    answers = await asyncio.gather(
+        *(sign_up(http, None, **{"Idempotency-Key": key}) for _ in range(100))
+    )
+    assert {status for status, _, _ in answers} == {202}
+    assert len({body["id"] for _, body, _ in answers}) == 1
+    await follow(http, answers[0][1]["events_url"])
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.tenants") == 1
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.users") == 1
+
+
+async def test_sign_ups_with_one_name_get_distinct_slugs(
+    svc: Service, http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    answers = await asyncio.gather(*(sign_up(http) for _ in range(3)))
+    for _, body, _ in answers:
+        frames = await follow(http, body["events_url"])
+        assert frames[-1].event == "onboarding.completed"
+    slugs = sorted(r[0] for r in await admin_pool.fetch("SELECT slug FROM tenantry.tenants"))
+    assert len(set(slugs)) == 3 and "analytical-engines" in slugs
+    assert all(s.startswith("analytical-engines") for s in slugs)
+
+
+async def test_a_poison_payload_reaches_its_stream_and_the_hub_goes_on(
+    svc: Service, http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    """A number no double can hold, from another service's emit: the hub never decodes
+    it, so it neither crashes the process nor stops other streams."""
+    _, body, _ = await sign_up(http)
+    tid = uuid.UUID(body["tenant_id"])
+    async with http.get(body["events_url"]) as r:
+        async with admin_pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT set_config('app.tenant_id', $1, true)", str(tid))
+            await conn.execute(
+                "SELECT tenantry.emit($1, 'onboarding', $2, 'onboarding.note',"
+                " '{\"n\": 1e400}'::jsonb, 1000)",
+                tid,
+                body["id"],
+            )
+        raw = b""
+        with anyio.fail_after(20):
+            async for line in r.content:
+                raw += line
+                if b"event: onboarding.note" in raw and raw.endswith(b"\n\n"):
+                    break
+    assert b'"n": 1' + b"0" * 400 in raw
+    # Still serving: another sign-up completes.
+    _, other, _ = await sign_up(http)
+    assert (await follow(http, other["events_url"]))[-1].event == "onboarding.completed"
+
+
+async def test_event_types_cannot_carry_line_breaks(admin_pool: asyncpg.Pool) -> None:
+    with pytest.raises(asyncpg.CheckViolationError):
+        await admin_pool.execute(
+            "SELECT tenantry.emit(gen_random_uuid(), 'onboarding', 'x',"
+            " E'onboarding.step_completed\\nid: 999', '{}', 1)"
+        )
+    with pytest.raises(asyncpg.CheckViolationError):
+        await admin_pool.execute(
+            "SELECT tenantry.emit(gen_random_uuid(), 'onboarding', 'x', 'e', '[1]', 1)"
+        )

@@ -232,3 +232,41 @@ async def test_status_needs_this_onboardings_valid_token(
 
 def _created(shift: float = 0.0) -> datetime:
     return datetime.fromtimestamp(time.time() + shift, UTC)
+
+
+async def test_a_body_that_arrives_in_pieces_is_read_whole(
+    http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    data = orjson.dumps(SIGN_UP)
+
+    async def slowly() -> AsyncIterator[bytes]:
+        yield data[:20]
+        await asyncio.sleep(0.05)  # a slow network, not a wait for a condition
+        yield data[20:]
+
+    async with http.post(
+        "/v1/onboardings", data=slowly(), headers={"Content-Type": "application/json"}
+    ) as r:
+        assert r.status == 202, await r.text()
+    assert (await _rows(admin_pool))["onboardings"] == 1
+
+
+async def test_control_characters_in_an_email_are_a_422(
+    http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    for email in ("a\u0000b@example.com", "a@exa\tmple.com", "a\u007f@example.com"):
+        status, problem, _ = await post(http, orjson.dumps({**SIGN_UP, "email": email}))
+        assert status == 422, (email, problem)
+        assert [e["field"] for e in problem["errors"]] == ["email"]
+    assert (await _rows(admin_pool))["onboardings"] == 0
+
+
+async def test_a_last_event_id_that_is_not_of_this_stream_is_a_400(
+    http: aiohttp.ClientSession,
+) -> None:
+    _, a, _ = await post(http, orjson.dumps(SIGN_UP))
+    # Digits that are not ASCII; an id ahead of the stream (it is at 1).
+    for bad in ("\u00b2", "\u0661", "5"):
+        async with http.get(a["events_url"], headers={"Last-Event-ID": bad}) as r:
+            assert r.status == 400, bad
+            assert r.headers["Content-Type"] == "application/problem+json"

@@ -11,8 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from service.config import from_env
 from service.errors import ConfigError, InvalidRequest
-from service.http.ratelimit import RateLimiter
+from service.http.ratelimit import RateLimiter, client_address, parse_networks
+from service.onboarding.mail import masked
 from service.onboarding.model import SignUp, parse_sign_up
 from service.onboarding.tokens import Signer, TokenError, load_secret
 
@@ -104,3 +106,47 @@ def test_the_rate_limiter_forgets_the_oldest_clients_first() -> None:
     limiter.check("c")  # "a" is forgotten: it starts with a full bucket again
     assert limiter.check("a") == 0.0
     assert limiter.check("c") > 0
+
+
+def test_only_the_canonical_spelling_of_a_token_is_accepted() -> None:
+    signer = Signer(SECRET, 3600)
+    token = signer.issue(uuid.uuid4(), uuid.uuid4(), T0)
+    now = T0.timestamp()
+    for variant in (token + "=", token + "==", token[:-1] + chr(ord(token[-1]) ^ 1), token + "é"):
+        if variant == token:
+            continue
+        with pytest.raises(TokenError):
+            signer.verify(variant, now=now)
+
+
+@pytest.mark.parametrize(
+    ("remote", "forwarded", "proxies", "client"),
+    [
+        ("203.0.113.9", None, "", "203.0.113.9"),
+        # An untrusted peer's header is ignored: it could say anything.
+        ("203.0.113.9", "1.2.3.4", "10.0.0.0/8", "203.0.113.9"),
+        ("10.0.0.2", "198.51.100.7", "10.0.0.0/8", "198.51.100.7"),
+        # The right-most hop that is not a trusted proxy; what the client prepended is not.
+        ("10.0.0.2", "6.6.6.6, 198.51.100.7, 10.0.0.3", "10.0.0.0/8", "198.51.100.7"),
+        ("10.0.0.2", "10.0.0.5", "10.0.0.0/8", "10.0.0.5"),
+        ("::1", "2001:db8::1", "::1", "2001:db8::1"),
+        (None, "1.2.3.4", "10.0.0.0/8", "unknown"),
+    ],
+)
+def test_the_client_behind_trusted_proxies(
+    remote: str | None, forwarded: str | None, proxies: str, client: str
+) -> None:
+    assert client_address(remote, forwarded, parse_networks(proxies)) == client
+
+
+def test_a_bad_trusted_proxy_setting_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="TENANTRY_TRUSTED_PROXIES"):
+        from_env({"TENANTRY_TRUSTED_PROXIES": "10.0.0.0/8, not-a-network"})
+    with pytest.raises(ConfigError) as caught:
+        from_env({"TENANTRY_TOKEN_SECRET": "too-short-but-secret"})
+    assert "too-short-but-secret" not in str(caught.value)
+
+
+def test_logged_addresses_are_masked() -> None:
+    assert masked("kim@example.com") == "k***@example.com"
+    assert masked("not an address") == "***"
