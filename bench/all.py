@@ -25,7 +25,7 @@ from . import common
 from .common import Result, fmt_ms, fmt_rate, progress
 
 # The order they run in: the cheap throughput figures first, the long ones last.
-BENCHMARKS = ("drain", "sustained", "latency", "trigger_tax", "rls", "noisy")
+BENCHMARKS = ("drain", "sustained", "latency", "trigger_tax", "rls", "noisy", "onboarding", "sse")
 
 
 @dataclass(frozen=True)
@@ -209,6 +209,72 @@ def _rls(r: Result) -> list[Headline]:
     return rows
 
 
+def _onboarding(r: Result) -> list[Headline]:
+    rows = []
+    if "open" in r:
+        o = r["open"]
+        g = o["goal"]
+        p = o["provisioning_at_end"]
+        rows += [
+            Headline(
+                "onboarding",
+                f"POST /v1/onboardings p99, open loop {o['rate']:g} req/s"
+                f" ({fmt_rate(o['achieved_per_s'])}/s achieved, {o['errors']:,} errors)",
+                f"{fmt_ms(o['latency_ms']['p99'])} ms",
+                f"<= {g['p99_ms_at_most']:g} ms",
+                common.verdict(g["met"]),
+            ),
+            Headline(
+                "onboarding",
+                "sign-ups provisioned by the end of that load (completed / accepted)",
+                f"{p['completed']:,} / {p['accepted']:,}",
+            ),
+        ]
+    if "follow" in r:
+        f = r["follow"]["accept_to_completed_ms"]
+        rows.append(
+            Headline(
+                "onboarding",
+                f"POST -> onboarding.completed received, {r['follow']['rate']:g}/s: p50 / p99",
+                f"{fmt_ms(f['p50'])} / {fmt_ms(f['p99'])} ms",
+            )
+        )
+    return rows
+
+
+def _sse(r: Result) -> list[Headline]:
+    m = r["memory"]
+    streams = r["connect"]["streams"]
+    rows = [
+        Headline(
+            "sse",
+            f"memory per idle SSE client, hub included ({streams:,} streams)",
+            f"{m['kib_per_client']:.1f} KiB",
+            f"<= {m['goal']['kib_per_client_at_most']:g} KiB",
+            common.verdict(m["goal"]["met"]),
+        )
+    ]
+    if "latency" in r:
+        lt = r["latency"]
+        g = lt["goal"]
+        rows += [
+            Headline(
+                "sse",
+                f"event commit -> SSE client p99, {r['rate']:g}/s over {streams:,} streams"
+                f" (lost {lt['lost']:,})",
+                f"{fmt_ms(lt['commit_to_client_ms']['p99'])} ms",
+                f"<= {g['p99_ms_at_most']:g} ms, none lost",
+                common.verdict(g["met"]),
+            ),
+            Headline(
+                "sse",
+                "service CPU per delivered event",
+                f"{lt['service_cpu_us_per_delivery']:.0f} us",
+            ),
+        ]
+    return rows
+
+
 HEADLINES: dict[str, Callable[[Result], list[Headline]]] = {
     "drain": _drain,
     "sustained": _sustained,
@@ -216,6 +282,8 @@ HEADLINES: dict[str, Callable[[Result], list[Headline]]] = {
     "trigger_tax": _trigger_tax,
     "rls": _rls,
     "noisy": _noisy,
+    "onboarding": _onboarding,
+    "sse": _sse,
 }
 
 

@@ -7,6 +7,7 @@ cancelled and handed back to the queue; a second signal cancels at once.
 
 from __future__ import annotations
 
+import gc
 import signal
 import uuid
 from dataclasses import dataclass
@@ -176,6 +177,11 @@ async def serve(settings: Settings, dsn: str, worker_dsn: str, registry: Registr
         svc = build(
             settings, dsn, pool, system_pool=system_pool, claim_pool=claim_pool, registry=registry
         )
+        # Everything alive now (modules, the components) lives as long as the process:
+        # out of the collector's sight, a full collection walks only what came after.
+        # With 20,000 open streams one full collection took 1-2 s; the process's own
+        # start-up objects need not add to that.
+        gc.freeze()
         return await run_service(svc)
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):

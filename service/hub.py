@@ -13,6 +13,7 @@ instead of growing the process's memory.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -50,9 +51,10 @@ class Subscriber:
     """One client's stream: a bounded queue of (version, terminal, frame); version 0
     is a keepalive."""
 
-    __slots__ = ("_abort", "closed", "frames", "key", "limit", "reason", "wake")
+    __slots__ = ("_abort", "closed", "due", "frames", "key", "limit", "reason", "wake")
 
     def __init__(self, key: Key, limit: int, abort: Callable[[], None] | None) -> None:
+        self.due = 0.0  # when a keepalive is due if nothing else is written (monotonic)
         self.key = key
         self.limit = limit
         self.frames: deque[tuple[int, bool, bytes]] = deque()
@@ -138,6 +140,8 @@ class Hub:
         version."""
         key = (tenant_id, aggregate_id)
         sub = Subscriber(key, self._queue_size, abort)
+        # A random phase: streams opened together do not all want a keepalive together.
+        sub.due = time.monotonic() + self._keepalive * (0.5 + 0.5 * self._rnd.random())
         if self.closing:
             sub.close("shutting down")
         self._subs.setdefault(key, set()).add(sub)
@@ -228,12 +232,21 @@ class Hub:
             self._seen[key] = ev.version
             terminal = ev.type in self._terminal
             frame = encode(ev)
+            quiet_until = time.monotonic() + self._keepalive
             for sub in tuple(subs):
                 sub.push(ev.version, terminal, frame)
+                sub.due = quiet_until  # an event is as good as a keepalive
 
     async def _keepalives(self) -> None:
+        """A keepalive to each stream that has been quiet for the interval.  Checked
+        in small ticks, so that 20,000 streams are woken a few hundred at a time rather
+        than all at once (which stalled every stream for seconds)."""
+        tick = min(1.0, self._keepalive / 15)
         while True:
-            await anyio.sleep(self._keepalive)
+            await anyio.sleep(tick)
+            now = time.monotonic()
             for subs in tuple(self._subs.values()):
-                for sub in tuple(subs):
-                    sub.push(0, False, KEEPALIVE)
+                for sub in subs:
+                    if sub.due <= now:
+                        sub.due = now + self._keepalive
+                        sub.push(0, False, KEEPALIVE)
