@@ -179,9 +179,13 @@ async def serve(settings: Settings, dsn: str, worker_dsn: str, registry: Registr
         )
         # Everything alive now (modules, the components) lives as long as the process:
         # out of the collector's sight, a full collection walks only what came after.
-        # With 20,000 open streams one full collection took 1-2 s; the process's own
-        # start-up objects need not add to that.
+        # With 20,000 open streams a full collection took 2.3 s, and came every 20-30 s
+        # under 1,000 events/s: objects in flight for a moment (queued frames, futures)
+        # outlived the young collections that ran every 700 allocations, and piled up
+        # in the old generation.  Young collections every 50,000 allocations let those
+        # die young, so full collections become rare (see bench.sse).
         gc.freeze()
+        gc.set_threshold(50_000, 20, 10)
         return await run_service(svc)
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
