@@ -17,8 +17,10 @@ from .. import logging as log
 from ..errors import StartupError
 from . import onboarding_api, tenant_api
 from .onboarding_api import OnboardingApi
+from .problems import problem
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,19 @@ async def readyz(request: web.Request) -> web.Response:
 _PAGE = Path(__file__).with_name("static") / "index.html"
 
 
+@web.middleware
+async def errors_as_problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """An error no handler expected (the database gone, a bug) is logged with its
+    traceback and answered as problem JSON, never with a stack trace."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.get("http").exception("http_unhandled", method=request.method, path=request.path)
+        return problem(500, "the request could not be completed; try again later")
+
+
 async def index(_request: web.Request) -> web.StreamResponse:
     return web.FileResponse(_PAGE, headers={"Cache-Control": "no-cache"})
 
@@ -57,7 +72,9 @@ def build_app(
     pool: asyncpg.Pool | None = None,
     onboarding: OnboardingApi | None = None,
 ) -> web.Application:
-    app = web.Application(client_max_size=onboarding_api.MAX_BODY * 4)
+    app = web.Application(
+        client_max_size=onboarding_api.MAX_BODY * 4, middlewares=[errors_as_problems]
+    )
     app[READINESS] = readiness
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

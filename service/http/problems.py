@@ -14,7 +14,10 @@ _TITLES = {
     404: "Not Found",
     409: "Conflict",
     422: "Unprocessable Content",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
     429: "Too Many Requests",
+    500: "Internal Server Error",
 }
 
 

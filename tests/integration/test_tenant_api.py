@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+from service import db
 from service.errors import Conflict, Invalid, NotFound, Unauthorized
 from service.http.app import Readiness, build_app
 from service.tenants import store
@@ -105,3 +106,22 @@ async def test_store_validates_and_reports_conflicts(pool: asyncpg.Pool) -> None
         await store.revoke_key(pool, uuid.uuid4(), 1)
     with pytest.raises(Unauthorized):
         await store.authenticate(pool, "tnt_" + "0" * 32 + "_" + "a" * 43)
+
+
+async def test_an_unexpected_error_is_a_500_problem_without_a_traceback(
+    app_url: str,
+) -> None:
+    gone = await db.create_pool(app_url, min_size=1, max_size=1)
+    await gone.close()  # the database "went away": every acquire fails
+    runner = web.AppRunner(build_app(Readiness(_ready), gone))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        key = f"tnt_{uuid.uuid4().hex}_{'a' * 43}"
+        status, ctype, body = await get(f"http://127.0.0.1:{port}/v1/tenant", key)
+    finally:
+        await runner.cleanup()
+    assert status == 500 and ctype == "application/problem+json"
+    assert body["status"] == 500 and "Traceback" not in str(body)
