@@ -19,6 +19,7 @@ import pytest
 from service import db, migrate, roles
 from service import logging as log
 from service.embedded import EmbeddedPostgres
+from tests.smtp import smtp_server  # noqa: F401 - a fixture, for every test module
 
 log.configure(os.environ.get("TENANTRY_TEST_LOG_LEVEL", "warning"))
 

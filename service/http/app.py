@@ -9,7 +9,6 @@ from pathlib import Path
 
 import anyio
 import asyncpg
-import orjson
 from aiohttp import web
 from anyio.abc import TaskStatus
 
@@ -17,7 +16,7 @@ from .. import logging as log
 from ..errors import StartupError
 from . import onboarding_api, tenant_api
 from .onboarding_api import OnboardingApi
-from .problems import problem
+from .problems import json_response, problem
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -31,18 +30,14 @@ class Readiness:
 READINESS = web.AppKey("readiness", Readiness)
 
 
-def _json(body: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
 async def healthz(_request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
     checks = await request.app[READINESS].check()
     ready = all(checks.values())
-    return _json(
+    return json_response(
         {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
     )
 

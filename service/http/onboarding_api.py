@@ -27,7 +27,7 @@ from ..onboarding.tokens import Grant, Signer, TokenError
 from ..outbox import store as outbox
 from ..outbox.store import Event
 from ..tenancy import tenant_tx
-from .problems import problem
+from .problems import json_response, problem
 from .ratelimit import Networks, RateLimiter, client_address
 
 MAX_BODY = 16 * 1024
@@ -53,12 +53,6 @@ class OnboardingApi:
 
 ONBOARDING = web.AppKey("onboarding", OnboardingApi)
 _log = log.get("http")
-
-
-def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
-    )
 
 
 def _invalid(exc: InvalidRequest) -> web.Response:
@@ -122,7 +116,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         headers["Idempotent-Replayed"] = "true"
     else:
         _log.info("onboarding_accepted", onboarding_id=str(oid), tenant_id=str(tid))
-    return _json(
+    return json_response(
         {
             "id": str(oid),
             "tenant_id": str(tid),
@@ -168,7 +162,7 @@ async def status(request: web.Request) -> web.StreamResponse:
         o = await machine.get(request.app[ONBOARDING].pool, grant.tenant_id, grant.onboarding_id)
     except NotFound as exc:
         return problem(404, str(exc))
-    return _json(
+    return json_response(
         {
             "id": str(o.id),
             "tenant_id": str(o.tenant_id),

@@ -1,4 +1,5 @@
-"""RFC 9457 problem details: every error the HTTP edge returns."""
+"""JSON answers: RFC 9457 problem details (every error the HTTP edge returns) and plain
+JSON bodies."""
 
 from __future__ import annotations
 
@@ -32,4 +33,12 @@ def problem(
         status=status,
         content_type="application/problem+json",
         headers=headers,
+    )
+
+
+def json_response(
+    body: object, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
     )

@@ -7,12 +7,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import asyncpg
-import orjson
 from aiohttp import web
 
 from ..errors import NotFound, Unauthorized
 from ..tenants import store
-from .problems import problem
+from .problems import json_response, problem
 
 POOL = web.AppKey("pool", asyncpg.Pool)
 TENANT_ID = web.RequestKey("tenant_id", uuid.UUID)
@@ -57,7 +56,7 @@ async def get_tenant(request: web.Request) -> web.StreamResponse:
         "state": t.state,
         "created_at": t.created_at.isoformat(),
     }
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    return json_response(body)
 
 
 def add_routes(app: web.Application, pool: asyncpg.Pool) -> None:

@@ -29,6 +29,7 @@ from .model import (
     FAILED,
     STEP_DONE,
     STEPS,
+    TERMINAL_STATES,
     Onboarding,
     SignUp,
     StepDone,
@@ -133,10 +134,7 @@ class Locked:
 
     @property
     def terminal(self) -> bool:
-        return self.state in ("completed", "failed")
-
-    def next_step(self) -> str | None:
-        return next((s for s in STEPS if s not in self.done), None)
+        return self.state in TERMINAL_STATES
 
 
 async def lock(tx: Conn, tenant_id: uuid.UUID, onboarding_id: uuid.UUID) -> Locked:

@@ -28,7 +28,7 @@ from ..outbox import store as outbox
 from ..tenants import store as tenants
 from . import machine
 from .mail import Mail, Mailer, MailRejected
-from .model import STEPS, TENANT_PROVISIONED, derived_id
+from .model import STEPS, TENANT_PROVISIONED, Onboarding, derived_id
 from .storage import Storage
 
 POLICY = Policy(max_attempts=20, backoff_base=1.0, backoff_cap=60.0, timeout=120.0)
@@ -73,14 +73,14 @@ class Provisioner:
             step = next(s for s in STEPS if s not in done)
             external = self._external.get(step)
             if external is not None:
-                await external(self, tid, onboarding_id, current.email, current.tenant_name)
+                await external(self, current)
             # The last step completes the job in its own transaction.
             ran = False
             async with job.tenant_tx(complete=step == STEPS[-1]) as tx:
                 o = await machine.lock(tx, tid, onboarding_id)
                 # Under the lock, the ledger decides: another run may have done it.
                 if not o.terminal and step not in o.done:
-                    await self._effects[step](self, o, onboarding_id)
+                    await self._effects[step](self, o)
                     await machine.step_done(o, step)
                     ran = True
             if ran:  # said once it has committed
@@ -89,7 +89,7 @@ class Provisioner:
 
     # --- the steps' database effects (inside the step's transaction) -------------------
 
-    async def _tenant(self, o: machine.Locked, _oid: uuid.UUID) -> None:
+    async def _tenant(self, o: machine.Locked) -> None:
         try:
             await tenants.provision_tenant(
                 o.tx, tenant_id=o.tenant_id, name=o.tenant_name, plan=o.plan
@@ -97,22 +97,22 @@ class Provisioner:
         except Conflict as exc:  # every candidate slug is taken: retrying cannot help
             raise PermanentFailure(str(exc)) from exc
 
-    async def _owner(self, o: machine.Locked, oid: uuid.UUID) -> None:
+    async def _owner(self, o: machine.Locked) -> None:
         name = o.email.split("@", 1)[0][:100]
-        await tenants.add_user(o.tx, o.tenant_id, derived_id(oid, "owner"), o.email, name)
+        await tenants.add_user(o.tx, o.tenant_id, derived_id(o.id, "owner"), o.email, name)
 
-    async def _roles(self, o: machine.Locked, _oid: uuid.UUID) -> None:
+    async def _roles(self, o: machine.Locked) -> None:
         await tenants.add_default_roles(o.tx, o.tenant_id)
 
-    async def _workspace(self, o: machine.Locked, oid: uuid.UUID) -> None:
-        ws = derived_id(oid, "workspace")
+    async def _workspace(self, o: machine.Locked) -> None:
+        ws = derived_id(o.id, "workspace")
         await tenants.add_workspace(o.tx, o.tenant_id, ws, "default", "Default")
-        await tenants.add_membership(o.tx, o.tenant_id, ws, derived_id(oid, "owner"), "owner")
+        await tenants.add_membership(o.tx, o.tenant_id, ws, derived_id(o.id, "owner"), "owner")
 
-    async def _nothing(self, _o: machine.Locked, _oid: uuid.UUID) -> None:
+    async def _nothing(self, _o: machine.Locked) -> None:
         """A step whose effect is outside the database (done before its transaction)."""
 
-    async def _provisioned(self, o: machine.Locked, _oid: uuid.UUID) -> None:
+    async def _provisioned(self, o: machine.Locked) -> None:
         await tenants.set_tenant_state(o.tx, o.tenant_id, "active")
         await outbox.append(
             o.tx,
@@ -123,7 +123,7 @@ class Provisioner:
             payload={"tenant_id": str(o.tenant_id), "name": o.tenant_name, "plan": o.plan},
         )
 
-    _effects: dict[str, Callable[[Provisioner, machine.Locked, uuid.UUID], Awaitable[None]]] = {
+    _effects: dict[str, Callable[[Provisioner, machine.Locked], Awaitable[None]]] = {
         "tenant": _tenant,
         "owner": _owner,
         "roles": _roles,
@@ -135,16 +135,15 @@ class Provisioner:
 
     # --- effects outside the database (idempotent, before the step's transaction) -----
 
-    async def _make_storage(
-        self, tenant_id: uuid.UUID, _oid: uuid.UUID, _email: str, _name: str
-    ) -> None:
-        await self._storage.ensure(tenant_id)
+    async def _make_storage(self, o: Onboarding) -> None:
+        await self._storage.ensure(o.tenant_id)
 
-    async def _send_welcome(self, _tid: uuid.UUID, oid: uuid.UUID, email: str, name: str) -> None:
+    async def _send_welcome(self, o: Onboarding) -> None:
+        name = o.tenant_name
         await self._mailer.send(
             Mail(
-                key=f"onboarding-{oid}-welcome",
-                to=email,
+                key=f"onboarding-{o.id}-welcome",
+                to=o.email,
                 subject=f"Welcome to {self._product}: {name} is ready",
                 text=(
                     f"Hello,\n\nthe workspace of {name} has been set up, and you are its owner."
@@ -153,9 +152,10 @@ class Provisioner:
             )
         )
 
-    _external: dict[
-        str, Callable[[Provisioner, uuid.UUID, uuid.UUID, str, str], Awaitable[None]]
-    ] = {"storage": _make_storage, "welcome_email": _send_welcome}
+    _external: dict[str, Callable[[Provisioner, Onboarding], Awaitable[None]]] = {
+        "storage": _make_storage,
+        "welcome_email": _send_welcome,
+    }
 
     async def _fail(
         self, job: Job, onboarding_id: uuid.UUID, reason: str, logger: log.Logger

@@ -139,13 +139,11 @@ DEFAULT_ROLES = {
 
 
 async def provision_tenant(tx: Executor, *, tenant_id: uuid.UUID, name: str, plan: str) -> Tenant:
-    """Create the tenant in state `provisioning`, or return it if it exists.  Its slug
-    comes from the name; when another tenant holds that slug, the tenant id's first
-    hex digits make it unique (deterministic, so a retry picks the same one)."""
+    """Create the tenant in state `provisioning`.  Its slug comes from the name; when
+    another tenant holds that slug, the tenant id's first hex digits make it unique
+    (deterministic, so a retry picks the same one).  Called once per tenant: the step
+    ledger, committed with this row, says whether it was."""
     async with tenant_scope(tx, tenant_id) as conn:
-        row = await conn.fetchrow(Q["get_tenant"], tenant_id)
-        if row is not None:
-            return Tenant(**dict(row))
         base = slug_from(name)[:37].strip("-") or "tenant"
         for slug in (base, f"{base}-{tenant_id.hex[:6]}", f"{base}-{tenant_id.hex[:12]}"):
             # A savepoint: the slug collision must not abort the step's transaction (by
@@ -155,8 +153,10 @@ async def provision_tenant(tx: Executor, *, tenant_id: uuid.UUID, name: str, pla
                 row = await conn.fetchrow(
                     Q["create_tenant"], tenant_id, slug, name, plan, "provisioning"
                 )
-            except asyncpg.UniqueViolationError:
+            except asyncpg.UniqueViolationError as exc:
                 await conn.execute("ROLLBACK TO SAVEPOINT tenant_slug")
+                if exc.constraint_name != "tenants_slug_key":
+                    raise  # the id itself: not a slug to try again with
                 continue
             await conn.execute("RELEASE SAVEPOINT tenant_slug")
             assert row is not None

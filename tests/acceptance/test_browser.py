@@ -23,7 +23,6 @@ pytest.importorskip(
     reason="the Python package playwright is not installed (pip install -e '.[dev]')",
 )
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
 from playwright.async_api import (
     Browser,
     Locator,
@@ -36,6 +35,7 @@ from playwright.async_api import (
 
 from service.config import Settings
 from service.onboarding.model import STEPS
+from tests import smtp
 from tests.helpers import background_service, service_settings
 
 CHROMIUM = os.environ.get("TENANTRY_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -49,7 +49,7 @@ if not os.access(CHROMIUM, os.X_OK):
 # Provisioning runs seven jobs' worth of transactions; generous, but far below the
 # per-test timeout.
 PROVISIONED_WITHIN_MS = 15_000
-REJECTED = "ghost@example.test"
+REJECTED = smtp.NO_SUCH_USER  # the test SMTP server refuses it (550)
 
 
 @pytest.fixture(scope="session")
@@ -109,44 +109,15 @@ async def url(
         yield u
 
 
-class RejectingSmtp:
-    """aiosmtpd handler: refuses one recipient for good (550), takes any other."""
-
-    async def handle_RCPT(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        rcpt_options: list[str],
-    ) -> str:
-        if address == REJECTED:
-            return "550 5.1.1 no such user"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        return "250 Message accepted for delivery"
-
-
-@pytest.fixture
-async def smtp_port() -> AsyncIterator[int]:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: SMTP(RejectingSmtp(), hostname="mx.test", loop=loop), host="127.0.0.1", port=0
-    )
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
 @pytest.fixture
 async def url_with_smtp(
-    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool, smtp_port: int
+    tmp_path: Path,
+    app_url: str,
+    pool: asyncpg.Pool,
+    worker_pool: asyncpg.Pool,
+    smtp_server: smtp.Server,
 ) -> AsyncIterator[str]:
-    settings = service_settings(tmp_path, smtp_url=f"smtp://127.0.0.1:{smtp_port}")
+    settings = service_settings(tmp_path, smtp_url=smtp_server.url())
     async with site(settings, app_url, pool, worker_pool) as u:
         yield u
 

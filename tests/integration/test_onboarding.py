@@ -15,8 +15,8 @@ import pytest
 
 from service.app import Service
 from service.onboarding.model import STEPS
+from tests import smtp
 from tests.helpers import Frame, background_service, eventually, service_settings, sse_frames
-from tests.integration import test_mail
 
 SIGN_UP = {"email": "Ada@Example.com", "tenant_name": "Analytical Engines", "plan": "pro"}
 
@@ -27,12 +27,6 @@ async def svc(
 ) -> AsyncIterator[Service]:
     async with background_service(service_settings(tmp_path), app_url, pool, worker_pool) as s:
         yield s
-
-
-@pytest.fixture
-async def http(svc: Service) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(f"http://127.0.0.1:{svc.http.port}") as session:
-        yield session
 
 
 async def sign_up(
@@ -126,23 +120,20 @@ async def test_sign_up_is_provisioned_and_streamed_to_the_end(
         assert r.status == 204
 
 
-smtp_server = test_mail.smtp_server  # a real SMTP server on loopback (aiosmtpd)
-
-
 async def test_a_refused_welcome_email_fails_the_onboarding_and_compensates(
     tmp_path: Path,
     app_url: str,
     pool: asyncpg.Pool,
     worker_pool: asyncpg.Pool,
     admin_pool: asyncpg.Pool,
-    smtp_server: test_mail.Server,
+    smtp_server: smtp.Server,
 ) -> None:
     settings = service_settings(tmp_path, smtp_url=smtp_server.url())
     async with (
         background_service(settings, app_url, pool, worker_pool) as s,
         aiohttp.ClientSession(f"http://127.0.0.1:{s.http.port}") as http,
     ):
-        status, body, _ = await sign_up(http, {**SIGN_UP, "email": test_mail.NO_SUCH_USER})
+        status, body, _ = await sign_up(http, {**SIGN_UP, "email": smtp.NO_SUCH_USER})
         assert status == 202, body
         frames = await follow(http, body["events_url"])
         async with http.get(body["status_url"], params={"token": body["token"]}) as r:
@@ -194,7 +185,7 @@ async def test_a_welcome_email_goes_through_smtp_once(
     app_url: str,
     pool: asyncpg.Pool,
     worker_pool: asyncpg.Pool,
-    smtp_server: test_mail.Server,
+    smtp_server: smtp.Server,
 ) -> None:
     settings = service_settings(tmp_path, smtp_url=smtp_server.url())
     async with (

@@ -44,12 +44,6 @@ async def svc(
         yield s
 
 
-@pytest.fixture
-async def http(svc: Service) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(f"http://127.0.0.1:{svc.http.port}") as session:
-        yield session
-
-
 async def post(
     http: aiohttp.ClientSession, data: bytes, content_type: str = "application/json", **headers: str
 ) -> tuple[int, dict[str, Any], dict[str, str]]:

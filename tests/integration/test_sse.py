@@ -31,12 +31,6 @@ async def svc(
         yield s
 
 
-@pytest.fixture
-async def http(svc: Service) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(f"http://127.0.0.1:{svc.http.port}") as session:
-        yield session
-
-
 async def accepted(http: aiohttp.ClientSession) -> dict[str, Any]:
     async with http.post("/v1/onboardings", json=SIGN_UP) as r:
         assert r.status == 202
