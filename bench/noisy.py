@@ -22,7 +22,7 @@ once by a subclass whose `claim` runs a plain FIFO statement instead
 columns, wrapped in a SECURITY DEFINER function like the fair claim): identical
 worker, listener, outcome writer and pool, only the claim differs.  Each design gets
 the index its claim needs and no other: the fair rounds use the migrated
-`jobs_claim_idx` (tenant_id, queue, priority DESC, run_at, id); the FIFO rounds drop it
+`jobs_claim_idx` (queue, priority DESC, tenant_id, run_at, id); the FIFO rounds drop it
 and create (queue, priority DESC, run_at, id), both partial on state = 'queued'; so
 neither pays for the other's index maintenance.
 The clock runs from starting the worker until every outcome is flushed (as in
@@ -57,7 +57,7 @@ NAME = "noisy"
 GOAL_P99_MS = 100.0
 GOAL_DRAIN_RATIO = 0.9
 TENANT_A = common.tenant(0)
-# Sorts after A: the tenant walk, starting from the nil cursor, always meets A first.
+# Sorts after A: a tenant walk that starts at the first tenant meets A first.
 TENANT_B = common.tenant(1)
 TRIAL_TIMEOUT = 10.0
 
@@ -69,20 +69,24 @@ TRIAL_TIMEOUT = 10.0
 FIFO_FUNCTION = """
 CREATE FUNCTION tenantry.bench_fifo_claim(
     for_queue text, n integer, owner text, lease_s double precision, after_tenant uuid,
-    tenant_cap integer, max_tenants integer)
+    tenant_cap integer)
 RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload jsonb,
                priority smallint, attempts integer, max_attempts integer,
-               created_at timestamptz, per_tenant integer)
+               created_at timestamptz, unknown_kind_since timestamptz,
+               cursor_after uuid, more boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
+DECLARE
+    got integer;
 BEGIN
+PERFORM tenantry.stage_due_jobs(for_queue, 1000);
 RETURN QUERY
 WITH picked AS (
     SELECT j.ctid AS tid
       FROM tenantry.jobs j
-     WHERE j.state = 'queued' AND j.queue = $1::text AND j.run_at <= now()
+     WHERE j.state = 'queued' AND j.queue = $1::text
      ORDER BY j.queue, j.priority DESC, j.run_at, j.id
      LIMIT $2::integer
        FOR UPDATE SKIP LOCKED
@@ -95,22 +99,26 @@ WITH picked AS (
            started_at = now()
      WHERE j.ctid = ANY (ARRAY(SELECT p.tid FROM picked p))
     RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload, j.priority, j.attempts,
-              j.max_attempts, j.created_at
+              j.max_attempts, j.created_at, j.unknown_kind_since
 )
 SELECT c.tenant_id, c.id, c.queue, c.kind, c.payload, c.priority, c.attempts,
-       c.max_attempts, c.created_at, $2::integer
+       c.max_attempts, c.created_at, c.unknown_kind_since, NULL::uuid, NULL::boolean
   FROM claimed c;
+GET DIAGNOSTICS got = ROW_COUNT;
+-- The claim's state row, as the fair claim ends: nothing more when it came back short.
+RETURN QUERY SELECT NULL::uuid, NULL::bigint, NULL::text, NULL::text, NULL::jsonb,
+                    NULL::smallint, NULL::integer, NULL::integer, NULL::timestamptz,
+                    NULL::timestamptz, after_tenant, got = n;
 END;
 $$;
-ALTER FUNCTION tenantry.bench_fifo_claim(text, integer, text, double precision, uuid, integer,
-                                        integer) OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.bench_fifo_claim(text, integer, text, double precision, uuid, integer)
+    OWNER TO tenantry_system;
 """
-# The fair claim's parameters that FIFO ignores (rotating cursor, per-tenant cap, tenants
-# per claim) are passed all the same, so both statements take the same arguments.
+# The fair claim's parameters that FIFO ignores (rotating cursor, per-tenant cap) are
+# passed all the same, so both statements take the same arguments.
 FIFO_CLAIM = """
 SELECT * FROM tenantry.bench_fifo_claim($1::text, $2::integer, $3::text,
-                                        $4::double precision, $5::uuid, $6::integer,
-                                        $7::integer)
+                                        $4::double precision, $5::uuid, $6::integer)
 """
 FIFO_INDEX = (
     "CREATE INDEX bench_fifo_claim_idx ON tenantry.jobs (queue, priority DESC, run_at, id)"

@@ -1,16 +1,23 @@
 """The composition root: the one module that knows every component.
 
-Start order: listener, worker, maintenance, http.  Stop: SIGTERM/SIGINT -> not ready,
-worker soft stop (no new claims), running jobs get the grace period, then the rest is
-cancelled and handed back to the queue; a second signal cancels at once.
+Start order: listener, hub, worker, maintenance, http.  Stop: SIGTERM/SIGINT -> not
+ready (/readyz 503), streams closed, worker soft stop (no new claims), running jobs get
+the grace period, then the rest is cancelled and handed back to the queue; a second
+signal stops at once.  Signals are heard from the first moment: one that arrives while
+the service is still starting stops it.  However the database behaves (blocking,
+restarting, unreachable), the process ends within the grace period of the first signal
+and at once after a second.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import signal
+import threading
 import uuid
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import anyio
 import asyncpg
@@ -34,23 +41,32 @@ from .onboarding.provision import Provisioner
 from .onboarding.storage import LocalStorage
 from .onboarding.tokens import Signer, load_secret
 from .outbox import store as outbox
+from .supervise import Health
 
 JOBS_CHANNEL = "tenantry_jobs"
 OUTBOX_CHANNEL = "tenantry_outbox"
+# After the grace, this long for the last hand-backs before the pools are cut.
+_STOP_MARGIN = 3.0
+# Past this, a stop that is still not done ends the process regardless (a handler that
+# ignores cancellation, a connection the operating system keeps open).
+_FORCED_EXIT_AFTER = 10.0
 
 
 @dataclass
 class Service:
     settings: Settings
     dsn: str
-    pool: asyncpg.Pool  # tenant code
-    system_pool: asyncpg.Pool  # the worker's cross-tenant functions
-    claim_pool: asyncpg.Pool
+    pool: asyncpg.Pool  # tenant code's login
+    worker_pool: asyncpg.Pool  # the worker's login: the cross-tenant functions
+    claim_pool: asyncpg.Pool  # the worker's login, for claims and heartbeats
     worker: Worker
     listener: Listener
     hub: Hub
     http: HttpServer
     maintenance: Maintenance
+    health: Health
+    # Set when a stop begins: /readyz answers 503 from then on.
+    stopping: bool = field(default=False)
 
 
 async def check_schema(conn: db.Conn) -> None:
@@ -64,12 +80,14 @@ def build(
     dsn: str,
     pool: asyncpg.Pool,
     *,
-    system_pool: asyncpg.Pool,
+    worker_pool: asyncpg.Pool,
     claim_pool: asyncpg.Pool,
     registry: Registry,
 ) -> Service:
+    logger = log.get("app")
     owner = f"{uuid.uuid4().hex[:12]}"
     data_dir = settings.data_dir.resolve()
+    health = Health()
     mailer = mailer_for(settings.smtp_url, data_dir / "mail", settings.mail_from)
     provisioner = Provisioner(
         LocalStorage(data_dir / "tenants"), mailer, queue=settings.onboarding_queue
@@ -81,40 +99,52 @@ def build(
         pool,
         handlers,
         WorkerConfig(
-            queues=settings.queues,
+            queues=settings.queues if settings.run_worker else {},
             tenant_concurrency=settings.tenant_concurrency,
             prefetch=settings.prefetch,
             poll_interval=settings.poll_interval,
             lease_seconds=settings.lease_seconds,
             job_timeout=settings.job_timeout,
+            unknown_kind_retry=settings.unknown_kind_retry,
         ),
         owner=owner,
-        system_pool=system_pool,
+        worker_pool=worker_pool,
         claim_pool=claim_pool,
+        health=health,
     )
-    # LISTEN is session state: behind a transaction-mode pooler it would silently stop
-    # hearing anything, hence a URL of its own (a direct or session-mode connection).
     hub = Hub(
-        system_pool,
+        worker_pool,
         aggregate_type=AGGREGATE,
         terminal_events=TERMINAL_EVENTS,
         queue_size=settings.sse_queue_size,
         keepalive=settings.sse_keepalive,
     )
+    # LISTEN is session state: behind a transaction-mode pooler it would silently stop
+    # hearing anything, hence a URL of its own (a direct or session-mode connection).
     listener = Listener(
         settings.listen_url or dsn,
         {JOBS_CHANNEL: worker.notify, OUTBOX_CHANNEL: hub.notify},
         on_connect=[worker.resync, hub.resync],
     )
     periodic = registry.periodic()
+    for reg in periodic:
+        assert reg.periodic is not None
+        if reg.periodic.queue not in settings.queues:
+            logger.warning(
+                "periodic_queue_not_worked",
+                kind=reg.kind,
+                queue=reg.periodic.queue,
+                detail="this process enqueues the periodic job into a queue it does not work:"
+                " another process must work that queue, or the jobs wait forever",
+            )
     maintenance = Maintenance(
         [
-            LeaseRescuer(system_pool, worker.notify),
-            CounterPruner(system_pool, settings.counter_retention_days),
-            Pruner("prune_outbox", system_pool, outbox.prune, settings.outbox_retention_days),
+            LeaseRescuer(worker_pool, worker.notify),
+            CounterPruner(worker_pool, settings.counter_retention_days),
+            Pruner("prune_outbox", worker_pool, outbox.prune, settings.outbox_retention_days),
             Pruner(
                 "prune_idempotency_keys",
-                system_pool,
+                worker_pool,
                 machine.prune_keys,
                 settings.idempotency_retention_hours,
             ),
@@ -123,19 +153,26 @@ def build(
         PeriodicEnqueuer(pool, periodic) if periodic else None,
     )
 
+    svc: Service
+
     async def readiness() -> dict[str, bool]:
-        checks = {"database": False, "listener": listener.connected, "migrations": False}
+        checks = {
+            "running": not svc.stopping,
+            "database": False,
+            "listener": listener.connected,
+            "migrations": False,
+        }
         try:
             with anyio.fail_after(2):
                 async with pool.acquire() as conn:
-                    checks["database"] = True
                     checks["migrations"] = (await migrate.status(conn)).current
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    checks["database"] = True
+        except Exception:  # whatever the database or the connection raised: not ready
             pass
         return checks
 
     if settings.token_secret is None:
-        log.get("app").warning(
+        logger.warning(
             "token_secret_generated",
             detail="TENANTRY_TOKEN_SECRET is unset: status tokens are signed with a key kept"
             " in the data folder; processes that do not share it reject each other's tokens",
@@ -147,92 +184,172 @@ def build(
         RateLimiter(settings.signup_rate, settings.signup_burst),
         queue=settings.onboarding_queue,
         trusted_proxies=parse_networks(settings.trusted_proxies),
+        ipv6_prefix=settings.signup_ipv6_prefix,
     )
     http = HttpServer(
-        build_app(Readiness(readiness), pool, onboarding), settings.host, settings.port
+        build_app(Readiness(readiness, lambda: health.problems), pool, onboarding),
+        settings.host,
+        settings.port,
     )
-    log.get("app").info("mail", transport=mailer.describe())
-    return Service(
-        settings, dsn, pool, system_pool, claim_pool, worker, listener, hub, http, maintenance
+    logger.info("mail", transport=mailer.describe())
+    svc = Service(
+        settings,
+        dsn,
+        pool,
+        worker_pool,
+        claim_pool,
+        worker,
+        listener,
+        hub,
+        http,
+        maintenance,
+        health,
     )
+    return svc
 
 
 async def serve(settings: Settings, dsn: str, worker_dsn: str, registry: Registry) -> int:
     """Run the service: `dsn` is the login of tenant code, `worker_dsn` the worker's
     (the cross-tenant functions); both are checked before anything starts."""
     logger = log.get("app")
-    pool = await db.create_pool(dsn, min_size=1, max_size=settings.pool_size)
-    system_pool: asyncpg.Pool | None = None
-    claim_pool: asyncpg.Pool | None = None
-    try:
-        async with pool.acquire() as conn:
-            await roles.check_login(conn, "DATABASE_URL", roles.SERVICE_ROLES)
-            await check_schema(conn)
-        system_pool = await db.create_pool(
-            worker_dsn, min_size=1, max_size=3, name="tenantry-worker"
-        )
-        async with system_pool.acquire() as conn:
-            await roles.check_login(conn, "TENANTRY_WORKER_URL", roles.WORKER_ROLES)
-        claim_pool = await db.create_claim_pool(worker_dsn)
-        svc = build(
-            settings, dsn, pool, system_pool=system_pool, claim_pool=claim_pool, registry=registry
-        )
-        # Everything alive now (modules, the components) lives as long as the process:
-        # out of the collector's sight, a full collection walks only what came after.
-        # With 20,000 open streams a full collection took 2.3 s, and came every 20-30 s
-        # under 1,000 events/s: objects in flight for a moment (queued frames, futures)
-        # outlived the young collections that ran every 700 allocations, and piled up
-        # in the old generation.  Young collections every 50,000 allocations give those
-        # the time to die young, which should make full collections rare (bench.sse's
-        # p99 went from 331 to 118 ms with this and the keepalive heap together; the
-        # collector's share alone was not measured).
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 10)
-        return await run_service(svc)
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            for p in (claim_pool, system_pool, pool):
-                if p is not None:
-                    await p.close()
-        logger.info("stopped")
-
-
-async def run_service(svc: Service) -> int:
-    logger = log.get("app")
-    async with anyio.create_task_group() as tg:
+    pools: list[asyncpg.Pool] = []
+    stop = _Stop()
+    async with anyio.create_task_group() as signals_tg:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await tg.start(svc.listener.run)
-            await tg.start(svc.hub.run)
-            await tg.start(svc.worker.run)
-            await tg.start(svc.maintenance.run)
-            await tg.start(svc.http.run)
+            signals_tg.start_soon(stop.watch, signals)
+            try:
+                svc: Service | None = None
+                with stop.scope:  # a signal while starting ends the start
+                    svc = await _start(settings, dsn, worker_dsn, registry, pools)
+                if svc is not None and not stop.requested:
+                    await run_service(svc, stop)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await _close(pools, graceful=not stop.hard)
+                logger.info("stopped")
+                signals_tg.cancel_scope.cancel()
+    return 0
+
+
+async def _start(
+    settings: Settings, dsn: str, worker_dsn: str, registry: Registry, pools: list[asyncpg.Pool]
+) -> Service:
+    """The pools, the checks of both logins and of the schema, the components."""
+    pool = await db.create_pool(dsn, min_size=1, max_size=settings.pool_size)
+    pools.append(pool)
+    async with pool.acquire() as conn:
+        await roles.check_login(conn, "DATABASE_URL", roles.SERVICE_ROLES)
+        await check_schema(conn)
+    worker_pool = await db.create_pool(
+        worker_dsn, min_size=1, max_size=3, name="tenantry-worker", settings=db.WORKER_TIMEOUTS
+    )
+    pools.append(worker_pool)
+    async with worker_pool.acquire() as conn:
+        await roles.check_login(conn, "TENANTRY_WORKER_URL", roles.WORKER_ROLES)
+    claim_pool = await db.create_claim_pool(worker_dsn)
+    pools.append(claim_pool)
+    svc = build(
+        settings, dsn, pool, worker_pool=worker_pool, claim_pool=claim_pool, registry=registry
+    )
+    _tune_collector()
+    return svc
+
+
+def _tune_collector() -> None:
+    # Everything alive now (modules, the components) lives as long as the process:
+    # out of the collector's sight, a full collection walks only what came after.
+    # With 20,000 open streams a full collection took 2.3 s, and came every 20-30 s
+    # under 1,000 events/s: objects in flight for a moment (queued frames, futures)
+    # outlived the young collections that ran every 700 allocations, and piled up
+    # in the old generation.  Young collections every 50,000 allocations give those
+    # the time to die young, which should make full collections rare (bench.sse's
+    # p99 went from 331 to 118 ms with this and the keepalive heap together; the
+    # collector's share alone was not measured).
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
+
+
+async def _close(pools: list[asyncpg.Pool], *, graceful: bool) -> None:
+    """Close the pools, gracefully for a moment if allowed, then by cutting their
+    connections: a connection stuck in a query must not keep the process alive."""
+    if graceful:
+        with anyio.move_on_after(_STOP_MARGIN):
+            for p in reversed(pools):
+                await p.close()
+    for p in pools:
+        p.terminate()
+
+
+class _Stop:
+    """The signals: the first asks for a stop (and ends a start in progress), the
+    second for a hard stop.  A stop that overruns is ended by a timer thread that does
+    not depend on the event loop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.hard = False
+        self.scope = anyio.CancelScope()  # the start, or the soft stop
+        self.first = anyio.Event()
+        self._log = log.get("app")
+        self._grace = 0.0
+
+    async def watch(self, signals: AsyncIterator[signal.Signals]) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not self.requested:
+                self.requested = True
+                self._log.info("signal_received", signal=name)
+                self.first.set()
+                self.scope.cancel()  # a start in progress ends here
+                self._exit_after(self._grace + _STOP_MARGIN + _FORCED_EXIT_AFTER)
+            else:
+                self.hard = True
+                self._log.warning("hard_stop", signal=name)
+                self.scope.cancel()
+                self._exit_after(_FORCED_EXIT_AFTER)
+
+    def set_grace(self, grace: float) -> None:
+        self._grace = grace
+        self.scope = anyio.CancelScope()
+
+    def _exit_after(self, seconds: float) -> None:
+        def force() -> None:
+            self._log.error("forced_exit", after_s=seconds)
+            os._exit(1)
+
+        timer = threading.Timer(seconds, force)
+        timer.daemon = True
+        timer.start()
+
+
+async def run_service(svc: Service, stop: _Stop | None = None) -> int:
+    """Run the components until a stop is asked for, then stop them in order."""
+    logger = log.get("app")
+    stop = stop or _Stop()
+    stop.set_grace(svc.settings.shutdown_grace)
+    async with anyio.create_task_group() as tg:
+        with stop.scope:  # a signal during the start ends it
+            for component in (svc.listener, svc.hub, svc.worker, svc.maintenance, svc.http):
+                await tg.start(component.run)
             logger.info(
                 "started",
                 queues=dict(svc.settings.queues),
                 kinds=svc.worker.registry.kinds(),
                 port=svc.http.port,
             )
-            async for signum in signals:
-                logger.info(
-                    "signal_received",
-                    signal=signal.Signals(signum).name,
-                    running=svc.worker.running_count,
-                    streams=svc.hub.clients,
-                )
-                break
-            # Streams end first: a browser reconnects (to another process) and resumes
-            # from its last event id, and the HTTP server need not wait for them.
-            svc.hub.close_all()
-
-            async def second_signal() -> None:
-                async for signum in signals:
-                    logger.warning("hard_stop", signal=signal.Signals(signum).name)
-                    svc.worker.cancel_running("hard_stop")
-                    return
-
-            async with anyio.create_task_group() as stopper:
-                stopper.start_soon(second_signal)
+        await stop.first.wait()
+        svc.stopping = True
+        logger.info("stopping", running=svc.worker.running_count, streams=svc.hub.clients)
+        # Streams end first: a browser reconnects (to another process) and resumes from
+        # its last event id, and the HTTP server need not wait for them.
+        svc.hub.close_all()
+        stop.set_grace(svc.settings.shutdown_grace)
+        if not stop.hard:
+            with stop.scope, anyio.move_on_after(svc.settings.shutdown_grace + _STOP_MARGIN):
                 await svc.worker.shutdown(svc.settings.shutdown_grace)
-                stopper.cancel_scope.cancel()
-            tg.cancel_scope.cancel()
+        if stop.hard or not svc.worker.stopped:
+            svc.worker.hard_stop()
+            with anyio.move_on_after(_STOP_MARGIN):
+                await svc.worker.wait_stopped()
+        tg.cancel_scope.cancel()
     return 0

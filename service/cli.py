@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="HTTP listen address (TENANTRY_HOST)")
     run.add_argument("--port", type=_port, help="HTTP listen port (TENANTRY_PORT)")
     run.add_argument("--no-migrate", action="store_true", help="do not migrate first")
+    run.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="claim no jobs: serve HTTP only (TENANTRY_WORKER=false)",
+    )
 
     mig = sub.add_parser("migrate", help="apply pending schema migrations")
     mig.add_argument(
@@ -146,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("show", "retry", "discard"):
         d = dead_sub.add_parser(name)
         d.add_argument("id", type=_job_id)
+        d.add_argument(
+            "--tenant", type=_uuid, help="the job's tenant (needed only if the id is ambiguous)"
+        )
 
     ten = sub.add_parser("tenants", help="create tenants and their API keys")
     ten_sub = ten.add_subparsers(dest="tenants_command", required=True, parser_class=_Parser)
@@ -221,7 +229,13 @@ def _main(argv: Sequence[str] | None) -> int:
             overrides["host"] = args.host
         if args.port is not None:
             overrides["port"] = args.port
+        if args.no_worker:
+            overrides["run_worker"] = False
         settings = settings.with_overrides(**overrides)
+        try:
+            config.check_for_run(settings)
+        except TenantryError as exc:
+            return _fail(f"configuration: {exc}", EXIT_USAGE)
     try:
         registry = load_registry(settings.handlers) if args.command == "run" else None
         urls = _resolve_urls(settings)
@@ -365,13 +379,13 @@ async def _dead(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
                 )
         return EXIT_OK
     if cmd == "show":
-        row = await jobs.dead_show(conn, args.id)
+        row = await jobs.dead_show(conn, args.id, args.tenant)
         _out(orjson.dumps(row, default=_default, option=orjson.OPT_INDENT_2).decode())
         return EXIT_OK
     if cmd == "retry":
-        _out(f"requeued job {await jobs.dead_retry(conn, args.id)}")
+        _out(f"requeued job {await jobs.dead_retry(conn, args.id, args.tenant)}")
         return EXIT_OK
-    await jobs.dead_discard(conn, args.id)
+    await jobs.dead_discard(conn, args.id, args.tenant)
     _out(f"discarded job {args.id}")
     return EXIT_OK
 

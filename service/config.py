@@ -46,6 +46,8 @@ class Settings:
     log_level: str = "info"
     # queue name -> concurrency (slots) in this process
     queues: Mapping[str, int] = field(default_factory=lambda: {"default": 10})
+    # False: claim no jobs (an HTTP-only process; other processes work the queues).
+    run_worker: bool = True
     # running jobs one tenant may hold per queue in this process's claims (None: no cap)
     tenant_concurrency: int | None = None
     # rows claimed ahead of free slots, as a fraction of a queue's concurrency
@@ -72,6 +74,12 @@ class Settings:
     trusted_proxies: str = ""
     sse_queue_size: int = 64
     sse_keepalive: float = 15.0
+    # Seconds a job whose kind this process has no handler for is retried before it is
+    # dead-lettered as `unknown_kind` (a rolling deploy: old processes meet new kinds).
+    unknown_kind_retry: float = 3600.0
+    # IPv6 clients are rate-limited by this prefix: one subscriber usually holds a whole
+    # /64 and can pick any address in it.
+    signup_ipv6_prefix: int = 64
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -167,6 +175,16 @@ def _networks(raw: str) -> str:
     return raw
 
 
+def _ipv6_prefix(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("must be a prefix length from 1 to 128") from None
+    if not 1 <= value <= 128:
+        raise ValueError("must be a prefix length from 1 to 128")
+    return value
+
+
 def _queue_name(raw: str) -> str:
     if len(raw) > _QUEUE_NAME_MAX:
         raise ValueError(f"must be at most {_QUEUE_NAME_MAX} characters")
@@ -203,6 +221,18 @@ def _handlers(raw: str) -> tuple[str, ...]:
     return specs
 
 
+def check_for_run(settings: Settings) -> None:
+    """What no single variable shows wrong, for `tenantry run`."""
+    if settings.run_worker and settings.onboarding_queue not in settings.queues:
+        # Sign-ups would be accepted and never provisioned, with no word of why.
+        raise ConfigError(
+            f"TENANTRY_ONBOARDING_QUEUE={settings.onboarding_queue!r} is not a queue this"
+            f" process works (TENANTRY_QUEUES: {', '.join(settings.queues)}): add it to"
+            " TENANTRY_QUEUES, or set TENANTRY_ONBOARDING_QUEUE to one of them (a process"
+            " that should claim no jobs at all: TENANTRY_WORKER=false)"
+        )
+
+
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     e = os.environ if env is None else env
     d = Settings()
@@ -217,6 +247,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         handlers=_parse(e, "TENANTRY_HANDLERS", _handlers, d.handlers),
         log_level=_parse(e, "TENANTRY_LOG_LEVEL", _log_level, d.log_level),
         queues=_parse(e, "TENANTRY_QUEUES", parse_queues, dict(d.queues)),
+        run_worker=_parse(e, "TENANTRY_WORKER", _bool, d.run_worker),
         tenant_concurrency=_parse(e, "TENANTRY_TENANT_CONCURRENCY", _positive_int, None),
         prefetch=_parse(e, "TENANTRY_PREFETCH", _fraction, d.prefetch),
         poll_interval=_parse(e, "TENANTRY_POLL_INTERVAL", _positive_float, d.poll_interval),
@@ -242,9 +273,18 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             e, "TENANTRY_OUTBOX_RETENTION_DAYS", _positive_int, d.outbox_retention_days
         ),
         idempotency_retention_hours=_parse(
-            e, "TENANTRY_IDEMPOTENCY_RETENTION_HOURS", _positive_int, d.idempotency_retention_hours
+            e,
+            "TENANTRY_IDEMPOTENCY_RETENTION_HOURS",
+            _positive_int,
+            d.idempotency_retention_hours,
         ),
         trusted_proxies=_parse(e, "TENANTRY_TRUSTED_PROXIES", _networks, d.trusted_proxies),
         sse_queue_size=_parse(e, "TENANTRY_SSE_QUEUE_SIZE", _positive_int, d.sse_queue_size),
         sse_keepalive=_parse(e, "TENANTRY_SSE_KEEPALIVE", _positive_float, d.sse_keepalive),
+        unknown_kind_retry=_parse(
+            e, "TENANTRY_UNKNOWN_KIND_RETRY", _non_negative_float, d.unknown_kind_retry
+        ),
+        signup_ipv6_prefix=_parse(
+            e, "TENANTRY_SIGNUP_IPV6_PREFIX", _ipv6_prefix, d.signup_ipv6_prefix
+        ),
     )

@@ -3,10 +3,12 @@ listener and the migrator (which must never come from the pool)."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import asyncpg.exceptions
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
@@ -17,23 +19,78 @@ Conn = asyncpg.Connection | PoolConnectionProxy
 Executor = asyncpg.Connection | PoolConnectionProxy | asyncpg.Pool
 
 
+# The database is unreachable, restarting, or a connection broke: what a restart
+# (AdminShutdown, CannotConnectNow), a terminated backend (ConnectionDoesNotExist,
+# InternalClientError on a pooled connection), a network partition (OSError, timeouts)
+# or a lock or statement timeout raise.  Callers retry these later; the HTTP edge
+# answers 503.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.LockNotAvailableError,
+)
+
+# Server side: the server probes an idle client, so a vanished client is noticed.
+_SERVER_KEEPALIVES = {
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+}
+# Client side (Linux): a vanished server is noticed within about 25 s when idle, and a
+# request that the server never acknowledges fails after 30 s, instead of waiting
+# forever for an answer over a partitioned network.
+_CLIENT_KEEPALIVES = (
+    ("TCP_KEEPIDLE", 10),
+    ("TCP_KEEPINTVL", 5),
+    ("TCP_KEEPCNT", 3),
+    ("TCP_USER_TIMEOUT", 30_000),
+)
+
+
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+def _keepalive(conn: Conn) -> None:
+    # asyncpg keeps its transport private; the pool's init hands over the connection
+    # itself, not a proxy.
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # a Unix socket: nothing in between to partition
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in _CLIENT_KEEPALIVES:
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
 async def init_connection(conn: Conn) -> None:
-    """jsonb and json as Python values, through orjson, on every connection."""
+    """jsonb and json as Python values, through orjson, and TCP keepalives, on every
+    connection."""
     for typename in ("jsonb", "json"):
         await conn.set_type_codec(
             typename, schema="pg_catalog", encoder=_dumps, decoder=orjson.loads, format="text"
         )
+    _keepalive(conn)
 
 
 async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    kwargs["server_settings"] = {**_SERVER_KEEPALIVES, **kwargs.get("server_settings", {})}
     conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
     await init_connection(conn)
     return conn
 
+
+# The worker's own statements (claims, outcomes, rescue, the hub's reads) never wait on
+# a lock for long: a claim stuck behind a migration's or VACUUM FULL's lock fails after
+# 5 s and is tried again later, rather than hold a connection and the shutdown.
+WORKER_TIMEOUTS = {"lock_timeout": "5s", "statement_timeout": "60s"}
 
 # The worker's claims and heartbeats run on connections of their own with these settings.
 # - synchronous_commit off: a claim or a lease extension lost in a server crash is
@@ -44,7 +101,11 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
 #   backlog, custom plans took 1.6 / 2.2 / 3.1 ms for 1 / 4 / 100 tenants, the generic
 #   plan 1.4 / 1.4 / 1.9 ms.  Its shape does not depend on statistics (a test EXPLAINs
 #   it under both kinds of plan, with statistics from an empty and a full queue).
-CLAIM_SETTINGS = {"synchronous_commit": "off", "plan_cache_mode": "force_generic_plan"}
+CLAIM_SETTINGS = {
+    "synchronous_commit": "off",
+    "plan_cache_mode": "force_generic_plan",
+    **WORKER_TIMEOUTS,
+}
 
 
 async def _keep_session(_conn: Any) -> None:
@@ -69,7 +130,7 @@ async def create_pool(
         reset=_keep_session if stateless else None,
         # The pool resets connections on release (RESET ALL, UNLISTEN, ...), so a tenant
         # context set with is_local=true can never outlive its transaction anyway.
-        server_settings={"application_name": name, **(settings or {})},
+        server_settings={"application_name": name, **_SERVER_KEEPALIVES, **(settings or {})},
     )
     assert pool is not None
     return pool

@@ -2,9 +2,10 @@
 serves and fans each event out to the streams of its aggregate.
 
 Wake-ups come from the listener's one connection (NOTIFY on `tenantry_outbox`); each
-wake-up is one query for all subscribed aggregates (`outbox.follow`, whose horizon
-guarantees that nothing committed since the last read is missed), then one trailing
-read after the throttle window, and a jittered poll in case a notification was lost.
+wake-up is one query for all subscribed aggregates (`outbox.follow`, which reads what
+the previous read's snapshot could not see: nothing committed since is missed, nothing
+is read twice), then one trailing read after the throttle window, and a jittered poll
+in case a notification was lost.
 An event is encoded once, however many clients follow it.  Every client has a bounded
 queue: one that cannot keep up is disconnected and resumes from its last event id,
 instead of growing the process's memory.
@@ -28,12 +29,16 @@ from . import logging as log
 from .clock import Random, system_random
 from .outbox import store as outbox
 from .outbox.store import Event
+from .safetext import safe_text
 
-Key = tuple[uuid.UUID, str]  # (tenant id, aggregate id)
+# Errors that mean the database is away or the connection broke: expected, no traceback.
+_CONNECTION_TROUBLE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+StreamKey = tuple[uuid.UUID, str]  # (tenant id, aggregate id)
 
 KEEPALIVE = b": keepalive\n\n"
-# A read returning more than this many rows is worth a warning: something (a long
-# transaction) holds the horizon back and every read repeats the same rows.
+# A read returning more than this many rows is worth a warning: the hub fell behind
+# (the database was away for a while, or a burst of events).
 _LARGE_READ = 10_000
 
 
@@ -54,7 +59,7 @@ class Subscriber:
 
     __slots__ = ("_abort", "closed", "due", "frames", "key", "limit", "reason", "wake")
 
-    def __init__(self, key: Key, limit: int, abort: Callable[[], None] | None) -> None:
+    def __init__(self, key: StreamKey, limit: int, abort: Callable[[], None] | None) -> None:
         self.due = 0.0  # when a keepalive is due if nothing else is written (monotonic)
         self.key = key
         self.limit = limit
@@ -109,14 +114,15 @@ class Hub:
         self._poll = poll_interval
         self._trail = trail
         self._rnd = rnd or system_random()
-        self._subs: dict[Key, set[Subscriber]] = {}
-        self._seen: dict[Key, int] = {}  # the last version fanned out per aggregate
+        self._subs: dict[StreamKey, set[Subscriber]] = {}
+        self._seen: dict[StreamKey, int] = {}  # the last version fanned out per aggregate
         # (when a keepalive is due, tie-breaker, stream): closed streams drop out when
         # they come up.
         self._due: list[tuple[float, int, Subscriber]] = []
         self._seq = 0
         self._wake = anyio.Event()
-        self._horizon: str | None = None
+        # The snapshot of the last read (None: no read yet).
+        self._snapshot: str | None = None
         self.reads = 0  # completed reads (tests wait on it)
         self._read_done = anyio.Event()
         self.closing = False
@@ -181,7 +187,7 @@ class Hub:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._keepalives)
-            await self._read()
+            await self._read_safely()
             task_status.started()
             while True:
                 with anyio.move_on_after(self._poll * (0.75 + 0.5 * self._rnd.random())):
@@ -199,30 +205,30 @@ class Hub:
     async def _read_safely(self) -> None:
         try:
             await self._read()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            self._log.warning("hub_read_failed", error=str(exc) or type(exc).__name__)
-        except Exception:
-            # Whatever one read meets (a row no one foresaw), the hub must go on: it
-            # serves every tenant's streams, and the next read starts from the same
-            # horizon.
-            self._log.exception("hub_read_crashed")
+        except Exception as exc:
+            # The database away, a connection broken, or a row no one foresaw: the hub
+            # serves every tenant's streams and must go on.  The next read starts from
+            # the same snapshot, so nothing is lost meanwhile.
+            self._log.warning("hub_read_failed", error=safe_text(str(exc)) or repr(exc))
+            if not isinstance(exc, _CONNECTION_TROUBLE):
+                self._log.exception("hub_read_crashed")
 
     async def _read(self) -> None:
         async with self._pool.acquire() as conn:
-            if self._horizon is None or not self._subs:
-                # Nobody to deliver to: only move the horizon, unless a stream subscribed
-                # while it was taken.  That stream's replay may have read the database
-                # before this snapshot, and what committed in between would be behind
-                # the new horizon: keep the old one (taken before that stream existed).
+            if self._snapshot is None or not self._subs:
+                # Nobody to deliver to: only move the snapshot, unless a stream
+                # subscribed while it was taken.  That stream's replay may have read the
+                # database before this snapshot, and what committed in between would be
+                # behind the new one: keep the old (taken before that stream existed).
                 # (None: the first read, before the HTTP server starts.)
-                fresh = await outbox.horizon(conn)
-                if self._horizon is None or not self._subs:
-                    self._horizon = fresh
+                fresh = await outbox.snapshot(conn)
+                if self._snapshot is None or not self._subs:
+                    self._snapshot = fresh
                 events: list[Event] = []
-                horizon = self._horizon
+                snapshot = self._snapshot
             else:
-                horizon, events = await outbox.follow(conn, self._horizon, self._aggregate)
-        self._horizon = horizon
+                snapshot, events = await outbox.follow(conn, self._snapshot, self._aggregate)
+        self._snapshot = snapshot
         if len(events) > _LARGE_READ:
             self._log.warning("hub_large_read", rows=len(events))
         self._fan_out(events)

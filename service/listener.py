@@ -1,8 +1,8 @@
 """The listener: one dedicated connection (never from the pool) that LISTENs.
 
-It reconnects with backoff, notices a dead connection (server-side TCP keepalive plus
-a periodic self-ping with a timeout), and after every (re)connect tells each consumer
-to resync, because notifications sent while it was away are gone for good.
+It reconnects with backoff, notices a dead connection (TCP keepalives both ways plus a
+periodic self-ping with a timeout), and after every (re)connect tells each consumer to
+resync, because notifications sent while it was away are gone for good.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from anyio.abc import TaskStatus
 from . import db
 from . import logging as log
 from .clock import Random, system_random
+from .safetext import safe_text
 
 Callback = Callable[[str], None]
 
@@ -50,21 +51,18 @@ class Listener:
             await self._changed.wait()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Connect and listen, forever.  Started at once, connected or not: a database
+        that is not there yet must not hold up the start (or a SIGTERM meanwhile);
+        consumers poll until the first connect, and `connected` tells readiness."""
+        task_status.started()
         backoff = 0.05
-        started = False
         while True:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await db.connect(
                     self._dsn,
                     timeout=10,
-                    server_settings={
-                        "application_name": "tenantry-listener",
-                        # The server probes an idle client: a vanished peer is noticed.
-                        "tcp_keepalives_idle": "10",
-                        "tcp_keepalives_interval": "5",
-                        "tcp_keepalives_count": "3",
-                    },
+                    server_settings={"application_name": "tenantry-listener"},
                 )
                 lost = anyio.Event()
                 conn.add_termination_listener(lambda _c, ev=lost: ev.set())
@@ -81,15 +79,14 @@ class Listener:
                 )
                 for resync in self._on_connect:
                     resync()
-                if not started:
-                    started = True
-                    task_status.started()
                 backoff = 0.05
                 await self._watch(conn, lost)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except Exception as exc:
+                # Whatever the connection raised: the database away, a terminated
+                # backend, a timeout, or an error asyncpg did not classify.
                 self._log.warning(
                     "listener_lost",
-                    error=str(exc) or type(exc).__name__,
+                    error=safe_text(str(exc)) or type(exc).__name__,
                     retry_in_s=round(backoff, 3),
                 )
             finally:

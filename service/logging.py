@@ -10,6 +10,8 @@ from typing import Any
 import orjson
 import structlog
 
+from .safetext import safe_json, safe_text
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -27,8 +29,18 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
+def _str(obj: Any) -> str:
+    return safe_text(str(obj))
+
+
 def _dumps(obj: Any, default: Any = None) -> str:
-    return orjson.dumps(obj, default=default or str).decode()
+    try:
+        return orjson.dumps(obj, default=default or str).decode()
+    except orjson.JSONEncodeError:
+        # A lone surrogate somewhere (an error message about an undecodable file name):
+        # the line is still written, with the surrogate escaped, rather than the
+        # logger raising and the line, and the error it reports, being lost.
+        return orjson.dumps(safe_json(obj), default=_str).decode()
 
 
 _debug = False

@@ -1,15 +1,25 @@
-"""Forward-only numbered migrations from `schema/`, applied under an advisory lock.
+"""Migrations: forward-only numbered ones from `schema/`, then repeatable ones.
 
-Each migration runs in its own transaction that records it (version, name, checksum)
-before running its SQL, so a failed migration leaves no trace and two migrators at
-once are serialised by the lock.  An applied migration whose file changed afterwards
+Numbered migrations (`schema/NNNN_name.sql`) hold the tables, types and indexes.  Each
+runs in its own transaction that records it (version, name, checksum) before running
+its SQL, so a failed migration leaves no trace and two migrators at once are
+serialised by the advisory lock.  An applied migration whose file changed afterwards
 is refused: the database would no longer be what the files say.
+
+Repeatable migrations are the functions and triggers, kept in a `functions.sql` next to
+the module that owns them (the claim beside the worker), so that a statement is read
+and changed in one place.  Like Flyway's repeatable migrations, each file is applied
+again whenever its checksum differs from the one recorded, after the numbered ones.
+Such a file must be re-runnable: CREATE OR REPLACE, and DROP ... IF EXISTS before a
+trigger.  A function whose signature changes is dropped by a numbered migration
+first (CREATE OR REPLACE cannot change a signature).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +27,14 @@ from . import logging as log
 from .db import Conn
 from .errors import SchemaMismatch
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
+_PACKAGE = Path(__file__).resolve().parent
+SCHEMA_DIR = _PACKAGE.parent / "schema"
+# Applied in this order (a later file may use an earlier one's functions).
+REPEATABLE_FILES: tuple[Path, ...] = (
+    _PACKAGE / "jobs" / "functions.sql",
+    _PACKAGE / "outbox" / "functions.sql",
+    _PACKAGE / "onboarding" / "functions.sql",
+)
 # pg_advisory_lock(classid, objid): a two-key namespace of our own, so the
 # application's single-key advisory locks can never collide with ours.
 LOCK_CLASS = 0x7E4A
@@ -36,6 +53,10 @@ CREATE TABLE IF NOT EXISTS tenantry.schema_migrations (
 """
 
 
+def _checksum(sql: str) -> str:
+    return hashlib.sha256(sql.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -44,7 +65,19 @@ class Migration:
 
     @property
     def checksum(self) -> str:
-        return hashlib.sha256(self.sql.encode()).hexdigest()
+        return _checksum(self.sql)
+
+
+@dataclass(frozen=True)
+class Repeatable:
+    """A functions file, named by the module that owns it (`jobs`, `outbox`, ...)."""
+
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return _checksum(self.sql)
 
 
 @dataclass(frozen=True)
@@ -52,10 +85,13 @@ class Status:
     pending: list[Migration]
     unknown: list[int]  # applied in the database, absent from the code
     edited: list[int]  # applied, but the file's checksum differs
+    # Repeatable files whose recorded checksum differs from the code's (or that were
+    # never applied): `migrate` re-applies them.
+    stale: list[str]
 
     @property
     def current(self) -> bool:
-        return not (self.pending or self.unknown or self.edited)
+        return not (self.pending or self.unknown or self.edited or self.stale)
 
     def describe(self) -> str:
         if self.current:
@@ -77,6 +113,12 @@ class Status:
                 + ", ".join(f"{v:04d}" for v in self.edited)
                 + " (restore the file; add a new migration instead)"
             )
+        if self.stale:
+            parts.append(
+                "functions differ from this code: "
+                + ", ".join(self.stale)
+                + " (run `tenantry migrate` with this version)"
+            )
         return "; ".join(parts)
 
 
@@ -93,6 +135,11 @@ def discover(directory: Path = SCHEMA_DIR) -> list[Migration]:
     return found
 
 
+def repeatables(files: Sequence[Path] = REPEATABLE_FILES) -> list[Repeatable]:
+    """The repeatable files, each named after the folder (module) that holds it."""
+    return [Repeatable(p.parent.name, p.read_text(encoding="utf-8")) for p in files]
+
+
 async def _applied(conn: Conn) -> dict[int, str]:
     exists = await conn.fetchval("SELECT to_regclass('tenantry.schema_migrations') IS NOT NULL")
     if not exists:
@@ -101,30 +148,51 @@ async def _applied(conn: Conn) -> dict[int, str]:
     return {r["version"]: r["checksum"] for r in rows}
 
 
-def _compare(migrations: list[Migration], applied: dict[int, str]) -> Status:
+async def _applied_repeatables(conn: Conn) -> dict[str, str]:
+    exists = await conn.fetchval("SELECT to_regclass('tenantry.schema_repeatables') IS NOT NULL")
+    if not exists:
+        return {}
+    rows = await conn.fetch("SELECT name, checksum FROM tenantry.schema_repeatables")
+    return {r["name"]: r["checksum"] for r in rows}
+
+
+def _compare(
+    migrations: list[Migration],
+    applied: dict[int, str],
+    files: list[Repeatable],
+    applied_files: dict[str, str],
+) -> Status:
     known = {m.version: m for m in migrations}
     return Status(
         pending=[m for m in migrations if m.version not in applied],
         unknown=sorted(v for v in applied if v not in known),
         edited=sorted(v for v, c in applied.items() if v in known and known[v].checksum != c),
+        stale=[r.name for r in files if applied_files.get(r.name) != r.checksum],
     )
 
 
-async def status(conn: Conn, directory: Path = SCHEMA_DIR) -> Status:
-    return _compare(discover(directory), await _applied(conn))
+async def status(
+    conn: Conn, directory: Path = SCHEMA_DIR, files: Sequence[Path] = REPEATABLE_FILES
+) -> Status:
+    applied, applied_files = await _applied(conn), await _applied_repeatables(conn)
+    return _compare(discover(directory), applied, repeatables(files), applied_files)
 
 
-async def migrate(conn: Conn, directory: Path = SCHEMA_DIR) -> list[Migration]:
-    """Apply pending migrations; return those applied by this call."""
+async def migrate(
+    conn: Conn, directory: Path = SCHEMA_DIR, files: Sequence[Path] = REPEATABLE_FILES
+) -> list[Migration | Repeatable]:
+    """Apply pending numbered migrations, then the repeatable files that changed;
+    return what this call applied."""
     logger = log.get("migrate")
     migrations = discover(directory)
+    functions = repeatables(files)
     await conn.execute("SELECT pg_advisory_lock($1, $2)", LOCK_CLASS, LOCK_MIGRATE)
     try:
         await conn.execute(_BOOTSTRAP)
-        st = _compare(migrations, await _applied(conn))
+        st = _compare(migrations, await _applied(conn), functions, await _applied_repeatables(conn))
         if st.unknown or st.edited:
             raise SchemaMismatch(st.describe())
-        done: list[Migration] = []
+        done: list[Migration | Repeatable] = []
         for m in st.pending:
             async with conn.transaction():
                 await conn.execute(
@@ -137,6 +205,21 @@ async def migrate(conn: Conn, directory: Path = SCHEMA_DIR) -> list[Migration]:
                 await conn.execute(m.sql)
             logger.info("migration_applied", version=m.version, name=m.name)
             done.append(m)
+        stale = set(st.stale)
+        for r in functions:
+            if r.name not in stale:
+                continue
+            async with conn.transaction():
+                await conn.execute(r.sql)
+                await conn.execute(
+                    "INSERT INTO tenantry.schema_repeatables (name, checksum) VALUES ($1, $2)"
+                    " ON CONFLICT (name) DO UPDATE"
+                    " SET checksum = excluded.checksum, applied_at = now()",
+                    r.name,
+                    r.checksum,
+                )
+            logger.info("functions_applied", name=r.name, checksum=r.checksum[:12])
+            done.append(r)
         return done
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1, $2)", LOCK_CLASS, LOCK_MIGRATE)

@@ -16,6 +16,10 @@ import asyncpg
 from .db import Conn, Executor
 from .errors import Invalid, TenantContextError
 
+# The system tenant: work that belongs to no tenant (periodic jobs by default).  The
+# nil UUID, which no tenant can have (tenants_not_system).
+SYSTEM_TENANT = uuid.UUID(int=0)
+
 
 def parse_tenant_id(value: object) -> uuid.UUID:
     if isinstance(value, uuid.UUID):
@@ -44,13 +48,24 @@ async def tenant_tx_on(conn: Conn, tenant_id: object) -> AsyncIterator[Conn]:
     try:
         yield conn
     except BaseException:
-        if not conn.is_closed():
-            await conn.execute("ROLLBACK")
+        await _rollback_quietly(conn)
         raise
     else:
         await conn.execute("COMMIT")
     finally:
         _OPEN.pop(id(conn), None)
+
+
+async def _rollback_quietly(conn: Conn) -> None:
+    """Roll back after an error without hiding it: the connection may be broken (its
+    backend terminated), or a pool's proxy already detached from it, and then asking it
+    anything raises an error of its own that would replace the one that matters.  A
+    connection that cannot roll back is closed by its pool; the server rolls back."""
+    try:
+        if not conn.is_closed():
+            await conn.execute("ROLLBACK")
+    except Exception:
+        pass  # the original error is the one to report
 
 
 @asynccontextmanager

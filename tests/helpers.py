@@ -17,7 +17,7 @@ import anyio
 import asyncpg
 import orjson
 
-from service import db, roles
+from service import db, migrate, roles
 from service.app import Service, build
 from service.clock import Clock, Random
 from service.config import Settings
@@ -97,7 +97,7 @@ async def running_worker(
         cfg,
         owner=owner or f"test-{uuid.uuid4().hex[:8]}",
         hook=rec,
-        system_pool=worker_pool,
+        worker_pool=worker_pool,
         clock=clock,
         rnd=rnd,
     )
@@ -122,26 +122,20 @@ async def one(pool: asyncpg.Pool, sql: str, *args: object) -> asyncpg.Record:
     return row
 
 
-# The SECURITY DEFINER function behind each of the worker's cross-tenant statements.
-DEFINER_OF = {
-    "claim": "claim_jobs",
-    "complete_many": "complete_jobs",
-    "requeue_many": "requeue_jobs",
-    "bury_many": "bury_jobs",
-    "release_many": "release_jobs",
-    "extend_leases": "extend_job_leases",
-}
-
-
-async def function_statement(conn: asyncpg.Connection | asyncpg.Pool, function: str) -> str:
-    """The single statement a PL/pgSQL function of schema tenantry runs, with its $n
-    parameters, so that a test can EXPLAIN what the function plans."""
-    src = await conn.fetchval(
-        "SELECT prosrc FROM pg_proc WHERE oid = $1::text::regproc", f"tenantry.{function}"
-    )
-    match = re.search(r"\bBEGIN\s+(?:RETURN QUERY\s+)?(.*?);\s*END;\s*$", src, re.S)
-    assert match is not None, f"{function}: not a single-statement body"
-    return match[1]
+def function_statement(function: str) -> str:
+    """The statement that function `tenantry.<function>` runs, read from the functions
+    file that defines it (service/*/functions.sql), with its $n parameters, so that a
+    test can EXPLAIN it: the first statement of its body (after BEGIN, and RETURN
+    QUERY), up to the semicolon that ends it."""
+    pattern = re.compile(rf"FUNCTION tenantry\.{re.escape(function)}\(.*?\bAS \$\$(.*?)\$\$;", re.S)
+    for path in migrate.REPEATABLE_FILES:
+        found = pattern.search(path.read_text(encoding="utf-8"))
+        if found is None:
+            continue
+        statement = re.search(r"\bBEGIN\s+(?:RETURN QUERY\s+)?(.*?);\s*\n", found[1], re.S)
+        assert statement is not None, f"{function}: no statement after BEGIN"
+        return statement[1]
+    raise AssertionError(f"no function tenantry.{function} in {migrate.REPEATABLE_FILES}")
 
 
 TEST_TOKEN_SECRET = "test-secret-" + "x" * 40
@@ -175,7 +169,7 @@ async def running_service(
             settings,
             app_url,
             pool,
-            system_pool=worker_pool,
+            worker_pool=worker_pool,
             claim_pool=claim_pool,
             registry=Registry(),
         )

@@ -13,7 +13,9 @@ from aiohttp import web
 from anyio.abc import TaskStatus
 
 from .. import logging as log
+from ..db import UNAVAILABLE
 from ..errors import StartupError
+from ..safetext import safe_text
 from . import onboarding_api, tenant_api
 from .onboarding_api import OnboardingApi
 from .problems import json_response, problem
@@ -22,9 +24,17 @@ ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _no_problems() -> dict[str, str]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Readiness:
+    """`check()`: named checks, each true when fine.  `problems()`: what components
+    report they cannot do right now (a failing claim, a crashed loop), by name."""
+
     check: ReadinessCheck
+    problems: Callable[[], dict[str, str]] = _no_problems
 
 
 READINESS = web.AppKey("readiness", Readiness)
@@ -35,24 +45,44 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    checks = await request.app[READINESS].check()
-    ready = all(checks.values())
+    readiness = request.app[READINESS]
+    checks = await readiness.check()
+    problems = readiness.problems()
+    ready = all(checks.values()) and not problems
     return json_response(
-        {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
+        {"status": "ready" if ready else "not ready", "checks": checks, "problems": problems},
+        200 if ready else 503,
     )
 
 
 _PAGE = Path(__file__).with_name("static") / "index.html"
+# Seconds a client is told to wait when the database is unavailable: about a restart.
+RETRY_AFTER_S = 2
 
 
 @web.middleware
 async def errors_as_problems(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """An error no handler expected (the database gone, a bug) is logged with its
-    traceback and answered as problem JSON, never with a stack trace."""
+    """An error no handler expected is answered as problem JSON, never with a stack
+    trace: the database being away as 503 with Retry-After, anything else (a bug) as
+    500, logged with its traceback."""
     try:
         return await handler(request)
     except web.HTTPException:
         raise
+    except UNAVAILABLE as exc:
+        # The database is away (restarting, unreachable, a connection broken): the
+        # request can succeed a moment later, which is what 503 and Retry-After say.
+        log.get("http").warning(
+            "http_database_unavailable",
+            method=request.method,
+            path=request.path,
+            error=safe_text(str(exc)) or type(exc).__name__,
+        )
+        return problem(
+            503,
+            "the database is unavailable at the moment; retry shortly",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     except Exception:
         log.get("http").exception("http_unhandled", method=request.method, path=request.path)
         return problem(500, "the request could not be completed; try again later")

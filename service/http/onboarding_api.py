@@ -14,11 +14,13 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import anyio
 import asyncpg
 import orjson
 from aiohttp import web
 
 from .. import logging as log
+from ..db import UNAVAILABLE
 from ..errors import Conflict, InvalidRequest, NotFound
 from ..hub import Hub, Subscriber, encode
 from ..onboarding import machine
@@ -28,7 +30,7 @@ from ..outbox import store as outbox
 from ..outbox.store import Event
 from ..tenancy import tenant_tx
 from .problems import json_response, problem
-from .ratelimit import Networks, RateLimiter, client_address
+from .ratelimit import Networks, RateLimiter, client_address, limit_key
 
 MAX_BODY = 16 * 1024
 _KEY_MAX = 255
@@ -49,6 +51,7 @@ class OnboardingApi:
     queue: str = "default"
     retry_ms: int = 2000  # the EventSource reconnect delay, before jitter
     trusted_proxies: Networks = ()
+    ipv6_prefix: int = 64  # IPv6 clients are limited per network of this size
 
 
 ONBOARDING = web.AppKey("onboarding", OnboardingApi)
@@ -64,10 +67,12 @@ def _invalid(exc: InvalidRequest) -> web.Response:
 
 
 def _client(request: web.Request) -> str:
+    """The key the sign-up rate limit counts this request under."""
     api = request.app[ONBOARDING]
-    return client_address(
+    address = client_address(
         request.remote, request.headers.get("X-Forwarded-For"), api.trusted_proxies
     )
+    return limit_key(address, api.ipv6_prefix)
 
 
 async def create(request: web.Request) -> web.StreamResponse:
@@ -203,26 +208,33 @@ async def events(request: web.Request) -> web.StreamResponse:
 
     async with api.hub.subscribe(tid, str(oid), abort) as sub:
         # Subscribed first, so nothing committed after this replay is missed.
-        async with tenant_tx(api.pool, tid) as tx:
-            # From the client's last event on: whether that one was the end matters.
-            replay = await outbox.replay(tx, tid, AGGREGATE, str(oid), max(last - 1, 0))
-            if not replay and await machine.find(tx, tid, oid) is None:
+        try:
+            replay: _Replay | None = await _replay(api, tid, oid, last)
+        except UNAVAILABLE:
+            # The database is away (a restart): answer anyway, and wait for it with
+            # keepalives; an error here would make a browser's EventSource give up.
+            replay = None
+        if replay is not None:
+            if not replay.found:
                 return problem(404, f"no onboarding {oid}")
-        if last > 0:
-            if not replay:
+            if replay.foreign:
                 # Not even the client's own last event is here: an id from elsewhere.
                 return problem(400, f"Last-Event-ID {last} is not an event of this stream")
-            if replay[0].version == last:
-                seen = replay.pop(0)
-                if seen.type in TERMINAL_EVENTS:
-                    # HTTP 204 tells an EventSource to stop reconnecting: it saw the end.
-                    _log.debug("stream_refused_after_end", onboarding_id=str(oid), last=last)
-                    return web.Response(status=204)
+            if replay.ended:
+                # HTTP 204 tells an EventSource to stop reconnecting: it saw the end.
+                _log.debug("stream_refused_after_end", onboarding_id=str(oid), last=last)
+                return web.Response(status=204)
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
         await resp.prepare(request)
         sent, why = last, "client gone"
         try:
-            sent, why = await _stream(resp, api, sub, replay, last)
+            await resp.write(b"retry: %d\n\n" % (api.retry_ms + random.randrange(api.retry_ms)))
+            if replay is None:
+                replay = await _wait_for_replay(resp, api, sub, grant, last)
+            if replay.usable:
+                sent, why = await _stream(resp, sub, replay.events, last)
+            else:
+                why = "nothing to stream (the client reconnects and is told why)"
         except ConnectionError:
             pass  # the client went away (ConnectionResetError and kin)
         finally:
@@ -230,12 +242,71 @@ async def events(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+@dataclass
+class _Replay:
+    """What the event log holds for a stream that resumes after `last`."""
+
+    events: list[Event]
+    found: bool = True  # the onboarding exists
+    foreign: bool = False  # `last` is not an event of this stream
+    ended: bool = False  # `last` was the terminal event: nothing more will come
+
+    @property
+    def usable(self) -> bool:
+        return self.found and not self.foreign and not self.ended
+
+
+async def _replay(api: OnboardingApi, tid: uuid.UUID, oid: uuid.UUID, last: int) -> _Replay:
+    async with tenant_tx(api.pool, tid) as tx:
+        # From the client's last event on: whether that one was the end matters.
+        events = await outbox.replay(tx, tid, AGGREGATE, str(oid), max(last - 1, 0))
+        if not events and await machine.find(tx, tid, oid) is None:
+            return _Replay([], found=False)
+    if last > 0:
+        if not events:
+            return _Replay([], foreign=True)
+        if events[0].version == last:
+            seen = events.pop(0)
+            if seen.type in TERMINAL_EVENTS:
+                return _Replay([], ended=True)
+    return _Replay(events)
+
+
+async def _wait_for_replay(
+    resp: web.StreamResponse,
+    api: OnboardingApi,
+    sub: Subscriber,
+    grant: Grant,
+    last: int,
+) -> _Replay:
+    """Until the database answers: a keepalive comment between tries, so that the
+    browser and any proxy keep the stream open.  (A stream that cannot go on once it
+    answers, one already ended say, is closed; the browser reconnects and is told.)"""
+    delay = 0.2
+    retry_at = anyio.current_time() + delay
+    while not sub.closed:
+        with anyio.move_on_after(max(retry_at - anyio.current_time(), 0)):
+            await sub.wake.wait()  # a keepalive is due, or shutdown closed the stream
+        # The hub's keepalives go out; its events can go: the replay, once the
+        # database answers, reads them from the log.
+        for version, _terminal, frame in sub.drain():
+            if version == 0:
+                await resp.write(frame)
+        if sub.closed or anyio.current_time() < retry_at:
+            continue
+        try:
+            return await _replay(api, grant.tenant_id, grant.onboarding_id, last)
+        except UNAVAILABLE:
+            delay = min(delay * 2, 5.0)
+            retry_at = anyio.current_time() + delay
+    return _Replay([], ended=True)
+
+
 async def _stream(
-    resp: web.StreamResponse, api: OnboardingApi, sub: Subscriber, replay: list[Event], last: int
+    resp: web.StreamResponse, sub: Subscriber, replay: list[Event], last: int
 ) -> tuple[int, str]:
     """Write the replay, then what the hub hands over; the last version sent and why
     the stream ends."""
-    await resp.write(b"retry: %d\n\n" % (api.retry_ms + random.randrange(api.retry_ms)))
     sent = last
     for ev in replay:
         terminal = ev.type in TERMINAL_EVENTS

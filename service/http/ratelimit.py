@@ -80,3 +80,19 @@ def client_address(remote: str | None, forwarded_for: str | None, proxies: Netwo
         if not _trusted(hop, proxies):
             return hop
     return hops[0] if hops else remote
+
+
+def limit_key(address: str, ipv6_prefix: int = 64) -> str:
+    """What a rate limit counts an address as: an IPv4 address itself (an IPv4-mapped
+    IPv6 address included), an IPv6 address by its network of `ipv6_prefix` bits.  A
+    subscriber is usually given a whole /64 and can use any address in it: keyed on the
+    full address, 1,000 sign-ups from one /64 were all accepted."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
+    return str(ip)

@@ -13,6 +13,7 @@ from anyio.abc import TaskStatus
 
 from .. import logging as log
 from ..clock import Clock, Random, SystemClock, system_random
+from ..safetext import safe_text
 from ..sql import queries_for
 from ..tenancy import tenant_tx_on
 from .queue import enqueue
@@ -128,12 +129,10 @@ class PeriodicEnqueuer:
 
     async def enqueue_period(self, reg: Registration, period: datetime) -> bool:
         assert reg.periodic is not None
-        # The job belongs to the handler's tenant (the nil system tenant by default):
+        # The job belongs to the handler's tenant (the system tenant by default):
         # enqueuing it needs that tenant's context.
         async with self._pool.acquire() as conn, tenant_tx_on(conn, reg.periodic.tenant_id):
-            first = await conn.fetchval(
-                "SELECT NOT EXISTS (SELECT 1 FROM tenantry.periodic_runs WHERE name = $1)", reg.kind
-            )
+            first = not await conn.fetchval(Q["periodic_known"], reg.kind)
             won = await conn.fetchval(Q["advance_periodic"], reg.kind, period)
             if won is None or first:
                 return False
@@ -141,7 +140,7 @@ class PeriodicEnqueuer:
                 conn,
                 tenant_id=reg.periodic.tenant_id,
                 kind=reg.kind,
-                queue=reg.queue,
+                queue=reg.periodic.queue,
                 payload={**reg.periodic.payload, "period": period.isoformat()},
                 dedup_key=f"periodic:{reg.kind}:{period.isoformat()}",
             )
@@ -197,8 +196,10 @@ class Maintenance:
     async def _run_task(self, task: Task) -> None:
         try:
             count = await task.run_once()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            self._log.warning("maintenance_failed", task=task.name, error=str(exc))
+        except Exception as exc:
+            # The database away, a connection broken (whatever asyncpg raises for it):
+            # the next round tries again.
+            self._log.warning("maintenance_failed", task=task.name, error=safe_text(str(exc)))
             return
         if count:
             self._log.debug("maintenance_ran", task=task.name, count=count)

@@ -12,11 +12,16 @@ from typing import Any
 import asyncpg
 
 from ..db import Conn
-from ..errors import Conflict
+from ..errors import Conflict, TenantryError
 from ..sql import queries_for
 from ..tenancy import tenant_tx_on
 
 Q = queries_for(__file__)
+
+
+class JobAlreadyCompleted(TenantryError):
+    """A second `complete_in_tx()` in one run of a handler: the job was completed by the
+    first, and effects of a second could no longer commit with the completion."""
 
 
 @dataclass(eq=False)
@@ -32,31 +37,47 @@ class Job:
     created_at: datetime
     _pool: asyncpg.Pool = field(repr=False)
     _lease_owner: str = field(repr=False)
-    # Set when the handler completed the job inside its own transaction.
+    # Set once a `complete_in_tx()` block has committed.
     completed_in_tx: bool = field(default=False, repr=False)
 
     @property
     def pool(self) -> asyncpg.Pool:
-        """The tenant code's pool, for reads outside the job's transactions (each
-        needs a tenant transaction of its own: `tenancy.tenant_tx`)."""
+        """The tenant code's pool (row-level security; no cross-tenant function)."""
         return self._pool
 
     @asynccontextmanager
-    async def tenant_tx(self, *, complete: bool = True) -> AsyncIterator[Conn]:
-        """A connection in a transaction scoped to this job's tenant.
-
-        With `complete=True` (the default) the job's completion is written in the same
-        transaction when the block exits cleanly: the handler's database effects and the
-        job's removal commit together, so they happen exactly once.  If this worker no
-        longer holds the job's lease (it was rescued after a stall), the transaction is
-        rolled back instead of committing effects twice.
-        """
+    async def tenant_tx(self) -> AsyncIterator[Conn]:
+        """A transaction in this job's tenant context, like `tenancy.tenant_tx`: it
+        commits when the block exits cleanly and does not complete the job (the worker
+        does that when the handler returns).  Effects written here can happen more than
+        once if the job is retried; `complete_in_tx()` makes them exactly-once."""
         async with self._pool.acquire() as conn, tenant_tx_on(conn, self.tenant_id) as tx:
             yield tx
-            if complete:
+
+    @asynccontextmanager
+    async def complete_in_tx(self) -> AsyncIterator[Conn]:
+        """A transaction in this job's tenant context that also completes the job: the
+        block's effects and the job's completion commit together, so they happen
+        exactly once.
+
+        Once per run of the handler.  A second `complete_in_tx()` raises
+        JobAlreadyCompleted before touching anything (open `tenant_tx()` for writes
+        after the completion).  If this worker no longer holds the job's lease (it was
+        rescued after a stall), nothing commits and Conflict is raised: the effects are
+        not done twice.  If the COMMIT itself fails (a deferred constraint), the job is
+        not completed, and the error fails the attempt like any other."""
+        if self.completed_in_tx:
+            raise JobAlreadyCompleted(
+                f"job {self.id} was completed by an earlier complete_in_tx() of this run;"
+                " write further effects in job.tenant_tx()"
+            )
+        async with self._pool.acquire() as conn:
+            async with tenant_tx_on(conn, self.tenant_id) as tx:
+                yield tx
                 done = await tx.fetchval(
                     Q["complete_one"], self.tenant_id, self.id, self._lease_owner
                 )
                 if done != 1:
                     raise Conflict(f"job {self.id}: lease lost; effects rolled back")
-                self.completed_in_tx = True
+            # Only now has it committed.
+            self.completed_in_tx = True

@@ -1,10 +1,11 @@
 -- Named statements of the jobs module, the only writer of tenantry.jobs,
--- tenantry.dead_jobs, tenantry.job_counters and tenantry.periodic_runs.
+-- tenantry.dead_jobs, tenantry.job_counters, tenantry.periodic_runs and
+-- tenantry.notify_throttle.
 --
 -- Tenant-scoped statements (enqueue, complete_one) run inside a tenant transaction,
--- under row-level security.  The cross-tenant ones (claim, the worker's batch
--- statements, rescue, statistics, the dead-letter commands) call SECURITY DEFINER
--- functions of schema/0002_tenancy.sql, where their SQL and its reasoning live.
+-- under row-level security.  The cross-tenant ones (claim, outcomes, rescue,
+-- statistics, the dead-letter commands) call the functions of functions.sql (beside
+-- this file), where their SQL and its reasoning live.
 
 -- name: enqueue
 SELECT tenantry.enqueue(
@@ -19,14 +20,26 @@ SELECT tenantry.enqueue(
 )
 
 -- name: claim
-SELECT * FROM tenantry.claim_jobs($1::text, $2::integer, $3::text, $4::double precision,
-                                  $5::uuid, $6::integer, $7::integer)
+-- Rows claimed, then one row with NULL job columns carrying cursor_after and more.
+SELECT tenant_id, id, queue, kind, payload, priority, attempts, max_attempts, created_at,
+       unknown_kind_since, cursor_after, more
+  FROM tenantry.claim_jobs($1::text, $2::integer, $3::text, $4::double precision, $5::uuid,
+                           $6::integer)
 
 -- name: next_due
-SELECT due, db_now FROM tenantry.next_due_job($1::text[])
+SELECT due, db_now FROM tenantry.next_due_job($1::text)
 
--- name: complete_many
-SELECT tenantry.complete_jobs($1::uuid[], $2::bigint[], $3::text)
+-- name: ensure_wake_keys
+SELECT tenantry.ensure_wake_keys($1::text[])
+
+-- name: record_outcomes
+SELECT tenantry.record_job_outcomes(
+    $1::text,
+    $2::uuid[], $3::bigint[],
+    $4::uuid[], $5::bigint[], $6::timestamptz[], $7::text[], $8::jsonb[], $9::boolean[],
+    $10::boolean[],
+    $11::uuid[], $12::bigint[], $13::text[], $14::jsonb[], $15::text[], $16::text[],
+    $17::uuid[], $18::bigint[])
 
 -- name: complete_one
 -- Success for one job, inside the handler's own tenant transaction (exactly-once
@@ -44,17 +57,6 @@ WITH done AS (
 )
 SELECT count(*) FROM done
 
--- name: requeue_many
-SELECT tenantry.requeue_jobs($1::uuid[], $2::bigint[], $3::timestamptz[], $4::text[],
-                             $5::jsonb[], $6::boolean[], $7::text)
-
--- name: bury_many
-SELECT tenantry.bury_jobs($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::text[],
-                          $6::text)
-
--- name: release_many
-SELECT tenantry.release_jobs($1::uuid[], $2::bigint[], $3::text)
-
 -- name: extend_leases
 SELECT tenant_id, id
   FROM tenantry.extend_job_leases($1::uuid[], $2::bigint[], $3::text, $4::double precision)
@@ -64,6 +66,9 @@ SELECT tenant_id, id, queue, kind, attempts FROM tenantry.rescue_expired_jobs($1
 
 -- name: prune_counters
 SELECT tenantry.prune_job_counters($1::integer)
+
+-- name: periodic_known
+SELECT EXISTS (SELECT 1 FROM tenantry.periodic_runs WHERE name = $1::text)
 
 -- name: advance_periodic
 -- Compare-and-set on the period: exactly one process wins each period.
@@ -81,10 +86,10 @@ SELECT * FROM tenantry.queue_stats()
 SELECT * FROM tenantry.dead_jobs_list($1::integer)
 
 -- name: dead_show
-SELECT * FROM tenantry.dead_job_show($1::bigint)
+SELECT * FROM tenantry.dead_job_show($1::bigint, $2::uuid)
 
 -- name: dead_retry
-SELECT tenantry.dead_job_retry($1::bigint)
+SELECT tenantry.dead_job_retry($1::bigint, $2::uuid)
 
 -- name: dead_discard
-SELECT tenantry.dead_job_discard($1::bigint)
+SELECT tenantry.dead_job_discard($1::bigint, $2::uuid)

@@ -3,6 +3,7 @@ transaction), queue statistics, and the dead-letter operations."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -83,16 +84,29 @@ async def dead_list(conn: Executor, limit: int = 50) -> list[dict[str, Any]]:
     return [dict(r) for r in await conn.fetch(Q["dead_list"], limit)]
 
 
-async def dead_show(conn: Executor, job_id: int) -> dict[str, Any]:
-    row = await conn.fetchrow(Q["dead_show"], job_id)
+def _ambiguous(exc: asyncpg.CardinalityViolationError) -> Conflict:
+    return Conflict(f"{exc.args[0] if exc.args else exc} (pass the tenant: --tenant UUID)")
+
+
+async def dead_show(
+    conn: Executor, job_id: int, tenant_id: uuid.UUID | None = None
+) -> dict[str, Any]:
+    """A dead job by id (and tenant: needed only if two tenants hold the id, which a
+    database from before job ids were reserved to the sequence may have)."""
+    try:
+        row = await conn.fetchrow(Q["dead_show"], job_id, tenant_id)
+    except asyncpg.CardinalityViolationError as exc:
+        raise _ambiguous(exc) from exc
     if row is None:
         raise NotFound(f"no dead job with id {job_id}")
     return dict(row)
 
 
-async def dead_retry(conn: Executor, job_id: int) -> int:
+async def dead_retry(conn: Executor, job_id: int, tenant_id: uuid.UUID | None = None) -> int:
     try:
-        new_id = await conn.fetchval(Q["dead_retry"], job_id)
+        new_id = await conn.fetchval(Q["dead_retry"], job_id, tenant_id)
+    except asyncpg.CardinalityViolationError as exc:
+        raise _ambiguous(exc) from exc
     except asyncpg.UniqueViolationError as exc:
         raise Conflict(f"dead job {job_id}: a live job already holds its id or dedup key") from exc
     if new_id is None:
@@ -100,6 +114,10 @@ async def dead_retry(conn: Executor, job_id: int) -> int:
     return int(new_id)
 
 
-async def dead_discard(conn: Executor, job_id: int) -> None:
-    if await conn.fetchval(Q["dead_discard"], job_id) is None:
+async def dead_discard(conn: Executor, job_id: int, tenant_id: uuid.UUID | None = None) -> None:
+    try:
+        gone = await conn.fetchval(Q["dead_discard"], job_id, tenant_id)
+    except asyncpg.CardinalityViolationError as exc:
+        raise _ambiguous(exc) from exc
+    if gone is None:
         raise NotFound(f"no dead job with id {job_id}")

@@ -7,19 +7,25 @@ TENANTRY_HANDLERS at it (`pkg.module:registry`, like `module:app` for ASGI serve
 from __future__ import annotations
 
 import importlib
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from croniter import croniter
 
 from ..errors import ConfigError
+from ..tenancy import SYSTEM_TENANT, parse_tenant_id
 
 if TYPE_CHECKING:
     from .model import Job
 
 Handler = Callable[["Job"], Awaitable[None]]
+
+# The kind of a job's dead-letter hook job: the job's kind with this suffix.
+DEAD_HOOK_SUFFIX = ":on_dead"
+_KIND_MAX = 200
 
 
 @dataclass(frozen=True)
@@ -38,16 +44,48 @@ class Policy:
             raise ValueError("timeout must be > 0")
 
 
-NIL_TENANT = "00000000-0000-0000-0000-000000000000"
+@dataclass(frozen=True)
+class DeadLetter:
+    """A job that was dead-lettered, as its kind's `on_dead` hook receives it."""
+
+    job_id: int
+    tenant_id: uuid.UUID
+    kind: str
+    payload: Any
+    # exhausted (its attempts used up, a time-out or a crash on the last one included),
+    # permanent (PermanentFailure), cancelled (Cancel)
+    reason: str
+    error: str
+    attempts: int
+    created_at: str
+
+    @classmethod
+    def from_hook_job(cls, job: Job) -> DeadLetter:
+        p = job.payload
+        return cls(
+            job_id=int(p["job_id"]),
+            tenant_id=job.tenant_id,
+            kind=str(p["kind"]),
+            payload=p.get("payload"),
+            reason=str(p["reason"]),
+            error=str(p.get("error") or ""),
+            attempts=int(p.get("attempts") or 0),
+            created_at=str(p.get("created_at") or ""),
+        )
+
+
+OnDead = Callable[["Job", DeadLetter], Awaitable[None]]
 
 
 @dataclass(frozen=True)
 class Periodic:
-    """When a periodic handler is due: a cron expression or a fixed interval."""
+    """When a periodic handler is due (a cron expression or a fixed interval), and
+    where its jobs go (the tenant, the system tenant by default, and the queue)."""
 
     cron: str | None = None
     every: timedelta | None = None
-    tenant_id: str = NIL_TENANT
+    tenant_id: uuid.UUID = SYSTEM_TENANT
+    queue: str = "default"
     payload: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,9 +121,10 @@ class Periodic:
 class Registration:
     kind: str
     handler: Handler
-    queue: str
     policy: Policy
     periodic: Periodic | None
+    # The kind of the job that runs this kind's dead-letter hook, if it has one.
+    dead_hook_kind: str | None = None
 
 
 class Registry:
@@ -96,21 +135,32 @@ class Registry:
         self,
         kind: str,
         *,
-        queue: str = "default",
         policy: Policy | None = None,
         cron: str | None = None,
         every: timedelta | None = None,
-        periodic_tenant: str = NIL_TENANT,
+        periodic_tenant: uuid.UUID | str = SYSTEM_TENANT,
+        periodic_queue: str = "default",
+        on_dead: OnDead | None = None,
     ) -> Callable[[Handler], Handler]:
+        """Register the decorated function as the handler of `kind`.
+
+        `cron=` or `every=` make it periodic: one job per period, in `periodic_queue`,
+        for `periodic_tenant` (the system tenant, the nil UUID, by default).
+        `on_dead(job, dead)` runs when a job of this kind is dead-lettered for any
+        reason: its attempts exhausted (a time-out or a crash on the last one
+        included), a PermanentFailure, a Cancel.  It runs as a job of its own, retried
+        with this kind's policy, enqueued in the transaction that buries the job."""
+
         def register(fn: Handler) -> Handler:
             self.add(
                 kind,
                 fn,
-                queue=queue,
                 policy=policy,
                 cron=cron,
                 every=every,
                 periodic_tenant=periodic_tenant,
+                periodic_queue=periodic_queue,
+                on_dead=on_dead,
             )
             return fn
 
@@ -121,18 +171,40 @@ class Registry:
         kind: str,
         fn: Handler,
         *,
-        queue: str = "default",
         policy: Policy | None = None,
         cron: str | None = None,
         every: timedelta | None = None,
-        periodic_tenant: str = NIL_TENANT,
+        periodic_tenant: uuid.UUID | str = SYSTEM_TENANT,
+        periodic_queue: str = "default",
+        on_dead: OnDead | None = None,
     ) -> None:
-        if kind in self._by_kind:
-            raise ValueError(f"job kind {kind!r} is registered twice")
+        if not kind or len(kind) > _KIND_MAX - len(DEAD_HOOK_SUFFIX):
+            raise ValueError(f"a kind is 1 to {_KIND_MAX - len(DEAD_HOOK_SUFFIX)} characters")
+        if kind.endswith(DEAD_HOOK_SUFFIX):
+            raise ValueError(f"kinds ending in {DEAD_HOOK_SUFFIX!r} are the dead-letter hooks'")
         periodic = None
         if cron is not None or every is not None:
-            periodic = Periodic(cron=cron, every=every, tenant_id=periodic_tenant)
-        self._by_kind[kind] = Registration(kind, fn, queue, policy or Policy(), periodic)
+            periodic = Periodic(
+                cron=cron,
+                every=every,
+                tenant_id=parse_tenant_id(periodic_tenant),
+                queue=periodic_queue,
+            )
+        pol = policy or Policy()
+        hook_kind = kind + DEAD_HOOK_SUFFIX if on_dead is not None else None
+        self._put(Registration(kind, fn, pol, periodic, hook_kind))
+        if on_dead is not None:
+            assert hook_kind is not None
+
+            async def run_hook(job: Job, hook: OnDead = on_dead) -> None:
+                await hook(job, DeadLetter.from_hook_job(job))
+
+            self._put(Registration(hook_kind, run_hook, pol, None))
+
+    def _put(self, reg: Registration) -> None:
+        if reg.kind in self._by_kind:
+            raise ValueError(f"job kind {reg.kind!r} is registered twice")
+        self._by_kind[reg.kind] = reg
 
     def get(self, kind: str) -> Registration | None:
         return self._by_kind.get(kind)
@@ -145,9 +217,7 @@ class Registry:
 
     def merge(self, other: Registry) -> None:
         for reg in other._by_kind.values():
-            if reg.kind in self._by_kind:
-                raise ValueError(f"job kind {reg.kind!r} is registered twice")
-            self._by_kind[reg.kind] = reg
+            self._put(reg)
 
 
 def load(specs: Iterable[str]) -> Registry:

@@ -1,10 +1,13 @@
 """The worker pool: one claim loop per queue, one task per running job.
 
 A queue's loop sleeps until something may be runnable (a NOTIFY hint, a freed slot,
-the next delayed job's due time, or a jittered poll), then claims as many rows as it
-has free slots in one statement.  NOTIFY is only a hint: after each wake the loop
-fetches again once (the trailing fetch), and the poll catches whatever a throttled or
-lost notification swallowed.
+the next scheduled job's due time, or a jittered poll), then claims as many rows as it
+has room for.  The claim protocol (which rows, in what order, fair among tenants, and
+whether any runnable row is left) belongs to `tenantry.claim_jobs` in functions.sql:
+the loop passes how many rows it can take and the cursor the last claim gave it, and
+claims again only while the function says rows may remain.  NOTIFY is only a hint:
+after each wake the loop fetches again once (the trailing fetch), and the poll catches
+whatever a throttled or lost notification swallowed.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import asyncio
 import math
 import traceback
 import uuid
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 import anyio
@@ -26,15 +30,15 @@ from anyio.abc import TaskStatus
 from .. import logging as log
 from ..clock import Clock, Random, SystemClock, system_random
 from ..errors import Cancel, PermanentFailure, Snooze
+from ..safetext import safe_json, safe_text
 from ..sql import queries_for
+from ..supervise import Health, supervise
 from .backoff import full_jitter
 from .model import Job
-from .outcomes import Bury, Complete, Key, Outcome, OutcomeWriter, Release, Requeue
-from .registry import Policy, Registry
+from .outcomes import Bury, Complete, JobKey, Outcome, OutcomeWriter, Release, Retry
+from .registry import Policy, Registration, Registry
 
 Q = queries_for(__file__)
-NIL = uuid.UUID(int=0)
-_MAX_TENANTS_PER_CLAIM = 100
 _ERROR_TEXT_MAX = 4000
 
 
@@ -56,10 +60,24 @@ class WorkerConfig:
     # 19,200 jobs/s).  A prefetched row waits only for a slot of this process; its
     # lease is heartbeated and it is handed back at shutdown.  0 disables it.
     prefetch: float = 0.5
+    # A job whose kind this process has no handler for is retried (its attempts
+    # untouched) until its kind has been unknown this long, then dead-lettered as
+    # `unknown_kind`: during a rolling deploy the old processes meet the new kinds.
+    unknown_kind_retry: float = 3600.0
 
 
 # Test and bench hooks: called synchronously with an event name and its data.
 Hook = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What one call of the claim function gave: the rows, the cursor to pass next
+    time, and whether runnable rows may remain (claim again while there is room)."""
+
+    rows: list[asyncpg.Record]
+    cursor: uuid.UUID | None
+    more: bool
 
 
 class _Running:
@@ -84,20 +102,22 @@ class QueueLoop:
         self.w = worker
         self.queue = queue
         self.concurrency = concurrency
-        self.running: dict[Key, _Running] = {}
+        self.running: dict[JobKey, _Running] = {}
         # Claimed (leased) rows waiting for a slot: the prefetch.
         self.ready: deque[asyncpg.Record] = deque()
         self.prefetch = int(concurrency * worker.config.prefetch)
-        self.cursor = NIL
+        # Where the next claim's walk over the tenants starts (None: the first tenant).
+        self.cursor: uuid.UUID | None = None
         self._wake = anyio.Event()
         self._saturated = False
-        self._due: float | None = None  # monotonic time of the next delayed job
+        self._due: float | None = None  # monotonic time of the next scheduled job
         self._trailing: float | None = None
         self._poll_due = True
 
     @property
-    def free(self) -> int:
-        """Rows to claim: free slots plus the prefetch, less what is already waiting."""
+    def claimable(self) -> int:
+        """Rows to claim now: free slots plus the prefetch headroom, less the claimed
+        rows already waiting for a slot."""
         return self.concurrency + self.prefetch - len(self.running) - len(self.ready)
 
     def start_ready(self) -> None:
@@ -121,30 +141,20 @@ class QueueLoop:
         self.start_ready()
         # Claim in batches: wait for half the slots when the queue was saturated,
         # rather than claiming one row per finished job.
-        if self._saturated and self.free >= max(1, self.concurrency // 2):
+        if self._saturated and self.claimable >= max(1, self.concurrency // 2):
             self._saturated = False
             self._wake.set()
 
     async def run(self) -> None:
-        backoff = 0.1
         while not self.w.stopping:
             await self._sleep()
             if self.w.stopping:
                 break
             polling = self._poll_due
             self._poll_due = False
-            try:
-                await self._fill()
-                if polling:
-                    await self._refresh_due()
-            except Exception as exc:
-                # A bug of ours, not a database outage (claim() absorbs those).  Say so
-                # loudly and keep the queue alive rather than stop working it.
-                self.w._log.exception("claim_loop_failed", queue=self.queue, error=repr(exc))
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            else:
-                backoff = 0.1
+            await self._fill()
+            if polling:
+                await self._refresh_due()
 
     async def _sleep(self) -> None:
         now = self.w.clock.monotonic()
@@ -167,43 +177,33 @@ class QueueLoop:
             self._poll_due = True
 
     async def _fill(self) -> None:
-        while self.free > 0 and not self.w.stopping:
-            want = self.free
-            from_cursor = self.cursor
-            rows = await self.w.claim(self.queue, want, from_cursor)
-            if rows is None:  # database unavailable: the poll will try again
+        while self.claimable > 0 and not self.w.stopping:
+            got = await self.w.claim(self.queue, self.claimable, self.cursor)
+            if got is None:  # database unavailable: the poll will try again
                 return
             if self.w.stopping:
                 # Shutdown began while this claim was in flight: hand its rows back
                 # now rather than leave them leased until the lease runs out.
-                self.w.hand_back(rows)
+                self.w.hand_back(got.rows)
                 return
-            per_tenant: Counter[uuid.UUID] = Counter(r["tenant_id"] for r in rows)
-            walked_all = len(per_tenant) < min(want, _MAX_TENANTS_PER_CLAIM)
-            self.cursor = NIL if walked_all else max(per_tenant)
-            self.ready.extend(rows)
+            self.cursor = got.cursor
+            self.ready.extend(got.rows)
             self.start_ready()
-            if not rows:
-                if from_cursor == NIL:
-                    return
-                continue  # wrap around to the tenants before the cursor
-            # Every tenant gave less than its share: nothing else is runnable now, and
-            # another claim would come back empty.
-            share = rows[0]["per_tenant"]
-            if (
-                len(rows) < want
-                and walked_all
-                and from_cursor == NIL
-                and all(n < share for n in per_tenant.values())
-            ):
+            if not got.more:
+                break  # nothing runnable is left for us
+            if not got.rows:
+                # Concurrent claims took what this one chose: look again shortly
+                # rather than spin.
+                self.wake(trailing=True)
                 break
-        self._saturated = self.free <= 0
+        self._saturated = self.claimable <= 0
 
     async def _refresh_due(self) -> None:
         try:
-            async with self.w.system_pool.acquire() as conn:
-                row = await conn.fetchrow(Q["next_due"], [self.queue])
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            async with self.w.worker_pool.acquire() as conn:
+                row = await conn.fetchrow(Q["next_due"], self.queue)
+        except Exception as exc:  # the database is away: the next poll tries again
+            self.w.log.debug("next_due_failed", queue=self.queue, error=safe_text(str(exc)))
             return
         if row is not None and row["due"] is not None:
             # Use the database's own clock for the delay: run_at was set by it.
@@ -224,25 +224,28 @@ class Worker:
         clock: Clock | None = None,
         rnd: Random | None = None,
         hook: Hook | None = None,
-        system_pool: asyncpg.Pool | None = None,
+        worker_pool: asyncpg.Pool | None = None,
         claim_pool: asyncpg.Pool | None = None,
+        health: Health | None = None,
     ) -> None:
         # Handlers get connections from `pool` (tenant code's login: row-level
         # security, no cross-tenant function).  Outcomes and the next-due query go
-        # through `system_pool` (the worker's login); claims and heartbeats through
-        # `claim_pool` (the worker's login with `db.CLAIM_SETTINGS`).
+        # through `worker_pool` (the worker's login, TENANTRY_WORKER_URL); claims and
+        # heartbeats through `claim_pool` (the worker's login with
+        # `db.CLAIM_SETTINGS`).
         self.pool = pool
-        self.system_pool = system_pool or pool
-        self.claim_pool = claim_pool or self.system_pool
+        self.worker_pool = worker_pool or pool
+        self.claim_pool = claim_pool or self.worker_pool
         self.registry = registry
         self.config = config
         self.owner = owner or f"worker-{uuid.uuid4()}"
         self.clock = clock or SystemClock()
         self.rnd = rnd or system_random()
         self.hook = hook
+        self.health = health or Health()
         self.stopping = False
         self.loops = {q: QueueLoop(self, q, n) for q, n in config.queues.items()}
-        self.writer = OutcomeWriter(self.system_pool, self.owner, on_flushed=self._flushed)
+        self.writer = OutcomeWriter(self.worker_pool, self.owner, on_flushed=self._flushed)
         # One plain asyncio task per running job, not an anyio task group: the group's
         # spawn, cancel scope and fail_after cost more than the no-op job itself (they
         # were about half of the worker's CPU in the drain benchmark's profile).
@@ -254,7 +257,13 @@ class Worker:
         self._watch_next = math.inf
         self._idle = anyio.Event()
         self._done = anyio.Event()
-        self._log = log.get("worker", worker=self.owner)
+        # Given a deadline when claiming stops: a claim blocked in the database (a lock
+        # held by a migration or VACUUM FULL) must not hold up the shutdown.
+        self._claiming = anyio.CancelScope()
+        # How long the end of run() may spend handing jobs back and writing the last
+        # outcomes: the rest of the grace on a soft stop, a moment on a hard one.
+        self._final_budget = 10.0
+        self.log = log.get("worker", worker=self.owner)
 
     # --- signals from outside -----------------------------------------------------
 
@@ -273,6 +282,14 @@ class Worker:
     def running_count(self) -> int:
         return self._running
 
+    @property
+    def stopped(self) -> bool:
+        """run() has ended."""
+        return self._done.is_set()
+
+    async def wait_stopped(self) -> None:
+        await self._done.wait()
+
     # --- lifecycle ----------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -283,48 +300,80 @@ class Worker:
             self._done.set()
 
     async def _run(self, task_status: TaskStatus[None]) -> None:
+        await self._announce_queues()
         async with anyio.create_task_group() as infra:
-            infra.start_soon(self.writer.run)
-            infra.start_soon(self._heartbeat)
-            infra.start_soon(self._watchdog)
+            for name, fn in (
+                ("outcome_writer", self.writer.run),
+                ("heartbeat", self._heartbeat),
+                ("watchdog", self._watchdog),
+            ):
+                infra.start_soon(partial(supervise, name, fn, health=self.health))
             try:
-                async with anyio.create_task_group() as loops:
-                    for loop in self.loops.values():
-                        loops.start_soon(loop.run)
-                    task_status.started()
+                with self._claiming:
+                    async with anyio.create_task_group() as loops:
+                        for q, loop in self.loops.items():
+                            name = f"claim_loop:{q}"
+                            loops.start_soon(partial(supervise, name, loop.run, health=self.health))
+                        task_status.started()
                 if self.hook is not None:
                     self.hook("claiming_stopped", {"running": self.running_count})
                 await self.wait_idle()
             finally:
-                # Cancelled from outside (a hard stop): hand the jobs back rather than
-                # leave them to lease expiry.
-                with anyio.CancelScope(shield=True):
+                # Cancelled from outside (a hard stop), or after the grace: hand the jobs
+                # back rather than leave them to lease expiry, within the budget.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self._final_budget):
                     self.cancel_running("hard_stop")
                     if self._tasks:
                         await asyncio.wait(self._tasks)
                     # Every job task has ended: write their last outcomes, then stop.
-                    with anyio.move_on_after(10):
-                        await self.writer.drain()
+                    await self.writer.drain()
             infra.cancel_scope.cancel()
+
+    async def _announce_queues(self) -> None:
+        """Throttle rows for this worker's queues, so that producers never create one
+        (see notify_throttled).  Best effort: without them wake-ups are unthrottled."""
+        try:
+            with anyio.fail_after(10):
+                await self.worker_pool.execute(Q["ensure_wake_keys"], list(self.loops))
+        except Exception as exc:
+            self.log.warning("wake_keys_failed", error=safe_text(str(exc)))
 
     async def shutdown(self, grace: float) -> None:
         """Soft stop (no new claims), wait up to `grace` for running jobs, then cancel
-        the rest and hand their jobs back to the queue."""
+        the rest and hand their jobs back to the queue.  Returns within about `grace`
+        whatever the database does: what cannot be handed back in time keeps its lease
+        until it expires."""
+        deadline = anyio.current_time() + grace
         self.stop_claiming()
         with anyio.move_on_after(grace):
             await self.wait_idle()
+        self._final_budget = max(deadline - anyio.current_time(), 1.0)
         self.cancel_running("shutdown")
         await self._done.wait()
 
-    def stop_claiming(self) -> None:
+    def stop_claiming(self, *, claims_may_finish: float = 2.0) -> None:
+        """No new claims.  A claim in flight may finish for `claims_may_finish` seconds
+        (its rows are then handed back at once; cancelled, a claim that the database
+        had already made would leave its rows leased until the lease runs out); one
+        still blocked after that, on a lock say, is cancelled."""
         if not self.stopping:
             self.stopping = True
-            self._log.info("worker_stopping", running=self.running_count)
+            self.log.info("worker_stopping", running=self.running_count)
         for loop in self.loops.values():
             # Prefetched rows never started: hand them back now.
             self.hand_back(loop.ready)
             loop.ready.clear()
             loop.wake()
+        self._claiming.deadline = min(
+            self._claiming.deadline, anyio.current_time() + claims_may_finish
+        )
+
+    def hard_stop(self) -> None:
+        """A second signal: cancel everything now, and spend at most a moment handing
+        jobs back."""
+        self._final_budget = 1.0
+        self.stop_claiming(claims_may_finish=0.0)
+        self.cancel_running("hard_stop")
 
     def hand_back(self, rows: Iterable[asyncpg.Record]) -> None:
         """Release claimed rows that never started (their attempt is refunded)."""
@@ -350,7 +399,8 @@ class Worker:
     # parameters and columns to measure what fairness costs.
     claim_statement: str = Q["claim"]
 
-    async def claim(self, queue: str, limit: int, cursor: uuid.UUID) -> list[asyncpg.Record] | None:
+    async def claim(self, queue: str, limit: int, cursor: uuid.UUID | None) -> Claimed | None:
+        """Claim up to `limit` rows of `queue` (None: the database is unavailable)."""
         try:
             async with self.claim_pool.acquire() as conn:
                 rows: list[asyncpg.Record] = await conn.fetch(
@@ -361,14 +411,19 @@ class Worker:
                     self.config.lease_seconds,
                     cursor,
                     self.config.tenant_concurrency,
-                    min(limit, _MAX_TENANTS_PER_CLAIM),
                 )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            self._log.warning("claim_failed", queue=queue, error=str(exc))
+        except Exception as exc:
+            # Whatever the connection raised (a terminated backend, a lock timeout, a
+            # restart): report it and let the poll come back.
+            self.log.warning("claim_failed", queue=queue, error=safe_text(str(exc)) or repr(exc))
+            self.health.failing(f"claims:{queue}", str(exc) or repr(exc))
             return None
+        self.health.ok(f"claims:{queue}")
+        # The last row is the claim's state: the cursor and whether rows may remain.
+        state = rows.pop()
         if rows and self.hook is not None:
             self.hook("claimed", {"queue": queue, "count": len(rows)})
-        return rows
+        return Claimed(rows, state["cursor_after"], bool(state["more"]))
 
     def start_job(self, loop: QueueLoop, row: asyncpg.Record) -> None:
         reg = self.registry.get(row["kind"])
@@ -393,7 +448,9 @@ class Worker:
         self._running += 1
         if deadline < self._watch_next:
             self._watch_wake.set()
-        task = asyncio.get_running_loop().create_task(self._execute(loop, entry))
+        task = asyncio.get_running_loop().create_task(
+            self._execute(loop, entry, row["unknown_kind_since"])
+        )
         entry.task = task
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -402,15 +459,17 @@ class Worker:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             # _execute turns every handler error into an outcome; this is our own bug.
-            self._log.error("job_task_crashed", error=_describe(exc))
+            self.log.error("job_task_crashed", error=_describe(exc))
 
     # --- running ------------------------------------------------------------------
 
-    async def _execute(self, loop: QueueLoop, entry: _Running) -> None:
+    async def _execute(
+        self, loop: QueueLoop, entry: _Running, unknown_since: datetime | None
+    ) -> None:
         job = entry.job
-        key: Key = (job.tenant_id, job.id)
+        key: JobKey = (job.tenant_id, job.id)
         try:
-            outcome = await self._outcome(job, entry, _JobLog(self._log, job))
+            outcome = await self._outcome(job, entry, _JobLog(self.log, job), unknown_since)
         finally:
             loop.running.pop(key, None)
             self._running -= 1
@@ -422,18 +481,17 @@ class Worker:
         if self.hook is not None:
             self.hook("finished", {"job": job, "outcome": outcome, "why": entry.why})
 
-    async def _outcome(self, job: Job, entry: _Running, jlog: _JobLog) -> Outcome | None:
-        key: Key = (job.tenant_id, job.id)
+    async def _outcome(
+        self, job: Job, entry: _Running, jlog: _JobLog, unknown_since: datetime | None
+    ) -> Outcome | None:
+        key: JobKey = (job.tenant_id, job.id)
         reg = self.registry.get(job.kind)
         if reg is None:
-            msg = f"no handler registered for kind {job.kind!r}"
-            jlog.warning("job_dead", reason="unknown_kind", error=msg)
-            return Bury(key, msg, self._error_obj(job, msg), "unknown_kind")
+            return self._unknown_kind(job, jlog, unknown_since)
         if job.attempt > job.max_attempts:
             # Rescued after its last attempt's worker died: nothing left to try.
             msg = f"attempts exhausted ({job.attempt - 1} of {job.max_attempts})"
-            jlog.warning("job_dead", reason="exhausted", error=msg)
-            return Bury(key, msg, self._error_obj(job, msg), "exhausted")
+            return self._dead(job, reg, "exhausted", msg, jlog)
         if log.debug_enabled():
             jlog.debug("job_started")
         if self.hook is not None:
@@ -445,7 +503,7 @@ class Worker:
             if entry.why is None:
                 raise  # not a cancellation of ours: let it through
             if entry.why == "timeout":
-                return self._failed(job, reg.policy, f"timed out after {entry.timeout:g}s", jlog)
+                return self._failed(job, reg, f"timed out after {entry.timeout:g}s", jlog)
             if entry.why == "lease_lost":
                 jlog.warning("job_abandoned", reason="lease lost to another worker")
                 return None
@@ -454,42 +512,79 @@ class Worker:
         except Snooze as s:
             run_at = self.clock.now() + timedelta(seconds=s.delay)
             jlog.debug("job_snoozed", delay=s.delay)
-            return Requeue(key, run_at, None, None) if not job.completed_in_tx else None
+            if job.completed_in_tx:
+                return None
+            self.loops[job.queue].due_at(run_at)
+            return Retry(key, run_at, None, None, refund=True)
         except PermanentFailure as exc:
-            msg = _describe(exc)
-            jlog.warning("job_dead", reason="permanent", error=msg)
-            return Bury(key, msg, self._error_obj(job, msg, exc), "permanent")
+            return self._dead(job, reg, "permanent", _describe(exc), jlog, exc=exc)
         except Cancel as exc:
-            msg = _describe(exc)
-            jlog.warning("job_dead", reason="cancelled", error=msg)
-            return Bury(key, msg, self._error_obj(job, msg, exc), "cancelled")
+            return self._dead(job, reg, "cancelled", _describe(exc), jlog, exc=exc)
         except Exception as exc:
             if job.completed_in_tx:
                 # Its effects and completion already committed together; a failure
                 # after that cannot be retried without doing them twice.
                 jlog.warning("job_failed_after_commit", error=_describe(exc))
                 return None
-            return self._failed(job, reg.policy, _describe(exc), jlog, exc)
+            return self._failed(job, reg, _describe(exc), jlog, exc)
         if log.debug_enabled():
             elapsed_ms = round((self.clock.monotonic() - started) * 1e3, 3)
             jlog.debug("job_succeeded", duration_ms=elapsed_ms)
         return None if job.completed_in_tx else Complete(key)
 
-    def _failed(
-        self, job: Job, policy: Policy, msg: str, jlog: _JobLog, exc: BaseException | None = None
+    def _unknown_kind(self, job: Job, jlog: _JobLog, since: datetime | None) -> Outcome:
+        """No handler here: another process may have one (a rolling deploy), so retry
+        with backoff, the attempt refunded, until the kind has been unknown for
+        `unknown_kind_retry` seconds."""
+        key: JobKey = (job.tenant_id, job.id)
+        now = self.clock.now()
+        unknown_for = (now - since).total_seconds() if since is not None else 0.0
+        msg = f"no handler registered for kind {safe_text(job.kind)!r} in worker {self.owner}"
+        if unknown_for >= self.config.unknown_kind_retry:
+            jlog.warning("job_dead", reason="unknown_kind", error=msg)
+            return Bury(key, msg, self._error_obj(job, msg), "unknown_kind")
+        delay = min(60.0, max(1.0, unknown_for / 4)) * (0.5 + self.rnd.random())
+        run_at = now + timedelta(seconds=delay)
+        jlog.warning("job_kind_unknown", error=msg, retry_in_s=round(delay, 3))
+        return Retry(key, run_at, msg, self._error_obj(job, msg), refund=True, unknown_kind=True)
+
+    def _dead(
+        self,
+        job: Job,
+        reg: Registration,
+        reason: str,
+        msg: str,
+        jlog: _JobLog,
+        *,
+        exc: BaseException | None = None,
     ) -> Outcome:
-        key: Key = (job.tenant_id, job.id)
-        err = self._error_obj(job, msg, exc)
+        jlog.warning("job_dead", reason=reason, error=msg)
+        return Bury(
+            (job.tenant_id, job.id),
+            msg,
+            self._error_obj(job, msg, exc),
+            reason,
+            hook=reg.dead_hook_kind,
+        )
+
+    def _failed(
+        self,
+        job: Job,
+        reg: Registration,
+        msg: str,
+        jlog: _JobLog,
+        exc: BaseException | None = None,
+    ) -> Outcome:
         if job.attempt >= job.max_attempts:
-            jlog.warning("job_dead", reason="exhausted", error=msg)
-            return Bury(key, msg, err, "exhausted")
+            return self._dead(job, reg, "exhausted", msg, jlog, exc=exc)
+        policy = reg.policy
         delay = full_jitter(
             job.attempt, base=policy.backoff_base, cap=policy.backoff_cap, rnd=self.rnd
         )
         run_at = self.clock.now() + timedelta(seconds=delay)
         jlog.warning("job_failed", error=msg, retry_in_s=round(delay, 3))
         self.loops[job.queue].due_at(run_at)
-        return Requeue(key, run_at, msg, err)
+        return Retry((job.tenant_id, job.id), run_at, msg, self._error_obj(job, msg, exc))
 
     def _error_obj(self, job: Job, msg: str, exc: BaseException | None = None) -> dict[str, Any]:
         obj: dict[str, Any] = {
@@ -500,7 +595,7 @@ class Worker:
         }
         if exc is not None:
             tb = "".join(traceback.format_exception(exc, limit=8))
-            obj["traceback"] = tb[-_ERROR_TEXT_MAX:]
+            obj["traceback"] = safe_text(tb)[-_ERROR_TEXT_MAX:]
         return obj
 
     def _flushed(self, outcomes: list[Outcome]) -> None:
@@ -537,7 +632,7 @@ class Worker:
     async def heartbeat_once(self) -> int:
         """Extend every lease this worker holds; cancel jobs whose lease it lost."""
         held = [(k, r) for loop in self.loops.values() for k, r in loop.running.items()]
-        waiting: list[Key] = [
+        waiting: list[JobKey] = [
             (row["tenant_id"], row["id"]) for loop in self.loops.values() for row in loop.ready
         ]
         keys = [k for k, _ in held] + waiting
@@ -552,8 +647,8 @@ class Worker:
                     self.owner,
                     self.config.lease_seconds,
                 )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            self._log.warning("heartbeat_failed", error=str(exc), jobs=len(keys))
+        except Exception as exc:
+            self.log.warning("heartbeat_failed", error=safe_text(str(exc)), jobs=len(keys))
             return 0
         kept = {(r["tenant_id"], r["id"]) for r in rows}
         # A prefetched row whose lease was lost belongs to someone else now.  (Rows
@@ -588,7 +683,11 @@ class _JobLog:
     def _bound(self) -> Any:
         j = self._job
         return self._base.bind(
-            job_id=j.id, tenant_id=str(j.tenant_id), kind=j.kind, attempt=j.attempt, queue=j.queue
+            job_id=j.id,
+            tenant_id=str(j.tenant_id),
+            kind=safe_text(j.kind),
+            attempt=j.attempt,
+            queue=safe_text(j.queue),
         )
 
     def debug(self, event: str, **kw: Any) -> None:
@@ -598,10 +697,11 @@ class _JobLog:
         self._bound().info(event, **kw)
 
     def warning(self, event: str, **kw: Any) -> None:
-        self._bound().warning(event, **kw)
+        self._bound().warning(event, **safe_json(kw))
 
 
 def _describe(exc: BaseException) -> str:
+    """`Type: message`, safe for a text column and a log line."""
     text = str(exc)
     name = type(exc).__name__
-    return f"{name}: {text}" if text else name
+    return safe_text(f"{name}: {text}" if text else name)

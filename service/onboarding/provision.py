@@ -8,10 +8,13 @@ directory that may exist, an email whose idempotency key is the onboarding's), s
 retry or a kill -9 anywhere repeats at most an idempotent call and never duplicates or
 orphans anything.
 
-A permanent failure (the mail server refuses the address, say), or a transient one on
-the job's last attempt, ends the onboarding in `failed`: the tenant's rows are deleted,
-what earlier steps created outside the database is removed by a compensation job
-enqueued in the same transaction, and the failed event says what was undone.
+A permanent failure (the mail server refuses the address, every slug is taken) ends
+the onboarding in `failed` at once: the tenant's rows are deleted, what earlier steps
+created outside the database is removed by a compensation job enqueued in the same
+transaction, and the failed event says what was undone.  Any other error is retried;
+when the job is dead-lettered for whatever reason (its attempts used up, a time-out or
+a worker's crash on the last one included), its dead-letter hook fails the onboarding
+the same way.  So every onboarding ends `completed` or `failed`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from .. import logging as log
 from ..errors import Conflict, PermanentFailure
 from ..jobs.model import Job
 from ..jobs.queue import enqueue
-from ..jobs.registry import Policy, Registry
+from ..jobs.registry import DeadLetter, Policy, Registry
 from ..outbox import store as outbox
 from ..tenants import store as tenants
 from . import machine
@@ -47,8 +50,8 @@ class Provisioner:
 
     def registry(self) -> Registry:
         reg = Registry()
-        reg.add(machine.PROVISION_KIND, self.run, queue=self._queue, policy=POLICY)
-        reg.add(COMPENSATE_KIND, self.compensate, queue=self._queue, policy=POLICY)
+        reg.add(machine.PROVISION_KIND, self.run, policy=POLICY, on_dead=self.gave_up)
+        reg.add(COMPENSATE_KIND, self.compensate, policy=POLICY)
         return reg
 
     async def run(self, job: Job) -> None:
@@ -57,12 +60,18 @@ class Provisioner:
         try:
             await self._steps(job, onboarding_id, logger)
         except (MailRejected, PermanentFailure) as exc:
+            # The onboarding's own end, not an incident: the job completes with it.
             await self._fail(job, onboarding_id, str(exc) or type(exc).__name__, logger)
-        except Exception as exc:
-            if job.attempt < job.max_attempts:
-                raise  # retried with backoff; the ledger skips what is done
-            reason = f"gave up after {job.attempt} attempts: {exc or type(exc).__name__}"
-            await self._fail(job, onboarding_id, reason, logger)
+        # Anything else is retried with backoff (the ledger skips what is done), and
+        # ends in gave_up() if the job dies.
+
+    async def gave_up(self, job: Job, dead: DeadLetter) -> None:
+        """The dead-letter hook of the provisioning job (`job` is the hook's own job):
+        the onboarding fails, with compensation, whatever killed its job."""
+        onboarding_id = uuid.UUID(str(dead.payload["onboarding_id"]))
+        logger = self._log.bind(onboarding_id=str(onboarding_id), tenant_id=str(job.tenant_id))
+        reason = f"gave up after {dead.attempts} attempts ({dead.reason}): {dead.error}"
+        await self._fail(job, onboarding_id, reason, logger)
 
     async def _steps(self, job: Job, onboarding_id: uuid.UUID, logger: log.Logger) -> None:
         """Run the steps not yet in the ledger, each in its own transaction."""
@@ -76,7 +85,8 @@ class Provisioner:
                 await external(self, current)
             # The last step completes the job in its own transaction.
             ran = False
-            async with job.tenant_tx(complete=step == STEPS[-1]) as tx:
+            in_tx = job.complete_in_tx() if step == STEPS[-1] else job.tenant_tx()
+            async with in_tx as tx:
                 o = await machine.lock(tx, tid, onboarding_id)
                 # Under the lock, the ledger decides: another run may have done it.
                 if not o.terminal and step not in o.done:
@@ -164,8 +174,9 @@ class Provisioner:
         finished it meanwhile, the tenant's rows go, the onboarding becomes `failed`,
         and the removal of what lies outside the database is enqueued as a job of its
         own in the same transaction (so it happens, retried, even if this process dies
-        right after the commit, and never for an onboarding that did not fail)."""
-        async with job.tenant_tx() as tx:
+        right after the commit, and never for an onboarding that did not fail).  `job`
+        (the provisioning job, or its dead-letter hook's) completes with it."""
+        async with job.complete_in_tx() as tx:
             o = await machine.lock(tx, job.tenant_id, onboarding_id)
             if o.terminal:
                 return

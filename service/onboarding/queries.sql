@@ -45,16 +45,13 @@ SELECT s.step, s.done_at
  WHERE s.tenant_id = $1::uuid AND s.onboarding_id = $2::uuid
  ORDER BY s.done_at, s.step
 
--- Lock the aggregate for one step: whoever else runs this onboarding (a rescued job
--- still finishing, say) waits here and then sees the step done.  NO KEY UPDATE: the
--- ledger rows the step adds only take KEY SHARE on this row, which must not wait.
+-- Lock the aggregate for one step, then read the ledger (tenantry.onboarding_lock in
+-- functions.sql: the ledger must be read after the lock is granted): whoever else runs
+-- this onboarding (a rescued job still finishing, say) waits here and then sees the
+-- step done.
 -- name: lock
-SELECT o.state, o.version, o.email, o.tenant_name, o.plan,
-       ARRAY(SELECT s.step FROM tenantry.onboarding_steps s
-              WHERE s.tenant_id = $1::uuid AND s.onboarding_id = $2::uuid) AS done
-  FROM tenantry.onboardings o
- WHERE o.tenant_id = $1::uuid AND o.id = $2::uuid
-   FOR NO KEY UPDATE
+SELECT l.state, l.version, l.email, l.tenant_name, l.plan, l.done
+  FROM tenantry.onboarding_lock($1::uuid, $2::uuid) l
 
 -- name: record_step
 INSERT INTO tenantry.onboarding_steps (tenant_id, onboarding_id, step)

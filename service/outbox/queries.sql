@@ -1,5 +1,6 @@
 -- Named statements of the outbox module, the only writer of tenantry.outbox (besides
--- other services calling tenantry.emit in their own transactions).
+-- other services calling tenantry.emit in their own transactions).  The functions
+-- they call are in functions.sql beside this file.
 
 -- name: append
 SELECT tenantry.emit($1::uuid, $2::text, $3::text, $4::text, $5::jsonb, $6::integer)
@@ -15,12 +16,11 @@ SELECT o.version, o.event_type,
  LIMIT $5::integer
 
 -- name: follow
-SELECT f.horizon::text AS horizon, f.tenant_id, f.aggregate_id, f.version, f.event_type,
-       f.data
-  FROM tenantry.outbox_follow($1::text::xid8, $2::text) f
+SELECT f.snapshot, f.tenant_id, f.aggregate_id, f.version, f.event_type, f.data
+  FROM tenantry.outbox_follow($1::text, $2::text) f
 
--- name: horizon
-SELECT pg_snapshot_xmin(pg_current_snapshot())::text
+-- name: snapshot
+SELECT pg_current_snapshot()::text
 
 -- name: prune
 SELECT tenantry.prune_outbox($1::integer, $2::integer)

@@ -89,23 +89,24 @@ async def replay(
         after_version = batch[-1].version
 
 
-async def horizon(conn: Executor) -> str:
+async def snapshot(conn: Executor) -> str:
     """Where a follower starting now begins (see `follow`)."""
-    value: str = await conn.fetchval(Q["horizon"])
+    value: str = await conn.fetchval(Q["snapshot"])
     return value
 
 
 async def follow(conn: Executor, after: str, aggregate_type: str) -> tuple[str, list[Event]]:
-    """Events of `aggregate_type` in every tenant written since the horizon `after`,
-    and the horizon to pass next time.  Needs the worker's login (a cross-tenant path).
-    Events already returned by an earlier call may come again: drop them by version."""
+    """Events of `aggregate_type` in every tenant that the snapshot `after` could not
+    see, and the snapshot to pass next time.  Each event is returned once (a follower
+    that passes each call's snapshot to the next); a read costs what was committed
+    since the last one.  Needs the worker's login (a cross-tenant path)."""
     rows = await conn.fetch(Q["follow"], after, aggregate_type)
     events = [
         Event(r["tenant_id"], r["aggregate_id"], r["version"], r["event_type"], r["data"])
         for r in rows
         if r["version"] is not None
     ]
-    return rows[0]["horizon"], events
+    return rows[0]["snapshot"], events
 
 
 async def prune(conn: Executor, retention_days: int, batch: int) -> int:

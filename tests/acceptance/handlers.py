@@ -23,7 +23,7 @@ async def block_first_attempt(job: Job) -> None:
 
 @registry.handler("record")
 async def record(job: Job) -> None:
-    async with job.tenant_tx() as tx:
+    async with job.complete_in_tx() as tx:
         await tx.execute(
             "INSERT INTO public.acceptance_log (job_id, attempt) VALUES ($1, $2)",
             job.id,

@@ -70,8 +70,8 @@ async def wait_blocked(admin: asyncpg.Connection, proc: ServiceProcess) -> None:
 async def test_kill_9_in_the_middle_of_every_step_leaves_exactly_one_of_everything(
     database_url: str, tmp_path: Path
 ) -> None:
-    # Accepted by a process that does not provision (its worker serves another queue).
-    first = await ServiceProcess.start(database_url, **env(tmp_path, TENANTRY_QUEUES="other=1"))
+    # Accepted by a process that does not provision (it claims no jobs).
+    first = await ServiceProcess.start(database_url, **env(tmp_path, TENANTRY_WORKER="false"))
     try:
         answer = await post(await first.started())
     finally:
@@ -159,7 +159,7 @@ async def test_a_stream_on_one_process_follows_work_done_by_another(
     """Behind a load balancer: the sign-up and its stream on process A, which does not
     provision; process B, started after the stream is open, does the work.  Every event
     reaches A's stream live, through the database."""
-    a = await ServiceProcess.start(database_url, **env(tmp_path / "a", TENANTRY_QUEUES="other=1"))
+    a = await ServiceProcess.start(database_url, **env(tmp_path / "a", TENANTRY_WORKER="false"))
     b: ServiceProcess | None = None
     try:
         port_a = await a.started()
@@ -189,7 +189,7 @@ async def test_a_stream_on_one_process_follows_work_done_by_another(
 async def test_sigterm_ends_open_streams_at_once_and_exits(
     database_url: str, tmp_path: Path
 ) -> None:
-    proc = await ServiceProcess.start(database_url, **env(tmp_path, TENANTRY_QUEUES="other=1"))
+    proc = await ServiceProcess.start(database_url, **env(tmp_path, TENANTRY_WORKER="false"))
     try:
         port = await proc.started()
         answer = await post(port)

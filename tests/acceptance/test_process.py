@@ -114,7 +114,13 @@ async def test_health_and_readiness_over_http(database_url: str) -> None:
             async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
                 body = await r.json()
                 assert r.status == 200, body
-                assert body["checks"] == {"database": True, "listener": True, "migrations": True}
+                assert body["checks"] == {
+                    "running": True,
+                    "database": True,
+                    "listener": True,
+                    "migrations": True,
+                }
+                assert body["problems"] == {}
         svc.signal(signal.SIGTERM)
         assert await svc.wait_exit() == 0
     finally:

@@ -56,6 +56,14 @@ SELECT line FROM (
       JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE n.nspname = 'tenantry' AND c.relkind IN ('r', 'v', 'm')
     UNION ALL
+    -- Column privileges (tenant code may insert a job's enqueue columns only).
+    SELECT 'column acl ' || c.relname || '.' || a.attname || ' ' ||
+           array_to_string(a.attacl, ',')
+      FROM pg_attribute a
+      JOIN pg_class c ON c.oid = a.attrelid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'tenantry' AND a.attnum > 0 AND a.attacl IS NOT NULL
+    UNION ALL
     SELECT 'policy ' || c.relname || '.' || p.polname ||
            CASE WHEN p.polpermissive THEN ' permissive' ELSE ' restrictive' END ||
            ' cmd ' || p.polcmd::text ||

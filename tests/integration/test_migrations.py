@@ -17,7 +17,7 @@ async def test_migrate_applies_all_then_nothing(empty_database_url: str) -> None
     try:
         assert not (await migrate.status(conn)).current
         applied = await migrate.migrate(conn)
-        assert [m.version for m in applied] == [m.version for m in migrate.discover()]
+        assert applied == [*migrate.discover(), *migrate.repeatables()]
         assert await migrate.migrate(conn) == []
         assert (await migrate.status(conn)).current
     finally:
@@ -35,7 +35,8 @@ async def test_concurrent_migrators_apply_each_migration_once(empty_database_url
         async with anyio.create_task_group() as tg:
             for c in conns:
                 tg.start_soon(run, c)
-        assert sorted(results) == [0, 0, 0, len(migrate.discover())]
+        everything = len(migrate.discover()) + len(migrate.repeatables())
+        assert sorted(results) == [0, 0, 0, everything]
         count = await conns[0].fetchval("SELECT count(*) FROM tenantry.schema_migrations")
         assert count == len(migrate.discover())
     finally:
@@ -71,9 +72,46 @@ async def test_failed_migration_leaves_no_trace(empty_database_url: str, tmp_pat
     conn = await db.connect(empty_database_url)
     try:
         with pytest.raises(asyncpg.DivisionByZeroError):
-            await migrate.migrate(conn, d)
+            await migrate.migrate(conn, d, files=())
         versions = await conn.fetch("SELECT version FROM tenantry.schema_migrations")
         assert [r["version"] for r in versions] == [1]
         assert await conn.fetchval("SELECT to_regclass('tenantry.b')") is None
+    finally:
+        await conn.close()
+
+
+async def test_a_changed_functions_file_is_applied_again(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """Repeatable migrations: a functions file is applied after the numbered
+    migrations, again whenever its checksum changes, and never otherwise."""
+    numbered = tmp_path / "schema"
+    numbered.mkdir()
+    (numbered / "0001_t.sql").write_text("CREATE TABLE tenantry.t (x int);")
+    (numbered / "0002_r.sql").write_text(
+        "CREATE TABLE tenantry.schema_repeatables"
+        " (name text PRIMARY KEY, checksum text NOT NULL, applied_at timestamptz DEFAULT now());"
+    )
+    module = tmp_path / "thing"
+    module.mkdir()
+    functions = module / "functions.sql"
+    functions.write_text(
+        "CREATE OR REPLACE FUNCTION tenantry.answer() RETURNS int LANGUAGE sql RETURN 41;"
+    )
+    conn = await db.connect(empty_database_url)
+    try:
+        first = await migrate.migrate(conn, numbered, files=[functions])
+        assert [getattr(m, "version", None) or m.name for m in first] == [1, 2, "thing"]
+        assert await conn.fetchval("SELECT tenantry.answer()") == 41
+        assert await migrate.migrate(conn, numbered, files=[functions]) == []
+        functions.write_text(
+            "CREATE OR REPLACE FUNCTION tenantry.answer() RETURNS int LANGUAGE sql RETURN 42;"
+        )
+        st = await migrate.status(conn, numbered, files=[functions])
+        assert st.stale == ["thing"] and "functions differ" in st.describe()
+        again = await migrate.migrate(conn, numbered, files=[functions])
+        assert [r.name for r in again] == ["thing"]
+        assert await conn.fetchval("SELECT tenantry.answer()") == 42
+        assert (await migrate.status(conn, numbered, files=[functions])).current
     finally:
         await conn.close()

@@ -38,7 +38,7 @@ async def _rows(admin_pool: asyncpg.Pool) -> dict[str, int]:
 async def svc(
     tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
 ) -> AsyncIterator[Service]:
-    # No worker slots: these tests look at what the request wrote, not at provisioning.
+    # No worker for the onboarding queue: these tests look at what the request wrote.
     settings = service_settings(tmp_path, queues={"other": 1}, signup_rate=0.001, signup_burst=300)
     async with background_service(settings, app_url, pool, worker_pool) as s:
         yield s

@@ -14,9 +14,9 @@ from service.errors import Invalid, PermanentFailure, Snooze
 from service.jobs import queue as jobs
 from service.jobs.maintenance import LeaseRescuer
 from service.jobs.model import Job
-from service.jobs.outcomes import Bury, Complete, Release, Requeue
+from service.jobs.outcomes import Bury, Complete, Release, Retry
 from service.jobs.registry import Policy, Registry
-from service.jobs.worker import NIL, Worker, WorkerConfig
+from service.jobs.worker import Claimed, Worker, WorkerConfig
 from service.tenancy import tenant_tx_on
 from tests.helpers import TENANT_A, TENANT_B, FakeClock, FixedRandom, one, running_worker
 
@@ -149,7 +149,7 @@ async def test_queues_are_separate(
     ran: list[str] = []
     reg = Registry()
 
-    @reg.handler("a", queue="alpha")
+    @reg.handler("a")
     async def a(job: Job) -> None:
         ran.append("a")
 
@@ -205,7 +205,7 @@ async def test_retry_schedule_uses_injected_clock_and_random(
     row = await one(admin_pool, "SELECT * FROM tenantry.jobs")
     # attempt 1 failed: delay = 0.5 * min(100, 2 * 2**0) = 1.0 s after the clock's now
     assert row["run_at"] == clock.at + timedelta(seconds=1.0)
-    assert row["state"] == "queued"
+    assert row["state"] == "scheduled"  # due later: it waits out its backoff
     assert row["attempts"] == 1
     assert row["last_error"] == "RuntimeError: boom"
     assert row["errors"][0]["attempt"] == 1
@@ -265,9 +265,56 @@ async def test_unknown_kind_is_dead_lettered_not_dropped(
     worker_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="nobody-handles-this")
-    async with running_worker(pool, worker_pool, Registry()) as (_w, rec):
+    async with running_worker(pool, worker_pool, Registry(), unknown_kind_retry=0) as (_w, rec):
         await rec.wait_flushed(1)
     assert (await jobs.dead_show(worker_pool, job_id))["reason"] == "unknown_kind"
+
+
+async def test_an_unknown_kind_is_retried_for_a_while_then_dead_lettered(
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    """Regression: during a rolling deploy an old process dead-lettered at once the
+    new kinds it had no handler for.  Now it retries them, its attempts untouched,
+    until the kind has been unknown for `unknown_kind_retry`; a process that knows the
+    kind runs it meanwhile."""
+    clock = FakeClock()
+    job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="new.kind")
+    old = Registry()
+    async with running_worker(
+        pool, worker_pool, old, clock=clock, rnd=FixedRandom(0.5), unknown_kind_retry=3600
+    ) as (_w, rec):
+        await rec.wait_flushed(1)
+    row = await one(admin_pool, "SELECT * FROM tenantry.jobs WHERE id = $1", job_id)
+    assert (row["state"], row["attempts"]) == ("scheduled", 0)
+    assert row["unknown_kind_since"] is not None
+    assert "no handler registered for kind 'new.kind'" in row["last_error"]
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 0
+    # A new process knows it: the job runs, with all its attempts.
+    await admin_pool.execute("UPDATE tenantry.jobs SET run_at = now()")
+    new = Registry()
+    attempts: list[int] = []
+
+    @new.handler("new.kind")
+    async def handle(job: Job) -> None:
+        attempts.append(job.attempt)
+
+    async with running_worker(pool, worker_pool, new) as (_w, rec):
+        await rec.wait_flushed(1)
+    assert attempts == [1]
+    # And one that nobody ever knows is dead-lettered once the window has passed.
+    lost = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="never.deployed")
+    await admin_pool.execute(
+        "UPDATE tenantry.jobs SET unknown_kind_since = $1 WHERE id = $2",
+        clock.at - timedelta(seconds=3601),
+        lost,
+    )
+    async with running_worker(pool, worker_pool, old, clock=clock, unknown_kind_retry=3600) as (
+        _w,
+        rec,
+    ):
+        await rec.wait_flushed(1)
+    dead = await jobs.dead_show(worker_pool, lost)
+    assert (dead["reason"], dead["attempts"]) == ("unknown_kind", 1)
 
 
 async def test_snooze_does_not_use_an_attempt(
@@ -287,7 +334,7 @@ async def test_snooze_does_not_use_an_attempt(
     assert row["attempts"] == 0
     assert row["run_at"] == clock.at + timedelta(seconds=60)
     assert row["errors"] == []
-    assert isinstance(rec.named("flushed")[0]["outcomes"][0], Requeue)
+    assert isinstance(rec.named("flushed")[0]["outcomes"][0], Retry)
 
 
 async def test_timeout_cancels_and_counts_as_failed_attempt(
@@ -323,10 +370,10 @@ async def test_lease_rescue_after_worker_dies(
         Registry(),
         WorkerConfig(queues={"default": 1}, lease_seconds=30),
         owner="doomed",
-        system_pool=worker_pool,
+        worker_pool=worker_pool,
     )
-    rows = await dead_worker.claim("default", 1, NIL)
-    assert rows is not None and [r["id"] for r in rows] == [job_id]
+    got = await dead_worker.claim("default", 1, None)
+    assert got is not None and [r["id"] for r in got.rows] == [job_id]
     # The "doomed" worker never heartbeats or completes.  Its lease has not expired yet:
     rescued: list[str] = []
     rescuer = LeaseRescuer(worker_pool, rescued.append)
@@ -362,9 +409,9 @@ async def test_rescued_job_past_its_last_attempt_is_buried(
         Registry(),
         WorkerConfig(queues={"default": 1}, lease_seconds=30),
         owner="doomed",
-        system_pool=worker_pool,
+        worker_pool=worker_pool,
     )
-    await w.claim("default", 1, NIL)
+    await w.claim("default", 1, None)
     await admin_pool.execute("UPDATE tenantry.jobs SET lease_expires_at = now() - interval '1 ms'")
     assert await LeaseRescuer(worker_pool, lambda _q: None).run_once() == 1
     reg = Registry()
@@ -459,7 +506,7 @@ async def test_hard_stop_during_grace_ends_the_shutdown_at_once(
     )
 
 
-async def test_tenant_tx_completes_the_job_in_the_same_transaction(
+async def test_complete_in_tx_completes_the_job_in_the_same_transaction(
     worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     await admin_pool.execute("CREATE TABLE public.effects (tenant_id uuid, job_id bigint UNIQUE)")
@@ -471,7 +518,7 @@ async def test_tenant_tx_completes_the_job_in_the_same_transaction(
     async def effect(job: Job) -> None:
         nonlocal calls
         calls += 1
-        async with job.tenant_tx() as tx:
+        async with job.complete_in_tx() as tx:
             assert await tx.fetchval("SELECT current_setting('app.tenant_id')") == str(
                 job.tenant_id
             )
@@ -487,7 +534,7 @@ async def test_tenant_tx_completes_the_job_in_the_same_transaction(
     assert await admin_pool.fetchval("SELECT sum(succeeded) FROM tenantry.job_counters") == 1
 
 
-async def test_tenant_tx_rolls_back_when_lease_was_lost(
+async def test_complete_in_tx_rolls_back_when_lease_was_lost(
     worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     await admin_pool.execute("CREATE TABLE public.effects (job_id bigint)")
@@ -499,7 +546,7 @@ async def test_tenant_tx_rolls_back_when_lease_was_lost(
         await admin_pool.execute(
             "UPDATE tenantry.jobs SET lease_owner = 'thief' WHERE id = $1", job.id
         )
-        async with job.tenant_tx() as tx:
+        async with job.complete_in_tx() as tx:
             await tx.execute("INSERT INTO public.effects VALUES ($1)", job.id)
 
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="effect")
@@ -578,9 +625,7 @@ async def test_a_failing_claim_loop_keeps_the_queue_alive(
     class Flaky(Worker):
         failures = 0
 
-        async def claim(
-            self, queue: str, limit: int, cursor: uuid.UUID
-        ) -> list[asyncpg.Record] | None:
+        async def claim(self, queue: str, limit: int, cursor: uuid.UUID | None) -> Claimed | None:
             if self.failures == 0:
                 self.failures += 1
                 raise RuntimeError("bug in the claim loop")
@@ -597,7 +642,7 @@ async def test_a_failing_claim_loop_keeps_the_queue_alive(
         pool,
         reg,
         WorkerConfig(queues={"default": 2}, poll_interval=0.05),
-        system_pool=worker_pool,
+        worker_pool=worker_pool,
     )
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="w")
     with anyio.fail_after(10):
@@ -618,9 +663,7 @@ async def test_rows_of_a_claim_in_flight_at_shutdown_are_handed_back(
     go_on = anyio.Event()
 
     class Slow(Worker):
-        async def claim(
-            self, queue: str, limit: int, cursor: uuid.UUID
-        ) -> list[asyncpg.Record] | None:
+        async def claim(self, queue: str, limit: int, cursor: uuid.UUID | None) -> Claimed | None:
             in_claim.set()
             await go_on.wait()
             return await super().claim(queue, limit, cursor)
@@ -636,7 +679,7 @@ async def test_rows_of_a_claim_in_flight_at_shutdown_are_handed_back(
         pool,
         reg,
         WorkerConfig(queues={"default": 2}, poll_interval=0.05),
-        system_pool=worker_pool,
+        worker_pool=worker_pool,
     )
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:

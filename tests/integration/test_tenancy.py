@@ -633,12 +633,23 @@ async def test_tenant_code_cannot_call_the_cross_tenant_functions(
                     " VALUES ($1, 99, 'default', 'k', '{}', 0, 1, '[]', 'permanent', now())",
                     A,
                 )
-        # Nor choose a job's id (operators address dead jobs by id).
+        # Nor choose a job's id (operators address dead jobs by id): not plainly...
         with pytest.raises(asyncpg.GeneratedAlwaysError):
             async with tenant_tx_on(conn, A):
                 await conn.execute(
                     "INSERT INTO tenantry.jobs (tenant_id, id, kind) VALUES ($1, 7, 'k')", A
                 )
+        # ...nor by overriding the identity (regression: that needed only INSERT, and
+        # another tenant's job id made `tenantry dead retry` fail with "more than one
+        # row"), nor any column an enqueue does not set.
+        for column, value in (("id", "7"), ("state", "'running'"), ("attempts", "9")):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                async with tenant_tx_on(conn, A):
+                    await conn.execute(
+                        f"INSERT INTO tenantry.jobs (tenant_id, {column}, kind)"
+                        f" OVERRIDING SYSTEM VALUE VALUES ($1, {value}, 'k')",
+                        A,
+                    )
 
 
 async def test_migrating_as_a_createrole_admin_that_is_not_a_superuser(

@@ -108,20 +108,43 @@ async def test_store_validates_and_reports_conflicts(pool: asyncpg.Pool) -> None
         await store.authenticate(pool, "tnt_" + "0" * 32 + "_" + "a" * 43)
 
 
-async def test_an_unexpected_error_is_a_500_problem_without_a_traceback(
-    app_url: str,
-) -> None:
-    gone = await db.create_pool(app_url, min_size=1, max_size=1)
-    await gone.close()  # the database "went away": every acquire fails
-    runner = web.AppRunner(build_app(Readiness(_ready), gone))
+async def _serve_once(pool: asyncpg.Pool) -> tuple[int, str, dict[str, object], dict[str, str]]:
+    """One authenticated request to an app on `pool`: status, content type, body and
+    headers."""
+    runner = web.AppRunner(build_app(Readiness(_ready), pool))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     try:
         port = runner.addresses[0][1]
         key = f"tnt_{uuid.uuid4().hex}_{'a' * 43}"
-        status, ctype, body = await get(f"http://127.0.0.1:{port}/v1/tenant", key)
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(
+                f"http://127.0.0.1:{port}/v1/tenant", headers={"Authorization": f"Bearer {key}"}
+            ) as r,
+        ):
+            return r.status, r.content_type, await r.json(content_type=None), dict(r.headers)
     finally:
         await runner.cleanup()
+
+
+async def test_an_unavailable_database_is_a_503_problem_with_retry_after(app_url: str) -> None:
+    gone = await db.create_pool(app_url, min_size=1, max_size=1)
+    await gone.close()  # the database "went away": every acquire fails
+    status, ctype, body, headers = await _serve_once(gone)
+    assert status == 503 and ctype == "application/problem+json"
+    assert body["status"] == 503 and "Traceback" not in str(body)
+    assert int(headers["Retry-After"]) >= 1
+
+
+async def test_an_unexpected_error_is_a_500_problem_without_a_traceback(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def bug(*_args: object) -> uuid.UUID:
+        raise RuntimeError("a bug, not the database")
+
+    monkeypatch.setattr(store, "authenticate", bug)
+    status, ctype, body, _ = await _serve_once(pool)
     assert status == 500 and ctype == "application/problem+json"
-    assert body["status"] == 500 and "Traceback" not in str(body)
+    assert body["status"] == 500 and "Traceback" not in str(body) and "bug" not in str(body)
