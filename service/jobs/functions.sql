@@ -29,7 +29,9 @@ GRANT CREATE ON SCHEMA tenantry TO tenantry_system;
 
 -- A row inserted as runnable but due later (a plain INSERT with a future run_at) is
 -- scheduled instead.  The WHEN clause is evaluated without calling the function, so a
--- row due now costs nothing here.
+-- row due now costs nothing here.  The clock, not the transaction's start: a row due
+-- "now" by a clock read during a long transaction is runnable, not scheduled (a
+-- scheduled row gets no wake-up, and would wait for a worker's poll).
 CREATE OR REPLACE FUNCTION tenantry.jobs_schedule_delayed() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -41,7 +43,7 @@ END;
 $$;
 
 CREATE OR REPLACE TRIGGER jobs_schedule_delayed BEFORE INSERT ON tenantry.jobs
-    FOR EACH ROW WHEN (NEW.state = 'queued' AND NEW.run_at > now())
+    FOR EACH ROW WHEN (NEW.state = 'queued' AND NEW.run_at > clock_timestamp())
     EXECUTE FUNCTION tenantry.jobs_schedule_delayed();
 
 -- Throttled NOTIFY, decided when the inserting transaction commits (it is called from

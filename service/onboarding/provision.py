@@ -34,7 +34,9 @@ from .mail import Mail, Mailer, MailRejected
 from .model import STEPS, TENANT_PROVISIONED, Onboarding, derived_id
 from .storage import Storage
 
-POLICY = Policy(max_attempts=20, backoff_base=1.0, backoff_cap=60.0, timeout=120.0)
+# Each attempt is bounded by the process's TENANTRY_JOB_TIMEOUT; twenty of them, at most a
+# minute apart, before the onboarding is failed (its dead-letter hook).
+POLICY = Policy(max_attempts=20, backoff_base=1.0, backoff_cap=60.0)
 COMPENSATE_KIND = "onboarding.compensate"
 
 

@@ -39,6 +39,43 @@ async def test_bad_configuration_exits_2(database_url: str) -> None:
     assert code == 2 and "TENANTRY_PORT" in err
 
 
+async def test_a_mistyped_onboarding_queue_is_refused_at_startup(database_url: str) -> None:
+    """Regression: an onboarding queue no process works stranded every sign-up at
+    `accepted`, with no warning."""
+    code, out, err = await run_cli(
+        "run",
+        database_url=database_url,
+        env={"TENANTRY_QUEUES": "default=4,mail=2", "TENANTRY_ONBOARDING_QUEUE": "defualt"},
+    )
+    assert code == 2, out + err
+    assert "TENANTRY_ONBOARDING_QUEUE='defualt' is not a queue this process works" in err
+    assert "Traceback" not in err + out
+
+
+async def test_an_ambiguous_dead_job_id_needs_the_tenant(
+    admin_pool: asyncpg.Pool, database_url: str
+) -> None:
+    """A database from before ids were reserved to the sequence may hold one id in two
+    tenants: the commands say so and change nothing, and --tenant picks one."""
+    other = uuid.UUID("bbbbbbbb-0000-0000-0000-000000000002")
+    for t in (TENANT_A, other):
+        await admin_pool.execute(
+            "INSERT INTO tenantry.dead_jobs (tenant_id, id, queue, kind, payload, priority,"
+            " attempts, errors, reason, created_at)"
+            " VALUES ($1, 77, 'default', 'k', '{}', 0, 1, '[]', 'permanent', now())",
+            t,
+        )
+    for command in ("show", "retry", "discard"):
+        code, out, err = await run_cli("dead", command, "77", database_url=database_url)
+        assert code == 1 and "exists in 2 tenants" in err and "--tenant" in err, out + err
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 2
+    code, out, err = await run_cli(
+        "dead", "retry", "77", "--tenant", str(other), database_url=database_url
+    )
+    assert code == 0 and "requeued job 77" in out, err
+    assert await admin_pool.fetchval("SELECT tenant_id FROM tenantry.jobs") == other
+
+
 async def test_enqueue_stats_and_dead_commands(
     admin_pool: asyncpg.Pool, pool: asyncpg.Pool, database_url: str
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -14,7 +15,7 @@ from service.jobs.model import Job
 from service.jobs.registry import Registry
 from service.listener import Listener
 from service.tenancy import tenant_tx
-from tests.helpers import TENANT_A, FakeClock, running_worker
+from tests.helpers import TENANT_A, TENANT_B, FakeClock, running_worker
 
 
 async def test_notify_wakes_an_idle_worker_without_polling(
@@ -135,3 +136,81 @@ async def test_periodic_job_enqueued_once_per_period_by_two_processes(
         assert periods[0] == "2030-01-01T12:01:00+00:00"
     finally:
         await other_pool.close()
+
+
+class Heard:
+    """A LISTEN connection that counts what it hears on a channel."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.payloads: list[str] = []
+
+    @classmethod
+    async def on(cls, url: str, channel: str) -> Heard:
+        heard = cls(await asyncpg.connect(url))
+        await heard.conn.add_listener(channel, lambda *a: heard.payloads.append(a[3]))
+        return heard
+
+    async def wait(self, n: int = 1, timeout: float = 2.0) -> None:
+        with anyio.fail_after(timeout):
+            while len(self.payloads) < n:
+                await self.conn.execute("SELECT 1")  # let notifications arrive
+                await anyio.sleep(0.01)
+
+
+async def test_an_open_producer_transaction_does_not_silence_the_others(
+    pool: asyncpg.Pool, worker_pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Regression: the throttle's winner kept the throttle row locked until it
+    committed, and everyone else stayed silent meanwhile: with one producer's
+    transaction open, 20 committed enqueues in a second gave 0 notifications.  The
+    throttle now decides at commit."""
+    await worker_pool.execute("SELECT tenantry.ensure_wake_keys(ARRAY['q'])")  # as a worker does
+    heard = await Heard.on(database_url, "tenantry_jobs")
+    try:
+        async with tenant_tx(pool, TENANT_A) as open_tx:
+            await jobs.enqueue(open_tx, tenant_id=TENANT_A, kind="x", queue="q")
+            for _ in range(20):
+                await jobs.enqueue(pool, tenant_id=TENANT_B, kind="x", queue="q")
+                await anyio.sleep(0.006)  # a little over the 5 ms window
+            await heard.wait(2)
+            assert set(heard.payloads) == {"q"}
+            open_tx_heard = len(heard.payloads)
+        await heard.conn.execute("SELECT 1")
+        assert len(heard.payloads) <= 21, "the throttle still limits the rate"
+        assert open_tx_heard >= 2
+    finally:
+        await heard.conn.close()
+
+
+async def test_the_first_enqueue_of_a_queue_never_blocks_another_producer(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Regression: the first enqueue on a new queue name inserted its throttle row, and
+    every other producer of that queue waited for that transaction to commit."""
+    queue = f"fresh-{uuid.uuid4().hex[:8]}"
+    heard = await Heard.on(database_url, "tenantry_jobs")
+    try:
+        async with tenant_tx(pool, TENANT_A) as open_tx:
+            await jobs.enqueue(open_tx, tenant_id=TENANT_A, kind="x", queue=queue)
+            with anyio.fail_after(2):
+                await jobs.enqueue(pool, tenant_id=TENANT_B, kind="x", queue=queue)
+            await heard.wait(1)
+    finally:
+        await heard.conn.close()
+
+
+async def test_an_open_transaction_does_not_silence_the_outbox_either(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    heard = await Heard.on(database_url, "tenantry_outbox")
+    try:
+        async with tenant_tx(pool, TENANT_A) as open_tx:
+            await open_tx.execute("SELECT tenantry.emit($1, 'a', '1', 'e')", TENANT_A)
+            for i in range(5):
+                async with tenant_tx(pool, TENANT_B) as tx:
+                    await tx.execute("SELECT tenantry.emit($1, 'b', $2, 'e')", TENANT_B, str(i))
+                await anyio.sleep(0.006)
+            await heard.wait(2)
+    finally:
+        await heard.conn.close()

@@ -14,9 +14,18 @@ import asyncpg
 import pytest
 
 from service.app import Service
-from service.onboarding.model import STEPS
+from service.onboarding import machine
+from service.onboarding.model import STEPS, SignUp
+from service.tenancy import tenant_tx
 from tests import smtp
-from tests.helpers import Frame, background_service, eventually, service_settings, sse_frames
+from tests.helpers import (
+    Frame,
+    background_service,
+    eventually,
+    service_settings,
+    sse_frames,
+    wait_lock_waiter,
+)
 
 SIGN_UP = {"email": "Ada@Example.com", "tenant_name": "Analytical Engines", "plan": "pro"}
 
@@ -266,3 +275,112 @@ async def test_event_types_cannot_carry_line_breaks(admin_pool: asyncpg.Pool) ->
         await admin_pool.execute(
             "SELECT tenantry.emit(gen_random_uuid(), 'onboarding', 'x', 'e', '[1]', 1)"
         )
+
+
+async def test_a_last_attempt_that_times_out_still_ends_the_onboarding(
+    tmp_path: Path,
+    app_url: str,
+    pool: asyncpg.Pool,
+    worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:
+    """Regression: a last attempt that timed out (or whose worker died) buried the job
+    without the failure path: the onboarding stayed `accepted` forever and its stream
+    never ended.  The provisioning job's dead-letter hook now fails it, whatever killed
+    the job."""
+    accepted = await machine.accept(
+        pool,
+        SignUp("ada@example.com", "Stuck Systems", "free"),
+        idempotency_key=None,
+        queue="default",
+    )
+    tid, oid = accepted.tenant_id, accepted.onboarding_id
+    await admin_pool.execute("UPDATE tenantry.jobs SET max_attempts = 1")
+    holder = await admin_pool.acquire()
+    try:
+        # Hold the onboarding's row: the attempt's step waits on it until its time-out.
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute(
+            "SELECT 1 FROM tenantry.onboardings WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+            tid,
+            oid,
+        )
+        settings = service_settings(tmp_path, job_timeout=0.5)
+        async with background_service(settings, app_url, pool, worker_pool):
+            await eventually(_dead_count(admin_pool, 1))
+            await tx.rollback()  # the hook, a job of its own, can now take the lock
+            await eventually(_state_is(admin_pool, oid, "failed"))
+            await eventually(_no_jobs_left(admin_pool))
+    finally:
+        await admin_pool.release(holder)
+    row = await admin_pool.fetchrow(
+        "SELECT failure_reason, version FROM tenantry.onboardings WHERE id = $1", oid
+    )
+    assert row is not None
+    assert row["failure_reason"].startswith("gave up after 1 attempts (exhausted)")
+    assert "timed out after 0.5s" in row["failure_reason"]
+    dead = await admin_pool.fetchrow("SELECT kind, reason FROM tenantry.dead_jobs")
+    assert dead is not None and tuple(dead) == ("onboarding.provision", "exhausted")
+    last = await admin_pool.fetchrow(
+        "SELECT event_type, payload FROM tenantry.outbox WHERE aggregate_id = $1"
+        " ORDER BY version DESC LIMIT 1",
+        str(oid),
+    )
+    assert last is not None and last["event_type"] == "onboarding.failed"
+    assert not (tmp_path / "tenants" / str(tid)).exists()
+
+
+async def test_the_ledger_is_read_after_the_lock_is_granted(
+    pool: asyncpg.Pool, admin_pool: asyncpg.Pool
+) -> None:
+    """Regression: `lock` read the step ledger with the snapshot taken before it
+    waited for the onboarding's row, so a second runner that waited for the first saw
+    no step done, and failed on the ledger's key (on the last attempt, a wrongly
+    failed onboarding)."""
+    accepted = await machine.accept(
+        pool, SignUp("grace@example.com", "Two Runners", "pro"), idempotency_key=None,
+        queue="default",
+    )  # fmt: skip
+    tid, oid = accepted.tenant_id, accepted.onboarding_id
+    first_locked, may_commit = anyio.Event(), anyio.Event()
+    seen: list[frozenset[str]] = []
+
+    async def first_runner() -> None:
+        # Locks the onboarding and records a step, then holds its transaction open.
+        async with tenant_tx(pool, tid) as tx:
+            o = await machine.lock(tx, tid, oid)
+            await machine.step_done(o, "tenant")
+            first_locked.set()
+            await may_commit.wait()
+
+    async def second_runner() -> None:
+        async with tenant_tx(pool, tid) as tx:
+            seen.append((await machine.lock(tx, tid, oid)).done)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first_runner)
+            await first_locked.wait()
+            tg.start_soon(second_runner)
+            await wait_lock_waiter(admin_pool)  # the second waits for the first's row...
+            may_commit.set()  # ...which commits its step
+    assert seen == [frozenset({"tenant"})]
+
+
+def _dead_count(admin_pool: asyncpg.Pool, n: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        got: int = await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs")
+        return got >= n
+
+    return check
+
+
+def _state_is(
+    admin_pool: asyncpg.Pool, oid: uuid.UUID, state: str
+) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        got = await admin_pool.fetchval("SELECT state FROM tenantry.onboardings WHERE id = $1", oid)
+        return bool(got == state)
+
+    return check

@@ -264,3 +264,38 @@ async def test_a_last_event_id_that_is_not_of_this_stream_is_a_400(
         async with http.get(a["events_url"], headers={"Last-Event-ID": bad}) as r:
             assert r.status == 400, bad
             assert r.headers["Content-Type"] == "application/problem+json"
+
+
+async def test_a_thousand_addresses_of_one_ipv6_network_share_one_limit(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> None:
+    """Regression: the limit keyed on the full IPv6 address; one subscriber's /64
+    holds 2**64 of them."""
+    settings = service_settings(
+        tmp_path,
+        queues={"other": 1},
+        signup_rate=0.001,
+        signup_burst=5,
+        trusted_proxies="127.0.0.1",
+    )
+    async with (
+        background_service(settings, app_url, pool, worker_pool) as svc,
+        aiohttp.ClientSession(f"http://127.0.0.1:{svc.http.port}") as http,
+    ):
+        statuses = []
+        for i in range(1000):
+            forwarded = f"2001:db8:0:7:{i // 65536:x}:{i % 65536:x}::1"
+            async with http.post(
+                "/v1/onboardings",
+                data=b"{}",  # invalid, and cheap: the limit is checked first
+                headers={"Content-Type": "application/json", "X-Forwarded-For": forwarded},
+            ) as r:
+                statuses.append(r.status)
+        async with http.post(
+            "/v1/onboardings",
+            data=b"{}",
+            headers={"Content-Type": "application/json", "X-Forwarded-For": "2001:db8:0:8::1"},
+        ) as r:
+            other_network = r.status
+    assert statuses.count(422) == 5 and statuses.count(429) == 995
+    assert other_network == 422  # another /64 has its own budget

@@ -13,7 +13,7 @@ from service.errors import Conflict
 from service.jobs.maintenance import Pruner
 from service.onboarding import machine
 from service.outbox import store as outbox
-from service.tenancy import tenant_tx
+from service.tenancy import tenant_tx, tenant_tx_on
 from tests.helpers import TENANT_A, TENANT_B, wait_lock_waiter
 
 
@@ -146,3 +146,59 @@ async def test_old_events_and_idempotency_keys_are_pruned(
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.idempotency_keys") == 1
     with pytest.raises(asyncpg.InvalidParameterValueError):
         await outbox.prune(worker_pool, 0, 10)
+
+
+async def test_a_follower_reads_each_event_once_whatever_else_runs(
+    worker_pool: asyncpg.Pool, pool: asyncpg.Pool, server_url: str
+) -> None:
+    """Regression: the follower's horizon was the cluster-wide xmin, so an open write
+    transaction anywhere on the cluster (here in another database) pinned it, and
+    every read re-read every event since (5,000 per read in the reproduction).  A read
+    now returns what the previous one's snapshot could not see, and nothing else."""
+    elsewhere = await asyncpg.connect(server_url)  # the `postgres` database
+    try:
+        await elsewhere.execute("BEGIN")
+        await elsewhere.fetchval("SELECT pg_current_xact_id()")  # a write transaction
+        start = await outbox.snapshot(worker_pool)
+
+        async def emit(n: int) -> None:
+            async with tenant_tx(pool, TENANT_A) as tx:
+                for i in range(n):
+                    await tx.execute(
+                        "SELECT tenantry.emit($1, 'order', $2, 'order.placed')", TENANT_A, str(i)
+                    )
+
+        await emit(100)
+        after_first, first = await outbox.follow(worker_pool, start, "order")
+        await emit(5)
+        _, second = await outbox.follow(worker_pool, after_first, "order")
+        assert len(first) == 100
+        assert len(second) == 5
+    finally:
+        await elsewhere.execute("ROLLBACK")
+        await elsewhere.close()
+
+
+async def test_a_follower_sees_a_transaction_that_commits_after_a_later_one(
+    worker_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    """Ids are handed out before commit: the event of a transaction that was still
+    running at one read, and commits after later events were read, comes with the
+    next read."""
+    start = await outbox.snapshot(worker_pool)
+    slow = await pool.acquire()
+    try:
+        async with tenant_tx_on(slow, TENANT_A):
+            await slow.execute(
+                "SELECT tenantry.emit($1, 'order', 'slow', 'order.placed')", TENANT_A
+            )
+            async with tenant_tx(pool, TENANT_A) as tx:
+                await tx.execute(
+                    "SELECT tenantry.emit($1, 'order', 'fast', 'order.placed')", TENANT_A
+                )
+            snap, first = await outbox.follow(worker_pool, start, "order")
+            assert [e.aggregate_id for e in first] == ["fast"]
+        _, second = await outbox.follow(worker_pool, snap, "order")
+        assert [e.aggregate_id for e in second] == ["slow"]
+    finally:
+        await pool.release(slow)

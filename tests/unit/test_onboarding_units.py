@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from service.config import from_env
 from service.errors import ConfigError, InvalidRequest
-from service.http.ratelimit import RateLimiter, client_address, parse_networks
+from service.http.ratelimit import RateLimiter, client_address, limit_key, parse_networks
 from service.onboarding.mail import masked
 from service.onboarding.model import SignUp, parse_sign_up
 from service.onboarding.tokens import Signer, TokenError, load_secret
@@ -150,3 +150,22 @@ def test_a_bad_trusted_proxy_setting_is_a_config_error() -> None:
 def test_logged_addresses_are_masked() -> None:
     assert masked("kim@example.com") == "k***@example.com"
     assert masked("not an address") == "***"
+
+
+@pytest.mark.parametrize(
+    ("address", "prefix", "key"),
+    [
+        ("203.0.113.7", 64, "203.0.113.7"),
+        ("2001:db8:1:2:a::1", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", 64, "2001:db8:1:3::/64"),
+        ("2001:db8:1:2:a::1", 48, "2001:db8:1::/48"),
+        ("2001:db8:1:2:a::1", 128, "2001:db8:1:2:a::1/128"),
+        ("::ffff:203.0.113.7", 64, "203.0.113.7"),
+        ("unknown", 64, "unknown"),
+    ],
+)
+def test_ipv6_clients_are_limited_by_their_network(address: str, prefix: int, key: str) -> None:
+    """Regression: keyed on the full IPv6 address, 1,000 sign-ups from one /64 with
+    distinct addresses were all accepted."""
+    assert limit_key(address, prefix) == key
