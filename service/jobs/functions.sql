@@ -502,7 +502,7 @@ CREATE OR REPLACE FUNCTION tenantry.record_job_outcomes(
     retry_tenants uuid[], retry_ids bigint[], retry_at timestamptz[], retry_errors text[],
     retry_error_objs jsonb[], retry_refunds boolean[], retry_unknown_kind boolean[],
     dead_tenants uuid[], dead_ids bigint[], dead_errors text[], dead_error_objs jsonb[],
-    dead_reasons text[], dead_hooks text[],
+    dead_reasons text[], dead_hooks text[], dead_unrun boolean[],
     back_tenants uuid[], back_ids bigint[])
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -548,17 +548,19 @@ WITH done_rows AS (
     SELECT (SELECT j.ctid FROM tenantry.jobs j
              WHERE j.tenant_id = d.tenant_id AND j.id = d.id
                AND j.lease_owner = $1::text) AS tid,
-           d.error, d.error_obj, d.reason, d.hook
+           d.error, d.error_obj, d.reason, d.hook, d.unrun
       FROM unnest($11::uuid[], $12::bigint[], $13::text[], $14::jsonb[], $15::text[],
-                  $16::text[])
-           AS d(tenant_id, id, error, error_obj, reason, hook)
+                  $16::text[], $17::boolean[])
+           AS d(tenant_id, id, error, error_obj, reason, hook, unrun)
 ), gone AS (
     DELETE FROM tenantry.jobs j
      USING dead_rows d
      WHERE j.ctid = ANY (ARRAY(SELECT d.tid FROM dead_rows d)) AND j.ctid = d.tid
-    RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload, j.priority, j.attempts,
-              j.max_attempts, j.dedup_key, j.created_at, j.errors, d.error, d.error_obj,
-              d.reason, d.hook
+    -- A job found past its last attempt (rescued after its worker died) is buried
+    -- without running: the claim that found it does not count as an attempt.
+    RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload, j.priority,
+              j.attempts - d.unrun::integer AS attempts, j.max_attempts, j.dedup_key,
+              j.created_at, j.errors, d.error, d.error_obj, d.reason, d.hook
 ), buried AS (
     INSERT INTO tenantry.dead_jobs
            (tenant_id, id, queue, kind, payload, priority, attempts, max_attempts,
@@ -590,7 +592,7 @@ WITH done_rows AS (
     SELECT (SELECT j.ctid FROM tenantry.jobs j
              WHERE j.tenant_id = b.tenant_id AND j.id = b.id
                AND j.lease_owner = $1::text) AS tid
-      FROM unnest($17::uuid[], $18::bigint[]) AS b(tenant_id, id)
+      FROM unnest($18::uuid[], $19::bigint[]) AS b(tenant_id, id)
 ), back AS (
     UPDATE tenantry.jobs j
        SET state = 'queued', run_at = now(), attempts = greatest(j.attempts - 1, 0),

@@ -50,6 +50,9 @@ class Bury:
     # The kind of the dead-letter hook job to enqueue with the death, if the job's kind
     # has a hook.
     hook: str | None = None
+    # Buried without running (found past its last attempt): the claim that found it
+    # is not counted as an attempt.
+    unrun: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ def _arguments(owner: str, outcomes: Sequence[Outcome]) -> tuple[Any, ...]:
         [o.error_obj for o in dead],
         [o.reason for o in dead],
         [o.hook for o in dead],
+        [o.unrun for o in dead],
         [o.key[0] for o in back],
         [o.key[1] for o in back],
     )

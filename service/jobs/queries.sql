@@ -39,7 +39,8 @@ SELECT tenantry.record_job_outcomes(
     $4::uuid[], $5::bigint[], $6::timestamptz[], $7::text[], $8::jsonb[], $9::boolean[],
     $10::boolean[],
     $11::uuid[], $12::bigint[], $13::text[], $14::jsonb[], $15::text[], $16::text[],
-    $17::uuid[], $18::bigint[])
+    $17::boolean[],
+    $18::uuid[], $19::bigint[])
 
 -- name: complete_one
 -- Success for one job, inside the handler's own tenant transaction (exactly-once

@@ -490,8 +490,11 @@ class Worker:
             return self._unknown_kind(job, jlog, unknown_since)
         if job.attempt > job.max_attempts:
             # Rescued after its last attempt's worker died: nothing left to try.
-            msg = f"attempts exhausted ({job.attempt - 1} of {job.max_attempts})"
-            return self._dead(job, reg, "exhausted", msg, jlog)
+            msg = (
+                f"attempts exhausted ({job.attempt - 1} of {job.max_attempts}): the last"
+                " one's worker stopped"
+            )
+            return self._dead(job, reg, "exhausted", msg, jlog, unrun=True)
         if log.debug_enabled():
             jlog.debug("job_started")
         if self.hook is not None:
@@ -557,6 +560,7 @@ class Worker:
         jlog: _JobLog,
         *,
         exc: BaseException | None = None,
+        unrun: bool = False,
     ) -> Outcome:
         jlog.warning("job_dead", reason=reason, error=msg)
         return Bury(
@@ -565,6 +569,7 @@ class Worker:
             self._error_obj(job, msg, exc),
             reason,
             hook=reg.dead_hook_kind,
+            unrun=unrun,
         )
 
     def _failed(

@@ -208,3 +208,56 @@ async def test_sigterm_ends_open_streams_at_once_and_exits(
         assert await proc.wait_exit(timeout=10) == 0
     finally:
         await proc.kill()
+
+
+@pytest.mark.timeout(120)
+async def test_a_worker_killed_on_the_last_attempt_still_ends_the_onboarding(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Regression: a last attempt whose worker died (or that timed out) buried the job
+    without the failure path: the onboarding stayed unfinished forever, and its stream
+    never ended.  The job's dead-letter hook now fails it, with compensation."""
+    first = await ServiceProcess.start(database_url, **env(tmp_path, TENANTRY_WORKER="false"))
+    try:
+        answer = await post(await first.started())
+    finally:
+        first.signal(signal.SIGTERM)
+        assert await first.wait_exit() == 0
+    tid, oid = uuid.UUID(answer["tenant_id"]), uuid.UUID(answer["id"])
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute("UPDATE tenantry.jobs SET max_attempts = 1")
+        tx = admin.transaction()
+        await tx.start()
+        await admin.execute(
+            "SELECT 1 FROM tenantry.onboardings WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+            tid,
+            oid,
+        )
+        doomed = await ServiceProcess.start(database_url, **env(tmp_path))
+        try:
+            await doomed.started()
+            await wait_blocked(admin, doomed)  # its one and only attempt is under way
+        finally:
+            await doomed.kill()  # SIGKILL
+        await tx.rollback()
+        last = await ServiceProcess.start(database_url, **env(tmp_path))
+        try:
+            frames = await follow_to_end(await last.started(), answer)
+            await last.wait_log("onboarding_compensated")
+        finally:
+            last.signal(signal.SIGTERM)
+            assert await last.wait_exit() == 0
+        state = await admin.fetchrow(
+            "SELECT state, failure_reason FROM tenantry.onboardings WHERE id = $1", oid
+        )
+        dead = await admin.fetchrow("SELECT kind, reason FROM tenantry.dead_jobs")
+        live = await admin.fetchval("SELECT count(*) FROM tenantry.jobs")
+    finally:
+        await admin.close()
+    assert [f.event for f in frames] == ["onboarding.accepted", "onboarding.failed"]
+    assert state is not None and state["state"] == "failed"
+    assert state["failure_reason"].startswith("gave up after 1 attempts (exhausted)")
+    assert "the last one's worker stopped" in state["failure_reason"]
+    assert dead is not None and tuple(dead) == ("onboarding.provision", "exhausted")
+    assert live == 0

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import socket
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 import aiohttp
 import asyncpg
 
 from service import roles
 from service.jobs import queue as jobs
+from service.tenancy import SYSTEM_TENANT
 from tests.acceptance.process import ServiceProcess
-from tests.helpers import TENANT_A, one
+from tests.helpers import TENANT_A, eventually, one, wait_lock_waiter
 
 
 async def test_sigterm_lets_a_running_job_finish_then_exits_zero(
@@ -178,3 +183,146 @@ async def test_refuses_to_run_as_a_login_that_bypasses_row_level_security(
     assert "TENANTRY_ADMIN_URL" in message and "NOBYPASSRLS" in message
     assert not any("Traceback" in line for line in svc.raw), svc.raw
     assert not any("hunter2" in line for line in svc.raw), svc.raw
+
+
+async def test_a_periodic_job_runs_every_period(
+    admin_pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Regression: periodic jobs went to the system tenant (the nil UUID), which the
+    claim never reached; they piled up one per period and never ran (the test only
+    checked that they were enqueued).  Here the handler itself records each run."""
+    await admin_pool.execute(
+        "CREATE TABLE public.ticks (tenant_id uuid, period text UNIQUE);"
+        " GRANT INSERT ON public.ticks TO tenantry_service"
+    )
+    svc = await ServiceProcess.start(
+        database_url, TENANTRY_HANDLERS="tests.acceptance.periodic_handlers:registry"
+    )
+    try:
+        await svc.started()
+        await eventually(_at_least(admin_pool, "SELECT count(*) FROM public.ticks", 3), 15)
+        svc.signal(signal.SIGTERM)
+        assert await svc.wait_exit() == 0
+    finally:
+        await svc.kill()
+    ticks = await admin_pool.fetch("SELECT tenant_id, period FROM public.ticks ORDER BY period")
+    assert {r["tenant_id"] for r in ticks} == {SYSTEM_TENANT}
+    periods = [datetime.fromisoformat(r["period"]) for r in ticks]
+    assert all((b - a).total_seconds() == 1 for a, b in itertools.pairwise(periods))
+    # Nothing piles up: every period enqueued ran (at most the last is still in flight).
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") <= 1
+
+
+def _at_least(pool: asyncpg.Pool, sql: str, n: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        got: int = await pool.fetchval(sql)
+        return got >= n
+
+    return check
+
+
+async def _blocked_claim(
+    database_url: str, admin: asyncpg.Connection, **env: str
+) -> ServiceProcess:
+    """A service whose claims are stuck behind a lock on the jobs table (what a
+    migration or VACUUM FULL holds), started before the lock was taken."""
+    svc = await ServiceProcess.start(database_url, **env)
+    await svc.started()
+    await admin.execute("BEGIN; LOCK TABLE tenantry.jobs IN ACCESS EXCLUSIVE MODE")
+    await wait_lock_waiter(admin, roles.DEFAULT_LOGIN + roles.WORKER_SUFFIX)
+    return svc
+
+
+async def test_sigterm_stops_within_the_grace_while_a_claim_is_blocked(
+    database_url: str,
+) -> None:
+    """Regression: with a claim blocked in the database the process was still alive
+    10 s after SIGTERM (and 10 s after a second one)."""
+    admin = await asyncpg.connect(database_url)
+    try:
+        svc = await _blocked_claim(database_url, admin, TENANTRY_SHUTDOWN_GRACE="1")
+        try:
+            started = time.monotonic()
+            svc.signal(signal.SIGTERM)
+            assert await svc.wait_exit(timeout=15) == 0
+            # The grace, the moment an in-flight claim may take to finish (2 s), the
+            # pools' close: well inside the lock's hold, which is forever here.
+            assert time.monotonic() - started < 8, svc.raw[-10:]
+        finally:
+            await svc.kill()
+    finally:
+        await admin.close()
+
+
+async def test_a_second_signal_stops_at_once_whatever_the_database_does(
+    database_url: str,
+) -> None:
+    admin = await asyncpg.connect(database_url)
+    try:
+        svc = await _blocked_claim(database_url, admin, TENANTRY_SHUTDOWN_GRACE="600")
+        try:
+            svc.signal(signal.SIGTERM)
+            await svc.wait_log("stopping")
+            started = time.monotonic()
+            svc.signal(signal.SIGTERM)
+            assert await svc.wait_exit(timeout=15) == 0
+            assert time.monotonic() - started < 6, svc.raw[-10:]
+            assert svc.find("hard_stop")
+        finally:
+            await svc.kill()
+    finally:
+        await admin.close()
+
+
+async def test_sigterm_is_heard_while_the_listener_cannot_connect(database_url: str) -> None:
+    """Regression: the start waited for the listener's first connection, and SIGTERM
+    went unheard meanwhile.  The listener now connects in the background; readiness
+    says it is not connected."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]  # bound, never listening: refused
+        svc = await ServiceProcess.start(
+            database_url,
+            TENANTRY_LISTEN_URL=f"postgresql://{roles.DEFAULT_LOGIN}@127.0.0.1:{closed_port}/x",
+        )
+        try:
+            port = await svc.started()
+            await svc.wait_log("listener_lost")
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{port}/readyz") as r,
+            ):
+                assert r.status == 503
+                assert (await r.json())["checks"]["listener"] is False
+            started = time.monotonic()
+            svc.signal(signal.SIGTERM)
+            assert await svc.wait_exit(timeout=10) == 0
+            assert time.monotonic() - started < 5
+        finally:
+            await svc.kill()
+
+
+async def test_readyz_answers_503_as_soon_as_a_stop_begins(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Regression: /readyz stayed 200 through the shutdown grace, so load balancers
+    went on sending new streams to a draining process."""
+    svc = await ServiceProcess.start(database_url, TENANTRY_SHUTDOWN_GRACE="30")
+    try:
+        port = await svc.started()
+        job_id = await jobs.enqueue(
+            pool, tenant_id=TENANT_A, kind="sleep", payload={"seconds": 600}
+        )
+        await svc.wait_log("job_started", lambda x: x["job_id"] == job_id)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                assert r.status == 200
+            svc.signal(signal.SIGTERM)
+            await svc.wait_log("worker_stopping")
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                body = await r.json()
+                assert r.status == 503 and body["checks"]["running"] is False, body
+        svc.signal(signal.SIGTERM)  # no need to wait out the grace
+        assert await svc.wait_exit() == 0
+    finally:
+        await svc.kill()

@@ -98,14 +98,14 @@ def outcomes(
         [{"error": "boom"}] * len(retry),
         [False] * len(retry),
         [False] * len(retry),
-        [], [], [], [], [], [],
+        [], [], [], [], [], [], [],
         [], [],
     )  # fmt: skip
 
 
 RECORD = (
     "SELECT tenantry.record_job_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
-    " $11, $12, $13, $14, $15, $16, $17, $18)"
+    " $11, $12, $13, $14, $15, $16, $17, $18, $19)"
 )
 
 

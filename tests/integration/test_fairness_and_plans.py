@@ -275,7 +275,7 @@ async def test_outcome_and_lease_statements_look_jobs_up_by_primary_key(
         "probe",
         tids, ids,
         tids, ids, now, [None] * n, [None] * n, [True] * n, [False] * n,
-        tids, ids, ["x"] * n, [{}] * n, ["permanent"] * n, [None] * n,
+        tids, ids, ["x"] * n, [{}] * n, ["permanent"] * n, [None] * n, [False] * n,
         tids, ids,
     )  # fmt: skip
     statements: dict[str, tuple[object, ...]] = {

@@ -137,7 +137,7 @@ async def test_two_batches_lock_their_counters_in_one_order(
     statement = (
         "SELECT tenantry.record_job_outcomes($1, $2, $3, '{}', '{}', '{}', '{}', '{}', '{}',"
         " '{}', $4, $5, ARRAY['x'], ARRAY['{}'::jsonb], ARRAY['permanent'], ARRAY[NULL::text],"
-        " '{}', '{}')"
+        " ARRAY[false], '{}', '{}')"
     )
     first = await db.connect(worker_url)
     second = await db.connect(worker_url)

@@ -422,7 +422,9 @@ async def test_rescued_job_past_its_last_attempt_is_buried(
 
     async with running_worker(pool, worker_pool, reg) as (_w, rec):
         await rec.wait_flushed(1)
-    assert (await jobs.dead_show(worker_pool, job_id))["reason"] == "exhausted"
+    dead = await jobs.dead_show(worker_pool, job_id)
+    # Buried without running again: the claim that found it is not an attempt.
+    assert (dead["reason"], dead["attempts"]) == ("exhausted", 1)
 
 
 async def test_heartbeat_extends_lease_and_cancels_lost_jobs(
