@@ -1,4 +1,9 @@
-"""structlog JSON on stdout, rendered with orjson.  Nothing else in the package logs."""
+"""structlog JSON on stdout, rendered with orjson.  Nothing else in the package logs.
+
+Libraries log through the standard library (asyncpg's pool when it cannot reconnect,
+aiohttp): their records are rendered the same way, one JSON object per line on stdout,
+so that operators parse every line of it.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +34,14 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
+def _library(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A standard-library record: named after the library that wrote it."""
+    record = event.get("_record")
+    if record is not None:
+        event["component"] = record.name
+    return event
+
+
 def _str(obj: Any) -> str:
     return safe_text(str(obj))
 
@@ -54,15 +67,29 @@ def debug_enabled() -> bool:
 def configure(level: str = "info") -> None:
     global _debug  # noqa: PLW0603 - one process-wide logging setup
     _debug = _LEVELS[level] <= logging.DEBUG
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    render: list[Any] = [
+        _redact,
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(serializer=_dumps),
+    ]
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, _library],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # Libraries' own chatter stays out below a warning, whatever our level.
+    root.setLevel(max(_LEVELS[level], logging.WARNING))
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _redact,
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=_dumps),
-        ],
+        processors=[*shared, *render],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,

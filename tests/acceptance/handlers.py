@@ -25,7 +25,8 @@ async def block_first_attempt(job: Job) -> None:
 async def record(job: Job) -> None:
     async with job.complete_in_tx() as tx:
         await tx.execute(
-            "INSERT INTO public.acceptance_log (job_id, attempt) VALUES ($1, $2)",
+            "INSERT INTO public.acceptance_log (job_id, attempt, n) VALUES ($1, $2, $3)",
             job.id,
             job.attempt,
+            job.payload.get("n"),
         )
