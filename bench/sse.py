@@ -119,6 +119,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="TENANTRY_SSE_KEEPALIVE for the service (default: the service's, 15 s)",
     )
     parser.add_argument("--pool", type=int, default=16, help="producer connections (16)")
+    parser.add_argument(
+        "--gc-tuning",
+        choices=("on", "off"),
+        default="on",
+        help="TENANTRY_SSE_GC_TUNING for the service: the collector's settings for many"
+        " streams (on, the default) or Python's own (off)",
+    )
 
 
 def by_second(sent_at: list[float], latency: dict[int, float]) -> list[Result]:
@@ -147,7 +154,11 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
     secret = uuid.uuid4().hex + uuid.uuid4().hex
     signer = Signer(secret.encode(), TOKEN_TTL)
     data_dir = Path(tempfile.mkdtemp(prefix="tenantry-bench-sse-"))
-    env = {"TENANTRY_TOKEN_SECRET": secret}
+    env = {
+        "TENANTRY_TOKEN_SECRET": secret,
+        "TENANTRY_SSE_GC_TUNING": "true" if args.gc_tuning == "on" else "false",
+    }
+    result["gc_tuning"] = args.gc_tuning
     if args.keepalive is not None:
         env["TENANTRY_SSE_KEEPALIVE"] = f"{args.keepalive:g}"
     try:
@@ -385,7 +396,8 @@ def render(result: Result) -> str:
     lines = common.header(
         result,
         f"sse: {result['clients']:,} concurrent streams on one `tenantry run` process,"
-        f" clients in {result['load_processes']} separate processes",
+        f" clients in {result['load_processes']} separate processes,"
+        f" collector tuning {result['gc_tuning']}",
     )
     if "clients_capped_by" in result:
         lines.append(

@@ -11,7 +11,6 @@ and at once after a second.
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import threading
@@ -118,6 +117,7 @@ def build(
         terminal_events=TERMINAL_EVENTS,
         queue_size=settings.sse_queue_size,
         keepalive=settings.sse_keepalive,
+        tune_collector=settings.sse_gc_tuning,
     )
     # LISTEN is session state: behind a transaction-mode pooler it would silently stop
     # hearing anything, hence a URL of its own (a direct or session-mode connection).
@@ -251,22 +251,7 @@ async def _start(
     svc = build(
         settings, dsn, pool, worker_pool=worker_pool, claim_pool=claim_pool, registry=registry
     )
-    _tune_collector()
     return svc
-
-
-def _tune_collector() -> None:
-    # Everything alive now (modules, the components) lives as long as the process:
-    # out of the collector's sight, a full collection walks only what came after.
-    # With 20,000 open streams a full collection took 2.3 s, and came every 20-30 s
-    # under 1,000 events/s: objects in flight for a moment (queued frames, futures)
-    # outlived the young collections that ran every 700 allocations, and piled up
-    # in the old generation.  Young collections every 50,000 allocations give those
-    # the time to die young, which should make full collections rare (bench.sse's
-    # p99 went from 331 to 118 ms with this and the keepalive heap together; the
-    # collector's share alone was not measured).
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 10)
 
 
 async def _close(pools: list[asyncpg.Pool], *, graceful: bool) -> None:

@@ -74,6 +74,8 @@ class Settings:
     trusted_proxies: str = ""
     sse_queue_size: int = 64
     sse_keepalive: float = 15.0
+    # Tune the garbage collector while more than 1,000 streams are open (hub.py).
+    sse_gc_tuning: bool = True
     # Seconds a job whose kind this process has no handler for is retried before it is
     # dead-lettered as `unknown_kind` (a rolling deploy: old processes meet new kinds).
     unknown_kind_retry: float = 3600.0
@@ -281,6 +283,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         trusted_proxies=_parse(e, "TENANTRY_TRUSTED_PROXIES", _networks, d.trusted_proxies),
         sse_queue_size=_parse(e, "TENANTRY_SSE_QUEUE_SIZE", _positive_int, d.sse_queue_size),
         sse_keepalive=_parse(e, "TENANTRY_SSE_KEEPALIVE", _positive_float, d.sse_keepalive),
+        sse_gc_tuning=_parse(e, "TENANTRY_SSE_GC_TUNING", _bool, d.sse_gc_tuning),
         unknown_kind_retry=_parse(
             e, "TENANTRY_UNKNOWN_KIND_RETRY", _non_negative_float, d.unknown_kind_retry
         ),

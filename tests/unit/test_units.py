@@ -169,3 +169,27 @@ def test_api_keys_name_their_tenant_and_parse_strictly() -> None:
     assert parsed is not None and parsed.tenant_id == tid and parsed.secret_hash == digest
     for bad in ("", key + "x", key[:-1], key.replace("tnt_", "tnx_"), f"tnt_{tid}_x" * 2):
         assert parse_key(bad) is None
+
+
+def test_the_collector_is_tuned_only_while_many_streams_are_open() -> None:
+    import gc  # noqa: PLC0415
+
+    from service.hub import CollectorTuning  # noqa: PLC0415
+
+    before = gc.get_threshold()
+    tuning = CollectorTuning(enabled=True, above=10)
+    try:
+        tuning.update(10)
+        assert not tuning.active and gc.get_threshold() == before
+        tuning.update(11)
+        assert tuning.active and gc.get_threshold() == (50_000, 20, 10)
+        tuning.update(6)  # hysteresis: still half the threshold
+        assert tuning.active
+        tuning.update(4)
+        assert not tuning.active and gc.get_threshold() == before
+        off = CollectorTuning(enabled=False, above=10)
+        off.update(1000)
+        assert not off.active and gc.get_threshold() == before
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
