@@ -219,7 +219,7 @@ async def serve(settings: Settings, dsn: str, worker_dsn: str, registry: Registr
             signals_tg.start_soon(stop.watch, signals)
             try:
                 svc: Service | None = None
-                with stop.scope:  # a signal while starting ends the start
+                with stop.cancellable():  # a signal while starting ends the start
                     svc = await _start(settings, dsn, worker_dsn, registry, pools)
                 if svc is not None and not stop.requested:
                     await run_service(svc, stop)
@@ -267,16 +267,21 @@ async def _close(pools: list[asyncpg.Pool], *, graceful: bool) -> None:
 
 class _Stop:
     """The signals: the first asks for a stop (and ends a start in progress), the
-    second for a hard stop.  A stop that overruns is ended by a timer thread that does
-    not depend on the event loop."""
+    second for a hard stop (and ends a soft one in progress).  A stop that overruns is
+    ended by a timer thread that does not depend on the event loop."""
 
     def __init__(self) -> None:
         self.requested = False
         self.hard = False
-        self.scope = anyio.CancelScope()  # the start, or the soft stop
         self.first = anyio.Event()
+        self.grace = 0.0  # the shutdown grace, once the service knows it
+        self._scope = anyio.CancelScope()
         self._log = log.get("app")
-        self._grace = 0.0
+
+    def cancellable(self) -> anyio.CancelScope:
+        """A scope that the next signal cancels: the start, then the soft stop."""
+        self._scope = anyio.CancelScope()
+        return self._scope
 
     async def watch(self, signals: AsyncIterator[signal.Signals]) -> None:
         async for signum in signals:
@@ -285,17 +290,12 @@ class _Stop:
                 self.requested = True
                 self._log.info("signal_received", signal=name)
                 self.first.set()
-                self.scope.cancel()  # a start in progress ends here
-                self._exit_after(self._grace + _STOP_MARGIN + _FORCED_EXIT_AFTER)
+                self._exit_after(self.grace + _STOP_MARGIN + _FORCED_EXIT_AFTER)
             else:
                 self.hard = True
                 self._log.warning("hard_stop", signal=name)
-                self.scope.cancel()
                 self._exit_after(_FORCED_EXIT_AFTER)
-
-    def set_grace(self, grace: float) -> None:
-        self._grace = grace
-        self.scope = anyio.CancelScope()
+            self._scope.cancel()
 
     def _exit_after(self, seconds: float) -> None:
         def force() -> None:
@@ -311,11 +311,13 @@ async def run_service(svc: Service, stop: _Stop | None = None) -> int:
     """Run the components until a stop is asked for, then stop them in order."""
     logger = log.get("app")
     stop = stop or _Stop()
-    stop.set_grace(svc.settings.shutdown_grace)
+    stop.grace = svc.settings.shutdown_grace
     async with anyio.create_task_group() as tg:
-        with stop.scope:  # a signal during the start ends it
+        started = False
+        with stop.cancellable():  # a signal during the start ends it
             for component in (svc.listener, svc.hub, svc.worker, svc.maintenance, svc.http):
                 await tg.start(component.run)
+            started = True
             logger.info(
                 "started",
                 queues=dict(svc.settings.queues),
@@ -328,11 +330,11 @@ async def run_service(svc: Service, stop: _Stop | None = None) -> int:
         # Streams end first: a browser reconnects (to another process) and resumes from
         # its last event id, and the HTTP server need not wait for them.
         svc.hub.close_all()
-        stop.set_grace(svc.settings.shutdown_grace)
-        if not stop.hard:
-            with stop.scope, anyio.move_on_after(svc.settings.shutdown_grace + _STOP_MARGIN):
-                await svc.worker.shutdown(svc.settings.shutdown_grace)
-        if stop.hard or not svc.worker.stopped:
+        if started and not stop.hard:
+            grace = svc.settings.shutdown_grace
+            with stop.cancellable(), anyio.move_on_after(grace + _STOP_MARGIN):
+                await svc.worker.shutdown(grace)
+        if started and not svc.worker.stopped:
             svc.worker.hard_stop()
             with anyio.move_on_after(_STOP_MARGIN):
                 await svc.worker.wait_stopped()
