@@ -4,6 +4,7 @@ never halt it, the system tenant, and the plans of its statements."""
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
 
 import anyio
@@ -345,3 +346,26 @@ async def test_claim_plan_does_not_depend_on_statistics(
             assert "Sort" not in plan.split("CTE candidates")[0], plan  # no sort in the walk
         else:
             assert "jobs_scheduled_idx" in plan, plan
+
+
+async def test_backlogged_tenants_are_served_evenly_over_many_claims(
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    """Round robin across claims: however the claims' sizes vary, tenants that stay
+    backlogged never drift more than a row or two apart."""
+    tenants = [SYSTEM_TENANT, *low_tenants(3), HIGH]
+    await admin_pool.execute(
+        "INSERT INTO tenantry.jobs (tenant_id, kind)"
+        " SELECT t, 'w' FROM unnest($1::uuid[]) t, generate_series(1, 200)",
+        tenants,
+    )
+    w = probe_worker(pool, worker_pool, 20)
+    served: Counter[uuid.UUID] = Counter()
+    cursor = None
+    for size in [1, 2, 3, 7, 1, 12, 5, 4, 9, 2, 11, 3, 1, 6, 8, 10, 2, 2, 5, 7] * 5:
+        got = await w.claim("default", size, cursor)
+        assert got is not None and len(got.rows) == size
+        cursor = got.cursor
+        served.update(r["tenant_id"] for r in got.rows)
+        counts = [served[t] for t in tenants]
+        assert max(counts) - min(counts) <= 1, counts
