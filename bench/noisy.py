@@ -70,7 +70,7 @@ FIFO_FUNCTION = """
 CREATE FUNCTION tenantry.bench_fifo_claim(
     for_queue text, n integer, owner text, lease_s double precision, after_tenant uuid,
     tenant_cap integer)
-RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload jsonb,
+RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload text,
                priority smallint, attempts integer, max_attempts integer,
                created_at timestamptz, unknown_kind_since timestamptz,
                cursor_after uuid, more boolean)
@@ -98,15 +98,15 @@ WITH picked AS (
            lease_expires_at = now() + make_interval(secs => $4::double precision),
            started_at = now()
      WHERE j.ctid = ANY (ARRAY(SELECT p.tid FROM picked p))
-    RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload, j.priority, j.attempts,
-              j.max_attempts, j.created_at, j.unknown_kind_since
+    RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload::text AS payload, j.priority,
+              j.attempts, j.max_attempts, j.created_at, j.unknown_kind_since
 )
 SELECT c.tenant_id, c.id, c.queue, c.kind, c.payload, c.priority, c.attempts,
        c.max_attempts, c.created_at, c.unknown_kind_since, NULL::uuid, NULL::boolean
   FROM claimed c;
 GET DIAGNOSTICS got = ROW_COUNT;
 -- The claim's state row, as the fair claim ends: nothing more when it came back short.
-RETURN QUERY SELECT NULL::uuid, NULL::bigint, NULL::text, NULL::text, NULL::jsonb,
+RETURN QUERY SELECT NULL::uuid, NULL::bigint, NULL::text, NULL::text, NULL::text,
                     NULL::smallint, NULL::integer, NULL::integer, NULL::timestamptz,
                     NULL::timestamptz, after_tenant, got = n;
 END;

@@ -6,9 +6,11 @@
 -- keeps to tables, indexes and privileges, and drops what the repeatable files replace
 -- under another signature.
 
--- Repeatable migrations applied so far, with the checksum of what was applied.
+-- Repeatable migrations applied so far: the version each file declares (so that older
+-- code never overwrites newer functions) and the checksum of what was applied.
 CREATE TABLE tenantry.schema_repeatables (
     name       text        PRIMARY KEY,
+    version    integer     NOT NULL,
     checksum   text        NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
@@ -45,9 +47,11 @@ ALTER TABLE tenantry.jobs ADD COLUMN unknown_kind_since timestamptz;
 -- Job ids come from the sequence only.  GENERATED ALWAYS alone does not ensure it
 -- (INSERT ... OVERRIDING SYSTEM VALUE needs only INSERT), so tenant code may insert
 -- the columns of an enqueue and no others: not the id, the state, the lease or the
--- history.
-REVOKE INSERT ON tenantry.jobs FROM tenantry_service;
-GRANT INSERT (tenant_id, queue, kind, payload, priority, run_at, dedup_key, max_attempts)
+-- history.  Updates likewise (a debounce moves run_at; the state follows it, see
+-- jobs_schedule_delayed): a job's state and lease are the worker's.
+REVOKE INSERT, UPDATE ON tenantry.jobs FROM tenantry_service;
+GRANT INSERT (tenant_id, queue, kind, payload, priority, run_at, dedup_key, max_attempts),
+      UPDATE (tenant_id, queue, kind, payload, priority, run_at, dedup_key, max_attempts)
    ON tenantry.jobs TO tenantry_service;
 
 -- Wake-ups are decided at commit, by deferred triggers (the repeatable files), which

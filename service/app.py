@@ -165,7 +165,10 @@ def build(
         try:
             with anyio.fail_after(2):
                 async with pool.acquire() as conn:
-                    checks["migrations"] = (await migrate.status(conn)).current
+                    # Behind (this code's migrations not all applied) is not ready; ahead
+                    # (newer code has migrated, in a rolling deploy) still is: this
+                    # process was serving a moment ago, and a start refuses it anyway.
+                    checks["migrations"] = not (await migrate.status(conn)).behind
                     checks["database"] = True
         except Exception:  # whatever the database or the connection raised: not ready
             pass

@@ -62,9 +62,12 @@ class SchemaMismatch(TenantryError):
 class Snooze(Exception):
     """Run the job again after `delay` seconds without using an attempt."""
 
+    # About ten years: beyond, a datetime cannot hold the date, and it is a mistake.
+    MAX_DELAY = 315_360_000.0
+
     def __init__(self, delay: float) -> None:
-        if delay < 0:
-            raise ValueError("snooze delay must be >= 0")
+        if not 0 <= delay <= self.MAX_DELAY:  # NaN fails this too
+            raise ValueError(f"snooze delay must be 0 to {self.MAX_DELAY:g} seconds, not {delay}")
         super().__init__(f"snoozed for {delay}s")
         self.delay = delay
 

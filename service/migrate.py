@@ -9,10 +9,14 @@ is refused: the database would no longer be what the files say.
 Repeatable migrations are the functions and triggers, kept in a `functions.sql` next to
 the module that owns them (the claim beside the worker), so that a statement is read
 and changed in one place.  Like Flyway's repeatable migrations, each file is applied
-again whenever its checksum differs from the one recorded, after the numbered ones.
-Such a file must be re-runnable: CREATE OR REPLACE, and DROP ... IF EXISTS before a
-trigger.  A function whose signature changes is dropped by a numbered migration
-first (CREATE OR REPLACE cannot change a signature).
+again, after the numbered ones, when it changed.  Each file starts with `-- version: N`,
+raised with every change: a database holding a higher version than the code's is
+ahead (older code never overwrites newer functions, as two versions running side by
+side in a rolling deploy would otherwise take turns doing), and the same version with
+another checksum is an edit that forgot to raise it.  Such a file must be re-runnable:
+CREATE OR REPLACE, and DROP ... IF EXISTS before a trigger.  A function whose signature
+changes is dropped by a numbered migration first (CREATE OR REPLACE cannot change a
+signature).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import logging as log
@@ -41,6 +45,7 @@ LOCK_CLASS = 0x7E4A
 LOCK_MIGRATE = 1
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_VERSION = re.compile(r"\A-- version: (\d+)\n")
 
 _BOOTSTRAP = """
 CREATE SCHEMA IF NOT EXISTS tenantry;
@@ -73,6 +78,7 @@ class Repeatable:
     """A functions file, named by the module that owns it (`jobs`, `outbox`, ...)."""
 
     name: str
+    version: int
     sql: str
 
     @property
@@ -85,13 +91,23 @@ class Status:
     pending: list[Migration]
     unknown: list[int]  # applied in the database, absent from the code
     edited: list[int]  # applied, but the file's checksum differs
-    # Repeatable files whose recorded checksum differs from the code's (or that were
-    # never applied): `migrate` re-applies them.
-    stale: list[str]
+    # Repeatable files the database holds an older version of (or none): `migrate`
+    # applies them.
+    stale: list[str] = field(default_factory=list)
+    # Repeatable files the database holds a newer version of (newer code migrated), or
+    # the same version with other contents (an edit that did not raise the version).
+    files_ahead: list[str] = field(default_factory=list)
+    files_edited: list[str] = field(default_factory=list)
 
     @property
     def current(self) -> bool:
-        return not (self.pending or self.unknown or self.edited or self.stale)
+        return not (self.behind or self.unknown or self.edited or self.files_ahead)
+
+    @property
+    def behind(self) -> bool:
+        """Something of this code's is not applied (a process running it would call
+        tables or functions that are not there)."""
+        return bool(self.pending or self.stale or self.files_edited)
 
     def describe(self) -> str:
         if self.current:
@@ -115,9 +131,21 @@ class Status:
             )
         if self.stale:
             parts.append(
-                "functions differ from this code: "
+                "functions older than this code's: "
                 + ", ".join(self.stale)
                 + " (run `tenantry migrate` with this version)"
+            )
+        if self.files_ahead:
+            parts.append(
+                "ahead: the database has newer functions than this code's: "
+                + ", ".join(self.files_ahead)
+                + " (deploy newer code)"
+            )
+        if self.files_edited:
+            parts.append(
+                "functions changed without a new version: "
+                + ", ".join(self.files_edited)
+                + " (raise the `-- version:` line of the file)"
             )
         return "; ".join(parts)
 
@@ -137,7 +165,14 @@ def discover(directory: Path = SCHEMA_DIR) -> list[Migration]:
 
 def repeatables(files: Sequence[Path] = REPEATABLE_FILES) -> list[Repeatable]:
     """The repeatable files, each named after the folder (module) that holds it."""
-    return [Repeatable(p.parent.name, p.read_text(encoding="utf-8")) for p in files]
+    found = []
+    for path in files:
+        sql = path.read_text(encoding="utf-8")
+        version = _VERSION.match(sql)
+        if version is None:
+            raise SchemaMismatch(f"{path}: a functions file starts with `-- version: N`")
+        found.append(Repeatable(path.parent.name, int(version[1]), sql))
+    return found
 
 
 async def _applied(conn: Conn) -> dict[int, str]:
@@ -148,26 +183,33 @@ async def _applied(conn: Conn) -> dict[int, str]:
     return {r["version"]: r["checksum"] for r in rows}
 
 
-async def _applied_repeatables(conn: Conn) -> dict[str, str]:
+async def _applied_repeatables(conn: Conn) -> dict[str, tuple[int, str]]:
     exists = await conn.fetchval("SELECT to_regclass('tenantry.schema_repeatables') IS NOT NULL")
     if not exists:
         return {}
-    rows = await conn.fetch("SELECT name, checksum FROM tenantry.schema_repeatables")
-    return {r["name"]: r["checksum"] for r in rows}
+    rows = await conn.fetch("SELECT name, version, checksum FROM tenantry.schema_repeatables")
+    return {r["name"]: (r["version"], r["checksum"]) for r in rows}
 
 
 def _compare(
     migrations: list[Migration],
     applied: dict[int, str],
     files: list[Repeatable],
-    applied_files: dict[str, str],
+    applied_files: dict[str, tuple[int, str]],
 ) -> Status:
     known = {m.version: m for m in migrations}
+    held = {r.name: applied_files.get(r.name, (0, "")) for r in files}
     return Status(
         pending=[m for m in migrations if m.version not in applied],
         unknown=sorted(v for v in applied if v not in known),
         edited=sorted(v for v, c in applied.items() if v in known and known[v].checksum != c),
-        stale=[r.name for r in files if applied_files.get(r.name) != r.checksum],
+        stale=[r.name for r in files if held[r.name][0] < r.version],
+        files_ahead=[r.name for r in files if held[r.name][0] > r.version],
+        files_edited=[
+            r.name
+            for r in files
+            if held[r.name] != (r.version, r.checksum) and held[r.name][0] == r.version
+        ],
     )
 
 
@@ -190,7 +232,7 @@ async def migrate(
     try:
         await conn.execute(_BOOTSTRAP)
         st = _compare(migrations, await _applied(conn), functions, await _applied_repeatables(conn))
-        if st.unknown or st.edited:
+        if st.unknown or st.edited or st.files_ahead or st.files_edited:
             raise SchemaMismatch(st.describe())
         done: list[Migration | Repeatable] = []
         for m in st.pending:
@@ -212,10 +254,12 @@ async def migrate(
             async with conn.transaction():
                 await conn.execute(r.sql)
                 await conn.execute(
-                    "INSERT INTO tenantry.schema_repeatables (name, checksum) VALUES ($1, $2)"
-                    " ON CONFLICT (name) DO UPDATE"
-                    " SET checksum = excluded.checksum, applied_at = now()",
+                    "INSERT INTO tenantry.schema_repeatables (name, version, checksum)"
+                    " VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE"
+                    " SET version = excluded.version, checksum = excluded.checksum,"
+                    " applied_at = now()",
                     r.name,
+                    r.version,
                     r.checksum,
                 )
             logger.info("functions_applied", name=r.name, checksum=r.checksum[:12])

@@ -1,6 +1,7 @@
+-- version: 1
 -- The job queue's functions and triggers.  A repeatable migration (service/migrate.py):
--- `tenantry migrate` applies this file again whenever it changes, so every statement
--- of the queue is read and changed here.  The jobs module is the only writer of
+-- `tenantry migrate` applies this file again whenever it changes (raise the version
+-- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
 -- tenantry.jobs, dead_jobs, job_counters, periodic_runs and notify_throttle.
 --
 -- The cross-tenant functions are SECURITY DEFINER, owned by tenantry_system (which
@@ -27,44 +28,50 @@ GRANT CREATE ON SCHEMA tenantry TO tenantry_system;
 
 -- --- Enqueue and wake-ups -------------------------------------------------------------
 
--- A row inserted as runnable but due later (a plain INSERT with a future run_at) is
--- scheduled instead.  The WHEN clause is evaluated without calling the function, so a
--- row due now costs nothing here.  The clock, not the transaction's start: a row due
--- "now" by a clock read during a long transaction is runnable, not scheduled (a
--- scheduled row gets no wake-up, and would wait for a worker's poll).
+-- The state follows run_at when a producer sets it: a row inserted as runnable but due
+-- later (a plain INSERT with a future run_at), or a queued row moved into the future (a
+-- debounce: ON CONFLICT ... DO UPDATE SET run_at = later), is scheduled; a scheduled
+-- row moved into the past is runnable.  (The worker's own statements set the state
+-- themselves.)  The WHEN clause is evaluated without calling the function, so a row due
+-- now costs nothing here, nor does an update of other columns.  The clock, not the
+-- transaction's start: a row due "now" by a clock read during a long transaction is
+-- runnable, not scheduled (a scheduled row gets no wake-up, and would wait for a
+-- worker's poll).
 CREATE OR REPLACE FUNCTION tenantry.jobs_schedule_delayed() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    NEW.state := 'scheduled';
+    NEW.state := CASE WHEN NEW.run_at > clock_timestamp() THEN 'scheduled' ELSE 'queued' END;
     RETURN NEW;
 END;
 $$;
 
-CREATE OR REPLACE TRIGGER jobs_schedule_delayed BEFORE INSERT ON tenantry.jobs
-    FOR EACH ROW WHEN (NEW.state = 'queued' AND NEW.run_at > clock_timestamp())
+CREATE OR REPLACE TRIGGER jobs_schedule_delayed BEFORE INSERT OR UPDATE OF run_at ON tenantry.jobs
+    FOR EACH ROW
+    WHEN ((NEW.state = 'queued' AND NEW.run_at > clock_timestamp())
+          OR (NEW.state = 'scheduled' AND NEW.run_at <= clock_timestamp()))
     EXECUTE FUNCTION tenantry.jobs_schedule_delayed();
 
 -- Throttled NOTIFY, decided when the inserting transaction commits (it is called from
 -- deferred triggers).  A NOTIFY takes a cluster-wide lock at commit, so a burst of
--- concurrent inserters must not all send one: at most one per `window_ms` per key.
+-- concurrent inserters must not all send one: at most one per `window_ms` per key, as
+-- a rule.
 --
 -- Deciding at commit is what makes the throttle safe with long transactions.  Decided
 -- earlier, the transaction that won the window kept the throttle row locked until it
 -- committed, and its own notification came only then, so one producer's open
 -- transaction silenced everyone else's wake-ups (and the first enqueue of a new queue
--- blocked other producers on the row's insert).  Here the row is locked only for the
--- instant of a commit; rows are created by the workers for their queues
--- (ensure_wake_keys), never by a producer, so no producer waits on another.
---
--- Staying quiet is safe when: another transaction of this 5 ms bucket holds the
--- in-memory try-lock (it is committing a wake-up right now); a wake-up committed within
--- the window; or the row is locked (being committed with a wake-up right now).  In each
--- case a notification is sent within the window, and workers fetch once more a little
--- over a window after each wake-up (WorkerConfig.trailing_fetch), which finds this
--- commit.  A key without a row (a queue no worker has announced) always notifies.
--- The lock class 0x7E4B is ours (migrations use 0x7E4A).
+-- blocked other producers on the row's insert).  Here a committing transaction stays
+-- quiet only when a wake-up committed within the window (workers fetch once more a
+-- little over a window after each wake-up, WorkerConfig.trailing_fetch, which finds
+-- this commit too).  A throttle row locked by another transaction may be held for long
+-- (a slow commit, or a transaction that set its constraints IMMEDIATE, which runs this
+-- at its INSERT): this one then notifies all the same, never silently.  Rows are
+-- created by the workers for their queues (ensure_wake_keys), never by a producer, so
+-- no producer waits on another; a key without a row (a queue no worker has announced)
+-- always notifies.  Once per key and transaction (the triggers call it per row): the
+-- later calls of a transaction return at once, taking no lock.
 CREATE OR REPLACE FUNCTION tenantry.notify_throttled(channel text, payload text, window_ms integer)
 RETURNS boolean
 LANGUAGE plpgsql
@@ -72,15 +79,15 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     k text := channel || ':' || payload;
+    done_flag text := 'tenantry.woke_' || md5(k);
     quiet_since timestamptz := clock_timestamp() - make_interval(secs => window_ms / 1000.0);
     last timestamptz;
 BEGIN
-    IF NOT pg_try_advisory_xact_lock(
-           32331,
-           hashtext(k) # (floor(extract(epoch FROM clock_timestamp()) * 1000 / window_ms)::bigint
-                          % 2147483647)::integer) THEN
+    -- '1' only within this transaction: after it a placeholder setting reads as ''.
+    IF current_setting(done_flag, true) = '1' THEN
         RETURN false;
     END IF;
+    PERFORM set_config(done_flag, '1', true);
     SELECT t.last_at INTO last FROM tenantry.notify_throttle t WHERE t.key = k;
     IF FOUND THEN
         IF last > quiet_since THEN
@@ -89,10 +96,9 @@ BEGIN
         PERFORM 1 FROM tenantry.notify_throttle t
          WHERE t.key = k AND t.last_at <= quiet_since
            FOR UPDATE SKIP LOCKED;
-        IF NOT FOUND THEN
-            RETURN false;
+        IF FOUND THEN
+            UPDATE tenantry.notify_throttle SET last_at = clock_timestamp() WHERE key = k;
         END IF;
-        UPDATE tenantry.notify_throttle SET last_at = clock_timestamp() WHERE key = k;
     END IF;
     PERFORM pg_notify(channel, payload);
     RETURN true;
@@ -101,8 +107,8 @@ $$;
 
 -- Wake the workers of the queue a runnable row went to, when its transaction commits.
 -- A deferred row trigger: per row, but the WHEN clause is checked in the server
--- without a call, and the later rows of one transaction find the try-lock or the
--- throttle row already taken by its first.
+-- without a call, and the later rows of one transaction return at once
+-- (notify_throttled).
 CREATE OR REPLACE FUNCTION tenantry.jobs_wake() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -235,7 +241,7 @@ $$;
 CREATE OR REPLACE FUNCTION tenantry.claim_jobs_at(
     for_queue text, level smallint, n integer, owner text, lease_s double precision,
     after_tenant uuid, tenant_cap integer, max_tenants integer)
-RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload jsonb,
+RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload text,
                priority smallint, attempts integer, max_attempts integer,
                created_at timestamptz, unknown_kind_since timestamptz,
                cursor_after uuid, level_done boolean)
@@ -352,8 +358,11 @@ claimed AS (
            lease_expires_at = now() + make_interval(secs => $5::double precision),
            started_at = now()
      WHERE j.ctid = ANY (ARRAY(SELECT p.tid FROM picked p))
-    RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload, j.priority, j.attempts,
-              j.max_attempts, j.created_at, j.unknown_kind_since
+    -- The payload as text: the worker decodes each job's on its own, so that one it
+    -- cannot read (a number no double holds, nesting deeper than its parser takes)
+    -- costs that job and not the whole claim.
+    RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload::text AS payload, j.priority,
+              j.attempts, j.max_attempts, j.created_at, j.unknown_kind_since
 )
 (SELECT c.tenant_id, c.id, c.queue, c.kind, c.payload, c.priority, c.attempts,
         c.max_attempts, c.created_at, c.unknown_kind_since, NULL::uuid, NULL::boolean
@@ -362,7 +371,7 @@ claimed AS (
    JOIN chosen o ON o.tenant_id = c.tenant_id AND o.id = c.id
   ORDER BY o.rn, o.pos)
 UNION ALL
-SELECT NULL::uuid, NULL::bigint, NULL::text, NULL::text, NULL::jsonb, NULL::smallint,
+SELECT NULL::uuid, NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::smallint,
        NULL::integer, NULL::integer, NULL::timestamptz, NULL::timestamptz,
        (SELECT c.tenant_id FROM chosen c ORDER BY c.rn DESC, c.pos DESC LIMIT 1),
        (SELECT s.ended FROM walked s)
@@ -384,7 +393,7 @@ $$;
 CREATE OR REPLACE FUNCTION tenantry.claim_jobs(
     for_queue text, n integer, owner text, lease_s double precision, after_tenant uuid,
     tenant_cap integer)
-RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload jsonb,
+RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload text,
                priority smallint, attempts integer, max_attempts integer,
                created_at timestamptz, unknown_kind_since timestamptz,
                cursor_after uuid, more boolean)
@@ -406,6 +415,13 @@ DECLARE
     done boolean;
     r record;
 BEGIN
+    IF tenant_cap IS NOT NULL THEN
+        -- With a cap, claims of a queue take turns: each counts a tenant's running rows
+        -- in its own snapshot, and two at once could each take a row of a tenant that
+        -- has room for one.  Every statement below sees the claims committed before
+        -- (READ COMMITTED, a snapshot per statement).  0x7E4C: our lock class for it.
+        PERFORM pg_advisory_xact_lock(32332, hashtext(for_queue));
+    END IF;
     PERFORM tenantry.stage_due_jobs(for_queue, 1000);
     SELECT j.priority INTO lvl
       FROM tenantry.jobs j

@@ -87,7 +87,11 @@ SELECT * FROM tenantry.queue_stats()
 SELECT * FROM tenantry.dead_jobs_list($1::integer)
 
 -- name: dead_show
-SELECT * FROM tenantry.dead_job_show($1::bigint, $2::uuid)
+-- The payload as text: an operator must see even one no decoder takes.
+SELECT d.tenant_id, d.id, d.queue, d.kind, d.payload::text AS payload, d.priority,
+       d.attempts, d.max_attempts, d.last_error, d.errors, d.dedup_key, d.reason,
+       d.created_at, d.died_at
+  FROM tenantry.dead_job_show($1::bigint, $2::uuid) d
 
 -- name: dead_retry
 SELECT tenantry.dead_job_retry($1::bigint, $2::uuid)

@@ -3,12 +3,14 @@ transaction), queue statistics, and the dead-letter operations."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from ..db import Executor
 from ..errors import Conflict, Invalid, NotFound
@@ -99,7 +101,11 @@ async def dead_show(
         raise _ambiguous(exc) from exc
     if row is None:
         raise NotFound(f"no dead job with id {job_id}")
-    return dict(row)
+    dead = dict(row)
+    # Shown as the text it is when no decoder takes it (a number no double holds, say).
+    with contextlib.suppress(orjson.JSONDecodeError):
+        dead["payload"] = orjson.loads(dead["payload"])
+    return dead
 
 
 async def dead_retry(conn: Executor, job_id: int, tenant_id: uuid.UUID | None = None) -> int:

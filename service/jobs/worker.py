@@ -25,6 +25,7 @@ from typing import Any
 
 import anyio
 import asyncpg
+import orjson
 from anyio.abc import TaskStatus
 
 from .. import logging as log
@@ -429,12 +430,20 @@ class Worker:
         reg = self.registry.get(row["kind"])
         policy = reg.policy if reg is not None else Policy()
         timeout = policy.timeout or self.config.job_timeout
+        # The payload comes as JSON text and is decoded job by job: one that cannot be
+        # read (a number no double holds, nesting deeper than the parser takes) fails
+        # its own job, not the claim that brought it.
+        payload_error: str | None = None
+        try:
+            payload = orjson.loads(row["payload"])
+        except orjson.JSONDecodeError as exc:
+            payload, payload_error = None, f"the payload cannot be decoded: {exc}"
         job = Job(
             id=row["id"],
             tenant_id=row["tenant_id"],
             queue=row["queue"],
             kind=row["kind"],
-            payload=row["payload"],
+            payload=payload,
             attempt=row["attempts"],
             max_attempts=row["max_attempts"] or policy.max_attempts,
             priority=row["priority"],
@@ -449,7 +458,7 @@ class Worker:
         if deadline < self._watch_next:
             self._watch_wake.set()
         task = asyncio.get_running_loop().create_task(
-            self._execute(loop, entry, row["unknown_kind_since"])
+            self._execute(loop, entry, row["unknown_kind_since"], payload_error)
         )
         entry.task = task
         self._tasks.add(task)
@@ -464,12 +473,32 @@ class Worker:
     # --- running ------------------------------------------------------------------
 
     async def _execute(
-        self, loop: QueueLoop, entry: _Running, unknown_since: datetime | None
+        self,
+        loop: QueueLoop,
+        entry: _Running,
+        unknown_since: datetime | None,
+        payload_error: str | None,
     ) -> None:
         job = entry.job
         key: JobKey = (job.tenant_id, job.id)
+        jlog = _JobLog(self.log, job)
+        outcome: Outcome | None
         try:
-            outcome = await self._outcome(job, entry, _JobLog(self.log, job), unknown_since)
+            if payload_error is not None:
+                reg = self.registry.get(job.kind)
+                outcome = self._dead(job, reg, "permanent", payload_error, jlog)
+            else:
+                outcome = await self._outcome(job, entry, jlog, unknown_since)
+        except Exception as exc:
+            # Deciding the outcome failed (a bug of ours): the attempt counts as failed
+            # rather than its outcome being lost until the lease runs out.
+            self.log.exception("job_outcome_failed", job_id=job.id)
+            outcome = Retry(
+                key,
+                self.clock.now() + timedelta(seconds=self.config.lease_seconds),
+                f"the outcome could not be decided: {_describe(exc)}",
+                {"attempt": job.attempt, "error": _describe(exc), "worker": self.owner},
+            )
         finally:
             loop.running.pop(key, None)
             self._running -= 1
@@ -530,6 +559,13 @@ class Worker:
                 jlog.warning("job_failed_after_commit", error=_describe(exc))
                 return None
             return self._failed(job, reg, _describe(exc), jlog, exc)
+        except BaseException as exc:
+            # SystemExit (argparse or click inside a handler), KeyboardInterrupt: the
+            # handler's failure, not a reason to end the process.
+            if job.completed_in_tx:
+                jlog.warning("job_failed_after_commit", error=_describe(exc))
+                return None
+            return self._failed(job, reg, _describe(exc), jlog, exc)
         if log.debug_enabled():
             elapsed_ms = round((self.clock.monotonic() - started) * 1e3, 3)
             jlog.debug("job_succeeded", duration_ms=elapsed_ms)
@@ -554,7 +590,7 @@ class Worker:
     def _dead(
         self,
         job: Job,
-        reg: Registration,
+        reg: Registration | None,
         reason: str,
         msg: str,
         jlog: _JobLog,
@@ -568,7 +604,7 @@ class Worker:
             msg,
             self._error_obj(job, msg, exc),
             reason,
-            hook=reg.dead_hook_kind,
+            hook=reg.dead_hook_kind if reg is not None else None,
             unrun=unrun,
         )
 
@@ -599,7 +635,10 @@ class Worker:
             "worker": self.owner,
         }
         if exc is not None:
-            tb = "".join(traceback.format_exception(exc, limit=8))
+            try:
+                tb = "".join(traceback.format_exception(exc, limit=8))
+            except Exception:  # an exception that cannot even be formatted
+                tb = f"(no traceback: {type(exc).__name__} cannot be formatted)"
             obj["traceback"] = safe_text(tb)[-_ERROR_TEXT_MAX:]
         return obj
 
@@ -706,7 +745,11 @@ class _JobLog:
 
 
 def _describe(exc: BaseException) -> str:
-    """`Type: message`, safe for a text column and a log line."""
-    text = str(exc)
+    """`Type: message`, safe for a text column and a log line, whatever the exception's
+    str() does."""
     name = type(exc).__name__
+    try:
+        text = str(exc)
+    except Exception:
+        text = "(its message cannot be printed)"
     return safe_text(f"{name}: {text}" if text else name)

@@ -1,5 +1,7 @@
+-- version: 1
 -- The onboarding module's functions.  A repeatable migration (service/migrate.py),
--- applied again whenever this file changes.
+-- applied again whenever this file changes (raise the version above with every
+-- change).
 
 GRANT CREATE ON SCHEMA tenantry TO tenantry_system;
 

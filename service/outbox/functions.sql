@@ -1,5 +1,7 @@
+-- version: 1
 -- The outbox's functions and triggers.  A repeatable migration (service/migrate.py),
--- applied again whenever this file changes.  The outbox module is the only writer of
+-- applied again whenever this file changes (raise the version above with every
+-- change).  The outbox module is the only writer of
 -- tenantry.outbox, besides other services calling tenantry.emit in their own
 -- transactions.
 

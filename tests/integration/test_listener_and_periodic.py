@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import asyncpg
 
-from service import db
+from service import db, roles
 from service.jobs import queue as jobs
 from service.jobs.maintenance import PeriodicEnqueuer
 from service.jobs.model import Job
@@ -213,4 +213,30 @@ async def test_an_open_transaction_does_not_silence_the_outbox_either(
                 await anyio.sleep(0.006)
             await heard.wait(2)
     finally:
+        await heard.conn.close()
+
+
+async def test_one_connection_is_heard_in_each_of_its_transactions(
+    worker_pool: asyncpg.Pool, database_url: str
+) -> None:
+    """The once-per-transaction guard of the wake-up must end with the transaction (a
+    placeholder setting reads '' afterwards, not NULL: a guard testing for NULL kept a
+    connection silent for good after its first wake-up)."""
+    await worker_pool.execute("SELECT tenantry.ensure_wake_keys(ARRAY['again'])")
+    heard = await Heard.on(database_url, "tenantry_jobs")
+    producer = await asyncpg.connect(roles.with_login(database_url, roles.DEFAULT_LOGIN))
+    try:
+        for _ in range(3):
+            async with producer.transaction():
+                await producer.execute(
+                    "SELECT set_config('app.tenant_id', $1, true)", str(TENANT_A)
+                )
+                await producer.execute(
+                    "INSERT INTO tenantry.jobs (tenant_id, queue, kind) VALUES ($1, 'again', 'x')",
+                    TENANT_A,
+                )
+            await anyio.sleep(0.01)  # past the 5 ms window
+        await heard.wait(3)
+    finally:
+        await producer.close()
         await heard.conn.close()

@@ -80,38 +80,58 @@ async def test_failed_migration_leaves_no_trace(empty_database_url: str, tmp_pat
         await conn.close()
 
 
-async def test_a_changed_functions_file_is_applied_again(
+async def test_a_changed_functions_file_is_applied_again_and_never_downgraded(
     empty_database_url: str, tmp_path: Path
 ) -> None:
     """Repeatable migrations: a functions file is applied after the numbered
-    migrations, again whenever its checksum changes, and never otherwise."""
+    migrations, again when its version is raised, and never otherwise.  Regression:
+    with checksums alone, older code migrating after newer code put its own functions
+    back (replicas of two versions in a rolling deploy took turns)."""
     numbered = tmp_path / "schema"
     numbered.mkdir()
     (numbered / "0001_t.sql").write_text("CREATE TABLE tenantry.t (x int);")
     (numbered / "0002_r.sql").write_text(
-        "CREATE TABLE tenantry.schema_repeatables"
-        " (name text PRIMARY KEY, checksum text NOT NULL, applied_at timestamptz DEFAULT now());"
+        "CREATE TABLE tenantry.schema_repeatables (name text PRIMARY KEY, version integer"
+        " NOT NULL, checksum text NOT NULL, applied_at timestamptz DEFAULT now());"
     )
     module = tmp_path / "thing"
     module.mkdir()
     functions = module / "functions.sql"
-    functions.write_text(
-        "CREATE OR REPLACE FUNCTION tenantry.answer() RETURNS int LANGUAGE sql RETURN 41;"
-    )
+
+    def write(version: int, answer: int) -> None:
+        functions.write_text(
+            f"-- version: {version}\n"
+            "CREATE OR REPLACE FUNCTION tenantry.answer() RETURNS int"
+            f" LANGUAGE sql RETURN {answer};"
+        )
+
+    write(1, 41)
     conn = await db.connect(empty_database_url)
     try:
         first = await migrate.migrate(conn, numbered, files=[functions])
-        assert [getattr(m, "version", None) or m.name for m in first] == [1, 2, "thing"]
+        assert [getattr(m, "version", None) if isinstance(m, migrate.Migration) else m.name
+                for m in first] == [1, 2, "thing"]  # fmt: skip
         assert await conn.fetchval("SELECT tenantry.answer()") == 41
         assert await migrate.migrate(conn, numbered, files=[functions]) == []
-        functions.write_text(
-            "CREATE OR REPLACE FUNCTION tenantry.answer() RETURNS int LANGUAGE sql RETURN 42;"
-        )
+        write(2, 42)  # a new version of the code
         st = await migrate.status(conn, numbered, files=[functions])
-        assert st.stale == ["thing"] and "functions differ" in st.describe()
+        assert st.stale == ["thing"] and st.behind and "older than this code" in st.describe()
         again = await migrate.migrate(conn, numbered, files=[functions])
-        assert [r.name for r in again] == ["thing"]
+        assert [r.name for r in again if isinstance(r, migrate.Repeatable)] == ["thing"]
         assert await conn.fetchval("SELECT tenantry.answer()") == 42
         assert (await migrate.status(conn, numbered, files=[functions])).current
+        write(1, 41)  # the old code again, as in a rolling deploy: refused
+        st = await migrate.status(conn, numbered, files=[functions])
+        assert st.files_ahead == ["thing"] and not st.behind and not st.current
+        with pytest.raises(SchemaMismatch, match="newer functions"):
+            await migrate.migrate(conn, numbered, files=[functions])
+        assert await conn.fetchval("SELECT tenantry.answer()") == 42
+        write(2, 43)  # an edit that forgot to raise the version: refused
+        with pytest.raises(SchemaMismatch, match="without a new version"):
+            await migrate.migrate(conn, numbered, files=[functions])
+        assert await conn.fetchval("SELECT tenantry.answer()") == 42
+        functions.write_text("CREATE FUNCTION tenantry.x() RETURNS int LANGUAGE sql RETURN 1;")
+        with pytest.raises(SchemaMismatch, match="starts with `-- version: N`"):
+            migrate.repeatables([functions])
     finally:
         await conn.close()
