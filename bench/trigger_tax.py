@@ -5,7 +5,7 @@ INSERT into tenantry.jobs per transaction (a tenant out of 100, kind 'noop'), fo
 `--seconds` per round, in three configurations on one fresh database:
 
   throttled  the deferred `jobs_wake` trigger as migrated: decided at commit, at most
-             one NOTIFY per queue per 5 ms window (tenantry.notify_throttled), with
+             one NOTIFY per queue per 5 ms window (tenantry.wake_at_commit), with
              the queue's throttle row in place as a worker creates it;
   none       the same table with `jobs_wake` disabled: the ceiling;
   naive      for reference, a FOR EACH ROW trigger calling pg_notify for every row

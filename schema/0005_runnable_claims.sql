@@ -70,6 +70,7 @@ DROP TRIGGER jobs_notify ON tenantry.jobs;
 DROP FUNCTION tenantry.jobs_notify();
 DROP TRIGGER outbox_notify ON tenantry.outbox;
 DROP FUNCTION tenantry.outbox_notify();
+DROP FUNCTION tenantry.notify_throttled(text, text, integer);
 DROP FUNCTION tenantry.claim_jobs(text, integer, text, double precision, uuid, integer, integer);
 DROP FUNCTION tenantry.next_due_job(text[]);
 DROP FUNCTION tenantry.complete_jobs(uuid[], bigint[], text);

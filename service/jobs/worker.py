@@ -332,7 +332,7 @@ class Worker:
 
     async def _announce_queues(self) -> None:
         """Throttle rows for this worker's queues, so that producers never create one
-        (see notify_throttled).  Best effort: without them wake-ups are unthrottled."""
+        (see tenantry.wake_at_commit).  Best effort: without them wake-ups are unthrottled."""
         try:
             with anyio.fail_after(10):
                 await self.worker_pool.execute(Q["ensure_wake_keys"], list(self.loops))

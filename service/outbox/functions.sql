@@ -46,22 +46,12 @@ END;
 $$;
 
 -- Wake the followers (SSE hubs now, webhook fan-out later) when the inserting
--- transaction commits, throttled like the jobs' wake-up (see notify_throttled in
+-- transaction commits, throttled like the jobs' wake-up (tenantry.wake_at_commit in
 -- service/jobs/functions.sql); the payload names the channel's content, never a row.
-CREATE OR REPLACE FUNCTION tenantry.outbox_wake() RETURNS trigger
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    PERFORM tenantry.notify_throttled('tenantry_outbox', 'outbox', 5);
-    RETURN NULL;
-END;
-$$;
-
 DROP TRIGGER IF EXISTS outbox_wake ON tenantry.outbox;
 CREATE CONSTRAINT TRIGGER outbox_wake AFTER INSERT ON tenantry.outbox
     DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION tenantry.outbox_wake();
+    FOR EACH ROW EXECUTE FUNCTION tenantry.wake_at_commit('tenantry_outbox', 'outbox');
 
 -- An event as its followers send it on: the payload with the envelope's keys (which
 -- win over the payload's), as JSON text, so that no follower decodes and re-encodes it.
@@ -144,12 +134,10 @@ END;
 $$;
 
 ALTER FUNCTION tenantry.emit(uuid, text, text, text, jsonb, integer) OWNER TO tenantry_owner;
-ALTER FUNCTION tenantry.outbox_wake() OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.event_data(jsonb, text, integer, timestamptz) OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.outbox_follow(text, text) OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.prune_outbox(integer, integer) OWNER TO tenantry_system;
 REVOKE ALL ON FUNCTION tenantry.emit(uuid, text, text, text, jsonb, integer),
-                       tenantry.outbox_wake(),
                        tenantry.event_data(jsonb, text, integer, timestamptz),
                        tenantry.outbox_follow(text, text),
                        tenantry.prune_outbox(integer, integer)
