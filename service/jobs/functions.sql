@@ -209,12 +209,16 @@ $$;
 
 -- --- The claim ------------------------------------------------------------------------
 
+-- The claim's parts (stage_due_jobs, claim_jobs_at) run inside claim_jobs only, as its
+-- owner and under its settings (search_path, generic plans): they have no SECURITY
+-- DEFINER or SET clause of their own, which would save and restore the settings on
+-- every call, and nobody else may execute them.
+
 -- Staging: scheduled rows of a queue that have fallen due become runnable, a bounded
 -- batch per call.  Locked rows are skipped: another claim is staging them.
 CREATE OR REPLACE FUNCTION tenantry.stage_due_jobs(for_queue text, max_rows integer)
 RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-    SET plan_cache_mode = force_generic_plan
+LANGUAGE plpgsql
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -266,8 +270,7 @@ RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload text,
                priority smallint, attempts integer, max_attempts integer,
                created_at timestamptz, unknown_kind_since timestamptz,
                cursor_after uuid, level_done boolean)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-    SET plan_cache_mode = force_generic_plan
+LANGUAGE plpgsql
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -897,8 +900,8 @@ BEGIN
     FOR f IN SELECT p.oid::regprocedure AS sig, p.proname::text AS name
                FROM pg_catalog.pg_proc p
               WHERE p.pronamespace = 'tenantry'::regnamespace AND p.prosecdef
-                AND p.proname IN ('ensure_wake_keys', 'stage_due_jobs', 'claim_jobs_at',
-                                  'claim_jobs', 'next_due_job', 'record_job_outcomes',
+                AND p.proname IN ('ensure_wake_keys', 'claim_jobs', 'next_due_job',
+                                  'record_job_outcomes',
                                   'extend_job_leases', 'rescue_expired_jobs',
                                   'prune_job_counters', 'queue_stats', 'dead_jobs_list',
                                   'dead_job_locate', 'dead_job_show', 'dead_job_retry',
@@ -918,6 +921,13 @@ $$;
 -- The wake-up runs at commit as whoever inserted the row (tenant code, a worker writing
 -- a dead-letter hook job, an operator retrying a dead job): 0005 grants them the
 -- throttle table.  A trigger function needs no EXECUTE grant to fire.
+ALTER FUNCTION tenantry.stage_due_jobs(text, integer) OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.claim_jobs_at(text, smallint, integer, text, double precision, uuid,
+                                      integer, integer) OWNER TO tenantry_system;
+REVOKE ALL ON FUNCTION tenantry.stage_due_jobs(text, integer),
+                       tenantry.claim_jobs_at(text, smallint, integer, text, double precision,
+                                              uuid, integer, integer)
+    FROM PUBLIC;
 ALTER FUNCTION tenantry.jobs_schedule_delayed() OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.wake_at_commit() OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.enqueue(uuid, text, jsonb, text, timestamptz, smallint, text, integer)
