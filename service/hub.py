@@ -112,6 +112,7 @@ class CollectorTuning:
         self._enabled = enabled
         self._above = above
         self._defaults = gc.get_threshold()
+        self._frozen_at = 0
         self.active = False
 
     def update(self, streams: int) -> None:
@@ -119,14 +120,20 @@ class CollectorTuning:
             return
         if not self.active and streams > self._above:
             self.active = True
-            gc.freeze()
+            self._freeze(streams)
             gc.set_threshold(50_000, 20, 10)
             log.get("sse_hub").info("collector_tuned", streams=streams)
+        elif self.active and streams > 2 * self._frozen_at:
+            self._freeze(streams)  # the streams opened since are long-lived too
         elif self.active and streams < self._above // 2:
             self.active = False
             gc.set_threshold(*self._defaults)
             gc.unfreeze()
             log.get("sse_hub").info("collector_restored", streams=streams)
+
+    def _freeze(self, streams: int) -> None:
+        gc.freeze()
+        self._frozen_at = streams
 
 
 class Hub:
