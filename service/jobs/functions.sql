@@ -260,9 +260,10 @@ $$;
 --
 -- The last row returned says how the round ended (its job columns are NULL):
 -- cursor_after, the tenant served last (where the next claim goes on), and level_done,
--- true when the walk went round the whole circle and no tenant left a row behind for
--- want of share, so that no runnable row of this priority remains for a tenant with
--- room (but rows that other claims have locked at this moment).
+-- true when the walk went round the whole circle, no candidate was left out for want
+-- of slots, and no tenant left a row behind for want of share, so that no runnable row
+-- of this priority remains for a tenant with room (but rows that other claims have
+-- locked at this moment).
 CREATE OR REPLACE FUNCTION tenantry.claim_jobs_at(
     for_queue text, level smallint, n integer, owner text, lease_s double precision,
     after_tenant uuid, tenant_cap integer, max_tenants integer)
@@ -398,7 +399,10 @@ UNION ALL
 SELECT NULL::uuid, NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::smallint,
        NULL::integer, NULL::integer, NULL::timestamptz, NULL::timestamptz,
        (SELECT c.tenant_id FROM chosen c ORDER BY c.rn DESC, c.pos DESC LIMIT 1),
+       -- Done: the walk went round, no candidate was left out for want of slots, and
+       -- no tenant stopped at its share with more rows possibly behind it.
        (SELECT s.ended FROM walked s)
+       AND (SELECT count(*) FROM candidates) <= $3::integer
        AND NOT EXISTS (
            SELECT 1 FROM candidates c
             WHERE c.share_bound

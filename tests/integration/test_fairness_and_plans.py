@@ -102,6 +102,22 @@ async def test_per_tenant_cap(
     assert again is not None and again.rows == [] and not again.more  # A holds its three
 
 
+async def test_a_claim_cut_short_by_its_slots_says_more_remain(
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    """Regression (found by the model test): with a cap, each tenant's share equalled
+    its room, so a round whose candidates outnumbered its slots counted every tenant as
+    done, and the claim said nothing was left while a row of a tenant with room was."""
+    for t, n in ((TENANT_A, 2), (TENANT_B, 2)):
+        for _ in range(n):
+            await jobs.enqueue(pool, tenant_id=t, kind="w")
+    w = probe_worker(pool, worker_pool, 3, tenant_concurrency=2)
+    first = await w.claim("default", 3, None)
+    assert first is not None and len(first.rows) == 3 and first.more
+    second = await w.claim("default", 1, first.cursor)
+    assert second is not None and len(second.rows) == 1
+
+
 async def test_tenants_whose_jobs_are_all_delayed_do_not_halt_the_others(
     worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
