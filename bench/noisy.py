@@ -73,7 +73,7 @@ CREATE FUNCTION tenantry.bench_fifo_claim(
 RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload text,
                priority smallint, attempts integer, max_attempts integer,
                created_at timestamptz, unknown_kind_since timestamptz,
-               cursor_after uuid, more boolean)
+               cursor_after uuid, more boolean, capped boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     SET plan_cache_mode = force_generic_plan
 AS $$
@@ -102,13 +102,14 @@ WITH picked AS (
               j.attempts, j.max_attempts, j.created_at, j.unknown_kind_since
 )
 SELECT c.tenant_id, c.id, c.queue, c.kind, c.payload, c.priority, c.attempts,
-       c.max_attempts, c.created_at, c.unknown_kind_since, NULL::uuid, NULL::boolean
+       c.max_attempts, c.created_at, c.unknown_kind_since, NULL::uuid, NULL::boolean,
+       NULL::boolean
   FROM claimed c;
 GET DIAGNOSTICS got = ROW_COUNT;
 -- The claim's state row, as the fair claim ends: nothing more when it came back short.
 RETURN QUERY SELECT NULL::uuid, NULL::bigint, NULL::text, NULL::text, NULL::text,
                     NULL::smallint, NULL::integer, NULL::integer, NULL::timestamptz,
-                    NULL::timestamptz, after_tenant, got = n;
+                    NULL::timestamptz, after_tenant, got = n, false;
 END;
 $$;
 ALTER FUNCTION tenantry.bench_fifo_claim(text, integer, text, double precision, uuid, integer)

@@ -19,7 +19,15 @@ from . import config, db, migrate, roles
 from . import logging as log
 from .app import serve
 from .embedded import EmbeddedPostgres
-from .errors import Conflict, InsecureRole, Invalid, NotFound, SchemaMismatch, TenantryError
+from .errors import (
+    Conflict,
+    InsecureRole,
+    Invalid,
+    MigrationBlocked,
+    NotFound,
+    SchemaMismatch,
+    TenantryError,
+)
 from .jobs import queue as jobs
 from .jobs.registry import load as load_registry
 from .tenants import store as tenants
@@ -249,7 +257,7 @@ def _main(argv: Sequence[str] | None) -> int:
         # Operators' commands see across tenants: the worker's login has those functions.
         cross_tenant = args.command in ("jobs", "dead")
         return _run_async(_dispatch, args, urls.worker if cross_tenant else urls.service)
-    except (SchemaMismatch, Conflict, NotFound, Invalid, InsecureRole) as exc:
+    except (SchemaMismatch, MigrationBlocked, Conflict, NotFound, Invalid, InsecureRole) as exc:
         return _fail(str(exc))
     except TenantryError as exc:
         return _fail(str(exc), EXIT_USAGE)

@@ -56,6 +56,10 @@ class SchemaMismatch(TenantryError):
     """The database schema is behind or ahead of the code."""
 
 
+class MigrationBlocked(TenantryError):
+    """A migration gave up waiting for a lock that a long transaction holds."""
+
+
 # --- job outcomes a handler may raise -------------------------------------------------
 
 

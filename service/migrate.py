@@ -14,22 +14,33 @@ raised with every change: a database holding a higher version than the code's is
 ahead (older code never overwrites newer functions, as two versions running side by
 side in a rolling deploy would otherwise take turns doing), and the same version with
 another checksum is an edit that forgot to raise it.  Such a file must be re-runnable:
-CREATE OR REPLACE, and DROP ... IF EXISTS before a trigger.  A function whose signature
-changes is dropped by a numbered migration first (CREATE OR REPLACE cannot change a
-signature).
+CREATE OR REPLACE, and triggers through `tenantry.ensure_trigger`, which touches a
+trigger (and locks its table) only when its definition changed.  A function whose
+signature changes is dropped in the file itself, just before it is created again, and
+only if it still has its old signature (CREATE OR REPLACE cannot change a signature),
+so the change is one transaction.
+
+Each migration's transaction waits at most `lock_timeout` for a lock: a statement
+queued behind a long transaction for a table's lock holds up every later query of
+that table meanwhile, so it gives up, waits and tries again, `attempts` times, then
+fails with MigrationBlocked (nothing applied).
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
+import asyncpg
+
 from . import logging as log
 from .db import Conn
-from .errors import SchemaMismatch
+from .errors import MigrationBlocked, SchemaMismatch
 
 _PACKAGE = Path(__file__).resolve().parent
 SCHEMA_DIR = _PACKAGE.parent / "schema"
@@ -220,8 +231,47 @@ async def status(
     return _compare(discover(directory), applied, repeatables(files), applied_files)
 
 
+async def _in_transaction(
+    conn: Conn,
+    what: str,
+    work: Callable[[], Awaitable[None]],
+    *,
+    lock_timeout: float,
+    attempts: int,
+) -> None:
+    """Run `work` in a transaction whose lock waits are bounded, again after a pause
+    when a lock was not granted in time."""
+    logger = log.get("migrate")
+    for attempt in range(1, attempts + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT set_config('lock_timeout', $1, true)", f"{int(lock_timeout * 1000)}ms"
+                )
+                await work()
+            return
+        except asyncpg.LockNotAvailableError:
+            if attempt == attempts:
+                break
+            pause = min(lock_timeout, 5.0) * (0.5 + random.random())
+            logger.warning(
+                "migration_lock_wait", migration=what, attempt=attempt, retry_in_s=round(pause, 3)
+            )
+            await anyio.sleep(pause)
+    raise MigrationBlocked(
+        f"{what}: a lock was not granted within {lock_timeout:g}s, {attempts} times: a long"
+        " transaction holds the table (see pg_stat_activity); nothing of it was applied,"
+        " run `tenantry migrate` again"
+    )
+
+
 async def migrate(
-    conn: Conn, directory: Path = SCHEMA_DIR, files: Sequence[Path] = REPEATABLE_FILES
+    conn: Conn,
+    directory: Path = SCHEMA_DIR,
+    files: Sequence[Path] = REPEATABLE_FILES,
+    *,
+    lock_timeout: float = 5.0,
+    attempts: int = 6,
 ) -> list[Migration | Repeatable]:
     """Apply pending numbered migrations, then the repeatable files that changed;
     return what this call applied."""
@@ -236,7 +286,8 @@ async def migrate(
             raise SchemaMismatch(st.describe())
         done: list[Migration | Repeatable] = []
         for m in st.pending:
-            async with conn.transaction():
+
+            async def apply_numbered(m: Migration = m) -> None:
                 await conn.execute(
                     "INSERT INTO tenantry.schema_migrations (version, name, checksum)"
                     " VALUES ($1, $2, $3)",
@@ -245,13 +296,22 @@ async def migrate(
                     m.checksum,
                 )
                 await conn.execute(m.sql)
+
+            await _in_transaction(
+                conn,
+                f"{m.version:04d}_{m.name}",
+                apply_numbered,
+                lock_timeout=lock_timeout,
+                attempts=attempts,
+            )
             logger.info("migration_applied", version=m.version, name=m.name)
             done.append(m)
         stale = set(st.stale)
         for r in functions:
             if r.name not in stale:
                 continue
-            async with conn.transaction():
+
+            async def apply_repeatable(r: Repeatable = r) -> None:
                 await conn.execute(r.sql)
                 await conn.execute(
                     "INSERT INTO tenantry.schema_repeatables (name, version, checksum)"
@@ -262,6 +322,14 @@ async def migrate(
                     r.version,
                     r.checksum,
                 )
+
+            await _in_transaction(
+                conn,
+                f"{r.name} functions",
+                apply_repeatable,
+                lock_timeout=lock_timeout,
+                attempts=attempts,
+            )
             logger.info("functions_applied", name=r.name, checksum=r.checksum[:12])
             done.append(r)
         return done

@@ -7,6 +7,7 @@ clone of it, so tests never see each other's rows.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -48,6 +49,7 @@ def server_url() -> Iterator[str]:
         yield with_database(started, "postgres")
     finally:
         server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

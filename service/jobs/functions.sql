@@ -1,4 +1,4 @@
--- version: 1
+-- version: 2
 -- The job queue's functions and triggers.  A repeatable migration (service/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -26,6 +26,33 @@
 -- hand-over; revoked at the end of this file.
 GRANT CREATE ON SCHEMA tenantry TO tenantry_system;
 
+-- Triggers are (re)created only when their definition changed.  CREATE and DROP
+-- TRIGGER lock the table against every insert, and wait first for each open
+-- transaction that touched it: re-applying this file for a function's sake would stall
+-- every producer behind the longest transaction on the table.  The definition's md5 is
+-- kept as the trigger's comment.  For this file and the other modules' (the outbox's).
+CREATE OR REPLACE FUNCTION tenantry.ensure_trigger(
+    on_table regclass, trigger_name name, definition text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tag text := 'definition md5 ' || md5(definition);
+    held text;
+BEGIN
+    SELECT obj_description(t.oid, 'pg_trigger') INTO held
+      FROM pg_trigger t
+     WHERE t.tgrelid = on_table AND t.tgname = trigger_name;
+    IF FOUND AND held IS NOT DISTINCT FROM tag THEN
+        RETURN;
+    END IF;
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', trigger_name, on_table);
+    EXECUTE definition;
+    EXECUTE format('COMMENT ON TRIGGER %I ON %s IS %L', trigger_name, on_table, tag);
+END;
+$$;
+
 -- --- Enqueue and wake-ups -------------------------------------------------------------
 
 -- The state follows run_at when a producer sets it: a row inserted as runnable but due
@@ -47,11 +74,13 @@ BEGIN
 END;
 $$;
 
-CREATE OR REPLACE TRIGGER jobs_schedule_delayed BEFORE INSERT OR UPDATE OF run_at ON tenantry.jobs
+SELECT tenantry.ensure_trigger('tenantry.jobs', 'jobs_schedule_delayed', $trigger$
+CREATE TRIGGER jobs_schedule_delayed BEFORE INSERT OR UPDATE OF run_at ON tenantry.jobs
     FOR EACH ROW
     WHEN ((NEW.state = 'queued' AND NEW.run_at > clock_timestamp())
           OR (NEW.state = 'scheduled' AND NEW.run_at <= clock_timestamp()))
-    EXECUTE FUNCTION tenantry.jobs_schedule_delayed();
+    EXECUTE FUNCTION tenantry.jobs_schedule_delayed()
+$trigger$);
 
 -- Wake-ups: a throttled NOTIFY, decided when the inserting transaction commits (the
 -- triggers are deferred).  A NOTIFY takes a cluster-wide lock at commit, so a burst of
@@ -65,9 +94,10 @@ CREATE OR REPLACE TRIGGER jobs_schedule_delayed BEFORE INSERT OR UPDATE OF run_a
 -- transaction silenced everyone else's wake-ups (and the first enqueue of a new queue
 -- blocked other producers on the row's insert).  Now a committing transaction stays
 -- quiet only when:
--- - a wake-up for the key committed within the window (workers fetch once more a
---   little over a window after each wake-up, WorkerConfig.trailing_fetch, and find
---   this commit too), or
+-- - a wake-up for the key committed within the window (workers fetch again 11 ms and
+--   101 ms after each wake-up, WorkerConfig.trailing_fetch and late_trailing_fetch,
+--   and find this commit too, unless it takes longer than that to become visible
+--   after this decision: then the poll does), or
 -- - another transaction of this same window holds the in-memory try-lock on (key,
 --   window): it is committing a wake-up right now (or, having set its constraints
 --   IMMEDIATE, did this at its INSERT and holds it: the one case that can stay silent,
@@ -80,59 +110,80 @@ CREATE OR REPLACE TRIGGER jobs_schedule_delayed BEFORE INSERT OR UPDATE OF run_a
 --
 -- Per row, but cheap: the WHEN clause is checked without a call; the common case is one
 -- read of the throttle row (a wake-up committed within the window, or this very
--- transaction's own); a setting marks the key done for the rest of the transaction;
--- try-locks for at most 16 keys per transaction (one inserting into thousands of queues
--- must not fill the server's lock table: it notifies without them).  No SET search_path
--- (it doubles the cost of a call, a fifth of the insert rate): the caller's rights,
--- every name qualified, and a caller's search_path can only mislead the caller.  The
--- lock class 0x7E4B is ours (migrations use 0x7E4A).
+-- transaction's own).  The keys this transaction has decided on are listed in one
+-- setting (a setting per key stays defined for the session's life, and PostgreSQL 15
+-- scans them all on every change: quadratic in the queues of one transaction) while
+-- the list is under 2,000 characters (16 keys at least: a queue's name is at most 100);
+-- beyond that a transaction notifies without the list or the try-lock (PostgreSQL
+-- drops a transaction's duplicate notifications itself, and one inserting into
+-- thousands of queues must not fill the server's lock table).
+--
+-- Under REPEATABLE READ or SERIALIZABLE the throttle row is read from the
+-- transaction's snapshot, and locking or updating a version newer than that snapshot
+-- fails the commit ("could not serialize access"): such a transaction only reads the
+-- row, and the try-lock alone keeps its wake-ups to one per window.
+--
+-- No SET search_path (it doubles the cost of a call, a fifth of the insert rate), so
+-- every name in it is qualified, operators and types included (OPERATOR(pg_catalog.=),
+-- pg_catalog.text): it runs inside the commit of whoever inserted, superusers and the
+-- SECURITY DEFINER functions' owner among them, and a schema ahead of pg_catalog on
+-- that session's search_path must not lend it an operator.  (integer, boolean and
+-- interval are keywords, always pg_catalog's.)  The lock class 0x7E4B is ours
+-- (migrations use 0x7E4A).
 CREATE OR REPLACE FUNCTION tenantry.wake_at_commit() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    channel text := TG_ARGV[0];
-    payload text;
-    k text;
-    quiet_since timestamptz := pg_catalog.clock_timestamp() - interval '5 milliseconds';
-    last timestamptz;
+    channel pg_catalog.text := TG_ARGV[0];
+    payload pg_catalog.text;
+    k pg_catalog.text;
+    quiet_since pg_catalog.timestamptz := pg_catalog.clock_timestamp()
+        OPERATOR(pg_catalog.-) interval '5 milliseconds';
+    last pg_catalog.timestamptz;
     has_row boolean;
-    done_flag text;
-    keys integer;
+    woke pg_catalog.text;
+    entry pg_catalog.text;
 BEGIN
-    IF TG_NARGS > 1 THEN
+    IF TG_NARGS OPERATOR(pg_catalog.>) 1 THEN
         payload := TG_ARGV[1];
     ELSE
         payload := NEW.queue;
     END IF;
-    k := channel || ':' || payload;
-    SELECT t.last_at INTO last FROM tenantry.notify_throttle t WHERE t.key = k;
+    k := pg_catalog.concat(channel, ':', payload);
+    SELECT t.last_at INTO last FROM tenantry.notify_throttle t
+     WHERE t.key OPERATOR(pg_catalog.=) k;
     has_row := FOUND;
-    IF has_row AND last > quiet_since THEN
+    IF has_row AND last OPERATOR(pg_catalog.>) quiet_since THEN
         RETURN NULL;
     END IF;
-    -- '1' only within this transaction: after it a placeholder setting reads as ''.
-    done_flag := 'tenantry.woke_' || pg_catalog.to_hex(pg_catalog.hashtext(k));
-    IF pg_catalog.current_setting(done_flag, true) = '1' THEN
+    -- The keys decided on, one per line; '' (not NULL) once a transaction has ended.
+    woke := coalesce(pg_catalog.current_setting('tenantry.woke', true), '');
+    entry := pg_catalog.concat(k, E'\n');
+    IF pg_catalog.strpos(pg_catalog.concat(E'\n', woke), pg_catalog.concat(E'\n', entry))
+           OPERATOR(pg_catalog.>) 0 THEN
         RETURN NULL;
     END IF;
-    keys := coalesce(nullif(pg_catalog.current_setting('tenantry.woke_keys', true), ''),
-                     '0')::integer;
-    PERFORM pg_catalog.set_config(done_flag, '1', true),
-            pg_catalog.set_config('tenantry.woke_keys', (keys + 1)::text, true);
-    IF keys < 16 AND NOT pg_catalog.pg_try_advisory_xact_lock(
-           32331,
-           pg_catalog.hashtext(k)
-           # (pg_catalog.floor(extract(epoch FROM pg_catalog.clock_timestamp()) * 200)::bigint
-              % 2147483647)::integer) THEN
-        RETURN NULL;
+    IF pg_catalog.length(woke) OPERATOR(pg_catalog.<) 2000 THEN
+        PERFORM pg_catalog.set_config('tenantry.woke', pg_catalog.concat(woke, entry), true);
+        IF NOT pg_catalog.pg_try_advisory_xact_lock(
+               32331,
+               pg_catalog.hashtext(k) OPERATOR(pg_catalog.#)
+               pg_catalog.int4(pg_catalog.int8(pg_catalog.floor(
+                   pg_catalog.date_part('epoch', pg_catalog.clock_timestamp())
+                   OPERATOR(pg_catalog.*) 200::double precision))
+                   OPERATOR(pg_catalog.%) 2147483647::bigint)) THEN
+            RETURN NULL;
+        END IF;
     END IF;
-    IF has_row THEN
+    IF has_row AND pg_catalog.current_setting('transaction_isolation')
+                   OPERATOR(pg_catalog.=) 'read committed' THEN
         PERFORM 1 FROM tenantry.notify_throttle t
-         WHERE t.key = k AND t.last_at <= quiet_since
+         WHERE t.key OPERATOR(pg_catalog.=) k
+           AND t.last_at OPERATOR(pg_catalog.<=) quiet_since
            FOR UPDATE SKIP LOCKED;
         IF FOUND THEN
-            UPDATE tenantry.notify_throttle SET last_at = pg_catalog.clock_timestamp()
-             WHERE key = k;
+            UPDATE tenantry.notify_throttle t SET last_at = pg_catalog.clock_timestamp()
+             WHERE t.key OPERATOR(pg_catalog.=) k;
         END IF;
     END IF;
     PERFORM pg_catalog.pg_notify(channel, payload);
@@ -140,11 +191,12 @@ BEGIN
 END;
 $$;
 
-DROP TRIGGER IF EXISTS jobs_wake ON tenantry.jobs;
+SELECT tenantry.ensure_trigger('tenantry.jobs', 'jobs_wake', $trigger$
 CREATE CONSTRAINT TRIGGER jobs_wake AFTER INSERT ON tenantry.jobs
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW WHEN (NEW.state = 'queued')
-    EXECUTE FUNCTION tenantry.wake_at_commit('tenantry_jobs');
+    EXECUTE FUNCTION tenantry.wake_at_commit('tenantry_jobs')
+$trigger$);
 
 -- The worker announces its queues: throttle rows exist before any producer needs one.
 CREATE OR REPLACE FUNCTION tenantry.ensure_wake_keys(queues text[])
@@ -263,14 +315,38 @@ $$;
 -- true when the walk went round the whole circle, no candidate was left out for want
 -- of slots, and no tenant left a row behind for want of share, so that no runnable row
 -- of this priority remains for a tenant with room (but rows that other claims have
--- locked at this moment).
+-- locked at this moment); and capped, true when a tenant with runnable rows of this
+-- priority was held back by the cap (skipped, or given fewer rows than its share).
+--
+-- Version 2 of this file added `capped` to what the claim returns: the functions of
+-- version 1 are dropped first (CREATE OR REPLACE cannot change what a function
+-- returns), in this same transaction.
+DO $$
+DECLARE
+    sig regprocedure;
+BEGIN
+    FOREACH sig IN ARRAY ARRAY[
+        to_regprocedure('tenantry.claim_jobs_at(text, smallint, integer, text,'
+                        ' double precision, uuid, integer, integer)'),
+        to_regprocedure('tenantry.claim_jobs(text, integer, text, double precision, uuid,'
+                        ' integer)')]
+    LOOP
+        IF sig IS NOT NULL AND NOT EXISTS (
+               SELECT 1 FROM pg_catalog.pg_proc p
+                WHERE p.oid = sig AND 'capped' = ANY (p.proargnames)) THEN
+            EXECUTE format('DROP FUNCTION %s', sig);
+        END IF;
+    END LOOP;
+END;
+$$;
+
 CREATE OR REPLACE FUNCTION tenantry.claim_jobs_at(
     for_queue text, level smallint, n integer, owner text, lease_s double precision,
     after_tenant uuid, tenant_cap integer, max_tenants integer)
 RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload text,
                priority smallint, attempts integer, max_attempts integer,
                created_at timestamptz, unknown_kind_since timestamptz,
-               cursor_after uuid, level_done boolean)
+               cursor_after uuid, level_done boolean, capped boolean)
 LANGUAGE plpgsql
 AS $$
 #variable_conflict use_column
@@ -390,7 +466,8 @@ claimed AS (
               j.attempts, j.max_attempts, j.created_at, j.unknown_kind_since
 )
 (SELECT c.tenant_id, c.id, c.queue, c.kind, c.payload, c.priority, c.attempts,
-        c.max_attempts, c.created_at, c.unknown_kind_since, NULL::uuid, NULL::boolean
+        c.max_attempts, c.created_at, c.unknown_kind_since, NULL::uuid, NULL::boolean,
+        NULL::boolean
    FROM claimed c
    -- In the order chosen: the worker starts them in this order.
    JOIN chosen o ON o.tenant_id = c.tenant_id AND o.id = c.id
@@ -407,7 +484,16 @@ SELECT NULL::uuid, NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::small
            SELECT 1 FROM candidates c
             WHERE c.share_bound
             GROUP BY c.tenant_id
-           HAVING count(*) >= min(c.lim));
+           HAVING count(*) >= min(c.lim)),
+       -- Capped: a tenant skipped at its cap, or stopped at the cap with more rows
+       -- possibly behind it.
+       $7::integer IS NOT NULL
+       AND (EXISTS (SELECT 1 FROM walk w WHERE w.pos > 0 AND NOT w.open)
+            OR EXISTS (
+                SELECT 1 FROM candidates c
+                 WHERE NOT c.share_bound
+                 GROUP BY c.tenant_id
+                HAVING count(*) >= min(c.lim)));
 END;
 $$;
 
@@ -417,14 +503,16 @@ $$;
 -- was given last time, and gets the rows, then one last row (job columns NULL) with
 -- the cursor to pass next time and `more`: false when no runnable row is left for a
 -- tenant with room; true when rows may remain (the n slots were filled, or rows were
--- taken by a concurrent claim), so that a caller with free slots claims again.
+-- taken by a concurrent claim), so that a caller with free slots claims again; and
+-- `capped`: runnable rows were left behind because their tenants are at the cap, so
+-- that the caller claims again when a job of this queue finishes (not only at its poll).
 CREATE OR REPLACE FUNCTION tenantry.claim_jobs(
     for_queue text, n integer, owner text, lease_s double precision, after_tenant uuid,
     tenant_cap integer)
 RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload text,
                priority smallint, attempts integer, max_attempts integer,
                created_at timestamptz, unknown_kind_since timestamptz,
-               cursor_after uuid, more boolean)
+               cursor_after uuid, more boolean, capped boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     SET plan_cache_mode = force_generic_plan
 AS $$
@@ -441,6 +529,7 @@ DECLARE
     rounds integer := 0;
     got integer;
     done boolean;
+    held_back boolean := false;
     r record;
 BEGIN
     IF tenant_cap IS NOT NULL THEN
@@ -466,12 +555,13 @@ BEGIN
             IF r.id IS NULL THEN
                 cur := coalesce(r.cursor_after, cur);
                 done := r.level_done;
+                held_back := held_back OR r.capped;
             ELSE
                 tenant_id := r.tenant_id; id := r.id; queue := r.queue; kind := r.kind;
                 payload := r.payload; priority := r.priority; attempts := r.attempts;
                 max_attempts := r.max_attempts; created_at := r.created_at;
                 unknown_kind_since := r.unknown_kind_since;
-                cursor_after := NULL; more := NULL;
+                cursor_after := NULL; more := NULL; capped := NULL;
                 RETURN NEXT;
                 got := got + 1;
             END IF;
@@ -495,6 +585,7 @@ BEGIN
     unknown_kind_since := NULL;
     cursor_after := cur;
     more := lvl IS NOT NULL;
+    capped := held_back;
     RETURN NEXT;
 END;
 $$;
@@ -624,10 +715,12 @@ WITH done_rows AS (
            reason = excluded.reason, created_at = excluded.created_at, died_at = now()
 ), hooked AS (
     -- The dead-letter hook runs as a job of its own: retried like any job, and
-    -- committed with the death, so that a crash cannot lose it.
+    -- committed with the death, so that a crash cannot lose it.  The dead job's
+    -- payload goes as its JSON text: one the worker could not decode must not make
+    -- the hook's own payload undecodable.
     INSERT INTO tenantry.jobs (tenant_id, queue, kind, priority, payload)
     SELECT g.tenant_id, g.queue, g.hook, g.priority,
-           jsonb_build_object('job_id', g.id, 'kind', g.kind, 'payload', g.payload,
+           jsonb_build_object('job_id', g.id, 'kind', g.kind, 'payload', g.payload::text,
                               'reason', g.reason, 'error', g.error, 'attempts', g.attempts,
                               'created_at', g.created_at)
       FROM gone g
@@ -933,10 +1026,12 @@ REVOKE ALL ON FUNCTION tenantry.stage_due_jobs(text, integer),
                                               uuid, integer, integer)
     FROM PUBLIC;
 ALTER FUNCTION tenantry.jobs_schedule_delayed() OWNER TO tenantry_owner;
+ALTER FUNCTION tenantry.ensure_trigger(regclass, name, text) OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.wake_at_commit() OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.enqueue(uuid, text, jsonb, text, timestamptz, smallint, text, integer)
     OWNER TO tenantry_owner;
 REVOKE ALL ON FUNCTION tenantry.jobs_schedule_delayed(), tenantry.wake_at_commit(),
+                       tenantry.ensure_trigger(regclass, name, text),
                        tenantry.enqueue(uuid, text, jsonb, text, timestamptz, smallint, text,
                                         integer)
     FROM PUBLIC;

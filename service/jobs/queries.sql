@@ -20,9 +20,9 @@ SELECT tenantry.enqueue(
 )
 
 -- name: claim
--- Rows claimed, then one row with NULL job columns carrying cursor_after and more.
+-- Rows claimed, then one row with NULL job columns carrying cursor_after, more and capped.
 SELECT tenant_id, id, queue, kind, payload, priority, attempts, max_attempts, created_at,
-       unknown_kind_since, cursor_after, more
+       unknown_kind_since, cursor_after, more, capped
   FROM tenantry.claim_jobs($1::text, $2::integer, $3::text, $4::double precision, $5::uuid,
                            $6::integer)
 

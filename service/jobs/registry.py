@@ -6,6 +6,7 @@ TENANTRY_HANDLERS at it (`pkg.module:registry`, like `module:app` for ASGI serve
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from croniter import croniter
 
 from ..errors import ConfigError
@@ -51,7 +53,7 @@ class DeadLetter:
     job_id: int
     tenant_id: uuid.UUID
     kind: str
-    payload: Any
+    payload: Any  # decoded; its JSON text when it cannot be (what may have killed it)
     # exhausted (its attempts used up, a time-out or a crash on the last one included),
     # permanent (PermanentFailure), cancelled (Cancel)
     reason: str
@@ -62,11 +64,17 @@ class DeadLetter:
     @classmethod
     def from_hook_job(cls, job: Job) -> DeadLetter:
         p = job.payload
+        # The dead job's payload comes as its JSON text (tenantry.record_job_outcomes);
+        # one that cannot be decoded (what may have killed the job) is given as text.
+        payload: Any = p.get("payload")
+        if isinstance(payload, str):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                payload = orjson.loads(payload)
         return cls(
             job_id=int(p["job_id"]),
             tenant_id=job.tenant_id,
             kind=str(p["kind"]),
-            payload=p.get("payload"),
+            payload=payload,
             reason=str(p["reason"]),
             error=str(p.get("error") or ""),
             attempts=int(p.get("attempts") or 0),

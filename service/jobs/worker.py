@@ -5,9 +5,10 @@ the next scheduled job's due time, or a jittered poll), then claims as many rows
 has room for.  The claim protocol (which rows, in what order, fair among tenants, and
 whether any runnable row is left) belongs to `tenantry.claim_jobs` in functions.sql:
 the loop passes how many rows it can take and the cursor the last claim gave it, and
-claims again only while the function says rows may remain.  NOTIFY is only a hint:
-after each wake the loop fetches again once (the trailing fetch), and the poll catches
-whatever a throttled or lost notification swallowed.
+claims again only while the function says rows may remain, and, when rows wait only
+for their tenants' cap, again as its jobs' outcomes are written.  NOTIFY is only a
+hint: after each wake the loop fetches again twice (the trailing fetches), and the poll
+catches whatever a throttled or lost notification swallowed.
 """
 
 from __future__ import annotations
@@ -50,11 +51,14 @@ class WorkerConfig:
     poll_interval: float = 1.0
     lease_seconds: float = 30.0
     job_timeout: float = 300.0
-    # After a wake-up, fetch once more this much later: catches rows whose NOTIFY the
-    # throttle swallowed because another transaction was notifying at the same moment.
-    # Twice the trigger's 5 ms throttle window; not a round figure like 20 ms, which
-    # producers enqueueing on a timer line up with (the fetch then races their commit).
+    # After a wake-up, fetch again this much later, then once more: catches rows whose
+    # NOTIFY the throttle swallowed because another transaction had notified within
+    # its 5 ms window.  The first a little over two windows (not a round figure like
+    # 20 ms, which producers enqueueing on a timer line up with: the fetch then races
+    # their commit); the second for a quiet commit that took longer to become visible
+    # (an fsync, a synchronous replica, a slow deferred trigger of the producer's).
     trailing_fetch: float = 0.011
+    late_trailing_fetch: float = 0.101
     # Rows a queue claims ahead of its free slots, as a fraction of its concurrency.
     # While a batch runs, the next one is already being claimed, so the database's
     # work and ours overlap instead of taking turns (100,000-job drain: 15,400 to
@@ -79,6 +83,9 @@ class Claimed:
     rows: list[asyncpg.Record]
     cursor: uuid.UUID | None
     more: bool
+    # Runnable rows were left behind for their tenants' cap: claim again when this
+    # queue's jobs finish.
+    capped: bool = False
 
 
 class _Running:
@@ -110,9 +117,13 @@ class QueueLoop:
         # Where the next claim's walk over the tenants starts (None: the first tenant).
         self.cursor: uuid.UUID | None = None
         self._wake = anyio.Event()
+        self._wake.set()  # claim at once on start, without waiting for a wake-up or a poll
         self._saturated = False
         self._due: float | None = None  # monotonic time of the next scheduled job
         self._trailing: float | None = None
+        self._late_trailing: float | None = None
+        # The last claim left rows behind for their tenants' cap.
+        self.capped = False
         self._poll_due = True
 
     @property
@@ -127,8 +138,16 @@ class QueueLoop:
 
     def wake(self, *, trailing: bool = False) -> None:
         if trailing:
-            self._trailing = self.w.clock.monotonic() + self.w.config.trailing_fetch
+            now = self.w.clock.monotonic()
+            self._trailing = now + self.w.config.trailing_fetch
+            self._late_trailing = now + self.w.config.late_trailing_fetch
         self._wake.set()
+
+    def outcomes_written(self) -> None:
+        """Outcomes of this process were written: a tenant the last claim found at its
+        cap may have room again."""
+        if self.capped and self.claimable > 0:
+            self._wake.set()
 
     def due_at(self, when: datetime) -> None:
         """A job of this queue becomes runnable at `when`: make sure we wake then."""
@@ -162,7 +181,7 @@ class QueueLoop:
         jitter = 0.5 + self.w.rnd.random()  # poll at 0.5x to 1.5x the interval
         poll_at = now + self.w.config.poll_interval * jitter
         deadline = poll_at
-        for t in (self._due, self._trailing):
+        for t in (self._due, self._trailing, self._late_trailing):
             if t is not None:
                 deadline = min(deadline, t)
         if not self._wake.is_set():
@@ -174,6 +193,8 @@ class QueueLoop:
             self._due = None
         if self._trailing is not None and self._trailing <= now:
             self._trailing = None
+        if self._late_trailing is not None and self._late_trailing <= now:
+            self._late_trailing = None
         if now >= poll_at:
             self._poll_due = True
 
@@ -188,6 +209,7 @@ class QueueLoop:
                 self.w.hand_back(got.rows)
                 return
             self.cursor = got.cursor
+            self.capped = got.capped
             self.ready.extend(got.rows)
             self.start_ready()
             if not got.more:
@@ -424,7 +446,7 @@ class Worker:
         state = rows.pop()
         if rows and self.hook is not None:
             self.hook("claimed", {"queue": queue, "count": len(rows)})
-        return Claimed(rows, state["cursor_after"], bool(state["more"]))
+        return Claimed(rows, state["cursor_after"], bool(state["more"]), bool(state["capped"]))
 
     def start_job(self, loop: QueueLoop, row: asyncpg.Record) -> None:
         reg = self.registry.get(row["kind"])
@@ -531,9 +553,18 @@ class Worker:
         started = self.clock.monotonic()
         try:
             await reg.handler(job)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             if entry.why is None:
-                raise  # not a cancellation of ours: let it through
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this task is being cancelled from outside: let it through
+                # Raised by the handler itself (a future cancelled elsewhere, a
+                # library's own cancellation), not a cancellation of this task: the
+                # handler's failure, or its outcome would wait for the lease to run out.
+                if job.completed_in_tx:
+                    jlog.warning("job_failed_after_commit", error=_describe(exc))
+                    return None
+                return self._failed(job, reg, _describe(exc), jlog, exc)
             if entry.why == "timeout":
                 return self._failed(job, reg, f"timed out after {entry.timeout:g}s", jlog)
             if entry.why == "lease_lost":
@@ -643,6 +674,8 @@ class Worker:
         return obj
 
     def _flushed(self, outcomes: list[Outcome]) -> None:
+        for loop in self.loops.values():
+            loop.outcomes_written()
         if self.hook is not None:
             self.hook("flushed", {"outcomes": outcomes})
 

@@ -1,4 +1,4 @@
--- version: 1
+-- version: 2
 -- The outbox's functions and triggers.  A repeatable migration (service/migrate.py),
 -- applied again whenever this file changes (raise the version above with every
 -- change).  The outbox module is the only writer of
@@ -48,10 +48,11 @@ $$;
 -- Wake the followers (SSE hubs now, webhook fan-out later) when the inserting
 -- transaction commits, throttled like the jobs' wake-up (tenantry.wake_at_commit in
 -- service/jobs/functions.sql); the payload names the channel's content, never a row.
-DROP TRIGGER IF EXISTS outbox_wake ON tenantry.outbox;
+SELECT tenantry.ensure_trigger('tenantry.outbox', 'outbox_wake', $trigger$
 CREATE CONSTRAINT TRIGGER outbox_wake AFTER INSERT ON tenantry.outbox
     DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION tenantry.wake_at_commit('tenantry_outbox', 'outbox');
+    FOR EACH ROW EXECUTE FUNCTION tenantry.wake_at_commit('tenantry_outbox', 'outbox')
+$trigger$);
 
 -- An event as its followers send it on: the payload with the envelope's keys (which
 -- win over the payload's), as JSON text, so that no follower decodes and re-encodes it.

@@ -216,6 +216,14 @@ class ClaimMachine(RuleBasedStateMachine):
             assert not state["more"], "said more while nothing was left"
         if not state["more"]:
             assert not left, f"said no more, but left {left}"
+        # Capped: says so whenever a runnable row waits only for its tenant's cap (the
+        # worker then claims again as jobs finish, not at its next poll).  It may say so
+        # needlessly (a tenant that took its last row just as it reached the cap).
+        held_back = [j for j in self.runnable() if not self.has_room(j.tenant)]
+        if not state["more"] and held_back:
+            assert state["capped"], f"not capped while {held_back} wait for their cap"
+        if self.cap is None:
+            assert not state["capped"]
         # Fairness within the claim, at its lowest priority.
         if claimed:
             lowest = min(j.priority for j in claimed)

@@ -9,7 +9,8 @@ import asyncpg
 import pytest
 
 from service import db, migrate
-from service.errors import SchemaMismatch
+from service.errors import MigrationBlocked, SchemaMismatch
+from tests.helpers import TENANT_A
 
 
 async def test_migrate_applies_all_then_nothing(empty_database_url: str) -> None:
@@ -133,5 +134,94 @@ async def test_a_changed_functions_file_is_applied_again_and_never_downgraded(
         functions.write_text("CREATE FUNCTION tenantry.x() RETURNS int LANGUAGE sql RETURN 1;")
         with pytest.raises(SchemaMismatch, match="starts with `-- version: N`"):
             migrate.repeatables([functions])
+    finally:
+        await conn.close()
+
+
+def _next_versions(tmp_path: Path, edit: dict[str, tuple[str, str]] | None = None) -> list[Path]:
+    """The functions files as the next release would ship them: each version raised,
+    with the given (module: (old, new)) text replaced."""
+    out = []
+    for path in migrate.REPEATABLE_FILES:
+        module = path.parent.name
+        sql = path.read_text(encoding="utf-8")
+        version = int(sql.split("\n", 1)[0].removeprefix("-- version: "))
+        sql = sql.replace(f"-- version: {version}\n", f"-- version: {version + 1}\n", 1)
+        if edit and module in edit:
+            old, new = edit[module]
+            assert old in sql
+            sql = sql.replace(old, new)
+        (tmp_path / module).mkdir()
+        (tmp_path / module / "functions.sql").write_text(sql, encoding="utf-8")
+        out.append(tmp_path / module / "functions.sql")
+    return out
+
+
+async def test_new_functions_do_not_wait_for_open_transactions_on_the_queue(
+    database_url: str, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """Regression: every application of the jobs' functions file dropped and created
+    its triggers, which waits for each open transaction that touched the table and
+    meanwhile blocks every insert: a deploy stalled all producers behind the longest
+    transaction.  Unchanged triggers are now left alone."""
+    files = _next_versions(tmp_path)
+    conn = await db.connect(database_url)
+    try:
+        async with pool.acquire() as open_tx, open_tx.transaction():
+            await open_tx.execute("SELECT set_config('app.tenant_id', $1, true)", str(TENANT_A))
+            await open_tx.execute(
+                "INSERT INTO tenantry.jobs (tenant_id, kind) VALUES ($1, 'k')", TENANT_A
+            )
+            with anyio.fail_after(10):
+                applied = await migrate.migrate(conn, files=files)
+        assert sorted(r.name for r in applied if isinstance(r, migrate.Repeatable)) == [
+            "jobs",
+            "onboarding",
+            "outbox",
+        ]
+        triggers = await conn.fetchval(
+            "SELECT count(*) FROM pg_trigger WHERE tgname IN"
+            " ('jobs_wake', 'jobs_schedule_delayed', 'outbox_wake')"
+        )
+        assert triggers == 3
+    finally:
+        await conn.close()
+
+
+async def test_a_migration_behind_a_long_transaction_gives_up_and_changes_nothing(
+    database_url: str, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """A changed trigger must lock its table; behind a long transaction the migration
+    waits lock_timeout, tries again, then fails with a clear error and nothing applied
+    (rather than queueing for the lock, which blocks every producer meanwhile).  Once
+    the transaction ends it applies."""
+    files = _next_versions(
+        tmp_path,
+        {"jobs": ("FOR EACH ROW WHEN (NEW.state = 'queued')\n",
+                  "FOR EACH ROW WHEN (NEW.state = 'queued' AND NEW.queue IS NOT NULL)\n")},
+    )  # fmt: skip
+    conn = await db.connect(database_url)
+    try:
+        async with pool.acquire() as open_tx:
+            tx = open_tx.transaction()
+            await tx.start()
+            await open_tx.execute("SELECT set_config('app.tenant_id', $1, true)", str(TENANT_A))
+            await open_tx.execute(
+                "INSERT INTO tenantry.jobs (tenant_id, kind) VALUES ($1, 'k')", TENANT_A
+            )
+            with pytest.raises(MigrationBlocked, match="jobs functions: a lock was not granted"):
+                await migrate.migrate(conn, files=files, lock_timeout=0.2, attempts=2)
+            st = await migrate.status(conn, files=files)
+            assert st.stale == ["jobs", "outbox", "onboarding"]
+            # A producer is not held up by the failed attempts.
+            with anyio.fail_after(5):
+                await pool.execute("SELECT 1")
+            await tx.rollback()
+        await migrate.migrate(conn, files=files, lock_timeout=0.2, attempts=2)
+        assert (await migrate.status(conn, files=files)).current
+        definition = await conn.fetchval(
+            "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'jobs_wake'"
+        )
+        assert "queue IS NOT NULL" in definition
     finally:
         await conn.close()
