@@ -1,4 +1,4 @@
--- version: 2
+-- version: 3
 -- The job queue's functions and triggers.  A repeatable migration (service/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -41,9 +41,10 @@ DECLARE
     tag text := 'definition md5 ' || md5(definition);
     held text;
 BEGIN
+    -- Created again, too, when it was disabled by hand: the file says it fires.
     SELECT obj_description(t.oid, 'pg_trigger') INTO held
       FROM pg_trigger t
-     WHERE t.tgrelid = on_table AND t.tgname = trigger_name;
+     WHERE t.tgrelid = on_table AND t.tgname = trigger_name AND t.tgenabled = 'O';
     IF FOUND AND held IS NOT DISTINCT FROM tag THEN
         RETURN;
     END IF;
@@ -121,7 +122,9 @@ $trigger$);
 -- Under REPEATABLE READ or SERIALIZABLE the throttle row is read from the
 -- transaction's snapshot, and locking or updating a version newer than that snapshot
 -- fails the commit ("could not serialize access"): such a transaction only reads the
--- row, and the try-lock alone keeps its wake-ups to one per window.
+-- row, as of its snapshot, so the throttle holds for it only against commits at the
+-- same moment (the try-lock): such producers may notify once per commit (16 of them
+-- on one queue: about 1,300 notifications a second, against 210 under READ COMMITTED).
 --
 -- No SET search_path (it doubles the cost of a call, a fifth of the insert rate), so
 -- every name in it is qualified, operators and types included (OPERATOR(pg_catalog.=),
@@ -156,9 +159,12 @@ BEGIN
     IF has_row AND last OPERATOR(pg_catalog.>) quiet_since THEN
         RETURN NULL;
     END IF;
-    -- The keys decided on, one per line; '' (not NULL) once a transaction has ended.
+    -- The keys decided on, one per line, each with its backslashes and line breaks
+    -- escaped (a queue's name may hold them); '' (not NULL) once a transaction has
+    -- ended.
     woke := coalesce(pg_catalog.current_setting('tenantry.woke', true), '');
-    entry := pg_catalog.concat(k, E'\n');
+    entry := pg_catalog.concat(
+        pg_catalog.replace(pg_catalog.replace(k, E'\\', E'\\\\'), E'\n', E'\\n'), E'\n');
     IF pg_catalog.strpos(pg_catalog.concat(E'\n', woke), pg_catalog.concat(E'\n', entry))
            OPERATOR(pg_catalog.>) 0 THEN
         RETURN NULL;
@@ -716,11 +722,11 @@ WITH done_rows AS (
 ), hooked AS (
     -- The dead-letter hook runs as a job of its own: retried like any job, and
     -- committed with the death, so that a crash cannot lose it.  The dead job's
-    -- payload goes as its JSON text: one the worker could not decode must not make
-    -- the hook's own payload undecodable.
+    -- payload goes as its JSON text (`payload_json`): one the worker could not decode
+    -- must not make the hook's own payload undecodable.
     INSERT INTO tenantry.jobs (tenant_id, queue, kind, priority, payload)
     SELECT g.tenant_id, g.queue, g.hook, g.priority,
-           jsonb_build_object('job_id', g.id, 'kind', g.kind, 'payload', g.payload::text,
+           jsonb_build_object('job_id', g.id, 'kind', g.kind, 'payload_json', g.payload::text,
                               'reason', g.reason, 'error', g.error, 'attempts', g.attempts,
                               'created_at', g.created_at)
       FROM gone g

@@ -269,6 +269,8 @@ class Worker:
         self.stopping = False
         self.loops = {q: QueueLoop(self, q, n) for q, n in config.queues.items()}
         self.writer = OutcomeWriter(self.worker_pool, self.owner, on_flushed=self._flushed)
+        # The queue of each outcome not yet written (to wake that queue's loop after).
+        self._outcome_queue: dict[JobKey, str] = {}
         # One plain asyncio task per running job, not an anyio task group: the group's
         # spawn, cancel scope and fail_after cost more than the no-op job itself (they
         # were about half of the worker's CPU in the drain benchmark's profile).
@@ -528,7 +530,10 @@ class Worker:
             if not self.running_count:
                 self._idle.set()
         if outcome is not None:
+            self._outcome_queue[key] = job.queue
             self.writer.put(outcome)
+        elif job.completed_in_tx:
+            loop.outcomes_written()  # its own transaction completed it
         if self.hook is not None:
             self.hook("finished", {"job": job, "outcome": outcome, "why": entry.why})
 
@@ -674,8 +679,11 @@ class Worker:
         return obj
 
     def _flushed(self, outcomes: list[Outcome]) -> None:
-        for loop in self.loops.values():
-            loop.outcomes_written()
+        # Only the queues these outcomes belong to may have a tenant with room again.
+        for queue in {self._outcome_queue.pop(o.key, None) for o in outcomes}:
+            loop = self.loops.get(queue) if queue is not None else None
+            if loop is not None:
+                loop.outcomes_written()
         if self.hook is not None:
             self.hook("flushed", {"outcomes": outcomes})
 

@@ -225,3 +225,21 @@ async def test_a_migration_behind_a_long_transaction_gives_up_and_changes_nothin
         assert "queue IS NOT NULL" in definition
     finally:
         await conn.close()
+
+
+async def test_new_functions_enable_a_trigger_disabled_by_hand(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Regression (third review): a trigger was created again only when its definition
+    changed, so one disabled by hand (ALTER TABLE ... DISABLE TRIGGER) stayed disabled
+    through every later migration, and with it every wake-up."""
+    conn = await db.connect(database_url)
+    try:
+        await conn.execute("ALTER TABLE tenantry.jobs DISABLE TRIGGER jobs_wake")
+        await migrate.migrate(conn, files=_next_versions(tmp_path))
+        enabled = await conn.fetchval(
+            "SELECT tgenabled::text FROM pg_trigger WHERE tgname = 'jobs_wake'"
+        )
+        assert enabled == "O"
+    finally:
+        await conn.close()

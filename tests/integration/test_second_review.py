@@ -6,6 +6,9 @@ that the throttle kept quiet; a handler raising CancelledError of its own."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import uuid
+from collections import Counter
 
 import anyio
 import asyncpg
@@ -13,8 +16,9 @@ import asyncpg
 from service.jobs import queue as jobs
 from service.jobs.model import Job
 from service.jobs.registry import DeadLetter, Policy, Registry
+from service.jobs.worker import Claimed
 from service.listener import Listener
-from tests.helpers import TENANT_A, TENANT_B, running_worker
+from tests.helpers import TENANT_A, TENANT_B, Recorder, running_worker
 from tests.integration.test_listener_and_periodic import Heard
 
 
@@ -244,3 +248,78 @@ async def test_a_handler_raising_cancelled_error_fails_its_attempt(
     dead = await jobs.dead_show(worker_pool, job_id)
     assert dead["reason"] == "exhausted" and "CancelledError" in dead["last_error"]
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
+
+
+async def test_a_capped_queue_does_not_claim_for_other_queues_outcomes(
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    """Regression (third review): every outcome written woke every queue whose last
+    claim was capped, so a queue held at its cap by long jobs claimed again for each
+    batch of another queue's outcomes: 1,000 useless claims a second with five such
+    queues beside a busy one."""
+    await admin_pool.execute(
+        "INSERT INTO tenantry.jobs (tenant_id, queue, kind)"
+        " SELECT $1, 'slow', 'slow' FROM generate_series(1, 3)",
+        TENANT_A,
+    )
+    reg = Registry()
+    release = anyio.Event()
+
+    @reg.handler("slow")
+    async def slow(job: Job) -> None:
+        await release.wait()
+
+    @reg.handler("fast")
+    async def fast(job: Job) -> None:
+        return None
+
+    claims: Counter[str] = Counter()
+    async with running_worker(
+        pool, worker_pool, reg, queues={"slow": 2, "fast": 4}, tenant_concurrency=1,
+        poll_interval=60,
+    ) as (w, rec):  # fmt: skip
+        claim = w.claim
+
+        async def counted(queue: str, limit: int, cursor: uuid.UUID | None) -> Claimed | None:
+            claims[queue] += 1
+            return await claim(queue, limit, cursor)
+
+        w.claim = counted  # type: ignore[method-assign]
+        await rec.wait_for(lambda: bool(rec.named("started")))  # the slow queue is capped
+        claims.clear()
+        for i in range(30):  # thirty outcome batches of the fast queue, one at a time
+            await jobs.enqueue(pool, tenant_id=TENANT_B, kind="fast", queue="fast")
+            w.notify("fast")
+            await rec.wait_for(functools.partial(_flushed_at_least, rec, i + 1))
+        release.set()
+    assert claims["fast"] >= 30
+    assert claims["slow"] <= 3, f"{claims['slow']} claims of the capped queue"
+
+
+def _flushed_at_least(rec: Recorder, batches: int) -> bool:
+    return len(rec.named("flushed")) >= batches
+
+
+async def test_a_queue_name_holding_a_line_break_cannot_silence_another_queue(
+    app_url: str, database_url: str
+) -> None:
+    """Regression (third review): the wake-up listed the keys a transaction had decided
+    on one per line, and a queue name may hold a line break: after a row of queue
+    'x<newline>tenantry_jobs:y', a row of queue 'y' in the same transaction was taken
+    as already woken."""
+    heard = await Heard.on(database_url, "tenantry_jobs")
+    conn = await asyncpg.connect(app_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('app.tenant_id', $1, true)", str(TENANT_A))
+            for queue in ("x\ntenantry_jobs:y", "y"):
+                await conn.execute(
+                    "INSERT INTO tenantry.jobs (tenant_id, queue, kind) VALUES ($1, $2, 'k')",
+                    TENANT_A,
+                    queue,
+                )
+        await heard.wait(2)
+        assert sorted(heard.payloads) == ["x\ntenantry_jobs:y", "y"]
+    finally:
+        await conn.close()
+        await heard.conn.close()

@@ -6,6 +6,7 @@ import base64
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 from service import config, migrate, roles, sql
 from service.errors import ConfigError
 from service.jobs.backoff import full_jitter
-from service.jobs.registry import Periodic, Policy, Registry
+from service.jobs.model import Job
+from service.jobs.registry import DeadLetter, Periodic, Policy, Registry
 from service.tenants.keys import new_key, parse_key
 from tests.helpers import FixedRandom
 
@@ -197,3 +199,29 @@ def test_the_collector_is_tuned_only_while_many_streams_are_open() -> None:
     finally:
         gc.set_threshold(*before)
         gc.unfreeze()
+
+
+@pytest.mark.parametrize(
+    ("hook_payload", "expected"),
+    [
+        ({"payload_json": '"123"'}, "123"),  # a JSON string that looks like a number
+        ({"payload_json": '{"a": [1, null]}'}, {"a": [1, None]}),
+        ({"payload_json": "[" * 1100 + "]" * 1100}, "[" * 1100 + "]" * 1100),  # as text
+        ({"payload": "123"}, "123"),  # the first format, passed through as it came
+        ({"payload": {"onboarding_id": "x"}}, {"onboarding_id": "x"}),
+    ],
+)
+def test_a_dead_letter_carries_the_dead_jobs_payload(
+    hook_payload: dict[str, Any], expected: Any
+) -> None:
+    """Regression (third review): the dead job's payload came as JSON text under the
+    same key as before, and a string payload that parses as JSON ("123") changed type."""
+    job = Job(
+        id=9, tenant_id=uuid.UUID(int=1), queue="default", kind="k:on_dead",
+        payload={"job_id": 7, "kind": "k", "reason": "exhausted", "error": "e", "attempts": 3,
+                 "created_at": "2026-12-01T00:00:00Z", **hook_payload},
+        attempt=1, max_attempts=3, priority=0, created_at=datetime.now(UTC),
+        _pool=None, _lease_owner="w",  # type: ignore[arg-type]
+    )  # fmt: skip
+    dead = DeadLetter.from_hook_job(job)
+    assert dead.payload == expected and dead.job_id == 7 and dead.kind == "k"
