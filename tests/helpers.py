@@ -34,16 +34,20 @@ class Recorder:
 
     def __call__(self, name: str, data: dict[str, Any]) -> None:
         self.events.append((name, data))
-        self._changed.set()
+        # Wake every waiter (each waits on the event current when it last looked).
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
 
     def named(self, name: str) -> list[dict[str, Any]]:
         return [d for n, d in self.events if n == name]
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         with anyio.fail_after(timeout):
-            while not predicate():
-                self._changed = anyio.Event()
-                await self._changed.wait()
+            while True:
+                changed = self._changed
+                if predicate():
+                    return
+                await changed.wait()
 
     async def wait_flushed(self, n: int, timeout: float = 10.0) -> None:
         """Wait until `n` outcomes in all have been written to the database."""

@@ -41,10 +41,11 @@ DECLARE
     tag text := 'definition md5 ' || md5(definition);
     held text;
 BEGIN
-    -- Created again, too, when it was disabled by hand: the file says it fires.
+    -- Created again, too, when it was disabled by hand: the file says it fires.  (Set
+    -- to fire ALWAYS or on REPLICA sessions by an operator, it is left as it is.)
     SELECT obj_description(t.oid, 'pg_trigger') INTO held
       FROM pg_trigger t
-     WHERE t.tgrelid = on_table AND t.tgname = trigger_name AND t.tgenabled = 'O';
+     WHERE t.tgrelid = on_table AND t.tgname = trigger_name AND t.tgenabled <> 'D';
     IF FOUND AND held IS NOT DISTINCT FROM tag THEN
         RETURN;
     END IF;
@@ -722,11 +723,11 @@ WITH done_rows AS (
 ), hooked AS (
     -- The dead-letter hook runs as a job of its own: retried like any job, and
     -- committed with the death, so that a crash cannot lose it.  The dead job's
-    -- payload goes as its JSON text (`payload_json`): one the worker could not decode
-    -- must not make the hook's own payload undecodable.
+    -- payload goes as its JSON text: one the worker could not decode must not make
+    -- the hook's own payload undecodable.
     INSERT INTO tenantry.jobs (tenant_id, queue, kind, priority, payload)
     SELECT g.tenant_id, g.queue, g.hook, g.priority,
-           jsonb_build_object('job_id', g.id, 'kind', g.kind, 'payload_json', g.payload::text,
+           jsonb_build_object('job_id', g.id, 'kind', g.kind, 'payload', g.payload::text,
                               'reason', g.reason, 'error', g.error, 'attempts', g.attempts,
                               'created_at', g.created_at)
       FROM gone g

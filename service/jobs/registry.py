@@ -64,15 +64,12 @@ class DeadLetter:
     @classmethod
     def from_hook_job(cls, job: Job) -> DeadLetter:
         p = job.payload
-        # The dead job's payload comes as its JSON text, `payload_json`
-        # (tenantry.record_job_outcomes); one that cannot be decoded (what may have
-        # killed the job) is given as that text.  Hook jobs written before carry the
-        # decoded payload as `payload`.
+        # The dead job's payload comes as its JSON text (tenantry.record_job_outcomes);
+        # one that cannot be decoded (what may have killed the job) is given as text.
         payload: Any = p.get("payload")
-        if "payload_json" in p:
-            payload = text = str(p["payload_json"])
+        if isinstance(payload, str):
             with contextlib.suppress(orjson.JSONDecodeError):
-                payload = orjson.loads(text)
+                payload = orjson.loads(payload)
         return cls(
             job_id=int(p["job_id"]),
             tenant_id=job.tenant_id,

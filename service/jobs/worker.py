@@ -124,6 +124,9 @@ class QueueLoop:
         self._late_trailing: float | None = None
         # The last claim left rows behind for their tenants' cap.
         self.capped = False
+        # Outcomes written so far: a claim that comes back capped after one was written
+        # while it was on its way claims again (that outcome may have freed the cap).
+        self._outcomes_seen = 0
         self._poll_due = True
 
     @property
@@ -146,6 +149,7 @@ class QueueLoop:
     def outcomes_written(self) -> None:
         """Outcomes of this process were written: a tenant the last claim found at its
         cap may have room again."""
+        self._outcomes_seen += 1
         if self.capped and self.claimable > 0:
             self._wake.set()
 
@@ -200,6 +204,7 @@ class QueueLoop:
 
     async def _fill(self) -> None:
         while self.claimable > 0 and not self.w.stopping:
+            outcomes_before = self._outcomes_seen
             got = await self.w.claim(self.queue, self.claimable, self.cursor)
             if got is None:  # database unavailable: the poll will try again
                 return
@@ -210,6 +215,8 @@ class QueueLoop:
                 return
             self.cursor = got.cursor
             self.capped = got.capped
+            if got.capped and self._outcomes_seen != outcomes_before:
+                self._wake.set()  # an outcome written meanwhile may have freed a cap
             self.ready.extend(got.rows)
             self.start_ready()
             if not got.more:

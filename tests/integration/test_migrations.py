@@ -243,3 +243,24 @@ async def test_new_functions_enable_a_trigger_disabled_by_hand(
         assert enabled == "O"
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize(("how", "state"), [("ALWAYS", "A"), ("REPLICA", "R")])
+async def test_new_functions_keep_a_trigger_an_operator_set_to_fire_always_or_on_replicas(
+    database_url: str, tmp_path: Path, how: str, state: str
+) -> None:
+    """Regression (fourth review): the functions file created again every trigger not in
+    the plain enabled state, so one an operator had set to ENABLE ALWAYS (to be heard
+    from a logical replication subscriber too) was turned back into a plain one, and
+    the release waited for open producer transactions to drop it."""
+    conn = await db.connect(database_url)
+    try:
+        await conn.execute(f"ALTER TABLE tenantry.jobs ENABLE {how} TRIGGER jobs_wake")
+        await migrate.migrate(conn, files=_next_versions(tmp_path))
+        enabled = await conn.fetchval(
+            "SELECT tgenabled::text FROM pg_trigger WHERE tgname = 'jobs_wake'"
+        )
+        assert enabled == state
+    finally:
+        await conn.execute("ALTER TABLE tenantry.jobs ENABLE TRIGGER jobs_wake")
+        await conn.close()

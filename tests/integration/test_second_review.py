@@ -323,3 +323,55 @@ async def test_a_queue_name_holding_a_line_break_cannot_silence_another_queue(
     finally:
         await conn.close()
         await heard.conn.close()
+
+
+async def test_an_outcome_written_during_a_capped_claim_wakes_the_loop(
+    pool: asyncpg.Pool, worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool
+) -> None:
+    """Regression (fourth review): a written outcome woke the loop only when the last
+    claim had said `capped`, so an outcome written while a claim was on its way back
+    was lost when that claim came back capped: the freed tenant's next job waited for
+    the poll."""
+    reg = Registry()
+    release = anyio.Event()
+    started: list[int] = []
+
+    @reg.handler("k")
+    async def k(job: Job) -> None:
+        started.append(job.id)
+        if job.payload.get("first"):
+            await release.wait()
+
+    await jobs.enqueue(pool, tenant_id=TENANT_A, kind="k", queue="q", payload={"first": True})
+    interleaved = False
+    claimed = anyio.Event()
+    async with running_worker(
+        pool, worker_pool, reg, queues={"q": 2}, tenant_concurrency=1, poll_interval=60,
+        trailing_fetch=60, late_trailing_fetch=60,
+    ) as (w, rec):  # fmt: skip
+        claim = w.claim
+
+        async def outcome_in_flight(
+            queue: str, limit: int, cursor: uuid.UUID | None
+        ) -> Claimed | None:
+            nonlocal interleaved
+            got = await claim(queue, limit, cursor)
+            claimed.set()
+            if got is not None and got.capped and not release.is_set():
+                # The running job's outcome is written before this claim returns.
+                interleaved = True
+                flushed = len(rec.named("flushed"))
+                release.set()
+                await rec.wait_for(lambda: len(rec.named("flushed")) > flushed)
+            return got
+
+        w.claim = outcome_in_flight  # type: ignore[method-assign]
+        await rec.wait_for(lambda: len(started) == 1)
+        # A claim that finds nothing waiting: the loop's last word is "not capped".
+        w.notify("q")
+        await claimed.wait()
+        assert not w.loops["q"].capped
+        await jobs.enqueue(pool, tenant_id=TENANT_A, kind="k", queue="q")
+        w.notify("q")
+        await rec.wait_for(lambda: len(started) == 2, timeout=5)
+    assert interleaved

@@ -204,18 +204,20 @@ def test_the_collector_is_tuned_only_while_many_streams_are_open() -> None:
 @pytest.mark.parametrize(
     ("hook_payload", "expected"),
     [
-        ({"payload_json": '"123"'}, "123"),  # a JSON string that looks like a number
-        ({"payload_json": '{"a": [1, null]}'}, {"a": [1, None]}),
-        ({"payload_json": "[" * 1100 + "]" * 1100}, "[" * 1100 + "]" * 1100),  # as text
-        ({"payload": "123"}, "123"),  # the first format, passed through as it came
-        ({"payload": {"onboarding_id": "x"}}, {"onboarding_id": "x"}),
+        ({"payload": '"123"'}, "123"),  # a JSON string that looks like a number
+        ({"payload": '{"onboarding_id": "x"}'}, {"onboarding_id": "x"}),
+        ({"payload": '{"a": [1, null]}'}, {"a": [1, None]}),
+        ({"payload": "[" * 1100 + "]" * 1100}, "[" * 1100 + "]" * 1100),  # as text
+        ({"payload": "1e400"}, "1e400"),  # as text
     ],
 )
 def test_a_dead_letter_carries_the_dead_jobs_payload(
     hook_payload: dict[str, Any], expected: Any
 ) -> None:
-    """Regression (third review): the dead job's payload came as JSON text under the
-    same key as before, and a string payload that parses as JSON ("123") changed type."""
+    """The dead job's payload comes as its JSON text, decoded here, or left as that
+    text when it cannot be.  Regression (fourth review): the third review's fix moved
+    it to another key, and the hook jobs of the version before (and workers of that
+    version reading the new ones, during a rolling deploy) got the text or nothing."""
     job = Job(
         id=9, tenant_id=uuid.UUID(int=1), queue="default", kind="k:on_dead",
         payload={"job_id": 7, "kind": "k", "reason": "exhausted", "error": "e", "attempts": 3,
