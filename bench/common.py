@@ -1,5 +1,5 @@
 """Shared benchmark plumbing: the server (DATABASE_URL or an embedded one), a fresh
-migrated database per benchmark, a Worker wired the way `service.app` wires it,
+migrated database per benchmark, a Worker wired the way `tenantry.app` wires it,
 percentiles, pgbench, argument parsing and output (human-readable or one JSON object).
 
 Every benchmark module exposes a `BENCH` (a `Bench`) and a `main()`; `bench.all` runs
@@ -31,13 +31,13 @@ import asyncpg
 import orjson
 import structlog
 
-from service import db, migrate
-from service import logging as log
-from service.app import JOBS_CHANNEL
-from service.embedded import EmbeddedPostgres
-from service.jobs.registry import Registry
-from service.jobs.worker import Worker, WorkerConfig
-from service.listener import Listener
+from tenantry import db, migrate
+from tenantry import logging as log
+from tenantry.app import JOBS_CHANNEL
+from tenantry.embedded import EmbeddedPostgres
+from tenantry.jobs.registry import Registry
+from tenantry.jobs.worker import Worker, WorkerConfig
+from tenantry.listener import Listener
 
 Result = dict[str, Any]
 T = TypeVar("T")
@@ -256,7 +256,7 @@ async def running_worker(
     worker_cls: type[Worker] = Worker,
 ) -> AsyncIterator[Worker]:
     """A Worker on queue 'default' plus the Listener wired to it exactly as
-    `service.app.build` does (NOTIFY hints to worker.notify, resync on connect, its own
+    `tenantry.app.build` does (NOTIFY hints to worker.notify, resync on connect, its own
     claim pool).  `worker_cls` lets a benchmark swap in a subclass."""
     claim_pool = await db.create_claim_pool(dsn)
     worker = worker_cls(

@@ -1,7 +1,7 @@
 """Drain throughput: N pre-enqueued no-op jobs, Tenantry's Worker versus PGQueuer 1.6.
 
 Tenantry: the jobs are inserted in one statement (generate_series) over a few tenants;
-a Worker (plus the Listener, wired as in `service.app`) drains them with a no-op
+a Worker (plus the Listener, wired as in `tenantry.app`) drains them with a no-op
 handler.  The clock runs from starting the worker until the hook has seen every
 outcome flushed to the database.  A couple of queue concurrencies are tried; the best
 is reported (all are in the JSON).
@@ -25,9 +25,9 @@ from typing import Any
 import anyio
 import asyncpg
 
-from service import db
-from service.jobs.model import Job
-from service.jobs.registry import Registry
+from tenantry import db
+from tenantry.jobs.model import Job
+from tenantry.jobs.registry import Registry
 
 from . import common
 from .common import Result, fmt_rate, progress

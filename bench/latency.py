@@ -21,7 +21,7 @@ the producer is idle while a job is in flight, so this costs little.
 
 The NOTIFY path only.  The Worker polls at 30 s (x0.5..1.5 jitter, so not before 15 s:
 longer than a probe), so every job in the figures was found because its insert's NOTIFY
-woke the worker through the Listener, wired as in `service.app` (common.running_worker).
+woke the worker through the Listener, wired as in `tenantry.app` (common.running_worker).
 That path includes the worker's trailing fetch (one more claim 20 ms after a wake-up),
 which with a 20 ms enqueue interval lands close to the next commit: it may claim a job
 just before that job's own NOTIFY arrives, or delay the claim that NOTIFY triggers.
@@ -57,10 +57,10 @@ import anyio
 import asyncpg
 import orjson
 
-from service import db
-from service.app import JOBS_CHANNEL
-from service.jobs.model import Job
-from service.jobs.registry import Registry
+from tenantry import db
+from tenantry.app import JOBS_CHANNEL
+from tenantry.jobs.model import Job
+from tenantry.jobs.registry import Registry
 
 from . import common
 from .common import Result, fmt_ms, progress

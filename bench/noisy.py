@@ -1,7 +1,7 @@
 """Noisy neighbour: tenant B's job while tenant A has a deep backlog, and what the
 fairness costs a drain.
 
-Part 1, latency.  A Worker (plus the Listener, wired as in `service.app`) with one
+Part 1, latency.  A Worker (plus the Listener, wired as in `tenantry.app`) with one
 queue of `--concurrency` slots (20) drains tenant A's backlog of `--backlog` jobs
 (50,000) whose handler sleeps `--handler-ms` (1 ms: a little I/O, so that the worker
 keeps claiming small batches as slots free up, as it would in production; 0 makes it a
@@ -45,10 +45,10 @@ from typing import Any
 import anyio
 import asyncpg
 
-from service import db
-from service.jobs.model import Job
-from service.jobs.registry import Registry
-from service.jobs.worker import Worker
+from tenantry import db
+from tenantry.jobs.model import Job
+from tenantry.jobs.registry import Registry
+from tenantry.jobs.worker import Worker
 
 from . import common
 from .common import Result, fmt_ms, fmt_rate, progress

@@ -1,7 +1,7 @@
 """POST /v1/onboardings under a fixed open-loop rate, and accept -> completed, against
 one real `tenantry run` process with the whole pipeline running.
 
-The service.  `python -m service run` in a process of its own, set up as a deployment
+The service.  `python -m tenantry run` in a process of its own, set up as a deployment
 would be (the same environment as tests/acceptance/process.py): DATABASE_URL the
 service's login, TENANTRY_ADMIN_URL the superuser (it migrates and creates the logins),
 a temporary data folder (mail goes to files, tenant storage to folders), the sign-up rate
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import asyncpg
 
-from service import db
+from tenantry import db
 
 from . import common, onboarding_load
 from .common import Result, fmt_rate, progress

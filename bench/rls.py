@@ -12,7 +12,7 @@ from a pool costs every variant the same, so it is left out of the comparison):
              set once per connection (session-level, for this measurement only): the
              same one statement, now under the policy.  policy - bare is what the
              policy itself costs.
-  tenant_tx  the service's login through `service.tenancy.tenant_tx_on` (what
+  tenant_tx  the service's login through `tenantry.tenancy.tenant_tx_on` (what
              `tenant_tx` and `job.tenant_tx()` run on their connection): BEGIN and
              set_config in one message, the read, COMMIT.
              tenant_tx - bare is what the whole tenant transaction costs.
@@ -38,8 +38,8 @@ from collections.abc import Awaitable, Callable
 import anyio
 import asyncpg
 
-from service import db, roles
-from service.tenancy import tenant_tx_on
+from tenantry import db, roles
+from tenantry.tenancy import tenant_tx_on
 
 from . import common
 from .common import Result, fmt_ms, progress

@@ -25,7 +25,7 @@ import asyncpg
 import orjson
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from service import roles
+from tenantry import roles
 
 from .common import Result, fmt_ms
 
@@ -245,14 +245,14 @@ async def _wait_ready(svc: ServiceProcess) -> None:
 async def tenantry_service(
     database_url: str, data_dir: Path, **extra: str
 ) -> AsyncIterator[ServiceProcess]:
-    """`python -m service run` against `database_url` (a superuser's), ready; SIGTERM
+    """`python -m tenantry run` against `database_url` (a superuser's), ready; SIGTERM
     (then SIGKILL) at the end.  Its output goes to data_dir/service.log."""
     port = free_port()
     log_path = data_dir / "service.log"
     env = service_env(database_url, data_dir, port, **extra)
     with log_path.open("wb") as log_file:
         proc = await anyio.open_process(
-            [sys.executable, "-m", "service", "run"],
+            [sys.executable, "-m", "tenantry", "run"],
             cwd=ROOT,
             env=env,
             stdout=log_file,

@@ -4,7 +4,7 @@ run` process, its memory per idle stream, and status events commit -> client und
 Set-up.  The onboardings are written straight into the database as the superuser (rows
 in tenantry.onboardings plus their version-1 `onboarding.accepted` event through
 tenantry.emit, in batches; no provisioning job), each with its status token signed here
-with the service's TENANTRY_TOKEN_SECRET (service.onboarding.tokens.Signer).  The
+with the service's TENANTRY_TOKEN_SECRET (tenantry.onboarding.tokens.Signer).  The
 service runs as bench.service_proc starts it (its own process, log level warning, the
 default SSE settings unless --keepalive); the streams live in --load-processes (2)
 separate processes (`python -m bench.sse --load ...`, bench.sse_load: aiohttp, no
@@ -59,8 +59,8 @@ from pathlib import Path
 
 import anyio
 
-from service import db
-from service.onboarding.tokens import Signer
+from tenantry import db
+from tenantry.onboarding.tokens import Signer
 
 from . import common, sse_load
 from .common import Result, progress

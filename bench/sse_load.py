@@ -20,7 +20,7 @@ import anyio
 import asyncpg
 import orjson
 
-from service.onboarding.tokens import Signer
+from tenantry.onboarding.tokens import Signer
 
 from . import common
 from .common import Result

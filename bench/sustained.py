@@ -6,7 +6,7 @@ another service writing straight into the table does (the statement trigger and 
 throttled NOTIFY included).  pgbench is a separate process, so the producers do not share
 this Python process's CPU; they do share the machine's cores with it and the server.
 
-Consumer: one Worker (plus the Listener, wired as in `service.app`), queue concurrency
+Consumer: one Worker (plus the Listener, wired as in `tenantry.app`), queue concurrency
 --concurrency (100), a no-op handler, its default 1 s poll.  A sampler on a connection of
 its own records the queue depth (queued and running rows) every 0.5 s.
 
@@ -48,9 +48,9 @@ import time
 import anyio
 import asyncpg
 
-from service import db
-from service.jobs.model import Job
-from service.jobs.registry import Registry
+from tenantry import db
+from tenantry.jobs.model import Job
+from tenantry.jobs.registry import Registry
 
 from . import common
 from .common import Result, fmt_rate, progress

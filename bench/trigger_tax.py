@@ -40,7 +40,7 @@ from typing import Any
 import anyio
 import asyncpg
 
-from service.app import JOBS_CHANNEL
+from tenantry.app import JOBS_CHANNEL
 
 from . import common
 from .common import Result, fmt_rate, progress

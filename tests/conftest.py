@@ -17,9 +17,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from service import db, migrate, roles
-from service import logging as log
-from service.embedded import EmbeddedPostgres
+from tenantry import db, migrate, roles
+from tenantry import logging as log
+from tenantry.embedded import EmbeddedPostgres
 from tests.smtp import smtp_server  # noqa: F401 - a fixture, for every test module
 
 log.configure(os.environ.get("TENANTRY_TEST_LOG_LEVEL", "warning"))

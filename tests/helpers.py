@@ -17,12 +17,12 @@ import anyio
 import asyncpg
 import orjson
 
-from service import db, migrate, roles
-from service.app import Service, build
-from service.clock import Clock, Random
-from service.config import Settings
-from service.jobs.registry import Registry
-from service.jobs.worker import Worker, WorkerConfig
+from tenantry import db, migrate, roles
+from tenantry.app import Service, build
+from tenantry.clock import Clock, Random
+from tenantry.config import Settings
+from tenantry.jobs.registry import Registry
+from tenantry.jobs.worker import Worker, WorkerConfig
 
 
 class Recorder:
@@ -128,7 +128,7 @@ async def one(pool: asyncpg.Pool, sql: str, *args: object) -> asyncpg.Record:
 
 def function_statement(function: str) -> str:
     """The statement that function `tenantry.<function>` runs, read from the functions
-    file that defines it (service/*/functions.sql), with its $n parameters, so that a
+    file that defines it (service/tenantry/*/functions.sql), with its $n parameters, so that a
     test can EXPLAIN it: the first statement of its body (after BEGIN, and RETURN
     QUERY), up to the semicolon that ends it."""
     pattern = re.compile(rf"FUNCTION tenantry\.{re.escape(function)}\(.*?\bAS \$\$(.*?)\$\$;", re.S)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import anyio
 
-from service.jobs import Job, Registry
+from tenantry.jobs import Job, Registry
 
 registry = Registry()
 

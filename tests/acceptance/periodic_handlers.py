@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from service.jobs import Job, Registry
+from tenantry.jobs import Job, Registry
 
 registry = Registry()
 

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import orjson
 
-from service import roles
+from tenantry import roles
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,7 +49,7 @@ class ServiceProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "service",
+            "tenantry",
             "run",
             *args,
             cwd=ROOT,
@@ -126,7 +126,7 @@ async def run_cli(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "service",
+        "tenantry",
         *args,
         cwd=ROOT,
         env=full_env,

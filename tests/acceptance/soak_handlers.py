@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from service.jobs import Job, Policy, Registry
+from tenantry.jobs import Job, Policy, Registry
 from tests.acceptance import handlers
 
 registry = Registry()

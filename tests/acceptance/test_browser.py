@@ -33,8 +33,8 @@ from playwright.async_api import (
     expect,
 )
 
-from service.config import Settings
-from service.onboarding.model import STEPS
+from tenantry.config import Settings
+from tenantry.onboarding.model import STEPS
 from tests import smtp
 from tests.helpers import background_service, service_settings
 

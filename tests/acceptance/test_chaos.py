@@ -17,8 +17,8 @@ import anyio
 import asyncpg
 import pytest
 
-from service import db, roles
-from service.embedded import EmbeddedPostgres
+from tenantry import db, roles
+from tenantry.embedded import EmbeddedPostgres
 from tests.acceptance.process import ServiceProcess
 from tests.acceptance.workload import ACCEPTANCE_LOG, TERMINAL, Browser, Producer, all_ran_once
 from tests.helpers import TENANT_A, TENANT_B, TEST_TOKEN_SECRET, eventually

@@ -14,8 +14,8 @@ import anyio
 import asyncpg
 import pytest
 
-from service import roles
-from service.onboarding.model import STEPS
+from tenantry import roles
+from tenantry.onboarding.model import STEPS
 from tests.acceptance.process import ServiceProcess
 from tests.helpers import TEST_TOKEN_SECRET, Frame, sse_frames, wait_lock_waiter
 

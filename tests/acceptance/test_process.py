@@ -12,9 +12,9 @@ from datetime import datetime
 import aiohttp
 import asyncpg
 
-from service import roles
-from service.jobs import queue as jobs
-from service.tenancy import SYSTEM_TENANT
+from tenantry import roles
+from tenantry.jobs import queue as jobs
+from tenantry.tenancy import SYSTEM_TENANT
 from tests.acceptance.process import ServiceProcess
 from tests.helpers import TENANT_A, eventually, one, wait_lock_waiter
 

@@ -18,8 +18,8 @@ import anyio
 import asyncpg
 import pytest
 
-from service import db, roles
-from service.jobs import queue as jobs
+from tenantry import db, roles
+from tenantry.jobs import queue as jobs
 from tests.acceptance.process import ServiceProcess
 from tests.acceptance.workload import (
     ACCEPTANCE_LOG,

@@ -16,7 +16,7 @@ import aiohttp
 import anyio
 import asyncpg
 
-from service.jobs import queue as jobs
+from tenantry.jobs import queue as jobs
 from tests.helpers import sse_frames
 
 TERMINAL = ("onboarding.completed", "onboarding.failed")

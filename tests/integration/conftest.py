@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from service.app import Service
+from tenantry.app import Service
 
 
 @pytest.fixture

@@ -35,8 +35,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from service import db
-from service.tenancy import SYSTEM_TENANT
+from tenantry import db
+from tenantry.tenancy import SYSTEM_TENANT
 
 # The system tenant (first of all), some in between, and the last possible id: the
 # walk's wrap-around is exercised at both ends.

@@ -12,8 +12,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from service import db
-from service.tenancy import tenant_tx
+from tenantry import db
+from tenantry.tenancy import tenant_tx
 from tests.helpers import TENANT_A, background_service, eventually, service_settings
 
 

@@ -11,11 +11,11 @@ import anyio
 import asyncpg
 import pytest
 
-from service.jobs import queue as jobs
-from service.jobs.model import Job
-from service.jobs.registry import Registry
-from service.jobs.worker import Q, Worker, WorkerConfig
-from service.tenancy import SYSTEM_TENANT
+from tenantry.jobs import queue as jobs
+from tenantry.jobs.model import Job
+from tenantry.jobs.registry import Registry
+from tenantry.jobs.worker import Q, Worker, WorkerConfig
+from tenantry.tenancy import SYSTEM_TENANT
 from tests.helpers import TENANT_A, TENANT_B, function_statement, running_worker
 
 

@@ -8,13 +8,13 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import asyncpg
 
-from service import db, roles
-from service.jobs import queue as jobs
-from service.jobs.maintenance import PeriodicEnqueuer
-from service.jobs.model import Job
-from service.jobs.registry import Registry
-from service.listener import Listener
-from service.tenancy import tenant_tx
+from tenantry import db, roles
+from tenantry.jobs import queue as jobs
+from tenantry.jobs.maintenance import PeriodicEnqueuer
+from tenantry.jobs.model import Job
+from tenantry.jobs.registry import Registry
+from tenantry.listener import Listener
+from tenantry.tenancy import tenant_tx
 from tests.helpers import TENANT_A, TENANT_B, FakeClock, running_worker
 
 

@@ -20,7 +20,7 @@ from urllib.parse import quote
 import pytest
 import structlog
 
-from service.onboarding.mail import (
+from tenantry.onboarding.mail import (
     FileMailer,
     Mail,
     MailRejected,

@@ -8,8 +8,8 @@ import anyio
 import asyncpg
 import pytest
 
-from service import db, migrate
-from service.errors import MigrationBlocked, SchemaMismatch
+from tenantry import db, migrate
+from tenantry.errors import MigrationBlocked, SchemaMismatch
 from tests.helpers import TENANT_A
 
 

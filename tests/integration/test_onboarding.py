@@ -13,10 +13,10 @@ import anyio
 import asyncpg
 import pytest
 
-from service.app import Service
-from service.onboarding import machine
-from service.onboarding.model import STEPS, SignUp
-from service.tenancy import tenant_tx
+from tenantry.app import Service
+from tenantry.onboarding import machine
+from tenantry.onboarding.model import STEPS, SignUp
+from tenantry.tenancy import tenant_tx
 from tests import smtp
 from tests.helpers import (
     Frame,

@@ -15,8 +15,8 @@ import asyncpg
 import orjson
 import pytest
 
-from service.app import Service
-from service.onboarding.tokens import Signer
+from tenantry.app import Service
+from tenantry.onboarding.tokens import Signer
 from tests.helpers import TEST_TOKEN_SECRET, background_service, service_settings
 
 SIGN_UP = {"email": "grace@example.com", "tenant_name": "Compilers Inc", "plan": "free"}

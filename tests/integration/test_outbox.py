@@ -9,11 +9,11 @@ import asyncpg
 import orjson
 import pytest
 
-from service.errors import Conflict
-from service.jobs.maintenance import Pruner
-from service.onboarding import machine
-from service.outbox import store as outbox
-from service.tenancy import tenant_tx, tenant_tx_on
+from tenantry.errors import Conflict
+from tenantry.jobs.maintenance import Pruner
+from tenantry.onboarding import machine
+from tenantry.outbox import store as outbox
+from tenantry.tenancy import tenant_tx, tenant_tx_on
 from tests.helpers import TENANT_A, TENANT_B, wait_lock_waiter
 
 

@@ -10,14 +10,14 @@ import anyio
 import asyncpg
 import pytest
 
-from service import db
-from service.errors import PermanentFailure
-from service.jobs import queue as jobs
-from service.jobs.model import Job, JobAlreadyCompleted
-from service.jobs.outcomes import Bury, Complete, OutcomeWriter, Retry
-from service.jobs.registry import Policy, Registry
-from service.jobs.worker import Worker, WorkerConfig
-from service.safetext import safe_json, safe_text
+from tenantry import db
+from tenantry.errors import PermanentFailure
+from tenantry.jobs import queue as jobs
+from tenantry.jobs.model import Job, JobAlreadyCompleted
+from tenantry.jobs.outcomes import Bury, Complete, OutcomeWriter, Retry
+from tenantry.jobs.registry import Policy, Registry
+from tenantry.jobs.worker import Worker, WorkerConfig
+from tenantry.safetext import safe_json, safe_text
 from tests.helpers import TENANT_A, TENANT_B, one, running_worker, wait_lock_waiter
 
 NUL = "name\x00with a NUL"

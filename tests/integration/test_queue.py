@@ -9,15 +9,15 @@ import anyio
 import asyncpg
 import pytest
 
-from service import db
-from service.errors import Invalid, PermanentFailure, Snooze
-from service.jobs import queue as jobs
-from service.jobs.maintenance import LeaseRescuer
-from service.jobs.model import Job
-from service.jobs.outcomes import Bury, Complete, Release, Retry
-from service.jobs.registry import Policy, Registry
-from service.jobs.worker import Claimed, Worker, WorkerConfig
-from service.tenancy import tenant_tx_on
+from tenantry import db
+from tenantry.errors import Invalid, PermanentFailure, Snooze
+from tenantry.jobs import queue as jobs
+from tenantry.jobs.maintenance import LeaseRescuer
+from tenantry.jobs.model import Job
+from tenantry.jobs.outcomes import Bury, Complete, Release, Retry
+from tenantry.jobs.registry import Policy, Registry
+from tenantry.jobs.worker import Claimed, Worker, WorkerConfig
+from tenantry.tenancy import tenant_tx_on
 from tests.helpers import TENANT_A, TENANT_B, FakeClock, FixedRandom, one, running_worker
 
 

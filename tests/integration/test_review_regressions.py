@@ -11,11 +11,11 @@ import anyio
 import asyncpg
 import pytest
 
-from service import db
-from service.errors import Snooze
-from service.jobs import queue as jobs
-from service.jobs.model import Job
-from service.jobs.registry import Policy, Registry
+from tenantry import db
+from tenantry.errors import Snooze
+from tenantry.jobs import queue as jobs
+from tenantry.jobs.model import Job
+from tenantry.jobs.registry import Policy, Registry
 from tests.helpers import TENANT_A, TENANT_B, one, running_worker, wait_lock_waiter
 from tests.integration.test_listener_and_periodic import Heard
 

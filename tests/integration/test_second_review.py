@@ -13,11 +13,11 @@ from collections import Counter
 import anyio
 import asyncpg
 
-from service.jobs import queue as jobs
-from service.jobs.model import Job
-from service.jobs.registry import DeadLetter, Policy, Registry
-from service.jobs.worker import Claimed
-from service.listener import Listener
+from tenantry.jobs import queue as jobs
+from tenantry.jobs.model import Job
+from tenantry.jobs.registry import DeadLetter, Policy, Registry
+from tenantry.jobs.worker import Claimed
+from tenantry.listener import Listener
 from tests.helpers import TENANT_A, TENANT_B, Recorder, running_worker
 from tests.integration.test_listener_and_periodic import Heard
 

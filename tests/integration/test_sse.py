@@ -13,9 +13,9 @@ import anyio
 import asyncpg
 import pytest
 
-from service.app import Service
-from service.db import Executor
-from service.hub import KEEPALIVE, Subscriber
+from tenantry.app import Service
+from tenantry.db import Executor
+from tenantry.hub import KEEPALIVE, Subscriber
 from tests.helpers import Frame, background_service, service_settings, sse_frames
 
 SIGN_UP = {"email": "lin@example.com", "tenant_name": "Streams Ltd", "plan": "free"}

@@ -17,13 +17,13 @@ import anyio.lowlevel
 import asyncpg
 import pytest
 
-from service import db, migrate, roles
-from service.errors import InsecureRole, TenantContextError
-from service.jobs import queue as jobs
-from service.jobs.model import Job
-from service.jobs.registry import Registry
-from service.sql import load
-from service.tenancy import tenant_tx, tenant_tx_on
+from tenantry import db, migrate, roles
+from tenantry.errors import InsecureRole, TenantContextError
+from tenantry.jobs import queue as jobs
+from tenantry.jobs.model import Job
+from tenantry.jobs.registry import Registry
+from tenantry.sql import load
+from tenantry.tenancy import tenant_tx, tenant_tx_on
 from tests.conftest import with_database
 from tests.helpers import running_worker
 
@@ -700,25 +700,25 @@ async def test_migrating_as_a_createrole_admin_that_is_not_a_superuser(
 
 # Every tenant-scoped statement the package issues, with arguments to plan it with.
 TENANT_STATEMENTS: dict[tuple[str, str], tuple[object, ...]] = {
-    ("service/tenants/queries.sql", "create_tenant"): (A, "a-new", "A", "free", "active"),
-    ("service/tenants/queries.sql", "get_tenant"): (A,),
-    ("service/tenants/queries.sql", "create_key"): (A, "k", b"\x02" * 32),
-    ("service/tenants/queries.sql", "find_key"): (A, b"\x02" * 32),
-    ("service/tenants/queries.sql", "list_keys"): (A,),
-    ("service/tenants/queries.sql", "revoke_key"): (A, 1),
-    ("service/tenants/queries.sql", "add_user"): (A, A, "a@example.com", "a"),
-    ("service/tenants/queries.sql", "add_roles"): (A, ["owner"], [""]),
-    ("service/tenants/queries.sql", "add_workspace"): (A, A, "default", "Default"),
-    ("service/tenants/queries.sql", "add_membership"): (A, A, A, "owner"),
-    ("service/tenants/queries.sql", "set_tenant_state"): (A, "active"),
-    ("service/tenants/queries.sql", "delete_tenant"): (A,),
-    ("service/jobs/queries.sql", "complete_one"): (A, 1, "probe"),
-    ("service/onboarding/queries.sql", "get"): (A, A),
-    ("service/onboarding/queries.sql", "steps"): (A, A),
-    ("service/onboarding/queries.sql", "lock"): (A, A),
-    ("service/onboarding/queries.sql", "record_step"): (A, A, "tenant"),
-    ("service/onboarding/queries.sql", "transition"): (A, A, 1, "provisioning", None),
-    ("service/outbox/queries.sql", "events_after"): (A, "onboarding", str(A), 0, 100),
+    ("service/tenantry/tenants/queries.sql", "create_tenant"): (A, "a-new", "A", "free", "active"),
+    ("service/tenantry/tenants/queries.sql", "get_tenant"): (A,),
+    ("service/tenantry/tenants/queries.sql", "create_key"): (A, "k", b"\x02" * 32),
+    ("service/tenantry/tenants/queries.sql", "find_key"): (A, b"\x02" * 32),
+    ("service/tenantry/tenants/queries.sql", "list_keys"): (A,),
+    ("service/tenantry/tenants/queries.sql", "revoke_key"): (A, 1),
+    ("service/tenantry/tenants/queries.sql", "add_user"): (A, A, "a@example.com", "a"),
+    ("service/tenantry/tenants/queries.sql", "add_roles"): (A, ["owner"], [""]),
+    ("service/tenantry/tenants/queries.sql", "add_workspace"): (A, A, "default", "Default"),
+    ("service/tenantry/tenants/queries.sql", "add_membership"): (A, A, A, "owner"),
+    ("service/tenantry/tenants/queries.sql", "set_tenant_state"): (A, "active"),
+    ("service/tenantry/tenants/queries.sql", "delete_tenant"): (A,),
+    ("service/tenantry/jobs/queries.sql", "complete_one"): (A, 1, "probe"),
+    ("service/tenantry/onboarding/queries.sql", "get"): (A, A),
+    ("service/tenantry/onboarding/queries.sql", "steps"): (A, A),
+    ("service/tenantry/onboarding/queries.sql", "lock"): (A, A),
+    ("service/tenantry/onboarding/queries.sql", "record_step"): (A, A, "tenant"),
+    ("service/tenantry/onboarding/queries.sql", "transition"): (A, A, 1, "provisioning", None),
+    ("service/tenantry/outbox/queries.sql", "events_after"): (A, "onboarding", str(A), 0, 100),
 }
 
 
@@ -730,7 +730,7 @@ def _queries(path: str) -> dict[str, str]:
 async def test_every_tenant_statement_uses_the_tenant_as_an_index_condition(
     admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
-    tenant_file = "service/tenants/queries.sql"
+    tenant_file = "service/tenantry/tenants/queries.sql"
     assert {n for f, n in TENANT_STATEMENTS if f == tenant_file} == set(_queries(tenant_file)), (
         "a tenant statement was added or removed: list it in TENANT_STATEMENTS"
     )

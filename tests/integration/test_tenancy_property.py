@@ -10,8 +10,8 @@ import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.jobs import queue as jobs
-from service.tenancy import tenant_tx
+from tenantry.jobs import queue as jobs
+from tenantry.tenancy import tenant_tx
 
 TENANTS = [uuid.UUID(int=(i + 1) << 96 | i + 1) for i in range(3)]
 TABLES = ("users", "workspaces", "api_keys", "jobs")

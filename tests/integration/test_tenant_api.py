@@ -11,10 +11,10 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from service import db
-from service.errors import Conflict, Invalid, NotFound, Unauthorized
-from service.http.app import Readiness, build_app
-from service.tenants import store
+from tenantry import db
+from tenantry.errors import Conflict, Invalid, NotFound, Unauthorized
+from tenantry.http.app import Readiness, build_app
+from tenantry.tenants import store
 
 
 async def _ready() -> dict[str, bool]:

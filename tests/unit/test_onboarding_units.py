@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.config import from_env
-from service.errors import ConfigError, InvalidRequest
-from service.http.ratelimit import RateLimiter, client_address, limit_key, parse_networks
-from service.onboarding.mail import masked
-from service.onboarding.model import SignUp, parse_sign_up
-from service.onboarding.tokens import Signer, TokenError, load_secret
+from tenantry.config import from_env
+from tenantry.errors import ConfigError, InvalidRequest
+from tenantry.http.ratelimit import RateLimiter, client_address, limit_key, parse_networks
+from tenantry.onboarding.mail import masked
+from tenantry.onboarding.model import SignUp, parse_sign_up
+from tenantry.onboarding.tokens import Signer, TokenError, load_secret
 
 SECRET = b"s" * 32
 T0 = datetime(2030, 1, 1, tzinfo=UTC)

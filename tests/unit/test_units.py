@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service import config, migrate, roles, sql
-from service.errors import ConfigError
-from service.jobs.backoff import full_jitter
-from service.jobs.model import Job
-from service.jobs.registry import DeadLetter, Periodic, Policy, Registry
-from service.tenants.keys import new_key, parse_key
+from tenantry import config, migrate, roles, sql
+from tenantry.errors import ConfigError, SchemaMismatch
+from tenantry.jobs.backoff import full_jitter
+from tenantry.jobs.model import Job
+from tenantry.jobs.registry import DeadLetter, Periodic, Policy, Registry
+from tenantry.tenants.keys import new_key, parse_key
 from tests.helpers import FixedRandom
 
 
@@ -118,6 +118,19 @@ def test_migration_file_names_are_checked(tmp_path: Path) -> None:
         migrate.discover(tmp_path)
 
 
+def test_a_folder_without_migrations_is_refused(tmp_path: Path) -> None:
+    """Regression: a wheel without its migrations said "schema is current" on an empty
+    database and created nothing."""
+    with pytest.raises(SchemaMismatch, match="no migrations"):
+        migrate.discover(tmp_path)
+
+
+def test_the_migrations_are_read_from_the_package() -> None:
+    """They travel inside the wheel as `tenantry.schema` (their source is schema/)."""
+    assert migrate.SCHEMA_DIR.name == "schema"
+    assert (migrate.SCHEMA_DIR / "0001_queue.sql").is_file()
+
+
 def test_database_urls_and_logins() -> None:
     s = config.from_env(
         {
@@ -176,7 +189,7 @@ def test_api_keys_name_their_tenant_and_parse_strictly() -> None:
 def test_the_collector_is_tuned_only_while_many_streams_are_open() -> None:
     import gc  # noqa: PLC0415
 
-    from service.hub import CollectorTuning  # noqa: PLC0415
+    from tenantry.hub import CollectorTuning  # noqa: PLC0415
 
     before = gc.get_threshold()
     tuning = CollectorTuning(enabled=True, above=10)

@@ -29,6 +29,7 @@ fails with MigrationBlocked (nothing applied).
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import random
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -43,7 +44,9 @@ from .db import Conn
 from .errors import MigrationBlocked, SchemaMismatch
 
 _PACKAGE = Path(__file__).resolve().parent
-SCHEMA_DIR = _PACKAGE.parent / "schema"
+# The numbered migrations: the top-level schema/ folder, installed as the package
+# `tenantry.schema` (pyproject.toml), so that a wheel carries them.
+SCHEMA_DIR = Path(str(importlib.resources.files("tenantry.schema")))
 # Applied in this order (a later file may use an earlier one's functions).
 REPEATABLE_FILES: tuple[Path, ...] = (
     _PACKAGE / "jobs" / "functions.sql",
@@ -168,6 +171,9 @@ def discover(directory: Path = SCHEMA_DIR) -> list[Migration]:
         if match is None:
             raise SchemaMismatch(f"{path.name}: migration files are named NNNN_name.sql")
         found.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
+    if not found:
+        # An install without them would take any database, an empty one too, as current.
+        raise SchemaMismatch(f"no migrations in {directory}: this installation is incomplete")
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
         raise SchemaMismatch("two migration files share a version number")

@@ -35,8 +35,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import aiosmtplib
 
-from service import logging as log
-from service.clock import Clock, SystemClock
+from tenantry import logging as log
+from tenantry.clock import Clock, SystemClock
 
 
 def masked(address: str) -> str:

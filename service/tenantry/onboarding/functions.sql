@@ -1,5 +1,5 @@
--- version: 1
--- The onboarding module's functions.  A repeatable migration (service/migrate.py),
+-- version: 2
+-- The onboarding module's functions.  A repeatable migration (tenantry/migrate.py),
 -- applied again whenever this file changes (raise the version above with every
 -- change).
 

@@ -1,5 +1,5 @@
 -- version: 3
--- The job queue's functions and triggers.  A repeatable migration (service/migrate.py):
+-- The job queue's functions and triggers.  A repeatable migration (tenantry/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
 -- tenantry.jobs, dead_jobs, job_counters, periodic_runs and notify_throttle.

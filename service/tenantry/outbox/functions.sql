@@ -1,5 +1,5 @@
--- version: 2
--- The outbox's functions and triggers.  A repeatable migration (service/migrate.py),
+-- version: 3
+-- The outbox's functions and triggers.  A repeatable migration (tenantry/migrate.py),
 -- applied again whenever this file changes (raise the version above with every
 -- change).  The outbox module is the only writer of
 -- tenantry.outbox, besides other services calling tenantry.emit in their own
@@ -47,7 +47,7 @@ $$;
 
 -- Wake the followers (SSE hubs now, webhook fan-out later) when the inserting
 -- transaction commits, throttled like the jobs' wake-up (tenantry.wake_at_commit in
--- service/jobs/functions.sql); the payload names the channel's content, never a row.
+-- tenantry/jobs/functions.sql); the payload names the channel's content, never a row.
 SELECT tenantry.ensure_trigger('tenantry.outbox', 'outbox_wake', $trigger$
 CREATE CONSTRAINT TRIGGER outbox_wake AFTER INSERT ON tenantry.outbox
     DEFERRABLE INITIALLY DEFERRED
