@@ -4,6 +4,7 @@ a failed operation (unknown job, database down) exits 1."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -15,7 +16,7 @@ import anyio
 import asyncpg
 import orjson
 
-from . import config, db, migrate, roles
+from . import __version__, config, db, migrate, roles
 from . import logging as log
 from .app import serve
 from .embedded import EmbeddedPostgres
@@ -115,6 +116,7 @@ def _port(raw: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tenantry", description="Postgres-native background work for SaaS.")
+    p.add_argument("--version", action="version", version=f"tenantry {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="migrate (unless told not to) and run the service")
@@ -125,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-worker",
         action="store_true",
         help="claim no jobs: serve HTTP only (TENANTRY_WORKER=false)",
+    )
+    run.add_argument(
+        "--app-dir",
+        default=".",
+        help="the folder TENANTRY_HANDLERS modules are imported from, ahead of the"
+        " installed packages (default: the working directory)",
     )
 
     mig = sub.add_parser("migrate", help="apply pending schema migrations")
@@ -244,6 +252,11 @@ def _main(argv: Sequence[str] | None) -> int:
             config.check_for_run(settings)
         except TenantryError as exc:
             return _fail(f"configuration: {exc}", EXIT_USAGE)
+    if args.command == "run":
+        # As uvicorn and gunicorn do: the application's modules are found from the
+        # working directory (or --app-dir), which a console script does not put on
+        # sys.path by itself.
+        sys.path.insert(0, os.path.abspath(args.app_dir))
     try:
         registry = load_registry(settings.handlers) if args.command == "run" else None
         urls = _resolve_urls(settings)

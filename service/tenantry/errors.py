@@ -25,11 +25,12 @@ class InvalidRequest(TenantryError):
 
 
 class NotFound(TenantryError):
-    pass
+    """What was asked for does not exist (or is another tenant's)."""
 
 
 class Conflict(TenantryError):
-    pass
+    """The operation collides with another: a version another writer already took, a
+    job whose lease this worker lost, an id that names more than one row."""
 
 
 class ConfigError(TenantryError):
@@ -81,4 +82,7 @@ class PermanentFailure(Exception):
 
 
 class Cancel(Exception):
-    """The job is no longer wanted: remove it without retrying (recorded as dead)."""
+    """The job is no longer wanted (the order was voided, the tenant left): raise it
+    from a handler to stop at once, without retries.  The job moves to the dead jobs
+    with reason `cancelled` (an operator can still see or retry it), and the kind's
+    `on_dead` hook runs, as for any death."""

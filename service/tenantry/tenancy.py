@@ -39,7 +39,9 @@ _OPEN: dict[int, uuid.UUID] = {}
 
 @asynccontextmanager
 async def tenant_tx_on(conn: Conn, tenant_id: object) -> AsyncIterator[Conn]:
-    """Run a transaction on `conn` with the tenant context set."""
+    """A transaction on `conn` in `tenant_id`'s context: row-level security shows and
+    accepts that tenant's rows only.  Commits when the block ends, rolls back when it
+    raises."""
     tid = parse_tenant_id(tenant_id)
     # str(UUID) is canonical hex and dashes: safe to inline, and inlining is what lets
     # BEGIN and set_config share one message.
@@ -70,7 +72,8 @@ async def _rollback_quietly(conn: Conn) -> None:
 
 @asynccontextmanager
 async def tenant_tx(pool: asyncpg.Pool, tenant_id: object) -> AsyncIterator[Conn]:
-    """A pooled connection in a tenant transaction."""
+    """A connection from `pool` in a transaction in `tenant_id`'s context (see
+    `tenant_tx_on`): `async with tenant_tx(pool, tenant) as conn: ...`."""
     tid = parse_tenant_id(tenant_id)
     async with pool.acquire() as conn, tenant_tx_on(conn, tid) as tx:
         yield tx

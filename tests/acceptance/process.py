@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +46,21 @@ class ServiceProcess:
 
     @classmethod
     async def start(cls, database_url: str, *args: str, **env: str) -> ServiceProcess:
+        """`python -m tenantry run *args` from the checkout."""
+        return await cls.start_command(
+            [sys.executable, "-m", "tenantry"], ROOT, database_url, *args, **env
+        )
+
+    @classmethod
+    async def start_command(
+        cls, program: Sequence[str], cwd: Path, database_url: str, *args: str, **env: str
+    ) -> ServiceProcess:
+        """`program run *args` in `cwd`."""
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tenantry",
+            *program,
             "run",
             *args,
-            cwd=ROOT,
+            cwd=cwd,
             env=service_env(database_url, **env),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,

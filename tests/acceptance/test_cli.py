@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import uuid
 
 import asyncpg
 import orjson
 import pytest
 
+import tenantry
 from tests.acceptance.process import run_cli
 from tests.helpers import TENANT_A, one
 
@@ -30,6 +32,12 @@ async def test_bad_arguments_exit_2_with_a_clear_message(
     assert code == 2
     assert message in err
     assert "Traceback" not in err + out
+
+
+async def test_version() -> None:
+    code, out, _err = await run_cli("--version")
+    assert code == 0 and out.strip() == f"tenantry {tenantry.__version__}"
+    assert tenantry.__version__ == importlib.metadata.version("tenantry")
 
 
 async def test_bad_configuration_exits_2(database_url: str) -> None:

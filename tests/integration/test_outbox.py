@@ -49,7 +49,7 @@ async def test_two_writers_of_one_version_the_second_fails_loudly(
     pool: asyncpg.Pool, admin_pool: asyncpg.Pool
 ) -> None:
     async with tenant_tx(pool, TENANT_A) as tx:
-        await outbox.append(
+        await outbox.emit(
             tx,
             tenant_id=TENANT_A,
             aggregate_type="a",
@@ -60,7 +60,7 @@ async def test_two_writers_of_one_version_the_second_fails_loudly(
         )
     with pytest.raises(Conflict, match="another writer"):
         async with tenant_tx(pool, TENANT_A) as tx:
-            await outbox.append(
+            await outbox.emit(
                 tx,
                 tenant_id=TENANT_A,
                 aggregate_type="a",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import inspect
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import tenantry
 from tenantry import config, migrate, roles, sql
 from tenantry.errors import ConfigError, SchemaMismatch
 from tenantry.jobs.backoff import full_jitter
@@ -240,3 +242,17 @@ def test_a_dead_letter_carries_the_dead_jobs_payload(
     )  # fmt: skip
     dead = DeadLetter.from_hook_job(job)
     assert dead.payload == expected and dead.job_id == 7 and dead.kind == "k"
+
+
+def test_the_public_interface_is_importable_and_documented() -> None:
+    """`import tenantry` gives what a handler author and a producer need, each with a
+    docstring (help() is the first documentation people read)."""
+    wanted = {"Registry", "Job", "Policy", "Snooze", "PermanentFailure", "Cancel"}
+    wanted |= {"DeadLetter", "enqueue", "emit", "tenant_tx", "tenant_tx_on"}
+    assert wanted <= set(tenantry.__all__)
+    for name in tenantry.__all__:
+        obj = getattr(tenantry, name)
+        if callable(obj):
+            doc = inspect.getdoc(obj) or ""
+            assert doc and not doc.startswith(f"{name}("), f"{name} has no docstring"
+    assert (Path(tenantry.__file__).parent / "py.typed").is_file()

@@ -26,6 +26,16 @@ class JobAlreadyCompleted(TenantryError):
 
 @dataclass(eq=False)
 class Job:
+    """A job as its handler receives it.
+
+    `payload` is the decoded JSON payload; `attempt` counts from 1 (this run
+    included) up to `max_attempts`.  Write the job's effects in `complete_in_tx()`
+    (they commit with the job's completion: exactly once) or in `tenant_tx()` (a plain
+    tenant transaction: at least once).  A handler ends the job by returning (done),
+    raising `Snooze` (run again later, no attempt used), `PermanentFailure` or
+    `Cancel` (dead at once), or any other exception (retried with backoff until its
+    attempts run out)."""
+
     id: int
     tenant_id: uuid.UUID
     queue: str

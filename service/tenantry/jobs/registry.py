@@ -32,6 +32,10 @@ _KIND_MAX = 200
 
 @dataclass(frozen=True)
 class Policy:
+    """How a kind's jobs are retried: up to `max_attempts` runs; after the n-th failed
+    one, a random delay of up to min(`backoff_cap`, `backoff_base` * 2**(n-1)) seconds
+    ("full jitter"); each run may take `timeout` seconds (None: TENANTRY_JOB_TIMEOUT)."""
+
     max_attempts: int = 25
     backoff_base: float = 1.0
     backoff_cap: float = 3600.0
@@ -136,6 +140,10 @@ class Registration:
 
 
 class Registry:
+    """The job kinds a process can run, each with its handler and policy.  Register with
+    the `handler` decorator (or `add`); point `TENANTRY_HANDLERS` at the registry
+    (`myapp.jobs:registry`) for `tenantry run` to run them."""
+
     def __init__(self) -> None:
         self._by_kind: dict[str, Registration] = {}
 
@@ -186,6 +194,7 @@ class Registry:
         periodic_queue: str = "default",
         on_dead: OnDead | None = None,
     ) -> None:
+        """Register `fn` as the handler of `kind` (the `handler` decorator's options)."""
         if not kind or len(kind) > _KIND_MAX - len(DEAD_HOOK_SUFFIX):
             raise ValueError(f"a kind is 1 to {_KIND_MAX - len(DEAD_HOOK_SUFFIX)} characters")
         if kind.endswith(DEAD_HOOK_SUFFIX):

@@ -160,7 +160,7 @@ async def _transition(
     version = await o.tx.fetchval(Q["transition"], o.tenant_id, o.id, o.version, state, reason)
     if version is None:  # pragma: no cover - the row is locked by this transaction
         raise Conflict(f"onboarding {o.id} moved on under its lock")
-    await outbox.append(
+    await outbox.emit(
         o.tx,
         tenant_id=o.tenant_id,
         aggregate_type=AGGREGATE,

@@ -126,7 +126,7 @@ class Provisioner:
 
     async def _provisioned(self, o: machine.Locked) -> None:
         await tenants.set_tenant_state(o.tx, o.tenant_id, "active")
-        await outbox.append(
+        await outbox.emit(
             o.tx,
             tenant_id=o.tenant_id,
             aggregate_type="tenant",

@@ -1,4 +1,4 @@
-"""Append events, replay an aggregate's events, follow the log across tenants."""
+"""Emit events, replay an aggregate's events, follow the log across tenants."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class Event:
     data: str
 
 
-async def append(
+async def emit(
     conn: Executor,
     *,
     tenant_id: uuid.UUID,
@@ -38,8 +38,16 @@ async def append(
     payload: Any,
     version: int | None = None,
 ) -> int:
-    """Append one event in the caller's tenant transaction.  A version another writer
-    already took is a Conflict: two writers raced on one aggregate."""
+    """Append one event to the outbox, in the caller's transaction: it is published if
+    and only if that transaction commits.  Returns the event's id.
+
+    `conn` is a connection inside a tenant transaction for `tenant_id` (see
+    `tenantry.tenant_tx`).  Events of one aggregate (`aggregate_type`,
+    `aggregate_id`) are numbered 1, 2, 3...: `version=None` takes the next number,
+    an explicit `version` asserts it, and one that another writer already took raises
+    `Conflict` (two writers raced on one aggregate).  `payload` is any JSON value;
+    followers (the event streams) receive its keys with `type`, `version` and `at`.
+    The SQL equivalent is `tenantry.emit(...)`."""
     try:
         event_id: int = await conn.fetchval(
             Q["append"], tenant_id, aggregate_type, aggregate_id, event_type, payload, version
