@@ -24,8 +24,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check service tests bench schema
-	$(BIN)/ruff format --check service tests bench schema
+	$(BIN)/ruff check service tests bench schema .ci
+	$(BIN)/ruff format --check service tests bench schema .ci
 	$(BIN)/mypy
 
 $(BENCH_STAMP): $(STAMP)
