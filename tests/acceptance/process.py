@@ -18,14 +18,18 @@ from tenantry import roles
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def service_env(database_url: str, **extra: str) -> dict[str, str]:
+def service_env(database_url: str | None, **extra: str) -> dict[str, str]:
     """The process's environment as a deployment would set it: `database_url` (a
-    superuser's) migrates, the service logs in as its own unprivileged role."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTRY_")}
+    superuser's) migrates, the service logs in as its own unprivileged role.  None: no
+    database URL at all, so the process runs its embedded PostgreSQL (TENANTRY_DATA_DIR)."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("TENANTRY_") and k != "DATABASE_URL"
+    }
+    if database_url is not None:
+        env["DATABASE_URL"] = roles.with_login(database_url, roles.DEFAULT_LOGIN)
+        env["TENANTRY_ADMIN_URL"] = database_url
     env.update(
         {
-            "DATABASE_URL": roles.with_login(database_url, roles.DEFAULT_LOGIN),
-            "TENANTRY_ADMIN_URL": database_url,
             "TENANTRY_HANDLERS": "tests.acceptance.handlers:registry",
             "TENANTRY_LOG_LEVEL": "debug",
             "TENANTRY_PORT": "0",
@@ -53,7 +57,7 @@ class ServiceProcess:
 
     @classmethod
     async def start_command(
-        cls, program: Sequence[str], cwd: Path, database_url: str, *args: str, **env: str
+        cls, program: Sequence[str], cwd: Path, database_url: str | None, *args: str, **env: str
     ) -> ServiceProcess:
         """`program run *args` in `cwd`."""
         proc = await asyncio.create_subprocess_exec(
@@ -126,7 +130,11 @@ class ServiceProcess:
 async def run_cli(
     *args: str, database_url: str | None = None, env: dict[str, str] | None = None
 ) -> tuple[int, str, str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTRY_")}
+    """`python -m tenantry *args` from the checkout; without `database_url`, with no
+    database URL at all (the embedded PostgreSQL of TENANTRY_DATA_DIR)."""
+    full_env = {
+        k: v for k, v in os.environ.items() if not k.startswith("TENANTRY_") and k != "DATABASE_URL"
+    }
     if database_url is not None:
         full_env["DATABASE_URL"] = roles.with_login(database_url, roles.DEFAULT_LOGIN)
         full_env["TENANTRY_ADMIN_URL"] = database_url

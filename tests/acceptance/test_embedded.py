@@ -1,0 +1,107 @@
+"""The embedded PostgreSQL as `tenantry` runs it when DATABASE_URL is unset: every
+clean exit stops the server it started or adopted, a crashed run's server included."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tenantry import roles
+from tests.acceptance.process import ROOT, ServiceProcess, run_cli
+from tests.helpers import TENANT_A
+
+PYTHON_M_TENANTRY = [sys.executable, "-m", "tenantry"]
+
+
+def postmaster_pid(pgdata: Path) -> int | None:
+    """The pid of the server running on `pgdata`, or None."""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    return pid
+
+
+async def test_a_clean_run_after_a_kill_stops_the_server_it_adopted(tmp_path: Path) -> None:
+    """Regression: after a kill -9 of the service, its pid stayed in the embedded
+    server's list of users (.handle_pids.json), so every later clean run took the
+    server for still in use and left it running on exit."""
+    data = tmp_path / "data"
+    pgdata = data / "pgdata"
+    env = {"TENANTRY_DATA_DIR": str(data)}
+    try:
+        crashed = await ServiceProcess.start_command(PYTHON_M_TENANTRY, ROOT, None, **env)
+        await crashed.started()
+        crashed.signal(signal.SIGKILL)
+        await crashed.wait_exit()
+        assert postmaster_pid(pgdata) is not None  # orphaned by the crash
+
+        clean = await ServiceProcess.start_command(PYTHON_M_TENANTRY, ROOT, None, **env)
+        await clean.started()
+        clean.signal(signal.SIGTERM)
+        assert await clean.wait_exit() == 0
+        assert postmaster_pid(pgdata) is None
+    finally:
+        pid = postmaster_pid(pgdata)
+        if pid is not None:
+            os.kill(pid, signal.SIGQUIT)  # do not leave it behind, whatever failed
+
+
+@pytest.mark.parametrize(
+    "command", [["jobs", "stats"], ["dead", "list"], ["tenants", "keys", "list", str(TENANT_A)]]
+)
+async def test_only_run_and_migrate_create_the_embedded_database(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Regression: a command run from another folder created a new, empty 46 MB cluster
+    in ./.tenantry there, then failed with 'role "tenantry_app_worker" does not exist'."""
+    data = tmp_path / "elsewhere" / ".tenantry"
+    code, out, err = await run_cli(*command, env={"TENANTRY_DATA_DIR": str(data)})
+    assert code == 1, (out, err)
+    assert str(data.resolve() / "pgdata") in err
+    assert "TENANTRY_DATA_DIR" in err and "DATABASE_URL" in err
+    assert not data.exists()
+
+
+async def test_db_url_reaches_the_running_embedded_database(tmp_path: Path) -> None:
+    """`psql "$(tenantry db url)"`: other services and people reach the embedded
+    database as the service's login, or with --admin as its superuser."""
+    data = tmp_path / "data"
+    env = {"TENANTRY_DATA_DIR": str(data)}
+    code, _out, err = await run_cli("db", "url", env=env)
+    assert code == 1 and "not running" in err  # nothing runs here yet
+    svc = await ServiceProcess.start_command(PYTHON_M_TENANTRY, ROOT, None, **env)
+    try:
+        await svc.started()
+        for args, user in ((), roles.DEFAULT_LOGIN), (("--admin",), "postgres"):
+            code, out, err = await run_cli("db", "url", *args, env=env)
+            assert code == 0, err
+            conn = await asyncpg.connect(out.strip())
+            try:
+                assert await conn.fetchval("SELECT current_user") == user
+                assert await conn.fetchval("SELECT current_database()") == "tenantry"
+            finally:
+                await conn.close()
+        svc.signal(signal.SIGTERM)
+        assert await svc.wait_exit() == 0
+    finally:
+        await svc.kill()
+        pid = postmaster_pid(data / "pgdata")
+        if pid is not None:
+            os.kill(pid, signal.SIGQUIT)
+
+
+async def test_db_url_prints_the_configured_url(database_url: str) -> None:
+    code, out, _err = await run_cli("db", "url", "--admin", database_url=database_url)
+    assert code == 0 and out.strip() == database_url
+    code, out, _err = await run_cli("db", "url", database_url=database_url)
+    assert code == 0 and out.strip() == roles.with_login(database_url, roles.DEFAULT_LOGIN)
