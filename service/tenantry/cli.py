@@ -38,8 +38,22 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 class _Parser(argparse.ArgumentParser):
+    """Errors exit 2 with one line naming the command; a missing subcommand lists the
+    choices (argparse would name its internal destination instead)."""
+
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"tenantry: error: {message}\n")
+        if message.endswith(f"required: {_COMMAND}"):
+            commands = next(
+                a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)
+            )
+            message = f"choose a command: {', '.join(commands)}"
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    def commands(self, dest: str) -> argparse._SubParsersAction[_Parser]:
+        return self.add_subparsers(dest=dest, metavar=_COMMAND, required=True, parser_class=_Parser)
+
+
+_COMMAND = "COMMAND"
 
 
 def _out(text: str) -> None:
@@ -105,6 +119,20 @@ def _timestamp(raw: str) -> datetime:
     return value
 
 
+def _tenant_name(raw: str) -> str:
+    try:
+        return tenants.tenant_name(raw)
+    except Invalid as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _tenant_slug(raw: str) -> str:
+    try:
+        return tenants.tenant_slug(raw)
+    except Invalid as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def _port(raw: str) -> int:
     try:
         value = int(raw)
@@ -118,7 +146,7 @@ def _port(raw: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tenantry", description="Postgres-native background work for SaaS.")
     p.add_argument("--version", action="version", version=f"tenantry {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.commands("command")
 
     run = sub.add_parser("run", help="migrate (unless told not to) and run the service")
     run.add_argument("--host", help="HTTP listen address (TENANTRY_HOST)")
@@ -156,38 +184,45 @@ def build_parser() -> argparse.ArgumentParser:
     enq.add_argument("--max-attempts", type=_positive)
 
     jobs_p = sub.add_parser("jobs", help="queue information")
-    jobs_sub = jobs_p.add_subparsers(dest="jobs_command", required=True, parser_class=_Parser)
+    jobs_sub = jobs_p.commands("jobs_command")
     st = jobs_sub.add_parser("stats", help="depth, oldest age, running, failed, dead per queue")
     st.add_argument("--json", action="store_true")
 
     dead = sub.add_parser("dead", help="inspect, retry or discard dead jobs")
-    dead_sub = dead.add_subparsers(dest="dead_command", required=True, parser_class=_Parser)
-    dl = dead_sub.add_parser("list")
+    dead_sub = dead.commands("dead_command")
+    dl = dead_sub.add_parser("list", help="the dead jobs, newest first")
     dl.add_argument("--limit", type=_positive, default=50)
     dl.add_argument("--json", action="store_true")
-    for name in ("show", "retry", "discard"):
-        d = dead_sub.add_parser(name)
+    for name, what in (
+        ("show", "one dead job in full: payload, errors, attempts"),
+        ("retry", "put a dead job back in its queue, its attempts renewed"),
+        ("discard", "delete a dead job for good"),
+    ):
+        d = dead_sub.add_parser(name, help=what)
         d.add_argument("id", type=_job_id)
         d.add_argument(
             "--tenant", type=_uuid, help="the job's tenant (needed only if the id is ambiguous)"
         )
 
     dbp = sub.add_parser("db", help="reach the database")
-    db_sub = dbp.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
+    db_sub = dbp.commands("db_command")
     du = db_sub.add_parser(
         "url",
         help='print the connection URL of the service\'s login, e.g. psql "$(tenantry db url)"',
     )
     du.add_argument("--admin", action="store_true", help="the superuser's URL instead")
 
-    ten = sub.add_parser("tenants", help="create tenants and their API keys")
-    ten_sub = ten.add_subparsers(dest="tenants_command", required=True, parser_class=_Parser)
-    tc = ten_sub.add_parser("create", help="create a tenant; prints its id")
-    tc.add_argument("name")
-    tc.add_argument("--slug", help="URL-safe handle (default: from the name)")
+    ten = sub.add_parser("tenants", help="list and create tenants, and their API keys")
+    ten_sub = ten.commands("tenants_command")
+    tl = ten_sub.add_parser("list", help="every tenant, newest first")
+    tl.add_argument("--limit", type=_positive, default=100)
+    tl.add_argument("--json", action="store_true")
+    tc = ten_sub.add_parser("create", help="create a tenant; prints its id and slug")
+    tc.add_argument("name", type=_tenant_name, help="3 to 50 characters, as on the sign-up form")
+    tc.add_argument("--slug", type=_tenant_slug, help="URL-safe handle (default: from the name)")
     tc.add_argument("--plan", choices=("free", "pro"), default="free")
     keys = ten_sub.add_parser("keys", help="API keys of a tenant")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    keys_sub = keys.commands("keys_command")
     kc = keys_sub.add_parser("create", help="create a key; prints it once")
     kc.add_argument("tenant", type=_uuid, help="tenant UUID")
     kc.add_argument("--name", default="", help="a label for the key")
@@ -302,7 +337,9 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "migrate":
             return _run_async(_migrate, urls, args.check)
         # Operators' commands see across tenants: the worker's login has those functions.
-        cross_tenant = args.command in ("jobs", "dead")
+        cross_tenant = args.command in ("jobs", "dead") or (
+            args.command == "tenants" and args.tenants_command == "list"
+        )
         return _run_async(_dispatch, args, urls.worker if cross_tenant else urls.service)
     except (
         SchemaMismatch,
@@ -454,6 +491,16 @@ async def _dead(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
 
 
 async def _tenants(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    if args.tenants_command == "list":
+        found = await tenants.list_tenants(conn, args.limit)
+        if args.json:
+            _out(orjson.dumps([t.__dict__ for t in found], default=_default).decode())
+            return EXIT_OK
+        for t in found:
+            _out(
+                f"{t.id}  {t.slug}  {t.plan}  {t.state}  {t.created_at:%Y-%m-%dT%H:%M:%S}  {t.name}"
+            )
+        return EXIT_OK
     if args.tenants_command == "create":
         t = await tenants.create_tenant(conn, name=args.name, slug=args.slug, plan=args.plan)
         _out(f"{t.id}  {t.slug}")

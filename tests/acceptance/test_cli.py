@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.metadata
 import uuid
@@ -11,6 +12,7 @@ import orjson
 import pytest
 
 import tenantry
+from tenantry import cli
 from tests.acceptance.process import run_cli
 from tests.helpers import TENANT_A, one
 
@@ -23,15 +25,45 @@ from tests.helpers import TENANT_A, one
         (["enqueue", "k"], "--tenant"),
         (["dead", "show", "abc"], "is not a job id"),
         (["frobnicate"], "invalid choice"),
+        (["tenants", "create", "x"], "must be 3 to 50 characters"),
+        (["tenants", "create", "Acme", "--slug", "Not A Slug"], "--slug"),
+        (["tenants", "create", "Acme", "--plan", "gold"], "invalid choice"),
     ],
 )
 async def test_bad_arguments_exit_2_with_a_clear_message(
-    args: list[str], message: str, database_url: str
+    args: list[str], message: str, database_url: str, admin_pool: asyncpg.Pool
 ) -> None:
     code, out, err = await run_cli(*args, database_url=database_url)
     assert code == 2
     assert message in err
     assert "Traceback" not in err + out
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.tenants") == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["jobs"], ["dead"], ["tenants"], ["tenants", "keys"], ["db"], ["tenants", "frob"]],
+)
+async def test_a_missing_or_unknown_command_names_the_choices(args: list[str]) -> None:
+    """Regression: argparse's internals reached people ("the following arguments are
+    required: jobs_command", "argument tenants_command: invalid choice")."""
+    code, _out, err = await run_cli(*args)
+    assert code == 2
+    assert "_command" not in err and "choose" in err
+
+
+async def test_every_command_has_help() -> None:
+    """Every subcommand says what it does in its parent's help."""
+    parser = cli.build_parser()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {a.dest: a.help for a in action._choices_actions}
+                for name, sub in action.choices.items():
+                    assert helps.get(name), f"{p.prog} {name} has no help"
+                    stack.append(sub)
 
 
 async def test_version() -> None:
@@ -164,5 +196,13 @@ async def test_tenant_and_key_commands(admin_pool: asyncpg.Pool, database_url: s
     assert code == 1 and "no tenant" in err
     code, _, err = await run_cli("tenants", "keys", "create", "acme", database_url=database_url)
     assert code == 2 and "is not a UUID" in err
+    # An unknown tenant's keys: not found, like creating one (not an empty list).
+    code, out, err = await run_cli(
+        "tenants", "keys", "list", str(uuid.uuid4()), database_url=database_url
+    )
+    assert code == 1 and "no tenant" in err and out == ""
+    code, out, err = await run_cli("tenants", "list", database_url=database_url)
+    assert code == 0, err
+    assert tenant_id in out and "acme-corp" in out and "Acme Corp" in out
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.tenants") == 1
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.api_keys") == 1

@@ -41,6 +41,30 @@ def test_any_json_object_either_validates_or_names_its_fields(body: dict[str, ob
         assert exc.errors and all(e.message for e in exc.errors)
 
 
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({"email": 123, "tenant_name": "Acme", "plan": "free"}, "email", "must be a string"),
+        ({"tenant_name": "Acme", "plan": "free"}, "email", "is required"),
+        (
+            {"email": "a@b.io", "tenant_name": ["Acme"], "plan": "free"},
+            "tenant_name",
+            "must be a string",
+        ),
+        ({"email": "a@b.io", "plan": "free"}, "tenant_name", "is required"),
+        ({"email": "a@b.io", "tenant_name": "x", "plan": "free"}, "tenant_name", "must be 3 to 50"),
+    ],
+)
+def test_a_field_of_the_wrong_type_says_so(
+    body: dict[str, object], field: str, message: str
+) -> None:
+    """Regression: `{"email": 123}` said "is required (a string)"."""
+    with pytest.raises(InvalidRequest) as caught:
+        parse_sign_up(body)
+    [error] = [e for e in caught.value.errors if e.field == field]
+    assert error.message.startswith(message)
+
+
 def test_tokens_round_trip_and_are_stable() -> None:
     signer = Signer(SECRET, 3600)
     oid, tid = uuid.uuid4(), uuid.uuid4()

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from ..errors import Invalid, InvalidRequest
-from ..tenants.store import PLANS, slug_from
+from ..tenants.store import PLANS, tenant_name
 
 # The steps, in order; each commits on its own (see machine.py).
 STEPS = ("tenant", "owner", "roles", "workspace", "storage", "welcome_email", "provisioned")
@@ -32,7 +32,6 @@ TENANT_PROVISIONED = "tenant.provisioned"
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 EMAIL_MAX = 254
-NAME_MIN, NAME_MAX = 3, 50
 FIELDS = ("email", "tenant_name", "plan")
 
 
@@ -51,14 +50,20 @@ class SignUp:
         return hashlib.sha256(body).digest()
 
 
+def _missing_or_mistyped(field: str, value: Any) -> Invalid:
+    return Invalid(field, "is required" if value is None else "must be a string")
+
+
 def parse_sign_up(body: Any) -> SignUp:
     """Validate a request body; every field at fault is reported at once."""
     if not isinstance(body, dict):
         raise InvalidRequest([Invalid("", "the body must be a JSON object")])
     errors: list[Invalid] = [Invalid(str(k)[:50], "unknown field") for k in body if k not in FIELDS]
     email = body.get("email")
-    if not isinstance(email, str) or not email.strip():
-        errors.append(Invalid("email", "is required (a string)"))
+    if not isinstance(email, str):
+        errors.append(_missing_or_mistyped("email", email))
+    elif not email.strip():
+        errors.append(Invalid("email", "is required"))
     else:
         email = email.strip()
         if len(email) > EMAIL_MAX:
@@ -67,13 +72,12 @@ def parse_sign_up(body: Any) -> SignUp:
             errors.append(Invalid("email", "is not an email address"))
     name = body.get("tenant_name")
     if not isinstance(name, str):
-        errors.append(Invalid("tenant_name", "is required (a string)"))
+        errors.append(_missing_or_mistyped("tenant_name", name))
     else:
-        name = " ".join(name.split())
-        if not NAME_MIN <= len(name) <= NAME_MAX:
-            errors.append(Invalid("tenant_name", f"must be {NAME_MIN} to {NAME_MAX} characters"))
-        elif _CONTROL.search(name) or not slug_from(name):
-            errors.append(Invalid("tenant_name", "must contain a letter or a digit"))
+        try:
+            name = tenant_name(name, "tenant_name")
+        except Invalid as exc:
+            errors.append(exc)
     plan = body.get("plan")
     if plan not in PLANS:
         errors.append(Invalid("plan", f"must be one of {', '.join(repr(p) for p in PLANS)}"))

@@ -66,3 +66,8 @@ RETURNING t.id
 
 -- name: delete_tenant
 DELETE FROM tenantry.tenants t WHERE t.id = $1::uuid RETURNING t.id
+
+-- name: list_tenants
+-- Across tenants: the operator's login only (tenantry.tenants_list in functions.sql).
+SELECT l.id, l.slug, l.name, l.plan, l.state, l.created_at
+  FROM tenantry.tenants_list($1::integer) l

@@ -18,7 +18,10 @@ from .keys import new_key, parse_key
 Q = queries_for(__file__)
 
 _SLUG = re.compile(r"^[a-z0-9]([a-z0-9-]{0,48}[a-z0-9])?$")
-_NAME_MAX = 100
+# A tenant's name: what the sign-up form and `tenantry tenants create` accept.
+NAME_MIN, NAME_MAX = 3, 50
+_KEY_NAME_MAX = 100
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 PLANS = ("free", "pro")
 
 
@@ -51,6 +54,25 @@ def slug_from(name: str) -> str:
     return slug
 
 
+def tenant_name(raw: str, field: str = "name") -> str:
+    """A tenant's name as people type it, with its runs of whitespace made one space,
+    and checked: 3 to 50 characters, a letter or a digit among them (its slug comes
+    from those)."""
+    name = " ".join(raw.split())
+    if not NAME_MIN <= len(name) <= NAME_MAX:
+        raise Invalid(field, f"must be {NAME_MIN} to {NAME_MAX} characters")
+    if _CONTROL.search(name) or not slug_from(name):
+        raise Invalid(field, "must contain a letter or a digit")
+    return name
+
+
+def tenant_slug(raw: str) -> str:
+    """A slug as given (the public handle): 1-50 of a-z, 0-9 and inner dashes."""
+    if not _SLUG.match(raw):
+        raise Invalid("slug", "must be 1-50 of a-z, 0-9 and inner dashes")
+    return raw
+
+
 async def create_tenant(
     conn: Executor,
     *,
@@ -60,12 +82,8 @@ async def create_tenant(
     tenant_id: uuid.UUID | None = None,
     state: str = "active",
 ) -> Tenant:
-    name = name.strip()
-    if not 1 <= len(name) <= _NAME_MAX:
-        raise Invalid("name", f"must be 1 to {_NAME_MAX} characters")
-    slug = slug if slug is not None else slug_from(name)
-    if not _SLUG.match(slug):
-        raise Invalid("slug", "must be 1-50 of a-z, 0-9 and inner dashes")
+    name = tenant_name(name)
+    slug = tenant_slug(slug) if slug is not None else slug_from(name)
     if plan not in PLANS:
         raise Invalid("plan", f"must be one of {', '.join(PLANS)}")
     tid = tenant_id or uuid.uuid4()
@@ -90,8 +108,8 @@ async def get_tenant(conn: Executor, tenant_id: object) -> Tenant:
 
 async def create_key(conn: Executor, tenant_id: object, *, name: str = "") -> NewKey:
     tid = parse_tenant_id(tenant_id)
-    if len(name) > _NAME_MAX:
-        raise Invalid("name", f"must be at most {_NAME_MAX} characters")
+    if len(name) > _KEY_NAME_MAX:
+        raise Invalid("name", f"must be at most {_KEY_NAME_MAX} characters")
     secret, digest = new_key(tid)
     try:
         async with tenant_scope(conn, tid) as tx:
@@ -102,10 +120,20 @@ async def create_key(conn: Executor, tenant_id: object, *, name: str = "") -> Ne
 
 
 async def list_keys(conn: Executor, tenant_id: object) -> list[KeyInfo]:
+    """A tenant's keys (never their secrets); NotFound for a tenant that does not exist."""
     tid = parse_tenant_id(tenant_id)
     async with tenant_scope(conn, tid) as tx:
         rows = await tx.fetch(Q["list_keys"], tid)
+        if not rows and await tx.fetchrow(Q["get_tenant"], tid) is None:
+            raise NotFound(f"no tenant {tid}")
     return [KeyInfo(**dict(r)) for r in rows]
+
+
+async def list_tenants(conn: Executor, limit: int = 100) -> list[Tenant]:
+    """Every tenant, newest first, across tenants: the operator's login only
+    (tenantry.tenants_list)."""
+    rows = await conn.fetch(Q["list_tenants"], limit)
+    return [Tenant(**dict(r)) for r in rows]
 
 
 async def revoke_key(conn: Executor, tenant_id: object, key_id: int) -> None:
