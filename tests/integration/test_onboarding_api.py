@@ -299,3 +299,53 @@ async def test_a_thousand_addresses_of_one_ipv6_network_share_one_limit(
             other_network = r.status
     assert statuses.count(422) == 5 and statuses.count(429) == 995
     assert other_network == 422  # another /64 has its own budget
+
+
+async def test_a_malformed_onboarding_id_is_a_404(http: aiohttp.ClientSession) -> None:
+    """Regression: `/v1/onboardings/not-a-uuid` answered 403 "the token is for another
+    onboarding"."""
+    _, a, _ = await post(http, orjson.dumps(SIGN_UP))
+    for path in ("/v1/onboardings/not-a-uuid", "/v1/onboardings/not-a-uuid/events"):
+        async with http.get(path, params={"token": a["token"]}) as r:
+            assert r.status == 404, path
+            assert r.headers["Content-Type"] == "application/problem+json"
+
+
+async def test_a_header_token_and_a_query_token_that_disagree_are_a_400(
+    http: aiohttp.ClientSession,
+) -> None:
+    """Regression: with both, the query's token won silently."""
+    _, a, _ = await post(http, orjson.dumps(SIGN_UP))
+    _, b, _ = await post(http, orjson.dumps(SIGN_UP))
+    headers = {"Authorization": f"Bearer {b['token']}"}
+    async with http.get(a["status_url"], params={"token": a["token"]}, headers=headers) as r:
+        assert r.status == 400
+        assert r.headers["Content-Type"] == "application/problem+json"
+    same = {"Authorization": f"Bearer {a['token']}"}
+    async with http.get(a["status_url"], params={"token": a["token"]}, headers=same) as r:
+        assert r.status == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/nowhere", 404),
+        ("HEAD", "/nowhere", 404),
+        ("DELETE", "/v1/onboardings", 405),
+        ("PUT", "/healthz", 405),
+        ("PATCH", "/healthz", 405),
+        ("GET", "/v1/onboardings", 405),
+    ],
+)
+async def test_routing_errors_are_problem_json(
+    http: aiohttp.ClientSession, method: str, path: str, status: int
+) -> None:
+    """Regression: 404 and 405 answered text/plain; every error is problem JSON."""
+    async with http.request(method, path) as r:
+        assert r.status == status
+        assert r.headers["Content-Type"] == "application/problem+json"
+        if method != "HEAD":
+            body = await r.json(content_type="application/problem+json")
+            assert body["status"] == status and body["detail"]
+        if status == 405:
+            assert "Allow" in r.headers

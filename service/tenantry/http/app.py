@@ -60,6 +60,12 @@ _PAGE = Path(__file__).with_name("static") / "index.html"
 RETRY_AFTER_S = 2
 
 
+_ROUTING_DETAIL = {
+    404: "there is nothing at this address",
+    405: "this address does not answer that method (see the Allow header)",
+}
+
+
 @web.middleware
 async def errors_as_problems(request: web.Request, handler: Handler) -> web.StreamResponse:
     """An error no handler expected is answered as problem JSON, never with a stack
@@ -67,8 +73,13 @@ async def errors_as_problems(request: web.Request, handler: Handler) -> web.Stre
     500, logged with its traceback."""
     try:
         return await handler(request)
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # not an error: 204, a redirect
+        # The router's 404 and 405, and any other the framework raises: problem JSON,
+        # with the exception's headers (Allow for a 405).
+        headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
+        return problem(exc.status, _ROUTING_DETAIL.get(exc.status, exc.reason), headers=headers)
     except UNAVAILABLE as exc:
         # The database is away (restarting, unreachable, a connection broken): the
         # request can succeed a moment later, which is what 503 and Retry-After say.

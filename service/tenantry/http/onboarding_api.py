@@ -139,10 +139,17 @@ async def create(request: web.Request) -> web.StreamResponse:
 def _authorize(request: web.Request) -> Grant | web.Response:
     """The status token (query `token`, for EventSource, or a bearer header) must be
     valid and name this very onboarding."""
+    try:
+        wanted = uuid.UUID(request.match_info["id"])
+    except ValueError:
+        return problem(404, "there is no onboarding with this id")
     token = request.query.get("token")
-    if token is None:
-        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-        token = value.strip() if scheme.lower() == "bearer" else None
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    bearer = value.strip() if scheme.lower() == "bearer" else None
+    if token is not None and bearer is not None and token != bearer:
+        # Preferring one silently would hide a client's bug.
+        return problem(400, "the Authorization header and ?token= name different tokens")
+    token = token if token is not None else bearer
     challenge = {"WWW-Authenticate": 'Bearer realm="onboarding"'}
     if not token:
         return problem(401, "a status token is required (?token= or Bearer)", headers=challenge)
@@ -150,10 +157,6 @@ def _authorize(request: web.Request) -> Grant | web.Response:
         grant = request.app[ONBOARDING].signer.verify(token)
     except TokenError as exc:
         return problem(401, str(exc), headers=challenge)
-    try:
-        wanted = uuid.UUID(request.match_info["id"])
-    except ValueError:
-        wanted = None
     if wanted != grant.onboarding_id:
         return problem(403, "the token is for another onboarding")
     return grant
