@@ -436,7 +436,8 @@ async def _stats(conn: asyncpg.Connection, as_json: bool) -> int:
         "retrying",
         "oldest_s",
         "ok_1h",
-        "failed_1h",
+        "failed_attempts_1h",
+        "died_1h",
         "dead",
     )
     table = [header] + [
@@ -448,7 +449,8 @@ async def _stats(conn: asyncpg.Connection, as_json: bool) -> int:
             str(r.retrying),
             f"{r.oldest_age_s:.1f}",
             str(r.succeeded_1h),
-            str(r.failed_1h),
+            str(r.attempts_failed_1h),
+            str(r.died_1h),
             str(r.dead),
         )
         for r in rows

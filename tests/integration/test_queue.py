@@ -597,6 +597,34 @@ async def test_stats_report_depth_age_running_failed_dead(
     assert stats["default"].oldest_age_s >= 0
 
 
+async def test_stats_tell_failed_attempts_from_dead_jobs(
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    """Regression: `failed_1h` counted every failed attempt, retries that later
+    succeeded included, under a name that read as jobs failed."""
+    reg = Registry()
+    tries: dict[str, int] = {}
+
+    @reg.handler("flaky", policy=Policy(max_attempts=3, backoff_base=0.01, backoff_cap=0.01))
+    async def flaky(job: Job) -> None:
+        tries["flaky"] = tries.get("flaky", 0) + 1
+        if tries["flaky"] == 1:
+            raise RuntimeError("first try fails")
+
+    @reg.handler("doomed", policy=Policy(max_attempts=1))
+    async def doomed(job: Job) -> None:
+        raise RuntimeError("always fails")
+
+    await jobs.enqueue(pool, tenant_id=TENANT_A, kind="flaky")
+    await jobs.enqueue(pool, tenant_id=TENANT_A, kind="doomed")
+    async with running_worker(pool, worker_pool, reg) as (_w, rec):
+        await rec.wait_flushed(3)
+    [s] = await jobs.stats(worker_pool)
+    assert s.succeeded_1h == 1  # the flaky job, on its second attempt
+    assert s.attempts_failed_1h == 2  # its first attempt, and the doomed job's only one
+    assert s.died_1h == 1 and s.dead == 1
+
+
 async def test_second_version_check(database_url: str) -> None:
     """Which server this ran on (the CI runs the integration tests on two majors)."""
     c = await asyncpg.connect(database_url)

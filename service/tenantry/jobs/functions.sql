@@ -848,10 +848,14 @@ $$;
 -- --- Operators ------------------------------------------------------------------------
 
 -- Per-queue figures over all tenants: counts only, never rows.
-CREATE OR REPLACE FUNCTION tenantry.queue_stats()
+-- In the last hour: jobs that succeeded, attempts that failed (retried or not), jobs
+-- that died; `dead`: what the dead-letter table holds now.  (Until version 3 one
+-- `failed_1h` column counted failed attempts, retries that later succeeded included.)
+DROP FUNCTION IF EXISTS tenantry.queue_stats();
+CREATE FUNCTION tenantry.queue_stats()
 RETURNS TABLE (queue text, available bigint, scheduled bigint, running bigint,
                retrying bigint, oldest_age_s double precision, succeeded_1h bigint,
-               failed_1h bigint, dead bigint)
+               attempts_failed_1h bigint, died_1h bigint, dead bigint)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
@@ -870,7 +874,8 @@ WITH live AS (
 ), recent AS (
     SELECT c.queue,
            sum(c.succeeded)::bigint AS succeeded_1h,
-           sum(c.failed)::bigint AS failed_1h
+           sum(c.failed)::bigint AS attempts_failed_1h,
+           sum(c.dead)::bigint AS died_1h
       FROM tenantry.job_counters c
      WHERE c.minute >= now() - interval '1 hour'
      GROUP BY c.queue
@@ -884,7 +889,8 @@ SELECT q.queue,
        coalesce(l.retrying, 0),
        coalesce(l.oldest_age_s, 0),
        coalesce(r.succeeded_1h, 0),
-       coalesce(r.failed_1h, 0),
+       coalesce(r.attempts_failed_1h, 0),
+       coalesce(r.died_1h, 0),
        coalesce(d.dead, 0)
   FROM (SELECT l.queue FROM live l UNION SELECT r.queue FROM recent r
         UNION SELECT d.queue FROM dead d) q

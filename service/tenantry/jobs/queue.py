@@ -66,15 +66,18 @@ async def enqueue(
 
 @dataclass(frozen=True)
 class QueueStats:
+    """A queue's state now, and what happened in it in the last hour."""
+
     queue: str
-    available: int
-    scheduled: int
+    available: int  # runnable now
+    scheduled: int  # due later (delayed, or waiting out a retry's backoff)
     running: int
-    retrying: int
-    oldest_age_s: float
-    succeeded_1h: int
-    failed_1h: int
-    dead: int
+    retrying: int  # waiting to run again after a failed attempt
+    oldest_age_s: float  # how long the oldest runnable job has waited
+    succeeded_1h: int  # jobs completed
+    attempts_failed_1h: int  # attempts that failed, whether retried or not
+    died_1h: int  # jobs dead-lettered
+    dead: int  # jobs in the dead-letter table now
 
 
 async def stats(conn: Executor) -> list[QueueStats]:
