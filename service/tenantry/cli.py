@@ -143,6 +143,15 @@ def _port(raw: str) -> int:
     return value
 
 
+def _dead_filters(parser: argparse.ArgumentParser, *, tenant_help: str) -> None:
+    parser.add_argument("--kind", help="only jobs of this kind")
+    parser.add_argument("--tenant", type=_uuid, help=tenant_help)
+    parser.add_argument(
+        "--reason",
+        help="only jobs dead for this reason (exhausted, permanent, cancelled, unknown_kind)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tenantry", description="Postgres-native background work for SaaS.")
     p.add_argument("--version", action="version", version=f"tenantry {__version__}")
@@ -193,15 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
     dl = dead_sub.add_parser("list", help="the dead jobs, newest first")
     dl.add_argument("--limit", type=_positive, default=50)
     dl.add_argument("--json", action="store_true")
+    _dead_filters(dl, tenant_help="only this tenant's")
+    ds = dead_sub.add_parser("show", help="one dead job in full: payload, errors, attempts")
+    ds.add_argument("id", type=_job_id)
+    ds.add_argument(
+        "--tenant", type=_uuid, help="the job's tenant (needed only if the id is ambiguous)"
+    )
     for name, what in (
-        ("show", "one dead job in full: payload, errors, attempts"),
-        ("retry", "put a dead job back in its queue, its attempts renewed"),
-        ("discard", "delete a dead job for good"),
+        ("retry", "put dead jobs back in their queues, their attempts renewed"),
+        ("discard", "delete dead jobs for good"),
     ):
-        d = dead_sub.add_parser(name, help=what)
-        d.add_argument("id", type=_job_id)
+        d = dead_sub.add_parser(
+            name,
+            help=f"{what}: one by id, or every one a filter selects (--yes to go on)",
+        )
+        d.add_argument("id", type=_job_id, nargs="?", help="a dead job's id")
+        _dead_filters(
+            d, tenant_help="the job's tenant (needed only if the id is ambiguous), or a filter"
+        )
         d.add_argument(
-            "--tenant", type=_uuid, help="the job's tenant (needed only if the id is ambiguous)"
+            "--yes", action="store_true", help="act on every match (without: show the count)"
         )
 
     dbp = sub.add_parser("db", help="reach the database")
@@ -320,6 +340,14 @@ def _main(argv: Sequence[str] | None) -> int:
         # working directory (or --app-dir), which a console script does not put on
         # sys.path by itself.
         sys.path.insert(0, os.path.abspath(args.app_dir))
+    if args.command == "dead" and args.dead_command in ("retry", "discard"):
+        filtered = args.kind is not None or args.reason is not None
+        if args.id is None and not filtered and args.tenant is None:
+            return _fail(f"dead {args.dead_command}: give an id or a filter", EXIT_USAGE)
+        if args.id is not None and (filtered or args.yes):
+            return _fail(
+                f"dead {args.dead_command}: an id, or filters with --yes, not both", EXIT_USAGE
+            )
     if args.command == "db":
         try:
             _out(_database_url(settings, admin=args.admin))
@@ -470,16 +498,20 @@ def _default(obj: Any) -> Any:
 async def _dead(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     cmd = args.dead_command
     if cmd == "list":
-        rows = await jobs.dead_list(conn, args.limit)
+        matching = jobs.DeadFilter(args.kind, args.tenant, args.reason)
+        rows = await jobs.dead_list(conn, args.limit, matching)
         if args.json:
             _out(orjson.dumps(rows, default=_default).decode())
         else:
             for r in rows:
                 _out(
-                    f"{r['id']}  {r['died_at']:%Y-%m-%dT%H:%M:%S}  {r['queue']}  {r['kind']}  "
-                    f"{r['reason']}  attempts={r['attempts']}  {r['last_error'] or ''}"
+                    f"{r['id']}  {r['tenant_id']}  {r['died_at']:%Y-%m-%dT%H:%M:%S}  "
+                    f"{r['queue']}  {r['kind']}  {r['reason']}  attempts={r['attempts']}  "
+                    f"{r['last_error'] or ''}"
                 )
         return EXIT_OK
+    if cmd in ("retry", "discard") and args.id is None:
+        return await _dead_in_bulk(conn, args)
     if cmd == "show":
         row = await jobs.dead_show(conn, args.id, args.tenant)
         _out(orjson.dumps(row, default=_default, option=orjson.OPT_INDENT_2).decode())
@@ -489,6 +521,21 @@ async def _dead(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
         return EXIT_OK
     await jobs.dead_discard(conn, args.id, args.tenant)
     _out(f"discarded job {args.id}")
+    return EXIT_OK
+
+
+async def _dead_in_bulk(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    """`dead retry|discard` over a filter: the count first; with --yes, all of them."""
+    matching = jobs.DeadFilter(args.kind, args.tenant, args.reason)
+    verb = args.dead_command
+    if not args.yes:
+        n = await jobs.dead_count(conn, matching)
+        _out(f"{n} dead jobs match; nothing done (add --yes to {verb} them)")
+        return EXIT_OK
+    if verb == "retry":
+        _out(f"retried {await jobs.dead_retry_matching(conn, matching)} dead jobs")
+    else:
+        _out(f"discarded {await jobs.dead_discard_matching(conn, matching)} dead jobs")
     return EXIT_OK
 
 

@@ -206,3 +206,70 @@ async def test_tenant_and_key_commands(admin_pool: asyncpg.Pool, database_url: s
     assert tenant_id in out and "acme-corp" in out and "Acme Corp" in out
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.tenants") == 1
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.api_keys") == 1
+
+
+async def _bury(
+    admin_pool: asyncpg.Pool, tenant: uuid.UUID, job_id: int, kind: str, reason: str
+) -> None:
+    await admin_pool.execute(
+        "INSERT INTO tenantry.dead_jobs (tenant_id, id, queue, kind, payload, priority, attempts,"
+        " errors, reason, created_at) VALUES ($1, $2, 'default', $3, '{}', 0, 3,"
+        ' \'[{"attempt": 3, "max_attempts": 3, "error": "boom"}]\', $4, now())',
+        tenant,
+        job_id,
+        kind,
+        reason,
+    )
+
+
+async def test_dead_jobs_are_filtered_and_retried_or_discarded_in_bulk(
+    admin_pool: asyncpg.Pool, database_url: str
+) -> None:
+    """The dead commands filter by kind, tenant and reason; bulk retry and discard show
+    the count first and act only with --yes; the list shows each job's tenant; show
+    gives the effective max attempts."""
+    other = uuid.uuid4()
+    await _bury(admin_pool, TENANT_A, 1, "mail.send", "exhausted")
+    await _bury(admin_pool, TENANT_A, 2, "mail.send", "permanent")
+    await _bury(admin_pool, other, 3, "mail.send", "exhausted")
+    await _bury(admin_pool, other, 4, "report", "exhausted")
+
+    code, out, err = await run_cli("dead", "list", "--kind", "mail.send", database_url=database_url)
+    assert code == 0, err
+    assert sorted(line.split()[0] for line in out.splitlines()) == ["1", "2", "3"]
+    assert str(TENANT_A) in out and str(other) in out
+    code, out, _ = await run_cli(
+        "dead", "list", "--kind", "mail.send", "--reason", "exhausted", "--tenant", str(other),
+        "--json", database_url=database_url,
+    )  # fmt: skip
+    assert [r["id"] for r in orjson.loads(out)] == [3]
+
+    code, out, err = await run_cli("dead", "show", "4", database_url=database_url)
+    assert code == 0, err
+    assert orjson.loads(out)["max_attempts"] == 3
+
+    # Without --yes: the count, and nothing done.
+    code, out, err = await run_cli(
+        "dead", "retry", "--kind", "mail.send", "--reason", "exhausted", database_url=database_url
+    )
+    assert code == 0, err
+    assert "2 dead jobs" in out and "--yes" in out
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 4
+    code, out, err = await run_cli(
+        "dead", "retry", "--kind", "mail.send", "--reason", "exhausted", "--yes",
+        database_url=database_url,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "retried 2" in out
+    back = await admin_pool.fetch("SELECT id FROM tenantry.jobs ORDER BY id")
+    assert [r["id"] for r in back] == [1, 3]
+    code, out, err = await run_cli(
+        "dead", "discard", "--tenant", str(other), "--yes", database_url=database_url
+    )
+    assert code == 0 and "discarded 1" in out, err
+    assert [r["id"] for r in await admin_pool.fetch("SELECT id FROM tenantry.dead_jobs")] == [2]
+
+    # Neither an id nor a filter: a usage error, nothing done.
+    code, _out, err = await run_cli("dead", "discard", "--yes", database_url=database_url)
+    assert code == 2 and "an id or a filter" in err
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 1

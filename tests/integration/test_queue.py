@@ -616,9 +616,11 @@ async def test_stats_tell_failed_attempts_from_dead_jobs(
         raise RuntimeError("always fails")
 
     await jobs.enqueue(pool, tenant_id=TENANT_A, kind="flaky")
-    await jobs.enqueue(pool, tenant_id=TENANT_A, kind="doomed")
+    doomed_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="doomed")
     async with running_worker(pool, worker_pool, reg) as (_w, rec):
         await rec.wait_flushed(3)
+    # Its row held NULL (the kind's policy): shown is the policy's, not null.
+    assert (await jobs.dead_show(worker_pool, doomed_id))["max_attempts"] == 1
     [s] = await jobs.stats(worker_pool)
     assert s.succeeded_1h == 1  # the flaky job, on its second attempt
     assert s.attempts_failed_1h == 2  # its first attempt, and the doomed job's only one

@@ -624,7 +624,7 @@ async def test_tenant_code_cannot_call_the_cross_tenant_functions(
             ), f["sig"]
         async with tenant_tx_on(conn, A):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await conn.fetch("SELECT * FROM tenantry.dead_jobs_list(10)")
+                await conn.fetch("SELECT * FROM tenantry.dead_jobs_list(10, NULL, NULL, NULL)")
         # Nor can it forge a dead job (only the worker's bury writes them).
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             async with tenant_tx_on(conn, A):

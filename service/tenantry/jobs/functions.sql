@@ -901,8 +901,11 @@ SELECT q.queue,
 END;
 $$;
 
--- The dead-letter table across tenants (`tenantry dead ...`).
-CREATE OR REPLACE FUNCTION tenantry.dead_jobs_list(max_rows integer)
+-- The dead-letter table across tenants (`tenantry dead ...`), filtered by kind, tenant
+-- and reason (NULL: any).  Until version 3 the list took no filters.
+DROP FUNCTION IF EXISTS tenantry.dead_jobs_list(integer);
+CREATE OR REPLACE FUNCTION tenantry.dead_jobs_list(max_rows integer, of_kind text,
+                                                   of_tenant uuid, of_reason text)
 RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, attempts integer,
                reason text, last_error text, died_at timestamptz)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -912,8 +915,71 @@ BEGIN
 RETURN QUERY
 SELECT d.tenant_id, d.id, d.queue, d.kind, d.attempts, d.reason, d.last_error, d.died_at
   FROM tenantry.dead_jobs d
+ WHERE ($2::text IS NULL OR d.kind = $2::text)
+   AND ($3::uuid IS NULL OR d.tenant_id = $3::uuid)
+   AND ($4::text IS NULL OR d.reason = $4::text)
  ORDER BY d.died_at DESC, d.id DESC
  LIMIT $1::integer;
+END;
+$$;
+
+-- How many dead jobs a filter matches: what a bulk retry or discard would touch.
+CREATE OR REPLACE FUNCTION tenantry.dead_jobs_count(of_kind text, of_tenant uuid,
+                                                    of_reason text)
+RETURNS bigint
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+SELECT count(*)
+  FROM tenantry.dead_jobs d
+ WHERE ($1 IS NULL OR d.kind = $1) AND ($2 IS NULL OR d.tenant_id = $2)
+   AND ($3 IS NULL OR d.reason = $3)
+$$;
+
+-- Every dead job a filter matches back to its queue (as dead_job_retry does one), in
+-- one statement; returns how many.
+CREATE OR REPLACE FUNCTION tenantry.dead_jobs_retry(of_kind text, of_tenant uuid,
+                                                    of_reason text)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n bigint;
+BEGIN
+WITH gone AS (
+    DELETE FROM tenantry.dead_jobs d
+     WHERE ($1::text IS NULL OR d.kind = $1::text) AND ($2::uuid IS NULL OR d.tenant_id = $2::uuid)
+       AND ($3::text IS NULL OR d.reason = $3::text)
+    RETURNING d.*
+), back AS (
+    INSERT INTO tenantry.jobs AS j (tenant_id, id, queue, kind, payload, priority,
+                                    max_attempts, errors, dedup_key, created_at)
+    OVERRIDING SYSTEM VALUE
+    SELECT g.tenant_id, g.id, g.queue, g.kind, g.payload, g.priority, g.max_attempts,
+           g.errors, g.dedup_key, g.created_at
+      FROM gone g
+    RETURNING 1
+)
+SELECT count(*) INTO n FROM back;
+RETURN n;
+END;
+$$;
+
+-- Every dead job a filter matches, deleted for good; returns how many.
+CREATE OR REPLACE FUNCTION tenantry.dead_jobs_discard(of_kind text, of_tenant uuid,
+                                                      of_reason text)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n bigint;
+BEGIN
+DELETE FROM tenantry.dead_jobs d
+ WHERE ($1::text IS NULL OR d.kind = $1::text) AND ($2::uuid IS NULL OR d.tenant_id = $2::uuid)
+   AND ($3::text IS NULL OR d.reason = $3::text);
+GET DIAGNOSTICS n = ROW_COUNT;
+RETURN n;
 END;
 $$;
 
@@ -951,8 +1017,16 @@ AS $$
 #variable_conflict use_column
 BEGIN
 RETURN QUERY
+-- The effective max attempts: the job's own, or the policy's that each attempt's
+-- error record names (the job row holds NULL for "the kind's policy").
 SELECT d.tenant_id, d.id, d.queue, d.kind, d.payload, d.priority, d.attempts,
-       d.max_attempts, d.last_error, d.errors, d.dedup_key, d.reason, d.created_at, d.died_at
+       coalesce(d.max_attempts,
+                (SELECT max((e ->> 'max_attempts')::integer)
+                   FROM jsonb_array_elements(CASE jsonb_typeof(d.errors)
+                                                  WHEN 'array' THEN d.errors
+                                                  ELSE '[]'::jsonb END) e
+                  WHERE jsonb_typeof(e -> 'max_attempts') = 'number')),
+       d.last_error, d.errors, d.dedup_key, d.reason, d.created_at, d.died_at
   FROM tenantry.dead_jobs d
  WHERE d.tenant_id = tenantry.dead_job_locate($1::bigint, $2::uuid) AND d.id = $1::bigint;
 END;
@@ -1014,15 +1088,17 @@ BEGIN
                                   'record_job_outcomes',
                                   'extend_job_leases', 'rescue_expired_jobs',
                                   'prune_job_counters', 'queue_stats', 'dead_jobs_list',
+                                  'dead_jobs_count', 'dead_jobs_retry', 'dead_jobs_discard',
                                   'dead_job_locate', 'dead_job_show', 'dead_job_retry',
                                   'dead_job_discard')
     LOOP
         EXECUTE format('ALTER FUNCTION %s OWNER TO tenantry_system', f.sig);
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.sig);
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f.sig,
-                       CASE WHEN f.name IN ('queue_stats', 'dead_jobs_list', 'dead_job_locate',
-                                            'dead_job_show', 'dead_job_retry',
-                                            'dead_job_discard')
+                       CASE WHEN f.name IN ('queue_stats', 'dead_jobs_list', 'dead_jobs_count',
+                                            'dead_jobs_retry', 'dead_jobs_discard',
+                                            'dead_job_locate', 'dead_job_show',
+                                            'dead_job_retry', 'dead_job_discard')
                             THEN 'tenantry_operator' ELSE 'tenantry_worker' END);
     END LOOP;
 END;

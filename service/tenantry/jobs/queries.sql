@@ -84,7 +84,16 @@ RETURNING p.name
 SELECT * FROM tenantry.queue_stats()
 
 -- name: dead_list
-SELECT * FROM tenantry.dead_jobs_list($1::integer)
+SELECT * FROM tenantry.dead_jobs_list($1::integer, $2::text, $3::uuid, $4::text)
+
+-- name: dead_count
+SELECT tenantry.dead_jobs_count($1::text, $2::uuid, $3::text)
+
+-- name: dead_retry_matching
+SELECT tenantry.dead_jobs_retry($1::text, $2::uuid, $3::text)
+
+-- name: dead_discard_matching
+SELECT tenantry.dead_jobs_discard($1::text, $2::uuid, $3::text)
 
 -- name: dead_show
 -- The payload as text: an operator must see even one no decoder takes.

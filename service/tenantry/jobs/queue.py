@@ -85,8 +85,47 @@ async def stats(conn: Executor) -> list[QueueStats]:
     return [QueueStats(**dict(r)) for r in rows]
 
 
-async def dead_list(conn: Executor, limit: int = 50) -> list[dict[str, Any]]:
-    return [dict(r) for r in await conn.fetch(Q["dead_list"], limit)]
+@dataclass(frozen=True)
+class DeadFilter:
+    """Which dead jobs: by kind, tenant and reason (None: any)."""
+
+    kind: str | None = None
+    tenant_id: uuid.UUID | None = None
+    reason: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.kind is None and self.tenant_id is None and self.reason is None
+
+    def args(self) -> tuple[str | None, uuid.UUID | None, str | None]:
+        return self.kind, self.tenant_id, self.reason
+
+
+async def dead_list(
+    conn: Executor, limit: int = 50, matching: DeadFilter = DeadFilter()
+) -> list[dict[str, Any]]:
+    """The dead jobs `matching` selects, newest first."""
+    return [dict(r) for r in await conn.fetch(Q["dead_list"], limit, *matching.args())]
+
+
+async def dead_count(conn: Executor, matching: DeadFilter) -> int:
+    return int(await conn.fetchval(Q["dead_count"], *matching.args()))
+
+
+async def dead_retry_matching(conn: Executor, matching: DeadFilter) -> int:
+    """Every dead job `matching` selects back to its queue, at once; returns how many."""
+    try:
+        return int(await conn.fetchval(Q["dead_retry_matching"], *matching.args()))
+    except asyncpg.UniqueViolationError as exc:
+        raise Conflict(
+            "a live job already holds the id or dedup key of one of these dead jobs:"
+            " nothing was retried; narrow the filter, or retry them one by one"
+        ) from exc
+
+
+async def dead_discard_matching(conn: Executor, matching: DeadFilter) -> int:
+    """Every dead job `matching` selects, deleted for good; returns how many."""
+    return int(await conn.fetchval(Q["dead_discard_matching"], *matching.args()))
 
 
 def _ambiguous(exc: asyncpg.CardinalityViolationError) -> Conflict:

@@ -673,6 +673,9 @@ class Worker:
     def _error_obj(self, job: Job, msg: str, exc: BaseException | None = None) -> dict[str, Any]:
         obj: dict[str, Any] = {
             "attempt": job.attempt,
+            # Of how many: the dead job's effective max attempts (`dead show`) when its
+            # row holds NULL for "the kind's policy".
+            "max_attempts": job.max_attempts,
             "at": self.clock.now().isoformat(),
             "error": msg[:_ERROR_TEXT_MAX],
             "worker": self.owner,
