@@ -196,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_sub = jobs_p.commands("jobs_command")
     st = jobs_sub.add_parser("stats", help="depth, oldest age, running, failed, dead per queue")
     st.add_argument("--json", action="store_true")
+    jl = jobs_sub.add_parser("list", help="the live jobs, oldest due first, across tenants")
+    jl.add_argument("--queue", help="only this queue's")
+    jl.add_argument("--kind", help="only jobs of this kind")
+    jl.add_argument("--tenant", type=_uuid, help="only this tenant's")
+    jl.add_argument("--state", choices=("queued", "scheduled", "running"))
+    jl.add_argument("--limit", type=_positive, default=50)
+    jl.add_argument("--json", action="store_true")
+    jsh = jobs_sub.add_parser("show", help="one live job in full: payload, errors, lease")
+    jsh.add_argument("id", type=_job_id)
+    jsh.add_argument(
+        "--tenant", type=_uuid, help="the job's tenant (needed only if the id is ambiguous)"
+    )
 
     dead = sub.add_parser("dead", help="inspect, retry or discard dead jobs")
     dead_sub = dead.commands("dead_command")
@@ -424,7 +436,9 @@ async def _dispatch(args: argparse.Namespace, dsn: str) -> int:
         if args.command == "enqueue":
             return await _enqueue(conn, args)
         if args.command == "jobs":
-            return await _stats(conn, args.json)
+            if args.jobs_command == "stats":
+                return await _stats(conn, args.json)
+            return await _jobs(conn, args)
         if args.command == "tenants":
             return await _tenants(conn, args)
         return await _dead(conn, args)
@@ -486,6 +500,24 @@ async def _stats(conn: asyncpg.Connection, as_json: bool) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         _out("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+async def _jobs(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    if args.jobs_command == "show":
+        job = await jobs.job_show(conn, args.id, args.tenant)
+        _out(orjson.dumps(job, default=_default, option=orjson.OPT_INDENT_2).decode())
+        return EXIT_OK
+    matching = jobs.JobFilter(args.queue, args.kind, args.tenant, args.state)
+    rows = await jobs.jobs_list(conn, args.limit, matching)
+    if args.json:
+        _out(orjson.dumps(rows, default=_default).decode())
+        return EXIT_OK
+    for r in rows:
+        _out(
+            f"{r['id']}  {r['tenant_id']}  {r['state']}  {r['run_at']:%Y-%m-%dT%H:%M:%S}  "
+            f"{r['queue']}  {r['kind']}  attempts={r['attempts']}  {r['last_error'] or ''}"
+        )
     return EXIT_OK
 
 

@@ -273,3 +273,47 @@ async def test_dead_jobs_are_filtered_and_retried_or_discarded_in_bulk(
     code, _out, err = await run_cli("dead", "discard", "--yes", database_url=database_url)
     assert code == 2 and "an id or a filter" in err
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 1
+
+
+async def test_jobs_are_listed_and_shown_with_filters(
+    admin_pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Operators see the live jobs (queued, scheduled, running) across tenants."""
+    other = uuid.uuid4()
+    await admin_pool.execute(
+        "INSERT INTO tenantry.jobs (tenant_id, queue, kind, payload, run_at) VALUES"
+        " ($1, 'default', 'mail.send', '{\"to\": \"a@b.io\"}', now()),"
+        " ($1, 'mail', 'mail.send', '{}', now() + interval '1 hour'),"
+        " ($2, 'default', 'report', '{}', now())",
+        TENANT_A,
+        other,
+    )
+    ids = {
+        (r["queue"], r["kind"]): r["id"]
+        for r in await admin_pool.fetch("SELECT id, queue, kind FROM tenantry.jobs")
+    }
+    code, out, err = await run_cli("jobs", "list", database_url=database_url)
+    assert code == 0, err
+    assert len(out.splitlines()) == 3 and str(other) in out and "scheduled" in out
+    for args, want in [
+        (["--kind", "mail.send"], {("default", "mail.send"), ("mail", "mail.send")}),
+        (["--queue", "mail"], {("mail", "mail.send")}),
+        (["--tenant", str(other)], {("default", "report")}),
+        (["--state", "scheduled"], {("mail", "mail.send")}),
+        (["--state", "queued", "--kind", "mail.send"], {("default", "mail.send")}),
+    ]:
+        code, out, err = await run_cli("jobs", "list", *args, "--json", database_url=database_url)
+        assert code == 0, err
+        assert {(r["queue"], r["kind"]) for r in orjson.loads(out)} == want, args
+    code, _out, err = await run_cli("jobs", "list", "--state", "dead", database_url=database_url)
+    assert code == 2 and "invalid choice" in err
+
+    code, out, err = await run_cli(
+        "jobs", "show", str(ids[("default", "mail.send")]), database_url=database_url
+    )
+    assert code == 0, err
+    job = orjson.loads(out)
+    assert job["payload"] == {"to": "a@b.io"} and job["state"] == "queued"
+    assert job["tenant_id"] == str(TENANT_A)
+    code, _out, err = await run_cli("jobs", "show", "424242", database_url=database_url)
+    assert code == 1 and "no job with id 424242" in err

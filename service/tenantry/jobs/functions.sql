@@ -901,6 +901,54 @@ SELECT q.queue,
 END;
 $$;
 
+-- The live jobs across tenants (`tenantry jobs list`), oldest due first, filtered by
+-- queue, kind, tenant and state (NULL: any).
+CREATE OR REPLACE FUNCTION tenantry.jobs_list(max_rows integer, of_queue text, of_kind text,
+                                              of_tenant uuid, in_state text)
+RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, state text,
+               priority smallint, attempts integer, max_attempts integer, run_at timestamptz,
+               lease_owner text, lease_expires_at timestamptz, last_error text,
+               created_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
+SELECT j.tenant_id, j.id, j.queue, j.kind, j.state::text, j.priority, j.attempts,
+       j.max_attempts, j.run_at, j.lease_owner, j.lease_expires_at, j.last_error,
+       j.created_at
+  FROM tenantry.jobs j
+ WHERE ($2::text IS NULL OR j.queue = $2::text)
+   AND ($3::text IS NULL OR j.kind = $3::text)
+   AND ($4::uuid IS NULL OR j.tenant_id = $4::uuid)
+   AND ($5::text IS NULL OR j.state::text = $5::text)
+ ORDER BY j.run_at, j.id
+ LIMIT $1::integer;
+END;
+$$;
+
+-- One live job in full (`tenantry jobs show`); every row with that id (the tenant
+-- narrows it: a database from before ids were reserved to the sequence may hold one
+-- id in two tenants).  The payload as its JSON text.
+CREATE OR REPLACE FUNCTION tenantry.job_show(job_id bigint, for_tenant uuid)
+RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, state text,
+               payload text, priority smallint, attempts integer, max_attempts integer,
+               run_at timestamptz, lease_owner text, lease_expires_at timestamptz,
+               last_error text, errors jsonb, dedup_key text, created_at timestamptz,
+               started_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
+SELECT j.tenant_id, j.id, j.queue, j.kind, j.state::text, j.payload::text, j.priority,
+       j.attempts, j.max_attempts, j.run_at, j.lease_owner, j.lease_expires_at,
+       j.last_error, j.errors, j.dedup_key, j.created_at, j.started_at
+  FROM tenantry.jobs j
+ WHERE j.id = $1::bigint AND ($2::uuid IS NULL OR j.tenant_id = $2::uuid);
+END;
+$$;
+
 -- The dead-letter table across tenants (`tenantry dead ...`), filtered by kind, tenant
 -- and reason (NULL: any).  Until version 3 the list took no filters.
 DROP FUNCTION IF EXISTS tenantry.dead_jobs_list(integer);
@@ -1087,15 +1135,16 @@ BEGIN
                 AND p.proname IN ('ensure_wake_keys', 'claim_jobs', 'next_due_job',
                                   'record_job_outcomes',
                                   'extend_job_leases', 'rescue_expired_jobs',
-                                  'prune_job_counters', 'queue_stats', 'dead_jobs_list',
-                                  'dead_jobs_count', 'dead_jobs_retry', 'dead_jobs_discard',
+                                  'prune_job_counters', 'queue_stats', 'jobs_list',
+                                  'job_show', 'dead_jobs_list', 'dead_jobs_count', 'dead_jobs_retry', 'dead_jobs_discard',
                                   'dead_job_locate', 'dead_job_show', 'dead_job_retry',
                                   'dead_job_discard')
     LOOP
         EXECUTE format('ALTER FUNCTION %s OWNER TO tenantry_system', f.sig);
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.sig);
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f.sig,
-                       CASE WHEN f.name IN ('queue_stats', 'dead_jobs_list', 'dead_jobs_count',
+                       CASE WHEN f.name IN ('queue_stats', 'jobs_list', 'job_show',
+                                            'dead_jobs_list', 'dead_jobs_count',
                                             'dead_jobs_retry', 'dead_jobs_discard',
                                             'dead_job_locate', 'dead_job_show',
                                             'dead_job_retry', 'dead_job_discard')

@@ -83,6 +83,12 @@ RETURNING p.name
 -- name: stats
 SELECT * FROM tenantry.queue_stats()
 
+-- name: jobs_list
+SELECT * FROM tenantry.jobs_list($1::integer, $2::text, $3::text, $4::uuid, $5::text)
+
+-- name: job_show
+SELECT * FROM tenantry.job_show($1::bigint, $2::uuid)
+
 -- name: dead_list
 SELECT * FROM tenantry.dead_jobs_list($1::integer, $2::text, $3::uuid, $4::text)
 

@@ -86,6 +86,45 @@ async def stats(conn: Executor) -> list[QueueStats]:
 
 
 @dataclass(frozen=True)
+class JobFilter:
+    """Which live jobs: by queue, kind, tenant and state (None: any)."""
+
+    queue: str | None = None
+    kind: str | None = None
+    tenant_id: uuid.UUID | None = None
+    state: str | None = None  # queued, scheduled or running
+
+
+async def jobs_list(
+    conn: Executor, limit: int = 50, matching: JobFilter = JobFilter()
+) -> list[dict[str, Any]]:
+    """The live jobs `matching` selects, oldest due first (operators: across tenants)."""
+    m = matching
+    return [
+        dict(r)
+        for r in await conn.fetch(Q["jobs_list"], limit, m.queue, m.kind, m.tenant_id, m.state)
+    ]
+
+
+async def job_show(
+    conn: Executor, job_id: int, tenant_id: uuid.UUID | None = None
+) -> dict[str, Any]:
+    """A live job in full; its tenant is needed only where two tenants hold the id."""
+    rows = await conn.fetch(Q["job_show"], job_id, tenant_id)
+    if not rows:
+        raise NotFound(f"no job with id {job_id}")
+    if len(rows) > 1:
+        tenants = ", ".join(str(r["tenant_id"]) for r in rows)
+        raise Conflict(
+            f"job id {job_id} is held by tenants {tenants} (pass the tenant: --tenant UUID)"
+        )
+    job = dict(rows[0])
+    with contextlib.suppress(orjson.JSONDecodeError):
+        job["payload"] = orjson.loads(job["payload"])
+    return job
+
+
+@dataclass(frozen=True)
 class DeadFilter:
     """Which dead jobs: by kind, tenant and reason (None: any)."""
 
