@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -273,3 +274,27 @@ async def test_a_dropped_stream_shows_reconnecting_then_resumes(tab: Tab, url: s
     await expect(reconnecting).to_be_hidden()
     await expect(page.get_by_test_id("error-banner")).to_be_hidden()
     assert len(streams) == 2 and streams[0] == streams[1]
+
+
+async def test_a_rate_limited_sign_up_says_so_in_a_sentence(
+    tab: Tab, tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> None:
+    """Regression: the page showed "too many sign-up requests from this client; retry
+    later Please try again in 1 seconds."."""
+    settings = service_settings(tmp_path, signup_rate=0.01, signup_burst=1)
+    async with site(settings, app_url, pool, worker_pool) as url:
+        async with aiohttp.ClientSession() as http:  # this address's one sign-up
+            body = {"email": "first@example.com", "tenant_name": "First Co", "plan": "free"}
+            async with http.post(url + "v1/onboardings", json=body) as r:
+                assert r.status == 202
+        page = tab.page
+        await page.goto(url)
+        await fill(page, "ada@example.com", "Analytical Engines")
+        await page.get_by_test_id("submit").click()
+        await expect(page.get_by_test_id("error-banner")).to_have_text(
+            re.compile(
+                r"^Too many sign-up requests from this address\."
+                r" Please try again in \d+ seconds?\.$"
+            )
+        )
+        await expect(page.get_by_test_id("submit")).to_be_enabled()

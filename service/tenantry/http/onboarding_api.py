@@ -81,7 +81,8 @@ async def create(request: web.Request) -> web.StreamResponse:
     if wait > 0:
         return problem(
             429,
-            "too many sign-up requests from this client; retry later",
+            "Too many sign-up requests from this address. Try again after the time"
+            " the Retry-After header gives, in seconds.",
             headers={"Retry-After": RateLimiter.retry_after(wait)},
         )
     if request.content_type != "application/json" and not request.content_type.endswith("+json"):
