@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,7 +15,10 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
+import structlog
+from structlog.contextvars import merge_contextvars
 
+from tenantry import logging as log
 from tenantry.app import Service
 from tenantry.onboarding.tokens import Signer
 from tests.helpers import TEST_TOKEN_SECRET, background_service, service_settings
@@ -349,3 +353,36 @@ async def test_routing_errors_are_problem_json(
             assert body["status"] == status and body["detail"]
         if status == 405:
             assert "Allow" in r.headers
+
+
+async def test_each_request_is_logged_once_under_its_request_id(
+    http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    """An access line per request (method, route, status, duration, client, request id;
+    never a token), the request id taken from X-Request-ID or made up, returned, and
+    carried into the jobs the request creates."""
+    log.configure("info")  # the suite runs at warning
+    try:
+        with structlog.testing.capture_logs(processors=[merge_contextvars]) as logs:
+            status, body, headers = await post(
+                http, orjson.dumps(SIGN_UP), **{"X-Request-ID": "req-42"}
+            )
+            assert status == 202 and headers["X-Request-ID"] == "req-42"
+            async with http.get(body["status_url"], params={"token": body["token"]}) as r:
+                assert r.status == 200
+                made_up = r.headers["X-Request-ID"]
+            async with http.get("/nowhere", headers={"X-Request-ID": "bad id\twith tab"}) as r:
+                assert r.status == 404 and r.headers["X-Request-ID"] != "bad id\twith tab"
+    finally:
+        log.configure(os.environ.get("TENANTRY_TEST_LOG_LEVEL", "warning"))
+    lines = [e for e in logs if e["event"] == "http_request"]
+    assert [(e["method"], e["route"], e["status"]) for e in lines] == [
+        ("POST", "/v1/onboardings", 202),
+        ("GET", "/v1/onboardings/{id}", 200),
+        ("GET", "(no route)", 404),
+    ]
+    assert [e["request_id"] for e in lines[:2]] == ["req-42", made_up]
+    assert all(e["duration_ms"] >= 0 and e["client"] == "127.0.0.1" for e in lines)
+    assert body["token"] not in repr(logs)
+    payload = await admin_pool.fetchval("SELECT payload FROM tenantry.jobs")
+    assert payload["request_id"] == "req-42"

@@ -10,8 +10,11 @@ import uuid
 import anyio
 import asyncpg
 import pytest
+import structlog
+from structlog.contextvars import merge_contextvars
 
 from tenantry import db
+from tenantry import logging as log
 from tenantry.errors import Snooze
 from tenantry.jobs import queue as jobs
 from tenantry.jobs.model import Job
@@ -195,3 +198,24 @@ async def test_a_handler_that_raises_anything_fails_its_attempt_only(
 def test_a_snooze_delay_must_be_a_sane_number_of_seconds(delay: float) -> None:
     with pytest.raises(ValueError):
         Snooze(delay)
+
+
+async def test_a_jobs_log_lines_carry_the_request_id_that_enqueued_it(
+    pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> None:
+    """An operator follows one sign-up from its request into its jobs: every line a
+    job's task logs, the handler's own included, carries the request's id."""
+    reg = Registry()
+
+    @reg.handler("traced", policy=Policy(max_attempts=1))
+    async def traced(job: Job) -> None:
+        log.get("handler").warning("handler_says")
+        raise RuntimeError("and fails")
+
+    await jobs.enqueue(pool, tenant_id=TENANT_A, kind="traced", payload={"request_id": "req-7"})
+    with structlog.testing.capture_logs(processors=[merge_contextvars]) as logs:
+        async with running_worker(pool, worker_pool, reg) as (_w, rec):
+            await rec.wait_flushed(1)
+    lines = {e["event"]: e for e in logs if e["event"] in ("handler_says", "job_dead")}
+    assert lines.keys() == {"handler_says", "job_dead"}
+    assert {e.get("request_id") for e in lines.values()} == {"req-7"}

@@ -17,6 +17,7 @@ from ..db import UNAVAILABLE
 from ..errors import StartupError
 from ..safetext import safe_text
 from . import onboarding_api, tenant_api
+from .access import request_log, return_request_id
 from .onboarding_api import OnboardingApi
 from .problems import json_response, problem
 
@@ -109,9 +110,11 @@ def build_app(
     onboarding: OnboardingApi | None = None,
 ) -> web.Application:
     app = web.Application(
-        client_max_size=onboarding_api.MAX_BODY * 4, middlewares=[errors_as_problems]
+        client_max_size=onboarding_api.MAX_BODY * 4,
+        middlewares=[request_log, errors_as_problems],
     )
     app[READINESS] = readiness
+    app.on_response_prepare.append(return_request_id)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if pool is not None:

@@ -29,6 +29,7 @@ from ..onboarding.tokens import Grant, Signer, TokenError
 from ..outbox import store as outbox
 from ..outbox.store import Event
 from ..tenancy import tenant_tx
+from .access import request_id
 from .problems import json_response, problem
 from .ratelimit import Networks, RateLimiter, client_address, limit_key
 
@@ -108,7 +109,9 @@ async def create(request: web.Request) -> web.StreamResponse:
         )
     try:
         sign_up = parse_sign_up(body)
-        accepted = await machine.accept(api.pool, sign_up, idempotency_key=key, queue=api.queue)
+        accepted = await machine.accept(
+            api.pool, sign_up, idempotency_key=key, queue=api.queue, request_id=request_id(request)
+        )
     except InvalidRequest as exc:
         return _invalid(exc)
     except Conflict as exc:

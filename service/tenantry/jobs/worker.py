@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 import asyncpg
 import orjson
+import structlog
 from anyio.abc import TaskStatus
 
 from .. import logging as log
@@ -513,6 +514,12 @@ class Worker:
         job = entry.job
         key: JobKey = (job.tenant_id, job.id)
         jlog = _JobLog(self.log, job)
+        # The id of the HTTP request that enqueued the job, if it says: bound to every
+        # line this job's task logs, the handler's own included (the task has its own
+        # copy of the context).
+        rid = job.payload.get("request_id") if isinstance(job.payload, dict) else None
+        if isinstance(rid, str):
+            structlog.contextvars.bind_contextvars(request_id=safe_text(rid)[:128])
         outcome: Outcome | None
         try:
             if payload_error is not None:

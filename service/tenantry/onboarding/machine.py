@@ -59,9 +59,15 @@ def key_hash(idempotency_key: str) -> bytes:
 
 
 async def accept(
-    pool: asyncpg.Pool, sign_up: SignUp, *, idempotency_key: str | None, queue: str
+    pool: asyncpg.Pool,
+    sign_up: SignUp,
+    *,
+    idempotency_key: str | None,
+    queue: str,
+    request_id: str | None = None,
 ) -> Accepted:
-    """Record a sign-up and enqueue its provisioning, in one transaction.
+    """Record a sign-up and enqueue its provisioning, in one transaction.  The request's
+    id goes with the provisioning job (its log lines carry it).
 
     With an idempotency key, the first request to present it wins: a concurrent one
     waits on the key's unique index until the winner commits, then finds its row and
@@ -84,7 +90,8 @@ async def accept(
                 sign_up.tenant_name,
                 sign_up.plan,
                 {"state": "accepted"},
-                {"onboarding_id": str(onboarding_id)},
+                {"onboarding_id": str(onboarding_id)}
+                | ({"request_id": request_id} if request_id else {}),
                 queue,
             )
             assert row is not None
