@@ -31,6 +31,7 @@ from .errors import (
     TenantryError,
 )
 from .jobs import queue as jobs
+from .jobs.registry import Registry
 from .jobs.registry import load as load_registry
 from .tenants import store as tenants
 
@@ -65,6 +66,11 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
     return code
 
 
+# The columns' ranges (integer, bigint): beyond, the database would refuse the value.
+_INTEGER_MAX, _BIGINT_MAX = 2**31 - 1, 2**63 - 1
+DEAD_REASONS = ("exhausted", "permanent", "cancelled", "unknown_kind")
+
+
 def _uuid(raw: str) -> uuid.UUID:
     try:
         return uuid.UUID(raw)
@@ -74,9 +80,27 @@ def _uuid(raw: str) -> uuid.UUID:
 
 def _json(raw: str) -> Any:
     try:
-        return orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"invalid JSON ({exc})") from None
+    if _holds_nul(value):
+        raise argparse.ArgumentTypeError("JSON text must not hold \\u0000 (PostgreSQL refuses it)")
+    return value
+
+
+def _holds_nul(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if "\x00" in v:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 def _job_id(raw: str) -> int:
@@ -84,7 +108,7 @@ def _job_id(raw: str) -> int:
         value = int(raw)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a job id") from None
-    if value <= 0:
+    if not 0 < value <= _BIGINT_MAX:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a job id")
     return value
 
@@ -94,8 +118,10 @@ def _positive(raw: str) -> int:
         value = int(raw)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a positive integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a positive integer")
+    if not 0 < value <= _INTEGER_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is not a positive integer (up to {_INTEGER_MAX})"
+        )
     return value
 
 
@@ -146,10 +172,7 @@ def _port(raw: str) -> int:
 def _dead_filters(parser: argparse.ArgumentParser, *, tenant_help: str) -> None:
     parser.add_argument("--kind", help="only jobs of this kind")
     parser.add_argument("--tenant", type=_uuid, help=tenant_help)
-    parser.add_argument(
-        "--reason",
-        help="only jobs dead for this reason (exhausted, permanent, cancelled, unknown_kind)",
-    )
+    parser.add_argument("--reason", choices=DEAD_REASONS, help="only jobs dead for this reason")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +310,23 @@ def _resolve_urls(settings: config.Settings, *, create: bool) -> Urls:
     return Urls(admin, service, settings.worker_url or roles.worker_url_for(service))
 
 
+def _load_handlers(settings: config.Settings, app_dir: str) -> Registry:
+    """TENANTRY_HANDLERS, imported from the application's folder (the working
+    directory, or --app-dir) first, as uvicorn and gunicorn do: a console script does
+    not put it on sys.path by itself.  Once they are imported the folder moves to the
+    end of sys.path: their later imports of their own modules still work, but a file
+    there (a uvloop.py) cannot replace an installed package imported later."""
+    if not settings.handlers:
+        return load_registry(())
+    folder = os.path.abspath(app_dir)
+    sys.path.insert(0, folder)
+    try:
+        return load_registry(settings.handlers)
+    finally:
+        sys.path.remove(folder)
+        sys.path.append(folder)
+
+
 def _database_url(settings: config.Settings, *, admin: bool) -> str:
     """The URL `tenantry db url` prints: the configured one, or the running embedded
     server's.  The embedded server must be running already: one started for this
@@ -294,13 +334,13 @@ def _database_url(settings: config.Settings, *, admin: bool) -> str:
     if settings.database_url:
         return (settings.admin_url or settings.database_url) if admin else settings.database_url
     embedded = EmbeddedPostgres(settings.data_dir)
-    if not embedded.running():
+    url = embedded.running_url()
+    if url is None:
         raise NoDatabase(
             f"the embedded PostgreSQL in {embedded.pgdata} is not running: start"
             " `tenantry run` (or `make run`) first, from the same folder or with the same"
             " TENANTRY_DATA_DIR"
         )
-    url = embedded.start(create=False)
     return url if admin else roles.with_login(url, roles.DEFAULT_LOGIN)
 
 
@@ -347,11 +387,6 @@ def _main(argv: Sequence[str] | None) -> int:
             config.check_for_run(settings)
         except TenantryError as exc:
             return _fail(f"configuration: {exc}", EXIT_USAGE)
-    if args.command == "run":
-        # As uvicorn and gunicorn do: the application's modules are found from the
-        # working directory (or --app-dir), which a console script does not put on
-        # sys.path by itself.
-        sys.path.insert(0, os.path.abspath(args.app_dir))
     if args.command == "dead" and args.dead_command in ("retry", "discard"):
         filtered = args.kind is not None or args.reason is not None
         if args.id is None and not filtered and args.tenant is None:
@@ -367,7 +402,7 @@ def _main(argv: Sequence[str] | None) -> int:
             return _fail(str(exc))
         return EXIT_OK
     try:
-        registry = load_registry(settings.handlers) if args.command == "run" else None
+        registry = _load_handlers(settings, args.app_dir) if args.command == "run" else None
         urls = _resolve_urls(settings, create=args.command in ("run", "migrate"))
         if args.command == "run":
             assert registry is not None
@@ -433,6 +468,11 @@ async def _migrate(urls: Urls, check: bool, quiet: bool = False) -> int:
 async def _dispatch(args: argparse.Namespace, dsn: str) -> int:
     conn = await db.connect(dsn)
     try:
+        # As `tenantry run` does: a schema that is not exactly this code's (older
+        # functions, newer migrations) is refused, rather than met with a traceback.
+        st = await migrate.status(conn)
+        if not st.current:
+            raise SchemaMismatch(f"{st.describe()}")
         if args.command == "enqueue":
             return await _enqueue(conn, args)
         if args.command == "jobs":
@@ -478,7 +518,7 @@ async def _stats(conn: asyncpg.Connection, as_json: bool) -> int:
         "retrying",
         "oldest_s",
         "ok_1h",
-        "failed_attempts_1h",
+        "attempts_failed_1h",
         "died_1h",
         "dead",
     )

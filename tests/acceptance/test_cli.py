@@ -317,3 +317,47 @@ async def test_jobs_are_listed_and_shown_with_filters(
     assert job["tenant_id"] == str(TENANT_A)
     code, _out, err = await run_cli("jobs", "show", "424242", database_url=database_url)
     assert code == 1 and "no job with id 424242" in err
+
+
+async def test_commands_refuse_a_schema_that_is_not_theirs(empty_database_url: str) -> None:
+    """Regression (review): against a database whose functions were older, `jobs stats`
+    crashed with a traceback (a column it did not know); the commands check the schema
+    as `tenantry run` does."""
+    code, _out, err = await run_cli("migrate", database_url=empty_database_url)
+    assert code == 0, err
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await conn.execute(
+            "UPDATE tenantry.schema_repeatables SET version = version - 1 WHERE name = 'jobs'"
+        )
+    finally:
+        await conn.close()
+    for args in (["jobs", "stats"], ["dead", "list"], ["tenants", "list"]):
+        code, out, err = await run_cli(*args, database_url=empty_database_url)
+        assert code == 1, (args, out, err)
+        assert "tenantry migrate" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tenants", "list", "--limit", "99999999999999999999"], "is not a positive integer"),
+        (["dead", "show", "99999999999999999999999"], "is not a job id"),
+        (["enqueue", "k", "--tenant", str(TENANT_A), "--max-attempts", "99999999999"], "positive"),
+        (["enqueue", "k", "--tenant", str(TENANT_A), "--payload", '{"a": "\\u0000"}'], "\\u0000"),
+        (["dead", "list", "--reason", "bogus"], "invalid choice"),
+    ],
+)
+async def test_out_of_range_arguments_are_usage_errors(
+    args: list[str], message: str, database_url: str
+) -> None:
+    """Regression (review): they reached the database and came back as its errors."""
+    code, _out, err = await run_cli(*args, database_url=database_url)
+    assert code == 2 and message in err, err
+
+
+async def test_stats_header_names_the_json_fields(database_url: str) -> None:
+    code, out, err = await run_cli("jobs", "stats", database_url=database_url)
+    assert code == 0, err
+    header = out.splitlines()[0].split()
+    assert header[-3:] == ["attempts_failed_1h", "died_1h", "dead"]

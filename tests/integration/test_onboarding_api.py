@@ -386,3 +386,17 @@ async def test_each_request_is_logged_once_under_its_request_id(
     assert body["token"] not in repr(logs)
     payload = await admin_pool.fetchval("SELECT payload FROM tenantry.jobs")
     assert payload["request_id"] == "req-42"
+
+
+async def test_a_body_that_cannot_be_decompressed_is_a_400(http: aiohttp.ClientSession) -> None:
+    """Regression (review): a bad gzip body was a 500 with a traceback in the log."""
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with http.post("/v1/onboardings", data=b"not gzip", headers=headers) as r:
+        assert r.status == 400
+        assert r.headers["Content-Type"] == "application/problem+json"
+
+
+async def test_a_405_is_titled_method_not_allowed(http: aiohttp.ClientSession) -> None:
+    async with http.delete("/healthz") as r:
+        body = await r.json(content_type="application/problem+json")
+        assert r.status == 405 and body["title"] == "Method Not Allowed"

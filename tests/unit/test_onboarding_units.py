@@ -193,3 +193,23 @@ def test_ipv6_clients_are_limited_by_their_network(address: str, prefix: int, ke
     """Regression: keyed on the full IPv6 address, 1,000 sign-ups from one /64 with
     distinct addresses were all accepted."""
     assert limit_key(address, prefix) == key
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("ab\x01c", "must not contain control characters"), ("!!!", "a letter or a digit")],
+)
+def test_a_tenant_name_says_what_is_wrong_with_it(name: str, message: str) -> None:
+    """Regression (review): a control character was reported as "must contain a letter
+    or a digit"."""
+    with pytest.raises(InvalidRequest) as caught:
+        parse_sign_up({"email": "a@b.io", "tenant_name": name, "plan": "free"})
+    assert message in caught.value.errors[0].message
+
+
+@pytest.mark.parametrize("name", ["Москва", "株式会社", "Café Crème"])
+def test_names_in_any_script_are_accepted(name: str) -> None:
+    """Regression (review): names without an ASCII letter were refused."""
+    assert (
+        parse_sign_up({"email": "a@b.io", "tenant_name": name, "plan": "free"}).tenant_name == name
+    )

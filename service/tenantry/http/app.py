@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 import asyncpg
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from anyio.abc import TaskStatus
 
 from .. import logging as log
@@ -81,6 +82,12 @@ async def errors_as_problems(request: web.Request, handler: Handler) -> web.Stre
         # with the exception's headers (Allow for a 405).
         headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
         return problem(exc.status, _ROUTING_DETAIL.get(exc.status, exc.reason), headers=headers)
+    except (HttpProcessingError, web.RequestPayloadError) as exc:
+        # A body the framework cannot read (bad compression, a broken chunk): the
+        # client's fault, said as such.
+        cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
+        detail = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+        return problem(400, f"the request body could not be read: {safe_text(detail)}")
     except UNAVAILABLE as exc:
         # The database is away (restarting, unreachable, a connection broken): the
         # request can succeed a moment later, which is what 503 and Retry-After say.

@@ -56,12 +56,14 @@ def slug_from(name: str) -> str:
 
 def tenant_name(raw: str, field: str = "name") -> str:
     """A tenant's name as people type it, with its runs of whitespace made one space,
-    and checked: 3 to 50 characters, a letter or a digit among them (its slug comes
-    from those)."""
+    and checked: 3 to 50 characters, a letter or a digit (of any script) among them, no
+    control characters."""
+    if _CONTROL.search(raw.replace("\t", " ").replace("\n", " ").replace("\r", " ")):
+        raise Invalid(field, "must not contain control characters")
     name = " ".join(raw.split())
     if not NAME_MIN <= len(name) <= NAME_MAX:
         raise Invalid(field, f"must be {NAME_MIN} to {NAME_MAX} characters")
-    if _CONTROL.search(name) or not slug_from(name):
+    if not any(c.isalnum() for c in name):
         raise Invalid(field, "must contain a letter or a digit")
     return name
 
@@ -83,10 +85,11 @@ async def create_tenant(
     state: str = "active",
 ) -> Tenant:
     name = tenant_name(name)
-    slug = tenant_slug(slug) if slug is not None else slug_from(name)
+    tid = tenant_id or uuid.uuid4()
+    # A name without an ASCII letter or digit (Москва) has no slug of its own.
+    slug = tenant_slug(slug) if slug is not None else (slug_from(name) or f"tenant-{tid.hex[:8]}")
     if plan not in PLANS:
         raise Invalid("plan", f"must be one of {', '.join(PLANS)}")
-    tid = tenant_id or uuid.uuid4()
     try:
         async with tenant_scope(conn, tid) as tx:
             row = await tx.fetchrow(Q["create_tenant"], tid, slug, name, plan, state)
