@@ -103,26 +103,22 @@ def _holds_nul(value: Any) -> bool:
     return False
 
 
-def _job_id(raw: str) -> int:
+def _int_up_to(raw: str, high: int, what: str) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a job id") from None
-    if not 0 < value <= _BIGINT_MAX:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a job id")
+        raise argparse.ArgumentTypeError(f"{raw!r} is not {what}") from None
+    if not 0 < value <= high:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not {what} (1 to {high})")
     return value
+
+
+def _job_id(raw: str) -> int:
+    return _int_up_to(raw, _BIGINT_MAX, "a job id")
 
 
 def _positive(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a positive integer") from None
-    if not 0 < value <= _INTEGER_MAX:
-        raise argparse.ArgumentTypeError(
-            f"{raw!r} is not a positive integer (up to {_INTEGER_MAX})"
-        )
-    return value
+    return _int_up_to(raw, _INTEGER_MAX, "a positive integer")
 
 
 def _seconds(raw: str) -> float:
@@ -145,18 +141,20 @@ def _timestamp(raw: str) -> datetime:
     return value
 
 
-def _tenant_name(raw: str) -> str:
-    try:
-        return tenants.tenant_name(raw)
-    except Invalid as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
+def _checked_by(check: Callable[[str], str]) -> Callable[[str], str]:
+    """An argument type from a validator of ours: its Invalid becomes a usage error."""
+
+    def parse(raw: str) -> str:
+        try:
+            return check(raw)
+        except Invalid as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+
+    return parse
 
 
-def _tenant_slug(raw: str) -> str:
-    try:
-        return tenants.tenant_slug(raw)
-    except Invalid as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
+_tenant_name = _checked_by(tenants.tenant_name)
+_tenant_slug = _checked_by(tenants.tenant_slug)
 
 
 def _port(raw: str) -> int:

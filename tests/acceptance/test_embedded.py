@@ -31,6 +31,12 @@ def postmaster_pid(pgdata: Path) -> int | None:
     return pid
 
 
+def stop_server(pgdata: Path) -> None:
+    pid = postmaster_pid(pgdata)
+    if pid is not None:
+        os.kill(pid, signal.SIGQUIT)
+
+
 async def test_a_clean_run_after_a_kill_stops_the_server_it_adopted(tmp_path: Path) -> None:
     """Regression: after a kill -9 of the service, its pid stayed in the embedded
     server's list of users (.handle_pids.json), so every later clean run took the
@@ -51,9 +57,7 @@ async def test_a_clean_run_after_a_kill_stops_the_server_it_adopted(tmp_path: Pa
         assert await clean.wait_exit() == 0
         assert postmaster_pid(pgdata) is None
     finally:
-        pid = postmaster_pid(pgdata)
-        if pid is not None:
-            os.kill(pid, signal.SIGQUIT)  # do not leave it behind, whatever failed
+        stop_server(pgdata)  # do not leave it behind, whatever failed
 
 
 @pytest.mark.parametrize(
@@ -95,9 +99,7 @@ async def test_db_url_reaches_the_running_embedded_database(tmp_path: Path) -> N
         assert await svc.wait_exit() == 0
     finally:
         await svc.kill()
-        pid = postmaster_pid(data / "pgdata")
-        if pid is not None:
-            os.kill(pid, signal.SIGQUIT)
+        stop_server(data / "pgdata")
 
 
 async def test_db_url_prints_the_configured_url(database_url: str) -> None:
@@ -128,9 +130,7 @@ async def test_db_url_after_a_crash_leaves_the_server_running(tmp_path: Path) ->
             await conn.close()
     finally:
         await crashed.kill()
-        pid = postmaster_pid(data / "pgdata")
-        if pid is not None:
-            os.kill(pid, signal.SIGQUIT)
+        stop_server(data / "pgdata")
 
 
 async def test_a_data_folder_with_a_space_is_refused_clearly(tmp_path: Path) -> None:
