@@ -190,7 +190,12 @@ def build(
         ipv6_prefix=settings.signup_ipv6_prefix,
     )
     http = HttpServer(
-        build_app(Readiness(readiness, lambda: health.problems), pool, onboarding),
+        build_app(
+            Readiness(readiness, lambda: health.problems),
+            pool,
+            onboarding,
+            cors_origins=settings.cors_origins,
+        ),
         settings.host,
         settings.port,
     )

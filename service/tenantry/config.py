@@ -7,6 +7,7 @@ the process with a message naming the variable, never a traceback.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -82,6 +83,9 @@ class Settings:
     # IPv6 clients are rate-limited by this prefix: one subscriber usually holds a whole
     # /64 and can pick any address in it.
     signup_ipv6_prefix: int = 64
+    # Origins (scheme://host[:port], exactly) whose pages may call the public sign-up
+    # routes from a browser (CORS).  None by default: same origin only.
+    cors_origins: tuple[str, ...] = ()
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -187,6 +191,22 @@ def _ipv6_prefix(raw: str) -> int:
     return value
 
 
+_ORIGIN = re.compile(
+    r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$"
+)
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(o.strip() for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if not _ORIGIN.match(origin):
+            raise ValueError(
+                f"{origin[:80]!r} is not an origin: scheme://host[:port], no path, no"
+                " trailing slash (e.g. https://app.example.com)"
+            )
+    return origins
+
+
 def _queue_name(raw: str) -> str:
     if len(raw) > _QUEUE_NAME_MAX:
         raise ValueError(f"must be at most {_QUEUE_NAME_MAX} characters")
@@ -290,4 +310,5 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         signup_ipv6_prefix=_parse(
             e, "TENANTRY_SIGNUP_IPV6_PREFIX", _ipv6_prefix, d.signup_ipv6_prefix
         ),
+        cors_origins=_parse(e, "TENANTRY_CORS_ORIGINS", _origins, d.cors_origins),
     )

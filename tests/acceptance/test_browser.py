@@ -18,6 +18,7 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
+from aiohttp import web
 
 pytest.importorskip(
     "playwright.async_api",
@@ -298,3 +299,63 @@ async def test_a_rate_limited_sign_up_says_so_in_a_sentence(
             )
         )
         await expect(page.get_by_test_id("submit")).to_be_enabled()
+
+
+CROSS_ORIGIN_PAGE = """<!doctype html><meta charset="utf-8"><title>frontend</title>
+<p id="result">pending</p>
+<script>
+const api = new URLSearchParams(location.search).get("api");
+fetch(api + "/v1/onboardings", {
+  method: "POST",
+  headers: {"Content-Type": "application/json", "Idempotency-Key": crypto.randomUUID()},
+  body: JSON.stringify({email: "eve@example.com", tenant_name: "Other Origin", plan: "free"}),
+}).then(async (r) => {
+  const body = await r.json();
+  const status = await fetch(api + body.status_url,
+                             {headers: {"Authorization": "Bearer " + body.token}});
+  document.getElementById("result").textContent =
+    `${r.status} ${r.headers.get("Location") ? "location" : "no-location"} ${status.status}`;
+}).catch((e) => { document.getElementById("result").textContent = "blocked"; });
+</script>"""
+
+
+@asynccontextmanager
+async def frontend_origin() -> AsyncIterator[str]:
+    """A page served from another origin (another port), as a frontend app would be."""
+
+    async def page(_request: web.Request) -> web.Response:
+        return web.Response(text=CROSS_ORIGIN_PAGE, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site_ = web.TCPSite(runner, "127.0.0.1", 0)
+    await site_.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+async def test_a_frontend_on_another_origin_signs_up_when_allowed(
+    tab: Tab,
+    tmp_path: Path,
+    app_url: str,
+    pool: asyncpg.Pool,
+    worker_pool: asyncpg.Pool,
+    allowed: bool,
+) -> None:
+    """TENANTRY_CORS_ORIGINS: a frontend on another origin can sign up and read the
+    status (the preflight answered, Location exposed); any other origin is refused by
+    the browser."""
+    async with frontend_origin() as origin:
+        listed = (origin,) if allowed else ("http://elsewhere.example",)
+        settings = service_settings(tmp_path, cors_origins=listed)
+        async with site(settings, app_url, pool, worker_pool) as url:
+            await tab.page.goto(f"{origin}/?api={url.rstrip('/')}")
+            want = "202 location 200" if allowed else "blocked"
+            await expect(tab.page.locator("#result")).to_have_text(want)
+    tab.errors.clear()  # the refused fetch is the page's own (caught) failure

@@ -256,3 +256,12 @@ def test_the_public_interface_is_importable_and_documented() -> None:
             doc = inspect.getdoc(obj) or ""
             assert doc and not doc.startswith(f"{name}("), f"{name} has no docstring"
     assert (Path(tenantry.__file__).parent / "py.typed").is_file()
+
+
+def test_cors_origins_are_exact_origins() -> None:
+    s = config.from_env({"TENANTRY_CORS_ORIGINS": "https://app.example.com, http://127.0.0.1:5173"})
+    assert s.cors_origins == ("https://app.example.com", "http://127.0.0.1:5173")
+    assert config.from_env({}).cors_origins == ()
+    for bad in ("https://app.example.com/", "app.example.com", "https://x.com/path", "*"):
+        with pytest.raises(ConfigError, match="TENANTRY_CORS_ORIGINS"):
+            config.from_env({"TENANTRY_CORS_ORIGINS": bad})

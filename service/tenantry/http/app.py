@@ -115,6 +115,7 @@ def build_app(
     readiness: Readiness,
     pool: asyncpg.Pool | None = None,
     onboarding: OnboardingApi | None = None,
+    cors_origins: tuple[str, ...] = (),
 ) -> web.Application:
     app = web.Application(
         client_max_size=onboarding_api.MAX_BODY * 4,
@@ -127,7 +128,7 @@ def build_app(
     if pool is not None:
         tenant_api.add_routes(app, pool)
     if onboarding is not None:
-        onboarding_api.add_routes(app, onboarding)
+        onboarding_api.add_routes(app, onboarding, cors_origins)
         app.router.add_get("/", index)
     return app
 

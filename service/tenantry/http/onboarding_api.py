@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import aiohttp_cors
 import anyio
 import asyncpg
 import orjson
@@ -336,8 +337,26 @@ async def _stream(
     return sent, sub.reason
 
 
-def add_routes(app: web.Application, api: OnboardingApi) -> None:
+def add_routes(
+    app: web.Application, api: OnboardingApi, cors_origins: tuple[str, ...] = ()
+) -> None:
     app[ONBOARDING] = api
-    app.router.add_post("/v1/onboardings", create)
-    app.router.add_get("/v1/onboardings/{id}", status)
-    app.router.add_get("/v1/onboardings/{id}/events", events)
+    routes = [
+        app.router.add_post("/v1/onboardings", create),
+        app.router.add_get("/v1/onboardings/{id}", status),
+        app.router.add_get("/v1/onboardings/{id}/events", events),
+    ]
+    if cors_origins:
+        # A frontend on another origin signs up and follows its onboarding: these
+        # routes answer its preflight and name it in Access-Control-Allow-Origin.  No
+        # credentials (cookies): the status token travels in a header or the query.
+        options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+            allow_credentials=False,
+            allow_headers=("Content-Type", "Idempotency-Key", "Authorization",
+                           "Last-Event-ID", "X-Request-ID"),
+            expose_headers=("Location", "Retry-After", "Idempotent-Replayed", "X-Request-ID"),
+            max_age=600,
+        )  # fmt: skip
+        cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(cors_origins, options))
+        for route in routes:
+            cors.add(route)
