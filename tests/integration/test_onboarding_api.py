@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from structlog.contextvars import merge_contextvars
 from tenantry import logging as log
 from tenantry.app import Service
 from tenantry.onboarding.tokens import Signer
-from tests.helpers import TEST_TOKEN_SECRET, background_service, service_settings
+from tests.helpers import TEST_TOKEN_SECRET, background_service, service_settings, sse_frames
 
 SIGN_UP = {"email": "grace@example.com", "tenant_name": "Compilers Inc", "plan": "free"}
 
@@ -400,3 +401,22 @@ async def test_a_405_is_titled_method_not_allowed(http: aiohttp.ClientSession) -
     async with http.delete("/healthz") as r:
         body = await r.json(content_type="application/problem+json")
         assert r.status == 405 and body["title"] == "Method Not Allowed"
+
+
+UTC_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+async def test_every_time_is_given_in_one_format(http: aiohttp.ClientSession) -> None:
+    """Regression: the answers gave Python's isoformat (no fraction on a whole second,
+    +00:00) and the events PostgreSQL's (a fraction of varying length, the session's
+    zone): one format now, UTC with microseconds and Z."""
+    _, body, _ = await post(http, orjson.dumps(SIGN_UP))
+    assert UTC_TIME.match(body["token_expires_at"]), body["token_expires_at"]
+    async with http.get(body["status_url"], params={"token": body["token"]}) as r:
+        status = await r.json()
+    assert UTC_TIME.match(status["created_at"]) and UTC_TIME.match(status["updated_at"])
+    async with http.get(body["events_url"]) as r:
+        async for frame in sse_frames(r):
+            if frame.event:
+                assert UTC_TIME.match(frame.data["at"]), frame.data["at"]
+                break

@@ -30,6 +30,7 @@ from ..onboarding.tokens import Grant, Signer, TokenError
 from ..outbox import store as outbox
 from ..outbox.store import Event
 from ..tenancy import tenant_tx
+from ..timefmt import utc_text
 from .access import request_id
 from .problems import json_response, problem
 from .ratelimit import Networks, RateLimiter, client_address, limit_key
@@ -134,7 +135,7 @@ async def create(request: web.Request) -> web.StreamResponse:
             "status_url": status_url,
             "events_url": f"{status_url}/events?token={token}",
             "token": token,
-            "token_expires_at": expires.isoformat(),
+            "token_expires_at": utc_text(expires),
         },
         202,
         headers,
@@ -183,10 +184,10 @@ async def status(request: web.Request) -> web.StreamResponse:
             "version": o.version,
             "tenant_name": o.tenant_name,
             "plan": o.plan,
-            "steps": [{"step": s.step, "done_at": s.done_at.isoformat()} for s in o.steps],
+            "steps": [{"step": s.step, "done_at": utc_text(s.done_at)} for s in o.steps],
             "failure_reason": o.failure_reason,
-            "created_at": o.created_at.isoformat(),
-            "updated_at": o.updated_at.isoformat(),
+            "created_at": utc_text(o.created_at),
+            "updated_at": utc_text(o.updated_at),
         }
     )
 

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from ..errors import NotFound, Unauthorized
 from ..tenants import store
+from ..timefmt import utc_text
 from .problems import json_response, problem
 
 POOL = web.AppKey("pool", asyncpg.Pool)
@@ -54,7 +55,7 @@ async def get_tenant(request: web.Request) -> web.StreamResponse:
         "name": t.name,
         "plan": t.plan,
         "state": t.state,
-        "created_at": t.created_at.isoformat(),
+        "created_at": utc_text(t.created_at),
     }
     return json_response(body)
 

@@ -23,6 +23,7 @@ from ..errors import Conflict, NotFound
 from ..outbox import store as outbox
 from ..sql import queries_for
 from ..tenancy import tenant_scope, tenant_tx
+from ..timefmt import utc_text
 from .model import (
     AGGREGATE,
     COMPLETED,
@@ -193,7 +194,7 @@ async def step_done(o: Locked, step: str) -> None:
         COMPLETED if state == "completed" else STEP_DONE,
         {
             "step": step,
-            "done_at": done_at.isoformat(),
+            "done_at": utc_text(done_at),
             "steps_done": len(o.done),
             "steps_total": len(STEPS),
         },

@@ -1,4 +1,4 @@
--- version: 3
+-- version: 4
 -- The outbox's functions and triggers.  A repeatable migration (tenantry/migrate.py),
 -- applied again whenever this file changes (raise the version above with every
 -- change).  The outbox module is the only writer of
@@ -61,8 +61,11 @@ CREATE OR REPLACE FUNCTION tenantry.event_data(
 ) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
-RETURN (payload || jsonb_build_object('type', event_type, 'version', version,
-                                      'at', created_at))::text;
+RETURN (payload || jsonb_build_object(
+            'type', event_type, 'version', version,
+            -- The interface's one time format (tenantry/timefmt.py), whatever the
+            -- session's time zone.
+            'at', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')))::text;
 
 -- Follow the outbox across tenants (the SSE hub of every process): the events of one
 -- aggregate type that the follower's previous snapshot could not see, and the
