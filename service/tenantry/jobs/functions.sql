@@ -1,4 +1,4 @@
--- version: 4
+-- version: 5
 -- The job queue's functions and triggers.  A repeatable migration (tenantry/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -949,6 +949,17 @@ SELECT j.tenant_id, j.id, j.queue, j.kind, j.state::text, j.payload::text, j.pri
 END;
 $$;
 
+-- Whether a dead job matches an operator's filter (NULL: any): one predicate for the
+-- list, the count and the bulk retry and discard below.  Inlined by the planner.
+CREATE OR REPLACE FUNCTION tenantry.dead_job_matches(kind text, tenant_id uuid, reason text,
+                                                     of_kind text, of_tenant uuid,
+                                                     of_reason text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN (of_kind IS NULL OR kind OPERATOR(pg_catalog.=) of_kind)
+   AND (of_tenant IS NULL OR tenant_id OPERATOR(pg_catalog.=) of_tenant)
+   AND (of_reason IS NULL OR reason OPERATOR(pg_catalog.=) of_reason);
+
 -- The dead-letter table across tenants (`tenantry dead ...`), filtered by kind, tenant
 -- and reason (NULL: any).  Until version 3 the list took no filters.
 DROP FUNCTION IF EXISTS tenantry.dead_jobs_list(integer);
@@ -963,9 +974,7 @@ BEGIN
 RETURN QUERY
 SELECT d.tenant_id, d.id, d.queue, d.kind, d.attempts, d.reason, d.last_error, d.died_at
   FROM tenantry.dead_jobs d
- WHERE ($2::text IS NULL OR d.kind = $2::text)
-   AND ($3::uuid IS NULL OR d.tenant_id = $3::uuid)
-   AND ($4::text IS NULL OR d.reason = $4::text)
+ WHERE tenantry.dead_job_matches(d.kind, d.tenant_id, d.reason, $2::text, $3::uuid, $4::text)
  ORDER BY d.died_at DESC, d.id DESC
  LIMIT $1::integer;
 END;
@@ -979,8 +988,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 SELECT count(*)
   FROM tenantry.dead_jobs d
- WHERE ($1 IS NULL OR d.kind = $1) AND ($2 IS NULL OR d.tenant_id = $2)
-   AND ($3 IS NULL OR d.reason = $3)
+ WHERE tenantry.dead_job_matches(d.kind, d.tenant_id, d.reason, $1, $2, $3)
 $$;
 
 -- Every dead job a filter matches back to its queue (as dead_job_retry does one), in
@@ -996,8 +1004,8 @@ DECLARE
 BEGIN
 WITH gone AS (
     DELETE FROM tenantry.dead_jobs d
-     WHERE ($1::text IS NULL OR d.kind = $1::text) AND ($2::uuid IS NULL OR d.tenant_id = $2::uuid)
-       AND ($3::text IS NULL OR d.reason = $3::text)
+     WHERE tenantry.dead_job_matches(d.kind, d.tenant_id, d.reason, $1::text, $2::uuid,
+                                     $3::text)
     RETURNING d.*
 ), back AS (
     INSERT INTO tenantry.jobs AS j (tenant_id, id, queue, kind, payload, priority,
@@ -1024,8 +1032,7 @@ DECLARE
     n bigint;
 BEGIN
 DELETE FROM tenantry.dead_jobs d
- WHERE ($1::text IS NULL OR d.kind = $1::text) AND ($2::uuid IS NULL OR d.tenant_id = $2::uuid)
-   AND ($3::text IS NULL OR d.reason = $3::text);
+ WHERE tenantry.dead_job_matches(d.kind, d.tenant_id, d.reason, $1::text, $2::uuid, $3::text);
 GET DIAGNOSTICS n = ROW_COUNT;
 RETURN n;
 END;
@@ -1164,6 +1171,8 @@ REVOKE ALL ON FUNCTION tenantry.stage_due_jobs(text, integer),
                                               uuid, integer, integer)
     FROM PUBLIC;
 ALTER FUNCTION tenantry.jobs_schedule_delayed() OWNER TO tenantry_owner;
+ALTER FUNCTION tenantry.dead_job_matches(text, uuid, text, text, uuid, text)
+    OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.ensure_trigger(regclass, name, text) OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.wake_at_commit() OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.enqueue(uuid, text, jsonb, text, timestamptz, smallint, text, integer)

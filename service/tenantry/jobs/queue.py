@@ -118,10 +118,7 @@ async def job_show(
         raise Conflict(
             f"job id {job_id} is held by tenants {tenants} (pass the tenant: --tenant UUID)"
         )
-    job = dict(rows[0])
-    with contextlib.suppress(orjson.JSONDecodeError):
-        job["payload"] = orjson.loads(job["payload"])
-    return job
+    return _with_payload_decoded(rows[0])
 
 
 @dataclass(frozen=True)
@@ -182,11 +179,16 @@ async def dead_show(
         raise _ambiguous(exc) from exc
     if row is None:
         raise NotFound(f"no dead job with id {job_id}")
-    dead = dict(row)
-    # Shown as the text it is when no decoder takes it (a number no double holds, say).
+    return _with_payload_decoded(row)
+
+
+def _with_payload_decoded(row: asyncpg.Record) -> dict[str, Any]:
+    """A job's row with its payload decoded, or left as the text it is when no decoder
+    takes it (a number no double holds, say)."""
+    shown = dict(row)
     with contextlib.suppress(orjson.JSONDecodeError):
-        dead["payload"] = orjson.loads(dead["payload"])
-    return dead
+        shown["payload"] = orjson.loads(shown["payload"])
+    return shown
 
 
 async def dead_retry(conn: Executor, job_id: int, tenant_id: uuid.UUID | None = None) -> int:
