@@ -72,6 +72,7 @@ class Tab:
     page: Page
     posts: list[Request] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # "404 http://..." of each error answer
 
     def on_request(self, request: Request) -> None:
         if request.method == "POST" and request.url.endswith("/v1/onboardings"):
@@ -88,6 +89,9 @@ async def tab(browser: Browser) -> AsyncIterator[Tab]:
     t = Tab(page)
     page.on("request", t.on_request)
     page.on("pageerror", lambda exc: t.errors.append(str(exc)))
+    page.on(
+        "response", lambda r: t.refused.append(f"{r.status} {r.url}") if r.status >= 400 else None
+    )
     try:
         yield t
     finally:
@@ -130,6 +134,14 @@ async def fill(page: Page, email: str, tenant_name: str, plan: str = "free") -> 
     await page.get_by_test_id(f"plan-{plan}").check()
 
 
+async def shot(page: Page, name: str) -> None:
+    """A screenshot of a state, for a person to look at: only where
+    TENANTRY_SCREENSHOTS names a folder."""
+    folder = os.environ.get("TENANTRY_SCREENSHOTS")
+    if folder:
+        await page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
+
+
 def step(page: Page, name: str) -> Locator:
     return page.locator(f'[data-testid="step"][data-step="{name}"]')
 
@@ -146,7 +158,11 @@ async def test_sign_up_shows_each_step_then_ready(tab: Tab, url: str) -> None:
         )
     status = page.get_by_test_id("status")
     await expect(status).to_have_attribute("data-state", "completed")
-    await expect(status).to_have_text("Your organisation is ready.")
+    # What happens next, with the address the welcome email goes to.
+    await expect(status).to_contain_text("Analytical Engines is ready, and you are its owner.")
+    await expect(page.get_by_test_id("next")).to_have_text(
+        "A welcome email is on its way to ada@example.com."
+    )
     await expect(page.get_by_test_id("step")).to_have_count(len(STEPS))
     await expect(step(page, "tenant")).to_contain_text("Creating your organisation")
     await expect(step(page, "provisioned")).to_contain_text("Done")
@@ -159,6 +175,14 @@ async def test_sign_up_shows_each_step_then_ready(tab: Tab, url: str) -> None:
     await expect(page.get_by_test_id("reconnecting")).to_be_hidden()
     await expect(page.get_by_test_id("error-banner")).to_be_hidden()
     await expect(page.get_by_test_id("submit")).to_be_disabled()
+    # Its icon loaded, and nothing the page asked for was refused (the console showed
+    # a 404 for /favicon.ico).
+    icon = await page.evaluate(
+        "fetch(document.querySelector('link[rel=icon]').href)"
+        ".then(r => `${r.status} ${r.headers.get('content-type')}`)"
+    )
+    assert icon == "200 image/svg+xml"
+    assert tab.refused == []
 
     assert len(tab.posts) == 1
     post = tab.posts[0]
@@ -210,6 +234,7 @@ async def test_server_field_errors_show_next_to_the_fields(tab: Tab, url: str) -
         )
     await expect(page.get_by_test_id("submit")).to_be_enabled()
     await expect(page.locator("#tracker")).to_be_hidden()
+    await shot(page, "field-errors")
     assert len(tab.posts) == 1, "one submission, one request"
 
     # Corrected, it is a new submission (a new key) and goes through.
@@ -235,16 +260,129 @@ async def test_a_failed_onboarding_is_shown_as_a_failure(tab: Tab, url_with_smtp
     await expect(status).to_have_attribute("data-state", "failed", timeout=PROVISIONED_WITHIN_MS)
     await expect(status).to_be_visible()
     await expect(status).to_have_class(re.compile(r"\berror\b"))
-    await expect(status).to_contain_text("failed")
-    await expect(status).to_contain_text("550 5.1.1 no such user")
+    # In plain words, with what to do; the server's raw reply is for operators.
+    await expect(status).to_contain_text(
+        f"The mail server of example.test refused the address {REJECTED}, so the welcome"
+        " email could not be delivered. Check the address and try again."
+    )
+    await expect(status).not_to_contain_text("550")
     await expect(status).not_to_contain_text("ready")
-    # The steps before the mail are done; the mail and the end never were.
+    await expect(page.get_by_test_id("ref")).to_have_text(
+        re.compile(r"^Reference for support: [0-9a-f-]{36}$")
+    )
+    # The steps done before the mail were undone; the mail failed; the end never came.
     for name in STEPS[: STEPS.index("welcome_email")]:
-        await expect(step(page, name)).to_have_attribute("data-state", "done")
-    for name in ("welcome_email", "provisioned"):
-        await expect(step(page, name)).to_have_attribute("data-state", "pending")
+        await expect(step(page, name)).to_have_attribute("data-state", "undone")
+        await expect(step(page, name).locator("time")).to_have_text("undone")
+    await expect(step(page, "welcome_email")).to_have_attribute("data-state", "failed")
+    await expect(step(page, "provisioned")).to_have_attribute("data-state", "pending")
+    await expect(page.get_by_test_id("progress-text")).to_have_text("0 of 7 steps kept")
+    await shot(page, "failed")
     await expect(page.get_by_test_id("reconnecting")).to_be_hidden()
-    assert len(tab.posts) == 1
+
+    # The form is open again, the field at fault marked: correct it and try again.
+    await expect(page.get_by_test_id("email-error")).to_have_text(
+        "The mail server refused this address."
+    )
+    await expect(page.get_by_test_id("email")).to_have_attribute("aria-invalid", "true")
+    await expect(page.get_by_test_id("email")).to_be_focused()
+    await expect(page.get_by_test_id("tenant_name")).to_have_value("Ghost Company")
+    submit = page.get_by_test_id("submit")
+    await expect(submit).to_be_enabled()
+    await expect(submit).to_have_text("Try again")
+    await page.get_by_test_id("email").fill("ada@example.com")
+    await submit.click()
+    await expect(status).to_have_attribute("data-state", "completed", timeout=PROVISIONED_WITHIN_MS)
+    await expect(page.get_by_test_id("email-error")).to_be_hidden()
+    for name in STEPS:
+        await expect(step(page, name)).to_have_attribute("data-state", "done")
+    assert len(tab.posts) == 2
+    keys = [(await p.all_headers())["idempotency-key"] for p in tab.posts]
+    assert keys[0] != keys[1], "a try after a failure is a new submission"
+    assert tab.body(1)["email"] == "ada@example.com"
+    assert tab.body(1)["tenant_name"] == "Ghost Company"
+
+
+async def test_a_reload_resumes_the_sign_up_where_it_is(
+    tab: Tab, url: str, admin_pool: asyncpg.Pool
+) -> None:
+    """Regression: after a reload the form was empty and the status token gone, although
+    the page said "Reload the page to see how far it got"."""
+    page = tab.page
+    status = page.get_by_test_id("status")
+    await page.goto(url)
+    async with admin_pool.acquire() as conn:
+        # Provisioning waits at its first step (it creates the tenant) while this holds.
+        held = conn.transaction()
+        await held.start()
+        try:
+            await conn.execute("LOCK TABLE tenantry.tenants IN EXCLUSIVE MODE")
+            await fill(page, "ada@example.com", "Analytical Engines", "pro")
+            await page.get_by_test_id("submit").click()
+            await expect(status).to_have_attribute("data-state", "accepted")
+            await page.reload()
+            # Resumed: what was sent, locked, and its steps followed again.
+            await expect(status).to_have_attribute("data-state", "accepted")
+            await expect(page.get_by_test_id("email")).to_have_value("ada@example.com")
+            await expect(page.get_by_test_id("tenant_name")).to_have_value("Analytical Engines")
+            await expect(page.get_by_test_id("plan-pro")).to_be_checked()
+            await expect(page.get_by_test_id("email")).to_be_disabled()
+            await expect(page.get_by_test_id("submit")).to_be_disabled()
+            await expect(step(page, "tenant")).to_have_attribute("data-state", "pending")
+            await shot(page, "resumed-in-flight")
+        finally:
+            await held.rollback()
+    await expect(status).to_have_attribute("data-state", "completed", timeout=PROVISIONED_WITHIN_MS)
+    await page.reload()  # after the end too: the whole story again, not an empty form
+    await expect(status).to_have_attribute("data-state", "completed")
+    for name in STEPS:
+        await expect(step(page, name)).to_have_attribute("data-state", "done")
+    await expect(page.get_by_test_id("next")).to_have_text(
+        "A welcome email is on its way to ada@example.com."
+    )
+    await shot(page, "completed")
+    assert len(tab.posts) == 1, "a reload never signs up again"
+
+    # Another organisation: a fresh form, which a reload keeps fresh.
+    await page.get_by_test_id("start-over").click()
+    await expect(page.get_by_test_id("email")).to_have_value("")
+    await expect(page.get_by_test_id("email")).to_be_enabled()
+    await expect(page.get_by_test_id("submit")).to_have_text("Create organisation")
+    await expect(page.locator("#tracker")).to_be_hidden()
+    await page.reload()
+    await expect(page.get_by_test_id("email")).to_have_value("")
+    await expect(page.locator("#tracker")).to_be_hidden()
+    await expect(page.get_by_test_id("error-banner")).to_be_hidden()
+
+
+async def test_a_sign_up_that_can_no_longer_be_followed_is_said_so(tab: Tab, url: str) -> None:
+    """A tab whose saved status token the server refuses (expired, or from another
+    deployment's secret) says so and offers the form again, filled in."""
+    page = tab.page
+    await page.goto(url)
+    oid = "0b0e9c39-6f0a-4c8e-9a51-1f4c39a5c7d2"
+    await page.evaluate(
+        """(oid) => sessionStorage.setItem("tenantry.signup", JSON.stringify({
+            id: oid, status_url: `/v1/onboardings/${oid}`,
+            events_url: `/v1/onboardings/${oid}/events?token=stale`, token: "stale",
+            email: "ada@example.com", tenant_name: "Analytical Engines", plan: "pro"}))""",
+        oid,
+    )
+    await page.reload()
+    await expect(page.get_by_test_id("error-banner")).to_have_text(
+        re.compile(
+            r"^The sign-up started earlier in this tab can no longer be followed \(.+\)\."
+            r" You can sign up again\.$"
+        )
+    )
+    await expect(page.get_by_test_id("submit")).to_be_enabled()
+    await expect(page.get_by_test_id("email")).to_have_value("ada@example.com")
+    await expect(page.locator("#tracker")).to_be_hidden()
+    assert tab.refused == [f"401 {url}v1/onboardings/{oid}"]
+    tab.refused.clear()
+    await page.reload()  # forgotten: the next load is a plain form
+    await expect(page.get_by_test_id("error-banner")).to_be_hidden()
+    await expect(page.get_by_test_id("email")).to_have_value("")
 
 
 async def test_a_dropped_stream_shows_reconnecting_then_resumes(tab: Tab, url: str) -> None:

@@ -65,10 +65,11 @@ async def follow(
 async def test_sign_up_is_provisioned_and_streamed_to_the_end(
     svc: Service, http: aiohttp.ClientSession, admin_pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
-    status, body, headers = await sign_up(http)
+    status, body, headers = await sign_up(http, **{"X-Request-ID": "req-7f3a"})
     assert status == 202, body
     oid, tid = uuid.UUID(body["id"]), uuid.UUID(body["tenant_id"])
     assert body["state"] == "accepted"
+    assert headers["X-Request-ID"] == "req-7f3a"
     assert headers["Location"] == body["status_url"] == f"/v1/onboardings/{oid}"
     assert body["events_url"] == f"/v1/onboardings/{oid}/events?token={body['token']}"
 
@@ -85,6 +86,14 @@ async def test_sign_up_is_provisioned_and_streamed_to_the_end(
     assert events[-1].data["state"] == "completed"
     assert [f.data["version"] for f in events] == [int(f.id or 0) for f in events]
     assert all(f.data["type"] == f.event and f.data["at"] for f in events)
+    # Every event the request led to names it, the tenant's first event too.
+    assert [f.data.get("request_id") for f in events] == ["req-7f3a"] * len(events)
+    provisioned = await admin_pool.fetchval(
+        "SELECT payload FROM tenantry.outbox WHERE tenant_id = $1"
+        " AND event_type = 'tenant.provisioned'",
+        tid,
+    )
+    assert provisioned["request_id"] == "req-7f3a"
 
     # Exactly one of everything, in the tenant's rows.
     counts = await admin_pool.fetchrow(
@@ -151,6 +160,16 @@ async def test_a_refused_welcome_email_fails_the_onboarding_and_compensates(
     assert last.event == "onboarding.failed" and last.data["state"] == "failed"
     assert "550" in last.data["reason"] and "no such user" in last.data["reason"]
     assert sorted(last.data["compensated"]) == ["storage", "tenant"]
+    # For the person: what went wrong in plain words, which field to correct, which
+    # step failed, and which of the steps done before it were undone.
+    assert last.data["code"] == "email_rejected" and last.data["field"] == "email"
+    assert last.data["message"] == (
+        f"The mail server of example.test refused the address {smtp.NO_SUCH_USER}, so the"
+        " welcome email could not be delivered. Check the address and try again."
+    )
+    assert "550" not in last.data["message"]
+    assert last.data["failed_step"] == "welcome_email"
+    assert last.data["undone"] == ["tenant", "owner", "roles", "workspace", "storage"]
     assert st["state"] == "failed" and st["failure_reason"] == last.data["reason"]
     tid = uuid.UUID(body["tenant_id"])
     # Nothing of the tenant is left: no rows, no directory; the onboarding stays, failed.
@@ -328,7 +347,52 @@ async def test_a_last_attempt_that_times_out_still_ends_the_onboarding(
         str(oid),
     )
     assert last is not None and last["event_type"] == "onboarding.failed"
+    failed = last["payload"]
+    assert (failed["code"], failed["field"], failed["failed_step"]) == ("gave_up", None, "tenant")
+    assert failed["message"].startswith("Setting up your organisation did not finish in time.")
+    assert failed["undone"] == [] and failed["compensated"] == []
     assert not (tmp_path / "tenants" / str(tid)).exists()
+
+
+async def test_a_name_with_no_free_slug_fails_asking_for_another_name(
+    tmp_path: Path,
+    app_url: str,
+    pool: asyncpg.Pool,
+    worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:
+    """Every slug the name can make is taken: the onboarding fails at once, and says the
+    name is the field to change (code `name_unavailable`)."""
+    accepted = await machine.accept(
+        pool, SignUp("ada@example.com", "Taken Co", "free"), idempotency_key=None, queue="default"
+    )
+    tid, oid = accepted.tenant_id, accepted.onboarding_id
+    for slug in ("taken-co", f"taken-co-{tid.hex[:6]}", f"taken-co-{tid.hex[:12]}"):
+        await admin_pool.execute(
+            "INSERT INTO tenantry.tenants (id, slug, name, plan, state)"
+            " VALUES ($1, $2, 'Taken Co', 'free', 'active')",
+            uuid.uuid4(),
+            slug,
+        )
+    async with background_service(service_settings(tmp_path), app_url, pool, worker_pool):
+        await eventually(_state_is(admin_pool, oid, "failed"))
+    last = await admin_pool.fetchrow(
+        "SELECT payload FROM tenantry.outbox WHERE aggregate_id = $1 ORDER BY version DESC LIMIT 1",
+        str(oid),
+    )
+    assert last is not None
+    failed = last["payload"]
+    assert (failed["code"], failed["field"], failed["failed_step"]) == (
+        "name_unavailable",
+        "tenant_name",
+        "tenant",
+    )
+    assert failed["message"] == (
+        "The organisation name \u201cTaken Co\u201d is not available. Choose another name"
+        " and try again."
+    )
+    assert failed["reason"] == "no free slug for 'Taken Co'"
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 0
 
 
 async def test_the_ledger_is_read_after_the_lock_is_granted(

@@ -57,7 +57,9 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-_PAGE = Path(__file__).with_name("static") / "index.html"
+_STATIC = Path(__file__).with_name("static")
+_PAGE = _STATIC / "index.html"
+_ICON = _STATIC / "favicon.svg"
 # Seconds a client is told to wait when the database is unavailable: about a restart.
 RETRY_AFTER_S = 2
 
@@ -111,6 +113,14 @@ async def index(_request: web.Request) -> web.StreamResponse:
     return web.FileResponse(_PAGE, headers={"Cache-Control": "no-cache"})
 
 
+async def favicon(_request: web.Request) -> web.StreamResponse:
+    # One SVG for both names: the page links /favicon.svg, and what asks for
+    # /favicon.ico on its own (bookmarks, some browsers) gets it too, not a 404.
+    return web.FileResponse(
+        _ICON, headers={"Content-Type": "image/svg+xml", "Cache-Control": "max-age=86400"}
+    )
+
+
 def build_app(
     readiness: Readiness,
     pool: asyncpg.Pool | None = None,
@@ -130,6 +140,8 @@ def build_app(
     if onboarding is not None:
         onboarding_api.add_routes(app, onboarding, cors_origins)
         app.router.add_get("/", index)
+        app.router.add_get("/favicon.svg", favicon)
+        app.router.add_get("/favicon.ico", favicon)
     return app
 
 

@@ -34,6 +34,7 @@ from .model import (
     Onboarding,
     SignUp,
     StepDone,
+    explain_failure,
 )
 
 Q = queries_for(__file__)
@@ -90,9 +91,8 @@ async def accept(
                 sign_up.email,
                 sign_up.tenant_name,
                 sign_up.plan,
-                {"state": "accepted"},
-                {"onboarding_id": str(onboarding_id)}
-                | ({"request_id": request_id} if request_id else {}),
+                {"state": "accepted"} | _request(request_id),
+                {"onboarding_id": str(onboarding_id)} | _request(request_id),
                 queue,
             )
             assert row is not None
@@ -139,13 +139,18 @@ class Locked:
     tenant_name: str
     plan: str
     done: frozenset[str]
+    # The id of the request that started the onboarding, carried by every event it
+    # leads to, so one sign-up can be followed from its request to its last event.
+    request_id: str | None = None
 
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
 
 
-async def lock(tx: Conn, tenant_id: uuid.UUID, onboarding_id: uuid.UUID) -> Locked:
+async def lock(
+    tx: Conn, tenant_id: uuid.UUID, onboarding_id: uuid.UUID, *, request_id: str | None = None
+) -> Locked:
     row = await tx.fetchrow(Q["lock"], tenant_id, onboarding_id)
     if row is None:
         raise NotFound(f"no onboarding {onboarding_id}")
@@ -159,6 +164,7 @@ async def lock(tx: Conn, tenant_id: uuid.UUID, onboarding_id: uuid.UUID) -> Lock
         row["tenant_name"],
         row["plan"],
         frozenset(row["done"]),
+        request_id,
     )
 
 
@@ -174,7 +180,7 @@ async def _transition(
         aggregate_type=AGGREGATE,
         aggregate_id=str(o.id),
         event_type=event_type,
-        payload={"state": state, **payload},
+        payload={"state": state, **payload, **_request(o.request_id)},
         version=version,
     )
     o.state, o.version = state, version
@@ -201,8 +207,41 @@ async def step_done(o: Locked, step: str) -> None:
     )
 
 
-async def failed(o: Locked, reason: str, compensated: list[str]) -> None:
-    await _transition(o, "failed", FAILED, {"reason": reason, "compensated": compensated}, reason)
+def _request(request_id: str | None) -> dict[str, str]:
+    return {"request_id": request_id} if request_id else {}
+
+
+async def failed(o: Locked, reason: str, code: str, compensated: list[str]) -> None:
+    """End the onboarding in `failed`.  The event says why twice: `reason` (the technical
+    cause, for operators) and `code`, `field` and `message` (model.explain_failure, for
+    the person and the page); `failed_step` is the step that could not be done, and
+    `undone` the steps done before it whose effects are gone again (`compensated` names
+    what was removed: the tenant's rows, its storage)."""
+    failure = explain_failure(code, o.email, o.tenant_name)
+    undone = [s for s in STEPS if s in o.done and _undone_by(s, compensated)]
+    await _transition(
+        o,
+        "failed",
+        FAILED,
+        {
+            "reason": reason,
+            "code": failure.code,
+            "field": failure.field,
+            "message": failure.message,
+            "failed_step": next((s for s in STEPS if s not in o.done), None),
+            "undone": undone,
+            "compensated": compensated,
+        },
+        reason,
+    )
+
+
+def _undone_by(step: str, compensated: list[str]) -> bool:
+    """A done step is undone when what it made was removed: the database steps' rows go
+    with the tenant, the storage with the compensation; a sent email stays sent."""
+    if step == "storage":
+        return "storage" in compensated
+    return step != "welcome_email" and "tenant" in compensated
 
 
 async def prune_keys(conn: Executor, retention_hours: int, batch: int) -> int:

@@ -115,3 +115,45 @@ class Onboarding:
 def derived_id(onboarding_id: uuid.UUID, what: str) -> uuid.UUID:
     """The id of a row a step creates: the same on every retry of the step."""
     return uuid.uuid5(onboarding_id, what)
+
+
+# Why an onboarding failed, for the person who signed up: a code a frontend can act on,
+# the form field to correct (if any), and a sentence in plain language.  The technical
+# cause (an SMTP reply, an error message) stays in `reason`, for operators.
+FAILURE_CODES = ("email_rejected", "name_unavailable", "gave_up", "failed")
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: str
+    field: str | None
+    message: str
+
+
+def explain_failure(code: str, email: str, tenant_name: str) -> Failure:
+    """The plain-language side of a failure (`code` one of FAILURE_CODES)."""
+    if code == "email_rejected":
+        domain = email.rpartition("@")[2]
+        return Failure(
+            code,
+            "email",
+            f"The mail server of {domain} refused the address {email}, so the welcome"
+            " email could not be delivered. Check the address and try again.",
+        )
+    if code == "name_unavailable":
+        return Failure(
+            code,
+            "tenant_name",
+            f"The organisation name \u201c{tenant_name}\u201d is not available."
+            " Choose another name and try again.",
+        )
+    if code == "gave_up":
+        return Failure(
+            code,
+            None,
+            "Setting up your organisation did not finish in time. Nothing was kept;"
+            " please try again in a few minutes.",
+        )
+    return Failure(
+        "failed", None, "Setting up your organisation failed. Nothing was kept; please try again."
+    )

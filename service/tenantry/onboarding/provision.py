@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .. import logging as log
 from ..errors import Conflict, PermanentFailure
@@ -38,6 +39,15 @@ from .storage import Storage
 # minute apart, before the onboarding is failed (its dead-letter hook).
 POLICY = Policy(max_attempts=20, backoff_base=1.0, backoff_cap=60.0)
 COMPENSATE_KIND = "onboarding.compensate"
+
+
+def _request_id(payload: Any) -> str | None:
+    rid = payload.get("request_id") if isinstance(payload, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
+class NameUnavailable(PermanentFailure):
+    """No slug can be made from the organisation's name: every candidate is taken."""
 
 
 class Provisioner:
@@ -61,9 +71,30 @@ class Provisioner:
         logger = self._log.bind(onboarding_id=str(onboarding_id), tenant_id=str(job.tenant_id))
         try:
             await self._steps(job, onboarding_id, logger)
-        except (MailRejected, PermanentFailure) as exc:
-            # The onboarding's own end, not an incident: the job completes with it.
-            await self._fail(job, onboarding_id, str(exc) or type(exc).__name__, logger)
+        # The onboarding's own end, not an incident: the job completes with it.
+        except MailRejected as exc:
+            await self._fail(
+                job,
+                onboarding_id,
+                str(exc),
+                code="email_rejected",
+                logger=logger,
+                payload=job.payload,
+            )
+        except NameUnavailable as exc:
+            await self._fail(
+                job,
+                onboarding_id,
+                str(exc),
+                code="name_unavailable",
+                logger=logger,
+                payload=job.payload,
+            )
+        except PermanentFailure as exc:
+            reason = str(exc) or type(exc).__name__
+            await self._fail(
+                job, onboarding_id, reason, code="failed", logger=logger, payload=job.payload
+            )
         # Anything else is retried with backoff (the ledger skips what is done), and
         # ends in gave_up() if the job dies.
 
@@ -73,7 +104,9 @@ class Provisioner:
         onboarding_id = uuid.UUID(str(dead.payload["onboarding_id"]))
         logger = self._log.bind(onboarding_id=str(onboarding_id), tenant_id=str(job.tenant_id))
         reason = f"gave up after {dead.attempts} attempts ({dead.reason}): {dead.error}"
-        await self._fail(job, onboarding_id, reason, logger)
+        await self._fail(
+            job, onboarding_id, reason, code="gave_up", logger=logger, payload=dead.payload
+        )
 
     async def _steps(self, job: Job, onboarding_id: uuid.UUID, logger: log.Logger) -> None:
         """Run the steps not yet in the ledger, each in its own transaction."""
@@ -89,7 +122,7 @@ class Provisioner:
             ran = False
             in_tx = job.complete_in_tx() if step == STEPS[-1] else job.tenant_tx()
             async with in_tx as tx:
-                o = await machine.lock(tx, tid, onboarding_id)
+                o = await machine.lock(tx, tid, onboarding_id, request_id=_request_id(job.payload))
                 # Under the lock, the ledger decides: another run may have done it.
                 if not o.terminal and step not in o.done:
                     await self._effects[step](self, o)
@@ -107,7 +140,7 @@ class Provisioner:
                 o.tx, tenant_id=o.tenant_id, name=o.tenant_name, plan=o.plan
             )
         except Conflict as exc:  # every candidate slug is taken: retrying cannot help
-            raise PermanentFailure(str(exc)) from exc
+            raise NameUnavailable(str(exc)) from exc
 
     async def _owner(self, o: machine.Locked) -> None:
         name = o.email.split("@", 1)[0][:100]
@@ -132,7 +165,8 @@ class Provisioner:
             aggregate_type="tenant",
             aggregate_id=str(o.tenant_id),
             event_type=TENANT_PROVISIONED,
-            payload={"tenant_id": str(o.tenant_id), "name": o.tenant_name, "plan": o.plan},
+            payload={"tenant_id": str(o.tenant_id), "name": o.tenant_name, "plan": o.plan}
+            | ({"request_id": o.request_id} if o.request_id else {}),
         )
 
     _effects: dict[str, Callable[[Provisioner, machine.Locked], Awaitable[None]]] = {
@@ -170,31 +204,41 @@ class Provisioner:
     }
 
     async def _fail(
-        self, job: Job, onboarding_id: uuid.UUID, reason: str, logger: log.Logger
+        self,
+        job: Job,
+        onboarding_id: uuid.UUID,
+        reason: str,
+        *,
+        code: str,
+        logger: log.Logger,
+        payload: Any,
     ) -> None:
         """The database decides first: under the onboarding's lock, unless another run
         finished it meanwhile, the tenant's rows go, the onboarding becomes `failed`,
         and the removal of what lies outside the database is enqueued as a job of its
         own in the same transaction (so it happens, retried, even if this process dies
         right after the commit, and never for an onboarding that did not fail).  `job`
-        (the provisioning job, or its dead-letter hook's) completes with it."""
+        (the provisioning job, or its dead-letter hook's) completes with it; `payload` is the
+        provisioning job's (its request id goes into the event)."""
         async with job.complete_in_tx() as tx:
-            o = await machine.lock(tx, job.tenant_id, onboarding_id)
+            rid = _request_id(payload)
+            o = await machine.lock(tx, job.tenant_id, onboarding_id, request_id=rid)
             if o.terminal:
                 return
             compensated = ["tenant"] if await tenants.delete_tenant(tx, job.tenant_id) else []
             if "storage" in o.done:
                 compensated.append("storage")
-            await machine.failed(o, reason[:500], compensated)
+            await machine.failed(o, reason[:500], code, compensated)
             await enqueue(
                 tx,
                 tenant_id=job.tenant_id,
                 kind=COMPENSATE_KIND,
-                payload={"onboarding_id": str(onboarding_id)},
+                payload={"onboarding_id": str(onboarding_id)}
+                | ({"request_id": rid} if rid else {}),
                 queue=self._queue,
                 dedup_key=f"{COMPENSATE_KIND}:{onboarding_id}",
             )
-        logger.warning("onboarding_failed", reason=reason[:500], compensated=compensated)
+        logger.warning("onboarding_failed", code=code, reason=reason[:500], compensated=compensated)
 
     async def compensate(self, job: Job) -> None:
         """Undo what a failed onboarding made outside the database (idempotent: the
