@@ -109,16 +109,22 @@ async def errors_as_problems(request: web.Request, handler: Handler) -> web.Stre
         return problem(500, "the request could not be completed; try again later")
 
 
-async def index(_request: web.Request) -> web.StreamResponse:
-    return web.FileResponse(_PAGE, headers={"Cache-Control": "no-cache"})
+def _static(
+    path: Path, content_type: str, cache_control: str, charset: str | None = None
+) -> Handler:
+    """A small file of the package, read once, answered whole: a Range header is ignored
+    (HTTP allows it), so no request for these can get the framework's own 416."""
+    body = path.read_bytes()
 
+    async def serve(_request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=body,
+            content_type=content_type,
+            charset=charset,
+            headers={"Cache-Control": cache_control},
+        )
 
-async def favicon(_request: web.Request) -> web.StreamResponse:
-    # One SVG for both names: the page links /favicon.svg, and what asks for
-    # /favicon.ico on its own (bookmarks, some browsers) gets it too, not a 404.
-    return web.FileResponse(
-        _ICON, headers={"Content-Type": "image/svg+xml", "Cache-Control": "max-age=86400"}
-    )
+    return serve
 
 
 def build_app(
@@ -139,9 +145,12 @@ def build_app(
         tenant_api.add_routes(app, pool)
     if onboarding is not None:
         onboarding_api.add_routes(app, onboarding, cors_origins)
-        app.router.add_get("/", index)
-        app.router.add_get("/favicon.svg", favicon)
-        app.router.add_get("/favicon.ico", favicon)
+        app.router.add_get("/", _static(_PAGE, "text/html", "no-cache", "utf-8"))
+        # One SVG for both names: the page links /favicon.svg, and what asks for
+        # /favicon.ico on its own (bookmarks, some browsers) gets it too, not a 404.
+        icon = _static(_ICON, "image/svg+xml", "max-age=86400")
+        app.router.add_get("/favicon.svg", icon)
+        app.router.add_get("/favicon.ico", icon)
     return app
 
 
