@@ -45,6 +45,8 @@ def main(command: str) -> int:
         base = f"http://127.0.0.1:{port}"
         page = urllib.request.urlopen(base + "/", timeout=10).read()
         assert b"<form" in page, "the sign-up page is missing"
+        icon = urllib.request.urlopen(base + "/favicon.svg", timeout=10).read()
+        assert b"<svg" in icon, "the page's icon is missing"
         sign_up = {"email": "wheel@example.com", "tenant_name": "Wheel Works", "plan": "free"}
         accepted = request(base + "/v1/onboardings", sign_up)
         auth = {"Authorization": f"Bearer {accepted['token']}"}

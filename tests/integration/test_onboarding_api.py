@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import re
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import brotli
 import orjson
 import pytest
 import structlog
@@ -411,6 +414,18 @@ async def test_the_page_and_its_icon_ignore_a_range_rather_than_refuse_it(
         body = await r.read()
     async with http.get(path) as r:
         assert r.status == 200 and await r.read() == body
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+async def test_a_compressed_sign_up_is_accepted(http: aiohttp.ClientSession, encoding: str) -> None:
+    raw = orjson.dumps(SIGN_UP)
+    body = {
+        "gzip": lambda: gzip.compress(raw),
+        "deflate": lambda: zlib.compress(raw),
+        "br": lambda: bytes(brotli.compress(raw)),
+    }[encoding]()
+    status, answer, _ = await post(http, body, **{"Content-Encoding": encoding})
+    assert status == 202, answer
 
 
 async def test_a_405_is_titled_method_not_allowed(http: aiohttp.ClientSession) -> None:

@@ -21,6 +21,7 @@ from . import onboarding_api, tenant_api
 from .access import request_log, return_request_id
 from .onboarding_api import OnboardingApi
 from .problems import json_response, problem
+from .protocol import ProblemAppRunner
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -162,7 +163,7 @@ class HttpServer:
         self.port: int | None = None  # the bound port (useful with port 0)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        runner = web.AppRunner(
+        runner = ProblemAppRunner(
             self._app, access_log=None, handle_signals=False, shutdown_timeout=2.0
         )
         await runner.setup()
