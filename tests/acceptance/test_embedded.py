@@ -3,12 +3,15 @@ clean exit stops the server it started or adopted, a crashed run's server includ
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 
 from tenantry import roles
@@ -139,3 +142,30 @@ async def test_a_data_folder_with_a_space_is_refused_clearly(tmp_path: Path) -> 
     data = tmp_path / "data with space"
     code, _out, err = await run_cli("migrate", env={"TENANTRY_DATA_DIR": str(data)})
     assert code == 2 and "space" in err and "Traceback" not in err, err
+
+
+def test_a_dead_users_pid_taken_by_another_process_does_not_keep_the_server(
+    tmp_path: Path,
+) -> None:
+    """Regression: a user of the server killed with -9 whose pid the system then gave to
+    an unrelated process still counted as a user, so no clean exit stopped the server.
+    A process created after the list was last written cannot be one of its users."""
+    from tenantry.embedded import EmbeddedPostgres  # noqa: PLC0415
+
+    db = EmbeddedPostgres(tmp_path / "data")
+    db.pgdata.mkdir(parents=True)
+    users = db.pgdata / ".handle_pids.json"
+    newcomer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # The list as a crashed run left it, half a minute before the newcomer began:
+        # pid 1 (older than that) is a user still; the newcomer cannot be one.
+        written = psutil.Process(newcomer.pid).create_time() - 30
+        if psutil.Process(1).create_time() > written - 5:
+            pytest.skip("pid 1 began less than a minute ago; nothing older to compare with")
+        users.write_text(json.dumps([1, newcomer.pid]))
+        os.utime(users, (written, written))
+        db._forget_dead_users()
+        assert json.loads(users.read_text()) == [1]
+    finally:
+        newcomer.kill()
+        newcomer.wait()
