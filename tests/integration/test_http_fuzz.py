@@ -21,7 +21,10 @@ from pathlib import Path
 import asyncpg
 import orjson
 import pytest
+import structlog
+from structlog.contextvars import merge_contextvars
 
+from tenantry import logging as log
 from tenantry.app import Service
 from tests.helpers import background_service, service_settings
 
@@ -247,3 +250,45 @@ async def test_what_the_parser_refuses_is_a_problem_too(svc: Service, raw: bytes
     assert problem["status"] == 400 and problem["title"] == "Bad Request"
     assert re.match(r"^the request (body )?could not be read", problem["detail"])
     assert "install" not in problem["detail"].lower()
+
+
+SECRET = "tnt_0b0e9c39-6f0a-4c8e-9a51-1f4c39a5c7d2_KEYSECRETKEYSECRET"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /v1/onboardings/x?token="
+        + SECRET.encode()
+        + b"&ref="
+        + b"x" * 8200
+        + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /v1/tenant HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + SECRET.encode()
+        + b"y" * 8200
+        + b"\r\n\r\n",
+        b"GET /?token=" + SECRET.encode() + b" HTTP/9.9\r\nHost: x\r\n\r\n",
+        b"GET /?token="
+        + SECRET.encode()
+        + b" HTTP/1.1\r\nHost: x\r\nX-A: \x01"
+        + SECRET.encode()
+        + b"\r\n\r\n",
+    ],
+    ids=["long request line", "long header", "bad version", "control character"],
+)
+async def test_a_refused_request_never_echoes_a_secret(svc: Service, raw: bytes) -> None:
+    """Regression (review): the parser's message quotes the start of the line it
+    refuses, and `http_request_refused` and the answer's detail passed it on: a status
+    token or an API key reached the log."""
+    port = svc.http.port
+    assert port is not None
+    log.configure("info")
+    try:
+        with structlog.testing.capture_logs(processors=[merge_contextvars]) as logs:
+            status, headers, body = await _send(port, raw)
+    finally:
+        log.configure(os.environ.get("TENANTRY_TEST_LOG_LEVEL", "warning"))
+    assert status == 400 and headers["content-type"] == "application/problem+json"
+    assert "KEYSECRET" not in body.decode("utf-8", "replace")
+    assert "KEYSECRET" not in repr(logs)
+    assert [e["event"] for e in logs] == ["http_request_refused"]

@@ -21,7 +21,7 @@ from . import onboarding_api, tenant_api
 from .access import request_log, return_request_id
 from .onboarding_api import OnboardingApi
 from .problems import json_response, problem
-from .protocol import ProblemAppRunner
+from .protocol import ProblemAppRunner, refusal
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -89,8 +89,7 @@ async def errors_as_problems(request: web.Request, handler: Handler) -> web.Stre
         # A body the framework cannot read (bad compression, a broken chunk): the
         # client's fault, said as such.
         cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
-        detail = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
-        return problem(400, f"the request body could not be read: {safe_text(detail)}")
+        return problem(400, f"the request body could not be read: {refusal(cause)}")
     except UNAVAILABLE as exc:
         # The database is away (restarting, unreachable, a connection broken): the
         # request can succeed a moment later, which is what 503 and Retry-After say.

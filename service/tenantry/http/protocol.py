@@ -17,21 +17,46 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    ContentEncodingError,
+    ContentLengthError,
+    DecompressSizeError,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    TransferEncodingError,
+)
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from .. import logging as log
-from ..safetext import safe_text
 from .problems import problem
 
-_log = log.get("http")
+# What the client sent wrong, by the parser's exception, in our words: the parser's own
+# messages quote the start of the line they refuse, which may hold a status token or an
+# API key, so neither the log nor the answer repeats them.
+_REFUSALS: tuple[tuple[type[Exception], str], ...] = (
+    (LineTooLong, "a line of the request is too long"),
+    (BadHttpMethod, "the method is not one this server knows"),
+    (BadStatusLine, "the request line is malformed"),
+    (InvalidHeader, "a header is malformed"),
+    (InvalidURLError, "the request's address is malformed"),
+    (TransferEncodingError, "the body's chunked encoding is broken"),
+    (ContentEncodingError, "the body cannot be decompressed (gzip, deflate and br are read)"),
+    (ContentLengthError, "the body does not match its Content-Length"),
+    (DecompressSizeError, "the body is too large once decompressed"),
+)
 
 
-def _first_line(text: str) -> str:
-    """The parser's messages span lines (the bytes, a caret under the fault): the first
-    one says what is wrong."""
-    return safe_text(text.strip().splitlines()[0] if text.strip() else "")[:200]
+def refusal(exc: BaseException | None) -> str:
+    """What is wrong with a request the parser refused, without any of its bytes."""
+    for kind, what in _REFUSALS:
+        if isinstance(exc, kind):
+            return what
+    return "the request is malformed"
 
 
 class _ProblemRequestHandler(RequestHandler):
@@ -47,19 +72,21 @@ class _ProblemRequestHandler(RequestHandler):
         if request.writer.output_size > 0:
             # Part of an answer is out: no second one can follow (as aiohttp does).
             raise ConnectionError("the response is partly sent; cannot answer the error")
+        logger = log.get("http")
         if status >= 500:
-            _log.error("http_protocol_error", status=status, client=request.remote, exc_info=exc)
+            logger.error("http_protocol_error", status=status, client=request.remote, exc_info=exc)
             response = problem(status, "the request could not be completed; try again later")
         else:
-            reason = _first_line(message or (str(exc) if exc is not None else ""))
+            reason = refusal(exc)
             # A client's malformed request: worth a line, not a traceback.
-            _log.info("http_request_refused", status=status, reason=reason, client=request.remote)
-            response = problem(
-                status,
-                f"the request could not be read: {reason}"
-                if reason
-                else "the request could not be read",
+            logger.info(
+                "http_request_refused",
+                status=status,
+                reason=reason,
+                error=type(exc).__name__ if exc is not None else None,
+                client=request.remote,
             )
+            response = problem(status, f"the request could not be read: {reason}")
         response.force_close()
         return response
 
@@ -69,7 +96,7 @@ class _ProblemRequestHandler(RequestHandler):
         exc = kw.get("exc_info")
         if isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
             cause = exc.__cause__ if exc.__cause__ is not None else exc
-            _log.info("http_body_unreadable", reason=_first_line(str(cause)))
+            log.get("http").info("http_body_unreadable", reason=refusal(cause))
             return
         super().log_exception(*args, **kw)
 
