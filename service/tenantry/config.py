@@ -139,7 +139,7 @@ def _port(raw: str) -> int:
         value = int(raw)
     except ValueError:
         raise ValueError("must be a port number 0-65535") from None
-    if not 0 <= value <= 65535:
+    if not 0 <= value <= _PORT_MAX:
         raise ValueError("must be a port number 0-65535")
     return value
 
@@ -192,19 +192,31 @@ def _ipv6_prefix(raw: str) -> int:
 
 
 _ORIGIN = re.compile(
-    r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$"
+    r"^(?P<scheme>https?)://(?P<host>[a-z0-9.-]+|\[[0-9a-f:.]+\])(:(?P<port>[0-9]{1,5}))?$",
+    re.IGNORECASE,
 )
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_PORT_MAX = 65535
 
 
 def _origins(raw: str) -> tuple[str, ...]:
-    origins = tuple(o.strip() for o in raw.split(",") if o.strip())
-    for origin in origins:
-        if not _ORIGIN.match(origin):
+    """Each origin as a browser sends it in `Origin` (scheme and host in lower case, no
+    default port), since the match is exact."""
+    origins: list[str] = []
+    for origin in (o.strip() for o in raw.split(",") if o.strip()):
+        m = _ORIGIN.match(origin)
+        if m is None:
             raise ValueError(
                 f"{origin[:80]!r} is not an origin: scheme://host[:port], no path, no"
                 " trailing slash (e.g. https://app.example.com)"
             )
-    return origins
+        scheme, host = m["scheme"].lower(), m["host"].lower()
+        port = int(m["port"]) if m["port"] is not None else None
+        if port is not None and not 1 <= port <= _PORT_MAX:
+            raise ValueError(f"{origin[:80]!r}: the port must be 1 to {_PORT_MAX}")
+        suffix = "" if port in (None, _DEFAULT_PORTS[scheme]) else f":{port}"
+        origins.append(f"{scheme}://{host}{suffix}")
+    return tuple(origins)
 
 
 def _queue_name(raw: str) -> str:

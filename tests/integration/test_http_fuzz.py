@@ -292,3 +292,19 @@ async def test_a_refused_request_never_echoes_a_secret(svc: Service, raw: bytes)
     assert "KEYSECRET" not in body.decode("utf-8", "replace")
     assert "KEYSECRET" not in repr(logs)
     assert [e["event"] for e in logs] == ["http_request_refused"]
+
+
+async def test_a_refused_preflight_says_why(svc: Service) -> None:
+    """Regression (review): a preflight from an origin not listed was a problem whose
+    detail was only "Forbidden"."""
+    port = svc.http.port
+    assert port is not None
+    raw = (
+        b"OPTIONS /v1/onboardings HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Origin: http://evil.example\r\n"
+        b"Access-Control-Request-Method: POST\r\n\r\n"
+    )
+    status, headers, body = await _send(port, raw)
+    assert status == 403 and headers["content-type"] == "application/problem+json"
+    detail = orjson.loads(body)["detail"]
+    assert "http://evil.example" in detail and "not allowed" in detail, detail

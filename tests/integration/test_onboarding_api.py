@@ -313,10 +313,20 @@ async def test_a_malformed_onboarding_id_is_a_404(http: aiohttp.ClientSession) -
     """Regression: `/v1/onboardings/not-a-uuid` answered 403 "the token is for another
     onboarding"."""
     _, a, _ = await post(http, orjson.dumps(SIGN_UP))
-    for path in ("/v1/onboardings/not-a-uuid", "/v1/onboardings/not-a-uuid/events"):
-        async with http.get(path, params={"token": a["token"]}) as r:
-            assert r.status == 404, path
-            assert r.headers["Content-Type"] == "application/problem+json"
+    oid = a["id"]
+    # Other spellings Python's UUID() reads (review): one address per onboarding.
+    for spelling in (
+        "not-a-uuid",
+        f"{{{oid}}}",
+        f"urn:uuid:{oid}",
+        oid.replace("-", ""),
+        oid.upper(),
+        f"{oid[:8]}{oid[9:]}",
+    ):
+        for path in (f"/v1/onboardings/{spelling}", f"/v1/onboardings/{spelling}/events"):
+            async with http.get(path, params={"token": a["token"]}) as r:
+                assert r.status == 404, path
+                assert r.headers["Content-Type"] == "application/problem+json"
 
 
 async def test_a_header_token_and_a_query_token_that_disagree_are_a_400(

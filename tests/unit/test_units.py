@@ -265,3 +265,16 @@ def test_cors_origins_are_exact_origins() -> None:
     for bad in ("https://app.example.com/", "app.example.com", "https://x.com/path", "*"):
         with pytest.raises(ConfigError, match="TENANTRY_CORS_ORIGINS"):
             config.from_env({"TENANTRY_CORS_ORIGINS": bad})
+
+
+def test_cors_origins_are_written_as_browsers_send_them() -> None:
+    """Regression (review): an origin with capitals or its scheme's default port was
+    accepted as written, and never matched the Origin a browser sends (lower case, no
+    default port); a port past 65535 was accepted too."""
+    s = config.from_env(
+        {"TENANTRY_CORS_ORIGINS": "HTTPS://App.Example.com, https://b.example:443, http://c:80"}
+    )
+    assert s.cors_origins == ("https://app.example.com", "https://b.example", "http://c")
+    for bad in ("https://a.example:99999", "https://a.example:0", "ftp://a.example"):
+        with pytest.raises(ConfigError, match="TENANTRY_CORS_ORIGINS"):
+            config.from_env({"TENANTRY_CORS_ORIGINS": bad})

@@ -71,6 +71,17 @@ _ROUTING_DETAIL = {
 }
 
 
+def _detail_of(exc: web.HTTPException) -> str:
+    """Ours for routing errors; else the text the raiser gave (aiohttp-cors says why a
+    preflight is refused), unless it is only the default "403: Forbidden"."""
+    if exc.status in _ROUTING_DETAIL:
+        return _ROUTING_DETAIL[exc.status]
+    text = (exc.text or "").strip()
+    if not text or text == f"{exc.status}: {exc.reason}":
+        return exc.reason
+    return safe_text(text)[:300]
+
+
 @web.middleware
 async def errors_as_problems(request: web.Request, handler: Handler) -> web.StreamResponse:
     """An error no handler expected is answered as problem JSON, never with a stack
@@ -84,7 +95,7 @@ async def errors_as_problems(request: web.Request, handler: Handler) -> web.Stre
         # The router's 404 and 405, and any other the framework raises: problem JSON,
         # with the exception's headers (Allow for a 405).
         headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
-        return problem(exc.status, _ROUTING_DETAIL.get(exc.status, exc.reason), headers=headers)
+        return problem(exc.status, _detail_of(exc), headers=headers)
     except (HttpProcessingError, web.RequestPayloadError) as exc:
         # A body the framework cannot read (bad compression, a broken chunk): the
         # client's fault, said as such.

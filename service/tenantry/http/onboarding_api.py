@@ -145,9 +145,14 @@ async def create(request: web.Request) -> web.StreamResponse:
 def _authorize(request: web.Request) -> Grant | web.Response:
     """The status token (query `token`, for EventSource, or a bearer header) must be
     valid and name this very onboarding."""
+    raw_id = request.match_info["id"]
     try:
-        wanted = uuid.UUID(request.match_info["id"])
+        wanted = uuid.UUID(raw_id)
     except ValueError:
+        wanted = None
+    # Only the form the API gives out (status_url): UUID() also reads braces, a urn:
+    # prefix, no hyphens, capitals, and one onboarding would have many addresses.
+    if wanted is None or str(wanted) != raw_id:
         return problem(404, "there is no onboarding with this id")
     token = request.query.get("token")
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
