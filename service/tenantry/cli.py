@@ -4,7 +4,9 @@ a failed operation (unknown job, database down) exits 1."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,6 +36,7 @@ from .jobs import queue as jobs
 from .jobs.registry import Registry
 from .jobs.registry import load as load_registry
 from .tenants import store as tenants
+from .timefmt import utc_text
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -44,21 +47,58 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if message.endswith(f"required: {_COMMAND}"):
-            commands = next(
-                a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)
+            message = f"choose a command: {', '.join(self._command_names())}"
+        elif (unknown := _UNKNOWN_COMMAND.match(message)) is not None:
+            message = (
+                f"unknown command {unknown[1]}; choose one of: {', '.join(self._command_names())}"
             )
-            message = f"choose a command: {', '.join(commands)}"
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    def _command_names(self) -> list[str]:
+        return list(
+            next(a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction))
+        )
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: None = None
+    ) -> argparse.Namespace:
+        """As argparse's, but arguments nobody took are refused by the command they were
+        given to (`tenantry jobs list: error: ...`), not by the top-level parser."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            _innermost(self, parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
     def commands(self, dest: str) -> argparse._SubParsersAction[_Parser]:
         return self.add_subparsers(dest=dest, metavar=_COMMAND, required=True, parser_class=_Parser)
 
 
 _COMMAND = "COMMAND"
+_UNKNOWN_COMMAND = re.compile(rf"^argument {_COMMAND}: invalid choice: ('.*?') \(choose from")
+
+
+def _innermost(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> _Parser:
+    """The subcommand's parser the parsed arguments went down to."""
+    current = parser
+    while True:
+        action = next(
+            (a for a in current._actions if isinstance(a, argparse._SubParsersAction)), None
+        )
+        chosen = getattr(parsed, action.dest, None) if action is not None else None
+        if action is None or chosen is None:
+            assert isinstance(current, _Parser)
+            return current
+        current = action.choices[chosen]
+
+
+# Control characters other than the line break, C1 included: text from a tenant's
+# payload (an error message) must not clear the operator's screen or forge a line.
+_TERMINAL_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 
 
 def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
+    safe = _TERMINAL_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    sys.stdout.write(safe + "\n")
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
@@ -121,14 +161,30 @@ def _positive(raw: str) -> int:
     return _int_up_to(raw, _INTEGER_MAX, "a positive integer")
 
 
+_DELAY_MAX_S = 10 * 365 * 86400  # ten years: further is a mistake, not a schedule
+
+
 def _seconds(raw: str) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
+        value = math.nan
+    if not 0 <= value <= _DELAY_MAX_S:  # nan and inf fail it too
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is not a number of seconds (0 to {_DELAY_MAX_S})"
+        ) from None
     return value
+
+
+def _priority(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not an integer") from None
+    try:
+        return jobs.job_priority(value)
+    except Invalid as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def _timestamp(raw: str) -> datetime:
@@ -154,6 +210,8 @@ def _checked_by(check: Callable[[str], str]) -> Callable[[str], str]:
 
 
 _tenant_name = _checked_by(tenants.tenant_name)
+_job_kind = _checked_by(jobs.job_kind)
+_queue_name = _checked_by(jobs.queue_name)
 _tenant_slug = _checked_by(tenants.tenant_slug)
 
 
@@ -202,11 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     enq = sub.add_parser("enqueue", help="enqueue a job")
-    enq.add_argument("kind")
+    enq.add_argument("kind", type=_job_kind)
     enq.add_argument("--tenant", type=_uuid, required=True, help="tenant UUID")
     enq.add_argument("--payload", type=_json, default={}, help="JSON payload")
-    enq.add_argument("--queue", default="default")
-    enq.add_argument("--priority", type=int, default=0, help="higher runs first")
+    enq.add_argument("--queue", type=_queue_name, default="default")
+    enq.add_argument("--priority", type=_priority, default=0, help="higher runs first")
     when = enq.add_mutually_exclusive_group()
     when.add_argument("--delay", type=_seconds, help="run after this many seconds")
     when.add_argument("--run-at", type=_timestamp, help="run at this ISO 8601 time")
@@ -506,7 +564,7 @@ async def _enqueue(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
 async def _stats(conn: asyncpg.Connection, as_json: bool) -> int:
     rows = await jobs.stats(conn)
     if as_json:
-        _out(orjson.dumps([r.__dict__ for r in rows]).decode())
+        _out(_json_text([r.__dict__ for r in rows]))
         return EXIT_OK
     header = (
         "queue",
@@ -514,8 +572,8 @@ async def _stats(conn: asyncpg.Connection, as_json: bool) -> int:
         "scheduled",
         "running",
         "retrying",
-        "oldest_s",
-        "ok_1h",
+        "oldest_age_s",
+        "succeeded_1h",
         "attempts_failed_1h",
         "died_1h",
         "dead",
@@ -544,16 +602,16 @@ async def _stats(conn: asyncpg.Connection, as_json: bool) -> int:
 async def _jobs(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     if args.jobs_command == "show":
         job = await jobs.job_show(conn, args.id, args.tenant)
-        _out(orjson.dumps(job, default=_default, option=orjson.OPT_INDENT_2).decode())
+        _out(_json_text(job, indent=True))
         return EXIT_OK
     matching = jobs.JobFilter(args.queue, args.kind, args.tenant, args.state)
     rows = await jobs.jobs_list(conn, args.limit, matching)
     if args.json:
-        _out(orjson.dumps(rows, default=_default).decode())
+        _out(_json_text(rows))
         return EXIT_OK
     for r in rows:
         _out(
-            f"{r['id']}  {r['tenant_id']}  {r['state']}  {r['run_at']:%Y-%m-%dT%H:%M:%S}  "
+            f"{r['id']}  {r['tenant_id']}  {r['state']}  {utc_text(r['run_at'])}  "
             f"{r['queue']}  {r['kind']}  attempts={r['attempts']}  {r['last_error'] or ''}"
         )
     return EXIT_OK
@@ -562,7 +620,15 @@ async def _jobs(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
 def _default(obj: Any) -> Any:
     if isinstance(obj, uuid.UUID):
         return str(obj)
+    if isinstance(obj, datetime):
+        return utc_text(obj)
     raise TypeError
+
+
+def _json_text(value: Any, *, indent: bool = False) -> str:
+    """JSON as the HTTP interface gives it: times in UTC with microseconds and Z."""
+    option = orjson.OPT_PASSTHROUGH_DATETIME | (orjson.OPT_INDENT_2 if indent else 0)
+    return orjson.dumps(value, default=_default, option=option).decode()
 
 
 async def _dead(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
@@ -571,11 +637,11 @@ async def _dead(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
         matching = jobs.DeadFilter(args.kind, args.tenant, args.reason)
         rows = await jobs.dead_list(conn, args.limit, matching)
         if args.json:
-            _out(orjson.dumps(rows, default=_default).decode())
+            _out(_json_text(rows))
         else:
             for r in rows:
                 _out(
-                    f"{r['id']}  {r['tenant_id']}  {r['died_at']:%Y-%m-%dT%H:%M:%S}  "
+                    f"{r['id']}  {r['tenant_id']}  {utc_text(r['died_at'])}  "
                     f"{r['queue']}  {r['kind']}  {r['reason']}  attempts={r['attempts']}  "
                     f"{r['last_error'] or ''}"
                 )
@@ -584,7 +650,7 @@ async def _dead(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
         return await _dead_in_bulk(conn, args)
     if cmd == "show":
         row = await jobs.dead_show(conn, args.id, args.tenant)
-        _out(orjson.dumps(row, default=_default, option=orjson.OPT_INDENT_2).decode())
+        _out(_json_text(row, indent=True))
         return EXIT_OK
     if cmd == "retry":
         _out(f"requeued job {await jobs.dead_retry(conn, args.id, args.tenant)}")
@@ -613,12 +679,10 @@ async def _tenants(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
     if args.tenants_command == "list":
         found = await tenants.list_tenants(conn, args.limit)
         if args.json:
-            _out(orjson.dumps([t.__dict__ for t in found], default=_default).decode())
+            _out(_json_text([t.__dict__ for t in found]))
             return EXIT_OK
         for t in found:
-            _out(
-                f"{t.id}  {t.slug}  {t.plan}  {t.state}  {t.created_at:%Y-%m-%dT%H:%M:%S}  {t.name}"
-            )
+            _out(f"{t.id}  {t.slug}  {t.plan}  {t.state}  {utc_text(t.created_at)}  {t.name}")
         return EXIT_OK
     if args.tenants_command == "create":
         t = await tenants.create_tenant(conn, name=args.name, slug=args.slug, plan=args.plan)
@@ -631,8 +695,8 @@ async def _tenants(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.keys_command == "list":
         for k in await tenants.list_keys(conn, args.tenant):
-            revoked = f"revoked {k.revoked_at:%Y-%m-%dT%H:%M:%S}" if k.revoked_at else "active"
-            _out(f"{k.id}  {k.created_at:%Y-%m-%dT%H:%M:%S}  {revoked}  {k.name}")
+            revoked = f"revoked {utc_text(k.revoked_at)}" if k.revoked_at else "active"
+            _out(f"{k.id}  {utc_text(k.created_at)}  {revoked}  {k.name}")
         return EXIT_OK
     await tenants.revoke_key(conn, args.tenant, args.id)
     _out(f"revoked key {args.id}")

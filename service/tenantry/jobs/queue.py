@@ -20,6 +20,27 @@ from ..tenancy import parse_tenant_id, tenant_scope
 Q = queries_for(__file__)
 
 
+PRIORITY_MIN, PRIORITY_MAX = -32768, 32767  # the column is a smallint
+
+
+def job_kind(raw: str) -> str:
+    if not raw:
+        raise Invalid("kind", "must not be empty")
+    return raw
+
+
+def queue_name(raw: str) -> str:
+    if not raw:
+        raise Invalid("queue", "must not be empty")
+    return raw
+
+
+def job_priority(value: int) -> int:
+    if not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        raise Invalid("priority", f"must be {PRIORITY_MIN} to {PRIORITY_MAX}")
+    return value
+
+
 async def enqueue(
     conn: Executor,
     *,
@@ -39,14 +60,11 @@ async def enqueue(
     otherwise.  Given a pool, or a connection outside a transaction, enqueue opens a
     tenant transaction of its own."""
     tid = parse_tenant_id(tenant_id)
-    if not kind:
-        raise Invalid("kind", "must not be empty")
-    if not queue:
-        raise Invalid("queue", "must not be empty")
+    job_kind(kind)
+    queue_name(queue)
     if max_attempts is not None and max_attempts < 1:
         raise Invalid("max_attempts", "must be >= 1")
-    if not -32768 <= priority <= 32767:
-        raise Invalid("priority", "must fit in a smallint")
+    job_priority(priority)
     if run_at is not None and run_at.tzinfo is None:
         raise Invalid("run_at", "must be timezone-aware")
     async with tenant_scope(conn, tid) as tx:

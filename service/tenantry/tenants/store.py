@@ -58,6 +58,10 @@ def tenant_name(raw: str, field: str = "name") -> str:
     """A tenant's name as people type it, with its runs of whitespace made one space,
     and checked: 3 to 50 characters, a letter or a digit (of any script) among them, no
     control characters."""
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: bytes that were not UTF-8 (argv)
+        raise Invalid(field, "is not UTF-8 text") from None
     if _CONTROL.search(raw.replace("\t", " ").replace("\n", " ").replace("\r", " ")):
         raise Invalid(field, "must not contain control characters")
     name = " ".join(raw.split())
