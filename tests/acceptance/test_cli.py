@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import re
 import importlib.metadata
+import re
 import uuid
 
 import asyncpg
