@@ -385,6 +385,83 @@ async def test_a_sign_up_that_can_no_longer_be_followed_is_said_so(tab: Tab, url
     await expect(page.get_by_test_id("email")).to_have_value("")
 
 
+async def test_a_reload_while_the_database_is_away_keeps_the_sign_up(tab: Tab, url: str) -> None:
+    """Regression (review): a reload during a database restart got 503 from the status
+    route, and the page forgot the sign-up for good ("can no longer be followed")."""
+    page = tab.page
+    status = page.get_by_test_id("status")
+    await page.goto(url)
+    await fill(page, "ada@example.com", "Analytical Engines")
+    await page.get_by_test_id("submit").click()
+    await expect(status).to_have_attribute("data-state", "completed", timeout=PROVISIONED_WITHIN_MS)
+
+    refused: list[str] = []
+
+    async def away_once(route: Route) -> None:
+        if not refused:
+            refused.append(route.request.url)
+            await route.fulfill(
+                status=503,
+                headers={"Content-Type": "application/problem+json", "Retry-After": "1"},
+                body=orjson.dumps({"status": 503, "detail": "the database is unavailable"}),
+            )
+        else:
+            await route.continue_()
+
+    await page.route(re.compile(r".*/v1/onboardings/[0-9a-f-]{36}$"), away_once)
+    await page.reload()
+    banner = page.get_by_test_id("error-banner")
+    await expect(banner).to_have_text(
+        "Could not reach the server to resume your sign-up; trying again in 1 second."
+    )
+    await expect(page.get_by_test_id("submit")).to_be_disabled()
+    await expect(status).to_have_attribute("data-state", "completed")
+    await expect(banner).to_be_hidden()
+    for name in STEPS:
+        await expect(step(page, name)).to_have_attribute("data-state", "done")
+    assert len(refused) == 1
+    tab.refused.clear()  # the 503 was ours
+
+
+async def test_a_reload_before_the_answer_sends_the_same_submission_again(
+    tab: Tab, url: str, admin_pool: asyncpg.Pool
+) -> None:
+    """Regression (review): a reload while the sign-up's answer was on its way lost it
+    (the key and the onboarding were kept only once answered), and submitting again
+    made a second organisation."""
+    page = tab.page
+    answered = asyncio.Event()
+    held: list[Route] = []
+
+    async def hold_first_answer(route: Route) -> None:
+        if not held:
+            held.append(route)
+            await route.fetch()  # the server has it; the page never hears back
+            answered.set()
+        else:
+            await route.continue_()
+
+    await page.route("**/v1/onboardings", hold_first_answer)
+    await page.goto(url)
+    await fill(page, "ada@example.com", "Reload Race Co")
+    await page.get_by_test_id("submit").click()
+    await answered.wait()
+    await page.reload()
+    await expect(page.get_by_test_id("status")).to_have_attribute(
+        "data-state", "completed", timeout=PROVISIONED_WITHIN_MS
+    )
+    await expect(page.get_by_test_id("tenant_name")).to_have_value("Reload Race Co")
+    assert len(tab.posts) == 2
+    keys = [(await p.all_headers())["idempotency-key"] for p in tab.posts]
+    assert keys[0] == keys[1], "the same submission, sent again"
+    assert (
+        await admin_pool.fetchval(
+            "SELECT count(*) FROM tenantry.onboardings WHERE tenant_name = 'Reload Race Co'"
+        )
+        == 1
+    )
+
+
 async def test_a_dropped_stream_shows_reconnecting_then_resumes(tab: Tab, url: str) -> None:
     page = tab.page
     streams: list[str] = []
