@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 import re
+import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -215,6 +216,12 @@ _queue_name = _checked_by(jobs.queue_name)
 _tenant_slug = _checked_by(tenants.tenant_slug)
 
 
+def _folder(raw: str) -> str:
+    if not os.path.isdir(raw):
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a folder")
+    return raw
+
+
 def _port(raw: str) -> int:
     try:
         value = int(raw)
@@ -247,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--app-dir",
+        type=_folder,
         default=".",
         help="the folder TENANTRY_HANDLERS modules are imported from, ahead of the"
         " installed packages (default: the working directory)",
@@ -411,11 +419,23 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def _stdout_gone() -> int:
+    """The reader of our output left (`tenantry jobs list | head -1`): end quietly, as a
+    shell's commands do (128 + SIGPIPE); stdout goes to /dev/null so that the
+    interpreter's last flush cannot complain either."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
+    except BrokenPipeError:
+        return _stdout_gone()
     except BaseExceptionGroup as group:
         leaf = _leaf(group)
+        if isinstance(leaf, BrokenPipeError):
+            return _stdout_gone()
         if isinstance(leaf, TenantryError):
             return _fail(str(leaf))
         if isinstance(leaf, (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)):
@@ -484,6 +504,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return _fail(str(exc))
     except TenantryError as exc:
         return _fail(str(exc), EXIT_USAGE)
+    except BrokenPipeError:
+        return _stdout_gone()
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         return _fail(f"database: {exc} ({db.redact_dsn(settings.database_url or 'embedded')})")
     except KeyboardInterrupt:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import sys
 import hashlib
 import importlib.metadata
 import re
@@ -13,8 +16,8 @@ import orjson
 import pytest
 
 import tenantry
-from tenantry import cli
-from tests.acceptance.process import run_cli
+from tenantry import cli, roles
+from tests.acceptance.process import ROOT, run_cli
 from tests.helpers import TENANT_A, one
 
 
@@ -357,6 +360,7 @@ async def test_commands_refuse_a_schema_that_is_not_theirs(empty_database_url: s
         (["enqueue", "k", "--tenant", str(TENANT_A), "--priority", "99999999999"], "-32768"),
         (["tenants", "create", "Ab\udc85cd"], "not UTF-8"),
         (["jobs", "list", "--bogus"], "tenantry jobs list: error: unrecognized arguments: --bogus"),
+        (["run", "--app-dir", "/nonexistent"], "'/nonexistent' is not a folder"),
     ],
 )
 async def test_out_of_range_arguments_are_usage_errors(
@@ -401,3 +405,23 @@ async def test_text_output_cannot_drive_the_terminal(
     assert "\\x1b[2J" in out and "FAKE LINE" in out
     code, out, _ = await run_cli("dead", "list", "--json", database_url=database_url)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", orjson.loads(out)[0]["died_at"])
+
+
+async def test_a_closed_pipe_ends_the_command_quietly(database_url: str) -> None:
+    """Regression (review): `tenantry jobs list | head -1` ended with "error: database:
+    [Errno 32] Broken pipe"; now it ends as a shell's commands do (128 + SIGPIPE)."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("TENANTRY_") and k != "DATABASE_URL"
+    }
+    env["DATABASE_URL"] = roles.with_login(database_url, roles.DEFAULT_LOGIN)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tenantry", "jobs", "stats", stdout=write,
+            stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=env,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    _, err = await proc.communicate()
+    assert err.decode() == "" and proc.returncode == 141, err
