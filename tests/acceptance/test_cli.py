@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import sys
 import hashlib
 import importlib.metadata
+import os
 import re
+import sys
 import uuid
 
 import asyncpg
