@@ -199,6 +199,17 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _PORT_MAX = 65535
 
 
+def _postgres_url(raw: str) -> str:
+    if not raw.startswith(("postgresql://", "postgres://")):
+        # Only the scheme is shown: the rest may hold a password.
+        scheme = raw.partition("://")[0] if "://" in raw else ""
+        raise ValueError(
+            f"must be a postgresql:// URL (postgresql://user:password@host:5432/database),"
+            f" not {scheme + '://...' if scheme else 'this'}"
+        )
+    return raw
+
+
 def _origins(raw: str) -> tuple[str, ...]:
     """Each origin as a browser sends it in `Origin` (scheme and host in lower case, no
     default port), since the match is exact."""
@@ -271,10 +282,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     e = os.environ if env is None else env
     d = Settings()
     return Settings(
-        database_url=_parse(e, "DATABASE_URL", str, None),
-        admin_url=_parse(e, "TENANTRY_ADMIN_URL", str, None),
-        listen_url=_parse(e, "TENANTRY_LISTEN_URL", str, None),
-        worker_url=_parse(e, "TENANTRY_WORKER_URL", str, None),
+        database_url=_parse(e, "DATABASE_URL", _postgres_url, None),
+        admin_url=_parse(e, "TENANTRY_ADMIN_URL", _postgres_url, None),
+        listen_url=_parse(e, "TENANTRY_LISTEN_URL", _postgres_url, None),
+        worker_url=_parse(e, "TENANTRY_WORKER_URL", _postgres_url, None),
         data_dir=_parse(e, "TENANTRY_DATA_DIR", Path, d.data_dir),
         host=_parse(e, "TENANTRY_HOST", str, d.host),
         port=_parse(e, "TENANTRY_PORT", _port, d.port),

@@ -278,3 +278,15 @@ def test_cors_origins_are_written_as_browsers_send_them() -> None:
     for bad in ("https://a.example:99999", "https://a.example:0", "ftp://a.example"):
         with pytest.raises(ConfigError, match="TENANTRY_CORS_ORIGINS"):
             config.from_env({"TENANTRY_CORS_ORIGINS": bad})
+
+
+@pytest.mark.parametrize(
+    "name", ["DATABASE_URL", "TENANTRY_ADMIN_URL", "TENANTRY_LISTEN_URL", "TENANTRY_WORKER_URL"]
+)
+def test_database_urls_must_be_postgresql_urls(name: str) -> None:
+    """Regression (review): `DATABASE_URL=notaurl tenantry db url` printed notaurl."""
+    for bad in ("notaurl", "mysql://u@h/db", "postgresql:/missing-slashes"):
+        with pytest.raises(ConfigError, match=name):
+            config.from_env({name: bad})
+    for good in ("postgresql://u:p@h:5432/db", "postgres://h/db", "postgresql:///db?host=/tmp"):
+        config.from_env({name: good})
