@@ -65,7 +65,11 @@ class _Parser(argparse.ArgumentParser):
     ) -> argparse.Namespace:
         """As argparse's, but arguments nobody took are refused by the command they were
         given to (`tenantry jobs list: error: ...`), not by the top-level parser."""
-        parsed, extras = self.parse_known_args(args, namespace)
+        given = list(sys.argv[1:] if args is None else args)
+        if given and given[0].startswith("-") and given[0] not in self._option_string_actions:
+            # Before a command: argparse would first complain that none was chosen.
+            self.error(f"unrecognized arguments: {given[0]}")
+        parsed, extras = self.parse_known_args(given, namespace)
         if extras:
             _innermost(self, parsed).error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed

@@ -361,6 +361,7 @@ async def test_commands_refuse_a_schema_that_is_not_theirs(empty_database_url: s
         (["tenants", "create", "Ab\udc85cd"], "not UTF-8"),
         (["jobs", "list", "--bogus"], "tenantry jobs list: error: unrecognized arguments: --bogus"),
         (["run", "--app-dir", "/nonexistent"], "'/nonexistent' is not a folder"),
+        (["--bogus"], "tenantry: error: unrecognized arguments: --bogus"),
     ],
 )
 async def test_out_of_range_arguments_are_usage_errors(

@@ -41,6 +41,15 @@ POLICY = Policy(max_attempts=20, backoff_base=1.0, backoff_cap=60.0)
 COMPENSATE_KIND = "onboarding.compensate"
 
 
+def _failure_code(exc: Exception) -> str:
+    """The failed event's `code` for a permanent failure (model.FAILURE_CODES)."""
+    if isinstance(exc, MailRejected):
+        return "email_rejected"
+    if isinstance(exc, NameUnavailable):
+        return "name_unavailable"
+    return "failed"
+
+
 def _request_id(payload: Any) -> str | None:
     rid = payload.get("request_id") if isinstance(payload, dict) else None
     return rid if isinstance(rid, str) else None
@@ -71,29 +80,15 @@ class Provisioner:
         logger = self._log.bind(onboarding_id=str(onboarding_id), tenant_id=str(job.tenant_id))
         try:
             await self._steps(job, onboarding_id, logger)
-        # The onboarding's own end, not an incident: the job completes with it.
-        except MailRejected as exc:
+        except (MailRejected, PermanentFailure) as exc:
+            # The onboarding's own end, not an incident: the job completes with it.
             await self._fail(
                 job,
                 onboarding_id,
-                str(exc),
-                code="email_rejected",
+                str(exc) or type(exc).__name__,
+                code=_failure_code(exc),
                 logger=logger,
                 payload=job.payload,
-            )
-        except NameUnavailable as exc:
-            await self._fail(
-                job,
-                onboarding_id,
-                str(exc),
-                code="name_unavailable",
-                logger=logger,
-                payload=job.payload,
-            )
-        except PermanentFailure as exc:
-            reason = str(exc) or type(exc).__name__
-            await self._fail(
-                job, onboarding_id, reason, code="failed", logger=logger, payload=job.payload
             )
         # Anything else is retried with backoff (the ledger skips what is done), and
         # ends in gave_up() if the job dies.
