@@ -220,8 +220,8 @@ async def test_server_field_errors_show_next_to_the_fields(tab: Tab, url: str) -
 
     email_error = page.get_by_test_id("email-error")
     name_error = page.get_by_test_id("tenant_name-error")
-    await expect(email_error).to_have_text("is not an email address")
-    await expect(name_error).to_have_text("must be 3 to 50 characters")
+    await expect(email_error).to_have_text("This is not an email address.")
+    await expect(name_error).to_have_text("Must be 3 to 50 characters.")
     await expect(page.get_by_test_id("plan-error")).to_be_hidden()
     await expect(page.get_by_test_id("error-banner")).to_be_hidden()
     # Next to its field: in the same block, and announced with it.
