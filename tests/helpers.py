@@ -143,6 +143,7 @@ def function_statement(function: str) -> str:
 
 
 TEST_TOKEN_SECRET = "test-secret-" + "x" * 40
+TEST_SECRET_KEY = "test-key-" + "k" * 40
 
 
 def service_settings(data_dir: Any, **overrides: Any) -> Settings:
@@ -156,6 +157,10 @@ def service_settings(data_dir: Any, **overrides: Any) -> Settings:
         "token_secret": TEST_TOKEN_SECRET,
         "signup_rate": 10_000.0,
         "signup_burst": 10_000,
+        "secret_key": TEST_SECRET_KEY,
+        # Webhooks reach receivers on loopback, over plain http.
+        "webhook_allow_networks": "127.0.0.0/8,::1/128",
+        "webhook_allow_http": True,
     }
     base.update(overrides)
     return Settings(**base)
@@ -178,7 +183,7 @@ async def running_service(
             registry=Registry(),
         )
         async with anyio.create_task_group() as tg:
-            for component in (svc.listener, svc.hub, svc.worker, svc.maintenance, svc.http):
+            for component in svc.components():
                 await tg.start(component.run)
             try:
                 yield svc
@@ -186,6 +191,7 @@ async def running_service(
                 svc.hub.close_all()
                 with anyio.CancelScope(shield=True):
                     await svc.worker.shutdown(grace=5)
+                    await svc.deliverer.shutdown(grace=5)
                 tg.cancel_scope.cancel()
     finally:
         await claim_pool.close()

@@ -17,6 +17,8 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncpg
@@ -28,6 +30,7 @@ from .errors import SchemaMismatch
 from .http.app import HttpServer, Readiness, build_app
 from .http.onboarding_api import OnboardingApi
 from .http.ratelimit import RateLimiter, parse_networks
+from .http.webhooks_api import WebhooksApi
 from .hub import Hub
 from .jobs.maintenance import CounterPruner, LeaseRescuer, Maintenance, PeriodicEnqueuer, Pruner
 from .jobs.registry import Registry
@@ -40,10 +43,19 @@ from .onboarding.provision import Provisioner
 from .onboarding.storage import LocalStorage
 from .onboarding.tokens import Signer, load_secret
 from .outbox import store as outbox
+from .secretfile import load_or_create
 from .supervise import Health
+from .webhooks import upkeep as webhook_upkeep
+from .webhooks.deliverer import Breaker, Deliverer, DeliveryConfig
+from .webhooks.endpoints import EndpointRules, Endpoints
+from .webhooks.fanout import FanOut
+from .webhooks.guard import Guard
+from .webhooks.guard import parse_networks as parse_cidrs
+from .webhooks.secrets import SecretBox
 
 JOBS_CHANNEL = "tenantry_jobs"
 OUTBOX_CHANNEL = "tenantry_outbox"
+WEBHOOKS_CHANNEL = "tenantry_webhooks"
 # After the grace, this long for the last hand-backs before the pools are cut.
 _STOP_MARGIN = 3.0
 # Past this, a stop that is still not done ends the process regardless (a handler that
@@ -64,8 +76,18 @@ class Service:
     http: HttpServer
     maintenance: Maintenance
     health: Health
+    fanout: FanOut
+    deliverer: Deliverer
     # Set when a stop begins: /readyz answers 503 from then on.
     stopping: bool = field(default=False)
+
+    def components(self) -> list[Any]:
+        """In start order (the reverse is the stop order).  A process that claims no
+        jobs neither fans out nor delivers webhooks: other processes do."""
+        ordered: list[Any] = [self.listener, self.hub, self.worker]
+        if self.settings.run_worker:
+            ordered += [self.fanout, self.deliverer]
+        return [*ordered, self.maintenance, self.http]
 
 
 async def check_schema(conn: db.Conn) -> None:
@@ -119,12 +141,46 @@ def build(
         keepalive=settings.sse_keepalive,
         tune_collector=settings.sse_gc_tuning,
     )
+    box, guard = _webhook_security(settings, data_dir)
+    deliverer = Deliverer(
+        worker_pool,
+        box,
+        guard,
+        DeliveryConfig(
+            concurrency=settings.webhook_concurrency,
+            max_in_flight=settings.webhook_endpoint_concurrency,
+            timeout=settings.webhook_timeout,
+            schedule=settings.webhook_retry_schedule,
+            body_cap=settings.webhook_log_body_bytes,
+            poll_interval=settings.poll_interval,
+            breaker=Breaker(
+                failures=settings.webhook_breaker_failures,
+                ratio=settings.webhook_breaker_ratio,
+                volume=settings.webhook_breaker_volume,
+                window_seconds=settings.webhook_breaker_window,
+                cooldown_seconds=settings.webhook_breaker_cooldown,
+                disable_after_seconds=settings.webhook_disable_after,
+            ),
+        ),
+        owner=owner,
+        health=health,
+    )
+    fanout = FanOut(worker_pool, deliverer.notify, poll_interval=settings.poll_interval)
+
+    def outbox_committed(payload: str) -> None:
+        hub.notify(payload)
+        fanout.notify(payload)
+
     # LISTEN is session state: behind a transaction-mode pooler it would silently stop
     # hearing anything, hence a URL of its own (a direct or session-mode connection).
     listener = Listener(
         settings.listen_url or dsn,
-        {JOBS_CHANNEL: worker.notify, OUTBOX_CHANNEL: hub.notify},
-        on_connect=[worker.resync, hub.resync],
+        {
+            JOBS_CHANNEL: worker.notify,
+            OUTBOX_CHANNEL: outbox_committed,
+            WEBHOOKS_CHANNEL: deliverer.notify,
+        },
+        on_connect=[worker.resync, hub.resync, fanout.resync, deliverer.resync],
     )
     periodic = registry.periodic()
     for reg in periodic:
@@ -147,6 +203,15 @@ def build(
                 worker_pool,
                 machine.prune_keys,
                 settings.idempotency_retention_hours,
+            ),
+            webhook_upkeep.Rescuer(
+                worker_pool, len(settings.webhook_retry_schedule), deliverer.notify
+            ),
+            Pruner(
+                "prune_webhooks",
+                worker_pool,
+                webhook_upkeep.prune,
+                settings.webhook_retention_days,
             ),
         ],
         settings.maintenance_interval,
@@ -195,6 +260,19 @@ def build(
             pool,
             onboarding,
             cors_origins=settings.cors_origins,
+            webhooks=WebhooksApi(
+                pool,
+                Endpoints(
+                    pool,
+                    box,
+                    guard,
+                    EndpointRules(
+                        allow_http=bool(settings.webhook_allow_http),
+                        max_per_tenant=settings.webhook_max_endpoints,
+                        rotation_grace_seconds=settings.webhook_rotation_grace,
+                    ),
+                ),
+            ),
         ),
         settings.host,
         settings.port,
@@ -212,8 +290,33 @@ def build(
         http,
         maintenance,
         health,
+        fanout,
+        deliverer,
     )
     return svc
+
+
+def _webhook_security(settings: Settings, data_dir: Path) -> tuple[SecretBox, Guard]:
+    """The box that keeps the signing secrets encrypted, and the address guard."""
+    logger = log.get("app")
+    if settings.secret_key is None:
+        logger.warning(
+            "secret_key_generated",
+            detail="TENANTRY_SECRET_KEY is unset: webhook signing secrets are encrypted with"
+            " a key kept in the data folder; processes that do not share it cannot sign"
+            " each other's endpoints' deliveries",
+        )
+    box = SecretBox(load_or_create(settings.secret_key, data_dir / "secret.key"))
+    guard = Guard(parse_cidrs(settings.webhook_allow_networks or ""))
+    if guard.allow:
+        logger.warning(
+            "webhook_networks_allowed",
+            networks=[str(n) for n in guard.allow],
+            http=bool(settings.webhook_allow_http),
+            detail="webhooks may reach these non-public networks"
+            " (TENANTRY_WEBHOOK_ALLOW_NETWORKS; the embedded default allows loopback)",
+        )
+    return box, guard
 
 
 async def serve(settings: Settings, dsn: str, worker_dsn: str, registry: Registry) -> int:
@@ -323,7 +426,7 @@ async def run_service(svc: Service, stop: _Stop | None = None) -> int:
     async with anyio.create_task_group() as tg:
         started = False
         with stop.cancellable():  # a signal during the start ends it
-            for component in (svc.listener, svc.hub, svc.worker, svc.maintenance, svc.http):
+            for component in svc.components():
                 await tg.start(component.run)
             started = True
             logger.info(
@@ -341,7 +444,9 @@ async def run_service(svc: Service, stop: _Stop | None = None) -> int:
         if started and not stop.hard:
             grace = svc.settings.shutdown_grace
             with stop.cancellable(), anyio.move_on_after(grace + _STOP_MARGIN):
-                await svc.worker.shutdown(grace)
+                async with anyio.create_task_group() as stopping:
+                    stopping.start_soon(svc.worker.shutdown, grace)
+                    stopping.start_soon(svc.deliverer.shutdown, grace)
         if started and not svc.worker.stopped:
             svc.worker.hard_stop()
             with anyio.move_on_after(_STOP_MARGIN):

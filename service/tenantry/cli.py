@@ -463,6 +463,8 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.no_worker:
             overrides["run_worker"] = False
         settings = settings.with_overrides(**overrides)
+        if settings.database_url is None:
+            settings = config.embedded_defaults(settings)
         try:
             config.check_for_run(settings)
         except TenantryError as exc:

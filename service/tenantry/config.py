@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .errors import ConfigError
+from .webhooks.policy import DEFAULT_SCHEDULE, parse_schedule
 
 T = TypeVar("T")
 
@@ -26,6 +27,7 @@ _SECRET_VARS = frozenset(
         "TENANTRY_WORKER_URL",
         "TENANTRY_SMTP_URL",
         "TENANTRY_TOKEN_SECRET",
+        "TENANTRY_SECRET_KEY",
     }
 )
 
@@ -86,6 +88,27 @@ class Settings:
     # Origins (scheme://host[:port], exactly) whose pages may call the public sign-up
     # routes from a browser (CORS).  None by default: same origin only.
     cors_origins: tuple[str, ...] = ()
+    # Webhooks.  The key that encrypts the endpoints' signing secrets at rest (kept in
+    # the data folder when unset).
+    secret_key: str | None = None
+    # Networks (CIDRs) webhooks may reach although they are not public; None: unset
+    # (the embedded default then allows loopback), "" none.
+    webhook_allow_networks: str | None = None
+    webhook_allow_http: bool | None = None  # None: unset (true in the embedded default)
+    webhook_concurrency: int = 64
+    webhook_endpoint_concurrency: int = 4
+    webhook_timeout: int = 15
+    webhook_retry_schedule: tuple[int, ...] = DEFAULT_SCHEDULE
+    webhook_retention_days: int = 30
+    webhook_log_body_bytes: int = 64 * 1024
+    webhook_breaker_failures: int = 10
+    webhook_breaker_ratio: float = 0.5
+    webhook_breaker_volume: int = 20
+    webhook_breaker_window: float = 60.0
+    webhook_breaker_cooldown: float = 30.0
+    webhook_disable_after: float = 5 * 86_400.0
+    webhook_rotation_grace: float = 86_400.0
+    webhook_max_endpoints: int = 50
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -179,6 +202,30 @@ def _networks(raw: str) -> str:
 
     parse_networks(raw)  # ValueError names the bad entry
     return raw
+
+
+def _webhook_networks(raw: str) -> str:
+    from .webhooks.guard import parse_networks as parse_cidrs  # noqa: PLC0415
+
+    parse_cidrs(raw)  # ValueError names the bad entry
+    return raw
+
+
+def _timeout(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("must be whole seconds from 1 to 60") from None
+    if not 1 <= value <= 60:
+        raise ValueError("must be whole seconds from 1 to 60")
+    return value
+
+
+def _ratio(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 1:
+        raise ValueError("must be a number greater than 0, at most 1")
+    return value
 
 
 def _ipv6_prefix(raw: str) -> int:
@@ -334,4 +381,73 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             e, "TENANTRY_SIGNUP_IPV6_PREFIX", _ipv6_prefix, d.signup_ipv6_prefix
         ),
         cors_origins=_parse(e, "TENANTRY_CORS_ORIGINS", _origins, d.cors_origins),
+        secret_key=_parse(e, "TENANTRY_SECRET_KEY", _secret, None),
+        webhook_allow_networks=_allow_networks(e),
+        webhook_allow_http=_parse(e, "TENANTRY_WEBHOOK_ALLOW_HTTP", _bool, None),
+        webhook_concurrency=_parse(
+            e, "TENANTRY_WEBHOOK_CONCURRENCY", _positive_int, d.webhook_concurrency
+        ),
+        webhook_endpoint_concurrency=_parse(
+            e,
+            "TENANTRY_WEBHOOK_ENDPOINT_CONCURRENCY",
+            _positive_int,
+            d.webhook_endpoint_concurrency,
+        ),
+        webhook_timeout=_parse(e, "TENANTRY_WEBHOOK_TIMEOUT", _timeout, d.webhook_timeout),
+        webhook_retry_schedule=_parse(
+            e, "TENANTRY_WEBHOOK_RETRY_SCHEDULE", parse_schedule, d.webhook_retry_schedule
+        ),
+        webhook_retention_days=_parse(
+            e, "TENANTRY_WEBHOOK_RETENTION_DAYS", _positive_int, d.webhook_retention_days
+        ),
+        webhook_log_body_bytes=_parse(
+            e, "TENANTRY_WEBHOOK_LOG_BODY_BYTES", _positive_int, d.webhook_log_body_bytes
+        ),
+        webhook_breaker_failures=_parse(
+            e, "TENANTRY_WEBHOOK_BREAKER_FAILURES", _positive_int, d.webhook_breaker_failures
+        ),
+        webhook_breaker_ratio=_parse(
+            e, "TENANTRY_WEBHOOK_BREAKER_RATIO", _ratio, d.webhook_breaker_ratio
+        ),
+        webhook_breaker_volume=_parse(
+            e, "TENANTRY_WEBHOOK_BREAKER_VOLUME", _positive_int, d.webhook_breaker_volume
+        ),
+        webhook_breaker_window=_parse(
+            e, "TENANTRY_WEBHOOK_BREAKER_WINDOW", _positive_float, d.webhook_breaker_window
+        ),
+        webhook_breaker_cooldown=_parse(
+            e, "TENANTRY_WEBHOOK_BREAKER_COOLDOWN", _positive_float, d.webhook_breaker_cooldown
+        ),
+        webhook_disable_after=_parse(
+            e, "TENANTRY_WEBHOOK_DISABLE_AFTER", _positive_float, d.webhook_disable_after
+        ),
+        webhook_rotation_grace=_parse(
+            e, "TENANTRY_WEBHOOK_ROTATION_GRACE", _non_negative_float, d.webhook_rotation_grace
+        ),
+        webhook_max_endpoints=_parse(
+            e, "TENANTRY_WEBHOOK_MAX_ENDPOINTS", _positive_int, d.webhook_max_endpoints
+        ),
     )
+
+
+def _allow_networks(env: Mapping[str, str]) -> str | None:
+    """Unset (None) differs from empty here: unset lets the embedded default allow
+    loopback; set to empty allows nothing."""
+    if "TENANTRY_WEBHOOK_ALLOW_NETWORKS" not in env:
+        return None
+    return _parse(env, "TENANTRY_WEBHOOK_ALLOW_NETWORKS", _webhook_networks, "")
+
+
+# The embedded default (no DATABASE_URL): a developer's machine, where the receiver of
+# a first webhook usually listens on loopback over plain http.
+EMBEDDED_WEBHOOK_NETWORKS = "127.0.0.0/8,::1/128"
+
+
+def embedded_defaults(settings: Settings) -> Settings:
+    """What the embedded default changes, where no variable says otherwise."""
+    changes: dict[str, object] = {}
+    if settings.webhook_allow_networks is None:
+        changes["webhook_allow_networks"] = EMBEDDED_WEBHOOK_NETWORKS
+    if settings.webhook_allow_http is None:
+        changes["webhook_allow_http"] = True
+    return settings.with_overrides(**changes)

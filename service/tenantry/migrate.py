@@ -53,6 +53,7 @@ REPEATABLE_FILES: tuple[Path, ...] = (
     _PACKAGE / "outbox" / "functions.sql",
     _PACKAGE / "onboarding" / "functions.sql",
     _PACKAGE / "tenants" / "functions.sql",
+    _PACKAGE / "webhooks" / "functions.sql",
 )
 # pg_advisory_lock(classid, objid): a two-key namespace of our own, so the
 # application's single-key advisory locks can never collide with ours.

@@ -10,6 +10,7 @@ import io
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -95,6 +96,24 @@ async def seed(admin: asyncpg.Pool, tenant: uuid.UUID, user: uuid.UUID, ws: uuid
         " VALUES ($1, $1, $2, 'Same name', 'free')",
         tenant,
         SHARED_EMAIL,
+    )
+    # The webhook rows share their ids across tenants (the endpoint's and the
+    # delivery's id is the tenant's): no key may tell one tenant of another's.
+    await admin.execute(
+        "INSERT INTO tenantry.webhook_endpoints (tenant_id, id, url, secret)"
+        " VALUES ($1, $1, 'https://example.com/hook', '\\x01')",
+        tenant,
+    )
+    await admin.execute(
+        "INSERT INTO tenantry.webhook_deliveries (tenant_id, id, endpoint_id, event_id,"
+        " event_type, body) VALUES ($1, $1, $1, 1, 'thing.made', '{}')",
+        tenant,
+    )
+    await admin.execute(
+        "INSERT INTO tenantry.webhook_attempts (tenant_id, delivery_id, endpoint_id, attempt,"
+        " attempted_at, url, result, request_headers, request_body, duration_ms)"
+        " VALUES ($1, $1, $1, 1, now(), 'https://example.com/hook', 'delivered', '{}', '', 1)",
+        tenant,
     )
     await admin.execute(
         "INSERT INTO tenantry.onboarding_steps (tenant_id, onboarding_id, step)"
@@ -191,6 +210,30 @@ TABLES = [
         # Every seeded onboarding's id is its tenant's id.
         "INSERT INTO tenantry.onboarding_steps (tenant_id, onboarding_id, step)"
         " VALUES ($1, $1, 'other')",
+    ),
+    Table(
+        "webhook_endpoints",
+        "tenant_id",
+        "INSERT INTO tenantry.webhook_endpoints (tenant_id, url, secret)"
+        " VALUES ($1, 'https://example.com/other', '\\x01')",
+    ),
+    Table(
+        "webhook_deliveries",
+        "tenant_id",
+        # The seeded delivery's event is 1 and its endpoint the tenant's id.
+        "INSERT INTO tenantry.webhook_deliveries (tenant_id, endpoint_id, event_id,"
+        " event_type, body) VALUES ($1, $1, 2, 'thing.made', '{}')",
+        deletable=False,
+    ),
+    Table(
+        "webhook_attempts",
+        "tenant_id",
+        "INSERT INTO tenantry.webhook_attempts (tenant_id, delivery_id, endpoint_id, attempt,"
+        " attempted_at, url, result, request_headers, request_body, duration_ms)"
+        " VALUES ($1, $1, $1, 2, now(), 'u', 'delivered', '{}', '', 1)",
+        insertable=False,
+        updatable=False,
+        deletable=False,
     ),
 ]
 TABLE_IDS = [t.name for t in TABLES]
@@ -698,6 +741,8 @@ async def test_migrating_as_a_createrole_admin_that_is_not_a_superuser(
 
 # --- EXPLAIN: the tenant predicate is an index condition ---------------------------
 
+WEBHOOKS_FILE = "service/tenantry/webhooks/queries.sql"
+
 # Every tenant-scoped statement the package issues, with arguments to plan it with.
 TENANT_STATEMENTS: dict[tuple[str, str], tuple[object, ...]] = {
     ("service/tenantry/tenants/queries.sql", "create_tenant"): (A, "a-new", "A", "free", "active"),
@@ -719,7 +764,30 @@ TENANT_STATEMENTS: dict[tuple[str, str], tuple[object, ...]] = {
     ("service/tenantry/onboarding/queries.sql", "record_step"): (A, A, "tenant"),
     ("service/tenantry/onboarding/queries.sql", "transition"): (A, A, 1, "provisioning", None),
     ("service/tenantry/outbox/queries.sql", "events_after"): (A, "onboarding", str(A), 0, 100),
-}
+    (WEBHOOKS_FILE, "count_endpoints"): (A,),
+    (WEBHOOKS_FILE, "insert_endpoint"): (A, A, "https://x.test/", "", [], {}, None, None, None,
+                                         b"\x01"),
+    (WEBHOOKS_FILE, "list_endpoints"): (A, 10),
+    (WEBHOOKS_FILE, "get_endpoint"): (A, A),
+    (WEBHOOKS_FILE, "lock_endpoint"): (A, A),
+    (WEBHOOKS_FILE, "update_endpoint"): (A, A, "https://x.test/", "", [], {}, None, None, None,
+                                         True, "r"),
+    (WEBHOOKS_FILE, "rotate_secret"): (A, A, b"\x01", 10.0),
+    (WEBHOOKS_FILE, "delete_endpoint"): (A, A),
+    (WEBHOOKS_FILE, "cancel_endpoint_deliveries"): (A, A),
+    (WEBHOOKS_FILE, "insert_test_delivery"): (A, A, 1),
+    (WEBHOOKS_FILE, "list_deliveries"): (A, datetime(9999, 1, 1, tzinfo=UTC), A, None, None,
+                                         None, None, 10),
+    (WEBHOOKS_FILE, "get_delivery"): (A, A),
+    (WEBHOOKS_FILE, "delivery_attempts"): (A, A),
+    (WEBHOOKS_FILE, "replay_delivery"): (A, A),
+    (WEBHOOKS_FILE, "recover_deliveries"): (A, A, datetime(2000, 1, 1, tzinfo=UTC), None),
+}  # fmt: skip
+
+# The webhooks file's statements that are not a tenant's: the worker's cross-tenant
+# functions, and the wake-up.
+WEBHOOKS_CROSS_TENANT = {"wake_deliverers", "fan_out", "fanout_lag", "claim", "record", "rescue",
+                         "prune"}  # fmt: skip
 
 
 # Statements of that file that are not tenant-scoped: the operator's, through a
@@ -739,6 +807,10 @@ async def test_every_tenant_statement_uses_the_tenant_as_an_index_condition(
     listed = {n for f, n in TENANT_STATEMENTS if f == tenant_file} | CROSS_TENANT_STATEMENTS
     assert listed == set(_queries(tenant_file)), (
         "a tenant statement was added or removed: list it in TENANT_STATEMENTS"
+    )
+    webhook_listed = {n for f, n in TENANT_STATEMENTS if f == WEBHOOKS_FILE}
+    assert webhook_listed | WEBHOOKS_CROSS_TENANT == set(_queries(WEBHOOKS_FILE)), (
+        "a webhooks statement was added or removed: list it in TENANT_STATEMENTS"
     )
     # Enough rows across many tenants that a scan of everything would be the cheap
     # plan if the tenant predicate could not be used.
@@ -774,6 +846,23 @@ async def test_every_tenant_statement_uses_the_tenant_as_an_index_condition(
         " event_type) SELECT t, 'onboarding', t::text, v, 'x'"
         " FROM unnest($1::uuid[]) t, generate_series(1, 3) v",
         many,
+    )
+    await admin_pool.execute(
+        "INSERT INTO tenantry.webhook_endpoints (tenant_id, id, url, secret)"
+        " SELECT t, t, 'https://example.com/h', '\\x01' FROM unnest($1::uuid[]) t",
+        many,
+    )
+    await admin_pool.execute(
+        "INSERT INTO tenantry.webhook_deliveries (tenant_id, endpoint_id, event_id,"
+        " event_type, body) SELECT t, t, g, 'x', '{}'"
+        " FROM unnest($1::uuid[]) t, generate_series(1, 3) g",
+        many,
+    )
+    await admin_pool.execute(
+        "INSERT INTO tenantry.webhook_attempts (tenant_id, delivery_id, endpoint_id, attempt,"
+        " attempted_at, url, result, request_headers, request_body, duration_ms)"
+        " SELECT d.tenant_id, d.id, d.endpoint_id, 1, now(), 'u', 'failed', '{}', '', 1"
+        " FROM tenantry.webhook_deliveries d"
     )
     await admin_pool.execute("ANALYZE")
     for (path, name), args in TENANT_STATEMENTS.items():

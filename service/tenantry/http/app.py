@@ -17,11 +17,12 @@ from .. import logging as log
 from ..db import UNAVAILABLE
 from ..errors import StartupError
 from ..safetext import safe_text
-from . import onboarding_api, tenant_api
+from . import onboarding_api, tenant_api, webhooks_api
 from .access import request_log, return_request_id
 from .onboarding_api import OnboardingApi
 from .problems import json_response, problem
 from .protocol import ProblemAppRunner, refusal
+from .webhooks_api import WebhooksApi
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -143,6 +144,7 @@ def build_app(
     pool: asyncpg.Pool | None = None,
     onboarding: OnboardingApi | None = None,
     cors_origins: tuple[str, ...] = (),
+    webhooks: WebhooksApi | None = None,
 ) -> web.Application:
     app = web.Application(
         client_max_size=onboarding_api.MAX_BODY * 4,
@@ -154,6 +156,8 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     if pool is not None:
         tenant_api.add_routes(app, pool)
+    if webhooks is not None:
+        webhooks_api.add_routes(app, webhooks)
     if onboarding is not None:
         onboarding_api.add_routes(app, onboarding, cors_origins)
         app.router.add_get("/", _static(_PAGE, "text/html", "no-cache", "utf-8"))

@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 import aiohttp_cors
 import anyio
 import asyncpg
-import orjson
 from aiohttp import web
 
 from .. import logging as log
@@ -32,7 +31,7 @@ from ..outbox.store import Event
 from ..tenancy import tenant_tx
 from ..timefmt import utc_text
 from .access import request_id
-from .problems import json_response, problem
+from .problems import invalid_problem, json_response, problem, read_json
 from .ratelimit import Networks, RateLimiter, client_address, limit_key
 
 MAX_BODY = 16 * 1024
@@ -61,14 +60,6 @@ ONBOARDING = web.AppKey("onboarding", OnboardingApi)
 _log = log.get("http")
 
 
-def _invalid(exc: InvalidRequest) -> web.Response:
-    errors = [
-        {"field": e.field, "pointer": f"#/{e.field}" if e.field else "#", "detail": e.message}
-        for e in exc.errors
-    ]
-    return problem(422, "the request has invalid fields", errors=errors)
-
-
 def _client(request: web.Request) -> str:
     """The key the sign-up rate limit counts this request under."""
     api = request.app[ONBOARDING]
@@ -88,20 +79,9 @@ async def create(request: web.Request) -> web.StreamResponse:
             " the Retry-After header gives, in seconds.",
             headers={"Retry-After": RateLimiter.retry_after(wait)},
         )
-    if request.content_type != "application/json" and not request.content_type.endswith("+json"):
-        return problem(415, "send the body as application/json")
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        return problem(413, f"the body must be at most {MAX_BODY} bytes")
-    # read(n) returns what has arrived so far: read until the end, or past the cap.
-    raw = bytearray()
-    while chunk := await request.content.read(MAX_BODY + 1 - len(raw)):
-        raw += chunk
-        if len(raw) > MAX_BODY:
-            return problem(413, f"the body must be at most {MAX_BODY} bytes")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return problem(400, "the body is not valid JSON")
+    body = await read_json(request, MAX_BODY)
+    if isinstance(body, web.Response):
+        return body
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (0 < len(key) <= _KEY_MAX and key.isascii() and key.isprintable()):
         return problem(
@@ -115,7 +95,7 @@ async def create(request: web.Request) -> web.StreamResponse:
             api.pool, sign_up, idempotency_key=key, queue=api.queue, request_id=request_id(request)
         )
     except InvalidRequest as exc:
-        return _invalid(exc)
+        return invalid_problem(exc)
     except Conflict as exc:
         return problem(409, str(exc))
     oid, tid = accepted.onboarding_id, accepted.tenant_id

@@ -8,6 +8,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ..errors import InvalidRequest
+
 _TITLES = {
     400: "Bad Request",
     401: "Unauthorized",
@@ -45,3 +47,31 @@ def json_response(
     return web.Response(
         body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
     )
+
+
+def invalid_problem(exc: InvalidRequest) -> web.Response:
+    """422 naming each field at fault (`errors[].field`, and a JSON pointer to it)."""
+    errors = [
+        {"field": e.field, "pointer": f"#/{e.field}" if e.field else "#", "detail": e.message}
+        for e in exc.errors
+    ]
+    return problem(422, "the request has invalid fields", errors=errors)
+
+
+async def read_json(request: web.Request, max_bytes: int) -> Any:
+    """The request's JSON body, or the problem to answer instead (415 for another media
+    type, 413 past `max_bytes`, 400 for what is not JSON)."""
+    if request.content_type != "application/json" and not request.content_type.endswith("+json"):
+        return problem(415, "send the body as application/json")
+    if request.content_length is not None and request.content_length > max_bytes:
+        return problem(413, f"the body must be at most {max_bytes} bytes")
+    # read(n) returns what has arrived so far: read until the end, or past the cap.
+    raw = bytearray()
+    while chunk := await request.content.read(max_bytes + 1 - len(raw)):
+        raw += chunk
+        if len(raw) > max_bytes:
+            return problem(413, f"the body must be at most {max_bytes} bytes")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return problem(400, "the body is not valid JSON")

@@ -12,8 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
-import secrets
 import struct
 import time
 import uuid
@@ -22,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..secretfile import load_or_create
 
 _PREFIX = b"v1."
 _PAYLOAD = struct.Struct(">16s16sq")
@@ -86,23 +85,6 @@ class Signer:
 
 
 def load_secret(configured: str | None, data_dir: Path) -> bytes:
-    """TENANTRY_TOKEN_SECRET when set (every process behind one load balancer must share
-    it); otherwise a random secret kept in the data folder, so that a restart does not
-    invalidate the tokens browsers hold."""
-    if configured:
-        return configured.encode("utf-8")
-    path = data_dir / "token.secret"
-    try:
-        return path.read_bytes().strip()
-    except FileNotFoundError:
-        pass
-    data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_hex(32).encode("ascii")
-    # O_EXCL: two processes starting at once agree on whichever file was written first.
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
-    return secret
+    """TENANTRY_TOKEN_SECRET when set; otherwise a random secret kept in the data folder,
+    so that a restart does not invalidate the tokens browsers hold."""
+    return load_or_create(configured, data_dir / "token.secret")

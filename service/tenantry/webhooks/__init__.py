@@ -1,0 +1,1 @@
+"""Webhooks: tenants' endpoints, the fan-out from the outbox, signed delivery."""

@@ -1,0 +1,480 @@
+"""Webhook delivery: claim due deliveries, sign them (Standard Webhooks), POST them with
+a timeout through the address guard, classify the outcome, and record every attempt in
+batches (tenantry.webhook_record, which also moves each endpoint's circuit).
+
+A slow or dead endpoint cannot hold up the others: the claim gives an endpoint at most
+`max_in_flight` deliveries at a time across every process (and no more than its rate
+limit), so a hanging endpoint holds a few of this process's slots until its timeout,
+never all of them.  A process that stops mid-attempt leaves its deliveries leased; the
+rescue (webhook_rescue) puts them back after the lease, with the attempt on record.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import anyio
+import asyncpg
+from anyio.abc import TaskStatus
+
+from .. import __version__
+from .. import logging as log
+from ..clock import Clock, Random, SystemClock, system_random
+from ..db import UNAVAILABLE
+from ..safetext import safe_json, safe_text
+from ..sql import queries_for
+from ..supervise import Health
+from . import secrets
+from .deliveries import msg_id
+from .guard import ForbiddenAddress, Guard, ip_literal
+from .policy import DEFAULT_SCHEDULE, decide
+from .secrets import SecretBox, SecretUnreadable
+from .signing import signature_header
+
+Q = queries_for(__file__)
+USER_AGENT = f"Tenantry-Webhooks/{__version__}"
+REDACTED = "[redacted]"
+_RECORD_BATCH = 500
+
+
+@dataclass(frozen=True)
+class Breaker:
+    """When an endpoint's circuit opens, and what follows (see webhook_record)."""
+
+    failures: int = 10  # consecutive failed attempts
+    ratio: float = 0.5  # or this share of the window's attempts failed...
+    volume: int = 20  # ...out of at least this many
+    window_seconds: float = 60.0
+    cooldown_seconds: float = 30.0  # open -> one probe
+    disable_after_seconds: float = 5 * 86_400.0  # failing without a success this long
+
+    def as_json(self) -> dict[str, float]:
+        return {
+            "failures": self.failures,
+            "ratio": self.ratio,
+            "volume": self.volume,
+            "window_s": self.window_seconds,
+            "cooldown_s": self.cooldown_seconds,
+            "disable_after_s": self.disable_after_seconds,
+        }
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    concurrency: int = 64  # attempts in flight in this process
+    max_in_flight: int = 4  # per endpoint, across processes
+    timeout: int = 15  # seconds, connect to the end of the response; per-endpoint override
+    schedule: tuple[int, ...] = DEFAULT_SCHEDULE
+    body_cap: int = 64 * 1024  # bytes of a request or response body kept on record
+    poll_interval: float = 1.0
+    lease_margin: int = 10  # a lease is the timeout plus this
+    breaker: Breaker = field(default_factory=Breaker)
+
+
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    tenant_id: uuid.UUID
+    id: uuid.UUID
+    endpoint_id: uuid.UUID
+    event_type: str
+    body: str
+    attempts: int
+    url: str
+    headers: Mapping[str, str]
+    secret: bytes
+    previous_secret: bytes | None
+    timeout: int
+    schedule: tuple[int, ...] | None
+
+
+@dataclass
+class _Response:
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    body: str = ""
+    error_class: str | None = None
+    error: str | None = None
+
+
+class Deliverer:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        box: SecretBox,
+        guard: Guard,
+        config: DeliveryConfig,
+        *,
+        owner: str,
+        health: Health | None = None,
+        clock: Clock | None = None,
+        rnd: Random | None = None,
+    ) -> None:
+        self._pool = pool  # the worker's login: claims and records are cross-tenant
+        self._box = box
+        self._guard = guard
+        self.config = config
+        self._owner = owner
+        self._health = health
+        self._clock = clock or SystemClock()
+        self._rnd = rnd or system_random()
+        self._wake = anyio.Event()
+        self._in_flight = 0
+        self._results: list[dict[str, Any]] = []
+        self._have_results = anyio.Event()
+        self._idle = anyio.Event()
+        self._keys: dict[tuple[uuid.UUID, bytes], bytes] = {}
+        self._stopping = False
+        self.recorded = 0  # attempts recorded (tests and benchmarks wait on it)
+        self._recorded_event = anyio.Event()
+        self._log = log.get("webhooks")
+
+    # --- wake-ups -------------------------------------------------------------------------
+
+    def notify(self, _payload: str = "") -> None:
+        self._wake.set()
+
+    def resync(self) -> None:
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def wait_recorded(self, n: int) -> None:
+        while self.recorded < n:
+            self._recorded_event = anyio.Event()
+            await self._recorded_event.wait()
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.config.concurrency,
+            limit_per_host=0,
+            resolver=self._guard.resolver(),
+            use_dns_cache=False,
+        )
+        async with (
+            aiohttp.ClientSession(
+                connector=connector,
+                trust_env=False,  # no proxy from the environment: the guard decides
+                auto_decompress=False,  # the log keeps the bytes as they came
+                timeout=aiohttp.ClientTimeout(total=None),
+                skip_auto_headers=("User-Agent",),
+            ) as session,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(self._record_loop)
+            task_status.started()
+            try:
+                await self._claim_loop(session, tg)
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await self._flush()
+                tg.cancel_scope.cancel()
+
+    async def shutdown(self, grace: float) -> None:
+        """Soft stop: claim nothing more, let the attempts in flight end (each is bounded
+        by its timeout) for up to `grace` seconds, and record them."""
+        self._stopping = True
+        self._wake.set()
+        with anyio.move_on_after(grace):
+            while self._in_flight:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+        with anyio.move_on_after(5):
+            await self._flush()
+
+    async def _claim_loop(self, session: aiohttp.ClientSession, tg: anyio.abc.TaskGroup) -> None:
+        failures = 0
+        while not self._stopping:
+            free = self.config.concurrency - self._in_flight
+            claimed: list[_Claimed] = []
+            if free > 0:
+                try:
+                    claimed = await self._claim(free)
+                    failures = 0
+                    if self._health is not None:
+                        self._health.ok("webhook_claim")
+                except Exception as exc:  # the database away: back off and try again
+                    failures += 1
+                    self._log.warning("webhook_claim_failed", error=safe_text(str(exc)))
+                    if self._health is not None:
+                        self._health.failing("webhook_claim", str(exc))
+                    await anyio.sleep(min(0.1 * 2**failures, 5.0) * (0.5 + self._rnd.random()))
+                    continue
+            for row in claimed:
+                self._in_flight += 1
+                tg.start_soon(self._deliver, session, row)
+            if free > 0 and len(claimed) == free:
+                continue  # more may be due right now
+            with anyio.move_on_after(self.config.poll_interval * (0.75 + 0.5 * self._rnd.random())):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+
+    async def _claim(self, n: int) -> list[_Claimed]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                Q["claim"],
+                self._owner,
+                n,
+                uuid.uuid4(),
+                self.config.max_in_flight,
+                self.config.timeout,
+                self.config.lease_margin,
+            )
+        return [
+            _Claimed(
+                r["tenant_id"],
+                r["id"],
+                r["endpoint_id"],
+                r["event_type"],
+                r["body"],
+                r["attempts"],
+                r["url"],
+                r["headers"],
+                r["secret"],
+                r["previous_secret"],
+                r["timeout_seconds"],
+                tuple(r["retry_schedule"]) if r["retry_schedule"] is not None else None,
+            )
+            for r in rows
+        ]
+
+    # --- one attempt ----------------------------------------------------------------------------
+
+    def _key(self, row: _Claimed, sealed: bytes) -> bytes:
+        cached = self._keys.get((row.endpoint_id, sealed))
+        if cached is None:
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            cached = secrets.key_bytes(self._box.open(row.tenant_id, row.endpoint_id, sealed))
+            self._keys[(row.endpoint_id, sealed)] = cached
+        return cached
+
+    async def _deliver(self, session: aiohttp.ClientSession, row: _Claimed) -> None:
+        attempted_at = self._clock.now()
+        started = time.perf_counter()
+        body = row.body.encode("utf-8")
+        headers = {
+            **row.headers,
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "webhook-id": msg_id(row.id),
+            "webhook-timestamp": str(int(time.time())),
+        }
+        response = _Response()
+        try:
+            keys = [self._key(row, row.secret)]
+            if row.previous_secret is not None:
+                keys.append(self._key(row, row.previous_secret))
+            headers["webhook-signature"] = signature_header(
+                keys, headers["webhook-id"], int(headers["webhook-timestamp"]), body
+            )
+            response = await self._post(session, row, headers, body)
+        except SecretUnreadable as exc:
+            response.error_class, response.error = "secret", str(exc)
+            self._log.error("webhook_secret_unreadable", endpoint_id=str(row.endpoint_id))
+        except Exception as exc:  # a bug must not lose the delivery: it is recorded
+            response.error_class, response.error = "internal", f"{type(exc).__name__}: {exc}"
+            self._log.exception("webhook_attempt_crashed", delivery_id=str(row.id))
+        finally:
+            duration_ms = (time.perf_counter() - started) * 1000
+            self._in_flight -= 1
+            self._wake.set()
+            if not self._in_flight:
+                self._idle.set()
+        decision = decide(
+            attempts=row.attempts,
+            schedule=row.schedule or self.config.schedule,
+            status=response.status,
+            headers=response.headers,
+            error_class=response.error_class,
+            now=self._clock.now(),
+            rng=self._rnd,
+        )
+        sent_headers = {
+            k: (REDACTED if k in row.headers else v)  # the tenant's own headers may be secrets
+            for k, v in headers.items()
+        }
+        cap = self.config.body_cap
+        self._results.append(
+            {
+                "tenant_id": str(row.tenant_id),
+                "delivery_id": str(row.id),
+                "endpoint_id": str(row.endpoint_id),
+                "attempt": row.attempts,
+                "attempted_at": attempted_at.isoformat(),
+                "url": row.url,
+                "result": decision.result,
+                "request_headers": sent_headers,
+                "request_body": body[:cap].decode("utf-8", "replace"),
+                "response_status": response.status,
+                "response_headers": response.headers if response.status is not None else None,
+                "response_body": response.body if response.status is not None else None,
+                "duration_ms": duration_ms,
+                "error_class": response.error_class,
+                "error": response.error,
+                "next_state": decision.next_state,
+                "next_attempt_at": decision.next_attempt_at.isoformat()
+                if decision.next_attempt_at is not None
+                else None,
+                "reason": decision.reason,
+                "success": decision.success,
+            }
+        )
+        self._have_results.set()
+        if decision.next_state == "dead":
+            self._log.warning(
+                "webhook_dead_lettered",
+                tenant_id=str(row.tenant_id),
+                delivery_id=str(row.id),
+                endpoint_id=str(row.endpoint_id),
+                reason=decision.reason,
+                attempts=row.attempts,
+            )
+
+    async def _post(
+        self,
+        session: aiohttp.ClientSession,
+        row: _Claimed,
+        headers: dict[str, str],
+        body: bytes,
+    ) -> _Response:
+        out = _Response()
+        try:
+            host = urlsplit(row.url).hostname or ""
+            literal = ip_literal(host)
+            if literal is not None:
+                # aiohttp connects to an address in the URL without asking the resolver.
+                self._guard.check_address(host, literal)
+            async with session.post(
+                row.url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,  # a 3xx is a failure: redirects could leave the guard
+                timeout=aiohttp.ClientTimeout(total=row.timeout),
+            ) as resp:
+                out.status = resp.status
+                out.headers = _headers(resp.headers)
+                out.body = await _read_capped(resp.content, self.config.body_cap)
+        except ForbiddenAddress as exc:
+            out.error_class, out.error = "refused", str(exc)
+        except TimeoutError:
+            out.error_class = "timeout"
+            out.error = f"no complete response within {row.timeout} s"
+        except aiohttp.ClientConnectorDNSError as exc:
+            out.error_class, out.error = "dns", safe_text(str(exc))
+        except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:
+            out.error_class, out.error = "tls", safe_text(str(exc))
+        except aiohttp.ClientConnectorError as exc:
+            out.error_class, out.error = "connect", safe_text(str(exc))
+        except (
+            aiohttp.ServerDisconnectedError,
+            aiohttp.ClientPayloadError,
+            aiohttp.ClientOSError,
+            ConnectionResetError,
+        ) as exc:
+            out.error_class, out.error = "reset", safe_text(str(exc)) or type(exc).__name__
+        except ssl.SSLError as exc:
+            out.error_class, out.error = "tls", safe_text(str(exc))
+        except aiohttp.ClientError as exc:
+            out.error_class, out.error = "protocol", safe_text(str(exc)) or type(exc).__name__
+        if out.error_class is not None:
+            out.status = None  # a response cut short is no response
+        return out
+
+    # --- recording ------------------------------------------------------------------------------
+
+    async def _record_loop(self) -> None:
+        while True:
+            await self._have_results.wait()
+            self._have_results = anyio.Event()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        failures = 0
+        while self._results:
+            batch = self._results[:_RECORD_BATCH]
+            try:
+                await self._record(batch)
+            except UNAVAILABLE as exc:
+                # Kept in memory and tried again; if the process dies meanwhile, the
+                # leases run out and the rescue records the attempts as interrupted.
+                failures += 1
+                self._log.warning("webhook_record_failed", error=safe_text(str(exc)))
+                await anyio.sleep(min(0.1 * 2**failures, 5.0) * (0.5 + self._rnd.random()))
+                continue
+            except Exception as exc:
+                # Something in the batch that the database refuses: one such attempt
+                # must not stop every other's recording.  Each alone, and one refused
+                # alone is recorded without the details it was refused for.
+                self._log.error("webhook_record_refused", error=safe_text(str(exc)))
+                await self._record_one_by_one(batch)
+            del self._results[: len(batch)]
+            self.recorded += len(batch)
+            self._recorded_event.set()
+            # Recording freed endpoints' places (their deliveries left `sending`).
+            self._wake.set()
+
+    async def _record(self, batch: list[dict[str, Any]]) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.fetchval(
+                Q["record"], self._owner, safe_json(batch), self.config.breaker.as_json()
+            )
+
+    async def _record_one_by_one(self, batch: list[dict[str, Any]]) -> None:
+        for result in batch:
+            try:
+                await self._record([result])
+            except UNAVAILABLE:
+                raise
+            except Exception as exc:
+                plain = {
+                    **result,
+                    "request_headers": {},
+                    "request_body": "",
+                    "response_headers": None,
+                    "response_body": None,
+                    "error": f"the attempt's details could not be stored: {exc}"[:1000],
+                }
+                try:
+                    await self._record([plain])
+                except UNAVAILABLE:
+                    raise
+                except Exception:
+                    # Left leased: when the lease runs out the rescue records the
+                    # attempt as interrupted and the delivery is tried again.
+                    self._log.exception(
+                        "webhook_record_lost",
+                        delivery_id=result["delivery_id"],
+                        tenant_id=result["tenant_id"],
+                    )
+
+
+def _headers(raw: Any) -> dict[str, str]:
+    """Response headers, names in lower case, repeated ones joined as HTTP allows."""
+    out: dict[str, str] = {}
+    for name, value in raw.items():
+        key = safe_text(name).lower()
+        text = safe_text(value)
+        out[key] = f"{out[key]}, {text}" if key in out else text
+    return out
+
+
+async def _read_capped(content: aiohttp.StreamReader, cap: int) -> str:
+    """Up to `cap` bytes of the body (an endless body is cut there), as text."""
+    raw = bytearray()
+    while len(raw) < cap:
+        chunk = await content.read(cap - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    return safe_text(bytes(raw).decode("utf-8", "replace"))

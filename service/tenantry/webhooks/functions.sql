@@ -1,0 +1,520 @@
+-- version: 1
+-- The webhooks module's functions: the fan-out from the outbox, the claim of due
+-- deliveries, the recording of attempts (with the circuit breaker), the rescue of
+-- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
+-- applied again whenever this file changes (raise the version above with every
+-- change).  The cross-tenant functions run as tenantry_system and are executable by
+-- the worker's login only (the operator's by tenantry_operator).
+
+GRANT CREATE ON SCHEMA tenantry TO tenantry_system;
+-- The delivery functions append the endpoints' circuit and disabling events.
+GRANT EXECUTE ON FUNCTION tenantry.emit(uuid, text, text, text, jsonb, integer)
+    TO tenantry_system;
+
+-- Whether an endpoint subscribed to an event type: no pattern (every event), the
+-- exact type, `*`, or a prefix pattern `invoice.*` (matches `invoice.paid`).
+CREATE OR REPLACE FUNCTION tenantry.webhook_matches(patterns text[], event_type text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN cardinality(patterns) = 0
+    OR event_type = ANY (patterns)
+    OR EXISTS (SELECT 1 FROM unnest(patterns) p
+                WHERE p = '*' OR (right(p, 2) = '.*' AND starts_with(event_type, left(p, -1))));
+
+-- The body of a delivery as Standard Webhooks has it: {"type", "timestamp", "data"},
+-- the event's time in the interface's one time format (tenantry/timefmt.py).
+CREATE OR REPLACE FUNCTION tenantry.webhook_body(
+    event_type text, payload jsonb, created_at timestamptz
+) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN jsonb_build_object(
+    'type', event_type,
+    'timestamp', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+    'data', payload)::text;
+
+-- Fan the events committed since the stored position out to deliveries: one per
+-- (event, enabled endpoint of its tenant whose filter matches), then store the new
+-- position, in one transaction.  The position row's lock makes one follower at a time
+-- do it (the others answer events = -1 and try again later); the unique key on (event,
+-- endpoint) makes a repeat after a crash create nothing twice.  The position is a
+-- snapshot, read as outbox_follow reads it (tenantry/outbox/functions.sql): every
+-- event committed since belongs to a transaction that was running then (its xip list)
+-- or had not started (at or above its xmax), so none is missed, whatever order
+-- transactions commit in.  A `webhook.test` event goes only to the endpoint it names.
+CREATE OR REPLACE FUNCTION tenantry.webhook_fan_out(OUT events integer, OUT deliveries integer)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    pos pg_snapshot;
+    next_pos pg_snapshot;
+BEGIN
+    SELECT p.snapshot INTO pos FROM tenantry.webhook_fanout_position p FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        events := -1;
+        deliveries := 0;
+        RETURN;
+    END IF;
+    -- One statement: the events it reads and the snapshot it stores are the same view.
+    WITH ev AS (
+        SELECT o.tenant_id, o.id, o.event_type, o.payload, o.created_at
+          FROM tenantry.outbox o
+         WHERE o.xid >= pg_snapshot_xmax(pos)
+        UNION ALL
+        SELECT o.tenant_id, o.id, o.event_type, o.payload, o.created_at
+          FROM tenantry.outbox o
+         WHERE o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(pos)))
+    ), made AS (
+        INSERT INTO tenantry.webhook_deliveries AS d
+               (tenant_id, endpoint_id, event_id, event_type, body, created_at)
+        SELECT ev.tenant_id, e.id, ev.id, ev.event_type,
+               tenantry.webhook_body(ev.event_type, ev.payload, ev.created_at), now()
+          FROM ev
+          JOIN tenantry.webhook_endpoints e ON e.tenant_id = ev.tenant_id AND e.enabled
+         WHERE CASE WHEN ev.event_type = 'webhook.test'
+                    THEN ev.payload ->> 'endpoint_id' = e.id::text
+                    ELSE tenantry.webhook_matches(e.event_types, ev.event_type) END
+        ON CONFLICT DO NOTHING
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM ev)::integer, (SELECT count(*) FROM made)::integer,
+           pg_current_snapshot()
+      INTO events, deliveries, next_pos;
+    UPDATE tenantry.webhook_fanout_position SET snapshot = next_pos, updated_at = now();
+    IF deliveries > 0 THEN
+        PERFORM pg_notify('tenantry_webhooks', 'deliveries');
+    END IF;
+END;
+$$;
+
+-- How far the fan-out is behind: events committed since its position (counted up to
+-- `cap`, so that a large backlog costs a bounded read) and the oldest one's time.
+CREATE OR REPLACE FUNCTION tenantry.webhook_fanout_lag(cap integer)
+RETURNS TABLE (events bigint, oldest timestamptz)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    pos pg_snapshot;
+BEGIN
+    SELECT p.snapshot INTO pos FROM tenantry.webhook_fanout_position p;
+    RETURN QUERY
+    SELECT count(*), min(x.created_at)
+      FROM (SELECT o.created_at FROM tenantry.outbox o
+             WHERE o.xid >= pg_snapshot_xmax(pos) OR o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(pos)))
+             LIMIT cap) x;
+END;
+$$;
+
+-- Claim up to `max_rows` due deliveries for `owner`, at most `max_in_flight` in flight
+-- per endpoint across every process (claims take turns on an advisory lock, so the
+-- count they see is exact), within an endpoint's rate limit (a token bucket), and only
+-- for an endpoint whose circuit lets them through: closed; or open past its cool-down,
+-- or half-open with nothing in flight, for one probe (the endpoint turns half-open).
+-- The walk over endpoints starts at `pivot` (random per claim), so that when the
+-- process has fewer slots than endpoints have work, no endpoint is always last.
+-- Each claimed delivery is leased for its timeout plus `lease_margin` seconds.
+CREATE OR REPLACE FUNCTION tenantry.webhook_claim(
+    owner text, max_rows integer, pivot uuid, max_in_flight integer,
+    default_timeout integer, lease_margin integer
+)
+RETURNS TABLE (
+    tenant_id uuid, id uuid, endpoint_id uuid, event_id bigint, event_type text,
+    body text, attempts integer, url text, headers jsonb, secret bytea,
+    previous_secret bytea, timeout_seconds integer, retry_schedule integer[], probe boolean
+)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM pg_advisory_xact_lock(32331, hashtext('tenantry.webhook_claim'));
+    RETURN QUERY
+    WITH busy AS (
+        SELECT d.tenant_id, d.endpoint_id, count(*)::integer AS n
+          FROM tenantry.webhook_deliveries d
+         WHERE d.state = 'sending'
+         GROUP BY d.tenant_id, d.endpoint_id
+    ), ep AS (
+        SELECT e.tenant_id, e.id, e.circuit_state,
+               least(
+                   CASE WHEN e.circuit_state = 'closed'
+                            THEN $4 - coalesce(b.n, 0)
+                        WHEN coalesce(b.n, 0) = 0
+                             AND (e.circuit_state = 'half_open' OR e.circuit_retry_at <= now())
+                            THEN 1
+                        ELSE 0 END,
+                   CASE WHEN e.rate_limit IS NULL THEN $2
+                        ELSE floor(least(e.rate_limit::float8,
+                                         coalesce(e.rate_tokens, e.rate_limit)
+                                         + e.rate_limit * extract(epoch FROM
+                                             now() - coalesce(e.rate_refilled_at, now()))))::integer
+                   END) AS free
+          FROM tenantry.webhook_endpoints e
+          LEFT JOIN busy b ON b.tenant_id = e.tenant_id AND b.endpoint_id = e.id
+         WHERE e.enabled
+    ), picked AS (
+        SELECT c.tenant_id, c.id
+          FROM (SELECT * FROM ep WHERE ep.free > 0 ORDER BY ep.id < $3, ep.id) ep
+         CROSS JOIN LATERAL (
+               SELECT d.tenant_id, d.id
+                 FROM tenantry.webhook_deliveries d
+                WHERE d.tenant_id = ep.tenant_id AND d.endpoint_id = ep.id
+                  AND d.state = 'pending' AND d.next_attempt_at <= now()
+                ORDER BY d.next_attempt_at
+                LIMIT ep.free
+                  FOR UPDATE SKIP LOCKED) c
+         LIMIT $2
+    ), claimed AS (
+        UPDATE tenantry.webhook_deliveries d
+           SET state = 'sending', attempts = d.attempts + 1, lease_owner = $1,
+               lease_until = now() + make_interval(
+                   secs => coalesce(e.timeout_seconds, $5) + $6),
+               updated_at = now()
+          FROM picked p, tenantry.webhook_endpoints e
+         WHERE d.tenant_id = p.tenant_id AND d.id = p.id
+           AND e.tenant_id = d.tenant_id AND e.id = d.endpoint_id
+        RETURNING d.tenant_id, d.id, d.endpoint_id, d.event_id, d.event_type, d.body,
+                  d.attempts
+    ), per_endpoint AS (
+        SELECT c.tenant_id, c.endpoint_id, count(*)::integer AS n
+          FROM claimed c GROUP BY c.tenant_id, c.endpoint_id
+    ), spent AS (
+        UPDATE tenantry.webhook_endpoints e
+           SET circuit_state = CASE WHEN e.circuit_state = 'open' THEN 'half_open'
+                                    ELSE e.circuit_state END,
+               rate_tokens = CASE WHEN e.rate_limit IS NULL THEN NULL
+                   ELSE least(e.rate_limit::float8,
+                              coalesce(e.rate_tokens, e.rate_limit)
+                              + e.rate_limit * extract(epoch FROM
+                                  now() - coalesce(e.rate_refilled_at, now()))) - pe.n END,
+               rate_refilled_at = CASE WHEN e.rate_limit IS NULL THEN NULL ELSE now() END
+          FROM per_endpoint pe
+         WHERE e.tenant_id = pe.tenant_id AND e.id = pe.endpoint_id
+           AND (e.circuit_state = 'open' OR e.rate_limit IS NOT NULL)
+        RETURNING e.id
+    )
+    SELECT c.tenant_id, c.id, c.endpoint_id, c.event_id, c.event_type, c.body, c.attempts,
+           e.url, e.headers, e.secret,
+           CASE WHEN e.previous_secret_until > now() THEN e.previous_secret END,
+           coalesce(e.timeout_seconds, $5), e.retry_schedule,
+           e.circuit_state <> 'closed'
+      FROM claimed c
+      JOIN tenantry.webhook_endpoints e ON e.tenant_id = c.tenant_id AND e.id = c.endpoint_id;
+END;
+$$;
+
+-- The finished attempts that webhook_record receives, as rows.
+CREATE OR REPLACE FUNCTION tenantry.webhook_results(results jsonb)
+RETURNS TABLE (
+    tenant_id uuid, delivery_id uuid, endpoint_id uuid, attempt integer,
+    attempted_at timestamptz, url text, result text, request_headers jsonb,
+    request_body text, response_status integer, response_headers jsonb,
+    response_body text, duration_ms double precision, error_class text, error text,
+    next_state text, next_attempt_at timestamptz, reason text, success boolean
+)
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+SELECT * FROM jsonb_to_recordset(results) AS r (
+    tenant_id uuid, delivery_id uuid, endpoint_id uuid, attempt integer,
+    attempted_at timestamptz, url text, result text, request_headers jsonb,
+    request_body text, response_status integer, response_headers jsonb,
+    response_body text, duration_ms double precision, error_class text, error text,
+    next_state text, next_attempt_at timestamptz, reason text, success boolean)
+$$;
+
+-- Record finished attempts, one JSON object each (tenantry/webhooks/deliverer.py
+-- decides the outcome): the attempt row, the delivery's next state (only while the
+-- recording process still holds its lease: a rescued and re-claimed delivery belongs
+-- to its new holder), and each endpoint's circuit and health.  `cfg` holds the
+-- breaker's settings: failures (consecutive failed attempts that open it), ratio and
+-- volume (a failure ratio over at least that many attempts in the window opens it),
+-- window_s, cooldown_s (open -> one probe), disable_after_s (failing without a single
+-- success that long disables the endpoint).  Circuit changes and disabling append
+-- events to the outbox (aggregate `webhook_endpoint`): the endpoint's history, and
+-- what the tenant's other endpoints and the operators hear.  Returns the number of
+-- deliveries whose state changed.
+CREATE OR REPLACE FUNCTION tenantry.webhook_record(owner text, results jsonb, cfg jsonb)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    changed integer;
+    ep record;
+    before record;
+    after record;
+    event text;
+BEGIN
+    INSERT INTO tenantry.webhook_attempts
+           (tenant_id, delivery_id, endpoint_id, attempt, attempted_at, url, result,
+            request_headers, request_body, response_status, response_headers,
+            response_body, duration_ms, error_class, error)
+    SELECT r.tenant_id, r.delivery_id, r.endpoint_id, r.attempt, r.attempted_at, r.url,
+           r.result, r.request_headers, r.request_body, r.response_status,
+           r.response_headers, r.response_body, r.duration_ms, r.error_class, r.error
+      FROM tenantry.webhook_results(results) r;
+
+    UPDATE tenantry.webhook_deliveries d
+       SET state = r.next_state,
+           next_attempt_at = coalesce(r.next_attempt_at, d.next_attempt_at),
+           last_status = r.response_status,
+           last_error = CASE WHEN r.success THEN NULL
+                             ELSE coalesce(r.error, 'HTTP ' || r.response_status) END,
+           reason = r.reason,
+           lease_until = NULL, lease_owner = NULL, updated_at = now(),
+           finished_at = CASE WHEN r.next_state IN ('delivered', 'dead') THEN now() END
+      FROM tenantry.webhook_results(results) r
+     WHERE d.tenant_id = r.tenant_id AND d.id = r.delivery_id
+       AND d.state = 'sending' AND d.lease_owner = owner;
+    GET DIAGNOSTICS changed = ROW_COUNT;
+
+    -- Each endpoint's attempts in this batch, in time order: what closes, opens or
+    -- disables it.  Endpoints are locked in one order so two recorders cannot deadlock.
+    FOR ep IN
+        SELECT r.tenant_id, r.endpoint_id,
+               count(*) FILTER (WHERE r.success) AS ok,
+               count(*) FILTER (WHERE NOT r.success) AS failed,
+               max(r.attempted_at) FILTER (WHERE r.success) AS last_ok,
+               bool_or(r.result = 'gone') AS gone
+          FROM tenantry.webhook_results(results) r
+         GROUP BY r.tenant_id, r.endpoint_id
+         ORDER BY r.tenant_id, r.endpoint_id
+    LOOP
+        SELECT e.* INTO before FROM tenantry.webhook_endpoints e
+         WHERE e.tenant_id = ep.tenant_id AND e.id = ep.endpoint_id FOR UPDATE;
+        CONTINUE WHEN NOT FOUND;  -- deleted meanwhile
+        UPDATE tenantry.webhook_endpoints e SET
+               window_started_at = w.started,
+               window_attempts = w.attempts,
+               window_failures = w.failures,
+               circuit_failures = w.consecutive,
+               last_success_at = coalesce(ep.last_ok, e.last_success_at),
+               failing_since = w.failing_since,
+               circuit_state = w.state,
+               circuit_opened_at = CASE WHEN w.state = 'open' AND e.circuit_state <> 'open'
+                                        THEN now() ELSE e.circuit_opened_at END,
+               circuit_retry_at = CASE
+                   WHEN w.state = 'open' AND e.circuit_state <> 'open'
+                       THEN now() + make_interval(secs => (cfg ->> 'cooldown_s')::float8)
+                   WHEN w.state = 'closed' THEN NULL
+                   ELSE e.circuit_retry_at END,
+               enabled = e.enabled AND NOT w.disable,
+               disabled_at = CASE WHEN e.enabled AND w.disable THEN now() ELSE e.disabled_at END,
+               disabled_reason = CASE
+                   WHEN NOT (e.enabled AND w.disable) THEN e.disabled_reason
+                   WHEN ep.gone THEN 'the endpoint answered 410 Gone'
+                   ELSE 'no successful delivery since '
+                        || to_char(w.failing_since AT TIME ZONE 'UTC',
+                                   'YYYY-MM-DD"T"HH24:MI:SS"Z"') END,
+               updated_at = now()
+          FROM (
+            SELECT s.*,
+                   CASE
+                       WHEN ep.ok > 0 AND s.trailing = 0 THEN 'closed'
+                       WHEN before.circuit_state = 'half_open' THEN 'open'
+                       WHEN before.circuit_state = 'open' THEN 'open'
+                       WHEN s.consecutive >= (cfg ->> 'failures')::integer THEN 'open'
+                       WHEN s.attempts >= (cfg ->> 'volume')::integer
+                            AND s.failures >= s.attempts * (cfg ->> 'ratio')::float8 THEN 'open'
+                       ELSE before.circuit_state END AS state,
+                   ep.gone OR (s.failing_since IS NOT NULL
+                       AND s.failing_since < now() - make_interval(
+                               secs => (cfg ->> 'disable_after_s')::float8)) AS disable
+              FROM (
+                SELECT t.*,
+                       CASE WHEN ep.ok > 0 THEN t.trailing
+                            ELSE before.circuit_failures + ep.failed END AS consecutive,
+                       CASE WHEN ep.ok > 0 THEN t.first_trailing
+                            ELSE coalesce(before.failing_since, t.first_failed) END
+                           AS failing_since
+                  FROM (
+                    SELECT CASE WHEN fresh THEN now() ELSE before.window_started_at END AS started,
+                           (CASE WHEN fresh THEN 0 ELSE before.window_attempts END)
+                               + ep.ok + ep.failed AS attempts,
+                           (CASE WHEN fresh THEN 0 ELSE before.window_failures END)
+                               + ep.failed AS failures,
+                           (SELECT count(*) FROM tenantry.webhook_results(results) r
+                             WHERE r.tenant_id = ep.tenant_id AND r.endpoint_id = ep.endpoint_id
+                               AND NOT r.success
+                               AND r.attempted_at > coalesce(ep.last_ok, '-infinity'))
+                               AS trailing,
+                           (SELECT min(r.attempted_at) FROM tenantry.webhook_results(results) r
+                             WHERE r.tenant_id = ep.tenant_id AND r.endpoint_id = ep.endpoint_id
+                               AND NOT r.success
+                               AND r.attempted_at > coalesce(ep.last_ok, '-infinity'))
+                               AS first_trailing,
+                           (SELECT min(r.attempted_at) FROM tenantry.webhook_results(results) r
+                             WHERE r.tenant_id = ep.tenant_id AND r.endpoint_id = ep.endpoint_id
+                               AND NOT r.success) AS first_failed
+                      FROM (SELECT before.window_started_at < now() - make_interval(
+                                       secs => (cfg ->> 'window_s')::float8) AS fresh) f
+                  ) t
+              ) s
+          ) w
+         WHERE e.tenant_id = ep.tenant_id AND e.id = ep.endpoint_id
+        RETURNING e.* INTO after;
+
+        event := CASE
+            WHEN before.enabled AND NOT after.enabled THEN 'webhook.endpoint.disabled'
+            WHEN before.circuit_state <> 'open' AND after.circuit_state = 'open'
+                THEN 'webhook.endpoint.circuit_opened'
+            WHEN before.circuit_state <> 'closed' AND after.circuit_state = 'closed'
+                THEN 'webhook.endpoint.circuit_closed'
+        END;
+        IF event IS NOT NULL THEN
+            PERFORM tenantry.emit(ep.tenant_id, 'webhook_endpoint', ep.endpoint_id::text, event,
+                jsonb_build_object(
+                    'endpoint_id', ep.endpoint_id, 'url', after.url,
+                    'circuit', after.circuit_state,
+                    'consecutive_failures', after.circuit_failures,
+                    'reason', after.disabled_reason));
+        END IF;
+    END LOOP;
+    RETURN changed;
+END;
+$$;
+
+-- Deliveries whose lease ran out (the sending process stopped mid-attempt) go back to
+-- pending, due now, with an `interrupted` attempt on record; one that has used every
+-- attempt of its schedule is dead-lettered.  Pending deliveries of an endpoint that
+-- no longer exists are cancelled with the reason (a fan-out that raced the deletion).
+-- Returns the number of deliveries changed.
+CREATE OR REPLACE FUNCTION tenantry.webhook_rescue(default_attempts integer, max_rows integer)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n integer;
+    m integer;
+BEGIN
+    WITH expired AS (
+        SELECT d.tenant_id, d.id, d.endpoint_id FROM tenantry.webhook_deliveries d
+         WHERE d.state = 'sending' AND d.lease_until < now()
+         ORDER BY d.lease_until
+         LIMIT max_rows
+           FOR UPDATE SKIP LOCKED
+    ), moved AS (
+        UPDATE tenantry.webhook_deliveries d
+           SET state = CASE WHEN d.attempts >= coalesce(cardinality(e.retry_schedule),
+                                                        default_attempts)
+                            THEN 'dead' ELSE 'pending' END,
+               reason = CASE WHEN d.attempts >= coalesce(cardinality(e.retry_schedule),
+                                                         default_attempts)
+                             THEN 'exhausted' END,
+               finished_at = CASE WHEN d.attempts >= coalesce(cardinality(e.retry_schedule),
+                                                              default_attempts)
+                                  THEN now() END,
+               next_attempt_at = now(), last_error = 'interrupted: the sending process stopped',
+               lease_until = NULL, lease_owner = NULL, updated_at = now()
+          FROM expired x
+          LEFT JOIN tenantry.webhook_endpoints e
+                 ON e.tenant_id = x.tenant_id AND e.id = x.endpoint_id
+         WHERE d.tenant_id = x.tenant_id AND d.id = x.id
+        RETURNING d.tenant_id, d.id, d.endpoint_id, d.attempts
+    )
+    INSERT INTO tenantry.webhook_attempts
+           (tenant_id, delivery_id, endpoint_id, attempt, attempted_at, url, result,
+            request_headers, request_body, duration_ms, error_class, error)
+    SELECT m.tenant_id, m.id, m.endpoint_id, m.attempts, now(),
+           coalesce((SELECT e.url FROM tenantry.webhook_endpoints e
+                      WHERE e.tenant_id = m.tenant_id AND e.id = m.endpoint_id), ''),
+           'interrupted', '{}', '', 0, 'interrupted',
+           'the process sending this attempt stopped before it recorded the outcome'
+      FROM moved m;
+    GET DIAGNOSTICS n = ROW_COUNT;
+
+    UPDATE tenantry.webhook_deliveries d
+       SET state = 'cancelled', reason = 'endpoint_deleted', finished_at = now(),
+           updated_at = now()
+     WHERE d.ctid = ANY (ARRAY(
+           SELECT x.ctid FROM tenantry.webhook_deliveries x
+            WHERE x.state = 'pending'
+              AND NOT EXISTS (SELECT 1 FROM tenantry.webhook_endpoints e
+                               WHERE e.tenant_id = x.tenant_id AND e.id = x.endpoint_id)
+            LIMIT max_rows));
+    GET DIAGNOSTICS m = ROW_COUNT;
+    RETURN n + m;
+END;
+$$;
+
+-- Retention: attempts older than `retention_days` (except those of dead deliveries,
+-- kept until discarded), and delivered or cancelled deliveries finished that long
+-- ago; a bounded batch per call.
+CREATE OR REPLACE FUNCTION tenantry.webhook_prune(retention_days integer, max_rows integer)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n integer;
+    m integer;
+BEGIN
+    IF retention_days IS NULL OR retention_days < 1 THEN
+        RAISE EXCEPTION 'tenantry.webhook_prune: retention_days must be >= 1'
+            USING ERRCODE = '22023';
+    END IF;
+    DELETE FROM tenantry.webhook_attempts a
+     WHERE a.ctid = ANY (ARRAY(
+           SELECT x.ctid FROM tenantry.webhook_attempts x
+            WHERE x.attempted_at < now() - make_interval(days => retention_days)
+              AND NOT EXISTS (SELECT 1 FROM tenantry.webhook_deliveries d
+                               WHERE d.tenant_id = x.tenant_id AND d.id = x.delivery_id
+                                 AND d.state = 'dead')
+            ORDER BY x.attempted_at
+            LIMIT max_rows));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    DELETE FROM tenantry.webhook_deliveries d
+     WHERE d.ctid = ANY (ARRAY(
+           SELECT x.ctid FROM tenantry.webhook_deliveries x
+            WHERE x.state IN ('delivered', 'cancelled')
+              AND x.finished_at < now() - make_interval(days => retention_days)
+            ORDER BY x.finished_at
+            LIMIT max_rows));
+    GET DIAGNOSTICS m = ROW_COUNT;
+    RETURN n + m;
+END;
+$$;
+
+ALTER FUNCTION tenantry.webhook_matches(text[], text) OWNER TO tenantry_owner;
+ALTER FUNCTION tenantry.webhook_body(text, jsonb, timestamptz) OWNER TO tenantry_owner;
+ALTER FUNCTION tenantry.webhook_fan_out() OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.webhook_fanout_lag(integer) OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.webhook_claim(text, integer, uuid, integer, integer, integer)
+    OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.webhook_results(jsonb) OWNER TO tenantry_owner;
+ALTER FUNCTION tenantry.webhook_record(text, jsonb, jsonb) OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.webhook_rescue(integer, integer) OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.webhook_prune(integer, integer) OWNER TO tenantry_system;
+REVOKE ALL ON FUNCTION tenantry.webhook_fan_out(),
+                       tenantry.webhook_fanout_lag(integer),
+                       tenantry.webhook_claim(text, integer, uuid, integer, integer, integer),
+                       tenantry.webhook_record(text, jsonb, jsonb),
+                       tenantry.webhook_rescue(integer, integer),
+                       tenantry.webhook_prune(integer, integer)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION tenantry.webhook_matches(text[], text),
+                          tenantry.webhook_body(text, jsonb, timestamptz)
+    TO tenantry_service, tenantry_system;
+REVOKE ALL ON FUNCTION tenantry.webhook_results(jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION tenantry.webhook_results(jsonb) TO tenantry_system;
+GRANT EXECUTE ON FUNCTION tenantry.webhook_fan_out(),
+                          tenantry.webhook_fanout_lag(integer),
+                          tenantry.webhook_claim(text, integer, uuid, integer, integer, integer),
+                          tenantry.webhook_record(text, jsonb, jsonb),
+                          tenantry.webhook_rescue(integer, integer),
+                          tenantry.webhook_prune(integer, integer)
+    TO tenantry_worker;
+GRANT EXECUTE ON FUNCTION tenantry.webhook_fanout_lag(integer) TO tenantry_operator;
+
+REVOKE CREATE ON SCHEMA tenantry FROM tenantry_system;

@@ -1,0 +1,540 @@
+"""Webhooks end to end in one process: the tenant API registers endpoints, events
+appended to the outbox reach a real receiver on loopback signed (verified with the
+independent `standardwebhooks` package), and every attempt is on record."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from tenantry import tenant_tx
+from tenantry.app import Service
+from tenantry.outbox.store import emit
+from tenantry.tenants import store
+from tests.helpers import background_service, eventually, service_settings
+from tests.receiver import (
+    Receiver,
+    answer,
+    endless_body,
+    hang,
+    redirect,
+    reset,
+    running_receiver,
+)
+
+
+@asynccontextmanager
+async def service(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool, **overrides: Any
+) -> AsyncIterator[Service]:
+    settings = service_settings(tmp_path, **overrides)
+    async with background_service(settings, app_url, pool, worker_pool) as svc:
+        yield svc
+
+
+class Tenant:
+    """A tenant with an API key, and a client of the service that sends it."""
+
+    def __init__(self, tenant_id: uuid.UUID, key: str, base: str) -> None:
+        self.id = tenant_id
+        self.key = key
+        self.base = base
+
+    async def call(self, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {self.key}"}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.request(method, self.base + path, json=body, headers=headers, **kw) as r,
+        ):
+            return r.status, await r.json(content_type=None) if r.content_length != 0 else None
+
+    async def endpoint(self, url: str, **fields: Any) -> dict[str, Any]:
+        status, body = await self.call("POST", "/v1/webhook-endpoints", {"url": url, **fields})
+        assert status == 201, body
+        return dict(body)
+
+    async def emit(self, pool: asyncpg.Pool, event_type: str, payload: Any = None) -> int:
+        async with tenant_tx(pool, self.id) as tx:
+            return await emit(
+                tx,
+                tenant_id=self.id,
+                aggregate_type="thing",
+                aggregate_id=str(uuid.uuid4()),
+                event_type=event_type,
+                payload=payload or {},
+            )
+
+    async def delivery(self, delivery_id: str) -> dict[str, Any]:
+        status, body = await self.call("GET", f"/v1/webhook-deliveries/{delivery_id}")
+        assert status == 200, body
+        return dict(body)
+
+    async def deliveries(self, **query: str) -> list[dict[str, Any]]:
+        status, body = await self.call("GET", "/v1/webhook-deliveries", params=query)
+        assert status == 200, body
+        return list(body["data"])
+
+
+async def new_tenant(pool: asyncpg.Pool, svc: Service, name: str = "Acme Inc") -> Tenant:
+    t = await store.create_tenant(pool, name=name)
+    key = await store.create_key(pool, t.id)
+    return Tenant(t.id, key.secret, f"http://127.0.0.1:{svc.http.port}")
+
+
+async def finished(tenant: Tenant, delivery_id: str, timeout: float = 20) -> dict[str, Any]:
+    """The delivery once it left pending/sending (polled: its state changes in the
+    database, where no event reaches the test)."""
+    seen: dict[str, Any] = {}
+
+    async def done() -> bool:
+        seen.update(await tenant.delivery(delivery_id))
+        return seen["state"] not in ("pending", "sending")
+
+    await eventually(done, timeout)
+    return seen
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with running_receiver() as r:
+        yield r
+
+
+@pytest.fixture
+async def svc(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> AsyncIterator[Service]:
+    async with service(tmp_path, app_url, pool, worker_pool) as s:
+        yield s
+
+
+async def test_an_event_reaches_the_endpoint_signed_as_standard_webhooks_says(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    ep = await acme.endpoint(receiver.url("/hook"), description="billing")
+    assert ep["secret"].startswith("whsec_") and ep["enabled"] is True
+    assert ep["circuit"]["state"] == "closed"
+
+    event_id = await acme.emit(pool, "invoice.paid", {"invoice": 42, "note": "ünïcode ✓"})
+    [got] = await receiver.wait_count("/hook", 1)
+
+    payload = got.verify(ep["secret"])  # raises unless the signature verifies
+    assert payload["type"] == "invoice.paid"
+    assert payload["data"] == {"invoice": 42, "note": "ünïcode ✓"}
+    assert payload["timestamp"].endswith("Z")
+    assert got.headers["content-type"] == "application/json"
+    assert got.headers["user-agent"].startswith("Tenantry-Webhooks/")
+    assert got.webhook_id.startswith("msg_")
+    with pytest.raises(WebhookVerificationError):
+        got.verify("whsec_" + "QUJD" * 8)  # another secret does not verify it
+
+    [listed] = await acme.deliveries()
+    assert listed["event_id"] == event_id and listed["webhook_id"] == got.webhook_id
+    done = await finished(acme, listed["id"])
+    assert done["state"] == "delivered" and done["attempts"] == 1
+    [attempt] = done["attempt_log"]
+    assert attempt["result"] == "delivered" and attempt["response"]["status"] == 204
+    assert attempt["request"]["body"] == got.body.decode()
+    assert attempt["request"]["headers"]["webhook-signature"] == got.headers["webhook-signature"]
+
+
+async def test_endpoints_get_only_the_events_they_subscribed_to(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    await acme.endpoint(receiver.url("/invoices"), event_types=["invoice.*"])
+    await acme.endpoint(receiver.url("/users"), event_types=["user.created"])
+    await acme.endpoint(receiver.url("/all"))
+    other = await new_tenant(pool, svc, "Other Co")
+    await other.endpoint(receiver.url("/other"))
+
+    for t in ("invoice.paid", "invoice.voided", "user.created", "user.deleted", "invoices.x"):
+        await acme.emit(pool, t)
+    await receiver.wait_count("/all", 5)
+    await receiver.wait_count("/invoices", 2)
+    await receiver.wait_count("/users", 1)
+    # Every matching delivery has arrived once all five reached /all: nothing more comes.
+    types = {p: sorted(r.json()["type"] for r in receiver.at(p)) for p in ("/invoices", "/users")}
+    assert types == {"/invoices": ["invoice.paid", "invoice.voided"], "/users": ["user.created"]}
+    assert receiver.at("/other") == []  # another tenant's events never reach it
+
+
+async def test_a_failing_delivery_is_retried_then_delivered_with_every_attempt_logged(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    ep = await acme.endpoint(receiver.url("/flaky"), retry_schedule=[0, 0, 0, 0])
+    answers = iter([answer(500, body=b"boom"), answer(503), answer(200, body=b"ok")])
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        return await next(answers)(request)
+
+    receiver.on("/flaky", flaky)
+    await acme.emit(pool, "invoice.paid")
+    got = await receiver.wait_count("/flaky", 3)
+    assert len({r.webhook_id for r in got}) == 1  # receivers deduplicate by it
+    for r in got:
+        r.verify(ep["secret"])
+    [d] = await acme.deliveries()
+    done = await finished(acme, d["id"])
+    assert done["state"] == "delivered" and done["attempts"] == 3
+    log = done["attempt_log"]
+    assert [a["result"] for a in log] == ["failed", "failed", "delivered"]
+    assert [a["response"]["status"] for a in log] == [500, 503, 200]
+    assert log[0]["response"]["body"] == "boom"
+
+
+async def test_retries_run_out_into_the_dead_letters_with_the_full_log(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    await acme.endpoint(receiver.url("/down"), retry_schedule=[0, 0, 0])
+    receiver.on("/down", answer(500, body=b"down for maintenance"))
+    await acme.emit(pool, "invoice.paid")
+    [d] = await acme.deliveries()
+    done = await finished(acme, d["id"])
+    assert (done["state"], done["reason"], done["attempts"]) == ("dead", "exhausted", 3)
+    assert len(done["attempt_log"]) == 3
+    assert all(a["response"]["body"] == "down for maintenance" for a in done["attempt_log"])
+    assert len(receiver.at("/down")) == 3
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "error_class"),
+    [(hang, "timeout"), (reset, "reset")],
+    ids=["timeout", "reset"],
+)
+async def test_no_response_is_a_failed_attempt_with_its_error_class(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver, behaviour: Any, error_class: str
+) -> None:
+    acme = await new_tenant(pool, svc)
+    await acme.endpoint(receiver.url("/x"), retry_schedule=[0], timeout_seconds=1)
+    receiver.on("/x", behaviour)
+    await acme.emit(pool, "invoice.paid")
+    [d] = await acme.deliveries()
+    done = await finished(acme, d["id"])
+    assert done["state"] == "dead"
+    [attempt] = done["attempt_log"]
+    assert attempt["error_class"] == error_class and attempt["response"] is None
+
+
+async def test_a_connection_refused_is_a_connect_error(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    # A port nobody listens on: bind one, note it, close it.
+    sock = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
+    port = sock.sockets[0].getsockname()[1]
+    sock.close()
+    await sock.wait_closed()
+    await acme.endpoint(f"http://127.0.0.1:{port}/nobody", retry_schedule=[0])
+    await acme.emit(pool, "invoice.paid")
+    [d] = await acme.deliveries()
+    done = await finished(acme, d["id"])
+    assert done["attempt_log"][0]["error_class"] == "connect"
+
+
+async def test_a_redirect_is_a_failure_and_is_not_followed(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    await acme.endpoint(receiver.url("/moved"), retry_schedule=[0])
+    receiver.on("/moved", redirect(receiver.url("/target")))
+    await acme.emit(pool, "invoice.paid")
+    [d] = await acme.deliveries()
+    done = await finished(acme, d["id"])
+    assert done["state"] == "dead" and done["attempt_log"][0]["response"]["status"] == 302
+    assert receiver.at("/target") == []
+
+
+async def test_an_endless_body_is_read_up_to_the_cap(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    receiver: Receiver,
+) -> None:  # fmt: skip
+    async with service(tmp_path, app_url, pool, worker_pool, webhook_log_body_bytes=1000) as svc:
+        acme = await new_tenant(pool, svc)
+        await acme.endpoint(receiver.url("/endless"))
+        receiver.on("/endless", endless_body)
+        await acme.emit(pool, "invoice.paid", {"big": "y" * 5000})
+        [d] = await acme.deliveries()
+        done = await finished(acme, d["id"])
+    assert done["state"] == "delivered"
+    [attempt] = done["attempt_log"]
+    assert attempt["response"]["body"] == "x" * 1000
+    assert len(attempt["request"]["body"]) == 1000
+
+
+async def test_the_abort_header_ends_the_retries(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    await acme.endpoint(receiver.url("/abort"), retry_schedule=[0, 0, 0])
+    receiver.on("/abort", answer(400, {"webhook-delivery": "abort-message"}))
+    await acme.emit(pool, "invoice.paid")
+    [d] = await acme.deliveries()
+    done = await finished(acme, d["id"])
+    assert (done["state"], done["reason"], done["attempts"]) == ("dead", "aborted", 1)
+    assert len(receiver.at("/abort")) == 1
+
+
+async def test_410_gone_disables_the_endpoint_and_tells_the_tenants_other_endpoints(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    gone = await acme.endpoint(receiver.url("/gone"), event_types=["invoice.*"])
+    await acme.endpoint(receiver.url("/ops"), event_types=["webhook.endpoint.*"])
+    receiver.on("/gone", answer(410))
+    await acme.emit(pool, "invoice.paid")
+    [note] = await receiver.wait_count("/ops", 1)
+    body = note.json()
+    assert body["type"] == "webhook.endpoint.disabled"
+    assert body["data"]["endpoint_id"] == gone["id"]
+    assert "410" in body["data"]["reason"]
+    _, ep = await acme.call("GET", f"/v1/webhook-endpoints/{gone['id']}")
+    assert ep["enabled"] is False and "410" in ep["disabled_reason"]
+    # Later events do not go to a disabled endpoint.
+    await acme.emit(pool, "invoice.voided")
+    await acme.emit(pool, "webhook.endpoint.probe")  # reaches /ops: the fan-out has passed
+    await receiver.wait_count("/ops", 2)
+    assert len(receiver.at("/gone")) == 1
+
+
+async def test_a_rotated_secret_signs_beside_the_new_one_during_the_grace(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    ep = await acme.endpoint(receiver.url("/rot"))
+    old = ep["secret"]
+    status, rotated = await acme.call("POST", f"/v1/webhook-endpoints/{ep['id']}/rotate-secret")
+    assert status == 200 and rotated["secret"] != old
+    assert rotated["previous_secret_expires_at"] is not None
+    await acme.emit(pool, "invoice.paid")
+    [got] = await receiver.wait_count("/rot", 1)
+    assert len(got.headers["webhook-signature"].split(" ")) == 2
+    got.verify(old)  # a receiver still holding the old secret verifies
+    got.verify(rotated["secret"])  # and one that switched already does too
+
+    given = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    status, again = await acme.call(
+        "POST", f"/v1/webhook-endpoints/{ep['id']}/rotate-secret", {"secret": given}
+    )
+    assert status == 200 and again["secret"] == given
+    await acme.emit(pool, "invoice.voided")
+    got = (await receiver.wait_count("/rot", 2))[1]
+    got.verify(given)
+    with pytest.raises(WebhookVerificationError):
+        got.verify(old)  # two rotations back: no longer signing
+
+
+async def test_the_test_route_sends_a_test_event_to_that_endpoint_only(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    ep = await acme.endpoint(receiver.url("/a"))
+    await acme.endpoint(receiver.url("/b"))
+    status, body = await acme.call("POST", f"/v1/webhook-endpoints/{ep['id']}/test")
+    assert status == 202
+    [got] = await receiver.wait_count("/a", 1)
+    assert got.verify(ep["secret"])["type"] == "webhook.test"
+    done = await finished(acme, body["delivery_id"])
+    assert done["state"] == "delivered"
+    # The fan-out has passed the test event (an event after it reached /b) and made no
+    # second delivery of it.
+    await acme.emit(pool, "after.test")
+    await receiver.wait_count("/b", 1)
+    assert [r.json()["type"] for r in receiver.at("/b")] == ["after.test"]
+    assert len(receiver.at("/a")) == 2  # the test, then after.test
+
+
+async def test_replay_and_recover_send_failed_deliveries_again(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    ep = await acme.endpoint(receiver.url("/r"), retry_schedule=[0])
+    receiver.on("/r", answer(500))
+    for _ in range(3):
+        await acme.emit(pool, "invoice.paid")
+    await eventually(
+        lambda: _all_in_state(acme, "dead", 3),
+    )
+    receiver.on("/r", answer(204))
+    first = (await acme.deliveries())[0]
+    status, _ = await acme.call("POST", f"/v1/webhook-deliveries/{first['id']}/replay")
+    assert status == 202
+    assert (await finished(acme, first["id"]))["state"] == "delivered"
+    status, body = await acme.call(
+        "POST", f"/v1/webhook-endpoints/{ep['id']}/recover", {"since": "2000-01-01T00:00:00Z"}
+    )
+    assert (status, body["replaying"]) == (202, 2)
+    await eventually(lambda: _all_in_state(acme, "delivered", 3))
+    again = await acme.delivery(first["id"])
+    # A replayed delivery keeps its webhook-id, and its log keeps every attempt.
+    assert [a["result"] for a in again["attempt_log"]] == ["failed", "delivered"]
+    status, _ = await acme.call("POST", f"/v1/webhook-deliveries/{first['id']}/replay")
+    assert status == 202  # a delivered one may be sent again on purpose
+
+
+async def _all_in_state(tenant: Tenant, state: str, n: int) -> bool:
+    rows = await tenant.deliveries()
+    return len(rows) == n and all(r["state"] == state for r in rows)
+
+
+async def test_deleting_an_endpoint_cancels_its_waiting_deliveries(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    ep = await acme.endpoint(receiver.url("/later"), retry_schedule=[0, 3600])
+    receiver.on("/later", answer(500))
+    await acme.emit(pool, "invoice.paid")
+    await receiver.wait_count("/later", 1)
+    [d] = await acme.deliveries()
+
+    async def waiting() -> bool:
+        now = await acme.delivery(d["id"])
+        return bool(now["attempts"] == 1 and now["state"] == "pending")
+
+    await eventually(waiting)
+    status, body = await acme.call("DELETE", f"/v1/webhook-endpoints/{ep['id']}")
+    assert (status, body["cancelled_deliveries"]) == (200, 1)
+    done = await acme.delivery(d["id"])
+    assert (done["state"], done["reason"]) == ("cancelled", "endpoint_deleted")
+    status, _ = await acme.call("GET", f"/v1/webhook-endpoints/{ep['id']}")
+    assert status == 404
+
+
+async def test_a_hanging_endpoint_holds_only_its_own_places(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    await acme.endpoint(receiver.url("/hang"), timeout_seconds=30, retry_schedule=[0])
+    receiver.on("/hang", hang)
+    others = [await new_tenant(pool, svc, f"Tenant {i}") for i in range(3)]
+    for i, t in enumerate(others):
+        await t.endpoint(receiver.url(f"/ok{i}"))
+    for _ in range(20):
+        await acme.emit(pool, "invoice.paid")
+    await receiver.wait_count("/hang", 4)
+    for _ in range(30):
+        for t in others:
+            await t.emit(pool, "invoice.paid")
+    for i in range(3):
+        await receiver.wait_count(f"/ok{i}", 30)
+    # The hanging endpoint never had more than its limit in flight.
+    assert len(receiver.at("/hang")) == 4
+
+
+async def test_tenants_see_and_change_only_their_own_endpoints_and_deliveries(
+    svc: Service, pool: asyncpg.Pool, admin_pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    rival = await new_tenant(pool, svc, "Rival Ltd")
+    ep = await acme.endpoint(receiver.url("/mine"))
+    await acme.emit(pool, "invoice.paid")
+    await receiver.wait_count("/mine", 1)
+    [d] = await acme.deliveries()
+    for method, path, body in [
+        ("GET", f"/v1/webhook-endpoints/{ep['id']}", None),
+        ("PATCH", f"/v1/webhook-endpoints/{ep['id']}", {"description": "mine now"}),
+        ("DELETE", f"/v1/webhook-endpoints/{ep['id']}", None),
+        ("POST", f"/v1/webhook-endpoints/{ep['id']}/rotate-secret", None),
+        ("POST", f"/v1/webhook-endpoints/{ep['id']}/test", None),
+        ("POST", f"/v1/webhook-endpoints/{ep['id']}/recover", {"since": "2000-01-01T00:00:00Z"}),
+        ("GET", f"/v1/webhook-deliveries/{d['id']}", None),
+        ("POST", f"/v1/webhook-deliveries/{d['id']}/replay", None),
+    ]:
+        status, answer_body = await rival.call(method, path, body)
+        assert status == 404, (method, path, answer_body)
+    assert (await rival.call("GET", "/v1/webhook-endpoints"))[1]["data"] == []
+    assert await rival.deliveries() == []
+    status, _ = await acme.call("GET", f"/v1/webhook-endpoints/{ep['id']}")
+    assert status == 200
+    # The secret is shown once, and stored only encrypted.
+    _, shown = await acme.call("GET", f"/v1/webhook-endpoints/{ep['id']}")
+    assert "secret" not in shown
+    dump = await admin_pool.fetchval(
+        "SELECT string_agg(t::text, '') FROM tenantry.webhook_endpoints t"
+    )
+    raw = ep["secret"].removeprefix("whsec_")
+    assert raw not in dump and ep["secret"] not in dump
+    assert "\\x01" in dump  # the sealed form's version byte, hex-escaped
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "url"),
+        ({"url": "ftp://example.com/x"}, "url"),
+        ({"url": "http://user:pw@127.0.0.1/x"}, "url"),
+        ({"url": "http://127.0.0.1/x#frag"}, "url"),
+        ({"url": 5}, "url"),
+        ({"url": "http://127.0.0.1/x", "event_types": "invoice.paid"}, "event_types"),
+        ({"url": "http://127.0.0.1/x", "event_types": ["bad type!"]}, "event_types"),
+        ({"url": "http://127.0.0.1/x", "headers": {"webhook-id": "x"}}, "headers"),
+        ({"url": "http://127.0.0.1/x", "headers": {"X-A": "a\r\nb"}}, "headers"),
+        ({"url": "http://127.0.0.1/x", "rate_limit": 0}, "rate_limit"),
+        ({"url": "http://127.0.0.1/x", "timeout_seconds": 61}, "timeout_seconds"),
+        ({"url": "http://127.0.0.1/x", "retry_schedule": []}, "retry_schedule"),
+        ({"url": "http://127.0.0.1/x", "secret": "hunter2"}, "secret"),
+        ({"url": "http://127.0.0.1/x", "secret": "whsec_" + "QUJD" * 2}, "secret"),
+        ({"url": "http://127.0.0.1/x", "description": "x" * 501}, "description"),
+        ({"url": "http://127.0.0.1/x", "colour": "red"}, "colour"),
+    ],
+)
+async def test_bad_endpoint_fields_are_a_422_naming_the_field_and_change_nothing(
+    svc: Service, pool: asyncpg.Pool, body: dict[str, Any], field: str
+) -> None:
+    acme = await new_tenant(pool, svc)
+    status, problem = await acme.call("POST", "/v1/webhook-endpoints", body)
+    assert status == 422, problem
+    assert field in [e["field"] for e in problem["errors"]]
+    assert "hunter2" not in str(problem)  # a given secret is never echoed
+    assert (await acme.call("GET", "/v1/webhook-endpoints"))[1]["data"] == []
+
+
+async def test_without_a_key_every_webhook_route_is_401(svc: Service) -> None:
+    base = f"http://127.0.0.1:{svc.http.port}"
+    async with aiohttp.ClientSession() as s:
+        for method, path in [
+            ("GET", "/v1/webhook-endpoints"),
+            ("POST", "/v1/webhook-endpoints"),
+            ("GET", "/v1/webhook-deliveries"),
+        ]:
+            async with s.request(method, base + path) as r:
+                assert r.status == 401
+                assert r.content_type == "application/problem+json"
+
+
+async def test_poison_in_events_and_responses_is_recorded_not_fatal(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    ep = await acme.endpoint(receiver.url("/poison"), retry_schedule=[0, 0])
+    weird = answer(500, {"X-Weird": "caf\u00e9"}, body=b"\x00nul \xff\xfe not utf-8 \xed\xa0\x80")
+    answers = iter([weird, answer(204)])
+
+    async def poison(request: web.Request) -> web.StreamResponse:
+        return await next(answers)(request)
+
+    receiver.on("/poison", poison)
+    deep: Any = "bottom"
+    for _ in range(200):
+        deep = {"d": deep}
+    await acme.emit(pool, "invoice.paid", {"deep": deep, "emoji": "🎉", "big": "z" * 100_000})
+    got = await receiver.wait_count("/poison", 2)
+    assert got[1].verify(ep["secret"])["data"]["emoji"] == "🎉"
+    [d] = await acme.deliveries()
+    done = await finished(acme, d["id"])
+    assert done["state"] == "delivered"
+    first = done["attempt_log"][0]
+    assert first["response"]["status"] == 500 and "nul" in first["response"]["body"]
