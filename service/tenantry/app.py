@@ -11,6 +11,7 @@ and at once after a second.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -153,6 +154,9 @@ def build(
             schedule=settings.webhook_retry_schedule,
             body_cap=settings.webhook_log_body_bytes,
             poll_interval=settings.poll_interval,
+            # An attempt ends within its timeout; a lease that outlives it by the jobs'
+            # lease means its process died mid-attempt.
+            lease_margin=math.ceil(settings.lease_seconds),
             breaker=Breaker(
                 failures=settings.webhook_breaker_failures,
                 ratio=settings.webhook_breaker_ratio,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 
@@ -21,11 +22,20 @@ def load_or_create(configured: str | None, path: Path) -> bytes:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_hex(32).encode("ascii")
-    # O_EXCL: two processes starting at once agree on whichever file was written first.
+    # Written whole under a name of its own, then linked into place: link() fails when
+    # the name exists, so of processes starting at once the first link wins and every
+    # other reads that file, never one half written (an empty file was read as a key).
+    fd, tmp = tempfile.mkstemp(prefix=".secret-", dir=path.parent)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secret)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return path.read_bytes().strip()
+    finally:
+        os.unlink(tmp)
     return secret
