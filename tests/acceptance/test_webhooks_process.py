@@ -118,9 +118,9 @@ async def test_kill_9_during_fan_out_and_delivery_loses_and_doubles_nothing(
         got = receiver.at(path)
         # At least once each (a delivery interrupted by the kill is sent again, with the
         # same webhook-id, so the receiver can tell), and every one signed.
-        ns = {r.verify(secret)["data"]["n"] for r in got}
+        ns = {req.verify(secret)["data"]["n"] for req in got}
         assert ns == set(range(EVENTS)), path
         by_id: dict[str, set[int]] = {}
-        for r in got:
-            by_id.setdefault(r.webhook_id, set()).add(r.json()["data"]["n"])
+        for req in got:
+            by_id.setdefault(req.webhook_id, set()).add(req.json()["data"]["n"])
         assert len(by_id) == EVENTS and all(len(v) == 1 for v in by_id.values())
