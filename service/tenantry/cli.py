@@ -19,7 +19,7 @@ import anyio
 import asyncpg
 import orjson
 
-from . import __version__, config, db, migrate, roles
+from . import __version__, cli_webhooks, config, db, migrate, roles
 from . import logging as log
 from .app import serve
 from .embedded import EmbeddedPostgres
@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--yes", action="store_true", help="act on every match (without: show the count)"
         )
 
+    cli_webhooks.add_commands(sub, _uuid, _positive)
+
     dbp = sub.add_parser("db", help="reach the database")
     db_sub = dbp.commands("db_command")
     du = db_sub.add_parser(
@@ -477,6 +479,10 @@ def _main(argv: Sequence[str] | None) -> int:
             return _fail(
                 f"dead {args.dead_command}: an id, or filters with --yes, not both", EXIT_USAGE
             )
+    if args.command == "webhooks":
+        usage = cli_webhooks.check_usage(args)
+        if usage is not None:
+            return _fail(usage, EXIT_USAGE)
     if args.command == "db":
         try:
             _out(_database_url(settings, admin=args.admin))
@@ -494,7 +500,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "migrate":
             return _run_async(_migrate, urls, args.check)
         # Operators' commands see across tenants: the worker's login has those functions.
-        cross_tenant = args.command in ("jobs", "dead") or (
+        cross_tenant = args.command in ("jobs", "dead", "webhooks") or (
             args.command == "tenants" and args.tenants_command == "list"
         )
         return _run_async(_dispatch, args, urls.worker if cross_tenant else urls.service)
@@ -565,6 +571,8 @@ async def _dispatch(args: argparse.Namespace, dsn: str) -> int:
             return await _jobs(conn, args)
         if args.command == "tenants":
             return await _tenants(conn, args)
+        if args.command == "webhooks":
+            return await cli_webhooks.run(conn, args, _out, _json_text)
         return await _dead(conn, args)
     finally:
         await conn.close()
@@ -624,6 +632,7 @@ async def _stats(conn: asyncpg.Connection, as_json: bool) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         _out("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _out(cli_webhooks.stats_line(await cli_webhooks.stats(conn)))
     return EXIT_OK
 
 

@@ -538,3 +538,57 @@ async def test_poison_in_events_and_responses_is_recorded_not_fatal(
     assert done["state"] == "delivered"
     first = done["attempt_log"][0]
     assert first["response"]["status"] == 500 and "nul" in first["response"]["body"]
+
+
+async def test_operators_list_show_replay_and_discard_across_tenants(
+    svc: Service, pool: asyncpg.Pool, app_url: str, database_url: str, receiver: Receiver
+) -> None:
+    from tests.acceptance.process import run_cli  # noqa: PLC0415
+
+    acme = await new_tenant(pool, svc)
+    rival = await new_tenant(pool, svc, "Rival Ltd")
+    await acme.endpoint(receiver.url("/a"), retry_schedule=[0])
+    await rival.endpoint(receiver.url("/b"), retry_schedule=[0])
+    receiver.on("/a", answer(500))
+    receiver.on("/b", answer(500))
+    for t in (acme, acme, rival):
+        await t.emit(pool, "invoice.paid")
+    await eventually(lambda: _all_in_state(acme, "dead", 2))
+    await eventually(lambda: _all_in_state(rival, "dead", 1))
+
+    code, out, _ = await run_cli(
+        "webhooks", "deliveries", "--state", "dead", database_url=database_url
+    )
+    assert code == 0 and len(out.splitlines()) == 3
+    code, out, _ = await run_cli("webhooks", "stats", "--json", database_url=database_url)
+    assert code == 0 and '"dead":3' in out and '"fanout_lag_events":0' in out
+    code, out, _ = await run_cli("jobs", "stats", database_url=database_url)
+    assert code == 0 and "webhooks: fan-out lag 0 events" in out and "dead 3" in out
+    [one] = await rival.deliveries()
+    code, out, _ = await run_cli("webhooks", "show", one["id"], database_url=database_url)
+    assert code == 0 and '"attempt_log"' in out and '"response_status": 500' in out
+
+    code, out, _ = await run_cli(
+        "webhooks", "replay", "--tenant", str(acme.id), database_url=database_url
+    )
+    assert (code, out.strip()) == (0, "2 deliveries match; nothing done (add --yes to replay them)")
+    receiver.on("/a", answer(204))
+    code, out, _ = await run_cli(
+        "webhooks", "replay", "--tenant", str(acme.id), "--yes", database_url=database_url
+    )
+    assert (code, out.strip()) == (0, "replaying 2 deliveries")
+    await eventually(lambda: _all_in_state(acme, "delivered", 2))
+
+    code, out, _ = await run_cli("webhooks", "discard", one["id"], database_url=database_url)
+    assert (code, out.strip()) == (0, f"discarded delivery {one['id']}")
+    kept = await rival.delivery(one["id"])
+    assert (kept["state"], kept["reason"]) == ("cancelled", "discarded")
+    assert len(kept["attempt_log"]) == 1  # the record stays
+    code, _, err = await run_cli("webhooks", "discard", one["id"], database_url=database_url)
+    assert code == 1
+    code, _, err = await run_cli(
+        "webhooks", "replay", one["id"], "--yes", database_url=database_url
+    )
+    assert code == 2 and "not both" in err
+    code, _, err = await run_cli("webhooks", "show", "not-a-uuid", database_url=database_url)
+    assert code == 2

@@ -486,6 +486,127 @@ BEGIN
 END;
 $$;
 
+-- The operator's views and actions across tenants (`tenantry webhooks ...`).  Only
+-- tenantry_operator may call them.
+
+-- Deliveries newest first, filtered (NULL: any).
+CREATE OR REPLACE FUNCTION tenantry.webhook_ops_deliveries(
+    state text, tenant uuid, endpoint uuid, event_type text, max_rows integer
+)
+RETURNS TABLE (id uuid, tenant_id uuid, endpoint_id uuid, event_id bigint, event_type text,
+               state text, attempts integer, next_attempt_at timestamptz,
+               last_status integer, last_error text, reason text, created_at timestamptz,
+               updated_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+SELECT d.id, d.tenant_id, d.endpoint_id, d.event_id, d.event_type, d.state, d.attempts,
+       d.next_attempt_at, d.last_status, d.last_error, d.reason, d.created_at, d.updated_at
+  FROM tenantry.webhook_deliveries d
+ WHERE ($1 IS NULL OR d.state = $1) AND ($2 IS NULL OR d.tenant_id = $2)
+   AND ($3 IS NULL OR d.endpoint_id = $3) AND ($4 IS NULL OR d.event_type = $4)
+ ORDER BY d.updated_at DESC, d.id
+ LIMIT $5
+$$;
+
+-- One delivery with its body and every attempt (oldest first), as JSON.
+CREATE OR REPLACE FUNCTION tenantry.webhook_ops_delivery(delivery uuid)
+RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+SELECT to_jsonb(d) - 'lease_owner'
+       || jsonb_build_object('attempt_log', coalesce(
+              (SELECT jsonb_agg(to_jsonb(a) - 'tenant_id' ORDER BY a.id)
+                 FROM tenantry.webhook_attempts a
+                WHERE a.tenant_id = d.tenant_id AND a.delivery_id = d.id), '[]'::jsonb))
+  FROM tenantry.webhook_deliveries d
+ WHERE d.id = $1
+$$;
+
+-- Replay (send again now, a fresh schedule; from dead, cancelled or delivered) or
+-- discard (a dead delivery becomes cancelled, reason `discarded`: its record stays for
+-- the retention period) one delivery by id, or every delivery the filter selects
+-- (`only_count`: how many, changing nothing).  Returns the count.
+CREATE OR REPLACE FUNCTION tenantry.webhook_ops_act(
+    action text, delivery uuid, state text, tenant uuid, endpoint uuid, event_type text,
+    only_count boolean
+)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    n integer;
+    from_states text[] := CASE action WHEN 'replay' THEN ARRAY['dead', 'cancelled', 'delivered']
+                                      WHEN 'discard' THEN ARRAY['dead'] END;
+BEGIN
+    IF from_states IS NULL THEN
+        RAISE EXCEPTION 'tenantry.webhook_ops_act: action must be replay or discard'
+            USING ERRCODE = '22023';
+    END IF;
+    IF only_count THEN
+        SELECT count(*) INTO n FROM tenantry.webhook_deliveries d
+         WHERE d.state = ANY (from_states)
+           AND ($2 IS NULL OR d.id = $2) AND ($3 IS NULL OR d.state = $3)
+           AND ($4 IS NULL OR d.tenant_id = $4) AND ($5 IS NULL OR d.endpoint_id = $5)
+           AND ($6 IS NULL OR d.event_type = $6);
+        RETURN n;
+    END IF;
+    UPDATE tenantry.webhook_deliveries d
+       SET state = CASE action WHEN 'replay' THEN 'pending' ELSE 'cancelled' END,
+           attempts = CASE action WHEN 'replay' THEN 0 ELSE d.attempts END,
+           next_attempt_at = CASE action WHEN 'replay' THEN now() ELSE d.next_attempt_at END,
+           reason = CASE action WHEN 'replay' THEN NULL ELSE 'discarded' END,
+           finished_at = CASE action WHEN 'replay' THEN NULL ELSE now() END,
+           updated_at = now()
+     WHERE d.state = ANY (from_states)
+       AND ($2 IS NULL OR d.id = $2) AND ($3 IS NULL OR d.state = $3)
+       AND ($4 IS NULL OR d.tenant_id = $4) AND ($5 IS NULL OR d.endpoint_id = $5)
+       AND ($6 IS NULL OR d.event_type = $6)
+       AND (action <> 'replay' OR EXISTS (
+               SELECT 1 FROM tenantry.webhook_endpoints e
+                WHERE e.tenant_id = d.tenant_id AND e.id = d.endpoint_id));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF action = 'replay' AND n > 0 THEN
+        PERFORM pg_notify('tenantry_webhooks', 'deliveries');
+    END IF;
+    RETURN n;
+END;
+$$;
+
+-- Endpoints across tenants, with their circuit and health.
+CREATE OR REPLACE FUNCTION tenantry.webhook_ops_endpoints(tenant uuid, max_rows integer)
+RETURNS TABLE (id uuid, tenant_id uuid, url text, enabled boolean, disabled_reason text,
+               circuit_state text, circuit_failures integer, last_success_at timestamptz,
+               failing_since timestamptz, created_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+SELECT e.id, e.tenant_id, e.url, e.enabled, e.disabled_reason, e.circuit_state,
+       e.circuit_failures, e.last_success_at, e.failing_since, e.created_at
+  FROM tenantry.webhook_endpoints e
+ WHERE $1 IS NULL OR e.tenant_id = $1
+ ORDER BY e.created_at DESC, e.id
+ LIMIT $2
+$$;
+
+-- Deliveries waiting, in flight and dead, and endpoints disabled or with an open
+-- circuit (the partial indexes make the first three cheap).
+CREATE OR REPLACE FUNCTION tenantry.webhook_ops_stats()
+RETURNS TABLE (pending bigint, sending bigint, dead bigint, open_circuits bigint,
+               disabled_endpoints bigint)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+SELECT (SELECT count(*) FROM tenantry.webhook_deliveries d WHERE d.state = 'pending'),
+       (SELECT count(*) FROM tenantry.webhook_deliveries d WHERE d.state = 'sending'),
+       (SELECT count(*) FROM tenantry.webhook_deliveries d WHERE d.state = 'dead'),
+       (SELECT count(*) FROM tenantry.webhook_endpoints e WHERE e.circuit_state <> 'closed'),
+       (SELECT count(*) FROM tenantry.webhook_endpoints e WHERE NOT e.enabled)
+$$;
+
 ALTER FUNCTION tenantry.webhook_matches(text[], text) OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.webhook_body(text, jsonb, timestamptz) OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.webhook_fan_out() OWNER TO tenantry_system;
@@ -516,5 +637,24 @@ GRANT EXECUTE ON FUNCTION tenantry.webhook_fan_out(),
                           tenantry.webhook_prune(integer, integer)
     TO tenantry_worker;
 GRANT EXECUTE ON FUNCTION tenantry.webhook_fanout_lag(integer) TO tenantry_operator;
+ALTER FUNCTION tenantry.webhook_ops_deliveries(text, uuid, uuid, text, integer)
+    OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.webhook_ops_delivery(uuid) OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.webhook_ops_act(text, uuid, text, uuid, uuid, text, boolean)
+    OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.webhook_ops_endpoints(uuid, integer) OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.webhook_ops_stats() OWNER TO tenantry_system;
+REVOKE ALL ON FUNCTION tenantry.webhook_ops_deliveries(text, uuid, uuid, text, integer),
+                       tenantry.webhook_ops_delivery(uuid),
+                       tenantry.webhook_ops_act(text, uuid, text, uuid, uuid, text, boolean),
+                       tenantry.webhook_ops_endpoints(uuid, integer),
+                       tenantry.webhook_ops_stats()
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION tenantry.webhook_ops_deliveries(text, uuid, uuid, text, integer),
+                          tenantry.webhook_ops_delivery(uuid),
+                          tenantry.webhook_ops_act(text, uuid, text, uuid, uuid, text, boolean),
+                          tenantry.webhook_ops_endpoints(uuid, integer),
+                          tenantry.webhook_ops_stats()
+    TO tenantry_operator;
 
 REVOKE CREATE ON SCHEMA tenantry FROM tenantry_system;

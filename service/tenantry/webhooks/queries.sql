@@ -150,3 +150,22 @@ SELECT tenantry.webhook_rescue($1::integer, $2::integer)
 
 -- name: prune
 SELECT tenantry.webhook_prune($1::integer, $2::integer)
+
+-- The operator's statements (cross-tenant functions).
+
+-- name: ops_deliveries
+SELECT * FROM tenantry.webhook_ops_deliveries($1::text, $2::uuid, $3::uuid, $4::text,
+                                              $5::integer)
+
+-- name: ops_delivery
+SELECT tenantry.webhook_ops_delivery($1::uuid)
+
+-- name: ops_act
+SELECT tenantry.webhook_ops_act($1::text, $2::uuid, $3::text, $4::uuid, $5::uuid, $6::text,
+                                $7::boolean)
+
+-- name: ops_endpoints
+SELECT * FROM tenantry.webhook_ops_endpoints($1::uuid, $2::integer)
+
+-- name: ops_stats
+SELECT * FROM tenantry.webhook_ops_stats()

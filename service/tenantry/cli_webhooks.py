@@ -1,0 +1,149 @@
+"""`tenantry webhooks ...`: the operator's view of every tenant's webhooks, and replay
+or discard of dead deliveries, one or in bulk (the count first, `--yes` to go on)."""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from .timefmt import utc_text
+from .webhooks import fanout, operators
+from .webhooks.deliveries import STATES
+
+Out = Callable[[str], None]
+JsonText = Callable[..., str]
+
+
+def add_commands(
+    sub: Any, uuid_type: Callable[[str], uuid.UUID], positive: Callable[[str], int]
+) -> None:
+    wh = sub.add_parser("webhooks", help="webhook endpoints and deliveries across tenants")
+    wh_sub = wh.commands("webhooks_command")
+    st = wh_sub.add_parser("stats", help="fan-out lag; deliveries waiting, in flight, dead")
+    st.add_argument("--json", action="store_true")
+    ep = wh_sub.add_parser("endpoints", help="endpoints with their circuit, newest first")
+    ep.add_argument("--tenant", type=uuid_type, help="only this tenant's")
+    ep.add_argument("--limit", type=positive, default=50)
+    ep.add_argument("--json", action="store_true")
+    dl = wh_sub.add_parser("deliveries", help="deliveries, most recently changed first")
+    _filters(dl, uuid_type, state_default=None)
+    dl.add_argument("--limit", type=positive, default=50)
+    dl.add_argument("--json", action="store_true")
+    sh = wh_sub.add_parser("show", help="one delivery in full: body and every attempt")
+    sh.add_argument("id", type=uuid_type)
+    for name, what in (
+        ("replay", "send deliveries again now, with a fresh schedule"),
+        ("discard", "discard dead deliveries (kept on record as cancelled, reason discarded)"),
+    ):
+        act = wh_sub.add_parser(
+            name, help=f"{what}: one by id, or every one a filter selects (--yes to go on)"
+        )
+        act.add_argument("id", type=uuid_type, nargs="?", help="a delivery's id")
+        _filters(act, uuid_type, state_default="dead" if name == "replay" else None)
+        act.add_argument(
+            "--yes", action="store_true", help="act on every match (without: show the count)"
+        )
+
+
+def _filters(
+    parser: argparse.ArgumentParser,
+    uuid_type: Callable[[str], uuid.UUID],
+    *,
+    state_default: str | None,
+) -> None:
+    parser.add_argument(
+        "--state",
+        choices=STATES,
+        default=state_default,
+        help="only deliveries in this state"
+        + (f" (default {state_default})" if state_default else ""),
+    )
+    parser.add_argument("--tenant", type=uuid_type, help="only this tenant's")
+    parser.add_argument("--endpoint", type=uuid_type, help="only this endpoint's")
+    parser.add_argument("--event-type", help="only events of this type")
+
+
+def check_usage(args: argparse.Namespace) -> str | None:
+    """A usage error of `webhooks replay|discard`, or None."""
+    if args.webhooks_command not in ("replay", "discard"):
+        return None
+    filtered = any(getattr(args, k) is not None for k in ("tenant", "endpoint", "event_type"))
+    if args.id is None and not filtered and not args.yes:
+        return f"webhooks {args.webhooks_command}: give an id or a filter"
+    if args.id is not None and (filtered or args.yes):
+        return f"webhooks {args.webhooks_command}: an id, or filters with --yes, not both"
+    return None
+
+
+async def run(
+    conn: asyncpg.Connection, args: argparse.Namespace, out: Out, json_text: JsonText
+) -> int:
+    cmd = args.webhooks_command
+    if cmd == "stats":
+        figures = await stats(conn)
+        out(json_text(figures) if args.json else stats_line(figures))
+        return 0
+    if cmd == "endpoints":
+        rows = await operators.endpoints(conn, args.tenant, args.limit)
+        if args.json:
+            out(json_text(rows))
+        for r in [] if args.json else rows:
+            state = "enabled" if r["enabled"] else f"disabled ({r['disabled_reason']})"
+            out(
+                f"{r['id']}  {r['tenant_id']}  {state}  circuit={r['circuit_state']}"
+                f"  failures={r['circuit_failures']}  {r['url']}"
+            )
+        return 0
+    if cmd == "show":
+        out(json_text(await operators.delivery(conn, args.id), indent=True))
+        return 0
+    match = operators.DeliveryMatch(args.state, args.tenant, args.endpoint, args.event_type)
+    if cmd == "deliveries":
+        rows = await operators.deliveries(conn, match, args.limit)
+        if args.json:
+            out(json_text(rows))
+        for r in [] if args.json else rows:
+            out(
+                f"{r['id']}  {r['tenant_id']}  {r['state']}  {utc_text(r['updated_at'])}"
+                f"  {r['event_type']}  attempts={r['attempts']}  {r['reason'] or ''}"
+                f"  {r['last_error'] or ''}".rstrip()
+            )
+        return 0
+    if args.id is not None:
+        n = await operators.act(conn, cmd, delivery_id=args.id)
+        if not n:
+            out(f"delivery {args.id}: nothing to {cmd} (unknown, or not in a state to {cmd})")
+            return 1
+        out(f"{'replaying' if cmd == 'replay' else 'discarded'} delivery {args.id}")
+        return 0
+    if not args.yes:
+        n = await operators.act(conn, cmd, match=match, only_count=True)
+        out(f"{n} deliveries match; nothing done (add --yes to {cmd} them)")
+        return 0
+    n = await operators.act(conn, cmd, match=match)
+    out(f"{'replaying' if cmd == 'replay' else 'discarded'} {n} deliveries")
+    return 0
+
+
+async def stats(conn: asyncpg.Connection) -> dict[str, Any]:
+    lag = await fanout.lag(conn)
+    figures = await operators.stats(conn)
+    return {
+        "fanout_lag_events": lag.events,
+        "fanout_oldest_age_s": lag.oldest_seconds,
+        **figures,
+    }
+
+
+def stats_line(f: dict[str, Any]) -> str:
+    age = f["fanout_oldest_age_s"]
+    return (
+        f"webhooks: fan-out lag {f['fanout_lag_events']} events"
+        f"{f' (oldest {age:.1f} s)' if age is not None else ''}; deliveries pending"
+        f" {f['pending']}, sending {f['sending']}, dead {f['dead']}; open circuits"
+        f" {f['open_circuits']}, disabled endpoints {f['disabled_endpoints']}"
+    )
