@@ -1,4 +1,4 @@
--- version: 1
+-- version: 2
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -252,6 +252,14 @@ DECLARE
     before record;
     after record;
     event text;
+    fresh boolean;
+    w_started timestamptz;
+    w_attempts integer;
+    w_failures integer;
+    streak integer;
+    failing timestamptz;
+    new_state text;
+    disable boolean;
 BEGIN
     INSERT INTO tenantry.webhook_attempts
            (tenant_id, delivery_id, endpoint_id, attempt, attempted_at, url, result,
@@ -279,86 +287,76 @@ BEGIN
     -- Each endpoint's attempts in this batch, in time order: what closes, opens or
     -- disables it.  Endpoints are locked in one order so two recorders cannot deadlock.
     FOR ep IN
-        SELECT r.tenant_id, r.endpoint_id,
+        WITH r AS (SELECT * FROM tenantry.webhook_results(results)),
+        good AS (
+            SELECT r.tenant_id, r.endpoint_id,
+                   max(r.attempted_at) FILTER (WHERE r.success) AS last_ok
+              FROM r GROUP BY r.tenant_id, r.endpoint_id
+        )
+        SELECT r.tenant_id, r.endpoint_id, g.last_ok,
                count(*) FILTER (WHERE r.success) AS ok,
                count(*) FILTER (WHERE NOT r.success) AS failed,
-               max(r.attempted_at) FILTER (WHERE r.success) AS last_ok,
+               -- The failures after the batch's last success: the streak it ends with.
+               count(*) FILTER (WHERE NOT r.success
+                                  AND r.attempted_at > coalesce(g.last_ok, '-infinity'))
+                   AS trailing,
+               min(r.attempted_at) FILTER (WHERE NOT r.success
+                                             AND r.attempted_at > coalesce(g.last_ok, '-infinity'))
+                   AS first_trailing,
+               min(r.attempted_at) FILTER (WHERE NOT r.success) AS first_failed,
                bool_or(r.result = 'gone') AS gone
-          FROM tenantry.webhook_results(results) r
-         GROUP BY r.tenant_id, r.endpoint_id
+          FROM r
+          JOIN good g ON g.tenant_id = r.tenant_id AND g.endpoint_id = r.endpoint_id
+         GROUP BY r.tenant_id, r.endpoint_id, g.last_ok
          ORDER BY r.tenant_id, r.endpoint_id
     LOOP
         SELECT e.* INTO before FROM tenantry.webhook_endpoints e
          WHERE e.tenant_id = ep.tenant_id AND e.id = ep.endpoint_id FOR UPDATE;
         CONTINUE WHEN NOT FOUND;  -- deleted meanwhile
+        fresh := before.window_started_at < now() - make_interval(
+                     secs => (cfg ->> 'window_s')::float8);
+        w_started := CASE WHEN fresh THEN now() ELSE before.window_started_at END;
+        w_attempts := CASE WHEN fresh THEN 0 ELSE before.window_attempts END + ep.ok + ep.failed;
+        w_failures := CASE WHEN fresh THEN 0 ELSE before.window_failures END + ep.failed;
+        IF ep.ok > 0 THEN
+            streak := ep.trailing;
+            failing := ep.first_trailing;
+        ELSE
+            streak := before.circuit_failures + ep.failed;
+            failing := coalesce(before.failing_since, ep.first_failed);
+        END IF;
+        new_state := CASE
+            WHEN ep.ok > 0 AND ep.trailing = 0 THEN 'closed'
+            WHEN before.circuit_state IN ('open', 'half_open') THEN 'open'
+            WHEN streak >= (cfg ->> 'failures')::integer THEN 'open'
+            WHEN w_attempts >= (cfg ->> 'volume')::integer
+                 AND w_failures >= w_attempts * (cfg ->> 'ratio')::float8 THEN 'open'
+            ELSE before.circuit_state END;
+        disable := ep.gone OR (failing IS NOT NULL AND failing < now() - make_interval(
+                       secs => (cfg ->> 'disable_after_s')::float8));
         UPDATE tenantry.webhook_endpoints e SET
-               window_started_at = w.started,
-               window_attempts = w.attempts,
-               window_failures = w.failures,
-               circuit_failures = w.consecutive,
+               window_started_at = w_started,
+               window_attempts = w_attempts,
+               window_failures = w_failures,
+               circuit_failures = streak,
                last_success_at = coalesce(ep.last_ok, e.last_success_at),
-               failing_since = w.failing_since,
-               circuit_state = w.state,
-               circuit_opened_at = CASE WHEN w.state = 'open' AND e.circuit_state <> 'open'
+               failing_since = failing,
+               circuit_state = new_state,
+               circuit_opened_at = CASE WHEN new_state = 'open' AND e.circuit_state <> 'open'
                                         THEN now() ELSE e.circuit_opened_at END,
                circuit_retry_at = CASE
-                   WHEN w.state = 'open' AND e.circuit_state <> 'open'
+                   WHEN new_state = 'open' AND e.circuit_state <> 'open'
                        THEN now() + make_interval(secs => (cfg ->> 'cooldown_s')::float8)
-                   WHEN w.state = 'closed' THEN NULL
+                   WHEN new_state = 'closed' THEN NULL
                    ELSE e.circuit_retry_at END,
-               enabled = e.enabled AND NOT w.disable,
-               disabled_at = CASE WHEN e.enabled AND w.disable THEN now() ELSE e.disabled_at END,
+               enabled = e.enabled AND NOT disable,
+               disabled_at = CASE WHEN e.enabled AND disable THEN now() ELSE e.disabled_at END,
                disabled_reason = CASE
-                   WHEN NOT (e.enabled AND w.disable) THEN e.disabled_reason
+                   WHEN NOT (e.enabled AND disable) THEN e.disabled_reason
                    WHEN ep.gone THEN 'the endpoint answered 410 Gone'
                    ELSE 'no successful delivery since '
-                        || to_char(w.failing_since AT TIME ZONE 'UTC',
-                                   'YYYY-MM-DD"T"HH24:MI:SS"Z"') END,
+                        || to_char(failing AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') END,
                updated_at = now()
-          FROM (
-            SELECT s.*,
-                   CASE
-                       WHEN ep.ok > 0 AND s.trailing = 0 THEN 'closed'
-                       WHEN before.circuit_state = 'half_open' THEN 'open'
-                       WHEN before.circuit_state = 'open' THEN 'open'
-                       WHEN s.consecutive >= (cfg ->> 'failures')::integer THEN 'open'
-                       WHEN s.attempts >= (cfg ->> 'volume')::integer
-                            AND s.failures >= s.attempts * (cfg ->> 'ratio')::float8 THEN 'open'
-                       ELSE before.circuit_state END AS state,
-                   ep.gone OR (s.failing_since IS NOT NULL
-                       AND s.failing_since < now() - make_interval(
-                               secs => (cfg ->> 'disable_after_s')::float8)) AS disable
-              FROM (
-                SELECT t.*,
-                       CASE WHEN ep.ok > 0 THEN t.trailing
-                            ELSE before.circuit_failures + ep.failed END AS consecutive,
-                       CASE WHEN ep.ok > 0 THEN t.first_trailing
-                            ELSE coalesce(before.failing_since, t.first_failed) END
-                           AS failing_since
-                  FROM (
-                    SELECT CASE WHEN fresh THEN now() ELSE before.window_started_at END AS started,
-                           (CASE WHEN fresh THEN 0 ELSE before.window_attempts END)
-                               + ep.ok + ep.failed AS attempts,
-                           (CASE WHEN fresh THEN 0 ELSE before.window_failures END)
-                               + ep.failed AS failures,
-                           (SELECT count(*) FROM tenantry.webhook_results(results) r
-                             WHERE r.tenant_id = ep.tenant_id AND r.endpoint_id = ep.endpoint_id
-                               AND NOT r.success
-                               AND r.attempted_at > coalesce(ep.last_ok, '-infinity'))
-                               AS trailing,
-                           (SELECT min(r.attempted_at) FROM tenantry.webhook_results(results) r
-                             WHERE r.tenant_id = ep.tenant_id AND r.endpoint_id = ep.endpoint_id
-                               AND NOT r.success
-                               AND r.attempted_at > coalesce(ep.last_ok, '-infinity'))
-                               AS first_trailing,
-                           (SELECT min(r.attempted_at) FROM tenantry.webhook_results(results) r
-                             WHERE r.tenant_id = ep.tenant_id AND r.endpoint_id = ep.endpoint_id
-                               AND NOT r.success) AS first_failed
-                      FROM (SELECT before.window_started_at < now() - make_interval(
-                                       secs => (cfg ->> 'window_s')::float8) AS fresh) f
-                  ) t
-              ) s
-          ) w
          WHERE e.tenant_id = ep.tenant_id AND e.id = ep.endpoint_id
         RETURNING e.* INTO after;
 
