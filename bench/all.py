@@ -25,7 +25,17 @@ from . import common
 from .common import Result, fmt_ms, fmt_rate, progress
 
 # The order they run in: the cheap throughput figures first, the long ones last.
-BENCHMARKS = ("drain", "sustained", "latency", "trigger_tax", "rls", "noisy", "onboarding", "sse")
+BENCHMARKS = (
+    "drain",
+    "sustained",
+    "latency",
+    "trigger_tax",
+    "rls",
+    "noisy",
+    "onboarding",
+    "webhooks",
+    "sse",
+)
 
 
 @dataclass(frozen=True)
@@ -275,6 +285,37 @@ def _sse(r: Result) -> list[Headline]:
     return rows
 
 
+def _webhooks(r: Result) -> list[Headline]:
+    g, b, ol = r["goal"], r["burst"], r["open_loop"]
+    rows = [
+        Headline(
+            "webhooks",
+            f"webhook deliveries/s, burst of {b['deliveries']:,} over 10 endpoints (recorded)",
+            f"{fmt_rate(b.get('recorded_per_s', 0))}/s",
+            f">= {fmt_rate(g['rate_at_least'])}/s",
+            common.verdict(g["rate_met"]),
+        ),
+        Headline(
+            "webhooks",
+            f"webhook event commit -> receiver p99 at {r['rate']:g}/s (lost {ol['lost']})",
+            f"{fmt_ms(ol['commit_to_receiver_ms']['p99'])} ms",
+            f"<= {g['p99_ms_at_most']:g} ms",
+            common.verdict(g["p99_met"]),
+        ),
+    ]
+    if "hang_met" in g:
+        rows.append(
+            Headline(
+                "webhooks",
+                "one endpoint hanging: the other nine's rate / p99 against none hanging",
+                f"{g['hang_rate_ratio']:.2f}x / {g['hang_p99_ratio']:.2f}x",
+                ">= 0.90x / <= 1.10x",
+                common.verdict(g["hang_met"]),
+            )
+        )
+    return rows
+
+
 HEADLINES: dict[str, Callable[[Result], list[Headline]]] = {
     "drain": _drain,
     "sustained": _sustained,
@@ -284,6 +325,7 @@ HEADLINES: dict[str, Callable[[Result], list[Headline]]] = {
     "noisy": _noisy,
     "onboarding": _onboarding,
     "sse": _sse,
+    "webhooks": _webhooks,
 }
 
 
