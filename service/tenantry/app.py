@@ -142,7 +142,7 @@ def build(
         keepalive=settings.sse_keepalive,
         tune_collector=settings.sse_gc_tuning,
     )
-    box, guard = _webhook_security(settings, data_dir)
+    box, guard = webhook_security(settings, data_dir)
     deliverer = Deliverer(
         worker_pool,
         box,
@@ -300,10 +300,12 @@ def build(
     return svc
 
 
-def _webhook_security(settings: Settings, data_dir: Path) -> tuple[SecretBox, Guard]:
+def webhook_security(
+    settings: Settings, data_dir: Path, *, warn: bool = True
+) -> tuple[SecretBox, Guard]:
     """The box that keeps the signing secrets encrypted, and the address guard."""
     logger = log.get("app")
-    if settings.secret_key is None:
+    if settings.secret_key is None and warn:
         logger.warning(
             "secret_key_generated",
             detail="TENANTRY_SECRET_KEY is unset: webhook signing secrets are encrypted with"
@@ -312,7 +314,7 @@ def _webhook_security(settings: Settings, data_dir: Path) -> tuple[SecretBox, Gu
         )
     box = SecretBox(load_or_create(settings.secret_key, data_dir / "secret.key"))
     guard = Guard(parse_cidrs(settings.webhook_allow_networks or ""))
-    if guard.allow:
+    if guard.allow and warn:
         logger.warning(
             "webhook_networks_allowed",
             networks=[str(n) for n in guard.allow],

@@ -21,7 +21,7 @@ import orjson
 
 from . import __version__, cli_webhooks, config, db, migrate, roles
 from . import logging as log
-from .app import serve
+from .app import serve, webhook_security
 from .embedded import EmbeddedPostgres
 from .errors import (
     Conflict,
@@ -38,6 +38,7 @@ from .jobs.registry import Registry
 from .jobs.registry import load as load_registry
 from .tenants import store as tenants
 from .timefmt import utc_text
+from .webhooks.endpoints import EndpointRules, Endpoints
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -500,6 +501,8 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "migrate":
             return _run_async(_migrate, urls, args.check)
         # Operators' commands see across tenants: the worker's login has those functions.
+        if args.command == "webhooks" and args.webhooks_command in cli_webhooks.TENANT_COMMANDS:
+            return _run_async(_webhooks_in_tenant, args, settings, urls.service)
         cross_tenant = args.command in ("jobs", "dead", "webhooks") or (
             args.command == "tenants" and args.tenants_command == "list"
         )
@@ -576,6 +579,28 @@ async def _dispatch(args: argparse.Namespace, dsn: str) -> int:
         return await _dead(conn, args)
     finally:
         await conn.close()
+
+
+async def _webhooks_in_tenant(args: argparse.Namespace, settings: config.Settings, dsn: str) -> int:
+    """`webhooks add|remove|enable|disable` with what the service would use: the same
+    secret key (TENANTRY_SECRET_KEY or the data folder's) and the same address rules."""
+    if settings.database_url is None:
+        settings = config.embedded_defaults(settings)
+    pool = await db.create_pool(dsn, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            st = await migrate.status(conn)
+            if not st.current:
+                raise SchemaMismatch(st.describe())
+        box, guard = webhook_security(settings, settings.data_dir.resolve(), warn=False)
+        rules = EndpointRules(
+            allow_http=bool(settings.webhook_allow_http),
+            max_per_tenant=settings.webhook_max_endpoints,
+            rotation_grace_seconds=settings.webhook_rotation_grace,
+        )
+        return await cli_webhooks.run_in_tenant(Endpoints(pool, box, guard, rules), args, _out)
+    finally:
+        await pool.close()
 
 
 async def _enqueue(conn: asyncpg.Connection, args: argparse.Namespace) -> int:

@@ -13,6 +13,8 @@ import asyncpg
 from .timefmt import utc_text
 from .webhooks import fanout, operators
 from .webhooks.deliveries import STATES
+from .webhooks.endpoints import Endpoints
+from .webhooks.model import parse_endpoint
 
 Out = Callable[[str], None]
 JsonText = Callable[..., str]
@@ -35,6 +37,27 @@ def add_commands(
     dl.add_argument("--json", action="store_true")
     sh = wh_sub.add_parser("show", help="one delivery in full: body and every attempt")
     sh.add_argument("id", type=uuid_type)
+    add = wh_sub.add_parser(
+        "add", help="register an endpoint for a tenant; prints its id and secret (once)"
+    )
+    add.add_argument("tenant", type=uuid_type)
+    add.add_argument("url")
+    add.add_argument(
+        "--event-type",
+        action="append",
+        default=[],
+        help="an event type or prefix (invoice.*) it wants; repeat for more (default: all)",
+    )
+    add.add_argument("--description", default="")
+    add.add_argument("--rate-limit", type=positive, help="deliveries per second at most")
+    for name, what in (
+        ("remove", "delete an endpoint (its waiting deliveries are cancelled)"),
+        ("enable", "enable an endpoint again (a closed circuit, no failure streak)"),
+        ("disable", "disable an endpoint (its deliveries wait)"),
+    ):
+        one = wh_sub.add_parser(name, help=what)
+        one.add_argument("tenant", type=uuid_type)
+        one.add_argument("endpoint", type=uuid_type)
     for name, what in (
         ("replay", "send deliveries again now, with a fresh schedule"),
         ("discard", "discard dead deliveries (kept on record as cancelled, reason discarded)"),
@@ -65,6 +88,32 @@ def _filters(
     parser.add_argument("--tenant", type=uuid_type, help="only this tenant's")
     parser.add_argument("--endpoint", type=uuid_type, help="only this endpoint's")
     parser.add_argument("--event-type", help="only events of this type")
+
+
+# The commands that act in one tenant's context (the service's login), not across.
+TENANT_COMMANDS = frozenset({"add", "remove", "enable", "disable"})
+
+
+async def run_in_tenant(endpoints: Endpoints, args: argparse.Namespace, out: Out) -> int:
+    """`webhooks add|remove|enable|disable`: as the tenant API does, in its context."""
+    cmd = args.webhooks_command
+    if cmd == "add":
+        body: dict[str, Any] = {"url": args.url, "description": args.description}
+        if args.event_type:
+            body["event_types"] = args.event_type
+        if args.rate_limit is not None:
+            body["rate_limit"] = args.rate_limit
+        view, secret = await endpoints.create(args.tenant, parse_endpoint(body))
+        out(f"{view['id']}  {secret}")
+        return 0
+    if cmd == "remove":
+        cancelled = await endpoints.delete(args.tenant, args.endpoint)
+        out(f"removed endpoint {args.endpoint}; {cancelled} waiting deliveries cancelled")
+        return 0
+    patch = parse_endpoint({"enabled": cmd == "enable"}, patch=True)
+    view = await endpoints.update(args.tenant, args.endpoint, patch)
+    out(f"endpoint {args.endpoint} {'enabled' if view['enabled'] else 'disabled'}")
+    return 0
 
 
 def check_usage(args: argparse.Namespace) -> str | None:

@@ -113,6 +113,9 @@ async def test_health_and_readiness_over_http(database_url: str) -> None:
     svc = await ServiceProcess.start(database_url)
     try:
         port = await svc.started()
+        # The listener connects in the background (a database not there yet must not
+        # hold up the start): ready once it has.
+        await svc.wait_log("listener_connected")
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
                 assert r.status == 200

@@ -21,7 +21,7 @@ from tenantry import tenant_tx
 from tenantry.app import Service
 from tenantry.outbox.store import emit
 from tenantry.tenants import store
-from tests.helpers import background_service, eventually, service_settings
+from tests.helpers import TEST_SECRET_KEY, background_service, eventually, service_settings
 from tests.receiver import (
     Receiver,
     answer,
@@ -30,6 +30,7 @@ from tests.receiver import (
     redirect,
     reset,
     running_receiver,
+    slow_body,
 )
 
 
@@ -83,6 +84,18 @@ class Tenant:
         status, body = await self.call("GET", "/v1/webhook-deliveries", params=query)
         assert status == 200, body
         return list(body["data"])
+
+    async def wait_deliveries(self, n: int, **query: str) -> list[dict[str, Any]]:
+        """The deliveries once there are `n` (the fan-out makes them after the commit,
+        in the background)."""
+        found: list[dict[str, Any]] = []
+
+        async def enough() -> bool:
+            found[:] = await self.deliveries(**query)
+            return len(found) >= n
+
+        await eventually(enough)
+        return found
 
 
 async def new_tenant(pool: asyncpg.Pool, svc: Service, name: str = "Acme Inc") -> Tenant:
@@ -186,7 +199,7 @@ async def test_a_failing_delivery_is_retried_then_delivered_with_every_attempt_l
     assert len({r.webhook_id for r in got}) == 1  # receivers deduplicate by it
     for r in got:
         r.verify(ep["secret"])
-    [d] = await acme.deliveries()
+    [d] = await acme.wait_deliveries(1)
     done = await finished(acme, d["id"])
     assert done["state"] == "delivered" and done["attempts"] == 3
     log = done["attempt_log"]
@@ -202,7 +215,7 @@ async def test_retries_run_out_into_the_dead_letters_with_the_full_log(
     await acme.endpoint(receiver.url("/down"), retry_schedule=[0, 0, 0])
     receiver.on("/down", answer(500, body=b"down for maintenance"))
     await acme.emit(pool, "invoice.paid")
-    [d] = await acme.deliveries()
+    [d] = await acme.wait_deliveries(1)
     done = await finished(acme, d["id"])
     assert (done["state"], done["reason"], done["attempts"]) == ("dead", "exhausted", 3)
     assert len(done["attempt_log"]) == 3
@@ -222,7 +235,7 @@ async def test_no_response_is_a_failed_attempt_with_its_error_class(
     await acme.endpoint(receiver.url("/x"), retry_schedule=[0], timeout_seconds=1)
     receiver.on("/x", behaviour)
     await acme.emit(pool, "invoice.paid")
-    [d] = await acme.deliveries()
+    [d] = await acme.wait_deliveries(1)
     done = await finished(acme, d["id"])
     assert done["state"] == "dead"
     [attempt] = done["attempt_log"]
@@ -240,7 +253,7 @@ async def test_a_connection_refused_is_a_connect_error(
     await sock.wait_closed()
     await acme.endpoint(f"http://127.0.0.1:{port}/nobody", retry_schedule=[0])
     await acme.emit(pool, "invoice.paid")
-    [d] = await acme.deliveries()
+    [d] = await acme.wait_deliveries(1)
     done = await finished(acme, d["id"])
     assert done["attempt_log"][0]["error_class"] == "connect"
 
@@ -252,7 +265,7 @@ async def test_a_redirect_is_a_failure_and_is_not_followed(
     await acme.endpoint(receiver.url("/moved"), retry_schedule=[0])
     receiver.on("/moved", redirect(receiver.url("/target")))
     await acme.emit(pool, "invoice.paid")
-    [d] = await acme.deliveries()
+    [d] = await acme.wait_deliveries(1)
     done = await finished(acme, d["id"])
     assert done["state"] == "dead" and done["attempt_log"][0]["response"]["status"] == 302
     assert receiver.at("/target") == []
@@ -267,7 +280,7 @@ async def test_an_endless_body_is_read_up_to_the_cap(
         await acme.endpoint(receiver.url("/endless"))
         receiver.on("/endless", endless_body)
         await acme.emit(pool, "invoice.paid", {"big": "y" * 5000})
-        [d] = await acme.deliveries()
+        [d] = await acme.wait_deliveries(1)
         done = await finished(acme, d["id"])
     assert done["state"] == "delivered"
     [attempt] = done["attempt_log"]
@@ -282,7 +295,7 @@ async def test_the_abort_header_ends_the_retries(
     await acme.endpoint(receiver.url("/abort"), retry_schedule=[0, 0, 0])
     receiver.on("/abort", answer(400, {"webhook-delivery": "abort-message"}))
     await acme.emit(pool, "invoice.paid")
-    [d] = await acme.deliveries()
+    [d] = await acme.wait_deliveries(1)
     done = await finished(acme, d["id"])
     assert (done["state"], done["reason"], done["attempts"]) == ("dead", "aborted", 1)
     assert len(receiver.at("/abort")) == 1
@@ -398,7 +411,7 @@ async def test_deleting_an_endpoint_cancels_its_waiting_deliveries(
     receiver.on("/later", answer(500))
     await acme.emit(pool, "invoice.paid")
     await receiver.wait_count("/later", 1)
-    [d] = await acme.deliveries()
+    [d] = await acme.wait_deliveries(1)
 
     async def waiting() -> bool:
         now = await acme.delivery(d["id"])
@@ -442,7 +455,7 @@ async def test_tenants_see_and_change_only_their_own_endpoints_and_deliveries(
     ep = await acme.endpoint(receiver.url("/mine"))
     await acme.emit(pool, "invoice.paid")
     await receiver.wait_count("/mine", 1)
-    [d] = await acme.deliveries()
+    [d] = await acme.wait_deliveries(1)
     for method, path, body in [
         ("GET", f"/v1/webhook-endpoints/{ep['id']}", None),
         ("PATCH", f"/v1/webhook-endpoints/{ep['id']}", {"description": "mine now"}),
@@ -533,7 +546,7 @@ async def test_poison_in_events_and_responses_is_recorded_not_fatal(
     await acme.emit(pool, "invoice.paid", {"deep": deep, "emoji": "🎉", "big": "z" * 100_000})
     got = await receiver.wait_count("/poison", 2)
     assert got[1].verify(ep["secret"])["data"]["emoji"] == "🎉"
-    [d] = await acme.deliveries()
+    [d] = await acme.wait_deliveries(1)
     done = await finished(acme, d["id"])
     assert done["state"] == "delivered"
     first = done["attempt_log"][0]
@@ -592,3 +605,165 @@ async def test_operators_list_show_replay_and_discard_across_tenants(
     assert code == 2 and "not both" in err
     code, _, err = await run_cli("webhooks", "show", "not-a-uuid", database_url=database_url)
     assert code == 2
+
+
+async def test_a_slow_body_past_the_timeout_is_a_timeout(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    await acme.endpoint(receiver.url("/slow"), retry_schedule=[0], timeout_seconds=1)
+    receiver.on("/slow", slow_body)
+    await acme.emit(pool, "invoice.paid")
+    [d] = await acme.wait_deliveries(1)
+    done = await finished(acme, d["id"])
+    [attempt] = done["attempt_log"]
+    # The status line came at once; the whole response did not come within the timeout.
+    assert (attempt["error_class"], attempt["response"]) == ("timeout", None)
+
+
+async def test_without_allowed_networks_private_addresses_are_refused_at_every_step(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    receiver: Receiver,
+) -> None:  # fmt: skip
+    async with service(
+        tmp_path, app_url, pool, worker_pool, webhook_allow_networks="", webhook_allow_http=True
+    ) as svc:  # fmt: skip
+        acme = await new_tenant(pool, svc)
+        for url in (
+            receiver.url("/x"),
+            "http://localhost/x",
+            "http://[::1]/x",
+            "http://[::ffff:127.0.0.1]/x",
+            "http://169.254.169.254/latest/meta-data",
+            "http://10.0.0.1/x",
+            "http://0.0.0.0/x",
+        ):
+            status, problem = await acme.call("POST", "/v1/webhook-endpoints", {"url": url})
+            assert status == 422, (url, problem)
+            assert problem["errors"][0]["field"] == "url"
+        # A name that resolved to a public address at registration and resolves to
+        # loopback when the delivery is sent (DNS rebinding): refused, never connected.
+        answers = {"rebind.example": ["93.184.216.34"]}
+
+        async def lookup(host: str) -> list[str]:
+            return answers[host]
+
+        svc.deliverer._guard._lookup = lookup
+        ep = await acme.endpoint(f"http://rebind.example:{receiver.port}/x", retry_schedule=[0])
+        answers["rebind.example"] = ["127.0.0.1"]
+        await acme.emit(pool, "invoice.paid")
+        [d] = await acme.wait_deliveries(1)
+        done = await finished(acme, d["id"])
+    [attempt] = done["attempt_log"]
+    assert (attempt["result"], attempt["error_class"]) == ("refused", "refused")
+    assert "127.0.0.1" in attempt["error"]
+    assert receiver.requests == []
+    assert ep["url"].startswith("http://rebind.example")
+
+
+async def test_an_endpoint_shows_its_circuit_history(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    receiver: Receiver,
+) -> None:  # fmt: skip
+    async with service(
+        tmp_path, app_url, pool, worker_pool,
+        webhook_breaker_failures=2, webhook_breaker_volume=1000, webhook_breaker_cooldown=0.2,
+    ) as svc:  # fmt: skip
+        acme = await new_tenant(pool, svc)
+        ep = await acme.endpoint(receiver.url("/h"), retry_schedule=[0] * 5)
+        answers = [answer(500), answer(500)]
+
+        async def flaky(request: web.Request) -> web.StreamResponse:
+            # Two failures, then success for everything (the circuit's own events
+            # come to this endpoint too: it subscribed to every event).
+            return await (answers.pop(0) if answers else answer(204))(request)
+
+        receiver.on("/h", flaky)
+        await acme.emit(pool, "invoice.paid")
+        [d] = await acme.wait_deliveries(1, event_type="invoice.paid")
+        await finished(acme, d["id"])
+
+        async def closed_again() -> bool:
+            _, shown = await acme.call("GET", f"/v1/webhook-endpoints/{ep['id']}")
+            return [h["type"] for h in shown["history"]] == [
+                "webhook.endpoint.circuit_opened",
+                "webhook.endpoint.circuit_closed",
+            ]
+
+        await eventually(closed_again)
+
+
+async def test_retention_prunes_old_attempts_and_finished_deliveries_but_keeps_dead_ones(
+    pool: asyncpg.Pool, admin_pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> None:
+    from tenantry.webhooks import upkeep  # noqa: PLC0415
+
+    # No service running: its maintenance would prune these rows too.
+    acme = await store.create_tenant(pool, name="Acme Inc")
+    for state, age in (("delivered", 40), ("dead", 40), ("delivered", 1), ("cancelled", 40)):
+        d = uuid.uuid4()
+        await admin_pool.execute(
+            "INSERT INTO tenantry.webhook_deliveries (tenant_id, id, endpoint_id, event_id,"
+            " event_type, body, state, finished_at) VALUES ($1, $2, $2, $3, 'x', '{}', $4,"
+            " now() - make_interval(days => $5))",
+            acme.id, d, abs(hash(d)) % 1_000_000, state, age,
+        )  # fmt: skip
+        await admin_pool.execute(
+            "INSERT INTO tenantry.webhook_attempts (tenant_id, delivery_id, endpoint_id,"
+            " attempt, attempted_at, url, result, request_headers, request_body, duration_ms)"
+            " VALUES ($1, $2, $2, 1, now() - make_interval(days => $3), 'u', 'failed', '{}',"
+            " '', 1)",
+            acme.id, d, age,
+        )  # fmt: skip
+    pruned = await upkeep.prune(worker_pool, 30, 1000)
+    left = await admin_pool.fetch(
+        "SELECT d.state, (SELECT count(*) FROM tenantry.webhook_attempts a"
+        " WHERE a.delivery_id = d.id) AS attempts FROM tenantry.webhook_deliveries d"
+        " ORDER BY d.state"
+    )
+    assert [(r["state"], r["attempts"]) for r in left] == [("dead", 1), ("delivered", 1)]
+    assert pruned == 4  # 2 deliveries, 2 attempts
+
+
+async def test_operators_register_and_remove_a_tenants_endpoint_from_the_command_line(
+    svc: Service, pool: asyncpg.Pool, database_url: str, receiver: Receiver, tmp_path: Path
+) -> None:
+    from tests.acceptance.process import run_cli  # noqa: PLC0415
+
+    acme = await new_tenant(pool, svc)
+    env = {
+        "TENANTRY_SECRET_KEY": TEST_SECRET_KEY,  # the service's: it must open the secret
+        "TENANTRY_WEBHOOK_ALLOW_NETWORKS": "127.0.0.0/8",
+        "TENANTRY_WEBHOOK_ALLOW_HTTP": "true",
+        "TENANTRY_DATA_DIR": str(tmp_path / "cli"),
+    }
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        return await run_cli("webhooks", *args, database_url=database_url, env=env)
+
+    code, out, err = await cli(
+        "add", str(acme.id), receiver.url("/cli"), "--event-type", "invoice.*"
+    )
+    assert code == 0, err
+    endpoint_id, secret = out.split()
+    await acme.emit(pool, "invoice.paid")
+    [got] = await receiver.wait_count("/cli", 1)
+    assert got.verify(secret)["type"] == "invoice.paid"
+
+    code, out, _ = await cli("disable", str(acme.id), endpoint_id)
+    assert (code, out.strip()) == (0, f"endpoint {endpoint_id} disabled")
+    code, out, _ = await cli("enable", str(acme.id), endpoint_id)
+    assert (code, out.strip()) == (0, f"endpoint {endpoint_id} enabled")
+    code, _, err = await cli("add", str(acme.id), "ftp://example.com/")
+    assert code == 2 and "url:" in err
+    code, _, err = await cli("add", str(acme.id), receiver.url("/x"), "--event-type", "bad type")
+    assert code == 2 and "event_types:" in err
+    code, out, _ = await cli("remove", str(acme.id), endpoint_id)
+    assert code == 0 and out.startswith(f"removed endpoint {endpoint_id}")
+    code, _, err = await cli("remove", str(acme.id), endpoint_id)
+    assert code == 1 and "no webhook endpoint" in err
+    # Another tenant's endpoint is not found through this tenant.
+    code, out, _ = await cli("add", str(acme.id), receiver.url("/cli2"))
+    rival = await new_tenant(pool, svc, "Rival Ltd")
+    code, _, err = await cli("remove", str(rival.id), out.split()[0])
+    assert code == 1

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 
 from ..errors import Conflict, Invalid, InvalidRequest, NotFound
 from ..outbox import store as outbox
@@ -23,6 +24,8 @@ from .secrets import SecretBox
 Q = queries_for(__file__)
 AGGREGATE = "webhook_endpoint"
 TEST_EVENT = "webhook.test"
+HISTORY_PREFIX = "webhook.endpoint."
+HISTORY = 50
 
 
 @dataclass(frozen=True)
@@ -118,11 +121,27 @@ class Endpoints:
             return [view(r) for r in await tx.fetch(Q["list_endpoints"], tenant_id, limit)]
 
     async def get(self, tenant_id: uuid.UUID, endpoint_id: uuid.UUID) -> dict[str, Any]:
+        """The endpoint, with its history: the circuit's changes and its disabling, as
+        the outbox has them (oldest first, the last `HISTORY` of them)."""
         async with tenant_tx(self.pool, tenant_id) as tx:
             row = await tx.fetchrow(Q["get_endpoint"], tenant_id, endpoint_id)
-        if row is None:
-            raise NotFound(f"no webhook endpoint {endpoint_id}")
-        return view(row)
+            if row is None:
+                raise NotFound(f"no webhook endpoint {endpoint_id}")
+            events = await outbox.replay(tx, tenant_id, AGGREGATE, str(endpoint_id), 0)
+        history = []
+        for ev in events:
+            if ev.type.startswith(HISTORY_PREFIX):
+                data = orjson.loads(ev.data)
+                history.append(
+                    {
+                        "type": ev.type,
+                        "at": data.get("at"),
+                        "circuit": data.get("circuit"),
+                        "consecutive_failures": data.get("consecutive_failures"),
+                        "reason": data.get("reason"),
+                    }
+                )
+        return {**view(row), "history": history[-HISTORY:]}
 
     async def update(
         self,
