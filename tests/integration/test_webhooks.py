@@ -767,3 +767,25 @@ async def test_operators_register_and_remove_a_tenants_endpoint_from_the_command
     rival = await new_tenant(pool, svc, "Rival Ltd")
     code, _, err = await cli("remove", str(rival.id), out.split()[0])
     assert code == 1
+
+
+async def test_a_soft_stop_lets_attempts_in_flight_finish_and_records_them(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    await acme.endpoint(receiver.url("/slowly"))
+    release = asyncio.Event()
+
+    async def slowly(_: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(status=204)
+
+    receiver.on("/slowly", slowly)
+    await acme.emit(pool, "invoice.paid")
+    await receiver.wait_count("/slowly", 1)  # in flight now
+    stopping = asyncio.create_task(svc.deliverer.shutdown(grace=10))
+    await svc.deliverer.claims_stopped.wait()  # the stop has begun before the answer
+    release.set()
+    await stopping
+    [d] = await acme.deliveries()
+    assert (d["state"], d["attempts"]) == ("delivered", 1)

@@ -131,6 +131,7 @@ class Deliverer:
         self._idle = anyio.Event()
         self._keys: dict[tuple[uuid.UUID, bytes], bytes] = {}
         self._stopping = False
+        self.claims_stopped = anyio.Event()  # a soft stop began: no more claims
         self.recorded = 0  # attempts recorded (tests and benchmarks wait on it)
         self._recorded_event = anyio.Event()
         self._log = log.get("webhooks")
@@ -175,6 +176,10 @@ class Deliverer:
             task_status.started()
             try:
                 await self._claim_loop(session, tg)
+                self.claims_stopped.set()
+                # A soft stop: the attempts in flight end (each within its timeout) and
+                # are recorded; the caller's grace bounds the wait by cancelling it.
+                await self._wait_idle()
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     await self._flush()
@@ -186,11 +191,13 @@ class Deliverer:
         self._stopping = True
         self._wake.set()
         with anyio.move_on_after(grace):
-            while self._in_flight:
-                self._idle = anyio.Event()
-                await self._idle.wait()
+            await self._wait_idle()
         with anyio.move_on_after(5):
             await self._flush()
+
+    async def _wait_idle(self) -> None:
+        while self._in_flight:
+            await self._idle.wait()
 
     async def _claim_loop(self, session: aiohttp.ClientSession, tg: anyio.abc.TaskGroup) -> None:
         failures = 0
@@ -290,7 +297,10 @@ class Deliverer:
             self._in_flight -= 1
             self._wake.set()
             if not self._in_flight:
-                self._idle.set()
+                # Every waiter waits on the event current when it looked: set that one,
+                # and let later waits have a fresh one.
+                idle, self._idle = self._idle, anyio.Event()
+                idle.set()
         decision = decide(
             attempts=row.attempts,
             schedule=row.schedule or self.config.schedule,
