@@ -789,3 +789,23 @@ async def test_a_soft_stop_lets_attempts_in_flight_finish_and_records_them(
     await stopping
     [d] = await acme.deliveries()
     assert (d["state"], d["attempts"]) == ("delivered", 1)
+
+
+async def test_retry_after_on_429_sets_when_the_next_attempt_comes(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    acme = await new_tenant(pool, svc)
+    # Scheduled 1 s later (±20%); the endpoint asks for 2 s, which is within twice it.
+    await acme.endpoint(receiver.url("/busy"), retry_schedule=[0, 1])
+    answers = [answer(429, {"Retry-After": "2"})]
+
+    async def busy(request: web.Request) -> web.StreamResponse:
+        return await (answers.pop(0) if answers else answer(204))(request)
+
+    receiver.on("/busy", busy)
+    await acme.emit(pool, "invoice.paid")
+    first, second = await receiver.wait_count("/busy", 2)
+    assert second.at - first.at >= 1.9
+    [d] = await acme.deliveries()
+    done = await finished(acme, d["id"])
+    assert [a["response"]["status"] for a in done["attempt_log"]] == [429, 204]
