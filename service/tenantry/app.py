@@ -150,6 +150,7 @@ def build(
         DeliveryConfig(
             concurrency=settings.webhook_concurrency,
             max_in_flight=settings.webhook_endpoint_concurrency,
+            tenant_in_flight=settings.webhook_tenant_concurrency,
             timeout=settings.webhook_timeout,
             schedule=settings.webhook_retry_schedule,
             body_cap=settings.webhook_log_body_bytes,

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import argparse
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
 
+from .errors import Invalid
 from .timefmt import utc_text
 from .webhooks import fanout, operators
 from .webhooks.deliveries import STATES
 from .webhooks.endpoints import Endpoints
-from .webhooks.model import parse_endpoint
+from .webhooks.model import event_type_filter, parse_endpoint
 
 Out = Callable[[str], None]
 JsonText = Callable[..., str]
@@ -66,10 +67,23 @@ def add_commands(
             name, help=f"{what}: one by id, or every one a filter selects (--yes to go on)"
         )
         act.add_argument("id", type=uuid_type, nargs="?", help="a delivery's id")
-        _filters(act, uuid_type, state_default="dead" if name == "replay" else None)
+        # Replay sends finished deliveries again; discard ends dead ones.
+        _filters(
+            act,
+            uuid_type,
+            state_default="dead",
+            states=("dead", "cancelled", "delivered") if name == "replay" else ("dead",),
+        )
         act.add_argument(
             "--yes", action="store_true", help="act on every match (without: show the count)"
         )
+
+
+def _event_type(raw: str) -> str:
+    try:
+        return event_type_filter(raw)
+    except Invalid as exc:
+        raise argparse.ArgumentTypeError(f"{raw[:60]!r} {exc.message}") from None
 
 
 def _filters(
@@ -77,17 +91,18 @@ def _filters(
     uuid_type: Callable[[str], uuid.UUID],
     *,
     state_default: str | None,
+    states: Sequence[str] = STATES,
 ) -> None:
     parser.add_argument(
         "--state",
-        choices=STATES,
+        choices=states,
         default=state_default,
         help="only deliveries in this state"
         + (f" (default {state_default})" if state_default else ""),
     )
     parser.add_argument("--tenant", type=uuid_type, help="only this tenant's")
     parser.add_argument("--endpoint", type=uuid_type, help="only this endpoint's")
-    parser.add_argument("--event-type", help="only events of this type")
+    parser.add_argument("--event-type", type=_event_type, help="only events of this type")
 
 
 # The commands that act in one tenant's context (the service's login), not across.
@@ -120,9 +135,9 @@ def check_usage(args: argparse.Namespace) -> str | None:
     """A usage error of `webhooks replay|discard`, or None."""
     if args.webhooks_command not in ("replay", "discard"):
         return None
+    # Without an id, every match of the filters (the state alone is one): the count
+    # first, --yes to act.
     filtered = any(getattr(args, k) is not None for k in ("tenant", "endpoint", "event_type"))
-    if args.id is None and not filtered and not args.yes:
-        return f"webhooks {args.webhooks_command}: give an id or a filter"
     if args.id is not None and (filtered or args.yes):
         return f"webhooks {args.webhooks_command}: an id, or filters with --yes, not both"
     return None

@@ -95,8 +95,9 @@ class Settings:
     # (the embedded default then allows loopback), "" none.
     webhook_allow_networks: str | None = None
     webhook_allow_http: bool | None = None  # None: unset (true in the embedded default)
-    webhook_concurrency: int = 64
+    webhook_concurrency: int = 128
     webhook_endpoint_concurrency: int = 4
+    webhook_tenant_concurrency: int = 16
     webhook_timeout: int = 15
     webhook_retry_schedule: tuple[int, ...] = DEFAULT_SCHEDULE
     webhook_retention_days: int = 30
@@ -392,6 +393,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             "TENANTRY_WEBHOOK_ENDPOINT_CONCURRENCY",
             _positive_int,
             d.webhook_endpoint_concurrency,
+        ),
+        webhook_tenant_concurrency=_parse(
+            e, "TENANTRY_WEBHOOK_TENANT_CONCURRENCY", _positive_int, d.webhook_tenant_concurrency
         ),
         webhook_timeout=_parse(e, "TENANTRY_WEBHOOK_TIMEOUT", _timeout, d.webhook_timeout),
         webhook_retry_schedule=_parse(

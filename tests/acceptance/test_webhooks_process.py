@@ -5,6 +5,7 @@ each (event, endpoint) pair made once, each event received at least once."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -124,3 +125,44 @@ async def test_kill_9_during_fan_out_and_delivery_loses_and_doubles_nothing(
         for req in got:
             by_id.setdefault(req.webhook_id, set()).add(req.json()["data"]["n"])
         assert len(by_id) == EVENTS and all(len(v) == 1 for v in by_id.values())
+
+
+async def test_sigterm_lets_attempts_in_flight_finish_and_records_them(
+    database_url: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    """Regression (review): a SIGTERM cancelled the attempts in flight; after a restart
+    the lease rescue sent each again, so the receiver handled every event twice."""
+    admin = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    release = asyncio.Event()
+
+    async def held(_: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(status=200)
+
+    receiver.on("/held", held)
+    proc = await ServiceProcess.start(database_url, **env(tmp_path))
+    try:
+        tenant = (await store.create_tenant(admin, name="Slow Receiver Co")).id
+        key = (await store.create_key(admin, tenant)).secret
+        port = await proc.started()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"http://127.0.0.1:{port}/v1/webhook-endpoints",
+                json={"url": receiver.url("/held"), "timeout_seconds": 20},
+                headers={"Authorization": f"Bearer {key}"},
+            ) as r,
+        ):
+            assert r.status == 201, await r.text()
+        await emit_events(admin, tenant, 3)
+        await receiver.wait_count("/held", 3)  # all three in flight
+        proc.signal(signal.SIGTERM)
+        await proc.wait_log("stopping")
+        release.set()
+        assert await proc.wait_exit() == 0
+        rows = await admin.fetch("SELECT state, attempts FROM tenantry.webhook_deliveries")
+    finally:
+        await proc.kill()
+        await admin.close()
+    assert sorted((r["state"], r["attempts"]) for r in rows) == [("delivered", 1)] * 3
+    assert len(receiver.at("/held")) == 3

@@ -765,6 +765,7 @@ TENANT_STATEMENTS: dict[tuple[str, str], tuple[object, ...]] = {
     ("service/tenantry/onboarding/queries.sql", "transition"): (A, A, 1, "provisioning", None),
     ("service/tenantry/outbox/queries.sql", "events_after"): (A, "onboarding", str(A), 0, 100),
     (WEBHOOKS_FILE, "count_endpoints"): (A,),
+    (WEBHOOKS_FILE, "lock_tenant_endpoints"): (A,),
     (WEBHOOKS_FILE, "insert_endpoint"): (A, A, "https://x.test/", "", [], {}, None, None, None,
                                          b"\x01"),
     (WEBHOOKS_FILE, "list_endpoints"): (A, 10),

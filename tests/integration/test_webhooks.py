@@ -5,6 +5,7 @@ independent `standardwebhooks` package), and every attempt is on record."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -502,6 +503,10 @@ async def test_tenants_see_and_change_only_their_own_endpoints_and_deliveries(
         ({"url": "http://127.0.0.1/x", "secret": "whsec_" + "QUJD" * 2}, "secret"),
         ({"url": "http://127.0.0.1/x", "description": "x" * 501}, "description"),
         ({"url": "http://127.0.0.1/x", "colour": "red"}, "colour"),
+        # `$` in a pattern matches before a final newline: these were accepted, and the
+        # header then failed every attempt, the type never matched.
+        ({"url": "http://127.0.0.1/x", "headers": {"X-A\n": "a"}}, "headers"),
+        ({"url": "http://127.0.0.1/x", "event_types": ["inv.paid\n"]}, "event_types"),
     ],
 )
 async def test_bad_endpoint_fields_are_a_422_naming_the_field_and_change_nothing(
@@ -605,6 +610,22 @@ async def test_operators_list_show_replay_and_discard_across_tenants(
     assert code == 2 and "not both" in err
     code, _, err = await run_cli("webhooks", "show", "not-a-uuid", database_url=database_url)
     assert code == 2
+    # A state a replay can never match, an event type no event can have: usage errors.
+    code, _, err = await run_cli(
+        "webhooks", "replay", "--state", "pending", database_url=database_url
+    )
+    assert code == 2 and "--state" in err
+    code, _, err = await run_cli(
+        "webhooks", "deliveries", "--event-type", "bad type", database_url=database_url
+    )
+    assert code == 2 and "--event-type" in err
+    code, out, _ = await run_cli(
+        "webhooks", "discard", "--state", "dead", database_url=database_url
+    )
+    assert (code, out.strip()) == (
+        0,
+        "0 deliveries match; nothing done (add --yes to discard them)",
+    )
 
 
 async def test_a_slow_body_past_the_timeout_is_a_timeout(
@@ -809,3 +830,145 @@ async def test_retry_after_on_429_sets_when_the_next_attempt_comes(
     [d] = await acme.deliveries()
     done = await finished(acme, d["id"])
     assert [a["response"]["status"] for a in done["attempt_log"]] == [429, 204]
+
+
+def _cursor(when: str) -> str:
+    raw = f"{when}|{uuid.UUID(int=0)}".encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field"),
+    [
+        ("POST", "/recover", {"since": "0001-01-01T00:00:00+01:00"}, "since"),
+        ("POST", "/recover", {"since": "9999-12-31T23:59:59-01:00"}, "since"),
+        ("GET", "?since=0001-01-01T00:00:00%2B01:00", None, "since"),
+        ("GET", "?until=9999-12-31T23:59:59-01:00", None, "until"),
+        ("GET", "?event_type=%00", None, "event_type"),
+        # A cursor without an offset, and one outside the years a time can have.
+        ("GET", f"?cursor={_cursor('2020-01-01T00:00:00')}&until=2030-01-01T00:00:00Z", None,
+         "cursor"),
+        ("GET", f"?cursor={_cursor('0001-01-01T00:00:00+01:00')}", None, "cursor"),
+    ],
+)  # fmt: skip
+async def test_odd_times_filters_and_cursors_are_a_422_not_a_500(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver,
+    method: str, path: str, body: Any, field: str,
+) -> None:  # fmt: skip
+    acme = await new_tenant(pool, svc)
+    ep = await acme.endpoint(receiver.url("/x"))
+    url = (
+        f"/v1/webhook-endpoints/{ep['id']}{path}"
+        if path.startswith("/")
+        else f"/v1/webhook-deliveries{path}"
+    )
+    status, problem = await acme.call(method, url, body)
+    assert status == 422, problem
+    assert field in [e["field"] for e in problem["errors"]]
+
+
+async def test_concurrent_registrations_never_pass_the_endpoint_limit(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    receiver: Receiver,
+) -> None:  # fmt: skip
+    async with service(tmp_path, app_url, pool, worker_pool, webhook_max_endpoints=5) as svc:
+        acme = await new_tenant(pool, svc)
+        answers = await asyncio.gather(
+            *(acme.call("POST", "/v1/webhook-endpoints", {"url": receiver.url(f"/{i}")})
+              for i in range(30))
+        )  # fmt: skip
+        listed = (await acme.call("GET", "/v1/webhook-endpoints"))[1]["data"]
+    assert sorted(status for status, _ in answers) == [201] * 5 + [409] * 25
+    assert len(listed) == 5
+
+
+async def test_a_tenant_with_many_hanging_endpoints_holds_only_its_share(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    receiver: Receiver,
+) -> None:  # fmt: skip
+    async with service(
+        tmp_path, app_url, pool, worker_pool,
+        webhook_concurrency=10, webhook_tenant_concurrency=4,
+    ) as svc:  # fmt: skip
+        acme = await new_tenant(pool, svc)
+        for i in range(6):  # 6 endpoints x 4 places each would take every slot
+            await acme.endpoint(
+                receiver.url(f"/hang{i}"), timeout_seconds=30, event_types=["slow.*"]
+            )
+            receiver.on(f"/hang{i}", hang)
+        for _ in range(4):
+            await acme.emit(pool, "slow.thing")
+        other = await new_tenant(pool, svc, "Other Co")
+        await other.endpoint(receiver.url("/fast"))
+        await receiver.wait_for(lambda: len(receiver.requests) >= 4)
+        for _ in range(5):
+            await other.emit(pool, "fast.thing")
+        await receiver.wait_count("/fast", 5, timeout=10)  # long before the 30 s timeout
+        hanging = [r for r in receiver.requests if r.path.startswith("/hang")]
+        assert len(hanging) == 4
+
+
+async def test_a_failing_endpoint_is_not_fed_its_own_circuit_events(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool, receiver: Receiver,
+) -> None:  # fmt: skip
+    async with service(
+        tmp_path, app_url, pool, worker_pool,
+        webhook_breaker_failures=2, webhook_breaker_volume=1000, webhook_breaker_cooldown=0.2,
+    ) as svc:  # fmt: skip
+        acme = await new_tenant(pool, svc)
+        ep = await acme.endpoint(receiver.url("/down"), retry_schedule=[0] * 30)
+        watcher = await acme.endpoint(receiver.url("/ops"), event_types=["webhook.endpoint.*"])
+        receiver.on("/down", answer(500))
+        await acme.emit(pool, "invoice.paid")
+        # Several probes fail, each sending the circuit back to open.
+        await receiver.wait_count("/down", 6)
+    types = [
+        r["event_type"]
+        for r in await admin_pool.fetch(
+            "SELECT event_type FROM tenantry.outbox WHERE aggregate_type = 'webhook_endpoint'"
+            " AND aggregate_id = $1 ORDER BY id",
+            ep["id"],
+        )
+    ]
+    assert types == ["webhook.endpoint.circuit_opened"]  # once: one real change
+    own = await admin_pool.fetchval(
+        "SELECT count(*) FROM tenantry.webhook_deliveries WHERE endpoint_id = $1"
+        " AND event_type LIKE 'webhook.endpoint.%'",
+        uuid.UUID(ep["id"]),
+    )
+    assert own == 0  # its own circuit news goes to the others, not to itself
+    assert watcher["id"] != ep["id"]
+    assert {r.json()["type"] for r in receiver.at("/down")} == {"invoice.paid"}
+
+
+async def test_an_unreadable_retry_after_is_ignored_and_breaks_nothing(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    """Regression (review): `Retry-After: ²` passed `isdigit()` and failed `float()`,
+    outside any handler: the process stopped, and again after every restart."""
+    answered = 0
+
+    async def raw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 429 Too Many\r\nRetry-After: \xc2\xb2\r\nContent-Length: 0\r\n\r\n")
+        answered += 1
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(raw, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        acme = await new_tenant(pool, svc)
+        await acme.endpoint(f"http://127.0.0.1:{port}/x", retry_schedule=[0, 0])
+        await acme.endpoint(receiver.url("/ok"))
+        await acme.emit(pool, "invoice.paid")
+        await acme.emit(pool, "invoice.voided")
+        await receiver.wait_count("/ok", 2)
+        rows = await acme.wait_deliveries(4)
+        for row in rows:
+            await finished(acme, row["id"])
+    finally:
+        server.close()
+    assert answered == 4

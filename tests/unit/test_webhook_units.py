@@ -16,7 +16,7 @@ from tenantry.errors import Invalid
 from tenantry.secretfile import load_or_create
 from tenantry.webhooks import secrets
 from tenantry.webhooks.guard import ForbiddenAddress, Guard, forbidden, parse_networks, url_host
-from tenantry.webhooks.policy import DEFAULT_SCHEDULE, decide, parse_schedule
+from tenantry.webhooks.policy import DEFAULT_SCHEDULE, decide, parse_schedule, retry_after_seconds
 from tenantry.webhooks.secrets import SecretBox, SecretUnreadable
 from tenantry.webhooks.signing import signature_header
 from tests.helpers import FixedRandom
@@ -228,3 +228,9 @@ def test_processes_starting_together_agree_on_a_generated_secret(tmp_path: Path)
         with ThreadPoolExecutor(16) as pool:
             keys = list(pool.map(load_or_create, [None] * 16, [path] * 16))
         assert len(set(keys)) == 1 and len(keys[0]) == 64
+
+
+def test_retry_after_that_is_no_number_is_ignored() -> None:
+    for value in ("\u00b2", "\u2460", "١٢", "1.5", "-3", ""):  # superscript, circled, Arabic
+        assert retry_after_seconds(value, NOW) is None, value
+    assert _decide(1, 429, **{"retry-after": "\u00b2"})[2] == 10.0

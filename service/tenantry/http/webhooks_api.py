@@ -15,7 +15,7 @@ from ..errors import Conflict, Invalid, InvalidRequest, NotFound
 from ..timefmt import utc_text
 from ..webhooks import deliveries, secrets
 from ..webhooks.endpoints import Endpoints
-from ..webhooks.model import parse_endpoint
+from ..webhooks.model import event_type_filter, parse_endpoint, parse_time
 from .problems import invalid_problem, json_response, problem, read_json
 from .tenant_api import authenticated, tenant_of
 
@@ -220,19 +220,6 @@ def _time_field(
         return None
 
 
-def parse_time(value: Any, name: str) -> datetime:
-    """An RFC 3339 time with its offset (`2026-12-01T07:51:00Z`)."""
-    if not isinstance(value, str):
-        raise Invalid(name, "must be a time as text (RFC 3339, e.g. 2026-12-01T07:51:00Z)")
-    try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise Invalid(name, "is not an RFC 3339 time (e.g. 2026-12-01T07:51:00Z)") from None
-    if when.tzinfo is None:
-        raise Invalid(name, "must give its offset (Z for UTC)")
-    return when.astimezone(UTC)
-
-
 @authenticated
 async def list_deliveries(request: web.Request) -> web.StreamResponse:
     api = request.app[WEBHOOKS]
@@ -246,6 +233,12 @@ async def list_deliveries(request: web.Request) -> web.StreamResponse:
             endpoint_id = uuid.UUID(q["endpoint_id"])
         except ValueError:
             errors.append(Invalid("endpoint_id", "is not a UUID"))
+    event_type = q.get("event_type")
+    if event_type is not None:
+        try:
+            event_type_filter(event_type)
+        except Invalid as exc:
+            errors.append(exc)
     state = q.get("state")
     if state is not None and state not in deliveries.STATES:
         errors.append(Invalid("state", f"must be one of {', '.join(deliveries.STATES)}"))
@@ -274,7 +267,7 @@ async def list_deliveries(request: web.Request) -> web.StreamResponse:
             api.pool,
             tenant_of(request),
             deliveries.DeliveryFilter(
-                endpoint_id, q.get("event_type"), state, times["since"], times["until"]
+                endpoint_id, event_type, state, times["since"], times["until"]
             ),
             limit=limit,
             cursor=q.get("cursor"),

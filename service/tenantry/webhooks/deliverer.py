@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -68,8 +69,11 @@ class Breaker:
 
 @dataclass(frozen=True)
 class DeliveryConfig:
-    concurrency: int = 64  # attempts in flight in this process
+    concurrency: int = 128  # attempts in flight in this process
     max_in_flight: int = 4  # per endpoint, across processes
+    # per tenant, across processes: one tenant's many hanging endpoints hold this many
+    # places at most
+    tenant_in_flight: int = 16
     timeout: int = 15  # seconds, connect to the end of the response; per-endpoint override
     schedule: tuple[int, ...] = DEFAULT_SCHEDULE
     body_cap: int = 64 * 1024  # bytes of a request or response body kept on record
@@ -236,6 +240,7 @@ class Deliverer:
                 self.config.max_in_flight,
                 self.config.timeout,
                 self.config.lease_margin,
+                self.config.tenant_in_flight,
             )
         return [
             _Claimed(
@@ -267,6 +272,31 @@ class Deliverer:
         return cached
 
     async def _deliver(self, session: aiohttp.ClientSession, row: _Claimed) -> None:
+        """One attempt, whatever happens in it: no answer of a receiver and no bug may
+        end the deliverer (whose task group holds every tenant's attempts)."""
+        try:
+            result = await self._attempt(session, row)
+        except Exception as exc:
+            self._log.exception("webhook_attempt_crashed", delivery_id=str(row.id))
+            result = self._result(
+                row,
+                self._clock.now(),
+                0.0,
+                {},
+                _Response(error_class="internal", error=f"{type(exc).__name__}: {exc}"),
+            )
+        finally:
+            self._in_flight -= 1
+            self._wake.set()
+            if not self._in_flight:
+                # Every waiter waits on the event current when it looked: set that one,
+                # and let later waits have a fresh one.
+                idle, self._idle = self._idle, anyio.Event()
+                idle.set()
+        self._results.append(result)
+        self._have_results.set()
+
+    async def _attempt(self, session: aiohttp.ClientSession, row: _Claimed) -> dict[str, Any]:
         attempted_at = self._clock.now()
         started = time.perf_counter()
         body = row.body.encode("utf-8")
@@ -289,18 +319,19 @@ class Deliverer:
         except SecretUnreadable as exc:
             response.error_class, response.error = "secret", str(exc)
             self._log.error("webhook_secret_unreadable", endpoint_id=str(row.endpoint_id))
-        except Exception as exc:  # a bug must not lose the delivery: it is recorded
-            response.error_class, response.error = "internal", f"{type(exc).__name__}: {exc}"
-            self._log.exception("webhook_attempt_crashed", delivery_id=str(row.id))
-        finally:
-            duration_ms = (time.perf_counter() - started) * 1000
-            self._in_flight -= 1
-            self._wake.set()
-            if not self._in_flight:
-                # Every waiter waits on the event current when it looked: set that one,
-                # and let later waits have a fresh one.
-                idle, self._idle = self._idle, anyio.Event()
-                idle.set()
+        return self._result(
+            row, attempted_at, (time.perf_counter() - started) * 1000, headers, response
+        )
+
+    def _result(
+        self,
+        row: _Claimed,
+        attempted_at: datetime,
+        duration_ms: float,
+        headers: dict[str, str],
+        response: _Response,
+    ) -> dict[str, Any]:
+        """The attempt as webhook_record takes it, with the delivery's next state."""
         decision = decide(
             attempts=row.attempts,
             schedule=row.schedule or self.config.schedule,
@@ -314,33 +345,6 @@ class Deliverer:
             k: (REDACTED if k in row.headers else v)  # the tenant's own headers may be secrets
             for k, v in headers.items()
         }
-        cap = self.config.body_cap
-        self._results.append(
-            {
-                "tenant_id": str(row.tenant_id),
-                "delivery_id": str(row.id),
-                "endpoint_id": str(row.endpoint_id),
-                "attempt": row.attempts,
-                "attempted_at": attempted_at.isoformat(),
-                "url": row.url,
-                "result": decision.result,
-                "request_headers": sent_headers,
-                "request_body": body[:cap].decode("utf-8", "replace"),
-                "response_status": response.status,
-                "response_headers": response.headers if response.status is not None else None,
-                "response_body": response.body if response.status is not None else None,
-                "duration_ms": duration_ms,
-                "error_class": response.error_class,
-                "error": response.error,
-                "next_state": decision.next_state,
-                "next_attempt_at": decision.next_attempt_at.isoformat()
-                if decision.next_attempt_at is not None
-                else None,
-                "reason": decision.reason,
-                "success": decision.success,
-            }
-        )
-        self._have_results.set()
         if decision.next_state == "dead":
             self._log.warning(
                 "webhook_dead_lettered",
@@ -350,6 +354,30 @@ class Deliverer:
                 reason=decision.reason,
                 attempts=row.attempts,
             )
+        cap = self.config.body_cap
+        return {
+            "tenant_id": str(row.tenant_id),
+            "delivery_id": str(row.id),
+            "endpoint_id": str(row.endpoint_id),
+            "attempt": row.attempts,
+            "attempted_at": attempted_at.isoformat(),
+            "url": row.url,
+            "result": decision.result,
+            "request_headers": sent_headers,
+            "request_body": row.body.encode("utf-8")[:cap].decode("utf-8", "ignore"),
+            "response_status": response.status,
+            "response_headers": response.headers if response.status is not None else None,
+            "response_body": response.body if response.status is not None else None,
+            "duration_ms": duration_ms,
+            "error_class": response.error_class,
+            "error": response.error,
+            "next_state": decision.next_state,
+            "next_attempt_at": decision.next_attempt_at.isoformat()
+            if decision.next_attempt_at is not None
+            else None,
+            "reason": decision.reason,
+            "success": decision.success,
+        }
 
     async def _post(
         self,

@@ -92,8 +92,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor.encode("ascii") + b"=" * (-len(cursor) % 4))
         when, _, ident = raw.decode("ascii").partition("|")
-        return datetime.fromisoformat(when), uuid.UUID(ident)
-    except (ValueError, UnicodeError, binascii.Error):
+        at = datetime.fromisoformat(when)
+        if at.tzinfo is None:
+            raise ValueError("no offset")
+        return at.astimezone(UTC), uuid.UUID(ident)
+    except (ValueError, UnicodeError, binascii.Error, OverflowError):
         raise Invalid("cursor", "is not a cursor this API gave out") from None
 
 

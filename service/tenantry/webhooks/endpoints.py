@@ -98,6 +98,7 @@ class Endpoints:
         secret = spec.secret or secrets.generate()
         endpoint_id = uuid.uuid4()
         async with tenant_tx(self.pool, tenant_id) as tx:
+            await tx.execute(Q["lock_tenant_endpoints"], tenant_id)
             if await tx.fetchval(Q["count_endpoints"], tenant_id) >= self.rules.max_per_tenant:
                 raise Conflict(f"a tenant may have at most {self.rules.max_per_tenant} endpoints")
             row = await tx.fetchrow(

@@ -1,4 +1,4 @@
--- version: 2
+-- version: 3
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -76,6 +76,10 @@ BEGIN
           JOIN tenantry.webhook_endpoints e ON e.tenant_id = ev.tenant_id AND e.enabled
          WHERE CASE WHEN ev.event_type = 'webhook.test'
                     THEN ev.payload ->> 'endpoint_id' = e.id::text
+                    -- An endpoint's own circuit and disabling news goes to the tenant's
+                    -- other endpoints: sent to itself, a failing endpoint fed itself.
+                    WHEN starts_with(ev.event_type, 'webhook.endpoint.')
+                         AND ev.payload ->> 'endpoint_id' = e.id::text THEN false
                     ELSE tenantry.webhook_matches(e.event_types, ev.event_type) END
         ON CONFLICT DO NOTHING
         RETURNING 1
@@ -110,8 +114,10 @@ BEGIN
 END;
 $$;
 
+DROP FUNCTION IF EXISTS tenantry.webhook_claim(text, integer, uuid, integer, integer, integer);
+
 -- Claim up to `max_rows` due deliveries for `owner`, at most `max_in_flight` in flight
--- per endpoint across every process (claims take turns on an advisory lock, so the
+-- per endpoint and `tenant_in_flight` per tenant across every process (claims take turns on an advisory lock, so the
 -- count they see is exact), within an endpoint's rate limit (a token bucket), and only
 -- for an endpoint whose circuit lets them through: closed; or open past its cool-down,
 -- or half-open with nothing in flight, for one probe (the endpoint turns half-open).
@@ -120,7 +126,7 @@ $$;
 -- Each claimed delivery is leased for its timeout plus `lease_margin` seconds.
 CREATE OR REPLACE FUNCTION tenantry.webhook_claim(
     owner text, max_rows integer, pivot uuid, max_in_flight integer,
-    default_timeout integer, lease_margin integer
+    default_timeout integer, lease_margin integer, tenant_in_flight integer
 )
 RETURNS TABLE (
     tenant_id uuid, id uuid, endpoint_id uuid, event_id bigint, event_type text,
@@ -140,8 +146,11 @@ BEGIN
           FROM tenantry.webhook_deliveries d
          WHERE d.state = 'sending'
          GROUP BY d.tenant_id, d.endpoint_id
+    ), tenant_busy AS (
+        SELECT b.tenant_id, sum(b.n)::integer AS n FROM busy b GROUP BY b.tenant_id
     ), ep AS (
         SELECT e.tenant_id, e.id, e.circuit_state,
+               $7 - coalesce(tb.n, 0) AS tenant_free,
                least(
                    CASE WHEN e.circuit_state = 'closed'
                             THEN $4 - coalesce(b.n, 0)
@@ -149,6 +158,7 @@ BEGIN
                              AND (e.circuit_state = 'half_open' OR e.circuit_retry_at <= now())
                             THEN 1
                         ELSE 0 END,
+                   $7 - coalesce(tb.n, 0),
                    CASE WHEN e.rate_limit IS NULL THEN $2
                         ELSE floor(least(e.rate_limit::float8,
                                          coalesce(e.rate_tokens, e.rate_limit)
@@ -157,18 +167,29 @@ BEGIN
                    END) AS free
           FROM tenantry.webhook_endpoints e
           LEFT JOIN busy b ON b.tenant_id = e.tenant_id AND b.endpoint_id = e.id
+          LEFT JOIN tenant_busy tb ON tb.tenant_id = e.tenant_id
          WHERE e.enabled
-    ), picked AS (
-        SELECT c.tenant_id, c.id
-          FROM (SELECT * FROM ep WHERE ep.free > 0 ORDER BY ep.id < $3, ep.id) ep
+    ), walk AS (
+        SELECT ep.*, row_number() OVER (ORDER BY ep.id < $3, ep.id) AS turn
+          FROM ep WHERE ep.free > 0
+    ), candidates AS (
+        SELECT c.tenant_id, c.id, w.turn, w.tenant_free,
+               -- A tenant's endpoints together stay within the tenant's places.
+               row_number() OVER (PARTITION BY c.tenant_id ORDER BY w.turn, c.next_attempt_at)
+                   AS nth_of_tenant
+          FROM walk w
          CROSS JOIN LATERAL (
-               SELECT d.tenant_id, d.id
+               SELECT d.tenant_id, d.id, d.next_attempt_at
                  FROM tenantry.webhook_deliveries d
-                WHERE d.tenant_id = ep.tenant_id AND d.endpoint_id = ep.id
+                WHERE d.tenant_id = w.tenant_id AND d.endpoint_id = w.id
                   AND d.state = 'pending' AND d.next_attempt_at <= now()
                 ORDER BY d.next_attempt_at
-                LIMIT ep.free
+                LIMIT w.free
                   FOR UPDATE SKIP LOCKED) c
+    ), picked AS (
+        SELECT c.tenant_id, c.id FROM candidates c
+         WHERE c.nth_of_tenant <= c.tenant_free
+         ORDER BY c.turn
          LIMIT $2
     ), claimed AS (
         UPDATE tenantry.webhook_deliveries d
@@ -362,7 +383,9 @@ BEGIN
 
         event := CASE
             WHEN before.enabled AND NOT after.enabled THEN 'webhook.endpoint.disabled'
-            WHEN before.circuit_state <> 'open' AND after.circuit_state = 'open'
+            -- From closed only: a failed probe sends a half-open circuit back to open,
+            -- which is no news (and, once a cool-down, would be news every cool-down).
+            WHEN before.circuit_state = 'closed' AND after.circuit_state = 'open'
                 THEN 'webhook.endpoint.circuit_opened'
             WHEN before.circuit_state <> 'closed' AND after.circuit_state = 'closed'
                 THEN 'webhook.endpoint.circuit_closed'
@@ -609,7 +632,7 @@ ALTER FUNCTION tenantry.webhook_matches(text[], text) OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.webhook_body(text, jsonb, timestamptz) OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.webhook_fan_out() OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.webhook_fanout_lag(integer) OWNER TO tenantry_system;
-ALTER FUNCTION tenantry.webhook_claim(text, integer, uuid, integer, integer, integer)
+ALTER FUNCTION tenantry.webhook_claim(text, integer, uuid, integer, integer, integer, integer)
     OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.webhook_results(jsonb) OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.webhook_record(text, jsonb, jsonb) OWNER TO tenantry_system;
@@ -617,7 +640,7 @@ ALTER FUNCTION tenantry.webhook_rescue(integer, integer) OWNER TO tenantry_syste
 ALTER FUNCTION tenantry.webhook_prune(integer, integer) OWNER TO tenantry_system;
 REVOKE ALL ON FUNCTION tenantry.webhook_fan_out(),
                        tenantry.webhook_fanout_lag(integer),
-                       tenantry.webhook_claim(text, integer, uuid, integer, integer, integer),
+                       tenantry.webhook_claim(text, integer, uuid, integer, integer, integer, integer),
                        tenantry.webhook_record(text, jsonb, jsonb),
                        tenantry.webhook_rescue(integer, integer),
                        tenantry.webhook_prune(integer, integer)
@@ -629,7 +652,7 @@ REVOKE ALL ON FUNCTION tenantry.webhook_results(jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION tenantry.webhook_results(jsonb) TO tenantry_system;
 GRANT EXECUTE ON FUNCTION tenantry.webhook_fan_out(),
                           tenantry.webhook_fanout_lag(integer),
-                          tenantry.webhook_claim(text, integer, uuid, integer, integer, integer),
+                          tenantry.webhook_claim(text, integer, uuid, integer, integer, integer, integer),
                           tenantry.webhook_record(text, jsonb, jsonb),
                           tenantry.webhook_rescue(integer, integer),
                           tenantry.webhook_prune(integer, integer)

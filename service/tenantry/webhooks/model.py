@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import Invalid, InvalidRequest
@@ -19,8 +20,11 @@ HEADER_VALUE_MAX = 1000
 RATE_LIMIT_MAX = 10_000
 TIMEOUT_MAX = 60
 
-_EVENT_TYPE = re.compile(r"^(\*|[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,199}(\.\*)?)$")
-_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}$")
+# Matched whole (fullmatch): `$` would let a final newline through.
+_EVENT_TYPE = re.compile(r"\*|[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,199}(\.\*)?")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}")
+# An event type as the outbox allows it (outbox_event_type): for filters.
+EVENT_TYPE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 # What the delivery sets itself, or what would change how the request travels.
 _RESERVED_HEADERS = frozenset(
     {
@@ -79,7 +83,7 @@ def _event_types(value: Any) -> tuple[str, ...]:
         raise Invalid("event_types", f"must list at most {EVENT_TYPES_MAX} types")
     types: list[str] = []
     for item in value:
-        if not isinstance(item, str) or not _EVENT_TYPE.match(item):
+        if not isinstance(item, str) or not _EVENT_TYPE.fullmatch(item):
             shown = repr(item)[:60]
             raise Invalid(
                 "event_types",
@@ -98,7 +102,7 @@ def _headers(value: Any) -> dict[str, str]:
         raise Invalid("headers", f"must hold at most {HEADERS_MAX} headers")
     headers: dict[str, str] = {}
     for name, val in value.items():
-        if not _HEADER_NAME.match(name):
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
             raise Invalid("headers", f"{name[:60]!r} is not a header name")
         lowered = name.lower()
         if lowered in _RESERVED_HEADERS or lowered.startswith("webhook-"):
@@ -203,3 +207,26 @@ def _enabled(value: Any) -> bool:
 
 def schedule_list(schedule: Sequence[int] | None) -> list[int] | None:
     return None if schedule is None else list(schedule)
+
+
+def parse_time(value: Any, name: str) -> datetime:
+    """An RFC 3339 time with its offset (`2026-12-01T07:51:00Z`), in UTC; `Invalid`
+    naming `name` for anything else, or a time outside the years 1 to 9999 in UTC."""
+    if not isinstance(value, str):
+        raise Invalid(name, "must be a time as text (RFC 3339, e.g. 2026-12-01T07:51:00Z)")
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise Invalid(name, "is not an RFC 3339 time (e.g. 2026-12-01T07:51:00Z)") from None
+    if when.tzinfo is None:
+        raise Invalid(name, "must give its offset (Z for UTC)")
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:
+        raise Invalid(name, "is outside the years 1 to 9999 in UTC") from None
+
+
+def event_type_filter(value: str, name: str = "event_type") -> str:
+    if not EVENT_TYPE_NAME.fullmatch(value):
+        raise Invalid(name, "is not an event type (letters, digits and . _ : -, up to 200)")
+    return value

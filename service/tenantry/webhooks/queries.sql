@@ -2,6 +2,11 @@
 -- The tenant's statements run in its context (row-level security); the cross-tenant
 -- ones call the functions in functions.sql beside this file.
 
+-- Registrations of one tenant take turns (until their transactions end), so that the
+-- count below and the insert after it cannot interleave past the limit.
+-- name: lock_tenant_endpoints
+SELECT pg_advisory_xact_lock(hashtextextended('tenantry.webhook_endpoints:' || $1::uuid, 0))
+
 -- name: count_endpoints
 SELECT count(*) FROM tenantry.webhook_endpoints WHERE tenant_id = $1::uuid
 
@@ -140,7 +145,7 @@ SELECT events, oldest FROM tenantry.webhook_fanout_lag($1::integer)
 
 -- name: claim
 SELECT * FROM tenantry.webhook_claim($1::text, $2::integer, $3::uuid, $4::integer,
-                                     $5::integer, $6::integer)
+                                     $5::integer, $6::integer, $7::integer)
 
 -- name: record
 SELECT tenantry.webhook_record($1::text, $2::jsonb, $3::jsonb)
