@@ -972,3 +972,24 @@ async def test_an_unreadable_retry_after_is_ignored_and_breaks_nothing(
     finally:
         server.close()
     assert answered == 4
+
+
+async def test_a_body_that_is_not_json_is_a_400_or_415_problem(
+    svc: Service, pool: asyncpg.Pool
+) -> None:
+    acme = await new_tenant(pool, svc)
+    headers = {"Authorization": f"Bearer {acme.key}"}
+    async with aiohttp.ClientSession(acme.base) as http:
+        for data, content_type, status in (
+            (b"{not json", "application/json", 400),
+            (b"url=x", "application/x-www-form-urlencoded", 415),
+            (b"[1, 2]", "application/json", 422),
+            (b"x" * 70_000, "application/json", 413),
+        ):
+            async with http.post(
+                "/v1/webhook-endpoints",
+                data=data,
+                headers={**headers, "Content-Type": content_type},
+            ) as r:
+                assert r.status == status, await r.text()
+                assert r.content_type == "application/problem+json"

@@ -4,6 +4,7 @@ the deliveries with their attempts, replay and recover."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,179 +30,160 @@ class WebhooksApi:
 
 
 WEBHOOKS = web.AppKey("webhooks", WebhooksApi)
+# A route's work: the API, the tenant, the id in the path (None on the collections).
+Work = Callable[
+    [web.Request, WebhooksApi, uuid.UUID, uuid.UUID | None], Awaitable[web.StreamResponse]
+]
 
 
-def _uuid_in_path(request: web.Request, name: str, what: str) -> uuid.UUID | web.Response:
-    try:
-        return uuid.UUID(request.match_info[name])
-    except ValueError:
-        return problem(404, f"no {what} {request.match_info[name][:60]}")
+def route(what: str | None = None) -> Callable[[Work], Callable[..., Any]]:
+    """A tenant route: the Bearer key resolved to the tenant, the path's `{id}` parsed
+    (not a UUID: the same 404 as an unknown one, `what` naming the thing), and the typed
+    errors mapped once: invalid fields 422 naming each, not found 404, conflict 409."""
+
+    def wrap(work: Work) -> Callable[..., Any]:
+        @authenticated
+        async def handler(request: web.Request) -> web.StreamResponse:
+            ident: uuid.UUID | None = None
+            if what is not None:
+                raw = request.match_info["id"]
+                try:
+                    ident = uuid.UUID(raw)
+                except ValueError:
+                    return problem(404, f"no {what} {raw[:60]}")
+            try:
+                return await work(request, request.app[WEBHOOKS], tenant_of(request), ident)
+            except _BodyProblem as exc:  # not JSON, too large, another media type
+                return exc.response
+            except InvalidRequest as exc:
+                return invalid_problem(exc)
+            except Invalid as exc:
+                return invalid_problem(InvalidRequest([exc]))
+            except NotFound as exc:
+                return problem(404, str(exc))
+            except Conflict as exc:
+                return problem(409, str(exc))
+
+        return handler
+
+    return wrap
 
 
-def _errors(exc: Exception) -> web.Response:
-    if isinstance(exc, InvalidRequest):
-        return invalid_problem(exc)
-    if isinstance(exc, Invalid):
-        return invalid_problem(InvalidRequest([exc]))
-    if isinstance(exc, NotFound):
-        return problem(404, str(exc))
-    if isinstance(exc, Conflict):
-        return problem(409, str(exc))
-    raise exc
+class _BodyProblem(Exception):
+    """The request's body could not be read as JSON: answer `response`."""
+
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
+
+
+async def _json_body(request: web.Request) -> Any:
+    body = await read_json(request, MAX_BODY)
+    if isinstance(body, web.Response):
+        raise _BodyProblem(body)
+    return body
+
+
+def _object(body: Any, known: set[str]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequest([Invalid("", "the body must be a JSON object")])
+    unknown = [Invalid(str(k)[:50], "unknown field") for k in body if k not in known]
+    if unknown:
+        raise InvalidRequest(unknown)
+    return body
 
 
 def _with_secret(view: dict[str, Any], secret: str) -> dict[str, Any]:
     return {**view, "secret": secret}
 
 
-@authenticated
-async def create_endpoint(request: web.Request) -> web.StreamResponse:
-    api = request.app[WEBHOOKS]
-    body = await read_json(request, MAX_BODY)
-    if isinstance(body, web.Response):
-        return body
-    try:
-        spec = parse_endpoint(body)
-        view, secret = await api.endpoints.create(tenant_of(request), spec)
-    except (InvalidRequest, Conflict) as exc:
-        return _errors(exc)
-    return json_response(
-        _with_secret(view, secret),
-        201,
-        {"Location": f"/v1/webhook-endpoints/{view['id']}"},
-    )
+@route()
+async def create_endpoint(
+    request: web.Request, api: WebhooksApi, tenant: uuid.UUID, _: uuid.UUID | None
+) -> web.StreamResponse:
+    spec = parse_endpoint(await _json_body(request))
+    view, secret = await api.endpoints.create(tenant, spec)
+    location = {"Location": f"/v1/webhook-endpoints/{view['id']}"}
+    return json_response(_with_secret(view, secret), 201, location)
 
 
-@authenticated
-async def list_endpoints(request: web.Request) -> web.StreamResponse:
-    api = request.app[WEBHOOKS]
-    return json_response({"data": await api.endpoints.list_endpoints(tenant_of(request))})
+@route()
+async def list_endpoints(
+    request: web.Request, api: WebhooksApi, tenant: uuid.UUID, _: uuid.UUID | None
+) -> web.StreamResponse:
+    return json_response({"data": await api.endpoints.list_endpoints(tenant)})
 
 
-@authenticated
-async def get_endpoint(request: web.Request) -> web.StreamResponse:
-    api = request.app[WEBHOOKS]
-    eid = _uuid_in_path(request, "id", "webhook endpoint")
-    if isinstance(eid, web.Response):
-        return eid
-    try:
-        return json_response(await api.endpoints.get(tenant_of(request), eid))
-    except NotFound as exc:
-        return _errors(exc)
+@route("webhook endpoint")
+async def get_endpoint(
+    request: web.Request, api: WebhooksApi, tenant: uuid.UUID, eid: uuid.UUID | None
+) -> web.StreamResponse:
+    assert eid is not None
+    return json_response(await api.endpoints.get(tenant, eid))
 
 
-@authenticated
-async def patch_endpoint(request: web.Request) -> web.StreamResponse:
-    api = request.app[WEBHOOKS]
-    eid = _uuid_in_path(request, "id", "webhook endpoint")
-    if isinstance(eid, web.Response):
-        return eid
-    body = await read_json(request, MAX_BODY)
-    if isinstance(body, web.Response):
-        return body
-    try:
-        patch = parse_endpoint(body, patch=True)
-        view = await api.endpoints.update(tenant_of(request), eid, patch)
-    except (InvalidRequest, NotFound) as exc:
-        return _errors(exc)
-    return json_response(view)
+@route("webhook endpoint")
+async def patch_endpoint(
+    request: web.Request, api: WebhooksApi, tenant: uuid.UUID, eid: uuid.UUID | None
+) -> web.StreamResponse:
+    assert eid is not None
+    patch = parse_endpoint(await _json_body(request), patch=True)
+    return json_response(await api.endpoints.update(tenant, eid, patch))
 
 
-@authenticated
-async def delete_endpoint(request: web.Request) -> web.StreamResponse:
-    api = request.app[WEBHOOKS]
-    eid = _uuid_in_path(request, "id", "webhook endpoint")
-    if isinstance(eid, web.Response):
-        return eid
-    try:
-        cancelled = await api.endpoints.delete(tenant_of(request), eid)
-    except NotFound as exc:
-        return _errors(exc)
+@route("webhook endpoint")
+async def delete_endpoint(
+    request: web.Request, api: WebhooksApi, tenant: uuid.UUID, eid: uuid.UUID | None
+) -> web.StreamResponse:
+    assert eid is not None
+    cancelled = await api.endpoints.delete(tenant, eid)
     return json_response({"id": str(eid), "deleted": True, "cancelled_deliveries": cancelled})
 
 
-@authenticated
-async def rotate_secret(request: web.Request) -> web.StreamResponse:
-    api = request.app[WEBHOOKS]
-    eid = _uuid_in_path(request, "id", "webhook endpoint")
-    if isinstance(eid, web.Response):
-        return eid
+@route("webhook endpoint")
+async def rotate_secret(
+    request: web.Request, api: WebhooksApi, tenant: uuid.UUID, eid: uuid.UUID | None
+) -> web.StreamResponse:
+    """A new secret: generated, or the body's `{"secret": "whsec_..."}`."""
+    assert eid is not None
     given: str | None = None
     if request.can_read_body:
-        body = await read_json(request, MAX_BODY)
-        if isinstance(body, web.Response):
-            return body
-        try:
-            given = _rotation_secret(body)
-        except InvalidRequest as exc:
-            return _errors(exc)
-    try:
-        view, secret = await api.endpoints.rotate_secret(tenant_of(request), eid, given)
-    except NotFound as exc:
-        return _errors(exc)
+        value = _object(await _json_body(request), {"secret"}).get("secret")
+        if value is not None:
+            secrets.key_bytes(value)  # Invalid("secret", ...) unless in the standard form
+            given = value
+    view, secret = await api.endpoints.rotate_secret(tenant, eid, given)
     return json_response(_with_secret(view, secret))
 
 
-def _rotation_secret(body: Any) -> str | None:
-    """The new secret a rotation request gives (`{"secret": "whsec_..."}`), if any."""
-    if not isinstance(body, dict):
-        raise InvalidRequest([Invalid("", "the body must be a JSON object")])
-    errors = [Invalid(str(k)[:50], "unknown field") for k in body if k != "secret"]
-    value = body.get("secret")
-    if value is not None:
-        try:
-            secrets.key_bytes(value)
-        except Invalid as exc:
-            errors.append(exc)
-    if errors:
-        raise InvalidRequest(errors)
-    return value if isinstance(value, str) else None
+@route("webhook endpoint")
+async def test_endpoint(
+    request: web.Request, api: WebhooksApi, tenant: uuid.UUID, eid: uuid.UUID | None
+) -> web.StreamResponse:
+    assert eid is not None
+    delivery_id, event_id = await api.endpoints.send_test(tenant, eid)
+    body = {
+        "delivery_id": str(delivery_id),
+        "event_id": event_id,
+        "delivery_url": f"/v1/webhook-deliveries/{delivery_id}",
+    }
+    return json_response(body, 202)
 
 
-@authenticated
-async def test_endpoint(request: web.Request) -> web.StreamResponse:
-    api = request.app[WEBHOOKS]
-    eid = _uuid_in_path(request, "id", "webhook endpoint")
-    if isinstance(eid, web.Response):
-        return eid
-    try:
-        delivery_id, event_id = await api.endpoints.send_test(tenant_of(request), eid)
-    except (NotFound, Conflict) as exc:
-        return _errors(exc)
-    return json_response(
-        {
-            "delivery_id": str(delivery_id),
-            "event_id": event_id,
-            "delivery_url": f"/v1/webhook-deliveries/{delivery_id}",
-        },
-        202,
-    )
-
-
-@authenticated
-async def recover(request: web.Request) -> web.StreamResponse:
-    api = request.app[WEBHOOKS]
-    eid = _uuid_in_path(request, "id", "webhook endpoint")
-    if isinstance(eid, web.Response):
-        return eid
-    body = await read_json(request, MAX_BODY)
-    if isinstance(body, web.Response):
-        return body
+@route("webhook endpoint")
+async def recover(
+    request: web.Request, api: WebhooksApi, tenant: uuid.UUID, eid: uuid.UUID | None
+) -> web.StreamResponse:
+    assert eid is not None
+    body = _object(await _json_body(request), {"since", "until"})
     errors: list[Invalid] = []
-    if not isinstance(body, dict):
-        return _errors(InvalidRequest([Invalid("", "the body must be a JSON object")]))
-    errors += [Invalid(str(k)[:50], "unknown field") for k in body if k not in ("since", "until")]
     since = _time_field(body, "since", errors, required=True)
     until = _time_field(body, "until", errors, required=False)
     if since is not None and until is not None and until <= since:
         errors.append(Invalid("until", "must be after since"))
     if errors:
-        return _errors(InvalidRequest(errors))
+        raise InvalidRequest(errors)
     assert since is not None
-    try:
-        count = await deliveries.recover(api.pool, tenant_of(request), eid, since, until)
-    except NotFound as exc:
-        return _errors(exc)
+    count = await deliveries.recover(api.pool, tenant, eid, since, until)
     return json_response({"endpoint_id": str(eid), "replaying": count}, 202)
 
 
@@ -220,89 +202,83 @@ def _time_field(
         return None
 
 
-@authenticated
-async def list_deliveries(request: web.Request) -> web.StreamResponse:
-    api = request.app[WEBHOOKS]
-    q = request.query
-    errors: list[Invalid] = []
-    known = {"endpoint_id", "event_type", "state", "since", "until", "limit", "cursor"}
-    errors += [Invalid(k[:50], "unknown query parameter") for k in q if k not in known]
-    endpoint_id = None
-    if "endpoint_id" in q:
-        try:
-            endpoint_id = uuid.UUID(q["endpoint_id"])
-        except ValueError:
-            errors.append(Invalid("endpoint_id", "is not a UUID"))
-    event_type = q.get("event_type")
-    if event_type is not None:
-        try:
-            event_type_filter(event_type)
-        except Invalid as exc:
-            errors.append(exc)
-    state = q.get("state")
-    if state is not None and state not in deliveries.STATES:
-        errors.append(Invalid("state", f"must be one of {', '.join(deliveries.STATES)}"))
-    times: dict[str, datetime | None] = {}
-    for name in ("since", "until"):
-        times[name] = None
+_QUERY = frozenset({"endpoint_id", "event_type", "state", "since", "until", "limit", "cursor"})
+
+
+def _delivery_query(q: Any) -> tuple[deliveries.DeliveryFilter, int]:
+    """The listing's filter and page size from the query string; `InvalidRequest`
+    naming every parameter at fault."""
+    errors = [Invalid(k[:50], "unknown query parameter") for k in q if k not in _QUERY]
+    values: dict[str, Any] = {}
+
+    def take(name: str, parse: Callable[[str], Any]) -> None:
         if name in q:
             try:
-                times[name] = parse_time(q[name], name)
+                values[name] = parse(q[name])
             except Invalid as exc:
                 errors.append(exc)
-    limit = 50
-    if "limit" in q:
+
+    def endpoint(raw: str) -> uuid.UUID:
         try:
-            limit = int(q["limit"])
-            if not 1 <= limit <= deliveries.PAGE_MAX:
-                raise ValueError
+            return uuid.UUID(raw)
         except ValueError:
-            errors.append(
-                Invalid("limit", f"must be a whole number from 1 to {deliveries.PAGE_MAX}")
-            )
+            raise Invalid("endpoint_id", "is not a UUID") from None
+
+    def state(raw: str) -> str:
+        if raw not in deliveries.STATES:
+            raise Invalid("state", f"must be one of {', '.join(deliveries.STATES)}")
+        return raw
+
+    def limit(raw: str) -> int:
+        if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= deliveries.PAGE_MAX:
+            raise Invalid("limit", f"must be a whole number from 1 to {deliveries.PAGE_MAX}")
+        return int(raw)
+
+    take("endpoint_id", endpoint)
+    take("event_type", event_type_filter)
+    take("state", state)
+    take("since", lambda raw: parse_time(raw, "since"))
+    take("until", lambda raw: parse_time(raw, "until"))
+    take("limit", limit)
     if errors:
-        return _errors(InvalidRequest(errors))
-    try:
-        page, following = await deliveries.list_deliveries(
-            api.pool,
-            tenant_of(request),
-            deliveries.DeliveryFilter(
-                endpoint_id, event_type, state, times["since"], times["until"]
-            ),
-            limit=limit,
-            cursor=q.get("cursor"),
-        )
-    except Invalid as exc:
-        return _errors(exc)
-    body: dict[str, Any] = {"data": page, "next_cursor": following}
-    return json_response(body)
-
-
-@authenticated
-async def get_delivery(request: web.Request) -> web.StreamResponse:
-    api = request.app[WEBHOOKS]
-    did = _uuid_in_path(request, "id", "webhook delivery")
-    if isinstance(did, web.Response):
-        return did
-    try:
-        return json_response(await deliveries.get_delivery(api.pool, tenant_of(request), did))
-    except NotFound as exc:
-        return _errors(exc)
-
-
-@authenticated
-async def replay_delivery(request: web.Request) -> web.StreamResponse:
-    api = request.app[WEBHOOKS]
-    did = _uuid_in_path(request, "id", "webhook delivery")
-    if isinstance(did, web.Response):
-        return did
-    try:
-        await deliveries.replay(api.pool, tenant_of(request), did)
-    except (NotFound, Conflict) as exc:
-        return _errors(exc)
-    return json_response(
-        {"id": str(did), "state": "pending", "replayed_at": utc_text(datetime.now(UTC))}, 202
+        raise InvalidRequest(errors)
+    filt = deliveries.DeliveryFilter(
+        values.get("endpoint_id"),
+        values.get("event_type"),
+        values.get("state"),
+        values.get("since"),
+        values.get("until"),
     )
+    return filt, values.get("limit", 50)
+
+
+@route()
+async def list_deliveries(
+    request: web.Request, api: WebhooksApi, tenant: uuid.UUID, _: uuid.UUID | None
+) -> web.StreamResponse:
+    filt, limit = _delivery_query(request.query)
+    page, following = await deliveries.list_deliveries(
+        api.pool, tenant, filt, limit=limit, cursor=request.query.get("cursor")
+    )
+    return json_response({"data": page, "next_cursor": following})
+
+
+@route("webhook delivery")
+async def get_delivery(
+    request: web.Request, api: WebhooksApi, tenant: uuid.UUID, did: uuid.UUID | None
+) -> web.StreamResponse:
+    assert did is not None
+    return json_response(await deliveries.get_delivery(api.pool, tenant, did))
+
+
+@route("webhook delivery")
+async def replay_delivery(
+    request: web.Request, api: WebhooksApi, tenant: uuid.UUID, did: uuid.UUID | None
+) -> web.StreamResponse:
+    assert did is not None
+    await deliveries.replay(api.pool, tenant, did)
+    body = {"id": str(did), "state": "pending", "replayed_at": utc_text(datetime.now(UTC))}
+    return json_response(body, 202)
 
 
 def add_routes(app: web.Application, api: WebhooksApi) -> None:
