@@ -18,11 +18,17 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from tenantry import tenant_tx
+from tenantry import roles, tenant_tx
 from tenantry.app import Service
 from tenantry.outbox.store import emit
 from tenantry.tenants import store
-from tests.helpers import TEST_SECRET_KEY, background_service, eventually, service_settings
+from tests.helpers import (
+    TEST_SECRET_KEY,
+    background_service,
+    eventually,
+    service_settings,
+    wait_lock_waiter,
+)
 from tests.receiver import (
     Receiver,
     answer,
@@ -993,3 +999,36 @@ async def test_a_body_that_is_not_json_is_a_400_or_415_problem(
             ) as r:
                 assert r.status == status, await r.text()
                 assert r.content_type == "application/problem+json"
+
+
+async def test_flushes_that_overlap_record_each_attempt_once(
+    svc: Service, pool: asyncpg.Pool, admin_pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    """Regression (read-through): the record loop, a stop and the end of the deliverer
+    each flush; two at once took the same head of the results, so one attempt was
+    recorded twice and another dropped."""
+    acme = await new_tenant(pool, svc)
+    ep = await acme.endpoint(receiver.url("/twice"))
+    async with admin_pool.acquire() as holder:
+        tx = holder.transaction()
+        await tx.start()
+        # The recording of an attempt locks its endpoint's row: held here, the record
+        # loop's flush waits, and the second attempt's result queues behind it.
+        await holder.execute(
+            "SELECT 1 FROM tenantry.webhook_endpoints WHERE id = $1 FOR UPDATE",
+            uuid.UUID(ep["id"]),
+        )
+        await acme.emit(pool, "invoice.paid")
+        await receiver.wait_count("/twice", 1)
+        await wait_lock_waiter(admin_pool, roles.DEFAULT_LOGIN + "_worker")
+        await acme.emit(pool, "invoice.voided")
+        await receiver.wait_count("/twice", 2)
+        stopping = asyncio.create_task(svc.deliverer.shutdown(grace=10))
+        await asyncio.sleep(0)
+        await tx.rollback()
+    await stopping
+    await eventually(lambda: _all_in_state(acme, "delivered", 2))
+    counts = await admin_pool.fetch(
+        "SELECT delivery_id, count(*) AS n FROM tenantry.webhook_attempts GROUP BY delivery_id"
+    )
+    assert sorted(r["n"] for r in counts) == [1, 1]

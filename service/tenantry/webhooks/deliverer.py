@@ -134,6 +134,7 @@ class Deliverer:
         self._have_results = anyio.Event()
         self._idle = anyio.Event()
         self._keys: dict[tuple[uuid.UUID, bytes], bytes] = {}
+        self._flushing = anyio.Lock()
         self._stopping = False
         self.claims_stopped = anyio.Event()  # a soft stop began: no more claims
         self.recorded = 0  # attempts recorded (tests and benchmarks wait on it)
@@ -438,29 +439,45 @@ class Deliverer:
             await self._flush()
 
     async def _flush(self) -> None:
-        failures = 0
-        while self._results:
-            batch = self._results[:_RECORD_BATCH]
-            try:
-                await self._record(batch)
-            except UNAVAILABLE as exc:
-                # Kept in memory and tried again; if the process dies meanwhile, the
-                # leases run out and the rescue records the attempts as interrupted.
-                failures += 1
-                self._log.warning("webhook_record_failed", error=safe_text(str(exc)))
-                await anyio.sleep(min(0.1 * 2**failures, 5.0) * (0.5 + self._rnd.random()))
-                continue
-            except Exception as exc:
-                # Something in the batch that the database refuses: one such attempt
-                # must not stop every other's recording.  Each alone, and one refused
-                # alone is recorded without the details it was refused for.
-                self._log.error("webhook_record_refused", error=safe_text(str(exc)))
-                await self._record_one_by_one(batch)
-            del self._results[: len(batch)]
-            self.recorded += len(batch)
-            self._recorded_event.set()
-            # Recording freed endpoints' places (their deliveries left `sending`).
-            self._wake.set()
+        """Record what has finished, in batches, until nothing is left.  One flush at a
+        time (the record loop, a stop and the end of `run` all flush): two would take
+        the same head of the list."""
+        async with self._flushing:
+            failures = 0
+            while self._results:
+                batch = self._results[:_RECORD_BATCH]
+                try:
+                    try:
+                        await self._record(batch)
+                        self._consumed(len(batch))
+                    except UNAVAILABLE:
+                        raise
+                    except Exception as exc:
+                        # Something in the batch that the database refuses: one such
+                        # attempt must not stop every other's recording.  Each alone,
+                        # and one refused alone without the details it was refused for.
+                        self._log.error("webhook_record_refused", error=safe_text(str(exc)))
+                        await self._record_one_by_one(batch)
+                except UNAVAILABLE as exc:
+                    # Kept in memory and tried again; if the process dies meanwhile, the
+                    # leases run out and the rescue records the attempts as interrupted.
+                    failures += 1
+                    self._log.warning("webhook_record_failed", error=safe_text(str(exc)))
+                    if self._health is not None:
+                        self._health.failing("webhook_record", str(exc))
+                    await anyio.sleep(min(0.1 * 2**failures, 5.0) * (0.5 + self._rnd.random()))
+                    continue
+                if failures and self._health is not None:
+                    self._health.ok("webhook_record")
+                failures = 0
+
+    def _consumed(self, n: int) -> None:
+        """The first `n` results are on record (or given up on, logged)."""
+        del self._results[:n]
+        self.recorded += n
+        self._recorded_event.set()
+        # Recording freed endpoints' places (their deliveries left `sending`).
+        self._wake.set()
 
     async def _record(self, batch: list[dict[str, Any]]) -> None:
         async with self._pool.acquire() as conn:
@@ -469,6 +486,8 @@ class Deliverer:
             )
 
     async def _record_one_by_one(self, batch: list[dict[str, Any]]) -> None:
+        """Each result of `batch` (the head of the list) alone, consumed as it goes, so
+        that the database going away midway leaves only the rest to record."""
         for result in batch:
             try:
                 await self._record([result])
@@ -495,6 +514,7 @@ class Deliverer:
                         delivery_id=result["delivery_id"],
                         tenant_id=result["tenant_id"],
                     )
+            self._consumed(1)
 
 
 def _headers(raw: Any) -> dict[str, str]:
