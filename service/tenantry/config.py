@@ -158,6 +158,18 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _count(raw: str) -> int:
+    """A count of places (attempts in flight): 1 to 100,000, which the claim's integer
+    arguments and a process's sockets can take."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("must be a whole number from 1 to 100000") from None
+    if not 1 <= value <= 100_000:
+        raise ValueError("must be a whole number from 1 to 100000")
+    return value
+
+
 def _port(raw: str) -> int:
     try:
         value = int(raw)
@@ -386,16 +398,16 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         webhook_allow_networks=_allow_networks(e),
         webhook_allow_http=_parse(e, "TENANTRY_WEBHOOK_ALLOW_HTTP", _bool, None),
         webhook_concurrency=_parse(
-            e, "TENANTRY_WEBHOOK_CONCURRENCY", _positive_int, d.webhook_concurrency
+            e, "TENANTRY_WEBHOOK_CONCURRENCY", _count, d.webhook_concurrency
         ),
         webhook_endpoint_concurrency=_parse(
             e,
             "TENANTRY_WEBHOOK_ENDPOINT_CONCURRENCY",
-            _positive_int,
+            _count,
             d.webhook_endpoint_concurrency,
         ),
         webhook_tenant_concurrency=_parse(
-            e, "TENANTRY_WEBHOOK_TENANT_CONCURRENCY", _positive_int, d.webhook_tenant_concurrency
+            e, "TENANTRY_WEBHOOK_TENANT_CONCURRENCY", _count, d.webhook_tenant_concurrency
         ),
         webhook_timeout=_parse(e, "TENANTRY_WEBHOOK_TIMEOUT", _timeout, d.webhook_timeout),
         webhook_retry_schedule=_parse(

@@ -770,6 +770,7 @@ TENANT_STATEMENTS: dict[tuple[str, str], tuple[object, ...]] = {
                                          b"\x01"),
     (WEBHOOKS_FILE, "list_endpoints"): (A, 10),
     (WEBHOOKS_FILE, "get_endpoint"): (A, A),
+    (WEBHOOKS_FILE, "endpoint_history"): (A, str(A), 50),
     (WEBHOOKS_FILE, "lock_endpoint"): (A, A),
     (WEBHOOKS_FILE, "update_endpoint"): (A, A, "https://x.test/", "", [], {}, None, None, None,
                                          True, "r"),

@@ -848,6 +848,9 @@ def _cursor(when: str) -> str:
     [
         ("POST", "/recover", {"since": "0001-01-01T00:00:00+01:00"}, "since"),
         ("POST", "/recover", {"since": "9999-12-31T23:59:59-01:00"}, "since"),
+        # ISO 8601 forms that are not RFC 3339 (the README promises RFC 3339).
+        ("POST", "/recover", {"since": "20260101T000000Z"}, "since"),
+        ("POST", "/recover", {"since": "2020-W01-1"}, "since"),
         ("GET", "?since=0001-01-01T00:00:00%2B01:00", None, "since"),
         ("GET", "?until=9999-12-31T23:59:59-01:00", None, "until"),
         ("GET", "?event_type=%00", None, "event_type"),
@@ -1032,3 +1035,39 @@ async def test_flushes_that_overlap_record_each_attempt_once(
         "SELECT delivery_id, count(*) AS n FROM tenantry.webhook_attempts GROUP BY delivery_id"
     )
     assert sorted(r["n"] for r in counts) == [1, 1]
+
+
+async def test_a_scheme_in_capitals_is_taken_as_the_same_scheme(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    """Regression (review): `HTTP://...` passed the checks and then failed the table's
+    constraint: a 500."""
+    acme = await new_tenant(pool, svc)
+    ep = await acme.endpoint(receiver.url("/caps").replace("http://", "HTTP://"))
+    assert ep["url"] == receiver.url("/caps")
+    status, patched = await acme.call(
+        "PATCH", f"/v1/webhook-endpoints/{ep['id']}", {"url": "HtTp://127.0.0.1:1/x"}
+    )
+    assert (status, patched["url"]) == (200, "http://127.0.0.1:1/x")
+
+
+async def test_a_bulk_replay_counts_only_what_it_would_replay(
+    svc: Service, pool: asyncpg.Pool, receiver: Receiver, database_url: str
+) -> None:
+    """Regression (review): the count included deliveries of deleted endpoints, which
+    the replay then skipped ("40 match", then "replaying 0")."""
+    from tests.acceptance.process import run_cli  # noqa: PLC0415
+
+    acme = await new_tenant(pool, svc)
+    gone = await acme.endpoint(receiver.url("/gone"), event_types=["a.*"])
+    kept = await acme.endpoint(receiver.url("/kept"), event_types=["b.*"])
+    await acme.emit(pool, "a.one")
+    await acme.emit(pool, "b.one")
+    await eventually(lambda: _all_in_state(acme, "delivered", 2))
+    await acme.call("DELETE", f"/v1/webhook-endpoints/{gone['id']}")
+    code, out, _ = await run_cli(
+        "webhooks", "replay", "--state", "delivered", "--tenant", str(acme.id),
+        database_url=database_url,
+    )  # fmt: skip
+    assert (code, out.strip()) == (0, "1 deliveries match; nothing done (add --yes to replay them)")
+    assert kept["id"]

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from tenantry.errors import Invalid
+from tenantry import config
+from tenantry.errors import ConfigError, Invalid
 from tenantry.secretfile import load_or_create
 from tenantry.webhooks import secrets
 from tenantry.webhooks.guard import ForbiddenAddress, Guard, forbidden, parse_networks, url_host
@@ -234,3 +235,18 @@ def test_retry_after_that_is_no_number_is_ignored() -> None:
     for value in ("\u00b2", "\u2460", "١٢", "1.5", "-3", ""):  # superscript, circled, Arabic
         assert retry_after_seconds(value, NOW) is None, value
     assert _decide(1, 429, **{"retry-after": "\u00b2"})[2] == 10.0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "TENANTRY_WEBHOOK_CONCURRENCY",
+        "TENANTRY_WEBHOOK_ENDPOINT_CONCURRENCY",
+        "TENANTRY_WEBHOOK_TENANT_CONCURRENCY",
+    ],
+)
+def test_concurrency_settings_past_what_a_claim_takes_are_refused(name: str) -> None:
+    """Regression (review): 3,000,000,000 was accepted, then every claim failed."""
+    with pytest.raises(ConfigError, match=name):
+        config.from_env({name: "3000000000"})
+    assert getattr(config.from_env({name: "100000"}), name.removeprefix("TENANTRY_").lower())

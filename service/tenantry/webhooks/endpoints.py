@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import orjson
 
 from ..errors import Conflict, Invalid, InvalidRequest, NotFound
 from ..outbox import store as outbox
@@ -24,7 +23,6 @@ from .secrets import SecretBox
 Q = queries_for(__file__)
 AGGREGATE = "webhook_endpoint"
 TEST_EVENT = "webhook.test"
-HISTORY_PREFIX = "webhook.endpoint."
 HISTORY = 50
 
 
@@ -128,21 +126,18 @@ class Endpoints:
             row = await tx.fetchrow(Q["get_endpoint"], tenant_id, endpoint_id)
             if row is None:
                 raise NotFound(f"no webhook endpoint {endpoint_id}")
-            events = await outbox.replay(tx, tenant_id, AGGREGATE, str(endpoint_id), 0)
-        history = []
-        for ev in events:
-            if ev.type.startswith(HISTORY_PREFIX):
-                data = orjson.loads(ev.data)
-                history.append(
-                    {
-                        "type": ev.type,
-                        "at": data.get("at"),
-                        "circuit": data.get("circuit"),
-                        "consecutive_failures": data.get("consecutive_failures"),
-                        "reason": data.get("reason"),
-                    }
-                )
-        return {**view(row), "history": history[-HISTORY:]}
+            events = await tx.fetch(Q["endpoint_history"], tenant_id, str(endpoint_id), HISTORY)
+        history = [
+            {
+                "type": ev["event_type"],
+                "at": utc_text(ev["created_at"]),
+                "circuit": ev["payload"].get("circuit"),
+                "consecutive_failures": ev["payload"].get("consecutive_failures"),
+                "reason": ev["payload"].get("reason"),
+            }
+            for ev in reversed(events)
+        ]
+        return {**view(row), "history": history}
 
     async def update(
         self,

@@ -1,4 +1,4 @@
--- version: 3
+-- version: 4
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -572,7 +572,11 @@ BEGIN
          WHERE d.state = ANY (from_states)
            AND ($2 IS NULL OR d.id = $2) AND ($3 IS NULL OR d.state = $3)
            AND ($4 IS NULL OR d.tenant_id = $4) AND ($5 IS NULL OR d.endpoint_id = $5)
-           AND ($6 IS NULL OR d.event_type = $6);
+           AND ($6 IS NULL OR d.event_type = $6)
+           -- As the replay below: a deleted endpoint's deliveries cannot be sent again.
+           AND (action <> 'replay' OR EXISTS (
+                   SELECT 1 FROM tenantry.webhook_endpoints e
+                    WHERE e.tenant_id = d.tenant_id AND e.id = d.endpoint_id));
         RETURN n;
     END IF;
     UPDATE tenantry.webhook_deliveries d

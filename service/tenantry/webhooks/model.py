@@ -161,7 +161,7 @@ def parse_endpoint(body: Any, *, patch: bool = False) -> EndpointSpec:
 
     if not patch and "url" not in body:
         errors.append(Invalid("url", "is required"))
-    take("url", lambda v: _string("url", v, 2000))
+    take("url", _url)
     take("event_types", _event_types)
     take("description", lambda v: _string("description", v, DESCRIPTION_MAX, empty=True))
     take("headers", _headers)
@@ -194,6 +194,14 @@ def _string(name: str, value: Any, most: int, *, empty: bool = False) -> str:
     return value
 
 
+def _url(value: Any) -> str:
+    """The URL as given, its scheme in lower case (HTTP://x and http://x are one URL;
+    the database's check, like the guard, reads the scheme in lower case)."""
+    text = _string("url", value, 2000)
+    scheme, sep, rest = text.partition("://")
+    return f"{scheme.lower()}{sep}{rest}" if sep else text
+
+
 def _secret(value: Any) -> str:
     secrets.key_bytes(value)  # raises Invalid("secret", ...)
     return str(value)
@@ -209,11 +217,15 @@ def schedule_list(schedule: Sequence[int] | None) -> list[int] | None:
     return None if schedule is None else list(schedule)
 
 
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+
+
 def parse_time(value: Any, name: str) -> datetime:
     """An RFC 3339 time with its offset (`2026-12-01T07:51:00Z`), in UTC; `Invalid`
-    naming `name` for anything else, or a time outside the years 1 to 9999 in UTC."""
-    if not isinstance(value, str):
-        raise Invalid(name, "must be a time as text (RFC 3339, e.g. 2026-12-01T07:51:00Z)")
+    naming `name` for anything else (the other ISO 8601 forms included), or a time
+    outside the years 1 to 9999 in UTC."""
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise Invalid(name, "must be an RFC 3339 time with its offset (2026-12-01T07:51:00Z)")
     try:
         when = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:

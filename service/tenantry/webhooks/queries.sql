@@ -27,6 +27,16 @@ SELECT * FROM tenantry.webhook_endpoints
 -- name: get_endpoint
 SELECT * FROM tenantry.webhook_endpoints WHERE tenant_id = $1::uuid AND id = $2::uuid
 
+-- The endpoint's last $3 circuit and disabling events, newest first (the outbox's
+-- aggregate index, read backwards: a month of a flapping circuit costs no more).
+-- name: endpoint_history
+SELECT o.event_type, o.payload, o.created_at
+  FROM tenantry.outbox o
+ WHERE o.tenant_id = $1::uuid AND o.aggregate_type = 'webhook_endpoint'
+   AND o.aggregate_id = $2::text AND starts_with(o.event_type, 'webhook.endpoint.')
+ ORDER BY o.version DESC
+ LIMIT $3::integer
+
 -- name: lock_endpoint
 SELECT * FROM tenantry.webhook_endpoints
  WHERE tenant_id = $1::uuid AND id = $2::uuid
