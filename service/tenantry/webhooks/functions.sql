@@ -1,4 +1,4 @@
--- version: 4
+-- version: 5
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -545,10 +545,32 @@ SELECT to_jsonb(d) - 'lease_owner'
  WHERE d.id = $1
 $$;
 
--- Replay (send again now, a fresh schedule; from dead, cancelled or delivered) or
--- discard (a dead delivery becomes cancelled, reason `discarded`: its record stays for
--- the retention period) one delivery by id, or every delivery the filter selects
--- (`only_count`: how many, changing nothing).  Returns the count.
+-- The deliveries an operator's replay or discard selects: the one `delivery`, or every
+-- one the filter selects (NULL: any), in a state the action starts from (replay: dead,
+-- cancelled or delivered, and only while its endpoint exists; discard: dead).  One
+-- definition for the count shown first and the action taken after it.
+CREATE OR REPLACE FUNCTION tenantry.webhook_ops_matching(
+    action text, delivery uuid, state text, tenant uuid, endpoint uuid, event_type text
+)
+RETURNS TABLE (tenant_id uuid, id uuid)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+SELECT d.tenant_id, d.id
+  FROM tenantry.webhook_deliveries d
+ WHERE d.state = ANY (CASE $1 WHEN 'replay' THEN ARRAY['dead', 'cancelled', 'delivered']
+                              WHEN 'discard' THEN ARRAY['dead'] END)
+   AND ($2 IS NULL OR d.id = $2) AND ($3 IS NULL OR d.state = $3)
+   AND ($4 IS NULL OR d.tenant_id = $4) AND ($5 IS NULL OR d.endpoint_id = $5)
+   AND ($6 IS NULL OR d.event_type = $6)
+   AND ($1 <> 'replay' OR EXISTS (
+           SELECT 1 FROM tenantry.webhook_endpoints e
+            WHERE e.tenant_id = d.tenant_id AND e.id = d.endpoint_id))
+$$;
+
+-- Replay (send again now, with a fresh schedule) or discard (a dead delivery becomes
+-- cancelled, reason `discarded`: its record stays for the retention period) what
+-- webhook_ops_matching selects; with `only_count`, how many, changing nothing.
 CREATE OR REPLACE FUNCTION tenantry.webhook_ops_act(
     action text, delivery uuid, state text, tenant uuid, endpoint uuid, event_type text,
     only_count boolean
@@ -560,23 +582,13 @@ AS $$
 #variable_conflict use_column
 DECLARE
     n integer;
-    from_states text[] := CASE action WHEN 'replay' THEN ARRAY['dead', 'cancelled', 'delivered']
-                                      WHEN 'discard' THEN ARRAY['dead'] END;
 BEGIN
-    IF from_states IS NULL THEN
+    IF action IS NULL OR action NOT IN ('replay', 'discard') THEN
         RAISE EXCEPTION 'tenantry.webhook_ops_act: action must be replay or discard'
             USING ERRCODE = '22023';
     END IF;
     IF only_count THEN
-        SELECT count(*) INTO n FROM tenantry.webhook_deliveries d
-         WHERE d.state = ANY (from_states)
-           AND ($2 IS NULL OR d.id = $2) AND ($3 IS NULL OR d.state = $3)
-           AND ($4 IS NULL OR d.tenant_id = $4) AND ($5 IS NULL OR d.endpoint_id = $5)
-           AND ($6 IS NULL OR d.event_type = $6)
-           -- As the replay below: a deleted endpoint's deliveries cannot be sent again.
-           AND (action <> 'replay' OR EXISTS (
-                   SELECT 1 FROM tenantry.webhook_endpoints e
-                    WHERE e.tenant_id = d.tenant_id AND e.id = d.endpoint_id));
+        SELECT count(*) INTO n FROM tenantry.webhook_ops_matching($1, $2, $3, $4, $5, $6);
         RETURN n;
     END IF;
     UPDATE tenantry.webhook_deliveries d
@@ -586,13 +598,12 @@ BEGIN
            reason = CASE action WHEN 'replay' THEN NULL ELSE 'discarded' END,
            finished_at = CASE action WHEN 'replay' THEN NULL ELSE now() END,
            updated_at = now()
-     WHERE d.state = ANY (from_states)
-       AND ($2 IS NULL OR d.id = $2) AND ($3 IS NULL OR d.state = $3)
-       AND ($4 IS NULL OR d.tenant_id = $4) AND ($5 IS NULL OR d.endpoint_id = $5)
-       AND ($6 IS NULL OR d.event_type = $6)
-       AND (action <> 'replay' OR EXISTS (
-               SELECT 1 FROM tenantry.webhook_endpoints e
-                WHERE e.tenant_id = d.tenant_id AND e.id = d.endpoint_id));
+      FROM tenantry.webhook_ops_matching($1, $2, $3, $4, $5, $6) m
+     WHERE d.tenant_id = m.tenant_id AND d.id = m.id
+       -- Checked again on the row as it is now: a delivery another action or a
+       -- deliverer changed since the match keeps its new state.
+       AND d.state = ANY (CASE action WHEN 'replay' THEN ARRAY['dead', 'cancelled', 'delivered']
+                                      ELSE ARRAY['dead'] END);
     GET DIAGNOSTICS n = ROW_COUNT;
     IF action = 'replay' AND n > 0 THEN
         PERFORM pg_notify('tenantry_webhooks', 'deliveries');
@@ -665,12 +676,15 @@ GRANT EXECUTE ON FUNCTION tenantry.webhook_fanout_lag(integer) TO tenantry_opera
 ALTER FUNCTION tenantry.webhook_ops_deliveries(text, uuid, uuid, text, integer)
     OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.webhook_ops_delivery(uuid) OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.webhook_ops_matching(text, uuid, text, uuid, uuid, text)
+    OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.webhook_ops_act(text, uuid, text, uuid, uuid, text, boolean)
     OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.webhook_ops_endpoints(uuid, integer) OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.webhook_ops_stats() OWNER TO tenantry_system;
 REVOKE ALL ON FUNCTION tenantry.webhook_ops_deliveries(text, uuid, uuid, text, integer),
                        tenantry.webhook_ops_delivery(uuid),
+                       tenantry.webhook_ops_matching(text, uuid, text, uuid, uuid, text),
                        tenantry.webhook_ops_act(text, uuid, text, uuid, uuid, text, boolean),
                        tenantry.webhook_ops_endpoints(uuid, integer),
                        tenantry.webhook_ops_stats()
