@@ -16,13 +16,14 @@ import os
 import signal
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
 import asyncpg
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from . import db, migrate, roles
 from . import logging as log
@@ -37,6 +38,7 @@ from .jobs.maintenance import CounterPruner, LeaseRescuer, Maintenance, Periodic
 from .jobs.registry import Registry
 from .jobs.worker import Worker, WorkerConfig
 from .listener import Listener
+from .metrics import Metrics, counter, gauge
 from .onboarding import machine
 from .onboarding.mail import mailer_for
 from .onboarding.model import AGGREGATE, TERMINAL_EVENTS
@@ -79,6 +81,7 @@ class Service:
     health: Health
     fanout: FanOut
     deliverer: Deliverer
+    metrics: Metrics
     # Set when a stop begins: /readyz answers 503 from then on.
     stopping: bool = field(default=False)
 
@@ -117,6 +120,7 @@ def build(
     handlers = Registry()
     handlers.merge(registry)
     handlers.merge(provisioner.registry())
+    metrics = Metrics()
     worker = Worker(
         pool,
         handlers,
@@ -133,6 +137,7 @@ def build(
         worker_pool=worker_pool,
         claim_pool=claim_pool,
         health=health,
+        hook=metrics.worker_hook,
     )
     hub = Hub(
         worker_pool,
@@ -169,6 +174,7 @@ def build(
         ),
         owner=owner,
         health=health,
+        on_attempt=metrics.webhook_attempt,
     )
     fanout = FanOut(worker_pool, deliverer.notify, poll_interval=settings.poll_interval)
 
@@ -265,6 +271,7 @@ def build(
             pool,
             onboarding,
             cors_origins=settings.cors_origins,
+            metrics=metrics,
             webhooks=WebhooksApi(
                 pool,
                 Endpoints(
@@ -297,8 +304,53 @@ def build(
         health,
         fanout,
         deliverer,
+        metrics,
     )
+    metrics.watch(lambda: _component_metrics(svc))
     return svc
+
+
+def _component_metrics(svc: Service) -> Iterator[Metric]:
+    """What the components hold, read at each scrape."""
+    yield gauge("tenantry_sse_streams", "Open event streams", svc.hub.clients)
+    yield counter(
+        "tenantry_sse_events_delivered", "Events handed to open streams", svc.hub.events_pushed
+    )
+    yield counter(
+        "tenantry_sse_slow_clients_cut",
+        "Streams closed because their client did not read",
+        svc.hub.slow_cut,
+    )
+    yield gauge(
+        "tenantry_listener_connected",
+        "1 while the LISTEN connection is up",
+        1.0 if svc.listener.connected else 0.0,
+    )
+    yield counter(
+        "tenantry_listener_reconnects",
+        "Connections of the listener after its first",
+        max(svc.listener.connections - 1, 0),
+    )
+    yield gauge("tenantry_jobs_running", "Jobs running in this process", svc.worker.running_count)
+    yield gauge(
+        "tenantry_webhook_attempts_in_flight",
+        "Webhook attempts in flight in this process",
+        svc.deliverer.in_flight,
+    )
+    pools = GaugeMetricFamily(
+        "tenantry_pool_connections",
+        "Database connections by pool (service, worker, claims) and state (in_use, idle)",
+        labels=["pool", "state"],
+    )
+    for name, pool in (
+        ("service", svc.pool),
+        ("worker", svc.worker_pool),
+        ("claims", svc.claim_pool),
+    ):
+        idle = pool.get_idle_size()
+        pools.add_metric([name, "in_use"], pool.get_size() - idle)
+        pools.add_metric([name, "idle"], idle)
+    yield pools
 
 
 def webhook_security(

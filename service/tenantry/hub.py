@@ -170,6 +170,8 @@ class Hub:
         # The snapshot of the last read (None: no read yet).
         self._snapshot: str | None = None
         self.reads = 0  # completed reads (tests wait on it)
+        self.events_pushed = 0  # events handed to streams (metrics)
+        self.slow_cut = 0  # streams closed for not reading (metrics)
         self._read_done = anyio.Event()
         self.closing = False
         self._log = log.get("sse_hub")
@@ -299,8 +301,13 @@ class Hub:
             frame = encode(ev)
             quiet_until = time.monotonic() + self._keepalive
             for sub in tuple(subs):
+                was_open = not sub.closed
                 sub.push(ev.version, terminal, frame)
                 sub.due = quiet_until  # an event is as good as a keepalive
+                if sub.closed and was_open:
+                    self.slow_cut += 1
+                elif was_open:
+                    self.events_pushed += 1
 
     async def _keepalives(self) -> None:
         """A keepalive to each stream that has been quiet for the interval.  The

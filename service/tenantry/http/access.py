@@ -16,6 +16,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID = "X-Request-ID"
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
+# Told of every request answered: method, route pattern, status, seconds (metrics).
+Observer = Callable[[str, str, int, float], None]
+OBSERVER: web.AppKey[Observer] = web.AppKey("request_observer")
 # A request id given by the client (or a proxy) is kept when it is plain enough to log
 # and to pass on; any other is replaced by one of ours.
 _GIVEN_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
@@ -42,16 +45,21 @@ async def request_log(request: web.Request, handler: Handler) -> web.StreamRespo
             status = exc.status
             raise
         finally:
-            route = request.match_info.route.resource
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "(no route)"
+            seconds = time.perf_counter() - started
             log.get("http").info(
                 "http_request",
                 method=request.method,
-                route=route.canonical if route is not None else "(no route)",
+                route=route,
                 status=status,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                duration_ms=round(seconds * 1000, 3),
                 client=request.remote,
                 request_id=rid,
             )
+            observe = request.app.get(OBSERVER)
+            if observe is not None:
+                observe(request.method, route, status, seconds)
 
 
 def request_id(request: web.Request) -> str:

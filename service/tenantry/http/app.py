@@ -16,9 +16,10 @@ from anyio.abc import TaskStatus
 from .. import logging as log
 from ..db import UNAVAILABLE
 from ..errors import StartupError
+from ..metrics import CONTENT_TYPE, Metrics
 from ..safetext import safe_text
 from . import onboarding_api, tenant_api, webhooks_api
-from .access import request_log, return_request_id
+from .access import OBSERVER, request_log, return_request_id
 from .onboarding_api import OnboardingApi
 from .problems import json_response, problem
 from .protocol import ProblemAppRunner, refusal
@@ -143,8 +144,10 @@ def build_app(
     readiness: Readiness,
     pool: asyncpg.Pool | None = None,
     onboarding: OnboardingApi | None = None,
+    *,
     cors_origins: tuple[str, ...] = (),
     webhooks: WebhooksApi | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     app = web.Application(
         client_max_size=onboarding_api.MAX_BODY * 4,
@@ -154,6 +157,9 @@ def build_app(
     app.on_response_prepare.append(return_request_id)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if metrics is not None:
+        app[OBSERVER] = metrics.http_request
+        app.router.add_get("/metrics", _metrics_route(metrics))
     if pool is not None:
         tenant_api.add_routes(app, pool)
     if webhooks is not None:
@@ -167,6 +173,13 @@ def build_app(
         app.router.add_get("/favicon.svg", icon)
         app.router.add_get("/favicon.ico", icon)
     return app
+
+
+def _metrics_route(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def scrape(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    return scrape
 
 
 class HttpServer:

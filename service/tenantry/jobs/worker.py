@@ -434,6 +434,7 @@ class Worker:
 
     async def claim(self, queue: str, limit: int, cursor: uuid.UUID | None) -> Claimed | None:
         """Claim up to `limit` rows of `queue` (None: the database is unavailable)."""
+        began = self.clock.monotonic()
         try:
             async with self.claim_pool.acquire() as conn:
                 rows: list[asyncpg.Record] = await conn.fetch(
@@ -454,8 +455,11 @@ class Worker:
         self.health.ok(f"claims:{queue}")
         # The last row is the claim's state: the cursor and whether rows may remain.
         state = rows.pop()
-        if rows and self.hook is not None:
-            self.hook("claimed", {"queue": queue, "count": len(rows)})
+        if self.hook is not None:
+            took = self.clock.monotonic() - began
+            self.hook("claim_ran", {"queue": queue, "count": len(rows), "seconds": took})
+            if rows:
+                self.hook("claimed", {"queue": queue, "count": len(rows)})
         return Claimed(rows, state["cursor_after"], bool(state["more"]), bool(state["capped"]))
 
     def start_job(self, loop: QueueLoop, row: asyncpg.Record) -> None:
@@ -549,7 +553,10 @@ class Worker:
         elif job.completed_in_tx:
             loop.outcomes_written()  # its own transaction completed it
         if self.hook is not None:
-            self.hook("finished", {"job": job, "outcome": outcome, "why": entry.why})
+            self.hook(
+                "finished",
+                {"job": job, "outcome": outcome, "why": entry.why, "at": self.clock.monotonic()},
+            )
 
     async def _outcome(
         self, job: Job, entry: _Running, jlog: _JobLog, unknown_since: datetime | None
@@ -568,7 +575,8 @@ class Worker:
         if log.debug_enabled():
             jlog.debug("job_started")
         if self.hook is not None:
-            self.hook("started", {"job": job})
+            waited = (self.clock.now() - job.created_at).total_seconds()
+            self.hook("started", {"job": job, "at": self.clock.monotonic(), "waited": waited})
         started = self.clock.monotonic()
         try:
             await reg.handler(job)

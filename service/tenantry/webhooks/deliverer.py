@@ -14,7 +14,7 @@ from __future__ import annotations
 import ssl
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -119,8 +119,11 @@ class Deliverer:
         health: Health | None = None,
         clock: Clock | None = None,
         rnd: Random | None = None,
+        on_attempt: Callable[[str, int | None, float], None] | None = None,
     ) -> None:
         self._pool = pool  # the worker's login: claims and records are cross-tenant
+        # Told of each attempt: its result, status (None: no response), seconds.
+        self._on_attempt = on_attempt
         self._box = box
         self._guard = guard
         self.config = config
@@ -296,6 +299,10 @@ class Deliverer:
                 idle.set()
         self._results.append(result)
         self._have_results.set()
+        if self._on_attempt is not None:
+            self._on_attempt(
+                result["result"], result["response_status"], result["duration_ms"] / 1000
+            )
 
     async def _attempt(self, session: aiohttp.ClientSession, row: _Claimed) -> dict[str, Any]:
         attempted_at = self._clock.now()

@@ -1,0 +1,126 @@
+"""`GET /metrics`: what one process did and holds, in the Prometheus text format, read
+with prometheus-client's own parser after real work (a sign-up provisioned, a webhook
+delivered)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tenantry.app import Service
+from tests.helpers import eventually
+from tests.integration.test_webhooks import new_tenant, service
+from tests.receiver import Receiver, running_receiver
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(svc: Service) -> tuple[str, Samples]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{svc.http.port}/metrics") as r,
+    ):
+        assert r.status == 200
+        text = await r.text()
+        content_type = r.headers["Content-Type"]
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return content_type, samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+@pytest.fixture
+async def svc(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> AsyncIterator[Service]:
+    async with service(tmp_path, app_url, pool, worker_pool) as s:
+        yield s
+
+
+async def test_metrics_count_jobs_webhooks_requests_and_show_the_components(
+    svc: Service, pool: asyncpg.Pool
+) -> None:
+    base = f"http://127.0.0.1:{svc.http.port}"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{base}/v1/onboardings",
+            json={"email": "ada@example.com", "tenant_name": "Analytical Engines", "plan": "pro"},
+        ) as r,
+    ):
+        assert r.status == 202
+    async with running_receiver() as receiver:
+        await _deliver_one(svc, pool, receiver)
+        samples: Samples = {}
+
+        async def provisioned() -> bool:
+            _, got = await scrape(svc)
+            samples.update(got)
+            return bool(
+                value(
+                    got,
+                    "tenantry_job_outcomes_total",
+                    queue="default",
+                    kind="onboarding.provision",
+                    result="succeeded",
+                )
+            )
+
+        await eventually(provisioned)
+        content_type, samples = await scrape(svc)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    job = {"queue": "default", "kind": "onboarding.provision"}
+    assert value(samples, "tenantry_job_run_seconds_count", **job) == 1
+    assert value(samples, "tenantry_job_wait_seconds_count", **job) == 1
+    assert (value(samples, "tenantry_job_claims_total", queue="default") or 0) >= 1
+    assert (value(samples, "tenantry_job_claimed_total", queue="default") or 0) >= 1
+    assert (
+        value(samples, "tenantry_webhook_attempts_total", result="delivered", status_class="2xx")
+        == 1
+    )
+    assert value(samples, "tenantry_webhook_attempt_seconds_count") == 1
+    assert (
+        value(
+            samples,
+            "tenantry_http_requests_total",
+            method="POST",
+            route="/v1/onboardings",
+            status="202",
+        )
+        == 1
+    )
+    # Route patterns, never paths with ids in them.
+    assert value(
+        samples,
+        "tenantry_http_requests_total",
+        method="GET",
+        route="/v1/webhook-deliveries/{id}",
+        status="200",
+    )
+    assert value(samples, "tenantry_listener_connected") == 1
+    assert value(samples, "tenantry_sse_streams") == 0
+    assert value(samples, "tenantry_pool_connections", pool="service", state="in_use") is not None
+    assert value(samples, "tenantry_webhook_attempts_in_flight") == 0
+
+
+async def _deliver_one(svc: Service, pool: asyncpg.Pool, receiver: Receiver) -> None:
+    acme = await new_tenant(pool, svc)
+    await acme.endpoint(receiver.url("/m"))
+    await acme.emit(pool, "invoice.paid")
+    await receiver.wait_count("/m", 1)
+    [d] = await acme.wait_deliveries(1)
+
+    async def recorded() -> bool:
+        return bool((await acme.delivery(d["id"]))["state"] == "delivered")
+
+    await eventually(recorded)
