@@ -14,6 +14,7 @@ path with an id), HTTP status, results and status classes.  No tenant label.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -110,6 +111,7 @@ class Metrics:
             registry=r,
         )
         self._started: dict[tuple[Any, Any], float] = {}
+        self._jobs: dict[tuple[str, str], _JobSeries] = {}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -121,23 +123,41 @@ class Metrics:
     # --- hooks ------------------------------------------------------------------------
 
     def worker_hook(self, name: str, data: dict[str, Any]) -> None:
-        """The worker's hook (tenantry.jobs.worker): claims, starts and finishes."""
-        if name == "claim_ran":
+        """The worker's hook (tenantry.jobs.worker): claims, starts and finishes.  On
+        every job's path, so the label children are looked up once per queue and kind
+        (`labels()` takes a lock and builds a key each time)."""
+        if name == "started":
+            job = data["job"]
+            series = self._series(job.queue, job.kind)
+            self._started[(job.tenant_id, job.id)] = data["at"]
+            if job.attempt == 1:
+                series.wait.observe(data["waited"])
+        elif name == "finished":
+            job = data["job"]
+            series = self._series(job.queue, job.kind)
+            result = result_of(data["outcome"])
+            outcome = series.outcomes.get(result)
+            if outcome is None:
+                outcome = series.outcomes[result] = self.job_outcomes.labels(
+                    job.queue, job.kind, result
+                )
+            outcome.inc()
+            began = self._started.pop((job.tenant_id, job.id), None)
+            if began is not None:
+                series.run.observe(data["at"] - began)
+        elif name == "claim_ran":
             queue = data["queue"]
             self.claims.labels(queue).inc()
             self.claimed.labels(queue).inc(data["count"])
             self.claim_seconds.labels(queue).observe(data["seconds"])
-        elif name == "started":
-            job = data["job"]
-            self._started[(job.tenant_id, job.id)] = data["at"]
-            if job.attempt == 1:
-                self.job_wait.labels(job.queue, job.kind).observe(data["waited"])
-        elif name == "finished":
-            job = data["job"]
-            self.job_outcomes.labels(job.queue, job.kind, result_of(data["outcome"])).inc()
-            began = self._started.pop((job.tenant_id, job.id), None)
-            if began is not None:
-                self.job_run.labels(job.queue, job.kind).observe(data["at"] - began)
+
+    def _series(self, queue: str, kind: str) -> _JobSeries:
+        series = self._jobs.get((queue, kind))
+        if series is None:
+            series = self._jobs[(queue, kind)] = _JobSeries(
+                {}, self.job_run.labels(queue, kind), self.job_wait.labels(queue, kind)
+            )
+        return series
 
     def webhook_attempt(self, result: str, status: int | None, seconds: float) -> None:
         self.webhook_attempts.labels(result, status_class(status)).inc()
@@ -146,6 +166,15 @@ class Metrics:
     def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.http_requests.labels(method, route, str(status)).inc()
         self.http_seconds.labels(method, route).observe(seconds)
+
+
+@dataclass(slots=True)
+class _JobSeries:
+    """One queue and kind's children of the job metrics."""
+
+    outcomes: dict[str, Any]  # result -> the outcome counter's child
+    run: Any
+    wait: Any
 
 
 class _Reader(Collector):
