@@ -34,6 +34,7 @@ BENCHMARKS = (
     "noisy",
     "onboarding",
     "webhooks",
+    "metrics",
     "sse",
 )
 
@@ -316,6 +317,19 @@ def _webhooks(r: Result) -> list[Headline]:
     return rows
 
 
+def _metrics(r: Result) -> list[Headline]:
+    return [
+        Headline(
+            "metrics",
+            f"GET /metrics p99 with {r['jobs']:,} queued jobs (the database reading behind it:"
+            f" p99 {fmt_ms(r['reading_ms']['p99'])} ms, once per 5 s)",
+            f"{fmt_ms(r['scrape_ms']['p99'])} ms",
+            f"<= {r['goal']['scrape_ms_at_most']:g} ms",
+            common.verdict(r["goal"]["met"]),
+        )
+    ]
+
+
 HEADLINES: dict[str, Callable[[Result], list[Headline]]] = {
     "drain": _drain,
     "sustained": _sustained,
@@ -326,6 +340,7 @@ HEADLINES: dict[str, Callable[[Result], list[Headline]]] = {
     "onboarding": _onboarding,
     "sse": _sse,
     "webhooks": _webhooks,
+    "metrics": _metrics,
 }
 
 

@@ -38,7 +38,7 @@ from .jobs.maintenance import CounterPruner, LeaseRescuer, Maintenance, Periodic
 from .jobs.registry import Registry
 from .jobs.worker import Worker, WorkerConfig
 from .listener import Listener
-from .metrics import Metrics, counter, gauge
+from .metrics import DatabaseGauges, Metrics, counter, gauge
 from .onboarding import machine
 from .onboarding.mail import mailer_for
 from .onboarding.model import AGGREGATE, TERMINAL_EVENTS
@@ -82,6 +82,7 @@ class Service:
     fanout: FanOut
     deliverer: Deliverer
     metrics: Metrics
+    gauges: DatabaseGauges
     # Set when a stop begins: /readyz answers 503 from then on.
     stopping: bool = field(default=False)
 
@@ -91,7 +92,7 @@ class Service:
         ordered: list[Any] = [self.listener, self.hub, self.worker]
         if self.settings.run_worker:
             ordered += [self.fanout, self.deliverer]
-        return [*ordered, self.maintenance, self.http]
+        return [*ordered, self.maintenance, self.gauges, self.http]
 
 
 async def check_schema(conn: db.Conn) -> None:
@@ -305,8 +306,14 @@ def build(
         fanout,
         deliverer,
         metrics,
+        DatabaseGauges(
+            worker_pool,
+            sorted({*settings.queues, settings.onboarding_queue}),
+            interval=settings.metrics_interval,
+        ),
     )
     metrics.watch(lambda: _component_metrics(svc))
+    metrics.watch(svc.gauges.collect)
     return svc
 
 

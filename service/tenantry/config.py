@@ -110,6 +110,8 @@ class Settings:
     webhook_disable_after: float = 5 * 86_400.0
     webhook_rotation_grace: float = 86_400.0
     webhook_max_endpoints: int = 50
+    # Seconds between the metrics' database readings (queue depth, backlog age).
+    metrics_interval: float = 5.0
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -442,6 +444,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ),
         webhook_max_endpoints=_parse(
             e, "TENANTRY_WEBHOOK_MAX_ENDPOINTS", _positive_int, d.webhook_max_endpoints
+        ),
+        metrics_interval=_parse(
+            e, "TENANTRY_METRICS_INTERVAL", _positive_float, d.metrics_interval
         ),
     )
 

@@ -3,9 +3,10 @@
 Two kinds: what happens (jobs claimed and finished, webhook attempts, HTTP requests)
 is counted as it happens, through the components' hooks; what the components hold
 (open streams, the listener's connection, the pools, the deliverer's places in use) is
-read from them when Prometheus scrapes.  Neither touches the database: a scrape costs
-the same whatever the queue's size.  (Counts that only the database knows, such as the
-queue's depth, are the next step: see issue 12.)
+read from them when Prometheus scrapes.  Counts that only the database knows (the
+queue's depth, the backlog's age, the webhooks' dead letters) are read by
+`DatabaseGauges` every few seconds, in a background task, counted up to a cap: a scrape
+never touches the database and costs the same whatever the queue's size.
 
 Labels are bounded: queue and kind (the deployment's own), route patterns (never a
 path with an id), HTTP status, results and status classes.  No tenant label.
@@ -13,15 +14,26 @@ path with an id), HTTP status, results and status classes.  No tenant label.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+import anyio
+import asyncpg
+from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import logging as log
+from .clock import Random, system_random
 from .jobs.outcomes import Bury, Complete, Release, Retry
+from .safetext import safe_text
+from .sql import queries_for
+
+Q = queries_for(__file__, "metrics.sql")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds: a job or an attempt from a millisecond to several minutes.
@@ -193,3 +205,119 @@ def gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = Non
 
 def counter(name: str, doc: str, value: float) -> Metric:
     return CounterMetricFamily(name, doc, value=value)
+
+
+@dataclass(frozen=True)
+class _Reading:
+    at: float  # time.time() of the read
+    took: float  # seconds the read took
+    queues: list[Any]
+    webhooks: Any
+    lag_events: int
+    lag_oldest: datetime | None
+
+
+class DatabaseGauges:
+    """Reads the counts only the database knows every `interval` seconds (jittered),
+    each counted up to `cap`, and serves them to every scrape from that reading.  One
+    reading per process per interval, however often Prometheus scrapes."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        queues: Sequence[str],
+        *,
+        interval: float = 5.0,
+        cap: int = 100_000,
+        max_heads: int = 10_000,
+        rnd: Random | None = None,
+    ) -> None:
+        self._pool = pool  # the worker's login: the counts are cross-tenant
+        self._queues = list(queues)
+        self._interval = interval
+        self.cap = cap
+        self._max_heads = max_heads
+        self._rnd = rnd or system_random()
+        self.reading: _Reading | None = None
+        self._log = log.get("metrics")
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            try:
+                await self.read_once()
+            except Exception as exc:  # the database away: the last reading stays, aging
+                self._log.warning("metrics_read_failed", error=safe_text(str(exc)))
+            await anyio.sleep(self._interval * (0.75 + 0.5 * self._rnd.random()))
+
+    async def read_once(self) -> None:
+        began = time.perf_counter()
+        async with self._pool.acquire() as conn:
+            queues = await conn.fetch(Q["queue_depth"], self._queues, self.cap, self._max_heads)
+            webhooks = await conn.fetchrow(Q["webhook_gauges"], self.cap)
+            lag = await conn.fetchrow(Q["fanout_lag"], self.cap)
+        assert webhooks is not None and lag is not None
+        self.reading = _Reading(
+            time.time(),
+            time.perf_counter() - began,
+            list(queues),
+            webhooks,
+            int(lag["events"]),
+            lag["oldest"],
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.reading
+        if r is None:
+            return
+        now = time.time()
+        yield gauge("tenantry_db_reading_age_seconds", "Age of the database reading", now - r.at)
+        yield gauge("tenantry_db_reading_seconds", "How long the database reading took", r.took)
+        jobs = GaugeMetricFamily(
+            "tenantry_jobs",
+            f"Jobs by queue and state (queued, scheduled, running), counted up to {self.cap}",
+            labels=["queue", "state"],
+        )
+        age = GaugeMetricFamily(
+            "tenantry_job_backlog_age_seconds",
+            "Age of the oldest runnable (queued) job, by queue; 0 when none waits",
+            labels=["queue"],
+        )
+        for q in r.queues:
+            for state in ("queued", "scheduled", "running"):
+                jobs.add_metric([q["queue"], state], q[state])
+            oldest = q["oldest_queued_at"]
+            age.add_metric(
+                [q["queue"]], 0.0 if oldest is None else max(now - oldest.timestamp(), 0)
+            )
+        yield jobs
+        yield age
+        deliveries = GaugeMetricFamily(
+            "tenantry_webhook_deliveries",
+            f"Webhook deliveries by state (pending, sending, dead), counted up to {self.cap}",
+            labels=["state"],
+        )
+        for state in ("pending", "sending", "dead"):
+            deliveries.add_metric([state], r.webhooks[state])
+        yield deliveries
+        yield gauge(
+            "tenantry_webhook_open_circuits",
+            "Endpoints whose circuit is open or half-open",
+            r.webhooks["open_circuits"],
+        )
+        yield gauge(
+            "tenantry_webhook_disabled_endpoints",
+            "Endpoints disabled (by their tenant, a 410, or failing too long)",
+            r.webhooks["disabled_endpoints"],
+        )
+        yield gauge(
+            "tenantry_webhook_fanout_lag_events",
+            f"Outbox events not yet fanned out to deliveries, counted up to {self.cap}",
+            r.lag_events,
+        )
+        oldest = r.lag_oldest
+        yield gauge(
+            "tenantry_webhook_fanout_lag_seconds",
+            "Age of the oldest event not yet fanned out; 0 when none",
+            0.0 if oldest is None else max(now - oldest.timestamp(), 0.0),
+        )

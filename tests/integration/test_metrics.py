@@ -4,6 +4,7 @@ delivered)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tenantry.app import Service
+from tenantry.metrics import DatabaseGauges
 from tests.helpers import eventually
 from tests.integration.test_webhooks import new_tenant, service
 from tests.receiver import Receiver, running_receiver
@@ -111,6 +113,9 @@ async def test_metrics_count_jobs_webhooks_requests_and_show_the_components(
     assert value(samples, "tenantry_sse_streams") == 0
     assert value(samples, "tenantry_pool_connections", pool="service", state="in_use") is not None
     assert value(samples, "tenantry_webhook_attempts_in_flight") == 0
+    # The database reading, made when the service started.
+    assert value(samples, "tenantry_jobs", queue="default", state="queued") is not None
+    assert value(samples, "tenantry_webhook_open_circuits") == 0
 
 
 async def _deliver_one(svc: Service, pool: asyncpg.Pool, receiver: Receiver) -> None:
@@ -124,3 +129,46 @@ async def _deliver_one(svc: Service, pool: asyncpg.Pool, receiver: Receiver) -> 
         return bool((await acme.delivery(d["id"]))["state"] == "delivered")
 
     await eventually(recorded)
+
+
+async def test_the_queue_depth_and_backlog_age_come_from_one_capped_reading(
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool
+) -> None:
+    # Four runnable jobs over three (priority, tenant) groups, the oldest in the group
+    # the claim index reaches last (lowest priority, highest tenant id): the walk over
+    # the groups' heads must reach it.  Two delayed ones wait as scheduled.
+    a, b = uuid.UUID(int=1), uuid.UUID(int=2)
+    await admin_pool.execute(
+        "INSERT INTO tenantry.jobs (tenant_id, kind, queue, priority, run_at) VALUES"
+        " ($1, 'k', 'default', 5, now() - interval '10 seconds'),"
+        " ($2, 'k', 'default', 5, now() - interval '20 seconds'),"
+        " ($1, 'k', 'default', 0, now() - interval '30 seconds'),"
+        " ($2, 'k', 'default', 0, now() - interval '100 seconds'),"
+        " ($1, 'k', 'default', 0, now() + interval '1 hour'),"
+        " ($2, 'k', 'default', 0, now() + interval '2 hours')",
+        a,
+        b,
+    )
+    gauges = DatabaseGauges(worker_pool, ["default", "idle"], cap=1000)
+    await gauges.read_once()
+    samples = _collected(gauges)
+    assert value(samples, "tenantry_jobs", queue="default", state="queued") == 4
+    assert value(samples, "tenantry_jobs", queue="default", state="scheduled") == 2
+    assert value(samples, "tenantry_jobs", queue="default", state="running") == 0
+    age = value(samples, "tenantry_job_backlog_age_seconds", queue="default")
+    assert age is not None and 100 <= age < 160
+    assert value(samples, "tenantry_job_backlog_age_seconds", queue="idle") == 0
+    assert value(samples, "tenantry_webhook_deliveries", state="dead") == 0
+    assert value(samples, "tenantry_webhook_fanout_lag_events") == 0
+    # Counted up to the cap, never further: a million rows cost what three do.
+    capped = DatabaseGauges(worker_pool, ["default"], cap=3)
+    await capped.read_once()
+    assert value(_collected(capped), "tenantry_jobs", queue="default", state="queued") == 3
+
+
+def _collected(gauges: DatabaseGauges) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in gauges.collect()
+        for s in family.samples
+    }

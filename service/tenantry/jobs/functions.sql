@@ -1,4 +1,4 @@
--- version: 5
+-- version: 6
 -- The job queue's functions and triggers.  A repeatable migration (tenantry/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -1159,6 +1159,72 @@ BEGIN
     END LOOP;
 END;
 $$;
+
+-- The queue's depth for the metrics, cheap at any size: per queue, the queued,
+-- scheduled and running jobs counted up to `cap` each (an index-only range of that
+-- many entries at most: a count of a million rows would read them all), and the age of
+-- the oldest runnable job.  That age walks the claim index's (priority, tenant) heads:
+-- the first entry of each is that group's oldest, so the walk reads one entry per
+-- group, up to `max_heads` of them (past that, the oldest of those it read).
+CREATE OR REPLACE FUNCTION tenantry.queue_depth(queues text[], cap integer, max_heads integer)
+RETURNS TABLE (queue text, queued bigint, scheduled bigint, running bigint,
+               oldest_queued_at timestamptz, heads integer)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q text;
+BEGIN
+    FOREACH q IN ARRAY queues LOOP
+        RETURN QUERY
+        SELECT q,
+               (SELECT count(*) FROM (SELECT 1 FROM tenantry.jobs j
+                                       WHERE j.queue = q AND j.state = 'queued'
+                                       LIMIT cap) x),
+               (SELECT count(*) FROM (SELECT 1 FROM tenantry.jobs j
+                                       WHERE j.queue = q AND j.state = 'scheduled'
+                                       LIMIT cap) x),
+               (SELECT count(*) FROM (SELECT 1 FROM tenantry.jobs j
+                                       WHERE j.queue = q AND j.state = 'running'
+                                       LIMIT cap) x),
+               w.oldest, w.heads
+          FROM (
+            WITH RECURSIVE walk (priority, tenant_id, run_at, n) AS (
+                (SELECT j.priority, j.tenant_id, j.run_at, 1
+                   FROM tenantry.jobs j
+                  WHERE j.queue = q AND j.state = 'queued'
+                  ORDER BY j.priority DESC, j.tenant_id, j.run_at, j.id
+                  LIMIT 1)
+                UNION ALL
+                SELECT nx.priority, nx.tenant_id, nx.run_at, w.n + 1
+                  FROM walk w
+                 CROSS JOIN LATERAL (
+                       (SELECT j.priority, j.tenant_id, j.run_at
+                          FROM tenantry.jobs j
+                         WHERE j.queue = q AND j.state = 'queued'
+                           AND j.priority = w.priority AND j.tenant_id > w.tenant_id
+                         ORDER BY j.priority DESC, j.tenant_id, j.run_at, j.id
+                         LIMIT 1)
+                       UNION ALL
+                       (SELECT j.priority, j.tenant_id, j.run_at
+                          FROM tenantry.jobs j
+                         WHERE j.queue = q AND j.state = 'queued' AND j.priority < w.priority
+                         ORDER BY j.priority DESC, j.tenant_id, j.run_at, j.id
+                         LIMIT 1)
+                       LIMIT 1) nx
+                 WHERE w.n < max_heads
+            )
+            SELECT min(walk.run_at) AS oldest, count(*)::integer AS heads FROM walk
+          ) w;
+    END LOOP;
+END;
+$$;
+
+ALTER FUNCTION tenantry.queue_depth(text[], integer, integer) OWNER TO tenantry_system;
+REVOKE ALL ON FUNCTION tenantry.queue_depth(text[], integer, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION tenantry.queue_depth(text[], integer, integer)
+    TO tenantry_worker, tenantry_operator;
 
 -- The wake-up runs at commit as whoever inserted the row (tenant code, a worker writing
 -- a dead-letter hook job, an operator retrying a dead job): 0005 grants them the

@@ -1,4 +1,4 @@
--- version: 5
+-- version: 6
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -643,6 +643,25 @@ SELECT (SELECT count(*) FROM tenantry.webhook_deliveries d WHERE d.state = 'pend
        (SELECT count(*) FROM tenantry.webhook_endpoints e WHERE NOT e.enabled)
 $$;
 
+-- The webhooks' numbers for the metrics, cheap at any size: deliveries waiting, in
+-- flight and dead counted up to `cap` each (ranges of the partial indexes), endpoints
+-- with an open or half-open circuit, and disabled ones.
+CREATE OR REPLACE FUNCTION tenantry.webhook_gauges(cap integer)
+RETURNS TABLE (pending bigint, sending bigint, dead bigint, open_circuits bigint,
+               disabled_endpoints bigint)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+SELECT (SELECT count(*) FROM (SELECT 1 FROM tenantry.webhook_deliveries d
+                               WHERE d.state = 'pending' LIMIT $1) x),
+       (SELECT count(*) FROM (SELECT 1 FROM tenantry.webhook_deliveries d
+                               WHERE d.state = 'sending' LIMIT $1) x),
+       (SELECT count(*) FROM (SELECT 1 FROM tenantry.webhook_deliveries d
+                               WHERE d.state = 'dead' LIMIT $1) x),
+       (SELECT count(*) FROM tenantry.webhook_endpoints e WHERE e.circuit_state <> 'closed'),
+       (SELECT count(*) FROM tenantry.webhook_endpoints e WHERE NOT e.enabled)
+$$;
+
 ALTER FUNCTION tenantry.webhook_matches(text[], text) OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.webhook_body(text, jsonb, timestamptz) OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.webhook_fan_out() OWNER TO tenantry_system;
@@ -682,6 +701,9 @@ ALTER FUNCTION tenantry.webhook_ops_act(text, uuid, text, uuid, uuid, text, bool
     OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.webhook_ops_endpoints(uuid, integer) OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.webhook_ops_stats() OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.webhook_gauges(integer) OWNER TO tenantry_system;
+REVOKE ALL ON FUNCTION tenantry.webhook_gauges(integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION tenantry.webhook_gauges(integer) TO tenantry_worker;
 REVOKE ALL ON FUNCTION tenantry.webhook_ops_deliveries(text, uuid, uuid, text, integer),
                        tenantry.webhook_ops_delivery(uuid),
                        tenantry.webhook_ops_matching(text, uuid, text, uuid, uuid, text),
