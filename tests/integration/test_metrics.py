@@ -4,13 +4,16 @@ delivered)."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tenantry.app import Service
@@ -79,6 +82,7 @@ async def test_metrics_count_jobs_webhooks_requests_and_show_the_components(
             )
 
         await eventually(provisioned)
+        await eventually(lambda: _has_read(svc))
         content_type, samples = await scrape(svc)
     assert content_type.startswith("text/plain; version=0.0.4")
     job = {"queue": "default", "kind": "onboarding.provision"}
@@ -172,3 +176,42 @@ def _collected(gauges: DatabaseGauges) -> Samples:
         for family in gauges.collect()
         for s in family.samples
     }
+
+
+ROOT = Path(__file__).resolve().parents[2]
+_METRIC = re.compile(r"\btenantry_[a-z_]+")
+
+
+def _family(name: str) -> str:
+    for suffix in ("_total", "_bucket", "_count", "_sum"):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix)
+    return name
+
+
+async def test_the_alert_rules_and_the_dashboard_use_metrics_that_exist(svc: Service) -> None:
+    """deploy/'s Prometheus rules and Grafana dashboard: well formed, and every metric
+    they name is one a running service exports (a renamed metric fails here)."""
+    rules = yaml.safe_load((ROOT / "deploy/prometheus/tenantry-alerts.yml").read_text())
+    exprs: list[str] = []
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            assert rule["alert"].startswith("Tenantry") and rule["labels"]["severity"]
+            assert rule["annotations"]["summary"]
+            exprs.append(rule["expr"])
+    dashboard = orjson.loads((ROOT / "deploy/grafana/tenantry.json").read_bytes())
+    assert dashboard["uid"] == "tenantry" and dashboard["panels"]
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {_family(m) for e in exprs for m in _METRIC.findall(e)}
+    await eventually(lambda: _has_read(svc))
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{svc.http.port}/metrics") as r,
+    ):
+        exported = {f.name for f in text_string_to_metric_families(await r.text())}
+    assert used and used <= exported, used - exported
+
+
+async def _has_read(svc: Service) -> bool:
+    """The database reading runs in the background: whether its first one is in."""
+    return svc.gauges.reading is not None
