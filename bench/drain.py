@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import time
 from importlib.metadata import version
 from typing import Any
@@ -28,6 +29,7 @@ import asyncpg
 from tenantry import db
 from tenantry.jobs.model import Job
 from tenantry.jobs.registry import Registry
+from tenantry.metrics import DatabaseGauges, Metrics
 
 from . import common
 from .common import Result, fmt_rate, progress
@@ -60,14 +62,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="PGQueuer settings to try, as CONNECTIONSxBATCH (best is reported)",
     )
     parser.add_argument("--skip-pgqueuer", action="store_true")
+    parser.add_argument(
+        "--observed-pairs",
+        type=int,
+        default=0,
+        help="after the rounds, this many pairs of drains at the best concurrency, one"
+        " plain and one with the service's metrics (hook, database reading, a scrape a"
+        " second), in alternating order: what the metrics cost (0: none)",
+    )
 
 
 # --- Tenantry -----------------------------------------------------------------------
 
 
 async def tenantry_round(
-    url: str, jobs: int, tenants: int, concurrency: int, pool_size: int
+    url: str, jobs: int, tenants: int, concurrency: int, pool_size: int, *, observed: bool = False
 ) -> Result:
+    """One drain.  `observed`: as the service runs it, with its metrics: the worker's
+    hook feeding them, their database reading every 5 s, and a scrape every second."""
     pool = await db.create_pool(url, min_size=pool_size, max_size=pool_size)
     try:
         async with pool.acquire() as conn:
@@ -77,12 +89,36 @@ async def tenantry_round(
         registry = Registry()
         registry.add("noop", _noop)
         counter = common.OutcomeCounter()
+        metrics = Metrics()
+        gauges = DatabaseGauges(pool, ["default"])
+        metrics.watch(gauges.collect)
+
+        def observing(name: str, data: dict[str, Any]) -> None:
+            counter(name, data)
+            metrics.worker_hook(name, data)
+
+        async def scrape_every_second() -> None:
+            while True:
+                metrics.render()
+                await anyio.sleep(1.0)
+
         started = time.monotonic()
-        async with common.running_worker(
-            url, pool, registry, concurrency=concurrency, hook=counter
+        async with (
+            common.running_worker(
+                url,
+                pool,
+                registry,
+                concurrency=concurrency,
+                hook=observing if observed else counter,
+            ),
+            anyio.create_task_group() as tg,
         ):
+            if observed:
+                tg.start_soon(gauges.run)
+                tg.start_soon(scrape_every_second)
             done = await counter.wait_flushed(jobs, within=max(60.0, jobs / 500))
             elapsed = time.monotonic() - started
+            tg.cancel_scope.cancel()
         async with pool.acquire() as conn:
             left = await conn.fetchval("SELECT count(*) FROM tenantry.jobs")
             succeeded = await conn.fetchval("SELECT sum(succeeded) FROM tenantry.job_counters")
@@ -91,6 +127,7 @@ async def tenantry_round(
     if not done:
         raise RuntimeError(f"tenantry drain timed out: {counter.flushed}/{jobs} flushed")
     return {
+        "observed": observed,
         "concurrency": concurrency,
         "jobs": jobs,
         "seconds": round(elapsed, 3),
@@ -206,12 +243,15 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
             progress(f"drain: tenantry concurrency {c}: {fmt_rate(r['jobs_per_s'])} jobs/s")
             tenantry_rounds.append(r)
     best_t = max(tenantry_rounds, key=lambda r: float(r["jobs_per_s"]))
+    observed = await _observed_pairs(server_url, args, jobs, int(best_t["concurrency"]))
     result: Result = {
         "jobs": jobs,
         "tenants": args.tenants,
         "pool_size": args.pool_size,
         "tenantry": {"best": best_t, "rounds": tenantry_rounds},
     }
+    if observed:
+        result["observed"] = observed
     if args.skip_pgqueuer:
         return result
     pgq_version = version("pgqueuer")
@@ -231,6 +271,33 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
     result["ratio_tenantry_over_pgqueuer"] = round(ratio, 2)
     result["goal"] = {"ratio_at_least": GOAL_RATIO, "met": ratio >= GOAL_RATIO}
     return result
+
+
+async def _observed_pairs(
+    server_url: str, args: argparse.Namespace, jobs: int, concurrency: int
+) -> Result | None:
+    if not args.observed_pairs:
+        return None
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    async with common.fresh_database(server_url, "drain_observed") as url:
+        for i in range(args.observed_pairs):
+            for observed in (False, True) if i % 2 == 0 else (True, False):
+                r = await tenantry_round(
+                    url, jobs, args.tenants, concurrency, args.pool_size, observed=observed
+                )
+                progress(
+                    f"drain: {'with' if observed else 'without'} metrics:"
+                    f" {fmt_rate(r['jobs_per_s'])} jobs/s"
+                )
+                rates[observed].append(float(r["jobs_per_s"]))
+    plain, seen = statistics.median(rates[False]), statistics.median(rates[True])
+    return {
+        "concurrency": concurrency,
+        "plain_jobs_per_s": rates[False],
+        "observed_jobs_per_s": rates[True],
+        "median_ratio": round(seen / plain, 3),
+        "goal": {"within": 0.05, "met": seen / plain >= 0.95},
+    }
 
 
 def render(result: Result) -> str:
@@ -260,6 +327,15 @@ def render(result: Result) -> str:
         lines.append(
             f"Ratio tenantry/pgqueuer (best vs best): {result['ratio_tenantry_over_pgqueuer']:.2f}x"
             f"   goal >= {g['ratio_at_least']:g}x: {common.verdict(g['met'])}"
+        )
+    if "observed" in result:
+        o = result["observed"]
+        lines.append(
+            f"With the service's metrics (hook, database reading every 5 s, a scrape a"
+            f" second), concurrency {o['concurrency']}: median"
+            f" {fmt_rate(statistics.median(o['observed_jobs_per_s']))} against"
+            f" {fmt_rate(statistics.median(o['plain_jobs_per_s']))} jobs/s without"
+            f" ({o['median_ratio']:.3f}x); goal within 5%: {common.verdict(o['goal']['met'])}"
         )
     return "\n".join(lines)
 

@@ -575,7 +575,10 @@ class Worker:
         if log.debug_enabled():
             jlog.debug("job_started")
         if self.hook is not None:
-            waited = (self.clock.now() - job.created_at).total_seconds()
+            # Only a first attempt's wait means anything (a retry's includes its backoff).
+            waited = (
+                (self.clock.now() - job.created_at).total_seconds() if job.attempt == 1 else 0.0
+            )
             self.hook("started", {"job": job, "at": self.clock.monotonic(), "waited": waited})
         started = self.clock.monotonic()
         try:
