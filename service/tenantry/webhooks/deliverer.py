@@ -140,8 +140,6 @@ class Deliverer:
         self._flushing = anyio.Lock()
         self._stopping = False
         self.claims_stopped = anyio.Event()  # a soft stop began: no more claims
-        self.recorded = 0  # attempts recorded (tests and benchmarks wait on it)
-        self._recorded_event = anyio.Event()
         self._log = log.get("webhooks")
 
     # --- wake-ups -------------------------------------------------------------------------
@@ -155,11 +153,6 @@ class Deliverer:
     @property
     def in_flight(self) -> int:
         return self._in_flight
-
-    async def wait_recorded(self, n: int) -> None:
-        while self.recorded < n:
-            self._recorded_event = anyio.Event()
-            await self._recorded_event.wait()
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -481,8 +474,6 @@ class Deliverer:
     def _consumed(self, n: int) -> None:
         """The first `n` results are on record (or given up on, logged)."""
         del self._results[:n]
-        self.recorded += n
-        self._recorded_event.set()
         # Recording freed endpoints' places (their deliveries left `sending`).
         self._wake.set()
 

@@ -1,4 +1,4 @@
--- version: 6
+-- version: 7
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -419,36 +419,32 @@ DECLARE
     m integer;
 BEGIN
     WITH expired AS (
-        SELECT d.tenant_id, d.id, d.endpoint_id FROM tenantry.webhook_deliveries d
+        -- Whether the schedule is used up, and the URL for the record, once per row.
+        SELECT d.tenant_id, d.id, coalesce(e.url, '') AS url,
+               d.attempts >= coalesce(cardinality(e.retry_schedule), default_attempts)
+                   AS exhausted
+          FROM tenantry.webhook_deliveries d
+          LEFT JOIN tenantry.webhook_endpoints e
+                 ON e.tenant_id = d.tenant_id AND e.id = d.endpoint_id
          WHERE d.state = 'sending' AND d.lease_until < now()
          ORDER BY d.lease_until
          LIMIT max_rows
-           FOR UPDATE SKIP LOCKED
+           FOR UPDATE OF d SKIP LOCKED
     ), moved AS (
         UPDATE tenantry.webhook_deliveries d
-           SET state = CASE WHEN d.attempts >= coalesce(cardinality(e.retry_schedule),
-                                                        default_attempts)
-                            THEN 'dead' ELSE 'pending' END,
-               reason = CASE WHEN d.attempts >= coalesce(cardinality(e.retry_schedule),
-                                                         default_attempts)
-                             THEN 'exhausted' END,
-               finished_at = CASE WHEN d.attempts >= coalesce(cardinality(e.retry_schedule),
-                                                              default_attempts)
-                                  THEN now() END,
+           SET state = CASE WHEN x.exhausted THEN 'dead' ELSE 'pending' END,
+               reason = CASE WHEN x.exhausted THEN 'exhausted' END,
+               finished_at = CASE WHEN x.exhausted THEN now() END,
                next_attempt_at = now(), last_error = 'interrupted: the sending process stopped',
                lease_until = NULL, lease_owner = NULL, updated_at = now()
           FROM expired x
-          LEFT JOIN tenantry.webhook_endpoints e
-                 ON e.tenant_id = x.tenant_id AND e.id = x.endpoint_id
          WHERE d.tenant_id = x.tenant_id AND d.id = x.id
-        RETURNING d.tenant_id, d.id, d.endpoint_id, d.attempts
+        RETURNING d.tenant_id, d.id, d.endpoint_id, d.attempts, x.url
     )
     INSERT INTO tenantry.webhook_attempts
            (tenant_id, delivery_id, endpoint_id, attempt, attempted_at, url, result,
             request_headers, request_body, duration_ms, error_class, error)
-    SELECT m.tenant_id, m.id, m.endpoint_id, m.attempts, now(),
-           coalesce((SELECT e.url FROM tenantry.webhook_endpoints e
-                      WHERE e.tenant_id = m.tenant_id AND e.id = m.endpoint_id), ''),
+    SELECT m.tenant_id, m.id, m.endpoint_id, m.attempts, now(), m.url,
            'interrupted', '{}', '', 0, 'interrupted',
            'the process sending this attempt stopped before it recorded the outcome'
       FROM moved m;
