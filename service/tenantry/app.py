@@ -14,12 +14,14 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import anyio
 import asyncpg
@@ -28,7 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from . import db, migrate, roles
 from . import logging as log
 from .config import Settings
-from .errors import SchemaMismatch
+from .errors import Conflict, NotFound, SchemaMismatch
 from .http.app import HttpServer, Readiness, build_app
 from .http.onboarding_api import OnboardingApi
 from .http.ratelimit import RateLimiter, parse_networks
@@ -45,6 +47,9 @@ from .onboarding.model import AGGREGATE, TERMINAL_EVENTS
 from .onboarding.provision import Provisioner
 from .onboarding.storage import LocalStorage
 from .onboarding.tokens import Signer, load_secret
+from .ops import operators
+from .ops.live import Feed
+from .ops.web import Dashboard
 from .outbox import store as outbox
 from .secretfile import load_or_create
 from .supervise import Health
@@ -59,6 +64,7 @@ from .webhooks.secrets import SecretBox
 JOBS_CHANNEL = "tenantry_jobs"
 OUTBOX_CHANNEL = "tenantry_outbox"
 WEBHOOKS_CHANNEL = "tenantry_webhooks"
+CONTROLS_CHANNEL = "tenantry_controls"
 # After the grace, this long for the last hand-backs before the pools are cut.
 _STOP_MARGIN = 3.0
 # Past this, a stop that is still not done ends the process regardless (a handler that
@@ -178,19 +184,31 @@ def build(
         on_attempt=metrics.webhook_attempt,
     )
     fanout = FanOut(worker_pool, deliverer.notify, poll_interval=settings.poll_interval)
+    # Open dashboards hear of every wake-up, at no cost while none is open.
+    feed = Feed()
 
     def outbox_committed(payload: str) -> None:
         hub.notify(payload)
         fanout.notify(payload)
+        feed.poke()
+
+    def jobs_committed(queue: str) -> None:
+        worker.notify(queue)
+        feed.poke()
+
+    def controls_changed(queue: str) -> None:
+        worker.controls_changed(queue)
+        feed.poke()
 
     # LISTEN is session state: behind a transaction-mode pooler it would silently stop
     # hearing anything, hence a URL of its own (a direct or session-mode connection).
     listener = Listener(
         settings.listen_url or dsn,
         {
-            JOBS_CHANNEL: worker.notify,
+            JOBS_CHANNEL: jobs_committed,
             OUTBOX_CHANNEL: outbox_committed,
             WEBHOOKS_CHANNEL: deliverer.notify,
+            CONTROLS_CHANNEL: controls_changed,
         },
         on_connect=[worker.resync, hub.resync, fanout.resync, deliverer.resync],
     )
@@ -266,6 +284,13 @@ def build(
         trusted_proxies=parse_networks(settings.trusted_proxies),
         ipv6_prefix=settings.signup_ipv6_prefix,
     )
+    gauges = DatabaseGauges(
+        worker_pool,
+        sorted({*settings.queues, settings.onboarding_queue}),
+        interval=settings.metrics_interval,
+        on_reading=feed.poke,
+    )
+    dashboard = Dashboard(worker_pool, pool, feed, periodic=periodic, depth=gauges.depth)
     http = HttpServer(
         build_app(
             Readiness(readiness, lambda: health.problems),
@@ -273,6 +298,7 @@ def build(
             onboarding,
             cors_origins=settings.cors_origins,
             metrics=metrics,
+            dashboard=dashboard,
             webhooks=WebhooksApi(
                 pool,
                 Endpoints(
@@ -306,11 +332,7 @@ def build(
         fanout,
         deliverer,
         metrics,
-        DatabaseGauges(
-            worker_pool,
-            sorted({*settings.queues, settings.onboarding_queue}),
-            interval=settings.metrics_interval,
-        ),
+        gauges,
     )
     metrics.watch(lambda: _component_metrics(svc))
     metrics.watch(svc.gauges.collect)
@@ -339,6 +361,21 @@ def _component_metrics(svc: Service) -> Iterator[Metric]:
         max(svc.listener.connections - 1, 0),
     )
     yield gauge("tenantry_jobs_running", "Jobs running in this process", svc.worker.running_count)
+    paused = GaugeMetricFamily(
+        "tenantry_queue_paused",
+        "1 while an operator has the queue paused, as this process last read it",
+        labels=["queue"],
+    )
+    concurrency = GaugeMetricFamily(
+        "tenantry_queue_concurrency",
+        "Jobs of the queue this process runs at once (an operator's setting or its own)",
+        labels=["queue"],
+    )
+    for name, loop in svc.worker.loops.items():
+        paused.add_metric([name], 1.0 if loop.paused else 0.0)
+        concurrency.add_metric([name], loop.concurrency)
+    yield paused
+    yield concurrency
     yield gauge(
         "tenantry_webhook_attempts_in_flight",
         "Webhook attempts in flight in this process",
@@ -484,6 +521,32 @@ class _Stop:
         timer.start()
 
 
+# The operator the embedded default signs in as.
+EMBEDDED_OPERATOR = "admin"
+
+
+async def _announce_dashboard(svc: Service) -> None:
+    """The embedded default: an `admin` operator if there is none yet (its key is never
+    shown: `tenantry operators rotate-key admin` makes one to show), and a one-time
+    sign-in link on stderr, never in the logs (it is a credential for 15 minutes)."""
+    try:
+        async with svc.worker_pool.acquire() as conn:
+            if not await operators.listing(conn):
+                await operators.add(conn, EMBEDDED_OPERATOR, "admin")
+            token = await operators.link(conn, EMBEDDED_OPERATOR)
+    except (NotFound, Conflict) as exc:  # disabled or removed by hand, or a race
+        log.get("app").info("ops_link_skipped", reason=str(exc))
+        return
+    host = svc.settings.host if svc.settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{host}:{svc.http.port}/ops/sign-in?{urlencode({'link': token})}"
+    sys.stderr.write(
+        f"\nOperations dashboard: {url}\n(a one-time link for operator"
+        f" '{EMBEDDED_OPERATOR}', good for 15 minutes; `tenantry operators link"
+        f" {EMBEDDED_OPERATOR}` makes another)\n\n"
+    )
+    sys.stderr.flush()
+
+
 async def run_service(svc: Service, stop: _Stop | None = None) -> int:
     """Run the components until a stop is asked for, then stop them in order."""
     logger = log.get("app")
@@ -501,6 +564,8 @@ async def run_service(svc: Service, stop: _Stop | None = None) -> int:
                 kinds=svc.worker.registry.kinds(),
                 port=svc.http.port,
             )
+            if svc.settings.ops_sign_in_link:
+                await _announce_dashboard(svc)
         await stop.first.wait()
         svc.stopping = True
         logger.info("stopping", running=svc.worker.running_count, streams=svc.hub.clients)

@@ -19,7 +19,7 @@ import anyio
 import asyncpg
 import orjson
 
-from . import __version__, cli_webhooks, config, db, migrate, roles
+from . import __version__, cli_ops, cli_webhooks, config, db, migrate, roles
 from . import logging as log
 from .app import serve, webhook_security
 from .embedded import EmbeddedPostgres
@@ -114,7 +114,7 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
 
 # The columns' ranges (integer, bigint): beyond, the database would refuse the value.
 _INTEGER_MAX, _BIGINT_MAX = 2**31 - 1, 2**63 - 1
-DEAD_REASONS = ("exhausted", "permanent", "cancelled", "unknown_kind")
+DEAD_REASONS = jobs.DEAD_REASONS
 
 
 def _uuid(raw: str) -> uuid.UUID:
@@ -329,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     cli_webhooks.add_commands(sub, _uuid, _positive)
+    cli_ops.add_commands(sub, _positive)
 
     dbp = sub.add_parser("db", help="reach the database")
     db_sub = dbp.commands("db_command")
@@ -480,6 +481,9 @@ def _main(argv: Sequence[str] | None) -> int:
             return _fail(
                 f"dead {args.dead_command}: an id, or filters with --yes, not both", EXIT_USAGE
             )
+    usage_ops = cli_ops.check_usage(args)
+    if usage_ops is not None:
+        return _fail(usage_ops, EXIT_USAGE)
     if args.command == "webhooks":
         usage = cli_webhooks.check_usage(args)
         if usage is not None:
@@ -503,10 +507,12 @@ def _main(argv: Sequence[str] | None) -> int:
         # Operators' commands see across tenants: the worker's login has those functions.
         if args.command == "webhooks" and args.webhooks_command in cli_webhooks.TENANT_COMMANDS:
             return _run_async(_webhooks_in_tenant, args, settings, urls.service)
-        cross_tenant = args.command in ("jobs", "dead", "webhooks") or (
+        cross_tenant = args.command in ("jobs", "dead", "webhooks", "queues", "operators") or (
             args.command == "tenants" and args.tenants_command == "list"
         )
-        return _run_async(_dispatch, args, urls.worker if cross_tenant else urls.service)
+        return _run_async(
+            _dispatch, args, urls.worker if cross_tenant else urls.service, _base_url(settings)
+        )
     except (
         SchemaMismatch,
         MigrationBlocked,
@@ -558,7 +564,17 @@ async def _migrate(urls: Urls, check: bool, quiet: bool = False) -> int:
         await conn.close()
 
 
-async def _dispatch(args: argparse.Namespace, dsn: str) -> int:
+def _base_url(settings: config.Settings) -> str:
+    """Where this machine reaches the service (for sign-in links)."""
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}"
+
+
+async def _dispatch(args: argparse.Namespace, dsn: str, base_url: str) -> int:
     conn = await db.connect(dsn)
     try:
         # As `tenantry run` does: a schema that is not exactly this code's (older
@@ -576,6 +592,10 @@ async def _dispatch(args: argparse.Namespace, dsn: str) -> int:
             return await _tenants(conn, args)
         if args.command == "webhooks":
             return await cli_webhooks.run(conn, args, _out, _json_text)
+        if args.command == "queues":
+            return await cli_ops.run_queues(conn, args, _out, _json_text)
+        if args.command == "operators":
+            return await cli_ops.run_operators(conn, args, _out, _json_text, base_url)
         return await _dead(conn, args)
     finally:
         await conn.close()

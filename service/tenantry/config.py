@@ -44,6 +44,8 @@ class Settings:
     worker_url: str | None = None
     data_dir: Path = Path(".tenantry")
     host: str = "127.0.0.1"
+    # Print a one-time sign-in link to /ops at start (the embedded default only).
+    ops_sign_in_link: bool = False
     port: int = 8080
     handlers: tuple[str, ...] = ()
     log_level: str = "info"
@@ -471,4 +473,6 @@ def embedded_defaults(settings: Settings) -> Settings:
         changes["webhook_allow_networks"] = EMBEDDED_WEBHOOK_NETWORKS
     if settings.webhook_allow_http is None:
         changes["webhook_allow_http"] = True
+    # As Jupyter does: the embedded default prints a one-time link to its dashboard.
+    changes["ops_sign_in_link"] = True
     return settings.with_overrides(**changes)

@@ -18,7 +18,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -260,8 +260,11 @@ class DatabaseGauges:
         cap: int = 100_000,
         max_heads: int = 10_000,
         rnd: Random | None = None,
+        on_reading: Callable[[], None] | None = None,
     ) -> None:
         self._pool = pool  # the worker's login: the counts are cross-tenant
+        # Told after each reading whose numbers differ from the last (live dashboards).
+        self._on_reading = on_reading
         self._queues = list(queues)
         self._interval = interval
         self.cap = cap
@@ -286,6 +289,7 @@ class DatabaseGauges:
             webhooks = await conn.fetchrow(Q["webhook_gauges"], self.cap)
             lag = await conn.fetchrow(Q["fanout_lag"], self.cap)
         assert webhooks is not None and lag is not None
+        before = self.reading
         self.reading = _Reading(
             time.time(),
             time.perf_counter() - began,
@@ -294,6 +298,34 @@ class DatabaseGauges:
             int(lag["events"]),
             lag["oldest"],
         )
+        if self._on_reading is not None and (
+            before is None
+            or (before.queues, before.webhooks, before.lag_events)
+            != (self.reading.queues, self.reading.webhooks, self.reading.lag_events)
+        ):
+            self._on_reading()
+
+    def depth(self) -> list[dict[str, Any]] | None:
+        """The last reading's depth per queue (None: no reading yet): queued,
+        scheduled and running counted up to the cap (`capped`: at it), and the age of
+        the oldest runnable job."""
+        r = self.reading
+        if r is None:
+            return None
+        now = datetime.now(UTC)
+        return [
+            {
+                "queue": q["queue"],
+                "queued": q["queued"],
+                "scheduled": q["scheduled"],
+                "running": q["running"],
+                "capped": q["queued"] >= self.cap,
+                "oldest_age_s": (now - q["oldest_queued_at"]).total_seconds()
+                if q["oldest_queued_at"] is not None
+                else None,
+            }
+            for q in r.queues
+        ]
 
     def collect(self) -> Iterator[Metric]:
         r = self.reading

@@ -177,6 +177,7 @@ async def test_new_functions_do_not_wait_for_open_transactions_on_the_queue(
         assert sorted(r.name for r in applied if isinstance(r, migrate.Repeatable)) == [
             "jobs",
             "onboarding",
+            "ops",
             "outbox",
             "tenants",
             "webhooks",
@@ -214,7 +215,7 @@ async def test_a_migration_behind_a_long_transaction_gives_up_and_changes_nothin
             with pytest.raises(MigrationBlocked, match="jobs functions: a lock was not granted"):
                 await migrate.migrate(conn, files=files, lock_timeout=0.2, attempts=2)
             st = await migrate.status(conn, files=files)
-            assert st.stale == ["jobs", "outbox", "onboarding", "tenants", "webhooks"]
+            assert st.stale == ["jobs", "outbox", "onboarding", "tenants", "webhooks", "ops"]
             # A producer is not held up by the failed attempts.
             with anyio.fail_after(5):
                 await pool.execute("SELECT 1")

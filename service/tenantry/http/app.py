@@ -17,6 +17,8 @@ from .. import logging as log
 from ..db import UNAVAILABLE
 from ..errors import StartupError
 from ..metrics import CONTENT_TYPE, Metrics
+from ..ops import web as ops_web
+from ..ops.web import Dashboard
 from ..safetext import safe_text
 from . import onboarding_api, tenant_api, webhooks_api
 from .access import OBSERVER, request_log, return_request_id
@@ -148,6 +150,7 @@ def build_app(
     cors_origins: tuple[str, ...] = (),
     webhooks: WebhooksApi | None = None,
     metrics: Metrics | None = None,
+    dashboard: Dashboard | None = None,
 ) -> web.Application:
     app = web.Application(
         client_max_size=onboarding_api.MAX_BODY * 4,
@@ -160,6 +163,8 @@ def build_app(
     if metrics is not None:
         app[OBSERVER] = metrics.http_request
         app.router.add_get("/metrics", _metrics_route(metrics))
+    if dashboard is not None:
+        ops_web.add_routes(app, dashboard)
     if pool is not None:
         tenant_api.add_routes(app, pool)
     if webhooks is not None:

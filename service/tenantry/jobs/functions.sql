@@ -1,4 +1,4 @@
--- version: 6
+-- version: 7
 -- The job queue's functions and triggers.  A repeatable migration (tenantry/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -539,6 +539,16 @@ DECLARE
     held_back boolean := false;
     r record;
 BEGIN
+    -- A paused queue (tenantry.queue_controls, set by an operator) hands out nothing,
+    -- in every process: the row is the pause, not a flag of the process that set it.
+    IF EXISTS (SELECT 1 FROM tenantry.queue_controls c
+                WHERE c.queue = for_queue AND c.paused) THEN
+        cursor_after := after_tenant;
+        more := false;
+        capped := false;
+        RETURN NEXT;
+        RETURN;
+    END IF;
     IF tenant_cap IS NOT NULL THEN
         -- With a cap, claims of a queue take turns: each counts a tenant's running rows
         -- in its own snapshot, and two at once could each take a row of a tenant that
@@ -612,6 +622,203 @@ SELECT (SELECT j.run_at FROM tenantry.jobs j
          ORDER BY j.queue, j.run_at
          LIMIT 1),
        now();
+END;
+$$;
+
+-- --- Queue controls -------------------------------------------------------------------
+
+-- The controls of the given queues (a queue without a row: not paused, the process's
+-- own concurrency).  The worker reads them at every poll and when told of a change.
+CREATE OR REPLACE FUNCTION tenantry.queue_controls_of(queues text[])
+RETURNS TABLE (queue text, paused boolean, concurrency integer)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
+SELECT c.queue, c.paused, c.concurrency
+  FROM tenantry.queue_controls c
+ WHERE c.queue = ANY ($1::text[]);
+END;
+$$;
+
+-- Every queue an operator set, or that has jobs, with its controls (the dashboard and
+-- `tenantry queues list`).  The queues with jobs come from the claim index's heads,
+-- one probe per queue (a skip scan), not from a scan of the table.
+CREATE OR REPLACE FUNCTION tenantry.queue_controls_list()
+RETURNS TABLE (queue text, paused boolean, concurrency integer, updated_at timestamptz,
+               updated_by text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
+WITH RECURSIVE seen(queue) AS (
+    (SELECT j.queue FROM tenantry.jobs j ORDER BY j.queue LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.queue FROM tenantry.jobs j WHERE j.queue > s.queue
+             ORDER BY j.queue LIMIT 1)
+      FROM seen s
+     WHERE s.queue IS NOT NULL
+)
+SELECT q.queue, coalesce(c.paused, false), c.concurrency, c.updated_at, c.updated_by
+  FROM (SELECT s.queue FROM seen s WHERE s.queue IS NOT NULL
+        UNION
+        SELECT c2.queue FROM tenantry.queue_controls c2) q
+  LEFT JOIN tenantry.queue_controls c ON c.queue = q.queue
+ ORDER BY q.queue;
+END;
+$$;
+
+-- Pause or resume a queue, or set (or, with clear_concurrency, unset) the
+-- concurrency of its every process.  NULL leaves a control as it is.  Tells every
+-- process at commit (channel tenantry_controls, the queue as payload), and the worker
+-- also reads the controls at every poll, so a process that missed the notification
+-- follows within a poll interval.  Returns the row as it now is.
+CREATE OR REPLACE FUNCTION tenantry.set_queue_control(
+    for_queue text, pause boolean, new_concurrency integer, clear_concurrency boolean,
+    actor text)
+RETURNS TABLE (queue text, paused boolean, concurrency integer, updated_at timestamptz,
+               updated_by text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    INSERT INTO tenantry.queue_controls AS c (queue, paused, concurrency, updated_by)
+    VALUES ($1::text, coalesce($2::boolean, false),
+            CASE WHEN $4::boolean THEN NULL ELSE $3::integer END, $5::text)
+    ON CONFLICT ON CONSTRAINT queue_controls_pkey DO UPDATE
+       SET paused = coalesce($2::boolean, c.paused),
+           concurrency = CASE WHEN $4::boolean THEN NULL
+                              ELSE coalesce($3::integer, c.concurrency) END,
+           updated_at = now(),
+           updated_by = $5::text
+    RETURNING c.queue, c.paused, c.concurrency, c.updated_at, c.updated_by;
+    PERFORM pg_notify('tenantry_controls', for_queue);
+END;
+$$;
+
+-- --- Search for operators ---------------------------------------------------------------
+
+-- A page of live jobs matching a filter (NULL: any), for the dashboard, in primary-key
+-- order (tenant, id), after the keyset cursor (after_tenant, after_id); never OFFSET.
+-- A page reads at most `scan_cap` rows of the key range, whatever the filter: a rare
+-- filter (a payload containment no row matches) would otherwise read the whole table
+-- for every page.  The last row (job columns NULL) carries the key to go on from
+-- (NULL: the table is read to its end), so the next page continues the scan.
+CREATE OR REPLACE FUNCTION tenantry.jobs_search(
+    of_queue text, of_kind text, in_state text, of_tenant uuid, of_id bigint,
+    payload_contains jsonb, after_tenant uuid, after_id bigint, max_rows integer,
+    scan_cap integer)
+RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, state text,
+               priority smallint, attempts integer, max_attempts integer, run_at timestamptz,
+               lease_owner text, last_error text, created_at timestamptz,
+               next_tenant uuid, next_id bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
+WITH scanned AS (
+    SELECT j.tenant_id, j.id, j.queue, j.kind, j.state, j.priority, j.attempts,
+           j.max_attempts, j.run_at, j.lease_owner, j.last_error, j.created_at, j.payload
+      FROM tenantry.jobs j
+     WHERE (j.tenant_id, j.id) > (coalesce($7::uuid, '00000000-0000-0000-0000-000000000000'),
+                                  coalesce($8::bigint, -1))
+       AND ($4::uuid IS NULL OR j.tenant_id = $4::uuid)
+     ORDER BY j.tenant_id, j.id
+     LIMIT $10::integer
+),
+matched AS (
+    SELECT s.* FROM scanned s
+     WHERE ($1::text IS NULL OR s.queue = $1::text)
+       AND ($2::text IS NULL OR s.kind = $2::text)
+       AND ($3::text IS NULL OR s.state::text = $3::text)
+       AND ($5::bigint IS NULL OR s.id = $5::bigint)
+       AND ($6::jsonb IS NULL OR s.payload @> $6::jsonb)
+     ORDER BY s.tenant_id, s.id
+     LIMIT $9::integer
+),
+last_shown AS (
+    SELECT m.tenant_id, m.id FROM matched m ORDER BY m.tenant_id DESC, m.id DESC LIMIT 1
+),
+last_read AS (
+    SELECT s.tenant_id, s.id FROM scanned s ORDER BY s.tenant_id DESC, s.id DESC LIMIT 1
+),
+stop AS (
+    -- Where the next page starts: after the last row shown when the page is full,
+    -- else after the last row read when the read stopped at its cap; else nowhere.
+    SELECT CASE WHEN (SELECT count(*) FROM matched) >= $9::integer
+                THEN (SELECT l.tenant_id FROM last_shown l)
+                WHEN (SELECT count(*) FROM scanned) >= $10::integer
+                THEN (SELECT l.tenant_id FROM last_read l) END AS t,
+           CASE WHEN (SELECT count(*) FROM matched) >= $9::integer
+                THEN (SELECT l.id FROM last_shown l)
+                WHEN (SELECT count(*) FROM scanned) >= $10::integer
+                THEN (SELECT l.id FROM last_read l) END AS i
+)
+(SELECT m.tenant_id, m.id, m.queue, m.kind, m.state::text, m.priority, m.attempts,
+        m.max_attempts, m.run_at, m.lease_owner, m.last_error, m.created_at,
+        NULL::uuid, NULL::bigint
+   FROM matched m
+  ORDER BY m.tenant_id, m.id)
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, s.t, s.i
+  FROM stop s;
+END;
+$$;
+
+-- A page of dead jobs matching the filter (as dead_jobs_list), newest first, before
+-- the keyset cursor (before_died_at, before_id): a range of dead_jobs_newest_idx.
+CREATE OR REPLACE FUNCTION tenantry.dead_jobs_page(
+    of_kind text, of_tenant uuid, of_reason text, before_died_at timestamptz,
+    before_id bigint, max_rows integer)
+RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, attempts integer,
+               reason text, last_error text, died_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
+SELECT d.tenant_id, d.id, d.queue, d.kind, d.attempts, d.reason, d.last_error, d.died_at
+  FROM tenantry.dead_jobs d
+ WHERE tenantry.dead_job_matches(d.kind, d.tenant_id, d.reason, $1::text, $2::uuid, $3::text)
+   AND ($4::timestamptz IS NULL OR (d.died_at, d.id) < ($4::timestamptz, $5::bigint))
+ ORDER BY d.died_at DESC, d.id DESC
+ LIMIT $6::integer;
+END;
+$$;
+
+-- Jobs completed, attempts failed and jobs dead-lettered per queue and time bucket
+-- (bucket_seconds wide) over the last since_seconds, from the per-minute counters (a
+-- range of job_counters_minute_idx).  Buckets without a count are not returned.
+CREATE OR REPLACE FUNCTION tenantry.queue_throughput(since_seconds integer,
+                                                     bucket_seconds integer)
+RETURNS TABLE (queue text, bucket timestamptz, succeeded bigint, failed bigint, dead bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
+SELECT c.queue,
+       to_timestamp(floor(extract(epoch FROM c.minute) / $2::integer) * $2::integer),
+       sum(c.succeeded)::bigint, sum(c.failed)::bigint, sum(c.dead)::bigint
+  FROM tenantry.job_counters c
+ WHERE c.minute >= now() - make_interval(secs => $1::integer)
+ GROUP BY 1, 2
+ ORDER BY 1, 2;
+END;
+$$;
+
+-- The period each periodic handler last enqueued, and when (the dashboard).
+CREATE OR REPLACE FUNCTION tenantry.periodic_runs_list()
+RETURNS TABLE (name text, last_period timestamptz, updated_at timestamptz)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY SELECT p.name, p.last_period, p.updated_at FROM tenantry.periodic_runs p;
 END;
 $$;
 
@@ -1140,6 +1347,9 @@ BEGIN
                FROM pg_catalog.pg_proc p
               WHERE p.pronamespace = 'tenantry'::regnamespace AND p.prosecdef
                 AND p.proname IN ('ensure_wake_keys', 'claim_jobs', 'next_due_job',
+                                  'queue_controls_of', 'queue_controls_list',
+                                  'set_queue_control', 'jobs_search', 'dead_jobs_page',
+                                  'queue_throughput', 'periodic_runs_list',
                                   'record_job_outcomes',
                                   'extend_job_leases', 'rescue_expired_jobs',
                                   'prune_job_counters', 'queue_stats', 'jobs_list',
@@ -1154,7 +1364,10 @@ BEGIN
                                             'dead_jobs_list', 'dead_jobs_count',
                                             'dead_jobs_retry', 'dead_jobs_discard',
                                             'dead_job_locate', 'dead_job_show',
-                                            'dead_job_retry', 'dead_job_discard')
+                                            'dead_job_retry', 'dead_job_discard',
+                                            'queue_controls_list', 'set_queue_control',
+                                            'jobs_search', 'dead_jobs_page',
+                                            'queue_throughput', 'periodic_runs_list')
                             THEN 'tenantry_operator' ELSE 'tenantry_worker' END);
     END LOOP;
 END;

@@ -27,7 +27,10 @@ SELECT tenant_id, id, queue, kind, payload, priority, attempts, max_attempts, cr
                            $6::integer)
 
 -- name: next_due
-SELECT due, db_now FROM tenantry.next_due_job($1::text)
+-- With the queue's controls (NULL: none set), read at the same poll.
+SELECT n.due, n.db_now, c.paused, c.concurrency
+  FROM tenantry.next_due_job($1::text) n
+  LEFT JOIN tenantry.queue_controls_of(ARRAY[$1::text]) c ON true
 
 -- name: ensure_wake_keys
 SELECT tenantry.ensure_wake_keys($1::text[])
@@ -113,3 +116,28 @@ SELECT tenantry.dead_job_retry($1::bigint, $2::uuid)
 
 -- name: dead_discard
 SELECT tenantry.dead_job_discard($1::bigint, $2::uuid)
+
+-- name: queue_controls_of
+SELECT queue, paused, concurrency FROM tenantry.queue_controls_of($1::text[])
+
+-- name: queue_controls_list
+SELECT queue, paused, concurrency, updated_at, updated_by FROM tenantry.queue_controls_list()
+
+-- name: set_queue_control
+SELECT queue, paused, concurrency, updated_at, updated_by
+  FROM tenantry.set_queue_control($1::text, $2::boolean, $3::integer, $4::boolean, $5::text)
+
+-- name: jobs_search
+SELECT * FROM tenantry.jobs_search($1::text, $2::text, $3::text, $4::uuid, $5::bigint,
+                                   $6::jsonb, $7::uuid, $8::bigint, $9::integer, $10::integer)
+
+-- name: dead_page
+SELECT * FROM tenantry.dead_jobs_page($1::text, $2::uuid, $3::text, $4::timestamptz,
+                                      $5::bigint, $6::integer)
+
+-- name: throughput
+SELECT queue, bucket, succeeded, failed, dead
+  FROM tenantry.queue_throughput($1::integer, $2::integer)
+
+-- name: periodic_runs
+SELECT name, last_period, updated_at FROM tenantry.periodic_runs_list()

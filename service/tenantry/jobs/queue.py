@@ -4,9 +4,10 @@ transaction), queue statistics, and the dead-letter operations."""
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -139,6 +140,12 @@ async def job_show(
     return _with_payload_decoded(rows[0])
 
 
+# Why a job died (tenantry.dead_jobs.reason).
+DEAD_REASONS = ("exhausted", "permanent", "cancelled", "unknown_kind")
+# A live job's states (tenantry.jobs.state).
+JOB_STATES = ("queued", "scheduled", "running")
+
+
 @dataclass(frozen=True)
 class DeadFilter:
     """Which dead jobs: by kind, tenant and reason (None: any)."""
@@ -228,3 +235,187 @@ async def dead_discard(conn: Executor, job_id: int, tenant_id: uuid.UUID | None 
         raise _ambiguous(exc) from exc
     if gone is None:
         raise NotFound(f"no dead job with id {job_id}")
+
+
+# --- The dashboard's reads, and the queue controls ------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSearch:
+    """A search over the live jobs (None: any).  `payload` is a JSON object the job's
+    payload must contain (`payload @> ...`)."""
+
+    queue: str | None = None
+    kind: str | None = None
+    state: str | None = None
+    tenant_id: uuid.UUID | None = None
+    job_id: int | None = None
+    payload: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class JobPage:
+    rows: list[dict[str, Any]]
+    # Where the next page starts (tenant, id); None: the search reached the end.
+    next_key: tuple[uuid.UUID, int] | None
+
+
+# Rows a page of a search reads at most: a filter that matches nothing costs this much
+# per page, not the whole table.
+SEARCH_SCAN_CAP = 20_000
+
+
+async def jobs_search(
+    conn: Executor,
+    search: JobSearch,
+    after: tuple[uuid.UUID, int] | None = None,
+    limit: int = 50,
+    scan_cap: int = SEARCH_SCAN_CAP,
+) -> JobPage:
+    """A page of the live jobs `search` selects, in key order (tenant, id), after the
+    key `after`, reading at most `scan_cap` rows: a page may hold fewer rows than
+    `limit` and still have a next one."""
+    s = search
+    rows = await conn.fetch(
+        Q["jobs_search"],
+        s.queue,
+        s.kind,
+        s.state,
+        s.tenant_id,
+        s.job_id,
+        s.payload,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+        scan_cap,
+    )
+    last = rows.pop()
+    found = [
+        {k: v for k, v in dict(r).items() if k not in ("next_tenant", "next_id")} for r in rows
+    ]
+    next_key = (last["next_tenant"], last["next_id"]) if last["next_tenant"] is not None else None
+    return JobPage(found, next_key)
+
+
+def parse_payload_filter(text: str) -> dict[str, Any]:
+    """`invoice:42`, `customer.id:"c-1"`, `paid:true`: a containment object
+    (`{"invoice": 42}`, `{"customer": {"id": "c-1"}}`).  The value is JSON when it
+    reads as JSON, else the text itself (`status:open` is `{"status": "open"}`)."""
+    path, sep, raw = text.partition(":")
+    keys = path.split(".")
+    if not sep or not all(keys):
+        raise Invalid("payload", "write it as key:value or key.subkey:value")
+    try:
+        value: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        value = raw
+    for key in reversed(keys):
+        value = {key: value}
+    result: dict[str, Any] = value
+    return result
+
+
+async def dead_page(
+    conn: Executor,
+    matching: DeadFilter,
+    before: tuple[datetime, int] | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """A page of the dead jobs `matching` selects, newest first, before `before`
+    (died_at, id)."""
+    return [
+        dict(r)
+        for r in await conn.fetch(
+            Q["dead_page"],
+            *matching.args(),
+            before[0] if before else None,
+            before[1] if before else None,
+            limit,
+        )
+    ]
+
+
+@dataclass(frozen=True)
+class QueueControl:
+    queue: str
+    paused: bool
+    concurrency: int | None  # None: each process's own (TENANTRY_QUEUES)
+    updated_at: datetime | None
+    updated_by: str | None
+
+
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+
+
+def check_queue_name(queue: str) -> str:
+    if not _QUEUE_NAME.match(queue):
+        raise Invalid("queue", "1 to 100 letters, digits or _ . : -")
+    return queue
+
+
+async def queue_controls(conn: Executor) -> list[QueueControl]:
+    """Every queue with jobs or controls, with its controls."""
+    return [QueueControl(**dict(r)) for r in await conn.fetch(Q["queue_controls_list"])]
+
+
+async def set_queue_control(
+    conn: Executor,
+    queue: str,
+    actor: str,
+    *,
+    paused: bool | None = None,
+    concurrency: int | None = None,
+    clear_concurrency: bool = False,
+) -> QueueControl:
+    """Pause or resume `queue` in every process, or set its concurrency in every
+    process (`clear_concurrency`: back to each process's own)."""
+    if concurrency is not None and not 1 <= concurrency <= 10_000:
+        raise Invalid("concurrency", "a whole number from 1 to 10000")
+    row = await conn.fetchrow(
+        Q["set_queue_control"],
+        check_queue_name(queue),
+        paused,
+        concurrency,
+        clear_concurrency,
+        actor,
+    )
+    assert row is not None
+    return QueueControl(**dict(row))
+
+
+@dataclass(frozen=True)
+class Bucket:
+    at: datetime
+    succeeded: int
+    failed: int  # attempts that failed
+    dead: int
+
+
+async def throughput(conn: Executor, since_s: int, bucket_s: int) -> dict[str, list[Bucket]]:
+    """Per queue, one bucket per `bucket_s` over the last `since_s` seconds, oldest
+    first, the empty ones included (a chart's gaps are zeros, not missing bars)."""
+    rows = await conn.fetch(Q["throughput"], since_s, bucket_s)
+    now = datetime.now(UTC).timestamp()
+    first = (now - since_s) // bucket_s * bucket_s
+    starts = [first + i * bucket_s for i in range(int(since_s // bucket_s) + 1)]
+    by_queue: dict[str, dict[float, asyncpg.Record]] = {}
+    for r in rows:
+        by_queue.setdefault(r["queue"], {})[r["bucket"].timestamp()] = r
+    result: dict[str, list[Bucket]] = {}
+    for queue, found in by_queue.items():
+        series = []
+        for start in starts:
+            at = datetime.fromtimestamp(start, UTC)
+            hit = found.get(start)
+            if hit is None:
+                series.append(Bucket(at, 0, 0, 0))
+            else:
+                series.append(Bucket(at, hit["succeeded"], hit["failed"], hit["dead"]))
+        result[queue] = series
+    return result
+
+
+async def periodic_runs(conn: Executor) -> dict[str, tuple[datetime, datetime]]:
+    """Per periodic handler: the period it last enqueued, and when that was."""
+    rows = await conn.fetch(Q["periodic_runs"])
+    return {r["name"]: (r["last_period"], r["updated_at"]) for r in rows}

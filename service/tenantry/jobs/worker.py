@@ -110,7 +110,17 @@ class QueueLoop:
     def __init__(self, worker: Worker, queue: str, concurrency: int) -> None:
         self.w = worker
         self.queue = queue
+        # The process's own concurrency (TENANTRY_QUEUES); an operator's setting in
+        # tenantry.queue_controls overrides it while it is set.
+        self.configured = concurrency
         self.concurrency = concurrency
+        # Paused by an operator (tenantry.queue_controls): no claim, no new start.  The
+        # claim function refuses a paused queue's rows by itself; this flag only keeps
+        # the loop from asking and hands back what it had prefetched.
+        self.paused = False
+        # A control changed (or may have: the listener reconnected): read them again
+        # before the next claim.
+        self._controls_stale = True
         self.running: dict[JobKey, _Running] = {}
         # Claimed (leased) rows waiting for a slot: the prefetch.
         self.ready: deque[asyncpg.Record] = deque()
@@ -137,8 +147,38 @@ class QueueLoop:
         return self.concurrency + self.prefetch - len(self.running) - len(self.ready)
 
     def start_ready(self) -> None:
-        while self.ready and len(self.running) < self.concurrency and not self.w.stopping:
+        while (
+            self.ready
+            and len(self.running) < self.concurrency
+            and not self.w.stopping
+            and not self.paused
+        ):
             self.w.start_job(self, self.ready.popleft())
+
+    def controls_changed(self) -> None:
+        self._controls_stale = True
+        self._wake.set()
+
+    def apply_controls(self, paused: bool, concurrency: int | None) -> None:
+        """Follow the queue's controls as the database has them now."""
+        wanted = concurrency or self.configured
+        changed = (paused, wanted) != (self.paused, self.concurrency)
+        self.paused = paused
+        self.concurrency = wanted
+        self.prefetch = int(wanted * self.w.config.prefetch)
+        if not changed:
+            return
+        self.w.log.info(
+            "queue_controls_applied", queue=self.queue, paused=paused, concurrency=wanted
+        )
+        if paused:
+            # Claimed but not started: back to the queue, for whoever resumes it.
+            self.w.hand_back(self.ready)
+            self.ready.clear()
+        else:
+            self.start_ready()
+            self._saturated = False
+            self._wake.set()
 
     def wake(self, *, trailing: bool = False) -> None:
         if trailing:
@@ -177,9 +217,12 @@ class QueueLoop:
                 break
             polling = self._poll_due
             self._poll_due = False
-            await self._fill()
-            if polling:
+            if polling or self._controls_stale:
+                # The due time and the controls, in one round trip.
+                self._controls_stale = False
                 await self._refresh_due()
+            if not self.paused:
+                await self._fill()
 
     async def _sleep(self) -> None:
         now = self.w.clock.monotonic()
@@ -235,7 +278,12 @@ class QueueLoop:
                 row = await conn.fetchrow(Q["next_due"], self.queue)
         except Exception as exc:  # the database is away: the next poll tries again
             self.w.log.debug("next_due_failed", queue=self.queue, error=safe_text(str(exc)))
+            self._controls_stale = True
             return
+        if row is not None:
+            self.apply_controls(bool(row["paused"]), row["concurrency"])
+            if self.w.hook is not None:
+                self.w.hook("controls_read", {"queue": self.queue, "paused": self.paused})
         if row is not None and row["due"] is not None:
             # Use the database's own clock for the delay: run_at was set by it.
             delay = (row["due"] - row["db_now"]).total_seconds()
@@ -309,7 +357,14 @@ class Worker:
     def resync(self) -> None:
         """The listener (re)connected: notifications may have been lost; sweep."""
         for loop in self.loops.values():
+            loop.controls_changed()
             loop.wake(trailing=True)
+
+    def controls_changed(self, queue: str) -> None:
+        """An operator changed `queue`'s controls (payload of tenantry_controls)."""
+        loop = self.loops.get(queue)
+        if loop is not None:
+            loop.controls_changed()
 
     @property
     def running_count(self) -> int:

@@ -119,6 +119,13 @@ async def find(conn: Executor, tenant_id: uuid.UUID, onboarding_id: uuid.UUID) -
     return Onboarding(**dict(row), steps=[StepDone(r["step"], r["done_at"]) for r in steps])
 
 
+async def of_tenant(conn: Executor, tenant_id: uuid.UUID, limit: int = 20) -> list[Onboarding]:
+    """A tenant's onboardings with their steps, newest first."""
+    async with tenant_scope(conn, tenant_id) as tx:
+        ids = [r["id"] for r in await tx.fetch(Q["of_tenant"], tenant_id, limit)]
+    return [o for i in ids if (o := await find(conn, tenant_id, i)) is not None]
+
+
 async def get(conn: Executor, tenant_id: uuid.UUID, onboarding_id: uuid.UUID) -> Onboarding:
     found = await find(conn, tenant_id, onboarding_id)
     if found is None:

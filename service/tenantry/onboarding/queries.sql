@@ -67,3 +67,12 @@ RETURNING o.version
 
 -- name: prune_keys
 SELECT tenantry.prune_idempotency_keys($1::integer, $2::integer)
+
+-- name: of_tenant
+-- A tenant's onboardings, newest first (the operators' dashboard, in the tenant's
+-- context).
+SELECT o.id
+  FROM tenantry.onboardings o
+ WHERE o.tenant_id = $1::uuid
+ ORDER BY o.created_at DESC, o.id
+ LIMIT $2::integer

@@ -9,8 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-
+from ..db import Conn
 from ..errors import NotFound
 from ..sql import queries_for
 
@@ -27,9 +26,7 @@ class DeliveryMatch:
     event_type: str | None = None
 
 
-async def deliveries(
-    conn: asyncpg.Connection, match: DeliveryMatch, limit: int
-) -> list[dict[str, Any]]:
+async def deliveries(conn: Conn, match: DeliveryMatch, limit: int) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         Q["ops_deliveries"],
         match.state,
@@ -41,7 +38,7 @@ async def deliveries(
     return [dict(r) for r in rows]
 
 
-async def delivery(conn: asyncpg.Connection, delivery_id: uuid.UUID) -> dict[str, Any]:
+async def delivery(conn: Conn, delivery_id: uuid.UUID) -> dict[str, Any]:
     found = await conn.fetchval(Q["ops_delivery"], delivery_id)
     if found is None:
         raise NotFound(f"no webhook delivery {delivery_id}")
@@ -49,7 +46,7 @@ async def delivery(conn: asyncpg.Connection, delivery_id: uuid.UUID) -> dict[str
 
 
 async def act(
-    conn: asyncpg.Connection,
+    conn: Conn,
     action: str,
     *,
     delivery_id: uuid.UUID | None = None,
@@ -72,13 +69,11 @@ async def act(
     return n
 
 
-async def endpoints(
-    conn: asyncpg.Connection, tenant_id: uuid.UUID | None, limit: int
-) -> list[dict[str, Any]]:
+async def endpoints(conn: Conn, tenant_id: uuid.UUID | None, limit: int) -> list[dict[str, Any]]:
     return [dict(r) for r in await conn.fetch(Q["ops_endpoints"], tenant_id, limit)]
 
 
-async def stats(conn: asyncpg.Connection) -> dict[str, Any]:
+async def stats(conn: Conn) -> dict[str, Any]:
     row = await conn.fetchrow(Q["ops_stats"])
     assert row is not None
     return dict(row)
