@@ -203,7 +203,7 @@ async def test_actions_need_an_admin_a_csrf_token_and_this_origin(
         status, _, _ = await browser.post("/ops/queues/default", form, headers=headers)
         assert status == 403, form
     assert not any(c.paused for c in await jobs.queue_controls(worker_pool))
-    status, _, r = await browser.post(
+    status, _, _ = await browser.post(
         "/ops/queues/default",
         {"action": "pause", "csrf": csrf},
         headers={"Origin": base(svc)},
