@@ -15,6 +15,7 @@ import anyio
 import asyncpg
 import orjson
 import pytest
+from yarl import URL
 
 from tenantry.app import Service
 from tenantry.jobs import queue as jobs
@@ -122,7 +123,7 @@ async def test_a_key_signs_in_and_sets_a_strict_cookie(
     key = await ops.add(worker_pool, "alice", "read")
     status, text, _ = await browser.post("/ops/sign-in", {"key": "tok_wrong"})
     assert status == 401 and "does not sign anyone in" in text
-    assert not browser.http.cookie_jar.filter_cookies(browser.base + "/ops")
+    assert not browser.http.cookie_jar.filter_cookies(URL(browser.base + "/ops"))
     status, _, r = await browser.post(
         "/ops/sign-in", {"key": key, "next": "/ops/jobs"}, headers={"X-Forwarded-Proto": "https"}
     )

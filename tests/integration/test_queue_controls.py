@@ -6,6 +6,7 @@ from __future__ import annotations
 import anyio
 import asyncpg
 
+from tenantry.errors import Invalid
 from tenantry.jobs import queue as jobs
 from tenantry.jobs.model import Job
 from tenantry.jobs.registry import Registry
@@ -50,13 +51,13 @@ async def test_controls_are_listed_and_validated(
     for bad in ({"concurrency": 0}, {"concurrency": 10_001}):
         try:
             await jobs.set_queue_control(worker_pool, "reports", "ops", **bad)  # type: ignore[arg-type]
-        except jobs.Invalid as exc:
+        except Invalid as exc:
             assert exc.field == "concurrency"
         else:
             raise AssertionError(f"{bad} accepted")
     try:
         await jobs.set_queue_control(worker_pool, "bad queue\n", "ops", paused=True)
-    except jobs.Invalid as exc:
+    except Invalid as exc:
         assert exc.field == "queue"
     else:
         raise AssertionError("a bad queue name was accepted")

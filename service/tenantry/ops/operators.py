@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from ..db import Conn
+from ..db import Executor
 from ..errors import Conflict, Invalid, NotFound
 from ..sql import queries_for
 
@@ -64,7 +64,7 @@ def check_role(role: str) -> str:
     return role
 
 
-async def add(conn: Conn, name: str, role: str) -> str:
+async def add(conn: Executor, name: str, role: str) -> str:
     """A new operator; returns its key (shown once)."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     try:
@@ -75,7 +75,7 @@ async def add(conn: Conn, name: str, role: str) -> str:
 
 
 async def update(
-    conn: Conn,
+    conn: Executor,
     name: str,
     *,
     role: str | None = None,
@@ -97,16 +97,16 @@ async def update(
     return key
 
 
-async def remove(conn: Conn, name: str) -> None:
+async def remove(conn: Executor, name: str) -> None:
     if not await conn.fetchval(Q["operator_remove"], name):
         raise NotFound(f"no operator named {name}")
 
 
-async def listing(conn: Conn) -> list[dict[str, Any]]:
+async def listing(conn: Executor) -> list[dict[str, Any]]:
     return [dict(r) for r in await conn.fetch(Q["operators_list"])]
 
 
-async def link(conn: Conn, name: str, ttl_seconds: int = LINK_TTL_S) -> str:
+async def link(conn: Executor, name: str, ttl_seconds: int = LINK_TTL_S) -> str:
     """A one-time sign-in token for `name` (put it in /ops/sign-in?link=...)."""
     token = secrets.token_urlsafe(32)
     if not await conn.fetchval(Q["link_create"], name, digest(token), ttl_seconds):
@@ -115,7 +115,7 @@ async def link(conn: Conn, name: str, ttl_seconds: int = LINK_TTL_S) -> str:
 
 
 async def sign_in(
-    conn: Conn,
+    conn: Executor,
     *,
     key: str | None = None,
     link_token: str | None = None,
@@ -140,7 +140,7 @@ async def sign_in(
     return Session(Operator(row["name"], row["role"], csrf), cookie)
 
 
-async def session(conn: Conn, cookie: str) -> tuple[Operator, datetime] | None:
+async def session(conn: Executor, cookie: str) -> tuple[Operator, datetime] | None:
     """The operator signed in with `cookie`, and when the session ends."""
     row = await conn.fetchrow(Q["session"], digest(cookie))
     if row is None:
@@ -148,5 +148,5 @@ async def session(conn: Conn, cookie: str) -> tuple[Operator, datetime] | None:
     return Operator(row["name"], row["role"], row["csrf"]), row["expires_at"]
 
 
-async def sign_out(conn: Conn, cookie: str) -> None:
+async def sign_out(conn: Executor, cookie: str) -> None:
     await conn.execute(Q["sign_out"], digest(cookie))
