@@ -290,7 +290,14 @@ def build(
         interval=settings.metrics_interval,
         on_reading=feed.poke,
     )
-    dashboard = Dashboard(worker_pool, pool, feed, periodic=periodic, depth=gauges.depth)
+    dashboard = Dashboard(
+        worker_pool,
+        pool,
+        feed,
+        periodic=periodic,
+        gauges=gauges,
+        settings_queues=sorted({*settings.queues, settings.onboarding_queue}),
+    )
     http = HttpServer(
         build_app(
             Readiness(readiness, lambda: health.problems),

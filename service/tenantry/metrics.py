@@ -312,6 +312,16 @@ class DatabaseGauges:
         r = self.reading
         if r is None:
             return None
+        return self._depth_rows(r.queues)
+
+    async def read_depth(self, queues: Sequence[str]) -> list[dict[str, Any]]:
+        """The same numbers for other queues (those this process does not work), read
+        now, as cheaply."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(Q["queue_depth"], list(queues), self.cap, self._max_heads)
+        return self._depth_rows(rows)
+
+    def _depth_rows(self, queues: Sequence[Any]) -> list[dict[str, Any]]:
         now = datetime.now(UTC)
         return [
             {
@@ -324,7 +334,7 @@ class DatabaseGauges:
                 if q["oldest_queued_at"] is not None
                 else None,
             }
-            for q in r.queues
+            for q in queues
         ]
 
     def collect(self) -> Iterator[Metric]:

@@ -31,6 +31,7 @@ from ..db import Conn
 from ..errors import Conflict, Invalid, NotFound
 from ..jobs import queue as jobs
 from ..jobs.registry import Registration
+from ..metrics import DatabaseGauges
 from ..onboarding import machine
 from ..onboarding.model import AGGREGATE
 from ..outbox import store as outbox
@@ -47,8 +48,10 @@ COOKIE = "tenantry_ops"
 PAGE_SIZE = 50
 # What a page shows of a payload, a body or a traceback at most.
 SHOWN_MAX = 64 * 1024
-# Security headers of every page: nothing from elsewhere, never in a frame, no
-# referrer (a sign-in link's token must not travel on), nothing cached.
+# Security headers of every page: nothing from elsewhere, never in a frame, no referrer
+# to other sites (a sign-in link's token must not travel on; not `no-referrer`, under
+# which browsers send `Origin: null` with a form, which the origin check refuses),
+# nothing cached.
 HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
@@ -56,7 +59,7 @@ HEADERS = {
     ),
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 JOB_STATES = jobs.JOB_STATES
@@ -74,12 +77,31 @@ class Dashboard:
     tenant_pool: asyncpg.Pool
     feed: Feed
     periodic: Sequence[Registration] = ()
-    # The latest per-queue depth reading (tenantry.metrics.DatabaseGauges), or None.
-    depth: Callable[[], list[dict[str, Any]] | None] = lambda: None
+    # The metrics' database reading (the depth of this process's queues, every few
+    # seconds), which also reads the depth of other queues on demand.
+    gauges: DatabaseGauges | None = None
+    # This process's own queues: shown even before they hold a job.
+    settings_queues: Sequence[str] = ()
+    _other_depths: tuple[float, frozenset[str], list[dict[str, Any]]] | None = None
     # Charts: (since, bucket) seconds -> (when read, per queue buckets).
     _charts: dict[tuple[int, int], tuple[float, dict[str, list[jobs.Bucket]]]] = field(
         default_factory=dict
     )
+
+    async def depths(self, queues: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Each queue's depth: this process's from the metrics' reading, the others'
+        read here at most every 5 s (counted up to the same cap)."""
+        if self.gauges is None:
+            return {}
+        found = {d["queue"]: d for d in self.gauges.depth() or []}
+        missing = frozenset(q for q in queues if q not in found)
+        if missing:
+            held = self._other_depths
+            if held is None or held[1] != missing or time.monotonic() - held[0] > 5:
+                held = (time.monotonic(), missing, await self.gauges.read_depth(sorted(missing)))
+                self._other_depths = held
+            found.update({d["queue"]: d for d in held[2]})
+        return found
 
     async def charts(self, since_s: int, bucket_s: int) -> dict[str, list[jobs.Bucket]]:
         """Throughput per queue, read at most every 15 s however many pages ask."""
@@ -334,8 +356,8 @@ async def overview(request: web.Request) -> web.StreamResponse:
         controls = {c.queue: c for c in await jobs.queue_controls(conn)}
     hour = await dash.charts(3600, 60)
     day = await dash.charts(86400, 1800)
-    depth = {d["queue"]: d for d in dash.depth() or []}
-    names = sorted(set(controls) | set(depth) | set(hour))
+    names = sorted(set(controls) | set(hour) | set(dash.settings_queues))
+    depth = await dash.depths(names)
     queues = [
         {
             "name": q,
@@ -761,17 +783,21 @@ async def events(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
-    await response.write(b"retry: 3000\n\n")
     seen = feed.generation
-    with feed.listening():
-        while True:
-            changed = await feed.wait_past(seen, within=15.0)
-            if changed:
-                seen = feed.generation
-                await response.write(b"event: changed\ndata: {}\n\n")
-                await anyio.sleep(1.0)  # the debounce: at most one a second
-            else:
-                await response.write(b": keepalive\n\n")
+    try:
+        await response.write(b"retry: 3000\n\n")
+        with feed.listening():
+            while True:
+                changed = await feed.wait_past(seen, within=15.0)
+                if changed:
+                    seen = feed.generation
+                    await response.write(b"event: changed\ndata: {}\n\n")
+                    await anyio.sleep(1.0)  # the debounce: at most one a second
+                else:
+                    await response.write(b": keepalive\n\n")
+    except ConnectionError:
+        pass  # the page was closed or left (ConnectionResetError and kin)
+    return response
 
 
 _STATIC = _HERE / "static"
