@@ -16,7 +16,8 @@ CREATE TABLE tenantry.queue_controls (
     concurrency integer,
     updated_at  timestamptz NOT NULL DEFAULT now(),
     updated_by  text        NOT NULL,
-    CONSTRAINT queue_controls_queue CHECK (queue ~ '^[A-Za-z0-9_.:-]{1,100}$'),
+    -- Any name a job's queue may have (tenantry.jobs: 1 to 100 characters).
+    CONSTRAINT queue_controls_queue CHECK (length(queue) BETWEEN 1 AND 100),
     CONSTRAINT queue_controls_concurrency CHECK (concurrency BETWEEN 1 AND 10000)
 );
 

@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     cli_webhooks.add_commands(sub, _uuid, _positive)
-    cli_ops.add_commands(sub, _positive)
+    cli_ops.add_commands(sub, _checked_by)
 
     dbp = sub.add_parser("db", help="reach the database")
     db_sub = dbp.commands("db_command")
@@ -481,9 +481,6 @@ def _main(argv: Sequence[str] | None) -> int:
             return _fail(
                 f"dead {args.dead_command}: an id, or filters with --yes, not both", EXIT_USAGE
             )
-    usage_ops = cli_ops.check_usage(args)
-    if usage_ops is not None:
-        return _fail(usage_ops, EXIT_USAGE)
     if args.command == "webhooks":
         usage = cli_webhooks.check_usage(args)
         if usage is not None:

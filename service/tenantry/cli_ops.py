@@ -22,37 +22,40 @@ Out = Callable[[str], None]
 JsonText = Callable[..., str]
 
 
-def add_commands(sub: Any, positive: Callable[[str], int]) -> None:
+def add_commands(sub: Any, checked: Callable[[Callable[[str], str]], Callable[[str], str]]) -> None:
+    """`checked(validator)`: an argument type whose Invalid is a usage error."""
+    queue = checked(jobs.queue_name)
+    name = checked(ops.check_name)
     qs = sub.add_parser("queues", help="pause, resume or size a queue in every process")
     q_sub = qs.commands("queues_command")
     ql = q_sub.add_parser("list", help="every queue with jobs or controls, and its controls")
     ql.add_argument("--json", action="store_true")
-    for name, what in (
+    for verb, what in (
         ("pause", "stop claiming the queue's jobs in every process (running jobs finish)"),
         ("resume", "claim the queue's jobs again"),
     ):
-        c = q_sub.add_parser(name, help=what)
-        c.add_argument("queue")
+        c = q_sub.add_parser(verb, help=what)
+        c.add_argument("queue", type=queue)
     cc = q_sub.add_parser(
         "concurrency", help="jobs of the queue each process runs at once ('default': its own)"
     )
-    cc.add_argument("queue")
-    cc.add_argument("value", help="a whole number from 1 to 10000, or 'default'")
+    cc.add_argument("queue", type=queue)
+    cc.add_argument("value", type=_concurrency, help="a whole number from 1 to 10000, or 'default'")
 
     op = sub.add_parser("operators", help="who may sign in to the dashboard (/ops)")
     op_sub = op.commands("operators_command")
     oa = op_sub.add_parser("add", help="a new operator; prints its key (once)")
-    oa.add_argument("name")
+    oa.add_argument("name", type=name)
     oa.add_argument("--role", choices=ops.ROLES, required=True)
     ol = op_sub.add_parser("list", help="every operator, with its open sessions")
     ol.add_argument("--json", action="store_true")
-    for name, what in (
+    for verb, what in (
         ("remove", "remove an operator (its sessions end)"),
         ("disable", "stop an operator signing in (its sessions end)"),
         ("enable", "let a disabled operator sign in again"),
         ("rotate-key", "a new key for an operator (the old one and its sessions end)"),
     ):
-        c = op_sub.add_parser(name, help=what)
+        c = op_sub.add_parser(verb, help=what)
         c.add_argument("name")
     rl = op_sub.add_parser("role", help="change an operator's role (its sessions end)")
     rl.add_argument("name")
@@ -78,12 +81,10 @@ def sign_in_url(base_url: str, token: str) -> str:
     return f"{base_url.rstrip('/')}/ops/sign-in?link={quote(token)}"
 
 
-def check_usage(args: argparse.Namespace) -> str | None:
-    if args.command == "queues" and args.queues_command == "concurrency":
-        raw = args.value
-        if raw != "default" and not (raw.isdigit() and 1 <= int(raw) <= 10_000):
-            return "queues concurrency: give a whole number from 1 to 10000, or 'default'"
-    return None
+def _concurrency(raw: str) -> str:
+    if raw != "default" and not (raw.isdigit() and 1 <= int(raw) <= 10_000):
+        raise argparse.ArgumentTypeError("give a whole number from 1 to 10000, or 'default'")
+    return raw
 
 
 async def run_queues(
@@ -101,7 +102,7 @@ async def run_queues(
             conc = str(r.concurrency) if r.concurrency else "default"
             out(f"{r.queue:<24} {'paused' if r.paused else 'running':<8} {conc:<12} {changed}")
         return 0
-    name = jobs.check_queue_name(args.queue)
+    name = args.queue
     actor = _actor()
     settings: dict[str, Any]
     if cmd == "concurrency":

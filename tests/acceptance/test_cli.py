@@ -426,3 +426,78 @@ async def test_a_closed_pipe_ends_the_command_quietly(database_url: str) -> None
         os.close(write)
     _, err = await proc.communicate()
     assert err.decode() == "" and proc.returncode == 141, err
+
+
+async def test_queue_controls_from_the_command_line(
+    database_url: str, worker_pool: asyncpg.Pool
+) -> None:
+    code, out, err = await run_cli("queues", "pause", "mail", database_url=database_url)
+    assert code == 0 and "mail: paused in every process" in out, err
+    code, out, err = await run_cli("queues", "concurrency", "mail", "3", database_url=database_url)
+    assert code == 0 and "concurrency 3" in out, err
+    code, out, _ = await run_cli("queues", "list", "--json", database_url=database_url)
+    listed = orjson.loads(out)
+    assert [(q["queue"], q["paused"], q["concurrency"]) for q in listed] == [("mail", True, 3)]
+    assert listed[0]["updated_by"].startswith("cli:")
+    code, out, _ = await run_cli("queues", "resume", "mail", database_url=database_url)
+    code, out, _ = await run_cli(
+        "queues", "concurrency", "mail", "default", database_url=database_url
+    )
+    code, out, _ = await run_cli("queues", "list", database_url=database_url)
+    assert code == 0 and "mail" in out and "running" in out and "default" in out
+    # Every change is in the audit trail, as the command line's user.
+    actions = await worker_pool.fetch(
+        "SELECT action FROM tenantry.operator_audit_page(NULL, 10) ORDER BY id"
+    )
+    assert [a["action"] for a in actions] == [
+        "queue_paused",
+        "queue_concurrency",
+        "queue_resumed",
+        "queue_concurrency",
+    ]
+    for bad in (["concurrency", "mail", "0"], ["concurrency", "mail", "x"]):
+        code, _, err = await run_cli("queues", *bad, database_url=database_url)
+        assert code == 2 and "whole number from 1 to 10000" in err
+    code, _, err = await run_cli("queues", "pause", "q" * 101, database_url=database_url)
+    assert code == 2 and "at most 100 characters" in err
+    assert len(await worker_pool.fetch("SELECT * FROM tenantry.operator_audit_page(NULL, 10)")) == 4
+
+
+async def test_operators_from_the_command_line(database_url: str, admin_pool: asyncpg.Pool) -> None:
+    code, out, err = await run_cli(
+        "operators", "add", "ann", "--role", "admin", database_url=database_url
+    )
+    assert code == 0, err
+    key = re.search(r"key (tok_\S+)", out)
+    assert key is not None
+    # Shown once; the database keeps only its hash.
+    stored = await admin_pool.fetchval("SELECT key_hash FROM tenantry.operators")
+    assert stored == hashlib.sha256(key[1].encode()).digest()
+    code, _, err = await run_cli(
+        "operators", "add", "ann", "--role", "read", database_url=database_url
+    )
+    assert code == 1 and "exists already" in err
+    code, _, err = await run_cli(
+        "operators", "add", "bad name", "--role", "read", database_url=database_url
+    )
+    assert code == 2 and "name" in err
+    code, out, err = await run_cli(
+        "operators", "link", "ann", "--base-url", "https://ops.example", database_url=database_url
+    )
+    assert code == 0 and out.startswith("https://ops.example/ops/sign-in?link="), err
+    code, out, _ = await run_cli("operators", "list", "--json", database_url=database_url)
+    assert [(o["name"], o["role"]) for o in orjson.loads(out)] == [("ann", "admin")]
+    assert key[1] not in out
+    code, out, _ = await run_cli("operators", "role", "ann", "read", database_url=database_url)
+    assert code == 0
+    code, out, _ = await run_cli("operators", "rotate-key", "ann", database_url=database_url)
+    assert code == 0 and "tok_" in out and key[1] not in out
+    code, _, _ = await run_cli("operators", "disable", "ann", database_url=database_url)
+    code, out, _ = await run_cli("operators", "list", database_url=database_url)
+    assert "disabled" in out
+    code, _, err = await run_cli("operators", "link", "ann", database_url=database_url)
+    assert code == 1 and "no enabled operator" in err
+    code, _, _ = await run_cli("operators", "remove", "ann", database_url=database_url)
+    assert code == 0
+    code, _, err = await run_cli("operators", "remove", "ann", database_url=database_url)
+    assert code == 1 and "no operator named ann" in err

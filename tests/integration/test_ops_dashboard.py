@@ -38,7 +38,7 @@ GET_PAGES = [
     "/ops/events",
 ]
 POST_ACTIONS = [
-    "/ops/queues/default",
+    "/ops/queues",
     "/ops/dead/bulk",
     f"/ops/dead/{TENANT_A}/1",
     "/ops/webhooks/deliveries",
@@ -190,30 +190,33 @@ async def test_actions_need_an_admin_a_csrf_token_and_this_origin(
 ) -> None:
     await sign_in(browser, worker_pool, "reader", "read")
     csrf = await browser.csrf()
-    status, text, _ = await browser.post("/ops/queues/default", {"action": "pause", "csrf": csrf})
+    status, text, _ = await browser.post(
+        "/ops/queues", {"action": "pause", "queue": "default", "csrf": csrf}
+    )
     assert status == 403 and "Only an admin" in text
     browser.http.cookie_jar.clear()
     await sign_in(browser, worker_pool, "admin1", "admin")
     csrf = await browser.csrf()
     for form, headers in (
-        ({"action": "pause"}, {}),
-        ({"action": "pause", "csrf": "forged"}, {}),
-        ({"action": "pause", "csrf": csrf}, {"Origin": "https://evil.example"}),
-        ({"action": "pause", "csrf": csrf}, {"Origin": "null"}),
+        ({"action": "pause", "queue": "default"}, {}),
+        ({"action": "pause", "queue": "default", "csrf": "forged"}, {}),
+        ({"action": "pause", "queue": "default", "csrf": csrf}, {"Origin": "https://evil.example"}),
+        ({"action": "pause", "queue": "default", "csrf": csrf}, {"Origin": "null"}),
     ):
-        status, _, _ = await browser.post("/ops/queues/default", form, headers=headers)
+        status, _, _ = await browser.post("/ops/queues", form, headers=headers)
         assert status == 403, form
     assert not any(c.paused for c in await jobs.queue_controls(worker_pool))
     status, _, _ = await browser.post(
-        "/ops/queues/default",
-        {"action": "pause", "csrf": csrf},
+        "/ops/queues",
+        {"action": "pause", "queue": "default", "csrf": csrf},
         headers={"Origin": base(svc)},
     )
     assert status == 303
     controls = {c.queue: c for c in await jobs.queue_controls(worker_pool)}
     assert controls["default"].paused and controls["default"].updated_by == "admin1"
     status, text, _ = await browser.post(
-        "/ops/queues/default", {"action": "concurrency", "concurrency": "abc", "csrf": csrf}
+        "/ops/queues",
+        {"action": "concurrency", "queue": "default", "concurrency": "abc", "csrf": csrf},
     )
     assert status == 422 and "concurrency" in text
     # Audited: the event in the system tenant's outbox, and on the audit page.

@@ -56,7 +56,7 @@ async def test_controls_are_listed_and_validated(
         else:
             raise AssertionError(f"{bad} accepted")
     try:
-        await jobs.set_queue_control(worker_pool, "bad queue\n", "ops", paused=True)
+        await jobs.set_queue_control(worker_pool, "q" * 101, "ops", paused=True)
     except Invalid as exc:
         assert exc.field == "queue"
     else:

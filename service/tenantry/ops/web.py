@@ -576,8 +576,8 @@ def _done(request: web.Request, message: str, back: str) -> web.Response:
 
 @action
 async def queue_control(request: web.Request) -> web.StreamResponse:
-    name = jobs.check_queue_name(request.match_info["queue"])
     form = await request.post()
+    name = jobs.queue_name(str(form.get("queue", "")))
     what = str(form.get("action", ""))
     operator = request[OPERATOR]
     settings: dict[str, Any]
@@ -830,7 +830,7 @@ def add_routes(app: web.Application, dashboard: Dashboard) -> None:
     r.add_get("/ops/dead/preview", dead_preview)
     r.add_post("/ops/dead/bulk", dead_bulk)
     r.add_post("/ops/dead/{tenant}/{id}", dead_one)
-    r.add_post("/ops/queues/{queue}", queue_control)
+    r.add_post("/ops/queues", queue_control)
     r.add_get("/ops/webhooks", webhooks_page)
     r.add_get("/ops/webhooks/deliveries/preview", deliveries_preview)
     r.add_post("/ops/webhooks/deliveries", deliveries_act)
