@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import asyncpg
 import psutil
 import pytest
@@ -89,6 +91,22 @@ async def test_db_url_reaches_the_running_embedded_database(tmp_path: Path) -> N
     svc = await ServiceProcess.start_command(PYTHON_M_TENANTRY, ROOT, None, **env)
     try:
         await svc.started()
+        # As Jupyter does, the embedded default prints a one-time link to its dashboard
+        # (on stderr, never in the JSON logs), which signs in once.
+        line = await svc.wait_log(
+            "<non-json>", lambda x: "Operations dashboard: " in str(x.get("text"))
+        )
+        link = str(line["text"]).split("Operations dashboard: ", 1)[1].strip()
+        assert not [x for x in svc.lines if x.get("event") != "<non-json>" and link in str(x)]
+        token = parse_qs(urlsplit(link).query)["link"][0]
+        base = link.split("/ops/", 1)[0]
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            async with http.post(
+                f"{base}/ops/sign-in", data={"link": token}, allow_redirects=False
+            ) as r:
+                assert r.status == 303
+            async with http.get(f"{base}/ops", allow_redirects=False) as r:
+                assert r.status == 200 and "admin" in await r.text()
         for args, user in ((), roles.DEFAULT_LOGIN), (("--admin",), "postgres"):
             code, out, err = await run_cli("db", "url", *args, env=env)
             assert code == 0, err
