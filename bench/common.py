@@ -36,7 +36,7 @@ from tenantry import logging as log
 from tenantry.app import JOBS_CHANNEL
 from tenantry.embedded import EmbeddedPostgres
 from tenantry.jobs.registry import Registry
-from tenantry.jobs.worker import Worker, WorkerConfig
+from tenantry.jobs.worker import JobObserver, Worker, WorkerConfig
 from tenantry.listener import Listener
 
 Result = dict[str, Any]
@@ -252,6 +252,7 @@ async def running_worker(
     *,
     concurrency: int,
     hook: Callable[[str, dict[str, Any]], None] | None = None,
+    observer: JobObserver | None = None,
     poll_interval: float = 1.0,
     worker_cls: type[Worker] = Worker,
 ) -> AsyncIterator[Worker]:
@@ -265,6 +266,7 @@ async def running_worker(
         WorkerConfig(queues={"default": concurrency}, poll_interval=poll_interval),
         owner=f"bench-{uuid.uuid4().hex[:8]}",
         hook=hook,
+        observer=observer,
         claim_pool=claim_pool,
     )
     listener = Listener(dsn, {JOBS_CHANNEL: worker.notify}, on_connect=[worker.resync])

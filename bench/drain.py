@@ -93,10 +93,6 @@ async def tenantry_round(
         gauges = DatabaseGauges(pool, ["default"])
         metrics.watch(gauges.collect)
 
-        def observing(name: str, data: dict[str, Any]) -> None:
-            counter(name, data)
-            metrics.worker_hook(name, data)
-
         async def scrape_every_second() -> None:
             while True:
                 metrics.render()
@@ -109,7 +105,8 @@ async def tenantry_round(
                 pool,
                 registry,
                 concurrency=concurrency,
-                hook=observing if observed else counter,
+                hook=counter,
+                observer=metrics if observed else None,
             ),
             anyio.create_task_group() as tg,
         ):

@@ -31,7 +31,7 @@ from . import db, migrate, roles
 from . import logging as log
 from .config import Settings
 from .errors import Conflict, NotFound, SchemaMismatch
-from .http.app import HttpServer, Readiness, build_app
+from .http.app import HttpServer, Readiness, build_app, build_metrics_app
 from .http.onboarding_api import OnboardingApi
 from .http.ratelimit import RateLimiter, parse_networks
 from .http.webhooks_api import WebhooksApi
@@ -89,6 +89,8 @@ class Service:
     deliverer: Deliverer
     metrics: Metrics
     gauges: DatabaseGauges
+    # /metrics on a port of its own (TENANTRY_METRICS_PORT), or None.
+    metrics_http: HttpServer | None = None
     # Set when a stop begins: /readyz answers 503 from then on.
     stopping: bool = field(default=False)
 
@@ -98,7 +100,10 @@ class Service:
         ordered: list[Any] = [self.listener, self.hub, self.worker]
         if self.settings.run_worker:
             ordered += [self.fanout, self.deliverer]
-        return [*ordered, self.maintenance, self.gauges, self.http]
+        ordered += [self.maintenance, self.gauges]
+        if self.metrics_http is not None:
+            ordered.append(self.metrics_http)
+        return [*ordered, self.http]
 
 
 async def check_schema(conn: db.Conn) -> None:
@@ -127,7 +132,7 @@ def build(
     handlers = Registry()
     handlers.merge(registry)
     handlers.merge(provisioner.registry())
-    metrics = Metrics()
+    metrics = Metrics(tenant_labels=settings.metrics_tenant_labels)
     worker = Worker(
         pool,
         handlers,
@@ -144,7 +149,7 @@ def build(
         worker_pool=worker_pool,
         claim_pool=claim_pool,
         health=health,
-        hook=metrics.worker_hook,
+        observer=metrics,
     )
     hub = Hub(
         worker_pool,
@@ -306,6 +311,7 @@ def build(
             cors_origins=settings.cors_origins,
             metrics=metrics,
             dashboard=dashboard,
+            serve_metrics=settings.metrics_port is None,
             webhooks=WebhooksApi(
                 pool,
                 Endpoints(
@@ -340,6 +346,11 @@ def build(
         deliverer,
         metrics,
         gauges,
+        metrics_http=(
+            HttpServer(build_metrics_app(metrics), settings.host, settings.metrics_port)
+            if settings.metrics_port is not None
+            else None
+        ),
     )
     metrics.watch(lambda: _component_metrics(svc))
     metrics.watch(svc.gauges.collect)

@@ -114,6 +114,10 @@ class Settings:
     webhook_max_endpoints: int = 50
     # Seconds between the metrics' database readings (queue depth, backlog age).
     metrics_interval: float = 5.0
+    # A `tenant` label on the job metrics: one series per tenant (cardinality).
+    metrics_tenant_labels: bool = False
+    # Serve /metrics on this port (same host) instead of the service port.
+    metrics_port: int | None = None
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -332,6 +336,11 @@ def _handlers(raw: str) -> tuple[str, ...]:
 
 def check_for_run(settings: Settings) -> None:
     """What no single variable shows wrong, for `tenantry run`."""
+    if settings.metrics_port is not None and settings.metrics_port == settings.port != 0:
+        raise ConfigError(
+            f"TENANTRY_METRICS_PORT={settings.metrics_port} is the service's own port"
+            " (TENANTRY_PORT): leave it unset to serve /metrics there, or pick another"
+        )
     if settings.run_worker and settings.onboarding_queue not in settings.queues:
         # Sign-ups would be accepted and never provisioned, with no word of why.
         raise ConfigError(
@@ -450,6 +459,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         metrics_interval=_parse(
             e, "TENANTRY_METRICS_INTERVAL", _positive_float, d.metrics_interval
         ),
+        metrics_tenant_labels=_parse(
+            e, "TENANTRY_METRICS_TENANT_LABELS", _bool, d.metrics_tenant_labels
+        ),
+        metrics_port=_parse(e, "TENANTRY_METRICS_PORT", _port, d.metrics_port),
     )
 
 

@@ -15,6 +15,7 @@ path with an id), HTTP status, results and status classes.  No tenant label.
 from __future__ import annotations
 
 import time
+import uuid
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ from prometheus_client.registry import Collector
 
 from . import logging as log
 from .clock import Random, system_random
-from .jobs.outcomes import Bury, Complete, Release, Retry
+from .jobs.model import Job
+from .jobs.outcomes import Bury, Complete, Outcome, Release, Retry
 from .safetext import safe_text
 from .sql import queries_for
 
@@ -64,7 +66,10 @@ def status_class(status: int | None) -> str:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, tenant_labels: bool = False) -> None:
+        # A `tenant` label on the job series (TENANTRY_METRICS_TENANT_LABELS): one
+        # series per tenant, queue and kind, which thousands of tenants multiply.
+        self.tenant_labels = tenant_labels
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.claims = Counter(
@@ -106,8 +111,7 @@ class Metrics:
             buckets=_DURATIONS,
             registry=r,
         )
-        self._started: dict[tuple[Any, Any], float] = {}
-        self._jobs: dict[tuple[str, str], _JobSeries] = {}
+        self._jobs: dict[tuple[str, str, uuid.UUID | None], _JobSeries] = {}
         self.watch(self._job_families)
 
     def render(self) -> bytes:
@@ -119,60 +123,59 @@ class Metrics:
 
     # --- hooks ------------------------------------------------------------------------
 
-    def worker_hook(self, name: str, data: dict[str, Any]) -> None:
-        """The worker's hook (tenantry.jobs.worker): claims, starts and finishes.  On
-        every job's path (tens of thousands a second in a drain), so a job's numbers go
-        into plain counts per queue and kind, turned into metric families only when
-        Prometheus scrapes: prometheus-client's own counters and histograms take a
-        lock per update, which cost a drain 13% (bench.drain --observed-pairs)."""
-        if name == "started":
-            job = data["job"]
-            self._started[(job.tenant_id, job.id)] = data["at"]
-            if job.attempt == 1:
-                self._series(job.queue, job.kind).wait.observe(data["waited"])
-        elif name == "finished":
-            job = data["job"]
-            series = self._series(job.queue, job.kind)
-            result = result_of(data["outcome"])
-            series.outcomes[result] = series.outcomes.get(result, 0) + 1
-            began = self._started.pop((job.tenant_id, job.id), None)
-            if began is not None:
-                series.run.observe(data["at"] - began)
-        elif name == "claim_ran":
-            queue = data["queue"]
-            self.claims.labels(queue).inc()
-            self.claimed.labels(queue).inc(data["count"])
-            self.claim_seconds.labels(queue).observe(data["seconds"])
+    # --- the worker's observer (tenantry.jobs.worker.JobObserver) ---------------------
+    #
+    # On every job's path (tens of thousands a second in a drain), so a job's numbers
+    # go into plain counts per queue and kind, turned into metric families only when
+    # Prometheus scrapes: prometheus-client's own counters and histograms take a lock
+    # per update, which cost a drain 13% (bench.drain --observed-pairs).
 
-    def _series(self, queue: str, kind: str) -> _JobSeries:
-        series = self._jobs.get((queue, kind))
+    def claim_ran(self, queue: str, count: int, seconds: float) -> None:
+        self.claims.labels(queue).inc()
+        self.claimed.labels(queue).inc(count)
+        self.claim_seconds.labels(queue).observe(seconds)
+
+    def job_started(self, job: Job, waited: float | None) -> None:
+        if waited is not None:
+            self._series(job).wait.observe(waited)
+
+    def job_finished(self, job: Job, outcome: Outcome | None, ran: float | None) -> None:
+        series = self._series(job)
+        result = result_of(outcome)
+        series.outcomes[result] = series.outcomes.get(result, 0) + 1
+        if ran is not None:
+            series.run.observe(ran)
+
+    def _series(self, job: Job) -> _JobSeries:
+        key = (job.queue, job.kind, job.tenant_id if self.tenant_labels else None)
+        series = self._jobs.get(key)
         if series is None:
-            series = self._jobs[(queue, kind)] = _JobSeries({}, _Buckets(), _Buckets())
+            series = self._jobs[key] = _JobSeries({}, _Buckets(), _Buckets())
         return series
 
     def _job_families(self) -> Iterator[Metric]:
+        by = ["queue", "kind", "tenant"] if self.tenant_labels else ["queue", "kind"]
         outcomes = CounterMetricFamily(
             "tenantry_job_outcomes",
             "Job runs finished, by queue, kind and result (succeeded, failed: an attempt"
             " that will be retried, snoozed, dead, released: handed back at a stop)",
-            labels=["queue", "kind", "result"],
+            labels=[*by, "result"],
         )
         run = HistogramMetricFamily(
-            "tenantry_job_run_seconds",
-            "Handler run time, by queue and kind",
-            labels=["queue", "kind"],
+            "tenantry_job_run_seconds", "Handler run time, by queue and kind", labels=by
         )
         wait = HistogramMetricFamily(
             "tenantry_job_wait_seconds",
             "From a job's creation to the start of its first attempt (a delay given at"
             " enqueue included), by queue and kind",
-            labels=["queue", "kind"],
+            labels=by,
         )
-        for (queue, kind), series in list(self._jobs.items()):
+        for (queue, kind, tenant), series in list(self._jobs.items()):
+            labels = [queue, kind, str(tenant)] if self.tenant_labels else [queue, kind]
             for result, n in series.outcomes.items():
-                outcomes.add_metric([queue, kind, result], n)
-            run.add_metric([queue, kind], series.run.cumulative(), series.run.total)
-            wait.add_metric([queue, kind], series.wait.cumulative(), series.wait.total)
+                outcomes.add_metric([*labels, result], n)
+            run.add_metric(labels, series.run.cumulative(), series.run.total)
+            wait.add_metric(labels, series.wait.cumulative(), series.wait.total)
         yield outcomes
         yield run
         yield wait

@@ -215,3 +215,48 @@ async def test_the_alert_rules_and_the_dashboard_use_metrics_that_exist(svc: Ser
 async def _has_read(svc: Service) -> bool:
     """The database reading runs in the background: whether its first one is in."""
     return svc.gauges.reading is not None
+
+
+async def test_tenant_labels_only_when_asked_and_metrics_on_a_port_of_their_own(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> None:
+    async with service(
+        tmp_path, app_url, pool, worker_pool, metrics_tenant_labels=True, metrics_port=0
+    ) as svc:
+        assert svc.metrics_http is not None and svc.metrics_http.port
+        base = f"http://127.0.0.1:{svc.http.port}"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{base}/v1/onboardings",
+                json={"email": "t@example.com", "tenant_name": "Labelled", "plan": "free"},
+            ) as r,
+        ):
+            assert r.status == 202
+            tenant = (await r.json())["tenant_id"]
+        metrics_base = f"http://127.0.0.1:{svc.metrics_http.port}"
+
+        async def labelled() -> bool:
+            async with aiohttp.ClientSession() as http, http.get(f"{metrics_base}/metrics") as r:
+                assert r.status == 200
+                text = await r.text()
+            samples = {
+                (s.name, frozenset(s.labels.items())): s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+            }
+            return bool(
+                value(
+                    samples,
+                    "tenantry_job_outcomes_total",
+                    queue="default",
+                    kind="onboarding.provision",
+                    tenant=tenant,
+                    result="succeeded",
+                )
+            )
+
+        await eventually(labelled)
+        # The service port no longer answers /metrics: it is not for the public.
+        async with aiohttp.ClientSession() as http, http.get(f"{base}/metrics") as r:
+            assert r.status == 404

@@ -151,6 +151,7 @@ def build_app(
     webhooks: WebhooksApi | None = None,
     metrics: Metrics | None = None,
     dashboard: Dashboard | None = None,
+    serve_metrics: bool = True,
 ) -> web.Application:
     app = web.Application(
         client_max_size=onboarding_api.MAX_BODY * 4,
@@ -162,7 +163,8 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     if metrics is not None:
         app[OBSERVER] = metrics.http_request
-        app.router.add_get("/metrics", _metrics_route(metrics))
+        if serve_metrics:
+            app.router.add_get("/metrics", _metrics_route(metrics))
     if dashboard is not None:
         ops_web.add_routes(app, dashboard)
     if pool is not None:
@@ -177,6 +179,14 @@ def build_app(
         icon = _static(_ICON, "image/svg+xml", "max-age=86400")
         app.router.add_get("/favicon.svg", icon)
         app.router.add_get("/favicon.ico", icon)
+    return app
+
+
+def build_metrics_app(metrics: Metrics) -> web.Application:
+    """/metrics alone, for a port of its own (TENANTRY_METRICS_PORT): scrapers reach
+    it, the public does not."""
+    app = web.Application(middlewares=[errors_as_problems])
+    app.router.add_get("/metrics", _metrics_route(metrics))
     return app
 
 
