@@ -4,10 +4,12 @@ delivered)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -260,3 +262,27 @@ async def test_tenant_labels_only_when_asked_and_metrics_on_a_port_of_their_own(
         # The service port no longer answers /metrics: it is not for the public.
         async with aiohttp.ClientSession() as http, http.get(f"{base}/metrics") as r:
             assert r.status == 404
+
+
+async def test_acquires_waiting_for_a_connection_are_counted(svc: Service) -> None:
+    """With every connection of the service's pool held, one more acquire waits: the
+    gauge says so, and says 0 again once it got one."""
+    size = svc.pool.get_max_size()
+    held = [await svc.pool.acquire() for _ in range(size)]
+
+    async def one_more() -> Any:
+        return await svc.pool.acquire()
+
+    waiter = asyncio.create_task(one_more())
+    try:
+        await eventually(lambda: _gauge_is(svc, "waiting", 1.0), timeout=10)
+    finally:
+        for conn in held:
+            await svc.pool.release(conn)
+    await svc.pool.release(await waiter)
+    await eventually(lambda: _gauge_is(svc, "waiting", 0.0), timeout=10)
+
+
+async def _gauge_is(svc: Service, state: str, expected: float) -> bool:
+    _, samples = await scrape(svc)
+    return value(samples, "tenantry_pool_connections", pool="service", state=state) == expected
