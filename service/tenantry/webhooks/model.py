@@ -121,24 +121,38 @@ def _headers(value: Any) -> dict[str, str]:
     return headers
 
 
+def _integral(value: Any) -> int | None:
+    """`value` as an int when it is a whole JSON number, however it was written: JSON
+    has one number type, so 49.0 is 49 (as JSON Schema's `integer`, which the OpenAPI
+    document states, has it).  None for anything else, booleans included."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():  # not inf, not NaN
+        return int(value)
+    return None
+
+
 def _whole(name: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    number = _integral(value)
+    if number is None:
         raise Invalid(name, "must be a whole number")
-    if not low <= value <= high:
+    if not low <= number <= high:
         raise Invalid(name, f"must be from {low} to {high}")
-    return value
+    return number
 
 
 def _schedule(value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or any(
-        isinstance(v, bool) or not isinstance(v, int) for v in value
-    ):
+    delays = [_integral(v) for v in value] if isinstance(value, list) else [None]
+    if any(d is None for d in delays):
         raise Invalid("retry_schedule", "must be a list of whole seconds")
+    whole = [d for d in delays if d is not None]
     try:
-        check_schedule(value)
+        check_schedule(whole)
     except ValueError as exc:
         raise Invalid("retry_schedule", str(exc)) from None
-    return tuple(value)
+    return tuple(whole)
 
 
 def parse_endpoint(body: Any, *, patch: bool = False) -> EndpointSpec:
