@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import re
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,3 +237,13 @@ def test_the_secret_pattern_is_exactly_what_the_service_accepts(size: int) -> No
     except Invalid:
         accepted = False
     assert bool(pattern.search(secret)) == accepted
+
+
+def test_the_whitespace_the_patterns_spell_out_is_pythons() -> None:
+    """The handlers strip and split on Python's whitespace; the document's patterns
+    name the same characters (ECMA-262's `\\s`, which a pattern would otherwise mean,
+    differs)."""
+    spelled = re.compile(f"[{openapi.WHITESPACE}]")
+    for code in range(sys.maxunicode + 1):
+        char = chr(code)
+        assert bool(spelled.fullmatch(char)) == char.isspace(), hex(code)

@@ -20,7 +20,15 @@ from typing import Any
 import orjson
 
 from .. import __version__
-from ..onboarding.model import EMAIL_MAX, FAILURE_CODES, STEPS
+from ..onboarding.model import (
+    ACCEPTED,
+    COMPLETED,
+    EMAIL_MAX,
+    FAILED,
+    FAILURE_CODES,
+    STEP_DONE,
+    STEPS,
+)
 from ..onboarding.model import FIELDS as SIGN_UP_FIELDS
 from ..tenants.store import NAME_MAX, NAME_MIN, PLANS
 from ..webhooks import deliveries, secrets
@@ -29,9 +37,21 @@ from . import onboarding_api, webhooks_api
 
 Json = dict[str, Any]
 
+EVENT_TYPES = (ACCEPTED, STEP_DONE, COMPLETED, FAILED)
+
 UUID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 # Every time the API gives out (timefmt.utc_text): UTC, microseconds, `Z`.
 TIME_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z$"
+# Python's whitespace (str.isspace, and `\\s` in its patterns), spelled out: `\\s` in a
+# JSON Schema pattern is ECMA-262's, which differs (U+0085, U+001C-U+001F).
+WHITESPACE = "\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+# onboarding.model's check of an email address, once whitespace around it is removed:
+# none inside it, nor control characters.
+_EMAIL_CHAR = f"[^@{WHITESPACE}\\x00-\\x1f\\x7f]"
+EMAIL_PATTERN = (
+    f"^[{WHITESPACE}]*{_EMAIL_CHAR}+@{_EMAIL_CHAR}+\\.[^@.{WHITESPACE}\\x00-\\x1f\\x7f]+"
+    f"[{WHITESPACE}]*$"
+)
 # What access.request_log keeps of a client's X-Request-ID (else it makes one up, 32
 # hex digits, which this also matches).
 REQUEST_ID_PATTERN = "^[A-Za-z0-9._:/+=-]{1,128}$"
@@ -243,7 +263,7 @@ def _schemas() -> Json:
             "email": {
                 "type": "string",
                 "maxLength": EMAIL_MAX,
-                "pattern": r"^\s*[^@\s]+@[^@\s]+\.[^@\s.]+\s*$",
+                "pattern": EMAIL_PATTERN,
                 "description": f"An email address (at most {EMAIL_MAX} characters once"
                 " surrounding whitespace is removed, no control characters). The welcome"
                 " email goes there.",
@@ -312,6 +332,65 @@ def _schemas() -> Json:
             "updated_at": _time(),
         }
     )
+    steps = {"type": "string", "enum": list(STEPS)}
+    event_payload = {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string", "enum": list(EVENT_TYPES)},
+            "version": {"type": "integer", "minimum": 1},
+            "at": {**_time(), "description": "When the event was committed."},
+            "state": onboarding["properties"]["state"],
+            "request_id": {
+                "type": "string",
+                "description": "The sign-up request's X-Request-ID.",
+            },
+            "step": steps,
+            "done_at": _time(),
+            "steps_done": {"type": "integer", "minimum": 1},
+            "steps_total": {"type": "integer", "const": len(STEPS)},
+            "code": {"type": "string", "enum": list(FAILURE_CODES)},
+            "field": {
+                **_nullable({"type": "string", "enum": ["email", "tenant_name"]}),
+                "description": "The form field to correct, if any.",
+            },
+            "message": {"type": "string", "description": "For the person who signed up."},
+            "reason": {"type": "string", "description": "The technical cause, for operators."},
+            "failed_step": _nullable(steps),
+            "undone": {
+                "type": "array",
+                "items": steps,
+                "description": "The steps done before the failure whose effects were removed.",
+            },
+            "compensated": {
+                "type": "array",
+                "items": {"type": "string", "enum": ["tenant", "storage"]},
+                "description": "What was removed.",
+            },
+        },
+        "required": ["type", "version", "at", "state"],
+        "additionalProperties": False,
+    }
+    sse_event = _object(
+        {
+            "id": {
+                "type": "string",
+                "pattern": "^[1-9][0-9]*$",
+                "description": "The onboarding's version after the event: a `Last-Event-ID`.",
+            },
+            "event": {"type": "string", "enum": list(EVENT_TYPES)},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": event_payload,
+                "description": "The event's payload, JSON on one line.",
+            },
+            "retry": {"type": "integer"},
+        },
+        required=["id", "event", "data"],
+        description="One server-sent event of an onboarding's stream. Steps carry `step`,"
+        " `done_at`, `steps_done` and `steps_total`; a failure `code`, `field`, `message`,"
+        " `reason`, `failed_step`, `undone` and `compensated`.",
+    )
     headers_object = {
         "type": "object",
         "maxProperties": endpoint_model.HEADERS_MAX,
@@ -368,12 +447,12 @@ def _schemas() -> Json:
             "type": "string",
             "minLength": 1,
             "maxLength": 2000,
-            "format": "uri",
+            # Not `format: uri`: a host name in any script is accepted as it is (an IRI).
             "pattern": r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s\x00-\x1f\x7f]+$",
             "description": "`https://` (`http://` too where the service allows it:"
             " TENANTRY_WEBHOOK_ALLOW_HTTP), no user name or password, no `#fragment`, a"
-            " host that resolves to public addresses only (or to networks the service"
-            " allows).",
+            " host name of labels of at most 63 characters (in any script) that resolves"
+            " to public addresses only (or to networks the service allows).",
             "examples": ["https://hooks.example.com/tenantry"],
         },
         "event_types": event_types,
@@ -416,49 +495,48 @@ def _schemas() -> Json:
         required=[],
         description="The fields to change; the others stay as they are.",
     )
-    endpoint = _object(
-        {
-            "id": {"type": "string", "format": "uuid"},
-            "url": {"type": "string"},
-            "description": {"type": "string"},
-            "event_types": {"type": "array", "items": {"type": "string"}},
-            "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-            "rate_limit": _nullable({"type": "integer"}),
-            "timeout_seconds": _nullable({"type": "integer"}),
-            "retry_schedule": _nullable({"type": "array", "items": {"type": "integer"}}),
-            "enabled": {"type": "boolean"},
-            "disabled_reason": _nullable({"type": "string"}),
-            "disabled_at": _nullable(_time()),
-            "circuit": _object(
-                {
-                    "state": {"type": "string", "enum": ["closed", "open", "half_open"]},
-                    "consecutive_failures": {"type": "integer", "minimum": 0},
-                    "opened_at": _nullable(_time()),
-                    "retry_at": _nullable(_time()),
-                }
-            ),
-            "last_success_at": _nullable(_time()),
-            "failing_since": _nullable(_time()),
-            "previous_secret_expires_at": {
-                **_nullable(_time()),
-                "description": "Until when the secret before the last rotation still signs.",
-            },
-            "created_at": _time(),
-            "updated_at": _time(),
+    endpoint_fields: Json = {
+        "id": {"type": "string", "format": "uuid"},
+        "url": {"type": "string"},
+        "description": {"type": "string"},
+        "event_types": {"type": "array", "items": {"type": "string"}},
+        "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+        "rate_limit": _nullable({"type": "integer"}),
+        "timeout_seconds": _nullable({"type": "integer"}),
+        "retry_schedule": _nullable({"type": "array", "items": {"type": "integer"}}),
+        "enabled": {"type": "boolean"},
+        "disabled_reason": _nullable({"type": "string"}),
+        "disabled_at": _nullable(_time()),
+        "circuit": _object(
+            {
+                "state": {"type": "string", "enum": ["closed", "open", "half_open"]},
+                "consecutive_failures": {"type": "integer", "minimum": 0},
+                "opened_at": _nullable(_time()),
+                "retry_at": _nullable(_time()),
+            }
+        ),
+        "last_success_at": _nullable(_time()),
+        "failing_since": _nullable(_time()),
+        "previous_secret_expires_at": {
+            **_nullable(_time()),
+            "description": "Until when the secret before the last rotation still signs.",
         },
-        description="An endpoint, never its secret.",
-    )
-    with_secret = {
-        "allOf": [_schema("WebhookEndpoint")],
-        "properties": {
+        "created_at": _time(),
+        "updated_at": _time(),
+    }
+    # (A schema with `additionalProperties: false` cannot be extended with allOf: each
+    # variant lists its fields whole.)
+    endpoint = _object(endpoint_fields, description="An endpoint, never its secret.")
+    with_secret = _object(
+        {
+            **endpoint_fields,
             "secret": {
                 **_schema("WebhookSecret"),
                 "description": "The signing secret: shown only here and on rotation.",
-            }
+            },
         },
-        "required": ["secret"],
-        "unevaluatedProperties": False,
-    }
+        description="An endpoint with its signing secret.",
+    )
     history_entry = _object(
         {
             "type": {
@@ -475,40 +553,38 @@ def _schemas() -> Json:
             "reason": _nullable({"type": "string"}),
         }
     )
-    endpoint_detail = {
-        "allOf": [_schema("WebhookEndpoint")],
-        "properties": {
+    endpoint_detail = _object(
+        {
+            **endpoint_fields,
             "history": {
                 "type": "array",
                 "items": history_entry,
                 "description": "The circuit's changes and the disabling, oldest first.",
-            }
-        },
-        "required": ["history"],
-        "unevaluatedProperties": False,
-    }
-    delivery = _object(
-        {
-            "id": {"type": "string", "format": "uuid"},
-            "webhook_id": {
-                "type": "string",
-                "pattern": "^msg_[0-9a-f]{32}$",
-                "description": "The `webhook-id` every attempt is sent with.",
             },
-            "endpoint_id": {"type": "string", "format": "uuid"},
-            "event_id": {"type": "integer"},
-            "event_type": {"type": "string"},
-            "state": {"type": "string", "enum": list(deliveries.STATES)},
-            "attempts": {"type": "integer", "minimum": 0},
-            "next_attempt_at": _nullable(_time()),
-            "last_status": _nullable({"type": "integer"}),
-            "last_error": _nullable({"type": "string"}),
-            "reason": _nullable({"type": "string"}),
-            "created_at": _time(),
-            "updated_at": _time(),
-            "finished_at": _nullable(_time()),
-        }
+        },
+        description="An endpoint with its history, never its secret.",
     )
+    delivery_fields: Json = {
+        "id": {"type": "string", "format": "uuid"},
+        "webhook_id": {
+            "type": "string",
+            "pattern": "^msg_[0-9a-f]{32}$",
+            "description": "The `webhook-id` every attempt is sent with.",
+        },
+        "endpoint_id": {"type": "string", "format": "uuid"},
+        "event_id": {"type": "integer"},
+        "event_type": {"type": "string"},
+        "state": {"type": "string", "enum": list(deliveries.STATES)},
+        "attempts": {"type": "integer", "minimum": 0},
+        "next_attempt_at": _nullable(_time()),
+        "last_status": _nullable({"type": "integer"}),
+        "last_error": _nullable({"type": "string"}),
+        "reason": _nullable({"type": "string"}),
+        "created_at": _time(),
+        "updated_at": _time(),
+        "finished_at": _nullable(_time()),
+    }
+    delivery = _object(delivery_fields)
     attempt = _object(
         {
             "attempt": {"type": "integer", "minimum": 1},
@@ -556,15 +632,17 @@ def _schemas() -> Json:
             "error": _nullable({"type": "string"}),
         }
     )
-    delivery_detail = {
-        "allOf": [_schema("WebhookDelivery")],
-        "properties": {
+    delivery_detail = _object(
+        {
+            **delivery_fields,
             "body": {"type": "string", "description": "The body as signed and sent."},
-            "attempt_log": {"type": "array", "items": attempt},
-        },
-        "required": ["body", "attempt_log"],
-        "unevaluatedProperties": False,
-    }
+            "attempt_log": {
+                "type": "array",
+                "items": attempt,
+                "description": "Every attempt on record, oldest first.",
+            },
+        }
+    )
     readiness = _object(
         {
             "status": {"type": "string", "enum": ["ready", "not ready"]},
@@ -587,6 +665,7 @@ def _schemas() -> Json:
         "Tenant": tenant,
         "SignUp": sign_up,
         "OnboardingAccepted": accepted,
+        "OnboardingEvent": sse_event,
         "Onboarding": onboarding,
         "WebhookSecret": secret,
         "WebhookEndpointCreate": endpoint_create,
@@ -749,7 +828,12 @@ def _paths() -> Json:
             "operationId": "getOnboarding",
             "parameters": {"path.id": "$response.body#/id", "query.token": "$response.body#/token"},
             "description": "Follow the onboarding with its status token.",
-        }
+        },
+        "StreamEvents": {
+            "operationId": "streamOnboardingEvents",
+            "parameters": {"path.id": "$response.body#/id", "query.token": "$response.body#/token"},
+            "description": "Follow its events.",
+        },
     }
     onboarding_id = {
         "name": "id",
@@ -917,7 +1001,9 @@ def _paths() -> Json:
                                 }
                             }
                         ),
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        # Before OpenAPI 3.2 (`itemSchema`), an event stream's schema
+                        # describes each event.
+                        "content": {"text/event-stream": {"schema": _schema("OnboardingEvent")}},
                     },
                     "204": {
                         "description": "The stream had ended: `Last-Event-ID` is its terminal"
