@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -249,3 +251,38 @@ def test_the_whitespace_the_patterns_spell_out_is_pythons() -> None:
     for code in range(sys.maxunicode + 1):
         char = chr(code)
         assert bool(spelled.fullmatch(char)) == char.isspace(), hex(code)
+
+
+def _patterns(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+        return own + [p for value in node.values() for p in _patterns(value)]
+    if isinstance(node, list):
+        return [p for value in node for p in _patterns(value)]
+    return []
+
+
+def test_every_pattern_is_an_ecma_262_regex() -> None:
+    """JSON Schema's patterns are ECMA-262 regular expressions: every one the document
+    states compiles in JavaScript (with the `u` flag, the strictest), as it does in
+    Python's `re`, which the handlers and Schemathesis use."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no node on this machine to compile the patterns with")
+    patterns = sorted(set(_patterns(openapi.document())))
+    assert len(patterns) > 10
+    for pattern in patterns:
+        re.compile(pattern)
+    script = (
+        "const bad = JSON.parse(process.argv[1]).filter(p => {"
+        " try { new RegExp(p, 'u'); return false } catch (e) { return true } });"
+        " process.stdout.write(JSON.stringify(bad))"
+    )
+    out = subprocess.run(
+        [node, "-e", script, orjson.dumps(patterns).decode()],
+        capture_output=True,
+        check=True,
+        text=True,
+        timeout=30,
+    )
+    assert orjson.loads(out.stdout) == []

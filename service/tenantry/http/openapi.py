@@ -42,8 +42,8 @@ EVENT_TYPES = (ACCEPTED, STEP_DONE, COMPLETED, FAILED)
 UUID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 # Every time the API gives out (timefmt.utc_text): UTC, microseconds, `Z`.
 TIME_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z$"
-# Python's whitespace (str.isspace, and `\\s` in its patterns), spelled out: `\\s` in a
-# JSON Schema pattern is ECMA-262's, which differs (U+0085, U+001C-U+001F).
+# Python's whitespace (str.isspace, str.strip, and `\s` in its patterns), spelled out:
+# `\s` in a JSON Schema pattern is ECMA-262's, which differs (U+0085, U+001C-U+001F).
 WHITESPACE = "\\t-\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
 # onboarding.model's check of an email address, once whitespace around it is removed:
 # none inside it, nor control characters.
@@ -85,9 +85,11 @@ def _object(properties: Json, required: list[str] | None = None, **extra: Any) -
     }
 
 
-def _case_insensitive(text: str) -> str:
-    """A regex matching `text` in any case (JSON Schema patterns have no `i` flag)."""
-    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else re.escape(c) for c in text)
+def _case_insensitive(name: str) -> str:
+    """A regex matching the header name `name` (letters, digits, `-`: nothing to escape)
+    in any case: JSON Schema patterns have no `i` flag."""
+    assert re.fullmatch("[A-Za-z0-9-]+", name), name
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in name)
 
 
 def _base64_pattern(low: int, high: int) -> str:
@@ -857,7 +859,8 @@ def _paths() -> Json:
         Unauthorized="No status token, or one that is malformed, forged or expired.",
         NotFound="No onboarding has this id (or the id is not a lower-case UUID).",
     )
-    event_id = {"type": "string", "pattern": "^\\s*[0-9]{1,9}\\s*$"}
+    # Read with whitespace around it removed (str.strip).
+    event_id = {"type": "string", "pattern": f"^[{WHITESPACE}]*[0-9]{{1,9}}[{WHITESPACE}]*$"}
 
     return {
         "/healthz": {
