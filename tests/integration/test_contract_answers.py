@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ async def failed_onboarding_is_answered_as_documented(
         )
         return bool(status["state"] == "failed" and status["failure_reason"])
 
-    await eventually(failed, timeout=30)
+    await eventually(failed, timeout=30, every=0.1)
     stream = await api.call(
         "GET", "/v1/onboardings/{id}/events", 200, path_parameters=oid, headers=token
     )
@@ -157,7 +158,7 @@ async def test_what_background_work_makes_is_answered_as_documented(
         )
         return bool(status["state"] == "completed")
 
-    await eventually(completed, timeout=30)
+    await eventually(completed, timeout=30, every=0.1)
     stream = await api.call(
         "GET", "/v1/onboardings/{id}/events", 200, path_parameters=oid, headers=token
     )
@@ -216,7 +217,7 @@ async def test_what_background_work_makes_is_answered_as_documented(
         return bool(delivery["attempt_log"])
 
     for delivery_id in sent.values():
-        await eventually(lambda d=delivery_id: attempted(d), timeout=30)  # type: ignore[misc]
+        await eventually(partial(attempted, delivery_id), timeout=30, every=0.1)
     page = await api.call("GET", "/v1/webhook-deliveries", 200, headers=auth, query={"limit": "1"})
     assert page["next_cursor"] is not None
     await api.call(
