@@ -33,7 +33,7 @@ from tests.acceptance.process import ROOT, ServiceProcess
 from tests.helpers import TEST_SECRET_KEY, TEST_TOKEN_SECRET
 
 # Cases per operation and phase: with the coverage phase's boundary values and the
-# stateful scenarios, about 3,000 requests, half a minute on two cores.
+# stateful scenarios, about 2,600 cases, 30 to 60 s on two cores.
 MAX_EXAMPLES = int(os.environ.get("TENANTRY_CONTRACT_FUZZ_EXAMPLES", "100"))
 STATEFUL_STEPS = 12
 
