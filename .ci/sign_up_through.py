@@ -47,6 +47,13 @@ def main(command: str) -> int:
         assert b"<form" in page, "the sign-up page is missing"
         icon = urllib.request.urlopen(base + "/favicon.svg", timeout=10).read()
         assert b"<svg" in icon, "the page's icon is missing"
+        contract = request(base + "/openapi.json")
+        assert contract["openapi"].startswith("3.1"), "the OpenAPI document is missing"
+        docs = urllib.request.urlopen(base + "/docs", timeout=10).read()
+        assert b"swagger-ui" in docs, "the document's viewer is missing"
+        for asset in ("docs/swagger-ui-bundle.js", "docs/swagger-ui.css", "docs/docs.js"):
+            body = urllib.request.urlopen(f"{base}/{asset}", timeout=10).read()
+            assert body, f"{asset} is missing"
         sign_up = {"email": "wheel@example.com", "tenant_name": "Wheel Works", "plan": "free"}
         accepted = request(base + "/v1/onboardings", sign_up)
         auth = {"Authorization": f"Bearer {accepted['token']}"}

@@ -13,10 +13,11 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from tenantry import config
-from tenantry.errors import ConfigError, Invalid
+from tenantry.errors import ConfigError, Invalid, InvalidRequest
 from tenantry.secretfile import load_or_create
 from tenantry.webhooks import secrets
 from tenantry.webhooks.guard import ForbiddenAddress, Guard, forbidden, parse_networks, url_host
+from tenantry.webhooks.model import parse_endpoint
 from tenantry.webhooks.policy import DEFAULT_SCHEDULE, decide, parse_schedule, retry_after_seconds
 from tenantry.webhooks.secrets import SecretBox, SecretUnreadable
 from tenantry.webhooks.signing import signature_header
@@ -250,3 +251,32 @@ def test_concurrency_settings_past_what_a_claim_takes_are_refused(name: str) -> 
     with pytest.raises(ConfigError, match=name):
         config.from_env({name: "3000000000"})
     assert getattr(config.from_env({name: "100000"}), name.removeprefix("TENANTRY_").lower())
+
+
+def test_whole_numbers_are_read_as_json_numbers_whatever_their_spelling() -> None:
+    """JSON has one number type: 49.0 is 49 (and JSON Schema's `integer`, which the
+    OpenAPI document states, admits it), so a client whose encoder writes 49.0 is
+    understood; a fraction, a boolean, infinity are not whole numbers."""
+    spec = parse_endpoint(
+        {
+            "url": "https://hooks.example.com/x",
+            "timeout_seconds": 49.0,
+            "rate_limit": 184.0,
+            "retry_schedule": [0.0, 5, 3e2],
+        }
+    )
+    assert (spec.timeout_seconds, spec.rate_limit, spec.retry_schedule) == (49, 184, (0, 5, 300))
+    assert type(spec.timeout_seconds) is int and type(spec.rate_limit) is int
+    assert all(type(d) is int for d in spec.retry_schedule or ())
+    for field, value in [
+        ("timeout_seconds", 49.5),
+        ("timeout_seconds", True),
+        ("rate_limit", float("inf")),
+        ("rate_limit", float("nan")),
+        ("retry_schedule", [0.5]),
+        ("retry_schedule", [False]),
+        ("timeout_seconds", 61.0),
+    ]:
+        with pytest.raises(InvalidRequest) as caught:
+            parse_endpoint({"url": "https://hooks.example.com/x", field: value})
+        assert [e.field for e in caught.value.errors] == [field]

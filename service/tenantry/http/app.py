@@ -20,7 +20,7 @@ from ..metrics import CONTENT_TYPE, Metrics
 from ..ops import web as ops_web
 from ..ops.web import Dashboard
 from ..safetext import safe_text
-from . import onboarding_api, tenant_api, webhooks_api
+from . import onboarding_api, openapi, tenant_api, webhooks_api
 from .access import OBSERVER, request_log, return_request_id
 from .onboarding_api import OnboardingApi
 from .problems import json_response, problem
@@ -65,6 +65,22 @@ async def readyz(request: web.Request) -> web.Response:
 _STATIC = Path(__file__).with_name("static")
 _PAGE = _STATIC / "index.html"
 _ICON = _STATIC / "favicon.svg"
+_DOCS = _STATIC / "docs"
+# The contract's viewer (/docs) loads its script, styles and the document from this
+# origin only: no CDN, no inline script or style, nothing framed, no form posted away.
+# The one source besides 'self': `data:` images, the icons Swagger UI's own stylesheet
+# embeds (they load nothing from anywhere).
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
+    " font-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none';"
+    " form-action 'none'; frame-ancestors 'none'"
+)
+# The viewer's files, with their media types (vendored: see static/docs/VENDORED.md).
+_DOCS_ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "docs.js": "text/javascript",
+}
 # Seconds a client is told to wait when the database is unavailable: about a restart.
 RETRY_AFTER_S = 2
 
@@ -125,21 +141,45 @@ async def errors_as_problems(request: web.Request, handler: Handler) -> web.Stre
 
 
 def _static(
-    path: Path, content_type: str, cache_control: str, charset: str | None = None
+    path: Path,
+    content_type: str,
+    cache_control: str,
+    charset: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Handler:
-    """A small file of the package, read once, answered whole: a Range header is ignored
+    """A file of the package, read once, answered whole: a Range header is ignored
     (HTTP allows it), so no request for these can get the framework's own 416."""
     body = path.read_bytes()
+    fixed = {"Cache-Control": cache_control, "X-Content-Type-Options": "nosniff", **(headers or {})}
 
     async def serve(_request: web.Request) -> web.StreamResponse:
-        return web.Response(
-            body=body,
-            content_type=content_type,
-            charset=charset,
-            headers={"Cache-Control": cache_control},
-        )
+        return web.Response(body=body, content_type=content_type, charset=charset, headers=fixed)
 
     return serve
+
+
+async def openapi_document(_request: web.Request) -> web.Response:
+    return web.Response(
+        body=openapi.document_json(),
+        content_type="application/json",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+def _add_contract_routes(app: web.Application) -> None:
+    """The OpenAPI document, and the page that renders it."""
+    app.router.add_get("/openapi.json", openapi_document)
+    page = _static(
+        _DOCS / "index.html",
+        "text/html",
+        "no-cache",
+        "utf-8",
+        {"Content-Security-Policy": DOCS_CSP},
+    )
+    app.router.add_get("/docs", page)
+    for name, content_type in _DOCS_ASSETS.items():
+        asset = _static(_DOCS / name, content_type, "max-age=3600", "utf-8")
+        app.router.add_get(f"/docs/{name}", asset)
 
 
 def build_app(
@@ -161,6 +201,7 @@ def build_app(
     app.on_response_prepare.append(return_request_id)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    _add_contract_routes(app)
     if metrics is not None:
         app[OBSERVER] = metrics.http_request
         if serve_metrics:
@@ -203,6 +244,11 @@ class HttpServer:
         self._host = host
         self._port = port
         self.port: int | None = None  # the bound port (useful with port 0)
+
+    @property
+    def app(self) -> web.Application:
+        """The application served (its routes are the contract's: test_openapi.py)."""
+        return self._app
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         runner = ProblemAppRunner(

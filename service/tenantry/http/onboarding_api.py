@@ -35,7 +35,7 @@ from .problems import invalid_problem, json_response, problem, read_json
 from .ratelimit import Networks, RateLimiter, client_address, limit_key
 
 MAX_BODY = 16 * 1024
-_KEY_MAX = 255
+IDEMPOTENCY_KEY_MAX = 255
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -83,10 +83,12 @@ async def create(request: web.Request) -> web.StreamResponse:
     if isinstance(body, web.Response):
         return body
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not (0 < len(key) <= _KEY_MAX and key.isascii() and key.isprintable()):
+    if key is not None and not (
+        0 < len(key) <= IDEMPOTENCY_KEY_MAX and key.isascii() and key.isprintable()
+    ):
         return problem(
             400,
-            f"Idempotency-Key must be 1 to {_KEY_MAX} printable ASCII characters",
+            f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters",
             errors=[{"field": "Idempotency-Key", "detail": "invalid header value"}],
         )
     try:

@@ -21,12 +21,12 @@ RATE_LIMIT_MAX = 10_000
 TIMEOUT_MAX = 60
 
 # Matched whole (fullmatch): `$` would let a final newline through.
-_EVENT_TYPE = re.compile(r"\*|[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,199}(\.\*)?")
-_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}")
+EVENT_TYPE = re.compile(r"\*|[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,199}(\.\*)?")
+HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}")
 # An event type as the outbox allows it (outbox_event_type): for filters.
 EVENT_TYPE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 # What the delivery sets itself, or what would change how the request travels.
-_RESERVED_HEADERS = frozenset(
+RESERVED_HEADERS = frozenset(
     {
         "host",
         "content-type",
@@ -83,7 +83,7 @@ def _event_types(value: Any) -> tuple[str, ...]:
         raise Invalid("event_types", f"must list at most {EVENT_TYPES_MAX} types")
     types: list[str] = []
     for item in value:
-        if not isinstance(item, str) or not _EVENT_TYPE.fullmatch(item):
+        if not isinstance(item, str) or not EVENT_TYPE.fullmatch(item):
             shown = repr(item)[:60]
             raise Invalid(
                 "event_types",
@@ -102,10 +102,10 @@ def _headers(value: Any) -> dict[str, str]:
         raise Invalid("headers", f"must hold at most {HEADERS_MAX} headers")
     headers: dict[str, str] = {}
     for name, val in value.items():
-        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
             raise Invalid("headers", f"{name[:60]!r} is not a header name")
         lowered = name.lower()
-        if lowered in _RESERVED_HEADERS or lowered.startswith("webhook-"):
+        if lowered in RESERVED_HEADERS or lowered.startswith("webhook-"):
             raise Invalid("headers", f"{name} is set by the delivery itself")
         if not isinstance(val, str):
             raise Invalid("headers", f"the value of {name} must be a string")
@@ -121,24 +121,38 @@ def _headers(value: Any) -> dict[str, str]:
     return headers
 
 
+def _integral(value: Any) -> int | None:
+    """`value` as an int when it is a whole JSON number, however it was written: JSON
+    has one number type, so 49.0 is 49 (as JSON Schema's `integer`, which the OpenAPI
+    document states, has it).  None for anything else, booleans included."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():  # not inf, not NaN
+        return int(value)
+    return None
+
+
 def _whole(name: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    number = _integral(value)
+    if number is None:
         raise Invalid(name, "must be a whole number")
-    if not low <= value <= high:
+    if not low <= number <= high:
         raise Invalid(name, f"must be from {low} to {high}")
-    return value
+    return number
 
 
 def _schedule(value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or any(
-        isinstance(v, bool) or not isinstance(v, int) for v in value
-    ):
+    delays = [_integral(v) for v in value] if isinstance(value, list) else [None]
+    if any(d is None for d in delays):
         raise Invalid("retry_schedule", "must be a list of whole seconds")
+    whole = [d for d in delays if d is not None]
     try:
-        check_schedule(value)
+        check_schedule(whole)
     except ValueError as exc:
         raise Invalid("retry_schedule", str(exc)) from None
-    return tuple(value)
+    return tuple(whole)
 
 
 def parse_endpoint(body: Any, *, patch: bool = False) -> EndpointSpec:

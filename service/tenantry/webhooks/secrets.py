@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ..errors import Invalid
 
 PREFIX = "whsec_"
-_MIN_BYTES, _MAX_BYTES = 24, 64
+MIN_BYTES, MAX_BYTES = 24, 64
 _GENERATED_BYTES = 32
 _FORMAT = b"\x01"  # the sealed form's version: AES-256-GCM, 12-byte nonce
 _NONCE = 12
@@ -41,10 +41,8 @@ def key_bytes(secret: str, field: str = "secret") -> bytes:
         raw = base64.b64decode(secret[len(PREFIX) :].encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):
         raise Invalid(field, f"must be {PREFIX} followed by standard base64") from None
-    if not _MIN_BYTES <= len(raw) <= _MAX_BYTES:
-        raise Invalid(
-            field, f"must encode {_MIN_BYTES} to {_MAX_BYTES} random bytes, not {len(raw)}"
-        )
+    if not MIN_BYTES <= len(raw) <= MAX_BYTES:
+        raise Invalid(field, f"must encode {MIN_BYTES} to {MAX_BYTES} random bytes, not {len(raw)}")
     return raw
 
 
