@@ -908,7 +908,8 @@ def _paths() -> Json:
                 {
                     "200": {
                         "description": "This process's metrics in the Prometheus text format"
-                        " (version 0.0.4).",
+                        " (version 0.0.4).  With TENANTRY_METRICS_PORT set they are served"
+                        " on that port instead, and this port answers 404.",
                         "headers": _headers(),
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     },
