@@ -173,6 +173,7 @@ async def running_service(
     """The whole service in this process (listener, hub, worker, maintenance, HTTP),
     built by the composition root as `tenantry run` builds it, minus the signals."""
     claim_pool = await db.create_claim_pool(roles.worker_url_for(app_url))
+    ops_pool = await db.create_ops_pool(roles.worker_url_for(app_url))
     try:
         svc = build(
             settings,
@@ -181,6 +182,7 @@ async def running_service(
             worker_pool=worker_pool,
             claim_pool=claim_pool,
             registry=Registry(),
+            ops_pool=ops_pool,
         )
         async with anyio.create_task_group() as tg:
             for component in svc.components():
@@ -195,6 +197,7 @@ async def running_service(
                 tg.cancel_scope.cancel()
     finally:
         await claim_pool.close()
+        await ops_pool.close()
 
 
 @dataclass

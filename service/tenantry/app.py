@@ -29,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from . import db, migrate, roles
 from . import logging as log
-from .config import Settings
+from .config import Settings, local_base_url
 from .errors import Conflict, NotFound, SchemaMismatch
 from .http.app import HttpServer, Readiness, build_app, build_metrics_app
 from .http.onboarding_api import OnboardingApi
@@ -120,6 +120,7 @@ def build(
     worker_pool: asyncpg.Pool,
     claim_pool: asyncpg.Pool,
     registry: Registry,
+    ops_pool: asyncpg.Pool | None = None,
 ) -> Service:
     logger = log.get("app")
     owner = f"{uuid.uuid4().hex[:12]}"
@@ -296,7 +297,7 @@ def build(
         on_reading=feed.poke,
     )
     dashboard = Dashboard(
-        worker_pool,
+        ops_pool or worker_pool,
         pool,
         feed,
         periodic=periodic,
@@ -491,8 +492,16 @@ async def _start(
         await roles.check_login(conn, "TENANTRY_WORKER_URL", roles.WORKER_ROLES)
     claim_pool = await db.create_claim_pool(worker_dsn)
     pools.append(claim_pool)
+    ops_pool = await db.create_ops_pool(worker_dsn)
+    pools.append(ops_pool)
     svc = build(
-        settings, dsn, pool, worker_pool=worker_pool, claim_pool=claim_pool, registry=registry
+        settings,
+        dsn,
+        pool,
+        worker_pool=worker_pool,
+        claim_pool=claim_pool,
+        registry=registry,
+        ops_pool=ops_pool,
     )
     return svc
 
@@ -566,8 +575,8 @@ async def _announce_dashboard(svc: Service) -> None:
     except (NotFound, Conflict) as exc:  # disabled or removed by hand, or a race
         log.get("app").info("ops_link_skipped", reason=str(exc))
         return
-    host = svc.settings.host if svc.settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    url = f"http://{host}:{svc.http.port}/ops/sign-in?{urlencode({'link': token})}"
+    base = local_base_url(svc.settings.host, svc.http.port or svc.settings.port)
+    url = f"{base}/ops/sign-in?{urlencode({'link': token})}"
     sys.stderr.write(
         f"\nOperations dashboard: {url}\n(a one-time link for operator"
         f" '{EMBEDDED_OPERATOR}', good for 15 minutes; `tenantry operators link"

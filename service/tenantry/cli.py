@@ -563,12 +563,7 @@ async def _migrate(urls: Urls, check: bool, quiet: bool = False) -> int:
 
 def _base_url(settings: config.Settings) -> str:
     """Where this machine reaches the service (for sign-in links)."""
-    host = settings.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.port}"
+    return config.local_base_url(settings.host, settings.port)
 
 
 async def _dispatch(args: argparse.Namespace, dsn: str, base_url: str) -> int:

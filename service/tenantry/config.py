@@ -334,6 +334,16 @@ def _handlers(raw: str) -> tuple[str, ...]:
     return specs
 
 
+def local_base_url(host: str, port: int) -> str:
+    """Where this machine reaches a service bound to `host`: a wildcard address is
+    reached on loopback, and an IPv6 address goes in brackets."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 def check_for_run(settings: Settings) -> None:
     """What no single variable shows wrong, for `tenantry run`."""
     if settings.metrics_port is not None and settings.metrics_port == settings.port != 0:

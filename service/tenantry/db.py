@@ -91,6 +91,19 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
 # a lock for long: a claim stuck behind a migration's or VACUUM FULL's lock fails after
 # 5 s and is tried again later, rather than hold a connection and the shutdown.
 WORKER_TIMEOUTS = {"lock_timeout": "5s", "statement_timeout": "60s"}
+# The dashboard's statements: a page is a few bounded reads; one that takes longer than
+# this is refused, not waited for.
+OPS_TIMEOUTS = {"lock_timeout": "2s", "statement_timeout": "10s"}
+
+
+async def create_ops_pool(dsn: str) -> asyncpg.Pool:
+    """The dashboard's connections (the worker's login, for the operators' functions):
+    a pool of their own, so that however many pages are open, the worker's polls, its
+    rescues and the metrics' readings never wait behind one."""
+    return await create_pool(
+        dsn, min_size=0, max_size=2, settings=OPS_TIMEOUTS, name="tenantry-ops"
+    )
+
 
 # The worker's claims and heartbeats run on connections of their own with these settings.
 # - synchronous_commit off: a claim or a lease extension lost in a server crash is

@@ -19,8 +19,9 @@ from yarl import URL
 from tenantry.app import Service
 from tenantry.jobs import queue as jobs
 from tenantry.ops import operators as ops
+from tenantry.ops.web import DASHBOARD
 from tests.helpers import TENANT_A, TENANT_B, sse_frames
-from tests.integration.test_webhooks import service
+from tests.integration.test_webhooks import new_tenant, service
 
 GET_PAGES = [
     "/ops",
@@ -260,10 +261,10 @@ async def test_a_bulk_retry_shows_its_count_first_and_refuses_a_stale_one(
     form = {"action": "retry", "kind": "sync", "tenant": "", "reason": "", "csrf": csrf}
     # The set changed since the count was shown: refused, nothing retried.
     await _dead_jobs(admin_pool, 1, "sync")
-    status, text, _ = await browser.post("/ops/dead/bulk", {**form, "expected": "3"})
+    status, text, _ = await browser.post("/ops/dead/bulk", {**form, "expected": "retry:3"})
     assert status == 409 and "4 dead jobs match now" in text
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
-    status, text, _ = await browser.post("/ops/dead/bulk", {**form, "expected": "4"})
+    status, text, _ = await browser.post("/ops/dead/bulk", {**form, "expected": "retry:4"})
     assert status == 200 and "4 dead job(s) retried" in text
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs WHERE kind = 'sync'") == 4
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 2
@@ -367,3 +368,171 @@ async def test_the_overview_shows_queues_and_the_stream_says_when_something_chan
             async for frame in frames:
                 if frame.event == "changed":
                     break
+
+
+# --- What an adversarial review found ----------------------------------------------------
+
+BAD_PAGES = [
+    "/ops/dead?tenant=zz",
+    "/ops/dead?reason=nope",
+    "/ops/dead?before=x",
+    "/ops/dead?before=0001-01-01T00:00:00%2B14:00~1",
+    "/ops/dead?before=9999-12-31T23:59:59-14:00~1",
+    "/ops/dead?before=2024-01-01T00:00:00%2B00:00~99999999999999999999",
+    "/ops/jobs?id=99999999999999999999",
+    "/ops/jobs?id=%C2%B2",
+    f"/ops/jobs?after={TENANT_A}:99999999999999999999",
+    "/ops/jobs?queue=%00",
+    "/ops/jobs?kind=a%00b",
+    "/ops/jobs?payload=" + ".".join(["a"] * 300) + ":1",
+    '/ops/jobs?payload=a:"%5Cu0000"',
+    "/ops/audit?before=99999999999999999999",
+    "/ops/audit?before=%C2%B2",
+    f"/ops/jobs/{TENANT_A}/99999999999999999999",
+    "/ops/dead/preview?action=bad",
+    "/ops/dead/preview?action=retry&kind=%00",
+    "/ops/webhooks?event_type=%00",
+    "/ops/webhooks/deliveries/preview?action=x",
+    "/ops/webhooks/deliveries/preview?action=replay&event_type=%00",
+]
+
+
+async def test_bad_input_is_a_clear_4xx_never_a_500(
+    browser: Browser, worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool
+) -> None:
+    await sign_in(browser, worker_pool, "fuzzer", "admin")
+    for path in BAD_PAGES:
+        status, text, _ = await browser.get(path)
+        assert 400 <= status < 500, (path, status, text[:300])
+    csrf = await browser.csrf()
+    for path, form in (
+        ("/ops/queues", {"action": "pause", "queue": "z\x00z"}),
+        ("/ops/queues", {"action": "concurrency", "queue": "q", "concurrency": "²"}),
+        ("/ops/dead/bulk", {"action": "retry", "kind": "a\x00", "expected": "retry:0"}),
+        (f"/ops/dead/{TENANT_A}/99999999999999999999", {"action": "retry"}),
+        ("/ops/webhooks/deliveries", {}),
+    ):
+        status, text, _ = await browser.post(path, {**form, "csrf": csrf})
+        assert 400 <= status < 500, (path, form, status, text[:300])
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.queue_controls") == 0
+
+
+async def test_an_action_needs_its_action_and_the_count_shown_for_it(
+    browser: Browser, worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool
+) -> None:
+    """Regression: a POST without `action` discarded (the else branch), and a count
+    shown for a retry confirmed a discard."""
+    ids = await _dead_jobs(admin_pool, 2, "boom")
+    await sign_in(browser, worker_pool, "admin3", "admin")
+    csrf = await browser.csrf()
+    status, _, _ = await browser.post(f"/ops/dead/{TENANT_B}/{ids[0]}", {"csrf": csrf})
+    assert status == 422
+    status, _, _ = await browser.post("/ops/dead/bulk", {"csrf": csrf, "expected": "retry:2"})
+    assert status == 422
+    status, text, _ = await browser.get("/ops/dead/preview?action=retry&kind=boom")
+    assert 'value="retry:2"' in text
+    status, _, _ = await browser.post(
+        "/ops/dead/bulk", {"csrf": csrf, "action": "discard", "kind": "boom", "expected": "retry:2"}
+    )
+    assert status == 409
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 2
+    events = await worker_pool.fetch("SELECT action FROM tenantry.operator_audit_page(NULL, 10)")
+    assert events == []
+
+
+async def test_a_forged_sign_out_is_refused_and_the_session_lives(
+    browser: Browser, worker_pool: asyncpg.Pool
+) -> None:
+    await sign_in(browser, worker_pool, "eve", "read")
+    status, _, _ = await browser.post(
+        "/ops/sign-out", {}, headers={"Origin": "http://evil.example"}
+    )
+    assert status == 403
+    assert (await browser.get("/ops/audit"))[0] == 200
+    csrf = await browser.csrf()
+    status, _, _ = await browser.post("/ops/sign-out", {"csrf": csrf})
+    assert status == 303
+    assert (await browser.get("/ops/audit"))[0] == 303
+
+
+async def test_the_origin_must_be_this_sites_scheme_and_host(
+    browser: Browser, worker_pool: asyncpg.Pool, svc: Service
+) -> None:
+    await sign_in(browser, worker_pool, "admin4", "admin")
+    csrf = await browser.csrf()
+    form = {"action": "pause", "queue": "q", "csrf": csrf}
+    host = f"127.0.0.1:{svc.http.port}"
+    status, _, _ = await browser.post("/ops/queues", form, headers={"Origin": f"https://{host}"})
+    assert status == 403  # the right host, the wrong scheme
+    # Behind a proxy that rewrites Host and says what the browser asked for.
+    status, _, _ = await browser.post(
+        "/ops/queues",
+        form,
+        headers={
+            "Origin": "https://ops.example",
+            "X-Forwarded-Host": "ops.example",
+            "X-Forwarded-Proto": "https",
+        },
+    )
+    assert status == 303
+
+
+async def test_replay_all_without_a_state_means_the_dead_deliveries(
+    browser: Browser,
+    worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+    pool: asyncpg.Pool,
+    svc: Service,
+) -> None:
+    """Regression: "Replay all matching..." with no state picked re-sent every
+    delivered webhook."""
+    acme = await new_tenant(pool, svc)
+    endpoint = await acme.endpoint("http://127.0.0.1:9/hook")
+    for event_id, state in enumerate(("delivered", "delivered", "dead"), start=1):
+        await admin_pool.execute(
+            "INSERT INTO tenantry.webhook_deliveries (tenant_id, endpoint_id, event_id,"
+            " event_type, body, state) VALUES ($1, $2, $3, 'x', '{}', $4)",
+            acme.id,
+            uuid.UUID(endpoint["id"]),
+            event_id,
+            state,
+        )
+    await sign_in(browser, worker_pool, "admin5", "admin")
+    status, text, _ = await browser.get("/ops/webhooks/deliveries/preview?action=replay")
+    assert status == 200 and 'data-count="1"' in text and "state <b>dead</b>" in text
+
+
+async def test_dashboard_pages_do_not_wait_for_the_workers_connections(
+    browser: Browser, worker_pool: asyncpg.Pool, svc: Service
+) -> None:
+    """Regression: pages took the worker's pool (3 connections), so a few slow pages
+    held up its polls, rescues and readings (a resume took 14.6 s to reach a job)."""
+    await sign_in(browser, worker_pool, "reader5", "read")
+    held = [await svc.worker_pool.acquire() for _ in range(svc.worker_pool.get_max_size())]
+    try:
+        with anyio.fail_after(5):
+            status, _, _ = await browser.get("/ops/audit")
+        assert status == 200
+    finally:
+        for conn in held:
+            await svc.worker_pool.release(conn)
+
+
+async def test_a_live_stream_ends_with_its_session_and_streams_are_capped(
+    browser: Browser, worker_pool: asyncpg.Pool, svc: Service
+) -> None:
+    """Regression: streams outlived a disabled operator's session, and any number
+    could be opened."""
+    dash = svc.http._app[DASHBOARD]
+    dash.session_check_every = 0.2
+    dash.max_streams = 1
+    await sign_in(browser, worker_pool, "viewer", "read")
+    async with browser.http.get(browser.base + "/ops/events") as r:
+        assert r.status == 200
+        status, text, _ = await browser.get("/ops/events")
+        assert status == 503 and "Too many live pages" in text
+        await ops.update(worker_pool, "viewer", disabled=True)
+        with anyio.fail_after(10):
+            async for _ in sse_frames(r):
+                pass  # ends when the server closes it
+    assert dash.streams == 0

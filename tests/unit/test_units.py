@@ -299,3 +299,12 @@ def test_database_urls_must_be_postgresql_urls(name: str) -> None:
             config.from_env({name: bad})
     for good in ("postgresql://u:p@h:5432/db", "postgres://h/db", "postgresql:///db?host=/tmp"):
         config.from_env({name: good})
+
+
+def test_the_local_base_url_of_a_bound_address() -> None:
+    """Regression: the sign-in link `make run` prints read http://::1:8080/... for an
+    IPv6 host (no brackets), which no browser opens."""
+    assert config.local_base_url("::1", 8080) == "http://[::1]:8080"
+    assert config.local_base_url("0.0.0.0", 80) == "http://127.0.0.1:80"
+    assert config.local_base_url("::", 80) == "http://127.0.0.1:80"
+    assert config.local_base_url("example.internal", 9) == "http://example.internal:9"

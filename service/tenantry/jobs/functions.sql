@@ -642,9 +642,13 @@ SELECT c.queue, c.paused, c.concurrency
 END;
 $$;
 
--- Every queue an operator set, or that has jobs, with its controls (the dashboard and
--- `tenantry queues list`).  The queues with jobs come from the claim index's heads,
--- one probe per queue (a skip scan), not from a scan of the table.
+-- Every queue an operator set, or that has runnable or scheduled jobs, with its
+-- controls (the dashboard and `tenantry queues list`).  The queues come from the heads
+-- of the two partial indexes that lead with the queue (jobs_claim_idx for runnable
+-- rows, jobs_scheduled_idx for scheduled ones): one index probe per queue (a skip
+-- scan), whatever the table holds.  A probe without the state would match neither
+-- index and read the table once per queue.  (A queue whose jobs are all running right
+-- now is not listed unless it has controls: no index leads with the queue there.)
 CREATE OR REPLACE FUNCTION tenantry.queue_controls_list()
 RETURNS TABLE (queue text, paused boolean, concurrency integer, updated_at timestamptz,
                updated_by text)
@@ -653,16 +657,28 @@ AS $$
 #variable_conflict use_column
 BEGIN
 RETURN QUERY
-WITH RECURSIVE seen(queue) AS (
-    (SELECT j.queue FROM tenantry.jobs j ORDER BY j.queue LIMIT 1)
+WITH RECURSIVE runnable(queue) AS (
+    (SELECT j.queue FROM tenantry.jobs j WHERE j.state = 'queued' ORDER BY j.queue LIMIT 1)
     UNION ALL
-    SELECT (SELECT j.queue FROM tenantry.jobs j WHERE j.queue > s.queue
+    SELECT (SELECT j.queue FROM tenantry.jobs j
+             WHERE j.state = 'queued' AND j.queue > s.queue
              ORDER BY j.queue LIMIT 1)
-      FROM seen s
+      FROM runnable s
+     WHERE s.queue IS NOT NULL
+),
+waiting(queue) AS (
+    (SELECT j.queue FROM tenantry.jobs j WHERE j.state = 'scheduled' ORDER BY j.queue LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.queue FROM tenantry.jobs j
+             WHERE j.state = 'scheduled' AND j.queue > s.queue
+             ORDER BY j.queue LIMIT 1)
+      FROM waiting s
      WHERE s.queue IS NOT NULL
 )
 SELECT q.queue, coalesce(c.paused, false), c.concurrency, c.updated_at, c.updated_by
-  FROM (SELECT s.queue FROM seen s WHERE s.queue IS NOT NULL
+  FROM (SELECT r.queue FROM runnable r WHERE r.queue IS NOT NULL
+        UNION
+        SELECT w.queue FROM waiting w WHERE w.queue IS NOT NULL
         UNION
         SELECT c2.queue FROM tenantry.queue_controls c2) q
   LEFT JOIN tenantry.queue_controls c ON c.queue = q.queue

@@ -298,6 +298,20 @@ async def jobs_search(
     return JobPage(found, next_key)
 
 
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    return False
+
+
+# How deep a payload filter's key path may go (`a.b.c:1` is three).
+PAYLOAD_FILTER_DEPTH = 32
+
+
 def parse_payload_filter(text: str) -> dict[str, Any]:
     """`invoice:42`, `customer.id:"c-1"`, `paid:true`: a containment object
     (`{"invoice": 42}`, `{"customer": {"id": "c-1"}}`).  The value is JSON when it
@@ -306,10 +320,15 @@ def parse_payload_filter(text: str) -> dict[str, Any]:
     keys = path.split(".")
     if not sep or not all(keys):
         raise Invalid("payload", "write it as key:value or key.subkey:value")
+    if len(keys) > PAYLOAD_FILTER_DEPTH:
+        raise Invalid("payload", f"at most {PAYLOAD_FILTER_DEPTH} keys deep")
     try:
         value: Any = orjson.loads(raw)
     except orjson.JSONDecodeError:
         value = raw
+    if "\x00" in text or _holds_nul(value):
+        # jsonb holds no NUL character: no payload can contain one.
+        raise Invalid("payload", "must not contain a NUL character")
     for key in reversed(keys):
         value = {key: value}
     result: dict[str, Any] = value

@@ -5,7 +5,7 @@ if and only if the action commits), and a log line once it has committed."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -18,22 +18,35 @@ _log = log.get("audit")
 
 
 Change = Callable[[Conn], Awaitable[int]]
+Isolation = Literal["read_committed", "repeatable_read"]
 
 
 async def act(
-    pool: asyncpg.Pool, actor: str, action: str, detail: dict[str, Any], change: Change
+    pool: asyncpg.Pool,
+    actor: str,
+    action: str,
+    detail: dict[str, Any],
+    change: Change,
+    *,
+    isolation: Isolation = "read_committed",
 ) -> int:
     """Run `change` (which returns how many rows it changed) and record it, in one
     transaction; log it once committed.  Returns the count."""
     async with pool.acquire() as conn:
-        return await act_on(conn, actor, action, detail, change)
+        return await act_on(conn, actor, action, detail, change, isolation=isolation)
 
 
 async def act_on(
-    conn: Conn, actor: str, action: str, detail: dict[str, Any], change: Change
+    conn: Conn,
+    actor: str,
+    action: str,
+    detail: dict[str, Any],
+    change: Change,
+    *,
+    isolation: Isolation = "read_committed",
 ) -> int:
     """`act` on a connection of the caller's."""
-    async with conn.transaction():
+    async with conn.transaction(isolation=isolation):
         rows = await change(conn)
         await conn.execute(Q["audit"], actor, action, detail, rows)
     _log.info("operator_action", operator=actor, action=action, detail=detail, rows=rows)

@@ -39,7 +39,7 @@ from ..tenancy import parse_tenant_id, tenant_tx
 from ..tenants import store as tenants
 from ..webhooks import deliveries as delivery_states
 from ..webhooks import operators as webhook_ops
-from . import audit
+from . import audit, forms
 from . import operators as ops
 from .live import Feed
 
@@ -82,6 +82,11 @@ class Dashboard:
     gauges: DatabaseGauges | None = None
     # This process's own queues: shown even before they hold a job.
     settings_queues: Sequence[str] = ()
+    # Open live streams (/ops/events) this process serves at most, and how often each
+    # checks that its session still holds (a disabled operator's streams end).
+    max_streams: int = 100
+    session_check_every: float = 15.0
+    streams: int = 0
     _other_depths: tuple[float, frozenset[str], list[dict[str, Any]]] | None = None
     # Charts: (since, bucket) seconds -> (when read, per queue buckets).
     _charts: dict[tuple[int, int], tuple[float, dict[str, list[jobs.Bucket]]]] = field(
@@ -225,11 +230,18 @@ def _secure(request: web.Request) -> bool:
 
 
 def _same_origin(request: web.Request) -> bool:
-    """A browser sends Origin with a POST; when it does, it must be this host."""
+    """A browser sends Origin with a POST; when it does, it must be this site: its
+    scheme and host as this request arrived, or as a proxy in front says it arrived
+    (X-Forwarded-Proto, X-Forwarded-Host: a proxy that rewrites Host).  `null` (a
+    sandboxed or privacy-stripped origin) is never this site.  The CSRF token is the
+    guard; this is a second one."""
     origin = request.headers.get("Origin")
     if origin is None:
         return True
-    return urlsplit(origin).netloc == request.host
+    parts = urlsplit(origin)
+    schemes = {request.scheme, request.headers.get("X-Forwarded-Proto", "").strip()}
+    hosts = {request.host, request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()}
+    return parts.scheme in schemes - {""} and parts.netloc in hosts - {""}
 
 
 async def _signed_in(request: web.Request) -> ops.Operator | None:
@@ -250,9 +262,20 @@ def page(handler: Page) -> Page:
             target = request.path_qs if request.method == "GET" else "/ops"
             raise web.HTTPSeeOther(f"/ops/sign-in?{urlencode({'next': target})}")
         request[OPERATOR] = operator
-        return await handler(request)
+        try:
+            return await handler(request)
+        except Invalid as exc:
+            return _refused(request, 422, f"{exc.field}: {exc.message}")
+        except NotFound as exc:
+            return _refused(request, 404, str(exc))
+        except asyncpg.QueryCanceledError:
+            return _refused(request, 503, TOO_SLOW)
 
     return wrapped
+
+
+# A statement past the dashboard's statement_timeout (tenantry.db.OPS_TIMEOUTS).
+TOO_SLOW = "This took longer than the dashboard allows (10 s): narrow the filter."
 
 
 def action(handler: Page) -> Page:
@@ -279,6 +302,12 @@ def action(handler: Page) -> Page:
             return _refused(request, 404, str(exc))
         except Conflict as exc:
             return _refused(request, 409, str(exc))
+        except asyncpg.SerializationError:
+            # A bulk action runs in one snapshot (REPEATABLE READ): a row it would
+            # change was changed meanwhile by someone else.
+            return _refused(request, 409, "Someone changed these rows meanwhile: look again.")
+        except asyncpg.QueryCanceledError:
+            return _refused(request, 503, TOO_SLOW)
 
     return wrapped
 
@@ -332,9 +361,12 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
 async def sign_out(request: web.Request) -> web.StreamResponse:
     operator = await _signed_in(request)
     form = await request.post()
-    if operator is not None and hmac.compare_digest(
-        str(form.get("csrf", "")).encode(), operator.csrf.encode()
-    ):
+    if operator is not None:
+        # A live session ends only with its own token: a forged sign-out must not look
+        # like one (clearing the cookie here while the session lives on).
+        if not hmac.compare_digest(str(form.get("csrf", "")).encode(), operator.csrf.encode()):
+            request[OPERATOR] = operator
+            return _refused(request, 403, "This form is stale or came from elsewhere: reload")
         async with request.app[DASHBOARD].worker_pool.acquire() as conn:
             await ops.sign_out(conn, request.cookies.get(COOKIE, ""))
     response = web.HTTPSeeOther("/ops/sign-in", headers=HEADERS)
@@ -373,44 +405,25 @@ async def overview(request: web.Request) -> web.StreamResponse:
     return render(request, "overview.html", queues=queues, webhooks=hooks)
 
 
-def _uuid_or_none(raw: str, field_name: str) -> uuid.UUID | None:
-    if not raw:
-        return None
-    try:
-        return uuid.UUID(raw)
-    except ValueError as exc:
-        raise Invalid(field_name, "not a UUID") from exc
-
-
-def _choice(raw: str, choices: Sequence[str], field_name: str) -> str | None:
-    if not raw:
-        return None
-    if raw not in choices:
-        raise Invalid(field_name, f"one of {', '.join(choices)}")
-    return raw
-
-
 def _job_search(q: Any) -> jobs.JobSearch:
-    job_id = q.get("id", "").strip()
-    if job_id and not job_id.isdigit():
-        raise Invalid("id", "a job id is a whole number")
-    payload = q.get("payload", "").strip()
+    payload = forms.text(q, "payload")
     return jobs.JobSearch(
-        queue=q.get("queue", "").strip() or None,
-        kind=q.get("kind", "").strip() or None,
-        state=_choice(q.get("state", ""), JOB_STATES, "state"),
-        tenant_id=_uuid_or_none(q.get("tenant", "").strip(), "tenant"),
-        job_id=int(job_id) if job_id else None,
+        queue=forms.text(q, "queue"),
+        kind=forms.text(q, "kind"),
+        state=forms.choice(q, "state", JOB_STATES),
+        tenant_id=forms.uuid_of(q, "tenant"),
+        job_id=forms.whole_of(q, "id"),
         payload=jobs.parse_payload_filter(payload) if payload else None,
     )
 
 
-def _key_after(raw: str) -> tuple[uuid.UUID, int] | None:
-    if not raw:
+def _key_after(q: Any) -> tuple[uuid.UUID, int] | None:
+    raw = forms.text(q, "after")
+    if raw is None:
         return None
     tenant, _, ident = raw.partition(":")
     try:
-        return uuid.UUID(tenant), int(ident)
+        return uuid.UUID(tenant), forms.whole(ident, "after")
     except ValueError as exc:
         raise Invalid("after", "a page cursor is TENANT:ID") from exc
 
@@ -420,7 +433,7 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
     q = request.query
     try:
         search = _job_search(q)
-        after = _key_after(q.get("after", ""))
+        after = _key_after(q)
     except Invalid as exc:
         return render(
             request, "jobs.html", status=422, error=f"{exc.field}: {exc.message}", found=None
@@ -433,8 +446,8 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
 
 def _job_path_args(request: web.Request) -> tuple[uuid.UUID, int]:
     try:
-        return uuid.UUID(request.match_info["tenant"]), int(request.match_info["id"])
-    except ValueError as exc:
+        return uuid.UUID(request.match_info["tenant"]), forms.whole(request.match_info["id"], "id")
+    except (ValueError, Invalid) as exc:
         raise web.HTTPNotFound() from exc
 
 
@@ -458,20 +471,18 @@ async def job_page(request: web.Request) -> web.StreamResponse:
 
 def _dead_filter(q: Any) -> jobs.DeadFilter:
     return jobs.DeadFilter(
-        kind=q.get("kind", "").strip() or None,
-        tenant_id=_uuid_or_none(q.get("tenant", "").strip(), "tenant"),
-        reason=_choice(q.get("reason", ""), DEAD_REASONS, "reason"),
+        kind=forms.text(q, "kind"),
+        tenant_id=forms.uuid_of(q, "tenant"),
+        reason=forms.choice(q, "reason", DEAD_REASONS),
     )
 
 
-def _dead_before(raw: str) -> tuple[datetime, int] | None:
-    if not raw:
+def _dead_before(q: Any) -> tuple[datetime, int] | None:
+    raw = forms.text(q, "before")
+    if raw is None:
         return None
     at, _, ident = raw.rpartition("~")
-    try:
-        return datetime.fromisoformat(at), int(ident)
-    except ValueError as exc:
-        raise Invalid("before", "a page cursor is TIME~ID") from exc
+    return forms.moment(at, "before"), forms.whole(ident, "before")
 
 
 @page
@@ -479,10 +490,15 @@ async def dead_page(request: web.Request) -> web.StreamResponse:
     q = request.query
     try:
         matching = _dead_filter(q)
-        before = _dead_before(q.get("before", ""))
+        before = _dead_before(q)
     except Invalid as exc:
         return render(
-            request, "dead.html", status=422, error=f"{exc.field}: {exc.message}", rows=[]
+            request,
+            "dead.html",
+            status=422,
+            error=f"{exc.field}: {exc.message}",
+            rows=[],
+            next_before=None,
         )
     async with _dash(request).worker_pool.acquire() as conn:
         rows = await jobs.dead_page(conn, matching, before, PAGE_SIZE)
@@ -496,16 +512,24 @@ async def dead_page(request: web.Request) -> web.StreamResponse:
 async def dead_preview(request: web.Request) -> web.StreamResponse:
     """The count of what a bulk retry or discard would change, and a form to go on."""
     q = request.query
-    what = _choice(q.get("action", ""), ("retry", "discard"), "action")
-    if what is None:
-        return _refused(request, 422, "action: retry or discard")
-    try:
-        matching = _dead_filter(q)
-    except Invalid as exc:
-        return _refused(request, 422, f"{exc.field}: {exc.message}")
+    what = forms.required_choice(q, "action", ("retry", "discard"))
+    matching = _dead_filter(q)
     async with _dash(request).worker_pool.acquire() as conn:
         count = await jobs.dead_count(conn, matching)
-    return render(request, "dead_preview.html", what=what, matching=matching, count=count)
+    return render(
+        request,
+        "dead_preview.html",
+        what=what,
+        matching=matching,
+        count=count,
+        expected=_expected(what, count),
+    )
+
+
+def _expected(what: str, count: int) -> str:
+    """What a preview's form carries back: the action with the count shown for it, so
+    a count shown for one action cannot confirm another."""
+    return f"{what}:{count}"
 
 
 def _filter_detail(matching: jobs.DeadFilter) -> dict[str, Any]:
@@ -519,17 +543,22 @@ def _filter_detail(matching: jobs.DeadFilter) -> dict[str, Any]:
 @action
 async def dead_bulk(request: web.Request) -> web.StreamResponse:
     form = await request.post()
-    what = _choice(str(form.get("action", "")), ("retry", "discard"), "action")
+    what = forms.required_choice(form, "action", ("retry", "discard"))
     matching = _dead_filter(form)
     expected = str(form.get("expected", ""))
     operator = request[OPERATOR]
 
     async def change(conn: Conn) -> int:
         # The count shown is what the operator agreed to: if the matching set grew or
-        # shrank since, say so rather than act on rows nobody saw counted.
+        # shrank since, say so rather than act on rows nobody saw counted.  Counted and
+        # changed in one snapshot (REPEATABLE READ): a job dying between the two
+        # statements is neither counted nor acted on.
         now = await jobs.dead_count(conn, matching)
-        if str(now) != expected:
-            raise Conflict(f"{now} dead jobs match now, not the {expected} shown: look again first")
+        if _expected(what, now) != expected:
+            raise Conflict(
+                f"{now} dead jobs match now, not the count shown ({expected or 'none'}):"
+                " look again first"
+            )
         if what == "retry":
             return await jobs.dead_retry_matching(conn, matching)
         return await jobs.dead_discard_matching(conn, matching)
@@ -540,6 +569,7 @@ async def dead_bulk(request: web.Request) -> web.StreamResponse:
         f"dead_jobs_{what}",
         _filter_detail(matching),
         change,
+        isolation="repeatable_read",
     )
     return _done(
         request, f"{n} dead job(s) {'retried' if what == 'retry' else 'discarded'}.", "/ops/dead"
@@ -550,7 +580,7 @@ async def dead_bulk(request: web.Request) -> web.StreamResponse:
 async def dead_one(request: web.Request) -> web.StreamResponse:
     tenant_id, job_id = _job_path_args(request)
     form = await request.post()
-    what = _choice(str(form.get("action", "")), ("retry", "discard"), "action")
+    what = forms.required_choice(form, "action", ("retry", "discard"))
 
     async def change(conn: Conn) -> int:
         if what == "retry":
@@ -577,7 +607,7 @@ def _done(request: web.Request, message: str, back: str) -> web.Response:
 @action
 async def queue_control(request: web.Request) -> web.StreamResponse:
     form = await request.post()
-    name = jobs.queue_name(str(form.get("queue", "")))
+    name = jobs.queue_name(forms.text(form, "queue") or "")
     what = str(form.get("action", ""))
     operator = request[OPERATOR]
     settings: dict[str, Any]
@@ -586,13 +616,8 @@ async def queue_control(request: web.Request) -> web.StreamResponse:
         detail: dict[str, Any] = {"queue": name}
         action_name = f"queue_{what}d"
     elif what == "concurrency":
-        raw = str(form.get("concurrency", "")).strip()
-        if raw in ("", "default"):
-            value = None
-        elif raw.isdigit():
-            value = int(raw)
-        else:
-            raise Invalid("concurrency", "a whole number from 1 to 10000, or empty for default")
+        raw = forms.text(form, "concurrency")
+        value = None if raw in (None, "default") else forms.whole(raw, "concurrency", 1, 10_000)
         settings = {"concurrency": value, "clear_concurrency": value is None}
         detail = {"queue": name, "concurrency": value}
         action_name = "queue_concurrency"
@@ -609,16 +634,7 @@ async def queue_control(request: web.Request) -> web.StreamResponse:
 
 @page
 async def webhooks_page(request: web.Request) -> web.StreamResponse:
-    q = request.query
-    try:
-        match = webhook_ops.DeliveryMatch(
-            state=_choice(q.get("state", ""), DELIVERY_STATES, "state"),
-            tenant_id=_uuid_or_none(q.get("tenant", "").strip(), "tenant"),
-            endpoint_id=_uuid_or_none(q.get("endpoint", "").strip(), "endpoint"),
-            event_type=q.get("event_type", "").strip() or None,
-        )
-    except Invalid as exc:
-        return _refused(request, 422, f"{exc.field}: {exc.message}")
+    match = _delivery_match(request.query)
     async with _dash(request).worker_pool.acquire() as conn:
         endpoints = await webhook_ops.endpoints(conn, match.tenant_id, PAGE_SIZE)
         deliveries = await webhook_ops.deliveries(conn, match, PAGE_SIZE)
@@ -647,37 +663,42 @@ async def delivery_page(request: web.Request) -> web.StreamResponse:
     return render(request, "delivery.html", d=found)
 
 
-def _delivery_match(form: Any) -> webhook_ops.DeliveryMatch:
+def _delivery_match(src: Any, *, replay: bool = False) -> webhook_ops.DeliveryMatch:
+    """A filter over deliveries.  For a replay without a state, the dead ones: sending
+    every delivered webhook again is never what "replay all" meant (as `tenantry
+    webhooks replay`)."""
+    state = forms.choice(src, "state", DELIVERY_STATES)
     return webhook_ops.DeliveryMatch(
-        state=_choice(str(form.get("state", "")), DELIVERY_STATES, "state"),
-        tenant_id=_uuid_or_none(str(form.get("tenant", "")).strip(), "tenant"),
-        endpoint_id=_uuid_or_none(str(form.get("endpoint", "")).strip(), "endpoint"),
-        event_type=str(form.get("event_type", "")).strip() or None,
+        state=state or ("dead" if replay else None),
+        tenant_id=forms.uuid_of(src, "tenant"),
+        endpoint_id=forms.uuid_of(src, "endpoint"),
+        event_type=forms.text(src, "event_type"),
     )
 
 
 @page
 async def deliveries_preview(request: web.Request) -> web.StreamResponse:
     q = request.query
-    what = _choice(q.get("action", ""), ("replay", "discard"), "action")
-    if what is None:
-        return _refused(request, 422, "action: replay or discard")
-    try:
-        match = _delivery_match(q)
-    except Invalid as exc:
-        return _refused(request, 422, f"{exc.field}: {exc.message}")
+    what = forms.required_choice(q, "action", ("replay", "discard"))
+    match = _delivery_match(q, replay=what == "replay")
     async with _dash(request).worker_pool.acquire() as conn:
         count = await webhook_ops.act(conn, what, match=match, only_count=True)
-    return render(request, "deliveries_preview.html", what=what, match=match, count=count)
+    return render(
+        request,
+        "deliveries_preview.html",
+        what=what,
+        match=match,
+        count=count,
+        expected=_expected(what, count),
+    )
 
 
 @action
 async def deliveries_act(request: web.Request) -> web.StreamResponse:
     form = await request.post()
-    what = _choice(str(form.get("action", "")), ("replay", "discard"), "action")
-    assert what is not None
-    one = _uuid_or_none(str(form.get("delivery", "")).strip(), "delivery")
-    match = _delivery_match(form)
+    what = forms.required_choice(form, "action", ("replay", "discard"))
+    one = forms.uuid_of(form, "delivery")
+    match = _delivery_match(form, replay=what == "replay")
     expected = str(form.get("expected", ""))
 
     async def change(conn: Conn) -> int:
@@ -687,8 +708,11 @@ async def deliveries_act(request: web.Request) -> web.StreamResponse:
                 raise Conflict(f"delivery {one} is not in a state to {what}")
             return n
         now = await webhook_ops.act(conn, what, match=match, only_count=True)
-        if str(now) != expected:
-            raise Conflict(f"{now} deliveries match now, not the {expected} shown: look again")
+        if _expected(what, now) != expected:
+            raise Conflict(
+                f"{now} deliveries match now, not the count shown ({expected or 'none'}):"
+                " look again"
+            )
         return await webhook_ops.act(conn, what, match=match)
 
     detail: dict[str, Any] = (
@@ -702,7 +726,12 @@ async def deliveries_act(request: web.Request) -> web.StreamResponse:
         }
     )
     n = await audit.act(
-        _dash(request).worker_pool, request[OPERATOR].name, f"deliveries_{what}", detail, change
+        _dash(request).worker_pool,
+        request[OPERATOR].name,
+        f"deliveries_{what}",
+        detail,
+        change,
+        isolation="repeatable_read",
     )
     done = "replayed" if what == "replay" else "discarded"
     return _done(request, f"{n} deliver{'y' if n == 1 else 'ies'} {done}.", "/ops/webhooks")
@@ -762,8 +791,7 @@ async def periodic_page(request: web.Request) -> web.StreamResponse:
 
 @page
 async def audit_page(request: web.Request) -> web.StreamResponse:
-    raw = request.query.get("before", "")
-    before = int(raw) if raw.isdigit() else None
+    before = forms.whole_of(request.query, "before")
     async with _dash(request).worker_pool.acquire() as conn:
         rows = await audit.page(conn, before, PAGE_SIZE)
     next_before = rows[-1]["id"] if len(rows) == PAGE_SIZE else None
@@ -773,8 +801,12 @@ async def audit_page(request: web.Request) -> web.StreamResponse:
 @page
 async def events(request: web.Request) -> web.StreamResponse:
     """`changed` events while the page is open, at most one a second: the page then
-    fetches itself again (ops.js)."""
-    feed = _dash(request).feed
+    fetches itself again (ops.js).  The stream ends when its session does (checked
+    every `session_check_every` seconds); a process serves `max_streams` at most."""
+    dash = _dash(request)
+    if dash.streams >= dash.max_streams:
+        return _refused(request, 503, "Too many live pages are open: close some.")
+    feed = dash.feed
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -782,13 +814,19 @@ async def events(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",
         }
     )
-    await response.prepare(request)
-    seen = feed.generation
+    dash.streams += 1
     try:
+        await response.prepare(request)
+        seen = feed.generation
+        checked = time.monotonic()
         await response.write(b"retry: 3000\n\n")
         with feed.listening():
             while True:
-                changed = await feed.wait_past(seen, within=15.0)
+                changed = await feed.wait_past(seen, within=dash.session_check_every)
+                if time.monotonic() - checked >= dash.session_check_every:
+                    checked = time.monotonic()
+                    if await _signed_in(request) is None:
+                        break  # signed out, expired, or the operator disabled
                 if changed:
                     seen = feed.generation
                     await response.write(b"event: changed\ndata: {}\n\n")
@@ -797,6 +835,8 @@ async def events(request: web.Request) -> web.StreamResponse:
                     await response.write(b": keepalive\n\n")
     except ConnectionError:
         pass  # the page was closed or left (ConnectionResetError and kin)
+    finally:
+        dash.streams -= 1
     return response
 
 
