@@ -135,16 +135,16 @@ class Metrics:
         self.claimed.labels(queue).inc(count)
         self.claim_seconds.labels(queue).observe(seconds)
 
-    def job_started(self, job: Job, waited: float | None) -> None:
-        if waited is not None:
-            self._series(job).wait.observe(waited)
-
-    def job_finished(self, job: Job, outcome: Outcome | None, ran: float | None) -> None:
+    def job_finished(
+        self, job: Job, outcome: Outcome | None, ran: float | None, waited: float | None
+    ) -> None:
         series = self._series(job)
         result = result_of(outcome)
         series.outcomes[result] = series.outcomes.get(result, 0) + 1
         if ran is not None:
             series.run.observe(ran)
+        if waited is not None:
+            series.wait.observe(waited)
 
     def _series(self, job: Job) -> _JobSeries:
         key = (job.queue, job.kind, job.tenant_id if self.tenant_labels else None)

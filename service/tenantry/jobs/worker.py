@@ -83,12 +83,12 @@ class JobObserver(Protocol):
 
     def claim_ran(self, queue: str, count: int, seconds: float) -> None: ...
 
-    def job_started(self, job: Job, waited: float | None) -> None:
-        """`waited`: from creation to this start, for a first attempt only."""
-
-    def job_finished(self, job: Job, outcome: Outcome | None, ran: float | None) -> None:
-        """`outcome` None: completed in the handler's own transaction (or abandoned);
-        `ran`: the handler's run time (None: it never started)."""
+    def job_finished(
+        self, job: Job, outcome: Outcome | None, ran: float | None, waited: float | None
+    ) -> None:
+        """One call per job, at its end.  `outcome` None: completed in the handler's own
+        transaction (or abandoned); `ran`: the handler's run time (None: it never
+        started); `waited`: from creation to the start, for a first attempt only."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class Claimed:
 
 
 class _Running:
-    __slots__ = ("began", "deadline", "job", "task", "timeout", "why")
+    __slots__ = ("began", "deadline", "job", "task", "timeout", "waited", "why")
 
     def __init__(self, job: Job, timeout: float, deadline: float) -> None:
         self.job = job
@@ -114,6 +114,7 @@ class _Running:
         self.task: asyncio.Task[None] | None = None
         self.why: str | None = None  # why it was cancelled from outside
         self.began: float | None = None  # monotonic, when its handler was called
+        self.waited: float | None = None  # a first attempt's wait, for the observer
 
     def cancel(self, why: str) -> None:
         if self.why is None:
@@ -629,7 +630,7 @@ class Worker:
             loop.outcomes_written()  # its own transaction completed it
         if self.observer is not None:
             ran = None if entry.began is None else self.clock.monotonic() - entry.began
-            self.observer.job_finished(job, outcome, ran)
+            self.observer.job_finished(job, outcome, ran, entry.waited)
         if self.hook is not None:
             self.hook(
                 "finished",
@@ -657,8 +658,7 @@ class Worker:
             waited = (
                 (self.clock.now() - job.created_at).total_seconds() if job.attempt == 1 else None
             )
-            if self.observer is not None:
-                self.observer.job_started(job, waited)
+            entry.waited = waited
             if self.hook is not None:
                 self.hook(
                     "started",
