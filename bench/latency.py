@@ -61,6 +61,7 @@ from tenantry import db
 from tenantry.app import JOBS_CHANNEL
 from tenantry.jobs.model import Job
 from tenantry.jobs.registry import Registry
+from tenantry.metrics import DatabaseGauges, Metrics
 
 from . import common
 from .common import Result, fmt_ms, progress
@@ -96,6 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--pool-size", type=int, default=10, help="Tenantry pool size (default 10)")
     parser.add_argument("--skip-pgqueuer", action="store_true")
+    parser.add_argument(
+        "--observed",
+        action="store_true",
+        help="probe again with the service's metrics beside it (observer, database reading"
+        " every 5 s, a scrape a second) and report both",
+    )
 
 
 # --- the probe, shared by both queues -----------------------------------------------
@@ -204,7 +211,11 @@ async def observe(conn: asyncpg.Connection, channel: str, on_notify: Callable[[s
 # --- Tenantry -----------------------------------------------------------------------
 
 
-async def tenantry_probe(server_url: str, args: argparse.Namespace, samples: int) -> Result:
+async def tenantry_probe(
+    server_url: str, args: argparse.Namespace, samples: int, *, observed: bool = False
+) -> Result:
+    """`observed`: as the service runs it, with its metrics (the worker's observer,
+    their database reading every 5 s, a scrape every second) beside the probe."""
     rec = Recorder()
 
     async def handler(job: Job) -> None:
@@ -230,14 +241,30 @@ async def tenantry_probe(server_url: str, args: argparse.Namespace, samples: int
             async def send(_seq: int) -> int:
                 return int(await producer.fetchval(ENQUEUE, tenant_id))
 
-            async with common.running_worker(
-                url,
-                pool,
-                registry,
-                concurrency=args.concurrency,
-                poll_interval=POLL_INTERVAL,
-                hook=hook,
+            metrics = Metrics()
+            gauges = DatabaseGauges(pool, ["default"])
+            metrics.watch(gauges.collect)
+
+            async def scrape_every_second() -> None:
+                while True:
+                    metrics.render()
+                    await anyio.sleep(1.0)
+
+            async with (
+                common.running_worker(
+                    url,
+                    pool,
+                    registry,
+                    concurrency=args.concurrency,
+                    poll_interval=POLL_INTERVAL,
+                    hook=hook,
+                    observer=metrics if observed else None,
+                ),
+                anyio.create_task_group() as beside,
             ):
+                if observed:
+                    beside.start_soon(gauges.run)
+                    beside.start_soon(scrape_every_second)
                 result = await drive(
                     send,
                     rec,
@@ -246,6 +273,7 @@ async def tenantry_probe(server_url: str, args: argparse.Namespace, samples: int
                     interval=args.interval_ms / 1000.0,
                     settle=args.settle,
                 )
+                beside.cancel_scope.cancel()
         finally:
             await observer.close()
             await producer.close()
@@ -345,6 +373,17 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
         "tenantry": t,
         "goal": {"p50_ms_at_most": GOAL_P50_MS, "p99_ms_at_most": GOAL_P99_MS, "met": met},
     }
+    if args.observed:
+        progress("latency: tenantry with its metrics beside it (a scrape every second)")
+        o = await tenantry_probe(server_url, args, samples, observed=True)
+        oc = o["commit_to_start_ms"]
+        progress(f"latency: with metrics p50 {fmt_ms(oc['p50'])} ms, p99 {fmt_ms(oc['p99'])} ms")
+        result["observed"] = {
+            "commit_to_start_ms": oc,
+            "missing": o["missing"],
+            "p99_ratio_observed_over_plain": round(oc["p99"] / max(tc["p99"], 1e-3), 3),
+            "p50_ratio_observed_over_plain": round(oc["p50"] / max(tc["p50"], 1e-3), 3),
+        }
     if args.skip_pgqueuer:
         return result
     # Its installed version (`pgqueuer.__version__` is not re-exported for mypy).
@@ -417,6 +456,18 @@ def render(result: Result) -> str:
         f"  goal p50 <= {g['p50_ms_at_most']:g} ms and p99 <= {g['p99_ms_at_most']:g} ms"
         f" (none missing): {common.verdict(g['met'])}"
     )
+    if "observed" in result:
+        o = result["observed"]
+        lines.append(
+            "With the service's metrics beside it (observer, database reading every 5 s, a"
+            " scrape a second):"
+        )
+        lines.append(_line("commit -> start", o["commit_to_start_ms"]))
+        lines.append(
+            f"  p50 {o['p50_ratio_observed_over_plain']:.3f}x, p99"
+            f" {o['p99_ratio_observed_over_plain']:.3f}x of the plain probe's; missing"
+            f" {o['missing']}"
+        )
     if "pgqueuer" in result:
         p = result["pgqueuer"]
         s = p["settings"]
