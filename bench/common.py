@@ -38,6 +38,7 @@ from tenantry.embedded import EmbeddedPostgres
 from tenantry.jobs.registry import Registry
 from tenantry.jobs.worker import JobObserver, Worker, WorkerConfig
 from tenantry.listener import Listener
+from tenantry.metrics import DatabaseGauges, Metrics
 
 Result = dict[str, Any]
 T = TypeVar("T")
@@ -467,3 +468,29 @@ def header(result: Result, title: str) -> list[str]:
         f" CPUs, benchmark wall time {result.get('wall_seconds', '?')} s"
         + (", --quick" if result.get("quick") else ""),
     ]
+
+
+@asynccontextmanager
+async def metrics_beside(pool: asyncpg.Pool, *, on: bool) -> AsyncIterator[Metrics | None]:
+    """The service's metrics as `tenantry run` keeps them, beside a benchmark (`on`):
+    yields the observer to give the worker, while their database reading runs every
+    5 s and a scrape renders them every second; None when off."""
+    if not on:
+        yield None
+        return
+    metrics = Metrics()
+    gauges = DatabaseGauges(pool, ["default"])
+    metrics.watch(gauges.collect)
+
+    async def scrape_every_second() -> None:
+        while True:
+            metrics.render()
+            await anyio.sleep(1.0)
+
+    async with anyio.create_task_group() as beside:
+        beside.start_soon(gauges.run)
+        beside.start_soon(scrape_every_second)
+        try:
+            yield metrics
+        finally:
+            beside.cancel_scope.cancel()

@@ -29,7 +29,7 @@ import asyncpg
 from tenantry import db
 from tenantry.jobs.model import Job
 from tenantry.jobs.registry import Registry
-from tenantry.metrics import DatabaseGauges, Metrics
+from tenantry.metrics import Metrics
 
 from . import common
 from .common import Result, fmt_rate, progress
@@ -89,33 +89,16 @@ async def tenantry_round(
         registry = Registry()
         registry.add("noop", _noop)
         counter = common.OutcomeCounter()
-        metrics = Metrics()
-        gauges = DatabaseGauges(pool, ["default"])
-        metrics.watch(gauges.collect)
-
-        async def scrape_every_second() -> None:
-            while True:
-                metrics.render()
-                await anyio.sleep(1.0)
 
         started = time.monotonic()
         async with (
+            common.metrics_beside(pool, on=observed) as metrics,
             common.running_worker(
-                url,
-                pool,
-                registry,
-                concurrency=concurrency,
-                hook=counter,
-                observer=metrics if observed else None,
+                url, pool, registry, concurrency=concurrency, hook=counter, observer=metrics
             ),
-            anyio.create_task_group() as tg,
         ):
-            if observed:
-                tg.start_soon(gauges.run)
-                tg.start_soon(scrape_every_second)
             done = await counter.wait_flushed(jobs, within=max(60.0, jobs / 500))
             elapsed = time.monotonic() - started
-            tg.cancel_scope.cancel()
         async with pool.acquire() as conn:
             left = await conn.fetchval("SELECT count(*) FROM tenantry.jobs")
             succeeded = await conn.fetchval("SELECT sum(succeeded) FROM tenantry.job_counters")

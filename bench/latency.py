@@ -61,7 +61,6 @@ from tenantry import db
 from tenantry.app import JOBS_CHANNEL
 from tenantry.jobs.model import Job
 from tenantry.jobs.registry import Registry
-from tenantry.metrics import DatabaseGauges, Metrics
 
 from . import common
 from .common import Result, fmt_ms, progress
@@ -241,16 +240,8 @@ async def tenantry_probe(
             async def send(_seq: int) -> int:
                 return int(await producer.fetchval(ENQUEUE, tenant_id))
 
-            metrics = Metrics()
-            gauges = DatabaseGauges(pool, ["default"])
-            metrics.watch(gauges.collect)
-
-            async def scrape_every_second() -> None:
-                while True:
-                    metrics.render()
-                    await anyio.sleep(1.0)
-
             async with (
+                common.metrics_beside(pool, on=observed) as metrics,
                 common.running_worker(
                     url,
                     pool,
@@ -258,13 +249,9 @@ async def tenantry_probe(
                     concurrency=args.concurrency,
                     poll_interval=POLL_INTERVAL,
                     hook=hook,
-                    observer=metrics if observed else None,
+                    observer=metrics,
                 ),
-                anyio.create_task_group() as beside,
             ):
-                if observed:
-                    beside.start_soon(gauges.run)
-                    beside.start_soon(scrape_every_second)
                 result = await drive(
                     send,
                     rec,
@@ -273,7 +260,6 @@ async def tenantry_probe(
                     interval=args.interval_ms / 1000.0,
                     settle=args.settle,
                 )
-                beside.cancel_scope.cancel()
         finally:
             await observer.close()
             await producer.close()
