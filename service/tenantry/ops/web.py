@@ -27,7 +27,7 @@ import orjson
 from aiohttp import web
 from markupsafe import Markup
 
-from ..db import Conn
+from ..db import UNAVAILABLE, Conn
 from ..errors import Conflict, Invalid, NotFound
 from ..jobs import queue as jobs
 from ..jobs.registry import Registration
@@ -69,11 +69,12 @@ DELIVERY_STATES = delivery_states.STATES
 
 @dataclass
 class Dashboard:
-    """What the pages read: the worker's login (the cross-tenant functions) and the
-    service's (a tenant's own rows, under row-level security), the metrics' latest
-    database reading, the periodic handlers, and the feed of changes."""
+    """What the pages read: the worker's login (the cross-tenant functions, through
+    connections of their own) and the service's (a tenant's own rows, under row-level
+    security), the metrics' latest database reading, the periodic handlers, and the
+    feed of changes."""
 
-    worker_pool: asyncpg.Pool
+    ops_pool: asyncpg.Pool  # the worker's login, a pool of its own (db.create_ops_pool)
     tenant_pool: asyncpg.Pool
     feed: Feed
     periodic: Sequence[Registration] = ()
@@ -114,7 +115,7 @@ class Dashboard:
         held = self._charts.get(key)
         if held is not None and time.monotonic() - held[0] < 15:
             return held[1]
-        async with self.worker_pool.acquire() as conn:
+        async with self.ops_pool.acquire() as conn:
             found = await jobs.throughput(conn, since_s, bucket_s)
         self._charts[key] = (time.monotonic(), found)
         return found
@@ -248,7 +249,7 @@ async def _signed_in(request: web.Request) -> ops.Operator | None:
     cookie = request.cookies.get(COOKIE)
     if not cookie:
         return None
-    async with request.app[DASHBOARD].worker_pool.acquire() as conn:
+    async with request.app[DASHBOARD].ops_pool.acquire() as conn:
         found = await ops.session(conn, cookie)
     return found[0] if found is not None else None
 
@@ -341,7 +342,7 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     target = _next_path(str(form.get("next", "/ops")))
     if not _same_origin(request):
         return _refused(request, 403, "This form came from elsewhere.")
-    async with request.app[DASHBOARD].worker_pool.acquire() as conn:
+    async with request.app[DASHBOARD].ops_pool.acquire() as conn:
         made = await ops.sign_in(conn, key=key or None, link_token=link or None)
     if made is None:
         return render(request, "sign_in.html", status=401, link="", next=target, failed=True)
@@ -367,7 +368,7 @@ async def sign_out(request: web.Request) -> web.StreamResponse:
         if not hmac.compare_digest(str(form.get("csrf", "")).encode(), operator.csrf.encode()):
             request[OPERATOR] = operator
             return _refused(request, 403, "This form is stale or came from elsewhere: reload")
-        async with request.app[DASHBOARD].worker_pool.acquire() as conn:
+        async with request.app[DASHBOARD].ops_pool.acquire() as conn:
             await ops.sign_out(conn, request.cookies.get(COOKIE, ""))
     response = web.HTTPSeeOther("/ops/sign-in", headers=HEADERS)
     response.del_cookie(COOKIE, path="/ops")
@@ -384,7 +385,7 @@ def _dash(request: web.Request) -> Dashboard:
 @page
 async def overview(request: web.Request) -> web.StreamResponse:
     dash = _dash(request)
-    async with dash.worker_pool.acquire() as conn:
+    async with dash.ops_pool.acquire() as conn:
         controls = {c.queue: c for c in await jobs.queue_controls(conn)}
     hour = await dash.charts(3600, 60)
     day = await dash.charts(86400, 1800)
@@ -400,7 +401,7 @@ async def overview(request: web.Request) -> web.StreamResponse:
         }
         for q in names
     ]
-    async with dash.worker_pool.acquire() as conn:
+    async with dash.ops_pool.acquire() as conn:
         hooks = await webhook_ops.stats(conn)
     return render(request, "overview.html", queues=queues, webhooks=hooks)
 
@@ -438,7 +439,7 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
         return render(
             request, "jobs.html", status=422, error=f"{exc.field}: {exc.message}", found=None
         )
-    async with _dash(request).worker_pool.acquire() as conn:
+    async with _dash(request).ops_pool.acquire() as conn:
         found = await jobs.jobs_search(conn, search, after, PAGE_SIZE)
     next_after = f"{found.next_key[0]}:{found.next_key[1]}" if found.next_key else None
     return render(request, "jobs.html", error=None, found=found, next_after=next_after)
@@ -454,7 +455,7 @@ def _job_path_args(request: web.Request) -> tuple[uuid.UUID, int]:
 @page
 async def job_page(request: web.Request) -> web.StreamResponse:
     tenant_id, job_id = _job_path_args(request)
-    async with _dash(request).worker_pool.acquire() as conn:
+    async with _dash(request).ops_pool.acquire() as conn:
         try:
             job = await jobs.job_show(conn, job_id, tenant_id)
             dead = False
@@ -500,7 +501,7 @@ async def dead_page(request: web.Request) -> web.StreamResponse:
             rows=[],
             next_before=None,
         )
-    async with _dash(request).worker_pool.acquire() as conn:
+    async with _dash(request).ops_pool.acquire() as conn:
         rows = await jobs.dead_page(conn, matching, before, PAGE_SIZE)
     next_before = (
         f"{rows[-1]['died_at'].isoformat()}~{rows[-1]['id']}" if len(rows) == PAGE_SIZE else None
@@ -514,7 +515,7 @@ async def dead_preview(request: web.Request) -> web.StreamResponse:
     q = request.query
     what = forms.required_choice(q, "action", ("retry", "discard"))
     matching = _dead_filter(q)
-    async with _dash(request).worker_pool.acquire() as conn:
+    async with _dash(request).ops_pool.acquire() as conn:
         count = await jobs.dead_count(conn, matching)
     return render(
         request,
@@ -564,7 +565,7 @@ async def dead_bulk(request: web.Request) -> web.StreamResponse:
         return await jobs.dead_discard_matching(conn, matching)
 
     n = await audit.act(
-        _dash(request).worker_pool,
+        _dash(request).ops_pool,
         operator.name,
         f"dead_jobs_{what}",
         _filter_detail(matching),
@@ -590,7 +591,7 @@ async def dead_one(request: web.Request) -> web.StreamResponse:
         return 1
 
     await audit.act(
-        _dash(request).worker_pool,
+        _dash(request).ops_pool,
         request[OPERATOR].name,
         f"dead_job_{what}",
         {"tenant": str(tenant_id), "job": job_id},
@@ -628,14 +629,14 @@ async def queue_control(request: web.Request) -> web.StreamResponse:
         await jobs.set_queue_control(conn, name, operator.name, **settings)
         return 1
 
-    await audit.act(_dash(request).worker_pool, operator.name, action_name, detail, change)
+    await audit.act(_dash(request).ops_pool, operator.name, action_name, detail, change)
     raise web.HTTPSeeOther("/ops", headers=HEADERS)
 
 
 @page
 async def webhooks_page(request: web.Request) -> web.StreamResponse:
     match = _delivery_match(request.query)
-    async with _dash(request).worker_pool.acquire() as conn:
+    async with _dash(request).ops_pool.acquire() as conn:
         endpoints = await webhook_ops.endpoints(conn, match.tenant_id, PAGE_SIZE)
         deliveries = await webhook_ops.deliveries(conn, match, PAGE_SIZE)
         stats = await webhook_ops.stats(conn)
@@ -655,7 +656,7 @@ async def delivery_page(request: web.Request) -> web.StreamResponse:
         ident = uuid.UUID(request.match_info["id"])
     except ValueError as exc:
         raise web.HTTPNotFound() from exc
-    async with _dash(request).worker_pool.acquire() as conn:
+    async with _dash(request).ops_pool.acquire() as conn:
         try:
             found = await webhook_ops.delivery(conn, ident)
         except NotFound as exc:
@@ -681,7 +682,7 @@ async def deliveries_preview(request: web.Request) -> web.StreamResponse:
     q = request.query
     what = forms.required_choice(q, "action", ("replay", "discard"))
     match = _delivery_match(q, replay=what == "replay")
-    async with _dash(request).worker_pool.acquire() as conn:
+    async with _dash(request).ops_pool.acquire() as conn:
         count = await webhook_ops.act(conn, what, match=match, only_count=True)
     return render(
         request,
@@ -726,7 +727,7 @@ async def deliveries_act(request: web.Request) -> web.StreamResponse:
         }
     )
     n = await audit.act(
-        _dash(request).worker_pool,
+        _dash(request).ops_pool,
         request[OPERATOR].name,
         f"deliveries_{what}",
         detail,
@@ -739,7 +740,7 @@ async def deliveries_act(request: web.Request) -> web.StreamResponse:
 
 @page
 async def tenants_page(request: web.Request) -> web.StreamResponse:
-    async with _dash(request).worker_pool.acquire() as conn:
+    async with _dash(request).ops_pool.acquire() as conn:
         rows = await tenants.list_tenants(conn, 200)
     return render(request, "tenants.html", tenants=rows)
 
@@ -768,7 +769,7 @@ async def tenant_page(request: web.Request) -> web.StreamResponse:
 @page
 async def periodic_page(request: web.Request) -> web.StreamResponse:
     dash = _dash(request)
-    async with dash.worker_pool.acquire() as conn:
+    async with dash.ops_pool.acquire() as conn:
         runs = await jobs.periodic_runs(conn)
     now = datetime.now(UTC)
     rows = []
@@ -792,7 +793,7 @@ async def periodic_page(request: web.Request) -> web.StreamResponse:
 @page
 async def audit_page(request: web.Request) -> web.StreamResponse:
     before = forms.whole_of(request.query, "before")
-    async with _dash(request).worker_pool.acquire() as conn:
+    async with _dash(request).ops_pool.acquire() as conn:
         rows = await audit.page(conn, before, PAGE_SIZE)
     next_before = rows[-1]["id"] if len(rows) == PAGE_SIZE else None
     return render(request, "audit.html", rows=rows, next_before=next_before)
@@ -825,7 +826,11 @@ async def events(request: web.Request) -> web.StreamResponse:
                 changed = await feed.wait_past(seen, within=dash.session_check_every)
                 if time.monotonic() - checked >= dash.session_check_every:
                     checked = time.monotonic()
-                    if await _signed_in(request) is None:
+                    try:
+                        gone = await _signed_in(request) is None
+                    except UNAVAILABLE:
+                        gone = False  # the database is away: ask again next time
+                    if gone:
                         break  # signed out, expired, or the operator disabled
                 if changed:
                     seen = feed.generation
