@@ -153,15 +153,17 @@ async def test_a_concurrency_set_in_the_database_overrides_the_process(
             running -= 1
 
     await jobs.set_queue_control(worker_pool, "default", "test", concurrency=1)
+    # The jobs wait before the process starts: its first claim already follows the
+    # operator's concurrency (the loop reads the controls before it claims).
+    for _ in range(4):
+        await jobs.enqueue(pool, tenant_id=TENANT_A, kind="k")
     async with running_worker(pool, worker_pool, reg, queues={"default": 5}) as (worker, rec):
         loop = worker.loops["default"]
-        await rec.wait_for(lambda: loop.concurrency == 1)
-        for _ in range(4):
-            await jobs.enqueue(pool, tenant_id=TENANT_A, kind="k")
         await rec.wait_for(lambda: running == 1)
+        assert loop.concurrency == 1
         seen = len(rec.named("controls_read"))
         await rec.wait_for(lambda: len(rec.named("controls_read")) >= seen + 2)
-        assert running == 1
+        assert running == 1 and most == 1
         # Back to the process's own: five at once.
         await jobs.set_queue_control(worker_pool, "default", "test", clear_concurrency=True)
         await rec.wait_for(lambda: running == 4)
