@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from yarl import URL
 
 from tenantry.app import Service
 from tenantry.jobs import queue as jobs
+from tenantry.jobs.registry import Registry
 from tenantry.ops import operators as ops
 from tenantry.ops.web import DASHBOARD
 from tests.helpers import TENANT_A, TENANT_B, sse_frames
@@ -536,3 +538,32 @@ async def test_a_live_stream_ends_with_its_session_and_streams_are_capped(
             async for _ in sse_frames(r):
                 pass  # ends when the server closes it
     assert dash.streams == 0
+
+
+async def test_the_periodic_page_shows_each_schedule_its_last_period_and_the_next(
+    browser: Browser, worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, svc: Service
+) -> None:
+    reg = Registry()
+
+    async def nightly(_job: Any) -> None:
+        return None
+
+    reg.add("reports.nightly", nightly, cron="0 3 * * *")
+    reg.add("cache.sweep", nightly, every=timedelta(minutes=5))
+    svc.http._app[DASHBOARD].periodic = reg.periodic()
+    await admin_pool.execute(
+        "INSERT INTO tenantry.periodic_runs (name, last_period) VALUES ($1, $2)",
+        "reports.nightly",
+        datetime(2026, 12, 6, 3, 0, tzinfo=UTC),
+    )
+    await sign_in(browser, worker_pool, "reader6", "read")
+    status, text, _ = await browser.get("/ops/periodic")
+    assert status == 200
+    assert "reports.nightly" in text and "0 3 * * *" in text and "2026-12-06 03:00:00" in text
+    assert "cache.sweep" in text and "every 0:05:00" in text
+    # The next run of the nightly job: 03:00 UTC of today or tomorrow.
+    now = datetime.now(UTC)
+    upcoming = now.replace(hour=3, minute=0, second=0, microsecond=0)
+    if upcoming <= now:
+        upcoming += timedelta(days=1)
+    assert upcoming.strftime("%Y-%m-%d %H:%M:%S") in text
