@@ -667,7 +667,9 @@ async def test_tenant_code_cannot_call_the_cross_tenant_functions(
             ), f["sig"]
         async with tenant_tx_on(conn, A):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await conn.fetch("SELECT * FROM tenantry.dead_jobs_list(10, NULL, NULL, NULL)")
+                await conn.fetch(
+                    "SELECT * FROM tenantry.dead_jobs_page(NULL, NULL, NULL, NULL, NULL, 10)"
+                )
         # Nor can it forge a dead job (only the worker's bury writes them).
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             async with tenant_tx_on(conn, A):

@@ -785,8 +785,10 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, s
 END;
 $$;
 
--- A page of dead jobs matching the filter (as dead_jobs_list), newest first, before
--- the keyset cursor (before_died_at, before_id): a range of dead_jobs_newest_idx.
+-- A page of the dead-letter table across tenants (`tenantry dead list`, the
+-- dashboard), filtered by kind, tenant and reason (NULL: any), newest first, before the
+-- keyset cursor (before_died_at, before_id; NULL: the first page): a range of
+-- dead_jobs_newest_idx.
 CREATE OR REPLACE FUNCTION tenantry.dead_jobs_page(
     of_kind text, of_tenant uuid, of_reason text, before_died_at timestamptz,
     before_id bigint, max_rows integer)
@@ -1183,25 +1185,10 @@ RETURN (of_kind IS NULL OR kind OPERATOR(pg_catalog.=) of_kind)
    AND (of_tenant IS NULL OR tenant_id OPERATOR(pg_catalog.=) of_tenant)
    AND (of_reason IS NULL OR reason OPERATOR(pg_catalog.=) of_reason);
 
--- The dead-letter table across tenants (`tenantry dead ...`), filtered by kind, tenant
--- and reason (NULL: any).  Until version 3 the list took no filters.
+-- The dead-letter table across tenants was listed by dead_jobs_list (without a cursor)
+-- until version 7: `tenantry dead list` now reads the first page of dead_jobs_page.
 DROP FUNCTION IF EXISTS tenantry.dead_jobs_list(integer);
-CREATE OR REPLACE FUNCTION tenantry.dead_jobs_list(max_rows integer, of_kind text,
-                                                   of_tenant uuid, of_reason text)
-RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, attempts integer,
-               reason text, last_error text, died_at timestamptz)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$
-#variable_conflict use_column
-BEGIN
-RETURN QUERY
-SELECT d.tenant_id, d.id, d.queue, d.kind, d.attempts, d.reason, d.last_error, d.died_at
-  FROM tenantry.dead_jobs d
- WHERE tenantry.dead_job_matches(d.kind, d.tenant_id, d.reason, $2::text, $3::uuid, $4::text)
- ORDER BY d.died_at DESC, d.id DESC
- LIMIT $1::integer;
-END;
-$$;
+DROP FUNCTION IF EXISTS tenantry.dead_jobs_list(integer, text, uuid, text);
 
 -- How many dead jobs a filter matches: what a bulk retry or discard would touch.
 CREATE OR REPLACE FUNCTION tenantry.dead_jobs_count(of_kind text, of_tenant uuid,
@@ -1369,7 +1356,7 @@ BEGIN
                                   'record_job_outcomes',
                                   'extend_job_leases', 'rescue_expired_jobs',
                                   'prune_job_counters', 'queue_stats', 'jobs_list',
-                                  'job_show', 'dead_jobs_list', 'dead_jobs_count', 'dead_jobs_retry', 'dead_jobs_discard',
+                                  'job_show', 'dead_jobs_count', 'dead_jobs_retry', 'dead_jobs_discard',
                                   'dead_job_locate', 'dead_job_show', 'dead_job_retry',
                                   'dead_job_discard')
     LOOP
@@ -1377,7 +1364,7 @@ BEGIN
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f.sig);
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f.sig,
                        CASE WHEN f.name IN ('queue_stats', 'jobs_list', 'job_show',
-                                            'dead_jobs_list', 'dead_jobs_count',
+                                            'dead_jobs_count',
                                             'dead_jobs_retry', 'dead_jobs_discard',
                                             'dead_job_locate', 'dead_job_show',
                                             'dead_job_retry', 'dead_job_discard',

@@ -92,9 +92,6 @@ SELECT * FROM tenantry.jobs_list($1::integer, $2::text, $3::text, $4::uuid, $5::
 -- name: job_show
 SELECT * FROM tenantry.job_show($1::bigint, $2::uuid)
 
--- name: dead_list
-SELECT * FROM tenantry.dead_jobs_list($1::integer, $2::text, $3::uuid, $4::text)
-
 -- name: dead_count
 SELECT tenantry.dead_jobs_count($1::text, $2::uuid, $3::text)
 

@@ -167,7 +167,7 @@ async def dead_list(
     conn: Executor, limit: int = 50, matching: DeadFilter = DeadFilter()
 ) -> list[dict[str, Any]]:
     """The dead jobs `matching` selects, newest first."""
-    return [dict(r) for r in await conn.fetch(Q["dead_list"], limit, *matching.args())]
+    return await dead_page(conn, matching, None, limit)
 
 
 async def dead_count(conn: Executor, matching: DeadFilter) -> int:
