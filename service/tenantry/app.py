@@ -97,7 +97,11 @@ class Service:
     def components(self) -> list[Any]:
         """In start order (the reverse is the stop order).  A process that claims no
         jobs neither fans out nor delivers webhooks: other processes do."""
-        ordered: list[Any] = [self.listener, self.hub, self.worker]
+        # The hub feeds the event streams of the public HTTP interface only.
+        ordered: list[Any] = [self.listener]
+        if self.settings.run_http:
+            ordered.append(self.hub)
+        ordered.append(self.worker)
         if self.settings.run_worker:
             ordered += [self.fanout, self.deliverer]
         ordered += [self.maintenance, self.gauges]
@@ -313,6 +317,7 @@ def build(
             metrics=metrics,
             dashboard=dashboard,
             serve_metrics=settings.metrics_port is None,
+            public=settings.run_http,
             webhooks=WebhooksApi(
                 pool,
                 Endpoints(

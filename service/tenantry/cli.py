@@ -258,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="claim no jobs: serve HTTP only (TENANTRY_WORKER=false)",
     )
     run.add_argument(
+        "--no-http",
+        action="store_true",
+        help="serve no public HTTP, only /healthz, /readyz and /metrics: a worker-only"
+        " process (TENANTRY_HTTP=false)",
+    )
+    run.add_argument(
         "--app-dir",
         type=_folder,
         default=".",
@@ -466,6 +472,8 @@ def _main(argv: Sequence[str] | None) -> int:
             overrides["port"] = args.port
         if args.no_worker:
             overrides["run_worker"] = False
+        if args.no_http:
+            overrides["run_http"] = False
         settings = settings.with_overrides(**overrides)
         if settings.database_url is None:
             settings = config.embedded_defaults(settings)

@@ -53,6 +53,9 @@ class Settings:
     queues: Mapping[str, int] = field(default_factory=lambda: {"default": 10})
     # False: claim no jobs (an HTTP-only process; other processes work the queues).
     run_worker: bool = True
+    # False: serve no public HTTP (the API, the sign-up page, /ops): a worker-only
+    # process, with /healthz, /readyz and /metrics on its port for probes and scrapes.
+    run_http: bool = True
     # running jobs one tenant may hold per queue in this process's claims (None: no cap)
     tenant_concurrency: int | None = None
     # rows claimed ahead of free slots, as a fraction of a queue's concurrency
@@ -346,6 +349,11 @@ def local_base_url(host: str, port: int) -> str:
 
 def check_for_run(settings: Settings) -> None:
     """What no single variable shows wrong, for `tenantry run`."""
+    if not settings.run_worker and not settings.run_http:
+        raise ConfigError(
+            "TENANTRY_WORKER=false and TENANTRY_HTTP=false (--no-worker, --no-http): a"
+            " process that claims no jobs and serves no requests has nothing to do"
+        )
     if settings.metrics_port is not None and settings.metrics_port == settings.port != 0:
         raise ConfigError(
             f"TENANTRY_METRICS_PORT={settings.metrics_port} is the service's own port"
@@ -376,6 +384,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         log_level=_parse(e, "TENANTRY_LOG_LEVEL", _log_level, d.log_level),
         queues=_parse(e, "TENANTRY_QUEUES", parse_queues, dict(d.queues)),
         run_worker=_parse(e, "TENANTRY_WORKER", _bool, d.run_worker),
+        run_http=_parse(e, "TENANTRY_HTTP", _bool, d.run_http),
         tenant_concurrency=_parse(e, "TENANTRY_TENANT_CONCURRENCY", _positive_int, None),
         prefetch=_parse(e, "TENANTRY_PREFETCH", _fraction, d.prefetch),
         poll_interval=_parse(e, "TENANTRY_POLL_INTERVAL", _positive_float, d.poll_interval),

@@ -501,3 +501,8 @@ async def test_operators_from_the_command_line(database_url: str, admin_pool: as
     assert code == 0
     code, _, err = await run_cli("operators", "remove", "ann", database_url=database_url)
     assert code == 1 and "no operator named ann" in err
+
+
+async def test_a_process_with_nothing_to_do_is_refused(database_url: str) -> None:
+    code, _, err = await run_cli("run", "--no-worker", "--no-http", database_url=database_url)
+    assert code == 2 and "has nothing to do" in err

@@ -329,3 +329,39 @@ async def test_readyz_answers_503_as_soon_as_a_stop_begins(
         assert await svc.wait_exit() == 0
     finally:
         await svc.kill()
+
+
+async def test_a_worker_only_process_runs_jobs_and_answers_only_probes_and_metrics(
+    database_url: str, pool: asyncpg.Pool, admin_pool: asyncpg.Pool
+) -> None:
+    """`tenantry run --no-http`: the jobs run; the port answers /healthz, /readyz and
+    /metrics (what Kubernetes and Prometheus ask a worker pod), and nothing public."""
+    svc = await ServiceProcess.start(
+        database_url, "--no-http", TENANTRY_HANDLERS="tests.acceptance.handlers:registry"
+    )
+    try:
+        port = await svc.started()
+        await svc.wait_log("listener_connected")
+        job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="sleep", payload={})
+
+        async def ran() -> bool:
+            left = await admin_pool.fetchval(
+                "SELECT count(*) FROM tenantry.jobs WHERE id = $1", job_id
+            )
+            return left == 0
+
+        await eventually(ran)
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            for path in ("/healthz", "/readyz", "/metrics"):
+                async with http.get(base + path) as r:
+                    assert r.status == 200, path
+            for path in ("/", "/ops", "/openapi.json", "/v1/tenant"):
+                async with http.get(base + path) as r:
+                    assert r.status == 404, path
+            async with http.post(f"{base}/v1/onboardings", json={}) as r:
+                assert r.status in (404, 405)
+        svc.signal(signal.SIGTERM)
+        assert await svc.wait_exit() == 0
+    finally:
+        await svc.kill()

@@ -192,7 +192,10 @@ def build_app(
     metrics: Metrics | None = None,
     dashboard: Dashboard | None = None,
     serve_metrics: bool = True,
+    public: bool = True,
 ) -> web.Application:
+    """The service's routes.  `public` False: the probes and /metrics only (a
+    worker-only process, TENANTRY_HTTP=false)."""
     app = web.Application(
         client_max_size=onboarding_api.MAX_BODY * 4,
         middlewares=[request_log, errors_as_problems],
@@ -201,11 +204,14 @@ def build_app(
     app.on_response_prepare.append(return_request_id)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    _add_contract_routes(app)
     if metrics is not None:
         app[OBSERVER] = metrics.http_request
         if serve_metrics:
             app.router.add_get("/metrics", _metrics_route(metrics))
+    if not public:
+        return app
+    # The contract documents the public interface: served where that interface is.
+    _add_contract_routes(app)
     if dashboard is not None:
         ops_web.add_routes(app, dashboard)
     if pool is not None:
