@@ -345,7 +345,7 @@ async def test_a_worker_only_process_runs_jobs_and_answers_only_probes_and_metri
         job_id = await jobs.enqueue(pool, tenant_id=TENANT_A, kind="sleep", payload={})
 
         async def ran() -> bool:
-            left = await admin_pool.fetchval(
+            left: int = await admin_pool.fetchval(
                 "SELECT count(*) FROM tenantry.jobs WHERE id = $1", job_id
             )
             return left == 0
