@@ -20,6 +20,8 @@ import argparse
 import functools
 import statistics
 import time
+import uuid
+from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import Any
 
@@ -295,9 +297,6 @@ async def _observed_pairs(
 def _observer_cost_us(n: int = 200_000) -> float:
     """Microseconds the metrics spend per job (its outcome, run time and a first
     attempt's wait), over 10 kinds in one queue."""
-    import uuid  # noqa: PLC0415 - only this measurement needs it
-    from datetime import UTC, datetime  # noqa: PLC0415
-
     metrics = Metrics()
     now = datetime.now(UTC)
     jobs = [

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import anyio
 import asyncpg
@@ -581,7 +580,7 @@ async def _announce_dashboard(svc: Service) -> None:
         log.get("app").info("ops_link_skipped", reason=str(exc))
         return
     base = local_base_url(svc.settings.host, svc.http.port or svc.settings.port)
-    url = f"{base}/ops/sign-in?{urlencode({'link': token})}"
+    url = operators.sign_in_url(base, token)
     sys.stderr.write(
         f"\nOperations dashboard: {url}\n(a one-time link for operator"
         f" '{EMBEDDED_OPERATOR}', good for 15 minutes; `tenantry operators link"

@@ -8,7 +8,6 @@ import argparse
 import getpass
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote
 
 import asyncpg
 
@@ -77,10 +76,6 @@ def _actor() -> str:
     return f"cli:{user}"
 
 
-def sign_in_url(base_url: str, token: str) -> str:
-    return f"{base_url.rstrip('/')}/ops/sign-in?link={quote(token)}"
-
-
 def _concurrency(raw: str) -> str:
     if raw != "default" and not (raw.isdigit() and 1 <= int(raw) <= 10_000):
         raise argparse.ArgumentTypeError("give a whole number from 1 to 10000, or 'default'")
@@ -147,7 +142,7 @@ async def run_operators(
         return 0
     if cmd == "link":
         token = await ops.link(conn, args.name)
-        out(sign_in_url(args.base_url or base_url, token))
+        out(ops.sign_in_url(args.base_url or base_url, token))
         return 0
     shown: list[str] = []
 

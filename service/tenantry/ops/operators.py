@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import asyncpg
 
@@ -112,6 +113,11 @@ async def link(conn: Executor, name: str, ttl_seconds: int = LINK_TTL_S) -> str:
     if not await conn.fetchval(Q["link_create"], name, digest(token), ttl_seconds):
         raise NotFound(f"no enabled operator named {name}")
     return token
+
+
+def sign_in_url(base_url: str, token: str) -> str:
+    """The page a one-time link opens (`base_url`: where the service is reached)."""
+    return f"{base_url.rstrip('/')}/ops/sign-in?{urlencode({'link': token})}"
 
 
 async def sign_in(
