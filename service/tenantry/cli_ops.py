@@ -12,8 +12,9 @@ from typing import Any
 import asyncpg
 
 from .db import Conn
+from .errors import Invalid
 from .jobs import queue as jobs
-from .ops import audit
+from .ops import audit, forms
 from .ops import operators as ops
 from .timefmt import utc_text
 
@@ -77,8 +78,14 @@ def _actor() -> str:
 
 
 def _concurrency(raw: str) -> str:
-    if raw != "default" and not (raw.isdigit() and 1 <= int(raw) <= 10_000):
-        raise argparse.ArgumentTypeError("give a whole number from 1 to 10000, or 'default'")
+    """'default', or what the dashboard's form takes (ops.forms.whole: ASCII digits)."""
+    if raw != "default":
+        try:
+            forms.whole(raw, "concurrency", 1, 10_000)
+        except Invalid:
+            raise argparse.ArgumentTypeError(
+                "give a whole number from 1 to 10000, or 'default'"
+            ) from None
     return raw
 
 
