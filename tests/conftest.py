@@ -17,12 +17,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from tenantry import db, migrate, roles
+from tenantry import db, migrate, roles, tenancy
 from tenantry import logging as log
 from tenantry.embedded import EmbeddedPostgres
+from tests.helpers import TEST_TENANT_CONTEXT
 from tests.smtp import smtp_server  # noqa: F401 - a fixture, for every test module
 
 log.configure(os.environ.get("TENANTRY_TEST_LOG_LEVEL", "warning"))
+tenancy.use_tenant_context(TEST_TENANT_CONTEXT)
 
 
 def with_database(url: str, name: str) -> str:

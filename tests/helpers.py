@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 import uuid
@@ -143,6 +144,9 @@ def function_statement(function: str) -> str:
 
 
 TEST_TOKEN_SECRET = "test-secret-" + "x" * 40
+# The suite runs in the tenant-context mode the environment names (CI runs the
+# PostgreSQL 15 leg with TENANTRY_TENANT_CONTEXT=set_local).
+TEST_TENANT_CONTEXT = os.environ.get("TENANTRY_TENANT_CONTEXT") or "set_config"
 TEST_SECRET_KEY = "test-key-" + "k" * 40
 
 
@@ -161,6 +165,7 @@ def service_settings(data_dir: Any, **overrides: Any) -> Settings:
         # Webhooks reach receivers on loopback, over plain http.
         "webhook_allow_networks": "127.0.0.0/8,::1/128",
         "webhook_allow_http": True,
+        "tenant_context": TEST_TENANT_CONTEXT,
     }
     base.update(overrides)
     return Settings(**base)

@@ -26,7 +26,7 @@ import anyio
 import asyncpg
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from . import db, migrate, roles
+from . import db, migrate, roles, tenancy
 from . import logging as log
 from .config import Settings, local_base_url
 from .errors import Conflict, NotFound, SchemaMismatch
@@ -483,6 +483,7 @@ async def _start(
     settings: Settings, dsn: str, worker_dsn: str, registry: Registry, pools: list[asyncpg.Pool]
 ) -> Service:
     """The pools, the checks of both logins and of the schema, the components."""
+    tenancy.use_tenant_context(settings.tenant_context)
     pool = await db.create_pool(dsn, min_size=1, max_size=settings.pool_size)
     pools.append(pool)
     async with pool.acquire() as conn:

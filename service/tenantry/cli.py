@@ -19,7 +19,7 @@ import anyio
 import asyncpg
 import orjson
 
-from . import __version__, cli_ops, cli_webhooks, config, db, migrate, roles
+from . import __version__, cli_ops, cli_webhooks, config, db, migrate, roles, tenancy
 from . import logging as log
 from .app import serve, webhook_security
 from .embedded import EmbeddedPostgres
@@ -464,6 +464,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except TenantryError as exc:
         return _fail(f"configuration: {exc}", EXIT_USAGE)
     log.configure(settings.log_level)
+    tenancy.use_tenant_context(settings.tenant_context)
     if args.command == "run":
         overrides: dict[str, object] = {}
         if args.host:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .errors import ConfigError
+from .tenancy import TENANT_CONTEXT_MODES
 from .webhooks.policy import DEFAULT_SCHEDULE, parse_schedule
 
 T = TypeVar("T")
@@ -121,6 +122,9 @@ class Settings:
     metrics_tenant_labels: bool = False
     # Serve /metrics on this port (same host) instead of the service port.
     metrics_port: int | None = None
+    # How a transaction names its tenant: set_config() or SET LOCAL (what Citus
+    # propagates to its worker nodes; tenancy.py).
+    tenant_context: str = "set_config"
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -482,7 +486,14 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
             e, "TENANTRY_METRICS_TENANT_LABELS", _bool, d.metrics_tenant_labels
         ),
         metrics_port=_parse(e, "TENANTRY_METRICS_PORT", _port, d.metrics_port),
+        tenant_context=_parse(e, "TENANTRY_TENANT_CONTEXT", _tenant_context, d.tenant_context),
     )
+
+
+def _tenant_context(raw: str) -> str:
+    if raw not in TENANT_CONTEXT_MODES:
+        raise ValueError(f"must be one of {', '.join(TENANT_CONTEXT_MODES)}")
+    return raw
 
 
 def _allow_networks(env: Mapping[str, str]) -> str | None:

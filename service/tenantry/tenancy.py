@@ -1,12 +1,20 @@
 """Tenant context: a transaction in which `app.tenant_id` names one tenant.
 
-The setting is transaction-local (`set_config(..., true)`), so it dies with the
-transaction and can never leak to the next user of a pooled connection.  BEGIN and
-set_config travel in one simple-protocol message: one round trip instead of two.
+The setting is transaction-local (`set_config(..., true)`, or `SET LOCAL` in the
+`set_local` mode), so it dies with the transaction and can never leak to the next user
+of a pooled connection.  BEGIN and the setting travel in one simple-protocol message:
+one round trip instead of two.
+
+Two ways to name the tenant (TENANTRY_TENANT_CONTEXT), the same to PostgreSQL:
+- `set_config` (the default): `SELECT set_config('app.tenant_id', ..., true)`.
+- `set_local`: `SET LOCAL app.tenant_id = ...`.  Citus propagates SET LOCAL to the
+  worker nodes (with `citus.propagate_set_commands = 'local'`) but not set_config(), so
+  a policy evaluated on a worker node would see no tenant (docs/scaling.md).
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,6 +40,41 @@ def parse_tenant_id(value: object) -> uuid.UUID:
         raise Invalid("tenant_id", f"{value[:40]!r} is not a UUID") from None
 
 
+TENANT_CONTEXT_MODES = ("set_config", "set_local")
+# The process's mode (one per process: it follows the database it runs against).
+_context = {"mode": "set_config"}
+
+
+def use_tenant_context(mode: str) -> None:
+    """How this process names a transaction's tenant (TENANTRY_TENANT_CONTEXT): one of
+    TENANT_CONTEXT_MODES.  A property of the deployment's database, the same for every
+    connection of the process; set once at start."""
+    if mode not in TENANT_CONTEXT_MODES:
+        raise ValueError(f"must be one of {', '.join(TENANT_CONTEXT_MODES)}")
+    _context["mode"] = mode
+
+
+# Settings are inlined into the statement (so that BEGIN shares its message), which is
+# safe only for names we write and values made of these characters: a UUID's or a
+# digest's hex.
+_SAFE_NAME = re.compile(r"app\.[a-z_]+")
+_SAFE_VALUE = re.compile(r"[0-9a-f-]*")
+
+
+def _setting_sql(name: str, value: str) -> str:
+    if not _SAFE_NAME.fullmatch(name) or not _SAFE_VALUE.fullmatch(value):
+        raise ValueError(f"not a setting that can be inlined: {name}")
+    if _context["mode"] == "set_local":
+        return f"SET LOCAL {name} = '{value}'"
+    return f"SELECT set_config('{name}', '{value}', true)"
+
+
+async def set_transaction_setting(conn: Conn, name: str, value: str) -> None:
+    """Set `name` (an `app.` setting) to `value` (hex digits and dashes) for the rest of
+    the open transaction, the way the tenant context is set."""
+    await conn.execute(_setting_sql(name, value))
+
+
 # The tenant of each connection inside `tenant_tx_on`, so that an operation joining
 # that transaction (`tenant_scope`) can check its tenant without a round trip.
 _OPEN: dict[int, uuid.UUID] = {}
@@ -44,8 +87,8 @@ async def tenant_tx_on(conn: Conn, tenant_id: object) -> AsyncIterator[Conn]:
     raises."""
     tid = parse_tenant_id(tenant_id)
     # str(UUID) is canonical hex and dashes: safe to inline, and inlining is what lets
-    # BEGIN and set_config share one message.
-    await conn.execute(f"BEGIN; SELECT set_config('app.tenant_id', '{tid}', true)")
+    # BEGIN and the setting share one message.
+    await conn.execute(f"BEGIN; {_setting_sql('app.tenant_id', str(tid))}")
     _OPEN[id(conn)] = tid
     try:
         yield conn

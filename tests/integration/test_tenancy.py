@@ -8,7 +8,7 @@ import contextlib
 import hashlib
 import io
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,15 +18,15 @@ import anyio.lowlevel
 import asyncpg
 import pytest
 
-from tenantry import db, migrate, roles
+from tenantry import db, migrate, roles, tenancy
 from tenantry.errors import InsecureRole, TenantContextError
 from tenantry.jobs import queue as jobs
 from tenantry.jobs.model import Job
 from tenantry.jobs.registry import Registry
 from tenantry.sql import load
-from tenantry.tenancy import tenant_tx, tenant_tx_on
+from tenantry.tenancy import set_transaction_setting, tenant_tx, tenant_tx_on
 from tests.conftest import with_database
-from tests.helpers import running_worker
+from tests.helpers import TEST_TENANT_CONTEXT, running_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 A = uuid.UUID("aaaaaaaa-1111-4111-8111-000000000001")
@@ -297,6 +297,56 @@ async def test_select_sees_only_the_own_tenant(
         )
     assert {r["t"] for r in seen} == {A}
     assert aimed == 0
+
+
+@pytest.fixture
+def context_mode() -> Iterator[Callable[[str], None]]:
+    """Switch the process's tenant-context mode for one test, then back."""
+    yield tenancy.use_tenant_context
+    tenancy.use_tenant_context(TEST_TENANT_CONTEXT)
+
+
+@pytest.mark.parametrize(
+    ("mode", "statement"),
+    [
+        ("set_config", "SELECT set_config('app.tenant_id', "),
+        ("set_local", "SET LOCAL app.tenant_id = "),
+    ],
+)
+async def test_each_tenant_context_mode_scopes_a_transaction_and_dies_with_it(
+    seeded: asyncpg.Pool,
+    pool: asyncpg.Pool,
+    context_mode: Callable[[str], None],
+    mode: str,
+    statement: str,
+) -> None:
+    context_mode(mode)
+    sent: list[str] = []
+    async with pool.acquire() as conn:
+        conn.add_query_logger(lambda record: sent.append(record.query))
+        async with tenant_tx_on(conn, A) as tx:
+            seen = await tx.fetch("SELECT tenant_id FROM tenantry.jobs")
+            await set_transaction_setting(tx, "app.idempotency_key", "ab" * 32)
+            presented = await tx.fetchval("SELECT current_setting('app.idempotency_key')")
+        after = await conn.fetchval("SELECT current_setting('app.tenant_id', true)")
+    assert {r["tenant_id"] for r in seen} == {A}
+    assert presented == "ab" * 32
+    assert after in (None, "")  # transaction-local in both modes
+    assert sent[0] == f"BEGIN; {statement}" + (
+        f"'{A}', true)" if mode == "set_config" else f"'{A}'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("app.tenant_id", "x'; RESET ROLE; --"), ("app.tenant_id', '1", "ab"), ("search_path", "ab")],
+)
+async def test_only_known_settings_and_hex_values_are_inlined(
+    pool: asyncpg.Pool, name: str, value: str
+) -> None:
+    async with pool.acquire() as conn:
+        with pytest.raises(ValueError, match="not a setting that can be inlined"):
+            await set_transaction_setting(conn, name, value)
 
 
 @pytest.mark.parametrize("context", [None, ""], ids=["unset", "empty"])

@@ -50,6 +50,8 @@ def test_config_defaults_and_parsing() -> None:
     assert s.queues == {"default": 4, "mail": 2} and s.port == 9000 and s.prefetch == 0
     assert s.handlers == ("a.b:reg", "c:d")
     assert not s.metrics_tenant_labels and s.metrics_port is None
+    assert config.from_env({}).tenant_context == "set_config"
+    assert config.from_env({"TENANTRY_TENANT_CONTEXT": "set_local"}).tenant_context == "set_local"
     s = config.from_env({"TENANTRY_METRICS_TENANT_LABELS": "true", "TENANTRY_METRICS_PORT": "9100"})
     assert s.metrics_tenant_labels and s.metrics_port == 9100
     with pytest.raises(ConfigError, match="TENANTRY_METRICS_PORT=9000 is the service's own port"):
@@ -75,6 +77,7 @@ def test_config_defaults_and_parsing() -> None:
         ("TENANTRY_PREFETCH", "lots"),
         ("TENANTRY_METRICS_PORT", "-1"),
         ("TENANTRY_METRICS_TENANT_LABELS", "some"),
+        ("TENANTRY_TENANT_CONTEXT", "SET LOCAL"),
     ],
 )
 def test_bad_config_names_the_variable(name: str, value: str) -> None:

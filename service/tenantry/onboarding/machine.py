@@ -22,7 +22,7 @@ from ..db import Conn, Executor
 from ..errors import Conflict, NotFound
 from ..outbox import store as outbox
 from ..sql import queries_for
-from ..tenancy import tenant_scope, tenant_tx
+from ..tenancy import set_transaction_setting, tenant_scope, tenant_tx
 from ..timefmt import utc_text
 from .model import (
     AGGREGATE,
@@ -80,7 +80,7 @@ async def accept(
         async with tenant_tx(pool, tenant_id) as tx:
             if idempotency_key is not None:
                 khash = key_hash(idempotency_key)
-                await tx.execute(Q["present_key"], khash.hex())
+                await set_transaction_setting(tx, "app.idempotency_key", khash.hex())
                 won = await tx.fetchval(Q["claim_key"], khash, digest, tenant_id, onboarding_id)
                 if won is None:
                     raise _Replay(await _earlier(tx, khash, digest))

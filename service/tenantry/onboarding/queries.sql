@@ -18,10 +18,6 @@ SELECT o.created_at,
                         'onboarding:' || o.id::text) AS job_id
   FROM o
 
--- The idempotency key's row is visible to the transaction that presents the key.
--- name: present_key
-SELECT set_config('app.idempotency_key', $1::text, true)
-
 -- name: claim_key
 INSERT INTO tenantry.idempotency_keys (key_hash, request_hash, tenant_id, onboarding_id)
 VALUES ($1::bytea, $2::bytea, $3::uuid, $4::uuid)
