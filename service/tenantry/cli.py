@@ -576,12 +576,20 @@ async def _migrate(urls: Urls, check: bool, quiet: bool = False) -> int:
 
 
 async def _ensure_metrics_login(admin: db.Conn, url: str, admin_user: str) -> None:
-    """The autoscaler's login: created if missing (never the admin's own), then checked
-    as itself, as the service checks its logins at startup: one that could reach more
-    than tenantry.worker_demand (a superuser, the service's login) is refused."""
+    """The autoscaler's login: created if missing (never the admin's own) and checked
+    as itself, as the service checks its logins at startup, so that one that could
+    reach more than tenantry.worker_demand (a superuser, the service's login) is
+    refused.  An existing login is checked before it is granted anything: a refusal
+    changes nothing."""
     login = roles.login_of(url)
+    if login.user == admin_user or await roles.login_exists(admin, login.user):
+        await _check_metrics_login(url)
     if login.user != admin_user:
         await roles.ensure_login(admin, login, roles.METRICS_ROLES)
+    await _check_metrics_login(url)
+
+
+async def _check_metrics_login(url: str) -> None:
     conn = await db.connect(url)
     try:
         await roles.check_login(conn, "TENANTRY_METRICS_URL", roles.METRICS_ROLES)

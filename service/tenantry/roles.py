@@ -103,6 +103,10 @@ def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int 
     return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
 
 
+async def login_exists(admin: Conn, user: str) -> bool:
+    return bool(await admin.fetchval(Q["role_exists"], user))
+
+
 async def ensure_login(admin: Conn, login: Login, grants: Sequence[str]) -> bool:
     """Create a login role if missing (NOSUPERUSER, NOBYPASSRLS, NOCREATEROLE) and
     grant it `grants`.  An existing role is left as it is, apart from the grants: the

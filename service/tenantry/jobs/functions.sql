@@ -1472,7 +1472,7 @@ DECLARE
     q text;
     total bigint := 0;
 BEGIN
-    IF cardinality(queues) IS NULL OR cardinality(queues) > 100
+    IF coalesce(cardinality(queues), 0) NOT BETWEEN 1 AND 100
        OR array_position(queues, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'worker_demand takes 1 to 100 queue names, none NULL'
             USING ERRCODE = 'invalid_parameter_value';
