@@ -17,12 +17,9 @@ BEGIN
             NULL;  -- created concurrently by a migration of another database
         END;
     END IF;
-    -- As in 0002: a migrating role that is not a superuser must hold the role to grant
-    -- it to the metrics login.
-    IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)
-       AND NOT pg_catalog.pg_has_role(current_user, 'tenantry_metrics', 'USAGE') THEN
-        EXECUTE format('GRANT tenantry_metrics TO %I', current_user);
-    END IF;
+    -- Unlike 0002's roles, nothing is handed to this one, so the migrating role need
+    -- not be a member: granting it to the login takes CREATEROLE (PostgreSQL 15) or
+    -- its ADMIN option (16+, which a role's creator holds).
 END;
 $$;
 
