@@ -372,6 +372,8 @@ class Urls:
     admin: str  # migrations only
     service: str  # tenant code: the tenant tables under row-level security
     worker: str  # the cross-tenant functions: claims, completions, operator commands
+    # The autoscaler's login, created by `migrate` when TENANTRY_METRICS_URL is set.
+    metrics: str | None = None
 
 
 def _resolve_urls(settings: config.Settings, *, create: bool) -> Urls:
@@ -385,7 +387,9 @@ def _resolve_urls(settings: config.Settings, *, create: bool) -> Urls:
         # would get a new, empty one.
         admin = EmbeddedPostgres(settings.data_dir).start(create=create)
         service = roles.with_login(admin, roles.DEFAULT_LOGIN)
-    return Urls(admin, service, settings.worker_url or roles.worker_url_for(service))
+    return Urls(
+        admin, service, settings.worker_url or roles.worker_url_for(service), settings.metrics_url
+    )
 
 
 def _load_handlers(settings: config.Settings, app_dir: str) -> Registry:
@@ -563,9 +567,33 @@ async def _migrate(urls: Urls, check: bool, quiet: bool = False) -> int:
                 login = roles.login_of(url)
                 if login.user != admin_user:
                     await roles.ensure_login(conn, login, grants)
+        if urls.metrics is not None:
+            await _ensure_metrics_login(conn, urls.metrics, admin_user)
         if not quiet:
             _out(f"applied {len(done)} migration(s)" if done else "schema is current")
         return EXIT_OK
+    finally:
+        await conn.close()
+
+
+async def _ensure_metrics_login(admin: db.Conn, url: str, admin_user: str) -> None:
+    """The autoscaler's login: created if missing (never the admin's own) and checked
+    as itself, as the service checks its logins at startup, so that one that could
+    reach more than tenantry.worker_demand (a superuser, the service's login) is
+    refused.  An existing login is checked before it is granted anything: a refusal
+    changes nothing."""
+    login = roles.login_of(url)
+    if login.user == admin_user or await roles.login_exists(admin, login.user):
+        await _check_metrics_login(url)
+    if login.user != admin_user:
+        await roles.ensure_login(admin, login, roles.METRICS_ROLES)
+    await _check_metrics_login(url)
+
+
+async def _check_metrics_login(url: str) -> None:
+    conn = await db.connect(url)
+    try:
+        await roles.check_login(conn, "TENANTRY_METRICS_URL", roles.METRICS_ROLES)
     finally:
         await conn.close()
 

@@ -26,6 +26,7 @@ _SECRET_VARS = frozenset(
         "TENANTRY_ADMIN_URL",
         "TENANTRY_LISTEN_URL",
         "TENANTRY_WORKER_URL",
+        "TENANTRY_METRICS_URL",
         "TENANTRY_SMTP_URL",
         "TENANTRY_TOKEN_SECRET",
         "TENANTRY_SECRET_KEY",
@@ -43,6 +44,9 @@ class Settings:
     # The worker's login for the cross-tenant functions; derived from DATABASE_URL
     # (user + "_worker", same password) when unset.
     worker_url: str | None = None
+    # The autoscaler's login (tenantry.worker_demand only), which `tenantry migrate`
+    # creates when set; the service itself never connects with it.
+    metrics_url: str | None = None
     data_dir: Path = Path(".tenantry")
     host: str = "127.0.0.1"
     # Print a one-time sign-in link to /ops at start (the embedded default only).
@@ -381,6 +385,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         admin_url=_parse(e, "TENANTRY_ADMIN_URL", _postgres_url, None),
         listen_url=_parse(e, "TENANTRY_LISTEN_URL", _postgres_url, None),
         worker_url=_parse(e, "TENANTRY_WORKER_URL", _postgres_url, None),
+        metrics_url=_parse(e, "TENANTRY_METRICS_URL", _postgres_url, None),
         data_dir=_parse(e, "TENANTRY_DATA_DIR", Path, d.data_dir),
         host=_parse(e, "TENANTRY_HOST", str, d.host),
         port=_parse(e, "TENANTRY_PORT", _port, d.port),

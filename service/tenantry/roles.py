@@ -5,6 +5,10 @@ tenant tables under row-level security), and the worker's (TENANTRY_WORKER_URL),
 the cross-tenant functions (`tenantry_worker`, `tenantry_operator`).  `tenantry migrate`
 (on TENANTRY_ADMIN_URL) creates them if missing; the service refuses to start if
 either could bypass row-level security or holds the other's roles.
+
+A third login, the autoscaler's (TENANTRY_METRICS_URL, `tenantry_metrics`), may only
+count the work waiting (tenantry.worker_demand); `tenantry migrate` creates it when
+set, and refuses it by the same checks.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ Q = queries_for(__file__, "roles.sql")
 
 SERVICE_ROLES = ("tenantry_service",)
 WORKER_ROLES = ("tenantry_worker", "tenantry_operator")
+# An autoscaler's login (TENANTRY_METRICS_URL): tenantry.worker_demand and nothing else.
+METRICS_ROLES = ("tenantry_metrics",)
 # The login the embedded default creates for itself; the worker's adds WORKER_SUFFIX.
 DEFAULT_LOGIN = "tenantry_app"
 WORKER_SUFFIX = "_worker"
@@ -95,6 +101,10 @@ def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int 
         return base64.b64encode(raw).decode()
 
     return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+async def login_exists(admin: Conn, user: str) -> bool:
+    return bool(await admin.fetchval(Q["role_exists"], user))
 
 
 async def ensure_login(admin: Conn, login: Login, grants: Sequence[str]) -> bool:

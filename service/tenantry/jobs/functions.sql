@@ -1,4 +1,4 @@
--- version: 7
+-- version: 8
 -- The job queue's functions and triggers.  A repeatable migration (tenantry/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -1441,6 +1441,99 @@ ALTER FUNCTION tenantry.queue_depth(text[], integer, integer) OWNER TO tenantry_
 REVOKE ALL ON FUNCTION tenantry.queue_depth(text[], integer, integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION tenantry.queue_depth(text[], integer, integer)
     TO tenantry_worker, tenantry_operator;
+
+-- The work waiting for worker processes, for an autoscaler (KEDA's `postgresql` scaler
+-- in deploy/kubernetes/ divides it by a target per replica), as ONE number:
+-- - jobs of `queues` (the worker deployment's TENANTRY_QUEUES) that are runnable
+--   (queued) or due (scheduled with run_at passed: nobody stages them while no worker
+--   runs, so they must wake the workers themselves), unless the queue is paused (a
+--   paused queue hands out nothing: more workers would only wait);
+-- - their running jobs, paused or not: a replica count from the queued rows alone drops
+--   as soon as the workers have claimed them, and scaling down then stops busy workers;
+-- - the outbox's events not yet fanned out, and the webhook deliveries due or being
+--   sent: only worker processes fan out and deliver, so with the workers scaled to
+--   zero these would wait for the next job (a retry not yet due is left out: it wakes
+--   them when it falls due, as a scheduled job does).
+-- Counted up to 10,000 in all, and each part reads at most that many index entries
+-- (the deliveries walk one head per endpoint with pending rows, at most 1,000
+-- endpoints), so a backlog of millions costs what one of 10,000 does: far above any
+-- replica count (10,000 / target per replica).  The cap is fixed here, not a
+-- parameter, so that the metrics login cannot ask for a scan of the whole table.
+-- Owned by tenantry_system (it counts across tenants); executable by tenantry_metrics
+-- only, the login the autoscaler holds, which can read nothing else.
+CREATE OR REPLACE FUNCTION tenantry.worker_demand(VARIADIC queues text[])
+RETURNS bigint
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cap CONSTANT bigint := 10000;
+    max_endpoints CONSTANT integer := 1000;
+    q text;
+    total bigint := 0;
+BEGIN
+    IF coalesce(cardinality(queues), 0) NOT BETWEEN 1 AND 100
+       OR array_position(queues, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'worker_demand takes 1 to 100 queue names, none NULL'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR q IN SELECT DISTINCT u.name FROM unnest(queues) AS u(name) LOOP
+        total := total + (SELECT count(*) FROM (
+            SELECT 1 FROM tenantry.jobs j
+             WHERE j.queue = q AND j.state = 'running'
+             LIMIT cap - total) x);
+        CONTINUE WHEN EXISTS (SELECT 1 FROM tenantry.queue_controls c
+                               WHERE c.queue = q AND c.paused);
+        total := total + (SELECT count(*) FROM (
+            SELECT 1 FROM tenantry.jobs j
+             WHERE j.queue = q AND j.state = 'queued' AND j.run_at <= now()
+             LIMIT cap - total) x);
+        total := total + (SELECT count(*) FROM (
+            SELECT 1 FROM tenantry.jobs j
+             WHERE j.queue = q AND j.state = 'scheduled' AND j.run_at <= now()
+             LIMIT cap - total) x);
+    END LOOP;
+    total := total + (SELECT l.events FROM tenantry.webhook_fanout_lag((cap - total)::integer) l);
+    total := total + (SELECT count(*) FROM (
+        SELECT 1 FROM tenantry.webhook_deliveries d
+         WHERE d.state = 'sending'
+         LIMIT cap - total) x);
+    -- Due deliveries: a walk over the (tenant, endpoint) heads of the claim's index,
+    -- then each endpoint's due range (its rows not yet due are never read).
+    total := total + (SELECT count(*) FROM (
+        WITH RECURSIVE ep (tenant_id, endpoint_id, n) AS (
+            (SELECT d.tenant_id, d.endpoint_id, 1
+               FROM tenantry.webhook_deliveries d
+              WHERE d.state = 'pending'
+              ORDER BY d.tenant_id, d.endpoint_id, d.next_attempt_at
+              LIMIT 1)
+            UNION ALL
+            SELECT nx.tenant_id, nx.endpoint_id, ep.n + 1
+              FROM ep
+             CROSS JOIN LATERAL (
+                SELECT d.tenant_id, d.endpoint_id
+                  FROM tenantry.webhook_deliveries d
+                 WHERE d.state = 'pending'
+                   AND (d.tenant_id, d.endpoint_id) > (ep.tenant_id, ep.endpoint_id)
+                 ORDER BY d.tenant_id, d.endpoint_id, d.next_attempt_at
+                 LIMIT 1) nx
+             WHERE ep.n < max_endpoints
+        )
+        SELECT 1
+          FROM ep
+         CROSS JOIN LATERAL (
+            SELECT 1 FROM tenantry.webhook_deliveries d
+             WHERE d.tenant_id = ep.tenant_id AND d.endpoint_id = ep.endpoint_id
+               AND d.state = 'pending' AND d.next_attempt_at <= now()
+             LIMIT cap - total) due
+         LIMIT cap - total) x);
+    RETURN least(total, cap);
+END;
+$$;
+
+ALTER FUNCTION tenantry.worker_demand(text[]) OWNER TO tenantry_system;
+REVOKE ALL ON FUNCTION tenantry.worker_demand(text[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION tenantry.worker_demand(text[]) TO tenantry_metrics;
 
 -- The wake-up runs at commit as whoever inserted the row (tenant code, a worker writing
 -- a dead-letter hook job, an operator retrying a dead job): 0005 grants them the
