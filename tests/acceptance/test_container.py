@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -96,9 +96,7 @@ class Image:
         return max(i.stage for i in self.instructions)
 
     def final(self, keyword: str) -> list[Instruction]:
-        return [
-            i for i in self.instructions if i.keyword == keyword and i.stage == self.last_stage
-        ]
+        return [i for i in self.instructions if i.keyword == keyword and i.stage == self.last_stage]
 
     def env(self) -> dict[str, str]:
         """The final stage's ENV, as the process sees it (`$PATH` not expanded)."""
@@ -182,6 +180,16 @@ def test_dockerfile_keeps_the_container_properties() -> None:
     config.check_for_run(settings)
 
 
+def build_context() -> set[str]:
+    """What the build stage copies from the build context."""
+    return {
+        source.rstrip("/")
+        for i in image().instructions
+        if i.keyword == "COPY" and not i.value.startswith("--")
+        for source in i.value.split()[:-1]
+    }
+
+
 def test_dockerignore_admits_what_the_build_copies_and_nothing_else() -> None:
     patterns = [
         line.strip()
@@ -190,19 +198,16 @@ def test_dockerignore_admits_what_the_build_copies_and_nothing_else() -> None:
     ]
     assert patterns[0] == "*", "everything is excluded first (no .venv, no .tenantry, no .git)"
     admitted = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
-    copied = {
-        source.rstrip("/")
-        for i in image().instructions
-        if i.keyword == "COPY" and not i.value.startswith("--")
-        for source in i.value.split()[:-1]
-    }
+    copied = build_context()
     assert copied, "the build stage copies its sources"
     assert copied == admitted, f"copied {sorted(copied)}, admitted {sorted(admitted)}"
 
 
 # -- the compose file ------------------------------------------------------------------
 
-_INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
+_INTERPOLATION = re.compile(
+    r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+)
 
 
 def example_env() -> tuple[dict[str, str], set[str]]:
@@ -289,9 +294,12 @@ def test_compose_file_matches_the_compose_specification() -> None:
 
 def test_docker_compose_config_accepts_the_file() -> None:
     docker = shutil.which("docker")
-    if docker is None or subprocess.run(
-        [docker, "compose", "version"], capture_output=True, check=False
-    ).returncode:
+    if (
+        docker is None
+        or subprocess.run(
+            [docker, "compose", "version"], capture_output=True, check=False
+        ).returncode
+    ):
         pytest.skip("docker compose not installed (the schema test above validates offline)")
     check = subprocess.run(
         [docker, "compose", "-f", str(COMPOSE), "--env-file", str(COMPOSE_ENV), "config", "-q"],
@@ -503,7 +511,6 @@ class Installed:
 
     work: Path
     venv: Path
-    cleanup: list[Path] = field(default_factory=list)
 
 
 def _usable_by_others(path: Path) -> bool:
@@ -542,7 +549,7 @@ def installed() -> Iterator[Installed]:
         context = work / "context"
         context.mkdir()
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-        for source in ("pyproject.toml", "README.md", "service", "schema"):
+        for source in sorted(build_context()):
             if (ROOT / source).is_dir():
                 shutil.copytree(ROOT / source, context / source, ignore=ignore)
             else:
@@ -568,14 +575,17 @@ def container_env(installed: Installed, **extra: str) -> dict[str, str]:
     the image's paths mapped to this machine's: the environment's bin folder first on
     PATH, the image user's home."""
     env = image().env()
-    env["PATH"] = env["PATH"].replace("/opt/tenantry", str(installed.venv)).replace(
-        "$PATH", "/usr/local/bin:/usr/bin:/bin"
+    env["PATH"] = (
+        env["PATH"]
+        .replace("/opt/tenantry", str(installed.venv))
+        .replace("$PATH", "/usr/local/bin:/usr/bin:/bin")
     )
     env["HOME"] = "/nonexistent"
     env.update(extra)
     return env
 
 
+@pytest.mark.timeout(150)  # the first user of `installed` builds and installs the wheel
 def test_image_without_database_url_stops_with_a_clear_error(
     installed: Installed, tmp_path: Path
 ) -> None:
@@ -608,7 +618,7 @@ class Sandbox:
     # image's user, so that the command itself is PID 1 (and finds its programs on the
     # image's PATH, as the runtime's exec does).
     SCRIPT = (
-        'set -e; mount=$1; setpriv=$2; uid=$3; gid=$4; n=$5; shift 5; i=0;'
+        "set -e; mount=$1; setpriv=$2; uid=$3; gid=$4; n=$5; shift 5; i=0;"
         ' while [ "$i" -lt "$n" ]; do "$mount" --bind "$1" "$1"; shift; i=$((i+1)); done;'
         ' "$mount" -o remount,bind,ro /;'
         ' exec "$setpriv" --reuid="$uid" --regid="$gid" --clear-groups -- "$@"'
@@ -693,9 +703,7 @@ async def tcp_to_database(database_url: str) -> AsyncIterator[int]:
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             if host.startswith("/"):
-                up_reader, up_writer = await asyncio.open_unix_connection(
-                    f"{host}/.s.PGSQL.{port}"
-                )
+                up_reader, up_writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
             else:
                 up_reader, up_writer = await asyncio.open_connection(host, port)
         except OSError:
@@ -783,7 +791,9 @@ async def test_image_entrypoint_serves_a_sign_up_as_pid_1_and_stops_on_sigterm(
 
             # The image's HEALTHCHECK, as the runtime runs it inside the container.
             check = img.exec_form("HEALTHCHECK")
-            healthy = await asyncio.to_thread(sandbox.run, check, {**env, "TENANTRY_PORT": str(port)})
+            healthy = await asyncio.to_thread(
+                sandbox.run, check, {**env, "TENANTRY_PORT": str(port)}
+            )
             assert healthy.returncode == 0, healthy.stderr
 
             answer = await post(port)
