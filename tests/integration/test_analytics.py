@@ -418,11 +418,7 @@ def pair() -> Iterator[Pair]:
             f"pg_basebackup or pg_ctl not installed beside the embedded server ({binaries})"
         )
     tmp = Path(tempfile.mkdtemp(prefix="tenantry-test-replica-"))
-    primary = EmbeddedPostgres(
-        tmp / "primary",
-        ephemeral=True,
-        settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"},
-    )
+    primary = EmbeddedPostgres(tmp / "primary", ephemeral=True, settings={"fsync": "off"})
     standby_dir = tmp / "standby"
     sockets = Path(tempfile.mkdtemp(prefix="tn-sb-"))
     started = False
@@ -501,7 +497,9 @@ async def replayed(pair: Pair) -> None:
     primary = await db.connect(pair.primary)
     standby = await db.connect(pair.standby)
     try:
-        target = await primary.fetchval("SELECT pg_current_wal_lsn()")
+        # The insert position, not the write position: a commit may be inserted and not
+        # yet written (asynchronous commit), and waiting for less would not wait for it.
+        target = await primary.fetchval("SELECT pg_current_wal_insert_lsn()")
 
         async def caught_up() -> bool:
             return bool(
