@@ -28,6 +28,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from . import db, migrate, roles, tenancy
 from . import logging as log
+from .analytics import store as analytics
 from .config import Settings, local_base_url
 from .errors import Conflict, NotFound, SchemaMismatch
 from .http.app import HttpServer, Readiness, build_app, build_metrics_app
@@ -90,6 +91,8 @@ class Service:
     gauges: DatabaseGauges
     # /metrics on a port of its own (TENANTRY_METRICS_PORT), or None.
     metrics_http: HttpServer | None = None
+    # The analytics views' refresh (TENANTRY_ANALYTICS_REFRESH), or None.
+    analytics_refresher: analytics.Refresher | None = None
     # Set when a stop begins: /readyz answers 503 from then on.
     stopping: bool = field(default=False)
 
@@ -104,6 +107,8 @@ class Service:
         if self.settings.run_worker:
             ordered += [self.fanout, self.deliverer]
         ordered += [self.maintenance, self.gauges]
+        if self.analytics_refresher is not None:
+            ordered.append(self.analytics_refresher)
         if self.metrics_http is not None:
             ordered.append(self.metrics_http)
         return [*ordered, self.http]
@@ -124,6 +129,8 @@ def build(
     claim_pool: asyncpg.Pool,
     registry: Registry,
     ops_pool: asyncpg.Pool | None = None,
+    analytics_pool: asyncpg.Pool | None = None,
+    refresh_pool: asyncpg.Pool | None = None,
 ) -> Service:
     logger = log.get("app")
     owner = f"{uuid.uuid4().hex[:12]}"
@@ -306,6 +313,11 @@ def build(
         periodic=periodic,
         gauges=gauges,
         settings_queues=sorted({*settings.queues, settings.onboarding_queue}),
+        analytics=(
+            analytics.Reader(analytics_pool, settings.analytics_allow_primary)
+            if analytics_pool is not None
+            else None
+        ),
     )
     http = HttpServer(
         build_app(
@@ -354,6 +366,11 @@ def build(
         metrics_http=(
             HttpServer(build_metrics_app(metrics), settings.host, settings.metrics_port)
             if settings.metrics_port is not None
+            else None
+        ),
+        analytics_refresher=(
+            analytics.Refresher(refresh_pool or worker_pool, settings.analytics_refresh)
+            if settings.analytics_refresh > 0
             else None
         ),
     )
@@ -499,6 +516,15 @@ async def _start(
     pools.append(claim_pool)
     ops_pool = await db.create_ops_pool(worker_dsn)
     pools.append(ops_pool)
+    # Connects on a page's first read only: a replica that is away delays nothing.
+    analytics_pool = (
+        await analytics.create_pool(settings.analytics_url) if settings.analytics_url else None
+    )
+    if analytics_pool is not None:
+        pools.append(analytics_pool)
+    # A refresh may hold its connection for minutes: not one of the worker's few.
+    refresh_pool = await analytics.create_refresh_pool(worker_dsn)
+    pools.append(refresh_pool)
     svc = build(
         settings,
         dsn,
@@ -507,6 +533,8 @@ async def _start(
         claim_pool=claim_pool,
         registry=registry,
         ops_pool=ops_pool,
+        analytics_pool=analytics_pool,
+        refresh_pool=refresh_pool,
     )
     return svc
 

@@ -19,8 +19,19 @@ import anyio
 import asyncpg
 import orjson
 
-from . import __version__, cli_ops, cli_webhooks, config, db, migrate, roles, tenancy
+from . import (
+    __version__,
+    cli_analytics,
+    cli_ops,
+    cli_webhooks,
+    config,
+    db,
+    migrate,
+    roles,
+    tenancy,
+)
 from . import logging as log
+from .analytics import store as analytics
 from .app import serve, webhook_security
 from .embedded import EmbeddedPostgres
 from .errors import (
@@ -336,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_webhooks.add_commands(sub, _uuid, _positive)
     cli_ops.add_commands(sub, _checked_by)
+    cli_analytics.add_commands(sub, _uuid)
 
     dbp = sub.add_parser("db", help="reach the database")
     db_sub = dbp.commands("db_command")
@@ -374,6 +386,8 @@ class Urls:
     worker: str  # the cross-tenant functions: claims, completions, operator commands
     # The autoscaler's login, created by `migrate` when TENANTRY_METRICS_URL is set.
     metrics: str | None = None
+    # The analyst's login (TENANTRY_ANALYTICS_URL, on a replica): migrate creates it.
+    analytics: str | None = None
 
 
 def _resolve_urls(settings: config.Settings, *, create: bool) -> Urls:
@@ -387,9 +401,8 @@ def _resolve_urls(settings: config.Settings, *, create: bool) -> Urls:
         # would get a new, empty one.
         admin = EmbeddedPostgres(settings.data_dir).start(create=create)
         service = roles.with_login(admin, roles.DEFAULT_LOGIN)
-    return Urls(
-        admin, service, settings.worker_url or roles.worker_url_for(service), settings.metrics_url
-    )
+    worker = settings.worker_url or roles.worker_url_for(service)
+    return Urls(admin, service, worker, settings.metrics_url, settings.analytics_url)
 
 
 def _load_handlers(settings: config.Settings, app_dir: str) -> Registry:
@@ -498,6 +511,8 @@ def _main(argv: Sequence[str] | None) -> int:
         usage = cli_webhooks.check_usage(args)
         if usage is not None:
             return _fail(usage, EXIT_USAGE)
+    if args.command == "analytics":
+        return cli_analytics.run(args, settings, _out, _fail, _json_text)
     if args.command == "db":
         try:
             _out(_database_url(settings, admin=args.admin))
@@ -560,10 +575,12 @@ async def _migrate(urls: Urls, check: bool, quiet: bool = False) -> int:
         # refuse to start) there are no logins to create.
         admin_user = roles.login_of(urls.admin).user
         if roles.login_of(urls.service).user != admin_user:
-            for url, grants in (
-                (urls.service, roles.SERVICE_ROLES),
-                (urls.worker, roles.WORKER_ROLES),
-            ):
+            logins = [(urls.service, roles.SERVICE_ROLES), (urls.worker, roles.WORKER_ROLES)]
+            if urls.analytics is not None:
+                # Made on the primary (only its user and password are taken from the
+                # replica's URL); the standby replays it.
+                logins.append((urls.analytics, analytics.ANALYST_ROLES))
+            for url, grants in logins:
                 login = roles.login_of(url)
                 if login.user != admin_user:
                     await roles.ensure_login(conn, login, grants)

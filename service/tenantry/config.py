@@ -30,6 +30,7 @@ _SECRET_VARS = frozenset(
         "TENANTRY_SMTP_URL",
         "TENANTRY_TOKEN_SECRET",
         "TENANTRY_SECRET_KEY",
+        "TENANTRY_ANALYTICS_URL",
     }
 )
 
@@ -129,6 +130,14 @@ class Settings:
     # How a transaction names its tenant: set_config() or SET LOCAL (what Citus
     # propagates to its worker nodes; tenancy.py).
     tenant_context: str = "set_config"
+    # Analytics: the read replica, logged in as the analyst's login (tenantry_analyst),
+    # for the dashboard's analytics page and `tenantry analytics`; None: not set up.
+    analytics_url: str | None = None
+    # Read analytics from a primary too (a development machine without a standby).
+    analytics_allow_primary: bool = False
+    # Seconds between refreshes of the analytics views on the primary, across all
+    # processes; 0: never (no process refreshes them).
+    analytics_refresh: float = 300.0
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -492,6 +501,13 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ),
         metrics_port=_parse(e, "TENANTRY_METRICS_PORT", _port, d.metrics_port),
         tenant_context=_parse(e, "TENANTRY_TENANT_CONTEXT", _tenant_context, d.tenant_context),
+        analytics_url=_parse(e, "TENANTRY_ANALYTICS_URL", _postgres_url, None),
+        analytics_allow_primary=_parse(
+            e, "TENANTRY_ANALYTICS_ALLOW_PRIMARY", _bool, d.analytics_allow_primary
+        ),
+        analytics_refresh=_parse(
+            e, "TENANTRY_ANALYTICS_REFRESH", _non_negative_float, d.analytics_refresh
+        ),
     )
 
 

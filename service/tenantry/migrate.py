@@ -55,6 +55,7 @@ REPEATABLE_FILES: tuple[Path, ...] = (
     _PACKAGE / "tenants" / "functions.sql",
     _PACKAGE / "webhooks" / "functions.sql",
     _PACKAGE / "ops" / "functions.sql",
+    _PACKAGE / "analytics" / "functions.sql",
 )
 # pg_advisory_lock(classid, objid): a two-key namespace of our own, so the
 # application's single-key advisory locks can never collide with ours.

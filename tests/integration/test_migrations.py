@@ -175,6 +175,7 @@ async def test_new_functions_do_not_wait_for_open_transactions_on_the_queue(
             with anyio.fail_after(10):
                 applied = await migrate.migrate(conn, files=files)
         assert sorted(r.name for r in applied if isinstance(r, migrate.Repeatable)) == [
+            "analytics",
             "jobs",
             "onboarding",
             "ops",
@@ -215,7 +216,15 @@ async def test_a_migration_behind_a_long_transaction_gives_up_and_changes_nothin
             with pytest.raises(MigrationBlocked, match="jobs functions: a lock was not granted"):
                 await migrate.migrate(conn, files=files, lock_timeout=0.2, attempts=2)
             st = await migrate.status(conn, files=files)
-            assert st.stale == ["jobs", "outbox", "onboarding", "tenants", "webhooks", "ops"]
+            assert st.stale == [
+                "jobs",
+                "outbox",
+                "onboarding",
+                "tenants",
+                "webhooks",
+                "ops",
+                "analytics",
+            ]
             # A producer is not held up by the failed attempts.
             with anyio.fail_after(5):
                 await pool.execute("SELECT 1")

@@ -27,8 +27,9 @@ import orjson
 from aiohttp import web
 from markupsafe import Markup
 
+from ..analytics import store as analytics_store
 from ..db import UNAVAILABLE, Conn
-from ..errors import Conflict, Invalid, NotFound
+from ..errors import Conflict, Invalid, NotFound, TenantryError
 from ..jobs import queue as jobs
 from ..jobs.registry import Registration
 from ..metrics import DatabaseGauges
@@ -87,6 +88,8 @@ class Dashboard:
     # checks that its session still holds (a disabled operator's streams end).
     max_streams: int = 100
     session_check_every: float = 15.0
+    # The analytics views on the read replica (TENANTRY_ANALYTICS_URL), or None.
+    analytics: analytics_store.Reader | None = None
     streams: int = 0
     _other_depths: tuple[float, frozenset[str], list[dict[str, Any]]] | None = None
     # Charts: (since, bucket) seconds -> (when read, per queue buckets).
@@ -791,6 +794,24 @@ async def periodic_page(request: web.Request) -> web.StreamResponse:
 
 
 @page
+async def analytics_page(request: web.Request) -> web.StreamResponse:
+    """The analytics views, read through the replica's own pool (never the primary's
+    unless TENANTRY_ANALYTICS_ALLOW_PRIMARY): what cannot be read is said on the page."""
+    days = analytics_store.check_days(forms.whole_of(request.query, "days") or 7)
+    tenant = forms.uuid_of(request.query, "tenant")
+    reader = _dash(request).analytics
+    report, notice = None, analytics_store.NOT_CONFIGURED
+    if reader is not None:
+        try:
+            report = await reader.report(days, tenant)
+        except TenantryError as exc:  # a primary refused, the views or the grant missing
+            notice = str(exc)
+        except UNAVAILABLE as exc:
+            notice = f"The read replica cannot be reached: {type(exc).__name__}"
+    return render(request, "analytics.html", report=report, notice=notice, days=days)
+
+
+@page
 async def audit_page(request: web.Request) -> web.StreamResponse:
     before = forms.whole_of(request.query, "before")
     async with _dash(request).ops_pool.acquire() as conn:
@@ -884,5 +905,6 @@ def add_routes(app: web.Application, dashboard: Dashboard) -> None:
     r.add_get("/ops/tenants/{id}", tenant_page)
     r.add_get("/ops/periodic", periodic_page)
     r.add_get("/ops/audit", audit_page)
+    r.add_get("/ops/analytics", analytics_page)
     r.add_get("/ops/static/ops.js", _static_file("ops.js", "text/javascript"))
     r.add_get("/ops/static/ops.css", _static_file("ops.css", "text/css"))
