@@ -309,7 +309,7 @@ def build(
     )
     http = HttpServer(
         build_app(
-            Readiness(readiness, lambda: health.problems),
+            Readiness(readiness, lambda: health.problems, lambda: svc.stopping),
             pool,
             onboarding,
             cors_origins=settings.cors_origins,

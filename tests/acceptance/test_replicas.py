@@ -14,6 +14,7 @@ fails the test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import signal
 import uuid
@@ -33,7 +34,14 @@ from tenantry.jobs import queue as jobs
 from tenantry.onboarding.model import STEPS
 from tenantry.tenants import store
 from tests.acceptance.process import ServiceProcess
-from tests.helpers import TENANT_A, TEST_SECRET_KEY, TEST_TOKEN_SECRET, Frame, eventually, sse_frames
+from tests.helpers import (
+    TENANT_A,
+    TEST_SECRET_KEY,
+    TEST_TOKEN_SECRET,
+    Frame,
+    eventually,
+    sse_frames,
+)
 from tests.receiver import Receiver, running_receiver
 from tests.rrproxy import RoundRobinProxy
 
@@ -98,7 +106,7 @@ class Replica:
         self.proc.signal(signal.SIGTERM)
         assert await self.proc.wait_exit() == 0, self.proc.raw[-20:]
 
-    async def metrics(self, http: aiohttp.ClientSession) -> dict[tuple[str, tuple[Any, ...]], float]:
+    async def metrics(self, http: aiohttp.ClientSession) -> dict[tuple[str, Any], float]:
         async with http.get(f"{self.base}/metrics") as r:
             assert r.status == 200
             text = await r.text()
@@ -137,7 +145,8 @@ class Client:
         await anyio.sleep(float(retry_after))
 
     async def sign_up(self) -> tuple[dict[str, Any], str]:
-        """POST until accepted: the answer, and the replica that accepted it."""
+        """POST until accepted: the answer, and the replica that accepted it (behind
+        the proxy)."""
         n = next(self._n)
         body = {"email": f"user{n}@example.com", "tenant_name": f"Replica Load {n}", "plan": "free"}
         key = str(uuid.uuid4())
@@ -147,7 +156,7 @@ class Client:
             ) as r:
                 if r.status == 202:
                     answer: dict[str, Any] = await r.json()
-                    return answer, r.headers["X-Upstream"]
+                    return answer, r.headers.get("X-Upstream", "")
                 await self._refused(r)
 
     async def follow(self, events_url: str, frames: list[Frame] | None = None) -> list[Frame]:
@@ -161,10 +170,11 @@ class Client:
                 if r.status != 200:
                     await self._refused(r)
                     continue
-                try:
-                    frames += [f async for f in sse_frames(r) if f.event]
-                except aiohttp.ClientPayloadError:
-                    pass  # cut mid-stream: resume
+                # Cut mid-stream: what arrived counts, and the stream resumes after it.
+                with contextlib.suppress(aiohttp.ClientPayloadError):
+                    async for f in sse_frames(r):
+                        if f.event:
+                            frames.append(f)
         return frames
 
 
@@ -249,8 +259,7 @@ async def test_three_replicas_behind_a_proxy_through_rolling_restarts(
             async with http.get(f"{proxy.url}{answer['events_url']}") as r:
                 assert r.status == 200
                 first_upstream = r.headers["X-Upstream"]
-                frames = sse_frames(r).__aiter__()
-                start = [f async for f in _until_event(frames)]
+                start = [f async for f in _until_event(sse_frames(r))]
             async with http.get(
                 f"{proxy.url}{answer['events_url']}", headers={"Last-Event-ID": start[-1].id or ""}
             ) as r:
@@ -321,8 +330,8 @@ async def test_three_replicas_behind_a_proxy_through_rolling_restarts(
                         await proc.kill()
 
     # Sign-ups: every 202 ended completed, each streamed whole through the restarts.
-    for answer, frames in outcomes:
-        assert_whole(frames)
+    for _, followed in outcomes:
+        assert_whole(followed)
     ids = {uuid.UUID(a["id"]) for a, _ in outcomes}
     states = await admin_pool.fetch("SELECT id, state FROM tenantry.onboardings")
     assert {r["state"] for r in states} == {"completed"}
@@ -373,3 +382,63 @@ def _started(admin: asyncpg.Pool, job_id: int) -> Any:
         return bool(n)
 
     return check
+
+
+@pytest.mark.timeout(60)
+async def test_a_draining_replica_refuses_new_requests_and_ends_its_streams_cleanly(
+    database_url: str, admin_pool: asyncpg.Pool, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """From SIGTERM to its exit (here: while its last job finishes), a replica answers
+    new requests 503 problem JSON with Retry-After and closes their connection; its
+    probes and /metrics still answer; a stream open at the signal ends cleanly (a
+    complete chunked body, not a reset), so the client resumes elsewhere."""
+    await admin_pool.execute(
+        "CREATE TABLE public.replica_runs (job_id bigint, kind text, phase text, period text,"
+        " at timestamptz DEFAULT clock_timestamp());"
+        " GRANT INSERT ON public.replica_runs TO tenantry_service"
+    )
+    replica = Replica(0, database_url, tmp_path)
+    async with aiohttp.ClientSession() as http:
+        await replica.start(http)
+        assert replica.proc is not None
+        try:
+            client = Client(http, replica.base)
+            answer, _ = await client.sign_up()
+            job = await jobs.enqueue(
+                pool,
+                tenant_id=TENANT_A,
+                kind="replica.linger",
+                queue="slot0",
+                payload={"seconds": 600},
+            )
+            await eventually(_started(admin_pool, job), timeout=20)
+            async with http.get(
+                f"{replica.base}{answer['events_url']}", headers={"Last-Event-ID": "1"}
+            ) as stream:
+                assert stream.status == 200
+                replica.proc.signal(signal.SIGTERM)
+                with anyio.fail_after(10):
+                    # Read to its end: a reset would raise ClientPayloadError here.
+                    [f async for f in sse_frames(stream)]
+            async with http.post(
+                f"{replica.base}/v1/onboardings",
+                json={"email": "late@example.com", "tenant_name": "Too Late", "plan": "free"},
+            ) as r:
+                assert r.status == 503
+                assert r.headers["Retry-After"] == "1"
+                assert r.headers["Connection"] == "close"
+                assert r.content_type == "application/problem+json"
+                assert (await r.json())["status"] == 503
+            async with http.get(f"{replica.base}{answer['events_url']}") as r:
+                assert r.status == 503 and r.headers["Retry-After"] == "1"
+            async with http.get(f"{replica.base}/readyz") as r:
+                assert r.status == 503
+            for path in ("/healthz", "/metrics"):
+                async with http.get(f"{replica.base}{path}") as r:
+                    assert r.status == 200, path
+            replica.proc.signal(signal.SIGTERM)  # no need to wait out the job
+            assert await replica.proc.wait_exit() == 0
+        finally:
+            await replica.proc.kill()
+    # Nothing the refused sign-up could have written.
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.onboardings") == 1
