@@ -483,20 +483,26 @@ async def _start(
     settings: Settings, dsn: str, worker_dsn: str, registry: Registry, pools: list[asyncpg.Pool]
 ) -> Service:
     """The pools, the checks of both logins and of the schema, the components."""
-    pool = await db.create_pool(dsn, min_size=1, max_size=settings.pool_size)
+    pooled = settings.db_pooler_transaction
+    pool = await db.create_pool(dsn, min_size=1, max_size=settings.pool_size, pooled=pooled)
     pools.append(pool)
     async with pool.acquire() as conn:
         await roles.check_login(conn, "DATABASE_URL", roles.SERVICE_ROLES)
         await check_schema(conn)
     worker_pool = await db.create_pool(
-        worker_dsn, min_size=1, max_size=3, name="tenantry-worker", settings=db.WORKER_TIMEOUTS
+        worker_dsn,
+        min_size=1,
+        max_size=3,
+        name="tenantry-worker",
+        settings=db.WORKER_TIMEOUTS,
+        pooled=pooled,
     )
     pools.append(worker_pool)
     async with worker_pool.acquire() as conn:
         await roles.check_login(conn, "TENANTRY_WORKER_URL", roles.WORKER_ROLES)
-    claim_pool = await db.create_claim_pool(worker_dsn)
+    claim_pool = await db.create_claim_pool(worker_dsn, pooled=pooled)
     pools.append(claim_pool)
-    ops_pool = await db.create_ops_pool(worker_dsn)
+    ops_pool = await db.create_ops_pool(worker_dsn, pooled=pooled)
     pools.append(ops_pool)
     svc = build(
         settings,
