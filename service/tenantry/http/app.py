@@ -161,7 +161,7 @@ async def refuse_while_draining(request: web.Request, handler: Handler) -> web.S
     if request.app[READINESS].draining() and request.path not in _ANSWERED_WHILE_DRAINING:
         response = problem(
             503,
-            "this process is shutting down; retry, and another one will answer",
+            "this server is restarting: please retry in a moment (another one will answer)",
             headers={"Retry-After": str(DRAINING_RETRY_AFTER_S)},
         )
         response.force_close()
