@@ -321,7 +321,7 @@ def build(
     )
     http = HttpServer(
         build_app(
-            Readiness(readiness, lambda: health.problems),
+            Readiness(readiness, lambda: health.problems, lambda: svc.stopping),
             pool,
             onboarding,
             cors_origins=settings.cors_origins,
@@ -501,20 +501,26 @@ async def _start(
 ) -> Service:
     """The pools, the checks of both logins and of the schema, the components."""
     tenancy.use_tenant_context(settings.tenant_context)
-    pool = await db.create_pool(dsn, min_size=1, max_size=settings.pool_size)
+    pooled = settings.db_pooler_transaction
+    pool = await db.create_pool(dsn, min_size=1, max_size=settings.pool_size, pooled=pooled)
     pools.append(pool)
     async with pool.acquire() as conn:
         await roles.check_login(conn, "DATABASE_URL", roles.SERVICE_ROLES)
         await check_schema(conn)
     worker_pool = await db.create_pool(
-        worker_dsn, min_size=1, max_size=3, name="tenantry-worker", settings=db.WORKER_TIMEOUTS
+        worker_dsn,
+        min_size=1,
+        max_size=3,
+        name="tenantry-worker",
+        settings=db.WORKER_TIMEOUTS,
+        pooled=pooled,
     )
     pools.append(worker_pool)
     async with worker_pool.acquire() as conn:
         await roles.check_login(conn, "TENANTRY_WORKER_URL", roles.WORKER_ROLES)
-    claim_pool = await db.create_claim_pool(worker_dsn)
+    claim_pool = await db.create_claim_pool(worker_dsn, pooled=pooled)
     pools.append(claim_pool)
-    ops_pool = await db.create_ops_pool(worker_dsn)
+    ops_pool = await db.create_ops_pool(worker_dsn, pooled=pooled)
     pools.append(ops_pool)
     # Connects on a page's first read only: a replica that is away delays nothing.
     analytics_pool = (
@@ -523,7 +529,7 @@ async def _start(
     if analytics_pool is not None:
         pools.append(analytics_pool)
     # A refresh may hold its connection for minutes: not one of the worker's few.
-    refresh_pool = await analytics.create_refresh_pool(worker_dsn)
+    refresh_pool = await analytics.create_refresh_pool(worker_dsn, pooled=pooled)
     pools.append(refresh_pool)
     svc = build(
         settings,

@@ -536,7 +536,11 @@ def _main(argv: Sequence[str] | None) -> int:
             args.command == "tenants" and args.tenants_command == "list"
         )
         return _run_async(
-            _dispatch, args, urls.worker if cross_tenant else urls.service, _base_url(settings)
+            _dispatch,
+            args,
+            urls.worker if cross_tenant else urls.service,
+            _base_url(settings),
+            settings.db_pooler_transaction,
         )
     except (
         SchemaMismatch,
@@ -620,8 +624,8 @@ def _base_url(settings: config.Settings) -> str:
     return config.local_base_url(settings.host, settings.port)
 
 
-async def _dispatch(args: argparse.Namespace, dsn: str, base_url: str) -> int:
-    conn = await db.connect(dsn)
+async def _dispatch(args: argparse.Namespace, dsn: str, base_url: str, pooled: bool) -> int:
+    conn = await db.connect(dsn, pooled=pooled)
     try:
         # As `tenantry run` does: a schema that is not exactly this code's (older
         # functions, newer migrations) is refused, rather than met with a traceback.
@@ -652,7 +656,7 @@ async def _webhooks_in_tenant(args: argparse.Namespace, settings: config.Setting
     secret key (TENANTRY_SECRET_KEY or the data folder's) and the same address rules."""
     if settings.database_url is None:
         settings = config.embedded_defaults(settings)
-    pool = await db.create_pool(dsn, min_size=1, max_size=1)
+    pool = await db.create_pool(dsn, min_size=1, max_size=1, pooled=settings.db_pooler_transaction)
     try:
         async with pool.acquire() as conn:
             st = await migrate.status(conn)

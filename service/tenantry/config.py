@@ -42,6 +42,9 @@ class Settings:
     admin_url: str | None = None
     # The listener's own connection (LISTEN needs a session); DATABASE_URL when unset.
     listen_url: str | None = None
+    # DATABASE_URL and TENANTRY_WORKER_URL go through a transaction-mode pooler
+    # (PgBouncer): no prepared-statement cache, no session settings at connect.
+    db_pooler_transaction: bool = False
     # The worker's login for the cross-tenant functions; derived from DATABASE_URL
     # (user + "_worker", same password) when unset.
     worker_url: str | None = None
@@ -217,6 +220,14 @@ def _bool(raw: str) -> bool:
     raise ValueError("must be true or false")
 
 
+def _pooler(raw: str) -> bool:
+    """True for a transaction-mode pooler; a session-mode one needs nothing."""
+    lowered = raw.lower()
+    if lowered not in {"none", "transaction"}:
+        raise ValueError("must be none or transaction")
+    return lowered == "transaction"
+
+
 def _log_level(raw: str) -> str:
     lowered = raw.lower()
     if lowered not in {"debug", "info", "warning", "error"}:
@@ -376,6 +387,13 @@ def check_for_run(settings: Settings) -> None:
             f"TENANTRY_METRICS_PORT={settings.metrics_port} is the service's own port"
             " (TENANTRY_PORT): leave it unset to serve /metrics there, or pick another"
         )
+    if settings.db_pooler_transaction and settings.listen_url is None:
+        # LISTEN through the pooler would be silently lost with its server connection.
+        raise ConfigError(
+            "TENANTRY_DB_POOLER=transaction needs TENANTRY_LISTEN_URL: a direct (or"
+            " session-mode) URL for the listener, whose LISTEN a transaction-mode pooler"
+            " would drop without a word"
+        )
     if settings.run_worker and settings.onboarding_queue not in settings.queues:
         # Sign-ups would be accepted and never provisioned, with no word of why.
         raise ConfigError(
@@ -393,6 +411,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         database_url=_parse(e, "DATABASE_URL", _postgres_url, None),
         admin_url=_parse(e, "TENANTRY_ADMIN_URL", _postgres_url, None),
         listen_url=_parse(e, "TENANTRY_LISTEN_URL", _postgres_url, None),
+        db_pooler_transaction=_parse(e, "TENANTRY_DB_POOLER", _pooler, False),
         worker_url=_parse(e, "TENANTRY_WORKER_URL", _postgres_url, None),
         metrics_url=_parse(e, "TENANTRY_METRICS_URL", _postgres_url, None),
         data_dir=_parse(e, "TENANTRY_DATA_DIR", Path, d.data_dir),

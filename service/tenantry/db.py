@@ -80,9 +80,29 @@ async def init_connection(conn: Conn) -> None:
     _keepalive(conn)
 
 
-async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
-    kwargs["server_settings"] = {**_SERVER_KEEPALIVES, **kwargs.get("server_settings", {})}
-    conn: asyncpg.Connection = await asyncpg.connect(dsn, **kwargs)
+# A transaction-mode pooler (PgBouncer pool_mode=transaction) hands each transaction of
+# a client to whichever server connection is free: a named prepared statement made on
+# one is missing on the next, so asyncpg's statement cache is off (unnamed statements
+# only), and the startup packet may carry only what the pooler tracks per client
+# itself (PgBouncer refuses the others: "unsupported startup parameter").  The session
+# settings dropped here (keepalives, timeouts, the claim's plan and commit settings) can
+# be set on the login roles instead (README, connection poolers).
+_POOLER_STARTUP_PARAMETERS = frozenset({"application_name"})
+
+
+def _connect_options(server_settings: dict[str, str], pooled: bool) -> dict[str, Any]:
+    if not pooled:
+        return {"server_settings": server_settings}
+    kept = {k: v for k, v in server_settings.items() if k in _POOLER_STARTUP_PARAMETERS}
+    return {"server_settings": kept, "statement_cache_size": 0}
+
+
+async def connect(dsn: str, *, pooled: bool = False, **kwargs: Any) -> asyncpg.Connection:
+    """One connection; `pooled`: through a transaction-mode pooler."""
+    settings = {**_SERVER_KEEPALIVES, **kwargs.pop("server_settings", {})}
+    conn: asyncpg.Connection = await asyncpg.connect(
+        dsn, **kwargs, **_connect_options(settings, pooled)
+    )
     await init_connection(conn)
     return conn
 
@@ -96,12 +116,12 @@ WORKER_TIMEOUTS = {"lock_timeout": "5s", "statement_timeout": "60s"}
 OPS_TIMEOUTS = {"lock_timeout": "2s", "statement_timeout": "10s"}
 
 
-async def create_ops_pool(dsn: str) -> asyncpg.Pool:
+async def create_ops_pool(dsn: str, *, pooled: bool = False) -> asyncpg.Pool:
     """The dashboard's connections (the worker's login, for the operators' functions):
     a pool of their own, so that however many pages are open, the worker's polls, its
     rescues and the metrics' readings never wait behind one."""
     return await create_pool(
-        dsn, min_size=0, max_size=2, settings=OPS_TIMEOUTS, name="tenantry-ops"
+        dsn, min_size=0, max_size=2, settings=OPS_TIMEOUTS, name="tenantry-ops", pooled=pooled
     )
 
 
@@ -134,7 +154,9 @@ async def create_pool(
     settings: dict[str, str] | None = None,
     name: str = "tenantry",
     stateless: bool = False,
+    pooled: bool = False,
 ) -> asyncpg.Pool:
+    """`pooled`: `dsn` goes through a transaction-mode pooler."""
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
@@ -143,17 +165,25 @@ async def create_pool(
         reset=_keep_session if stateless else None,
         # The pool resets connections on release (RESET ALL, UNLISTEN, ...), so a tenant
         # context set with is_local=true can never outlive its transaction anyway.
-        server_settings={"application_name": name, **_SERVER_KEEPALIVES, **(settings or {})},
+        **_connect_options(
+            {"application_name": name, **_SERVER_KEEPALIVES, **(settings or {})}, pooled
+        ),
     )
     assert pool is not None
     return pool
 
 
-async def create_claim_pool(dsn: str) -> asyncpg.Pool:
+async def create_claim_pool(dsn: str, *, pooled: bool = False) -> asyncpg.Pool:
     """The worker's claim and heartbeat connections: two, so that one queue's claim may
     overlap another's, or a heartbeat."""
     return await create_pool(
-        dsn, min_size=1, max_size=2, settings=CLAIM_SETTINGS, name="tenantry-claim", stateless=True
+        dsn,
+        min_size=1,
+        max_size=2,
+        settings=CLAIM_SETTINGS,
+        name="tenantry-claim",
+        stateless=True,
+        pooled=pooled,
     )
 
 

@@ -170,11 +170,17 @@ async def create_pool(url: str) -> asyncpg.Pool:
     )
 
 
-async def create_refresh_pool(worker_url: str) -> asyncpg.Pool:
+async def create_refresh_pool(worker_url: str, *, pooled: bool = False) -> asyncpg.Pool:
     """The refresher's connection (the worker's login), opened when a refresh is first
-    asked about."""
+    asked about (`pooled`: through a transaction-mode pooler, as the worker's other
+    connections)."""
     return await db.create_pool(
-        worker_url, min_size=0, max_size=1, settings=db.WORKER_TIMEOUTS, name="tenantry-refresh"
+        worker_url,
+        min_size=0,
+        max_size=1,
+        settings=db.WORKER_TIMEOUTS,
+        name="tenantry-refresh",
+        pooled=pooled,
     )
 
 

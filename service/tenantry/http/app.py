@@ -35,13 +35,19 @@ def _no_problems() -> dict[str, str]:
     return {}
 
 
+def _never() -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Readiness:
     """`check()`: named checks, each true when fine.  `problems()`: what components
-    report they cannot do right now (a failing claim, a crashed loop), by name."""
+    report they cannot do right now (a failing claim, a crashed loop), by name.
+    `draining()`: true from the moment a stop begins (SIGTERM)."""
 
     check: ReadinessCheck
     problems: Callable[[], dict[str, str]] = _no_problems
+    draining: Callable[[], bool] = _never
 
 
 READINESS = web.AppKey("readiness", Readiness)
@@ -83,6 +89,12 @@ _DOCS_ASSETS = {
 }
 # Seconds a client is told to wait when the database is unavailable: about a restart.
 RETRY_AFTER_S = 2
+# Seconds a client is told to wait when this process is stopping: by then the load
+# balancer sends the retry to another process.
+DRAINING_RETRY_AFTER_S = 1
+# What a stopping process still answers: the probes (a load balancer must read the 503
+# of /readyz) and the scrape.
+_ANSWERED_WHILE_DRAINING = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 _ROUTING_DETAIL = {
@@ -138,6 +150,23 @@ async def errors_as_problems(request: web.Request, handler: Handler) -> web.Stre
     except Exception:
         log.get("http").exception("http_unhandled", method=request.method, path=request.path)
         return problem(500, "the request could not be completed; try again later")
+
+
+@web.middleware
+async def refuse_while_draining(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """From SIGTERM on, a new request is refused with 503 and Retry-After (a sign-up
+    retried with its Idempotency-Key is safe), and its connection closed, so that the
+    client or the load balancer goes to another process; a stream opened now would be
+    cut at the exit anyway.  Requests already in flight go on to their end."""
+    if request.app[READINESS].draining() and request.path not in _ANSWERED_WHILE_DRAINING:
+        response = problem(
+            503,
+            "this server is restarting: please retry in a moment (another one will answer)",
+            headers={"Retry-After": str(DRAINING_RETRY_AFTER_S)},
+        )
+        response.force_close()
+        return response
+    return await handler(request)
 
 
 def _static(
@@ -198,7 +227,7 @@ def build_app(
     worker-only process, TENANTRY_HTTP=false)."""
     app = web.Application(
         client_max_size=onboarding_api.MAX_BODY * 4,
-        middlewares=[request_log, errors_as_problems],
+        middlewares=[request_log, errors_as_problems, refuse_while_draining],
     )
     app[READINESS] = readiness
     app.on_response_prepare.append(return_request_id)
