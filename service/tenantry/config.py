@@ -139,8 +139,9 @@ class Settings:
     # Read analytics from a primary too (a development machine without a standby).
     analytics_allow_primary: bool = False
     # Seconds between refreshes of the analytics views on the primary, across all
-    # processes; 0: never (no process refreshes them).
-    analytics_refresh: float = 300.0
+    # processes; 0: this process never refreshes them.  from_env: 300 where
+    # TENANTRY_ANALYTICS_URL is set, else 0.
+    analytics_refresh: float = 0.0
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -404,9 +405,14 @@ def check_for_run(settings: Settings) -> None:
         )
 
 
+# Seconds between refreshes of the analytics views where TENANTRY_ANALYTICS_URL is set.
+ANALYTICS_REFRESH_DEFAULT = 300.0
+
+
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     e = os.environ if env is None else env
     d = Settings()
+    analytics_url = _parse(e, "TENANTRY_ANALYTICS_URL", _postgres_url, None)
     return Settings(
         database_url=_parse(e, "DATABASE_URL", _postgres_url, None),
         admin_url=_parse(e, "TENANTRY_ADMIN_URL", _postgres_url, None),
@@ -520,12 +526,17 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         ),
         metrics_port=_parse(e, "TENANTRY_METRICS_PORT", _port, d.metrics_port),
         tenant_context=_parse(e, "TENANTRY_TENANT_CONTEXT", _tenant_context, d.tenant_context),
-        analytics_url=_parse(e, "TENANTRY_ANALYTICS_URL", _postgres_url, None),
+        analytics_url=analytics_url,
         analytics_allow_primary=_parse(
             e, "TENANTRY_ANALYTICS_ALLOW_PRIMARY", _bool, d.analytics_allow_primary
         ),
+        # A refresh scans weeks of jobs, deliveries and sign-ups: by default only where
+        # analytics is set up (TENANTRY_ANALYTICS_URL), never for nobody.
         analytics_refresh=_parse(
-            e, "TENANTRY_ANALYTICS_REFRESH", _non_negative_float, d.analytics_refresh
+            e,
+            "TENANTRY_ANALYTICS_REFRESH",
+            _non_negative_float,
+            ANALYTICS_REFRESH_DEFAULT if analytics_url else 0.0,
         ),
     )
 

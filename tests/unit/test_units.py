@@ -51,6 +51,17 @@ def test_config_defaults_and_parsing() -> None:
     assert s.handlers == ("a.b:reg", "c:d")
     assert not s.metrics_tenant_labels and s.metrics_port is None
     assert config.from_env({}).tenant_context == "set_config"
+    # The analytics views are refreshed only where analytics is set up, unless asked.
+    replica = "postgresql://analyst@replica/tenantry"
+    assert config.from_env({}).analytics_refresh == 0
+    assert config.from_env({"TENANTRY_ANALYTICS_URL": replica}).analytics_refresh == 300
+    assert config.from_env({"TENANTRY_ANALYTICS_REFRESH": "60"}).analytics_refresh == 60
+    assert (
+        config.from_env(
+            {"TENANTRY_ANALYTICS_URL": replica, "TENANTRY_ANALYTICS_REFRESH": "0"}
+        ).analytics_refresh
+        == 0
+    )
     assert config.from_env({"TENANTRY_TENANT_CONTEXT": "set_local"}).tenant_context == "set_local"
     s = config.from_env({"TENANTRY_METRICS_TENANT_LABELS": "true", "TENANTRY_METRICS_PORT": "9100"})
     assert s.metrics_tenant_labels and s.metrics_port == 9100
