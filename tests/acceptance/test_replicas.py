@@ -32,8 +32,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tenantry.jobs import queue as jobs
-from tenantry.ops import operators as ops
 from tenantry.onboarding.model import STEPS
+from tenantry.ops import operators as ops
 from tenantry.tenants import store
 from tests.acceptance.process import ServiceProcess
 from tests.helpers import (
