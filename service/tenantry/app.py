@@ -93,6 +93,8 @@ class Service:
     metrics_http: HttpServer | None = None
     # The analytics views' refresh (TENANTRY_ANALYTICS_REFRESH), or None.
     analytics_refresher: analytics.Refresher | None = None
+    # What open dashboards wait on: closed at a stop, which ends their streams.
+    feed: Feed | None = None
     # Set when a stop begins: /readyz answers 503 from then on.
     stopping: bool = field(default=False)
 
@@ -373,6 +375,7 @@ def build(
             if settings.analytics_refresh > 0
             else None
         ),
+        feed=feed,
     )
     metrics.watch(lambda: _component_metrics(svc))
     metrics.watch(svc.gauges.collect)
@@ -624,6 +627,16 @@ async def _announce_dashboard(svc: Service) -> None:
     sys.stderr.flush()
 
 
+async def _finish_requests(svc: Service, grace: float) -> None:
+    """The requests in flight at the stop are answered (within the grace) before the
+    HTTP server closes its connections: it reads nothing more from then on, so a body
+    still arriving would be lost and its request cut without an answer."""
+    if svc.http.in_flight:
+        log.get("http").info("http_draining", requests=svc.http.in_flight)
+        with anyio.move_on_after(grace):
+            await svc.http.wait_idle()
+
+
 async def run_service(svc: Service, stop: _Stop | None = None) -> int:
     """Run the components until a stop is asked for, then stop them in order."""
     logger = log.get("app")
@@ -649,12 +662,15 @@ async def run_service(svc: Service, stop: _Stop | None = None) -> int:
         # Streams end first: a browser reconnects (to another process) and resumes from
         # its last event id, and the HTTP server need not wait for them.
         svc.hub.close_all()
+        if svc.feed is not None:
+            svc.feed.close()
         if started and not stop.hard:
             grace = svc.settings.shutdown_grace
             with stop.cancellable(), anyio.move_on_after(grace + _STOP_MARGIN):
                 async with anyio.create_task_group() as stopping:
                     stopping.start_soon(svc.worker.shutdown, grace)
                     stopping.start_soon(svc.deliverer.shutdown, grace)
+                    stopping.start_soon(_finish_requests, svc, grace)
         if started and not svc.worker.stopped:
             svc.worker.hard_stop()
             with anyio.move_on_after(_STOP_MARGIN):

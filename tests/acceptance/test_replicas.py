@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import signal
 import uuid
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tenantry.jobs import queue as jobs
 from tenantry.onboarding.model import STEPS
+from tenantry.ops import operators as ops
 from tenantry.tenants import store
 from tests.acceptance.process import ServiceProcess
 from tests.helpers import (
@@ -83,6 +85,8 @@ class Replica:
     proc: ServiceProcess | None = None
     port: int = 0
     generations: list[ServiceProcess] = field(default_factory=list)
+    # More of the environment (a test's own settings).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def base(self) -> str:
@@ -90,7 +94,7 @@ class Replica:
 
     async def start(self, http: aiohttp.ClientSession) -> None:
         self.proc = await ServiceProcess.start(
-            self.database_url, "--no-migrate", **replica_env(self.data_dir, self.slot)
+            self.database_url, "--no-migrate", **replica_env(self.data_dir, self.slot), **self.env
         )
         self.generations.append(self.proc)
         self.port = await self.proc.started()
@@ -449,6 +453,117 @@ async def test_a_draining_replica_refuses_new_requests_and_ends_its_streams_clea
             await replica.proc.kill()
     # Nothing the refused sign-up could have written.
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.onboardings") == 1
+
+
+@pytest.mark.timeout(60)
+async def test_a_request_whose_body_is_still_arriving_at_sigterm_is_answered(
+    database_url: str, admin_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """Nothing runs, so the process has nothing else to wait for: a sign-up that got in
+    before SIGTERM, its body still on the way (a slow client), is read to its end and
+    answered before the process closes its connections (it was cut: no answer at all,
+    the handler cancelled after the HTTP server's 2 s)."""
+    replica = Replica(0, database_url, tmp_path)
+    async with aiohttp.ClientSession() as http:
+        await replica.start(http)
+        assert replica.proc is not None
+        try:
+            body = json.dumps(
+                {"email": "slow@example.com", "tenant_name": "Slow Inc", "plan": "free"}
+            ).encode()
+            head = (
+                "POST /v1/onboardings HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            reader, writer = await asyncio.open_connection("127.0.0.1", replica.port)
+            writer.write(head + body[:10])
+            await writer.drain()
+            # A round trip through the server's loop: the slow request's head is read.
+            async with http.get(f"{replica.base}/healthz") as r:
+                assert r.status == 200
+            replica.proc.signal(signal.SIGTERM)
+            line = await replica.proc.wait_log("http_draining")
+            assert line["requests"] == 1
+            writer.write(body[10:])
+            await writer.drain()
+            with anyio.fail_after(10):
+                answer = await reader.read()
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 202 "), answer[:300]
+            assert await replica.proc.wait_exit() == 0
+        finally:
+            await replica.proc.kill()
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.onboardings") == 1
+
+
+@pytest.mark.timeout(60)
+async def test_a_draining_replica_ends_the_dashboards_stream_and_answers_preflights(
+    database_url: str,
+    admin_pool: asyncpg.Pool,
+    pool: asyncpg.Pool,
+    worker_pool: asyncpg.Pool,
+    tmp_path: Path,
+) -> None:
+    """At SIGTERM the dashboard's live stream (/ops/events) ends at once and cleanly, as
+    the tenants' streams do (it stayed open until the exit, then was cut mid-chunk);
+    and a cross-origin page's preflight is still answered, so that the page reads the
+    503 and its Retry-After that its request then gets (a refused preflight is only a
+    network error to the page: it cannot see why, nor when to retry)."""
+    origin = "https://app.example.com"
+    await admin_pool.execute(
+        "CREATE TABLE public.replica_runs (job_id bigint, kind text, phase text, period text,"
+        " at timestamptz DEFAULT clock_timestamp());"
+        " GRANT INSERT ON public.replica_runs TO tenantry_service"
+    )
+    replica = Replica(0, database_url, tmp_path, env={"TENANTRY_CORS_ORIGINS": origin})
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+        await replica.start(http)
+        assert replica.proc is not None
+        try:
+            key = await ops.add(worker_pool, "alice", "read")
+            async with http.post(
+                f"{replica.base}/ops/sign-in", data={"key": key}, allow_redirects=False
+            ) as r:
+                assert r.status == 303
+            job = await jobs.enqueue(
+                pool,
+                tenant_id=TENANT_A,
+                kind="replica.linger",
+                queue="slot0",
+                payload={"seconds": 600},
+            )
+            await eventually(_started(admin_pool, job), timeout=20)
+            async with http.get(f"{replica.base}/ops/events") as stream:
+                assert stream.status == 200
+                assert await stream.content.readline() == b"retry: 3000\n"
+                replica.proc.signal(signal.SIGTERM)
+                with anyio.fail_after(10):
+                    # Read to its end: a reset would raise ClientPayloadError here.
+                    await stream.read()
+            async with http.options(
+                f"{replica.base}/v1/onboardings",
+                headers={
+                    "Origin": origin,
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "content-type, idempotency-key",
+                },
+            ) as r:
+                assert r.status == 200
+                assert r.headers["Access-Control-Allow-Origin"] == origin
+                assert r.headers["Connection"] == "close"
+            async with http.post(
+                f"{replica.base}/v1/onboardings",
+                json={"email": "late@example.com", "tenant_name": "Too Late", "plan": "free"},
+                headers={"Origin": origin},
+            ) as r:
+                assert r.status == 503 and r.headers["Retry-After"] == "1"
+                assert r.headers["Access-Control-Allow-Origin"] == origin
+                assert "Retry-After" in r.headers["Access-Control-Expose-Headers"]
+            replica.proc.signal(signal.SIGTERM)  # no need to wait out the job
+            assert await replica.proc.wait_exit() == 0
+        finally:
+            await replica.proc.kill()
 
 
 def _ticked(admin: asyncpg.Pool) -> Any:

@@ -3,7 +3,8 @@ in tenant_api."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,34 @@ class Readiness:
 
 
 READINESS = web.AppKey("readiness", Readiness)
+
+
+class InFlight:
+    """The requests being handled (those a draining process refuses aside): a stopping
+    process answers them before it closes its connections, since from then on the
+    server reads nothing more (a body still arriving would never arrive)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed: anyio.Event | None = None  # made by a waiter (in the loop)
+
+    @contextmanager
+    def handling(self) -> Iterator[None]:
+        self.count += 1
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if self._changed is not None:
+                self._changed.set()
+
+    async def wait_idle(self) -> None:
+        while self.count:
+            self._changed = anyio.Event()
+            await self._changed.wait()
+
+
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -157,8 +186,12 @@ async def refuse_while_draining(request: web.Request, handler: Handler) -> web.S
     """From SIGTERM on, a new request is refused with 503 and Retry-After (a sign-up
     retried with its Idempotency-Key is safe), and its connection closed, so that the
     client or the load balancer goes to another process; a stream opened now would be
-    cut at the exit anyway.  Requests already in flight go on to their end."""
-    if request.app[READINESS].draining() and request.path not in _ANSWERED_WHILE_DRAINING:
+    cut at the exit anyway.  Requests already in flight go on to their end (the stop
+    waits for them: InFlight).  A CORS preflight is still answered (it touches nothing):
+    refused, it is only a network error to the page, which then never sees the 503 and
+    Retry-After of its request."""
+    draining = request.app[READINESS].draining()
+    if draining and request.path not in _ANSWERED_WHILE_DRAINING and not _preflight(request):
         response = problem(
             503,
             "this server is restarting: please retry in a moment (another one will answer)",
@@ -166,7 +199,19 @@ async def refuse_while_draining(request: web.Request, handler: Handler) -> web.S
         )
         response.force_close()
         return response
-    return await handler(request)
+    with request.app[IN_FLIGHT].handling():
+        answer = await handler(request)
+    if draining:
+        answer.force_close()  # the next request goes to another process
+    return answer
+
+
+def _preflight(request: web.Request) -> bool:
+    return (
+        request.method == "OPTIONS"
+        and "Origin" in request.headers
+        and "Access-Control-Request-Method" in request.headers
+    )
 
 
 def _static(
@@ -230,6 +275,7 @@ def build_app(
         middlewares=[request_log, errors_as_problems, refuse_while_draining],
     )
     app[READINESS] = readiness
+    app[IN_FLIGHT] = InFlight()
     app.on_response_prepare.append(return_request_id)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -284,6 +330,19 @@ class HttpServer:
     def app(self) -> web.Application:
         """The application served (its routes are the contract's: test_openapi.py)."""
         return self._app
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being handled now (build_app's applications; 0 for others)."""
+        tracked = self._app.get(IN_FLIGHT)
+        return tracked.count if tracked is not None else 0
+
+    async def wait_idle(self) -> None:
+        """Until no request is being handled: a stop waits for this before the server
+        closes its connections."""
+        tracked = self._app.get(IN_FLIGHT)
+        if tracked is not None:
+            await tracked.wait_idle()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         runner = ProblemAppRunner(

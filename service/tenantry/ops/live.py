@@ -17,6 +17,14 @@ class Feed:
         self.generation = 0
         self._listeners = 0
         self._changed = asyncio.Event()
+        # Set at shutdown: every open page's stream ends (the page reconnects, to
+        # another process).
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def poke(self, *_: object) -> None:
         self.generation += 1
@@ -33,9 +41,10 @@ class Feed:
             self._listeners -= 1
 
     async def wait_past(self, generation: int, within: float) -> bool:
-        """True once the feed has moved past `generation`; False after `within` seconds."""
+        """True once the feed has moved past `generation` (or is closed); False after
+        `within` seconds."""
         with anyio.move_on_after(within):
-            while self.generation == generation:
+            while self.generation == generation and not self.closed:
                 await self._changed.wait()
             return True
         return False

@@ -824,7 +824,8 @@ async def audit_page(request: web.Request) -> web.StreamResponse:
 async def events(request: web.Request) -> web.StreamResponse:
     """`changed` events while the page is open, at most one a second: the page then
     fetches itself again (ops.js).  The stream ends when its session does (checked
-    every `session_check_every` seconds); a process serves `max_streams` at most."""
+    every `session_check_every` seconds), and at once when the process stops (the
+    page reconnects); a process serves `max_streams` at most."""
     dash = _dash(request)
     if dash.streams >= dash.max_streams:
         return _refused(request, 503, "Too many live pages are open: close some.")
@@ -843,8 +844,10 @@ async def events(request: web.Request) -> web.StreamResponse:
         checked = time.monotonic()
         await response.write(b"retry: 3000\n\n")
         with feed.listening():
-            while True:
+            while not feed.closed:  # closed: the process is stopping
                 changed = await feed.wait_past(seen, within=dash.session_check_every)
+                if feed.closed:
+                    break
                 if time.monotonic() - checked >= dash.session_check_every:
                     checked = time.monotonic()
                     try:
