@@ -612,9 +612,16 @@ async def _ensure_metrics_login(admin: db.Conn, url: str, admin_user: str) -> No
 
 
 async def _check_metrics_login(url: str) -> None:
-    conn = await db.connect(url)
+    try:
+        conn = await db.connect(url)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # Named here: the handler in _main would name DATABASE_URL, whose login is fine.
+        raise NoDatabase(
+            f"TENANTRY_METRICS_URL: the metrics login cannot connect: {exc} ({db.redact_dsn(url)})"
+        ) from None
     try:
         await roles.check_login(conn, "TENANTRY_METRICS_URL", roles.METRICS_ROLES)
+        await roles.check_reaches_no_table(conn, "TENANTRY_METRICS_URL")
     finally:
         await conn.close()
 

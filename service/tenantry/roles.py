@@ -161,3 +161,18 @@ async def check_login(conn: Conn, variable: str, allowed: Sequence[str]) -> None
             f"login is then {DEFAULT_LOGIN}{WORKER_SUFFIX}); `tenantry migrate` creates "
             "both logins"
         )
+
+
+async def check_reaches_no_table(conn: Conn, variable: str) -> None:
+    """Refuse a login (named by `variable`) meant to read nothing but through a function
+    (the metrics login) that can read or write a table, view or sequence of the schema:
+    by a grant of its own or PostgreSQL's pg_read_all_data / pg_write_all_data."""
+    names = [r["name"] for r in await conn.fetch(Q["reachable_relations"])]
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise InsecureRole(
+            f"{variable} logs in as a role that can read or write {shown}: it should"
+            " reach no table of the schema (only the function it is granted). Revoke"
+            " those grants, or point it at a login of its own; `tenantry migrate` creates"
+            " one when the role does not exist"
+        )

@@ -5,7 +5,7 @@
 -- not meant for it: being a superuser, having BYPASSRLS or CREATEROLE (which can grant
 -- itself any role on PostgreSQL 15), owning the schema or a table in it (an owner can
 -- disable or drop the policies), or being able to become a role that can do any of
--- that, read or write server files, or call another login's functions ($1: the
+-- that, read or write server files or every table, or call another login's functions ($1: the
 -- tenantry roles this login is meant to hold).  Checked for the session user: a role
 -- set with SET ROLE or a connection option can be left again with RESET ROLE.
 SELECT s.rolname::text AS login,
@@ -18,7 +18,10 @@ SELECT s.rolname::text AS login,
                 AND pg_catalog.pg_has_role(s.oid, b.oid, 'MEMBER')
                 AND (b.rolsuper OR b.rolbypassrls OR b.rolcreaterole
                      OR b.rolname IN ('pg_read_server_files', 'pg_write_server_files',
-                                      'pg_execute_server_program')
+                                      'pg_execute_server_program',
+                                      -- every table, past its grants (and, with a
+                                      -- tenant named by set_config, past the policies)
+                                      'pg_read_all_data', 'pg_write_all_data')
                      OR (b.rolname LIKE 'tenantry\_%' AND b.rolname <> ALL ($1::text[])))
               ORDER BY b.rolname) AS can_become,
        EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n
@@ -42,3 +45,16 @@ SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATER
 -- name: grant_roles
 SELECT format('GRANT %s TO %I',
               (SELECT string_agg(quote_ident(r), ', ') FROM unnest($2::text[]) r), $1::text)
+
+-- name: reachable_relations
+-- The schema's tables, views and sequences this login can read or write, by any grant
+-- (its own, a role's, PUBLIC's, a predefined role's): for a login that should reach
+-- none (the metrics login's only way in is tenantry.worker_demand).
+SELECT c.oid::regclass::text AS name
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname IN ('tenantry', 'tenantry_analytics')
+   AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+   AND (pg_catalog.has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE, TRUNCATE')
+        OR (c.relkind = 'S' AND pg_catalog.has_sequence_privilege(c.oid, 'USAGE, SELECT, UPDATE')))
+ ORDER BY 1

@@ -14,6 +14,7 @@ Two ways to name the tenant (TENANTRY_TENANT_CONTEXT), the same to PostgreSQL:
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -41,8 +42,11 @@ def parse_tenant_id(value: object) -> uuid.UUID:
 
 
 TENANT_CONTEXT_MODES = ("set_config", "set_local")
-# The process's mode (one per process: it follows the database it runs against).
-_context = {"mode": "set_config"}
+# The process's mode (one per process: it follows the database it runs against); None
+# until chosen: by use_tenant_context (the CLI, from its settings), or else from
+# TENANTRY_TENANT_CONTEXT at the first tenant transaction (an application using the
+# Python interface without the CLI, in the same deployment).
+_context: dict[str, str | None] = {"mode": None}
 
 
 def use_tenant_context(mode: str) -> None:
@@ -61,10 +65,22 @@ _SAFE_NAME = re.compile(r"app\.[a-z_]+")
 _SAFE_VALUE = re.compile(r"[0-9a-f-]*")
 
 
+def _mode() -> str:
+    mode = _context["mode"]
+    if mode is None:
+        raw = os.environ.get("TENANTRY_TENANT_CONTEXT") or "set_config"
+        if raw not in TENANT_CONTEXT_MODES:
+            raise ValueError(
+                f"TENANTRY_TENANT_CONTEXT must be one of {', '.join(TENANT_CONTEXT_MODES)}"
+            )
+        _context["mode"] = mode = raw
+    return mode
+
+
 def _setting_sql(name: str, value: str) -> str:
     if not _SAFE_NAME.fullmatch(name) or not _SAFE_VALUE.fullmatch(value):
         raise ValueError(f"not a setting that can be inlined: {name}")
-    if _context["mode"] == "set_local":
+    if _mode() == "set_local":
         return f"SET LOCAL {name} = '{value}'"
     return f"SELECT set_config('{name}', '{value}', true)"
 

@@ -246,3 +246,83 @@ async def test_migrate_refuses_a_metrics_login_that_could_do_more(
             )
     finally:
         await admin.close()
+
+
+@pytest.mark.parametrize(
+    ("grant", "reason"),
+    [
+        ("GRANT pg_read_all_data TO {name}", "can SET ROLE to pg_read_all_data"),
+        ("GRANT pg_write_all_data TO {name}", "can SET ROLE to pg_write_all_data"),
+        (
+            "GRANT USAGE ON SCHEMA tenantry TO {name};"
+            " GRANT SELECT ON tenantry.operator_sessions TO {name}",
+            "can read or write tenantry.operator_sessions",
+        ),
+    ],
+    ids=["read_all_data", "write_all_data", "table_grant"],
+)
+async def test_migrate_refuses_an_existing_metrics_login_that_reaches_tables(
+    database_url: str, grant: str, reason: str
+) -> None:
+    """A login that exists already is checked before it is granted anything: one that
+    reads or writes the schema's tables past their grants (PostgreSQL's predefined
+    data roles) or by a grant of its own is refused, as the service's or the worker's
+    login would be."""
+    name = f"t_metrics_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f"CREATE ROLE {name} LOGIN PASSWORD 'metrics-pw'")
+        await admin.execute(grant.format(name=name))
+        url = roles.with_login(database_url, name, "metrics-pw")
+        code, out, err = await run_cli(
+            "migrate", database_url=database_url, env={"TENANTRY_METRICS_URL": url}
+        )
+        assert code == 1, out + err
+        assert "TENANTRY_METRICS_URL" in err and reason in err, err
+        assert not await admin.fetchval(
+            "SELECT pg_has_role($1, 'tenantry_metrics', 'MEMBER')", name
+        )
+    finally:
+        await admin.execute(f"DROP OWNED BY {name}")
+        await admin.execute(f"DROP ROLE {name}")
+        await admin.close()
+
+
+async def test_a_metrics_login_that_cannot_log_in_is_named(database_url: str) -> None:
+    """A metrics login the server turns away (here: NOLOGIN; as well a wrong password)
+    is reported against TENANTRY_METRICS_URL, not against DATABASE_URL, whose login is
+    fine."""
+    name = f"t_metrics_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute(f"CREATE ROLE {name} NOLOGIN")
+        url = roles.with_login(database_url, name, "another-pw")
+        code, out, err = await run_cli(
+            "migrate", database_url=database_url, env={"TENANTRY_METRICS_URL": url}
+        )
+        assert code == 1, out + err
+        assert "TENANTRY_METRICS_URL" in err and name in err, err
+        assert "not permitted to log in" in err, err
+        assert roles.DEFAULT_LOGIN not in err, err
+        assert "another-pw" not in err
+    finally:
+        await admin.execute(f"DROP ROLE {name}")
+        await admin.close()
+
+
+async def test_due_deliveries_count_behind_a_thousand_endpoints_waiting_to_retry(
+    admin_pool: asyncpg.Pool, metrics: asyncpg.Connection
+) -> None:
+    """A thousand endpoints (more than the walk reads) each with a retry due in an hour
+    sort before an endpoint whose delivery is due now: the workers must still be asked
+    for, or that delivery waits, with the workers at zero, for the first of the retries."""
+    await admin_pool.execute(
+        "INSERT INTO tenantry.webhook_deliveries (tenant_id, endpoint_id, event_id,"
+        " event_type, body, state, next_attempt_at)"
+        " SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(g), 12, '0'))::uuid,"
+        "        gen_random_uuid(), g, 'e', '{}', 'pending', now() + interval '1 hour'"
+        " FROM generate_series(1, 1000) g"
+    )
+    assert await metrics.fetchval(scaler_query()) == 0  # nothing is due anywhere yet
+    await add_deliveries(admin_pool, C, uuid.uuid4(), "pending", 1)
+    assert await metrics.fetchval(scaler_query()) >= 1

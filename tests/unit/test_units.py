@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import inspect
+import os
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -322,3 +325,42 @@ def test_the_local_base_url_of_a_bound_address() -> None:
     assert config.local_base_url("0.0.0.0", 80) == "http://127.0.0.1:80"
     assert config.local_base_url("::", 80) == "http://127.0.0.1:80"
     assert config.local_base_url("example.internal", 9) == "http://example.internal:9"
+
+
+@pytest.mark.parametrize(
+    ("env", "statement"),
+    [
+        ({}, "SELECT set_config('app.tenant_id', 'ab', true)"),
+        (
+            {"TENANTRY_TENANT_CONTEXT": "set_config"},
+            "SELECT set_config('app.tenant_id', 'ab', true)",
+        ),
+        ({"TENANTRY_TENANT_CONTEXT": "set_local"}, "SET LOCAL app.tenant_id = 'ab'"),
+        ({"TENANTRY_TENANT_CONTEXT": "SET LOCAL"}, "ValueError: TENANTRY_TENANT_CONTEXT must be"),
+    ],
+    ids=["unset", "set_config", "set_local", "bad"],
+)
+def test_the_python_interface_takes_the_tenant_context_of_the_deployment(
+    env: dict[str, str], statement: str
+) -> None:
+    """An application that imports tenantry and opens tenant transactions itself
+    (tenantry.tenant_tx), without the CLI, runs in the deployment's
+    TENANTRY_TENANT_CONTEXT as the service does: on Citus a set_config() there would
+    not reach the worker nodes."""
+    code = (
+        "from tenantry import tenancy\n"
+        "try:\n"
+        "    print(tenancy._setting_sql('app.tenant_id', 'ab'))\n"
+        "except ValueError as exc:\n"
+        "    print(f'ValueError: {exc}')\n"
+    )
+    full = {k: v for k, v in os.environ.items() if k != "TENANTRY_TENANT_CONTEXT"} | env
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.startswith(statement), done.stdout + done.stderr

@@ -1,4 +1,4 @@
--- version: 8
+-- version: 9
 -- The job queue's functions and triggers.  A repeatable migration (tenantry/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -1455,7 +1455,7 @@ GRANT EXECUTE ON FUNCTION tenantry.queue_depth(text[], integer, integer)
 --   zero these would wait for the next job (a retry not yet due is left out: it wakes
 --   them when it falls due, as a scheduled job does).
 -- Counted up to 10,000 in all, and each part reads at most that many index entries
--- (the deliveries walk one head per endpoint with pending rows, at most 1,000
+-- (the deliveries walk one head per endpoint with pending rows, at most 1,001
 -- endpoints), so a backlog of millions costs what one of 10,000 does: far above any
 -- replica count (10,000 / target per replica).  The cap is fixed here, not a
 -- parameter, so that the metrics login cannot ask for a scan of the whole table.
@@ -1471,6 +1471,8 @@ DECLARE
     max_endpoints CONSTANT integer := 1000;
     q text;
     total bigint := 0;
+    due_deliveries bigint;
+    unread_endpoints boolean;
 BEGIN
     IF coalesce(cardinality(queues), 0) NOT BETWEEN 1 AND 100
        OR array_position(queues, NULL) IS NOT NULL THEN
@@ -1499,34 +1501,45 @@ BEGIN
          WHERE d.state = 'sending'
          LIMIT cap - total) x);
     -- Due deliveries: a walk over the (tenant, endpoint) heads of the claim's index,
-    -- then each endpoint's due range (its rows not yet due are never read).
-    total := total + (SELECT count(*) FROM (
-        WITH RECURSIVE ep (tenant_id, endpoint_id, n) AS (
-            (SELECT d.tenant_id, d.endpoint_id, 1
-               FROM tenantry.webhook_deliveries d
-              WHERE d.state = 'pending'
-              ORDER BY d.tenant_id, d.endpoint_id, d.next_attempt_at
-              LIMIT 1)
-            UNION ALL
-            SELECT nx.tenant_id, nx.endpoint_id, ep.n + 1
-              FROM ep
-             CROSS JOIN LATERAL (
-                SELECT d.tenant_id, d.endpoint_id
-                  FROM tenantry.webhook_deliveries d
-                 WHERE d.state = 'pending'
-                   AND (d.tenant_id, d.endpoint_id) > (ep.tenant_id, ep.endpoint_id)
-                 ORDER BY d.tenant_id, d.endpoint_id, d.next_attempt_at
-                 LIMIT 1) nx
-             WHERE ep.n < max_endpoints
-        )
-        SELECT 1
+    -- then each endpoint's due range (its rows not yet due are never read).  The walk
+    -- goes one head past max_endpoints to learn whether endpoints were left unread:
+    -- when the ones read have nothing due but more wait past them, one worker is asked
+    -- for (its claim reads every endpoint), or a delivery due there would wait, the
+    -- workers at zero, until a retry of the first thousand falls due (up to a day).
+    WITH RECURSIVE ep (tenant_id, endpoint_id, n) AS (
+        (SELECT d.tenant_id, d.endpoint_id, 1
+           FROM tenantry.webhook_deliveries d
+          WHERE d.state = 'pending'
+          ORDER BY d.tenant_id, d.endpoint_id, d.next_attempt_at
+          LIMIT 1)
+        UNION ALL
+        SELECT nx.tenant_id, nx.endpoint_id, ep.n + 1
           FROM ep
          CROSS JOIN LATERAL (
-            SELECT 1 FROM tenantry.webhook_deliveries d
-             WHERE d.tenant_id = ep.tenant_id AND d.endpoint_id = ep.endpoint_id
-               AND d.state = 'pending' AND d.next_attempt_at <= now()
-             LIMIT cap - total) due
-         LIMIT cap - total) x);
+            SELECT d.tenant_id, d.endpoint_id
+              FROM tenantry.webhook_deliveries d
+             WHERE d.state = 'pending'
+               AND (d.tenant_id, d.endpoint_id) > (ep.tenant_id, ep.endpoint_id)
+             ORDER BY d.tenant_id, d.endpoint_id, d.next_attempt_at
+             LIMIT 1) nx
+         WHERE ep.n <= max_endpoints
+    )
+    SELECT (SELECT count(*) FROM (
+               SELECT 1
+                 FROM ep
+                CROSS JOIN LATERAL (
+                   SELECT 1 FROM tenantry.webhook_deliveries d
+                    WHERE d.tenant_id = ep.tenant_id AND d.endpoint_id = ep.endpoint_id
+                      AND d.state = 'pending' AND d.next_attempt_at <= now()
+                    LIMIT cap - total) due
+                WHERE ep.n <= max_endpoints
+                LIMIT cap - total) x),
+           EXISTS (SELECT 1 FROM ep WHERE ep.n > max_endpoints)
+      INTO due_deliveries, unread_endpoints;
+    total := total + due_deliveries;
+    IF due_deliveries = 0 AND unread_endpoints THEN
+        total := total + 1;
+    END IF;
     RETURN least(total, cap);
 END;
 $$;
