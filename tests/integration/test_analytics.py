@@ -363,6 +363,62 @@ async def test_migrate_creates_the_analyst_login(database_url: str) -> None:
     assert (await read(url)).days == 7
 
 
+async def test_migrate_refuses_an_analytics_url_of_another_login_and_grants_nothing(
+    database_url: str,
+) -> None:
+    """TENANTRY_ANALYTICS_URL with the service's or the worker's user (DATABASE_URL
+    copied, the host changed to the replica's): granted tenantry_analyst, that login
+    would be refused at every start of the service from then on, until the grant were
+    revoked by hand.  Refused instead, before anything is granted."""
+    name = f"atk_{uuid.uuid4().hex[:8]}"
+    service_url = roles.with_login(database_url, name)
+    worker_url = roles.worker_url_for(service_url)
+    base = {"DATABASE_URL": service_url, "TENANTRY_ADMIN_URL": database_url}
+    admin = await db.connect(database_url)
+    try:
+        for analytics_url, whose in (
+            (service_url, "DATABASE_URL's login"),  # the first migrate: no login exists
+            (worker_url, "TENANTRY_WORKER_URL's login"),
+        ):
+            code, _out, err = await run_cli(
+                "migrate", env={**base, analytics.URL_VARIABLE: analytics_url}
+            )
+            assert code == 1 and whose in err and "nothing was granted" in err, err
+            for user in (name, name + roles.WORKER_SUFFIX):
+                assert not await admin.fetchval(
+                    "SELECT pg_has_role($1, 'tenantry_analyst', 'MEMBER')"
+                    " FROM pg_roles WHERE rolname = $1",
+                    user,
+                )
+        # And an existing role that holds another tenantry role, by its memberships.
+        other = f"{name}_other"
+        await admin.execute(f"CREATE ROLE {other} LOGIN IN ROLE tenantry_service")
+        code, _out, err = await run_cli(
+            "migrate",
+            env={**base, analytics.URL_VARIABLE: roles.with_login(database_url, other)},
+        )
+        assert code == 1 and "a member of tenantry_service" in err, err
+        assert not await admin.fetchval(
+            "SELECT pg_has_role($1, 'tenantry_analyst', 'MEMBER')", other
+        )
+        # The logins are as they should be: the service starts.
+        code, _out, err = await run_cli("migrate", env=base)
+        assert code == 0, err
+        for url, variable, allowed in (
+            (service_url, "DATABASE_URL", roles.SERVICE_ROLES),
+            (worker_url, "TENANTRY_WORKER_URL", roles.WORKER_ROLES),
+        ):
+            conn = await db.connect(url)
+            try:
+                await roles.check_login(conn, variable, allowed)
+            finally:
+                await conn.close()
+    finally:
+        for user in (name, name + roles.WORKER_SUFFIX, f"{name}_other"):
+            await admin.execute(f"DROP ROLE IF EXISTS {user}")
+        await admin.close()
+
+
 async def test_the_command_without_a_url_says_how_to_set_it_up() -> None:
     code, out, err = await run_cli("analytics")
     assert code == 2 and out == ""
