@@ -687,3 +687,45 @@ async def test_the_dashboard_page_reads_the_standby_and_says_what_it_cannot(
     finally:
         dash.analytics = None
         await browser.close()
+
+
+@pytest.fixture
+async def silent_replica() -> AsyncIterator[str]:
+    """A URL of a host that takes the connection and never answers (a replica whose
+    machine hangs; a host that drops packets is the same to the client, only longer)."""
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"postgresql://{ANALYST}:pw@127.0.0.1:{port}/tenantry"
+    finally:
+        server.close()
+
+
+async def test_a_replica_that_never_answers_is_said_on_the_page_and_by_the_command_in_time(
+    svc: Service, worker_pool: asyncpg.Pool, silent_replica: str
+) -> None:
+    """Within seconds, not asyncpg's 60 s connect timeout (the proxy in front of the
+    service gives up at 60 s: the operator got a 504, never the page's notice)."""
+    browser = Browser(svc)
+    dash = svc.http._app[DASHBOARD]
+    reader_pool = await analytics.create_pool(silent_replica)
+    dash.analytics = analytics.Reader(reader_pool, False)
+    try:
+        await sign_in(browser, worker_pool, "silent-replica", "read")
+        status, text, _ = await asyncio.wait_for(browser.get("/ops/analytics"), 20)
+        assert status == 200 and "The read replica cannot be reached" in text, text[-2000:]
+        code, out, err = await asyncio.wait_for(
+            run_cli("analytics", env={"TENANTRY_ANALYTICS_URL": silent_replica}),
+            30,
+        )
+        assert code == 1 and out == "" and "analytics replica" in err, err
+        assert ":pw@" not in err
+    finally:
+        dash.analytics = None
+        await reader_pool.close()
+        await browser.close()
