@@ -729,3 +729,60 @@ async def test_a_replica_that_never_answers_is_said_on_the_page_and_by_the_comma
         dash.analytics = None
         await reader_pool.close()
         await browser.close()
+
+
+async def test_a_read_cancelled_by_the_standby_s_replay_is_said_on_the_page(
+    svc: Service, worker_pool: asyncpg.Pool, pair: Pair
+) -> None:
+    """A hot standby cancels a query that holds up the replay of the primary's changes
+    (past max_standby_streaming_delay: a lagging standby, a view's rows vacuumed or its
+    file truncated after a refresh): SQLSTATE 40001, "conflict with recovery".  The
+    page said so, rather than answer 500.  Made certain here: the standby waits for no
+    query (delay 0), the page's read waits on a view whose rebuild the primary has not
+    committed yet, while it holds another view that the primary then rebuilds."""
+    standby = await db.connect(pair.standby)
+    holder = await db.connect(pair.primary)
+    other = await db.connect(pair.primary)
+    browser = Browser(svc)
+    dash = svc.http._app[DASHBOARD]
+    # The reader's settings, but a lock wait long enough to outlast this machine's pace.
+    reader_pool = await db.create_pool(
+        pair.on_standby(ANALYST),
+        min_size=0,
+        max_size=2,
+        settings={**analytics.READER_SETTINGS, "lock_timeout": "30s"},
+    )
+    dash.analytics = analytics.Reader(reader_pool, False)
+    await standby.execute("ALTER SYSTEM SET max_standby_streaming_delay = 0")
+    await standby.execute("SELECT pg_reload_conf()")
+    try:
+        await sign_in(browser, worker_pool, "conflicted", "read")
+        rebuild = holder.transaction()
+        await rebuild.start()
+        await holder.execute("REFRESH MATERIALIZED VIEW tenantry_analytics.jobs_daily")
+        await other.fetchval("SELECT pg_current_xact_id()")  # a commit: the WAL flushed
+        await replayed(pair)
+        page = asyncio.ensure_future(browser.get("/ops/analytics"))
+
+        async def read_waits() -> bool:
+            return bool(
+                await standby.fetchval(
+                    "SELECT EXISTS (SELECT FROM pg_stat_activity"
+                    " WHERE usename = $1 AND wait_event_type = 'Lock')",
+                    ANALYST,
+                )
+            )
+
+        await eventually(read_waits)
+        await other.execute("REFRESH MATERIALIZED VIEW tenantry_analytics.onboarding_daily")
+        status, text, _ = await page
+        await rebuild.rollback()
+        assert status == 200 and "conflict with recovery" in text, text[-2000:]
+    finally:
+        dash.analytics = None
+        await reader_pool.close()
+        await browser.close()
+        await standby.execute("ALTER SYSTEM RESET max_standby_streaming_delay")
+        await standby.execute("SELECT pg_reload_conf()")
+        for c in (standby, holder, other):
+            await c.close()
