@@ -335,6 +335,31 @@ async def test_the_analyst_cannot_write_on_the_primary(analyst_url: str) -> None
         )
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=asyncpg.LockNotAvailableError,
+    reason="not fixed: pg_advisory_lock is PUBLIC; keep the analyst's login off the primary"
+    " (pg_hba.conf) until the lock functions are revoked from PUBLIC",
+)
+async def test_the_analyst_login_cannot_hold_up_the_primary_s_claims(
+    analyst_url: str, worker_url: str
+) -> None:
+    """The analyst's login exists on the primary too (the standby replays it): there,
+    it may take the advisory lock every process's webhook claim takes turns on (as it
+    may the migration's and the capped queues' claims), and hold it for as long as it
+    likes: no webhook is claimed meanwhile."""
+    analyst = await db.connect(analyst_url, server_settings=analytics.READER_SETTINGS)
+    worker = await db.connect(worker_url, server_settings={"lock_timeout": "1s"})
+    try:
+        await analyst.execute("SELECT pg_advisory_lock(32331, hashtext('tenantry.webhook_claim'))")
+        await worker.fetch(
+            "SELECT * FROM tenantry.webhook_claim('o', 10, gen_random_uuid(), 5, 10, 5, 10)"
+        )
+    finally:
+        await analyst.close()
+        await worker.close()
+
+
 async def test_the_analyst_login_is_refused_where_it_could_do_more(
     database_url: str, analyst_url: str
 ) -> None:
