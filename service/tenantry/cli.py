@@ -578,6 +578,8 @@ async def _migrate(urls: Urls, check: bool, quiet: bool = False) -> int:
         # With one URL for everything (the service would log in as the admin, and
         # refuse to start) there are no logins to create.
         admin_user = roles.login_of(urls.admin).user
+        if urls.analytics is not None:
+            await _check_analyst_login(conn, urls, admin_user)
         if roles.login_of(urls.service).user != admin_user:
             logins = [(urls.service, roles.SERVICE_ROLES), (urls.worker, roles.WORKER_ROLES)]
             if urls.analytics is not None:
@@ -595,6 +597,35 @@ async def _migrate(urls: Urls, check: bool, quiet: bool = False) -> int:
         return EXIT_OK
     finally:
         await conn.close()
+
+
+async def _check_analyst_login(admin: db.Conn, urls: Urls, admin_user: str) -> None:
+    """Refuse, before anything is granted, an analyst's login that is another login of
+    the service's (granted tenantry_analyst, the service's or the worker's would then
+    be refused at every start, until the grant is revoked by hand) or that already holds
+    another tenantry role."""
+    assert urls.analytics is not None
+    user = roles.login_of(urls.analytics).user
+    if user == admin_user:
+        return  # nothing is granted to it; reading as it is refused (an administrator)
+    others = {
+        roles.login_of(url).user: variable
+        for variable, url in (
+            ("DATABASE_URL", urls.service),
+            ("TENANTRY_WORKER_URL", urls.worker),
+            ("TENANTRY_METRICS_URL", urls.metrics),
+        )
+        if url is not None
+    }
+    held = await roles.other_tenantry_roles(admin, user, analytics.ANALYST_ROLES)
+    if user in others or held:
+        why = f"{others[user]}'s login" if user in others else "a member of " + ", ".join(held)
+        raise InsecureRole(
+            f'{analytics.URL_VARIABLE} logs in as role "{user}", {why}: the analyst'
+            " needs a login of its own, a member of tenantry_analyst only (`tenantry"
+            f" migrate` creates it when {analytics.URL_VARIABLE} names a new user);"
+            " nothing was granted"
+        )
 
 
 async def _ensure_metrics_login(admin: db.Conn, url: str, admin_user: str) -> None:

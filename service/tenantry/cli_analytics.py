@@ -81,7 +81,9 @@ def run(
 async def _read(
     url: str, days: int, tenant_id: uuid.UUID | None, allow_primary: bool
 ) -> analytics.Report:
-    conn = await db.connect(url, server_settings=analytics.READER_SETTINGS)
+    conn = await db.connect(
+        url, server_settings=analytics.READER_SETTINGS, timeout=analytics.CONNECT_TIMEOUT
+    )
     try:
         return await analytics.read(
             conn, days=days, tenant_id=tenant_id, allow_primary=allow_primary

@@ -155,12 +155,15 @@ async def create_pool(
     name: str = "tenantry",
     stateless: bool = False,
     pooled: bool = False,
+    connect_timeout: float = 60.0,
 ) -> asyncpg.Pool:
-    """`pooled`: `dsn` goes through a transaction-mode pooler."""
+    """`pooled`: `dsn` goes through a transaction-mode pooler.  `connect_timeout`:
+    seconds a new connection may take (asyncpg's default)."""
     pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
+        timeout=connect_timeout,
         init=init_connection,
         reset=_keep_session if stateless else None,
         # The pool resets connections on release (RESET ALL, UNLISTEN, ...), so a tenant

@@ -107,6 +107,11 @@ async def login_exists(admin: Conn, user: str) -> bool:
     return bool(await admin.fetchval(Q["role_exists"], user))
 
 
+async def other_tenantry_roles(admin: Conn, user: str, allowed: Sequence[str]) -> list[str]:
+    """The tenantry roles outside `allowed` that `user` holds (none if it is missing)."""
+    return list(await admin.fetchval(Q["other_tenantry_roles"], user, list(allowed)))
+
+
 async def ensure_login(admin: Conn, login: Login, grants: Sequence[str]) -> bool:
     """Create a login role if missing (NOSUPERUSER, NOBYPASSRLS, NOCREATEROLE) and
     grant it `grants`.  An existing role is left as it is, apart from the grants: the

@@ -36,6 +36,16 @@ SELECT s.rolname::text AS login,
 -- name: role_exists
 SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1::text)
 
+-- name: other_tenantry_roles
+-- The tenantry roles other than $2 that role $1 is a member of (empty for a role that
+-- does not exist).
+SELECT ARRAY(SELECT b.rolname::text
+               FROM pg_catalog.pg_roles s, pg_catalog.pg_roles b
+              WHERE s.rolname = $1::text AND b.oid <> s.oid
+                AND pg_catalog.pg_has_role(s.oid, b.oid, 'MEMBER')
+                AND b.rolname LIKE 'tenantry\_%' AND b.rolname <> ALL ($2::text[])
+              ORDER BY b.rolname)
+
 -- name: create_login
 -- Identifiers and the (already hashed) password are quoted by format(), never by us.
 SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT',

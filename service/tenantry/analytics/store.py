@@ -38,6 +38,10 @@ READER_SETTINGS = {
     "statement_timeout": "10s",
 }
 REFRESH_TIMEOUT = "10min"
+# Seconds a connection to the replica may take: a replica host that is down and drops
+# packets would otherwise hold the page for asyncpg's 60 s (the proxy in front gives up
+# at 60 s too, and the operator got a 504 instead of the page's notice).
+CONNECT_TIMEOUT = 5.0
 # How often a process asks whether a refresh is due (the database decides, across all
 # processes): at most this, and at most the refresh interval.
 REFRESH_POLL_S = 30.0
@@ -166,7 +170,12 @@ async def create_pool(url: str) -> asyncpg.Pool:
     """The dashboard's connections to the replica: none until a page asks (a replica
     that is away must not keep the service from starting), two at most."""
     return await db.create_pool(
-        url, min_size=0, max_size=2, settings=READER_SETTINGS, name="tenantry-analytics"
+        url,
+        min_size=0,
+        max_size=2,
+        settings=READER_SETTINGS,
+        name="tenantry-analytics",
+        connect_timeout=CONNECT_TIMEOUT,
     )
 
 

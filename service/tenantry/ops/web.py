@@ -808,6 +808,10 @@ async def analytics_page(request: web.Request) -> web.StreamResponse:
             notice = str(exc)
         except UNAVAILABLE as exc:
             notice = f"The read replica cannot be reached: {type(exc).__name__}"
+        except asyncpg.TransactionRollbackError as exc:
+            # A hot standby cancels a read that holds up its replay (40001, "conflict
+            # with recovery"; 40P01): the next try usually goes through.
+            notice = f"The read replica cancelled the read ({exc}): reload to try again."
     return render(request, "analytics.html", report=report, notice=notice, days=days)
 
 
