@@ -158,7 +158,9 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    # A kind may hold a line break (any text up to 200 characters): written as it is, it
+    # would start a row of its own.  The other control characters are escaped on output.
+    return str(value).replace("\n", "\\x0a")
 
 
 def _table(header: Sequence[str], rows: Sequence[dict[str, Any]]) -> list[str]:

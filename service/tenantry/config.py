@@ -6,6 +6,7 @@ the process with a message naming the variable, never a traceback.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -159,17 +160,38 @@ def _parse(env: Mapping[str, str], name: str, conv: Callable[[str], T], default:
         raise ConfigError(f"{shown}: {exc}") from None
 
 
-def _positive_float(raw: str) -> float:
+def _finite_float(raw: str) -> float:
+    # float() also reads "nan" and "inf": as a timer, NaN compares false with
+    # everything (a check never due, or always) and infinity never arrives.
     value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = _finite_float(raw)
     if not value > 0:
         raise ValueError("must be a number > 0")
     return value
 
 
 def _non_negative_float(raw: str) -> float:
-    value = float(raw)
+    value = _finite_float(raw)
     if value < 0:
         raise ValueError("must be a number >= 0")
+    return value
+
+
+# A refresh rebuilds every analytics view: not more often than a minute, and at least
+# once a week (a larger figure is a typo, and the database's interval type ends).
+_REFRESH_MIN_S, _REFRESH_MAX_S = 60.0, 7 * 86_400.0
+
+
+def _refresh_interval(raw: str) -> float:
+    value = _finite_float(raw)
+    if value != 0 and not _REFRESH_MIN_S <= value <= _REFRESH_MAX_S:
+        raise ValueError(f"must be 0 (never) or {_REFRESH_MIN_S:.0f}-{_REFRESH_MAX_S:.0f} seconds")
     return value
 
 
@@ -535,7 +557,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         analytics_refresh=_parse(
             e,
             "TENANTRY_ANALYTICS_REFRESH",
-            _non_negative_float,
+            _refresh_interval,
             ANALYTICS_REFRESH_DEFAULT if analytics_url else 0.0,
         ),
     )

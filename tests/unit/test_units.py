@@ -92,6 +92,11 @@ def test_config_defaults_and_parsing() -> None:
         ("TENANTRY_METRICS_PORT", "-1"),
         ("TENANTRY_METRICS_TENANT_LABELS", "some"),
         ("TENANTRY_TENANT_CONTEXT", "SET LOCAL"),
+        ("TENANTRY_SHUTDOWN_GRACE", "nan"),
+        ("TENANTRY_POLL_INTERVAL", "inf"),
+        ("TENANTRY_ANALYTICS_REFRESH", "1e-9"),
+        ("TENANTRY_ANALYTICS_REFRESH", "1e300"),
+        ("TENANTRY_ANALYTICS_REFRESH", "nan"),
     ],
 )
 def test_bad_config_names_the_variable(name: str, value: str) -> None:
@@ -364,3 +369,11 @@ def test_the_python_interface_takes_the_tenant_context_of_the_deployment(
         check=True,
     )
     assert done.stdout.startswith(statement), done.stdout + done.stderr
+
+
+def test_an_analytics_table_keeps_one_line_per_row_whatever_a_kind_holds() -> None:
+    from tenantry.cli_analytics import _table  # noqa: PLC0415 - one private helper
+
+    lines = _table(("day", "kind"), [{"day": "2026-12-07", "kind": "fake\n  2026-12-06  x"}])
+    assert len(lines) == 2
+    assert lines[1] == "  2026-12-07  fake\\x0a  2026-12-06  x"
