@@ -25,6 +25,12 @@ client's CPU is not the service's; both share the machine's cores with PostgreSQ
     Errors: any answer other than 202, and exceptions (timeouts, resets).  Every
     accepted sign-up is provisioned (7 steps, one job) by the same process meanwhile:
     how many completed by the end of the load, and the backlog then, are reported.
+(c) provisioning drain (runs first, on the idle service): the provisioning queue is
+    paused (an operator's pause, tenantry.set_queue_control), --drain sign-ups are
+    accepted over HTTP, then the queue is resumed and the time runs until every one of
+    them is `completed` or `failed`: sign-ups fully provisioned per second when
+    provisioning has the machine to itself, and its CPU per sign-up (the service and
+    PostgreSQL apart).  What the accept path costs is (a)'s.
 (b) accept -> completed, no external latency.  --follow sign-ups at --follow-rate/s
     (20: a latency probe, not a load); each opens its events stream right after the 202
     and the time runs from just before the POST to the receipt of
@@ -44,10 +50,13 @@ import argparse
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import aiohttp
+import anyio
 import asyncpg
 
 from tenantry import db
@@ -68,6 +77,8 @@ NAME = "onboarding"
 GOAL_P99_MS = 10.0
 # The achieved rate may fall this far short of the offered one and still count.
 RATE_SHORTFALL = 0.05
+# Issue 14: sign-ups fully provisioned per second on this machine.
+GOAL_PROVISIONED_PER_S = 500.0
 # Provisioning jobs at once: at 20 they took the two cores from the accepts.
 PROVISION_CONCURRENCY = 4
 
@@ -114,6 +125,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="diagnostic: the worker serves another queue, so nothing is provisioned and (a)"
         " measures the accept path alone ((b) is skipped)",
     )
+    parser.add_argument(
+        "--drain",
+        type=int,
+        default=None,
+        help="(c) sign-ups accepted while provisioning is paused, then provisioned"
+        " (3000; quick 300)",
+    )
+    parser.add_argument("--skip-drain", action="store_true", help="skip (c)")
     parser.add_argument("--skip-open", action="store_true", help="skip (a)")
     parser.add_argument("--skip-follow", action="store_true", help="skip (b)")
 
@@ -159,6 +178,81 @@ async def part_follow(svc: ServiceProcess, url: str, count: int, rate: float) ->
             "completed_at_to_client": common.latency_summary_ms(raw["completed_at_to_client_s"]),
         },
     }
+
+
+async def _accept_many(base_url: str, count: int, tag: str, parallel: int = 32) -> int:
+    """`count` sign-ups, `parallel` at a time, as fast as the service answers; how many
+    were accepted."""
+    accepted = 0
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(base_url, timeout=timeout) as http:
+        limit = anyio.Semaphore(parallel)
+
+        async def one(i: int) -> None:
+            nonlocal accepted
+            async with (
+                limit,
+                http.post(
+                    "/v1/onboardings",
+                    data=onboarding_load.sign_up_body(tag, i),
+                    headers={"Content-Type": "application/json"},
+                ) as r,
+            ):
+                await r.read()
+                accepted += r.status == 202
+
+        async with anyio.create_task_group() as tg:
+            for i in range(count):
+                tg.start_soon(one, i)
+    return accepted
+
+
+async def part_drain(svc: ServiceProcess, url: str, count: int, queue: str) -> Result:
+    tag = f"d{uuid.uuid4().hex[:6]}"
+    progress(f"onboarding: (c) {count} sign-ups accepted with provisioning paused, then drained")
+    conn = await db.connect(url)
+    try:
+        await conn.execute(_SET_PAUSED, queue, True)
+        accepted = await _accept_many(svc.base_url, count, tag)
+        before = await onboarding_counts(conn, tag)
+        cpu = CpuWindow(svc.pid, await postmaster_pid(url))
+        cpu.start()
+        started = time.monotonic()
+        await conn.execute(_SET_PAUSED, queue, False)
+        while True:
+            counts = await onboarding_counts(conn, tag)
+            if counts["in_progress"] == 0:
+                break
+            await anyio.sleep(0.1)
+        elapsed = time.monotonic() - started
+        usage = cpu.stop()
+    finally:
+        await conn.execute(_SET_PAUSED, queue, False)
+        await conn.close()
+    ended = counts["completed"] + counts["failed"]
+    drained = ended - (before["completed"] + before["failed"])
+    per_s = drained / elapsed if elapsed > 0 else 0.0
+    spent = usage["cpu_seconds"]
+    return {
+        "count": count,
+        "accepted": accepted,
+        "drained": drained,
+        "completed": counts["completed"],
+        "failed": counts["failed"],
+        "seconds": round(elapsed, 2),
+        "provisioned_per_s": round(per_s, 1),
+        "cpu": usage,
+        "cpu_ms_per_sign_up": {
+            k: round(spent[k] * 1000 / drained, 2)
+            for k in ("service", "postgres")
+            if k in spent and drained
+        },
+        "goal": {"per_s_at_least": GOAL_PROVISIONED_PER_S, "met": per_s >= GOAL_PROVISIONED_PER_S},
+    }
+
+
+# An operator's pause, as the dashboard and `tenantry queues pause` set it.
+_SET_PAUSED = "SELECT tenantry.set_queue_control($1::text, $2::boolean, NULL, false, 'bench')"
 
 
 async def part_open(
@@ -209,6 +303,7 @@ async def part_open(
 async def run(server_url: str, args: argparse.Namespace) -> Result:
     seconds = common.pick(args.seconds, quick=args.quick, quick_value=5.0, full_value=30.0)
     follow = common.pick(args.follow, quick=args.quick, quick_value=40, full_value=200)
+    drain = common.pick(args.drain, quick=args.quick, quick_value=300, full_value=3000)
     concurrency = args.provision_concurrency
     pool_size = args.pool_size or concurrency + 10
     # --accept-only: a queue nobody enqueues to, so the provisioning jobs wait untouched.
@@ -231,6 +326,8 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
                 TENANTRY_POOL_SIZE=str(pool_size),
             ) as svc,
         ):
+            if not (args.skip_drain or args.accept_only):
+                result["drain"] = await part_drain(svc, url, drain, "default")
             if not (args.skip_follow or args.accept_only):
                 result["follow"] = await part_follow(svc, url, follow, args.follow_rate)
             if not args.skip_open:
@@ -272,6 +369,18 @@ def render(result: Result) -> str:
             f"  goal p99 <= {g['p99_ms_at_most']:g} ms, no errors, rate achieved:"
             f" {common.verdict(g['met'])}"
         )
+    if "drain" in result:
+        d = result["drain"]
+        per = ", ".join(f"{k} {v:g} ms" for k, v in d["cpu_ms_per_sign_up"].items())
+        lines.append(
+            f"(c) provisioning drain: {d['accepted']:,} sign-ups accepted while paused, then"
+            f" {d['drained']:,} provisioned in {d['seconds']:g} s:"
+            f" **{fmt_rate(d['provisioned_per_s'])}/s** ({d['completed']:,} completed,"
+            f" {d['failed']:,} failed); CPU per sign-up: {per}"
+        )
+        lines.append(cores_line(d["cpu"]))
+        g = d["goal"]
+        lines.append(f"  goal >= {g['per_s_at_least']:g}/s provisioned: {common.verdict(g['met'])}")
     if "follow" in result:
         f = result["follow"]
         s = f["split_ms"]

@@ -22,7 +22,7 @@ from .common import Result
 from .service_proc import own_cpu_seconds
 
 
-def _body(tag: str, i: int) -> bytes:
+def sign_up_body(tag: str, i: int) -> bytes:
     return orjson.dumps(
         {"email": f"{tag}-{i}@example.com", "tenant_name": f"Bench {tag} {i}", "plan": "free"}
     )
@@ -47,7 +47,9 @@ async def load_open(base_url: str, rate: float, seconds: float, warmup: float, t
         async def one(i: int, due: float) -> None:
             lag[i] = time.perf_counter() - due
             try:
-                async with http.post("/v1/onboardings", data=_body(tag, i), headers=_JSON) as r:
+                async with http.post(
+                    "/v1/onboardings", data=sign_up_body(tag, i), headers=_JSON
+                ) as r:
                     await r.read()
                     status = r.status
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -110,7 +112,9 @@ async def load_follow(base_url: str, count: int, rate: float, tag: str) -> Resul
         async def one(i: int) -> None:
             t0 = time.perf_counter()
             try:
-                async with http.post("/v1/onboardings", data=_body(tag, i), headers=_JSON) as r:
+                async with http.post(
+                    "/v1/onboardings", data=sign_up_body(tag, i), headers=_JSON
+                ) as r:
                     body = await r.read()
                     if r.status != 202:
                         outcomes[f"POST {r.status}"] += 1

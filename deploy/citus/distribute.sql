@@ -70,6 +70,10 @@ SELECT citus_add_local_table_to_metadata('tenantry.operator_links');
 SELECT citus_add_local_table_to_metadata('tenantry.operator_sessions');
 SELECT citus_add_local_table_to_metadata('tenantry.schema_migrations');
 SELECT citus_add_local_table_to_metadata('tenantry.schema_repeatables');
+-- The analytics views' refresh bookkeeping.  The views themselves (0009) read
+-- coordinator-local and distributed tables alike; they are refreshed on the
+-- coordinator (docs/scaling.md: not tested on Citus).
+SELECT citus_add_local_table_to_metadata('tenantry_analytics.refresh_state');
 
 -- The onboarding's per-step lock runs where its tenant's shard is (its first argument
 -- is the tenant).

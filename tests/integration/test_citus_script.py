@@ -80,7 +80,9 @@ async def test_the_distribution_script_places_every_table_by_citus_rules(
             r["t"]
             for r in await conn.fetch(
                 "SELECT c.oid::regclass::text AS t FROM pg_class c"
-                " WHERE c.relnamespace = 'tenantry'::regnamespace AND c.relkind IN ('r', 'p')"
+                " WHERE c.relnamespace IN ('tenantry'::regnamespace,"
+                "                          'tenantry_analytics'::regnamespace)"
+                "   AND c.relkind IN ('r', 'p')"
             )
         }
         assert set(where) == tables, "every table placed, and only tables"

@@ -49,9 +49,11 @@ SELECT s.step, s.done_at
 SELECT l.state, l.version, l.email, l.tenant_name, l.plan, l.done
   FROM tenantry.onboarding_lock($1::uuid, $2::uuid) l
 
+-- The time the step was recorded, not its transaction's start: the steps of a group
+-- share one transaction (provision.py), and the ledger lists them by this time.
 -- name: record_step
-INSERT INTO tenantry.onboarding_steps (tenant_id, onboarding_id, step)
-VALUES ($1::uuid, $2::uuid, $3::text)
+INSERT INTO tenantry.onboarding_steps (tenant_id, onboarding_id, step, done_at)
+VALUES ($1::uuid, $2::uuid, $3::text, clock_timestamp())
 RETURNING done_at
 
 -- name: transition
