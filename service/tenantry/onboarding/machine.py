@@ -23,7 +23,6 @@ from ..errors import Conflict, NotFound
 from ..outbox import store as outbox
 from ..sql import queries_for
 from ..tenancy import set_transaction_setting, tenant_scope, tenant_tx
-from ..timefmt import utc_text
 from .model import (
     AGGREGATE,
     COMPLETED,
@@ -195,23 +194,29 @@ async def _transition(
 
 
 async def step_done(o: Locked, step: str) -> None:
-    """Record a step (its effects are in the same transaction) and announce it."""
+    """Record a step (its effects are in the same transaction) and announce it: one
+    statement (queries.sql, step_done)."""
     if step in o.done:
         raise Conflict(f"onboarding {o.id}: step {step!r} is done already")
-    done_at = await o.tx.fetchval(Q["record_step"], o.tenant_id, o.id, step)
-    o.done = o.done | {step}
+    done = o.done | {step}
     state = "completed" if step == STEPS[-1] else "provisioning"
-    await _transition(
-        o,
-        state,
-        COMPLETED if state == "completed" else STEP_DONE,
-        {
-            "step": step,
-            "done_at": utc_text(done_at),
-            "steps_done": len(o.done),
-            "steps_total": len(STEPS),
-        },
-    )
+    payload = {
+        "state": state,
+        "step": step,
+        "steps_done": len(done),
+        "steps_total": len(STEPS),
+        **_request(o.request_id),
+    }
+    event = COMPLETED if state == "completed" else STEP_DONE
+    try:
+        version = await o.tx.fetchval(
+            Q["step_done"], o.tenant_id, o.id, step, o.version, state, event, payload
+        )
+    except asyncpg.UniqueViolationError as exc:  # pragma: no cover - under the lock
+        raise Conflict(f"onboarding {o.id}: version {o.version + 1} was written already") from exc
+    if version is None:  # pragma: no cover - the row is locked by this transaction
+        raise Conflict(f"onboarding {o.id} moved on under its lock")
+    o.done, o.state, o.version = done, state, int(version)
 
 
 def _request(request_id: str | None) -> dict[str, str]:
