@@ -444,8 +444,15 @@ def main(bench: Bench, argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def load_average() -> list[float]:
+    """The machine's load average over 1, 5 and 15 minutes: a figure measured while
+    something else kept the cores busy shows it (this machine is shared)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 async def run_one(bench: Bench, url: str, args: argparse.Namespace) -> Result:
-    progress(f"{bench.name}: start{' (quick)' if args.quick else ''}")
+    load_before = load_average()
+    progress(f"{bench.name}: start{' (quick)' if args.quick else ''}, load {load_before}")
     started = time.monotonic()
     result = await bench.run(url, args)
     result = {
@@ -454,8 +461,9 @@ async def run_one(bench: Bench, url: str, args: argparse.Namespace) -> Result:
         **result,
         "server": await server_info(url),
         "wall_seconds": round(time.monotonic() - started, 1),
+        "load_average": {"start": load_before, "end": load_average()},
     }
-    progress(f"{bench.name}: done in {result['wall_seconds']} s")
+    progress(f"{bench.name}: done in {result['wall_seconds']} s, load {load_average()}")
     return result
 
 
@@ -467,6 +475,17 @@ def header(result: Result, title: str) -> list[str]:
         f" synchronous_commit={srv.get('synchronous_commit', '?')}), {srv.get('cpus', '?')}"
         f" CPUs, benchmark wall time {result.get('wall_seconds', '?')} s"
         + (", --quick" if result.get("quick") else ""),
+        *_load_line(result),
+    ]
+
+
+def _load_line(result: Result) -> list[str]:
+    load = result.get("load_average")
+    if not load:
+        return []
+    return [
+        f"   machine load average (1/5/15 min) at the start {load['start']}, at the end"
+        f" {load['end']} (of {os.cpu_count()} cores)"
     ]
 
 
