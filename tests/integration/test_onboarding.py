@@ -14,8 +14,13 @@ import asyncpg
 import pytest
 
 from tenantry.app import Service
+from tenantry.jobs.model import Job
+from tenantry.jobs.registry import DeadLetter
 from tenantry.onboarding import machine
+from tenantry.onboarding.mail import FileMailer
 from tenantry.onboarding.model import STEPS, SignUp
+from tenantry.onboarding.provision import COMPENSATE_KIND, Provisioner
+from tenantry.onboarding.storage import LocalStorage
 from tenantry.tenancy import tenant_tx
 from tests import smtp
 from tests.helpers import (
@@ -448,3 +453,81 @@ def _state_is(
         return bool(got == state)
 
     return check
+
+
+class _HeldStorage(LocalStorage):
+    """Local storage whose `ensure` says it was entered, then waits to be let go."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.entered = anyio.Event()
+        self.go = anyio.Event()
+
+    async def ensure(self, tenant_id: uuid.UUID) -> str:
+        self.entered.set()
+        await self.go.wait()
+        return await super().ensure(tenant_id)
+
+
+async def _leased(
+    pool: asyncpg.Pool, admin_pool: asyncpg.Pool, tid: uuid.UUID, owner: str, kind: str
+) -> Job:
+    """The tenant's job of `kind` as a worker holding its lease as `owner` runs it (a
+    rescue hands the lease on: the previous holder's run may still be going)."""
+    row = await admin_pool.fetchrow(
+        "UPDATE tenantry.jobs SET state = 'running', lease_owner = $2, attempts = attempts + 1,"
+        " lease_expires_at = now() + interval '1 hour'"
+        " WHERE tenant_id = $1 AND kind = $3 RETURNING *",
+        tid,
+        owner,
+        kind,
+    )
+    assert row is not None
+    return Job(
+        id=row["id"], tenant_id=tid, queue=row["queue"], kind=row["kind"],
+        payload=row["payload"], attempt=row["attempts"], max_attempts=row["max_attempts"],
+        priority=row["priority"], created_at=row["created_at"], _pool=pool, _lease_owner=owner,
+    )  # fmt: skip
+
+
+async def test_storage_made_by_a_rescued_run_after_the_failure_is_removed(
+    tmp_path: Path, pool: asyncpg.Pool, admin_pool: asyncpg.Pool
+) -> None:
+    """A run whose job was rescued goes on: it makes the storage (outside the database,
+    before its group's transaction) while the job's next run fails the onboarding and
+    its compensation removes the storage there is, none yet.  Regression: the late
+    storage stayed, a directory of a tenant that does not exist; under the lock, the
+    late run now finds the onboarding failed and enqueues a compensation of its own."""
+    accepted = await machine.accept(
+        pool, SignUp("ada@example.com", "Late Storage", "free"), idempotency_key=None,
+        queue="default",
+    )  # fmt: skip
+    tid, oid = accepted.tenant_id, accepted.onboarding_id
+    storage = _HeldStorage(tmp_path / "tenants")
+    provisioner = Provisioner(storage, FileMailer(tmp_path / "mail", "noreply@example.test"))
+    stale = await _leased(pool, admin_pool, tid, "stale", machine.PROVISION_KIND)
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(provisioner.run, stale)
+            await storage.entered.wait()  # its first group committed; storage under way
+            # The rescued job's last run died: its dead-letter hook fails the onboarding
+            # (here run on the job itself) and enqueues the compensation, which runs.
+            rescued = await _leased(pool, admin_pool, tid, "rescuer", machine.PROVISION_KIND)
+            dead = DeadLetter(
+                job_id=rescued.id, tenant_id=tid, kind=rescued.kind, payload=rescued.payload,
+                reason="exhausted", error="the worker stopped", attempts=rescued.attempt,
+                created_at="2026-12-01T00:00:00Z",
+            )  # fmt: skip
+            await provisioner.gave_up(rescued, dead)
+            first = await _leased(pool, admin_pool, tid, "w", COMPENSATE_KIND)
+            await provisioner.compensate(first)  # no storage yet: nothing removed
+            await admin_pool.execute("DELETE FROM tenantry.jobs WHERE id = $1", first.id)
+            storage.go.set()
+    assert (tmp_path / "tenants" / str(tid)).is_dir()  # made late...
+    late = await admin_pool.fetch(
+        "SELECT tenant_id, payload FROM tenantry.jobs WHERE kind = $1", COMPENSATE_KIND
+    )
+    # ...and its removal enqueued by the run that made it.
+    assert [(r["tenant_id"], r["payload"]) for r in late] == [(tid, {"onboarding_id": str(oid)})]
+    await provisioner.compensate(await _leased(pool, admin_pool, tid, "w", COMPENSATE_KIND))
+    assert not (tmp_path / "tenants" / str(tid)).exists()

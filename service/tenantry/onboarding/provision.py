@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .. import logging as log
+from ..db import Conn
 from ..errors import Conflict, PermanentFailure
 from ..jobs.model import Job
 from ..jobs.queue import enqueue
@@ -139,6 +140,11 @@ class Provisioner:
             in_tx = job.complete_in_tx() if group[-1] == STEPS[-1] else job.tenant_tx()
             async with in_tx as tx:
                 o = await machine.lock(tx, tid, onboarding_id, request_id=_request_id(job.payload))
+                if external is not None and o.state == "failed":
+                    # Failed while this run made its effect (a rescued job still
+                    # running): the failure's compensation may have run before it, so
+                    # another one runs after it (no dedup key: not merged into that one).
+                    await self._compensate_later(tx, job, onboarding_id, o.request_id, None)
                 # Under the lock, the ledger decides: another run may have done them.
                 for step in todo:
                     if not o.terminal and step not in o.done:
@@ -246,16 +252,29 @@ class Provisioner:
             if "storage" in o.done:
                 compensated.append("storage")
             await machine.failed(o, reason[:500], code, compensated)
-            await enqueue(
-                tx,
-                tenant_id=job.tenant_id,
-                kind=COMPENSATE_KIND,
-                payload={"onboarding_id": str(onboarding_id)}
-                | ({"request_id": rid} if rid else {}),
-                queue=self._queue,
-                dedup_key=f"{COMPENSATE_KIND}:{onboarding_id}",
+            await self._compensate_later(
+                tx, job, onboarding_id, rid, f"{COMPENSATE_KIND}:{onboarding_id}"
             )
         logger.warning("onboarding_failed", code=code, reason=reason[:500], compensated=compensated)
+
+    async def _compensate_later(
+        self,
+        tx: Conn,
+        job: Job,
+        onboarding_id: uuid.UUID,
+        rid: str | None,
+        dedup_key: str | None,
+    ) -> None:
+        """Enqueue the removal of what the onboarding made outside the database, in
+        `tx` (it runs only if `tx` commits)."""
+        await enqueue(
+            tx,
+            tenant_id=job.tenant_id,
+            kind=COMPENSATE_KIND,
+            payload={"onboarding_id": str(onboarding_id)} | ({"request_id": rid} if rid else {}),
+            queue=self._queue,
+            dedup_key=dedup_key,
+        )
 
     async def compensate(self, job: Job) -> None:
         """Undo what a failed onboarding made outside the database (idempotent: the
