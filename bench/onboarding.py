@@ -27,9 +27,9 @@ client's CPU is not the service's; both share the machine's cores with PostgreSQ
     how many completed by the end of the load, and the backlog then, are reported.
 (c) provisioning drain (runs first, on the idle service): the provisioning queue is
     paused (an operator's pause, tenantry.set_queue_control), --drain sign-ups are
-    accepted over HTTP, then the queue is resumed and the time runs until every one of
-    them is `completed` or `failed`: sign-ups fully provisioned per second when
-    provisioning has the machine to itself, and its CPU per sign-up (the service and
+    accepted over HTTP (from this process, before the clock starts), then the queue is
+    resumed and the time runs until every one of them is `completed` or `failed`:
+    sign-ups fully provisioned per second when provisioning has the machine to itself, and its CPU per sign-up (the service and
     PostgreSQL apart).  What the accept path costs is (a)'s.
 (b) accept -> completed, no external latency.  --follow sign-ups at --follow-rate/s
     (20: a latency probe, not a load); each opens its events stream right after the 202
@@ -219,11 +219,14 @@ async def part_drain(svc: ServiceProcess, url: str, count: int, queue: str) -> R
         cpu.start()
         started = time.monotonic()
         await conn.execute(_SET_PAUSED, queue, False)
-        while True:
-            counts = await onboarding_counts(conn, tag)
-            if counts["in_progress"] == 0:
-                break
-            await anyio.sleep(0.1)
+        # Bounded: a sign-up that never ends (a stuck provisioning) fails the run
+        # instead of hanging it.
+        with anyio.fail_after(DRAIN_LIMIT_S):
+            while True:
+                counts = await onboarding_counts(conn, tag)
+                if counts["in_progress"] == 0:
+                    break
+                await anyio.sleep(0.1)
         elapsed = time.monotonic() - started
         usage = cpu.stop()
     finally:
@@ -251,6 +254,8 @@ async def part_drain(svc: ServiceProcess, url: str, count: int, queue: str) -> R
     }
 
 
+# The longest (c) waits for its sign-ups to end.
+DRAIN_LIMIT_S = 600.0
 # An operator's pause, as the dashboard and `tenantry queues pause` set it.
 _SET_PAUSED = "SELECT tenantry.set_queue_control($1::text, $2::boolean, NULL, false, 'bench')"
 
