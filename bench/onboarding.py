@@ -29,8 +29,9 @@ client's CPU is not the service's; both share the machine's cores with PostgreSQ
     paused (an operator's pause, tenantry.set_queue_control), --drain sign-ups are
     accepted over HTTP (from this process, before the clock starts), then the queue is
     resumed and the time runs until every one of them is `completed` or `failed`:
-    sign-ups fully provisioned per second when provisioning has the machine to itself, and its CPU per sign-up (the service and
-    PostgreSQL apart).  What the accept path costs is (a)'s.
+    sign-ups fully provisioned per second when provisioning has the machine to itself,
+    and its CPU per sign-up (the service and PostgreSQL apart).  What the accept path
+    costs is (a)'s.
 (b) accept -> completed, no external latency.  --follow sign-ups at --follow-rate/s
     (20: a latency probe, not a load); each opens its events stream right after the 202
     and the time runs from just before the POST to the receipt of
