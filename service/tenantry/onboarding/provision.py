@@ -3,11 +3,10 @@
 Each group of steps (STEP_GROUPS) runs in one transaction with the onboarding locked:
 each step checks the ledger (a step already done is skipped), writes its rows with ids
 derived from the onboarding id, records itself and the onboarding's next version and
-event (machine.py).  Effects
-outside the database happen before that transaction and are idempotent themselves (a
-directory that may exist, an email whose idempotency key is the onboarding's), so a
-retry or a kill -9 anywhere repeats at most an idempotent call and never duplicates or
-orphans anything.
+event (machine.py).  Effects outside the database happen before that transaction and
+are idempotent themselves (a directory that may exist, an email whose idempotency key
+is the onboarding's), so a retry or a kill -9 anywhere repeats at most an idempotent
+call and never duplicates or orphans anything.
 
 A permanent failure (the mail server refuses the address, every slug is taken) ends
 the onboarding in `failed` at once: the tenant's rows are deleted, what earlier steps
