@@ -1,5 +1,13 @@
 """Drain throughput: N pre-enqueued no-op jobs, Tenantry's Worker versus PGQueuer 1.6.
 
+Rounds.  The drain runs --rounds times (3); each round drains with Tenantry and with
+PGQueuer back to back, the first of the two alternating from round to round (Tenantry
+first in the first round), so that the machine's drift between rounds moves both
+figures of a round alike.  Per round: each system's best setting and the ratio of the
+two; over the rounds: each system's min / median / max jobs/s, the ratio of every
+round, and their median, which is the headline (the goal is judged on it; the
+smallest ratio is reported beside it).
+
 Tenantry: the jobs are inserted in one statement (generate_series) over a few tenants;
 a Worker (plus the Listener, wired as in `tenantry.app`) drains them with a no-op
 handler.  The clock runs from starting the worker until the hook has seen every
@@ -17,6 +25,7 @@ default (5 x 10) among them; the best is reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import statistics
 import time
@@ -37,7 +46,15 @@ from . import common
 from .common import Result, fmt_rate, progress
 
 NAME = "drain"
-GOAL_RATIO = 3.0
+# Issue 14: >= 4x PGQueuer at a few tenants, >= 3x at 1,000 tenants (PGQueuer has no
+# tenants: its figure is the same work at any count, ours walks the tenants).
+GOAL_RATIO_FEW_TENANTS = 4.0
+GOAL_RATIO_MANY_TENANTS = 3.0
+MANY_TENANTS = 1000
+
+
+def goal_ratio(tenants: int) -> float:
+    return GOAL_RATIO_MANY_TENANTS if tenants >= MANY_TENANTS else GOAL_RATIO_FEW_TENANTS
 
 
 async def _noop(_job: Job) -> None:
@@ -62,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["5x10", "5x50"],
         help="PGQueuer settings to try, as CONNECTIONSxBATCH (best is reported)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds, each Tenantry and PGQueuer back to back in alternating order (3; quick 2)",
     )
     parser.add_argument("--skip-pgqueuer", action="store_true")
     parser.add_argument(
@@ -215,43 +238,118 @@ async def pgqueuer_round(url: str, jobs: int, connections: int, batch_size: int)
 # --- the benchmark ------------------------------------------------------------------
 
 
+def _spread(values: list[float], digits: int = 1) -> Result:
+    return {
+        "min": round(min(values), digits),
+        "median": round(statistics.median(values), digits),
+        "max": round(max(values), digits),
+    }
+
+
+def _best(rounds: list[Result]) -> Result:
+    return max(rounds, key=lambda r: float(r["jobs_per_s"]))
+
+
+async def _tenantry_settings(url: str, args: argparse.Namespace, jobs: int, rnd: int) -> Result:
+    """One round's drains at every concurrency asked for; the round's best."""
+    tried: list[Result] = []
+    for c in args.concurrency:
+        progress(f"drain: round {rnd}, tenantry, {jobs} jobs, concurrency {c}")
+        r = await tenantry_round(url, jobs, args.tenants, c, args.pool_size)
+        progress(
+            f"drain: round {rnd}, tenantry concurrency {c}: {fmt_rate(r['jobs_per_s'])} jobs/s"
+        )
+        tried.append({"round": rnd, **r})
+    return {"best": _best(tried), "tried": tried}
+
+
+async def _pgqueuer_settings(url: str, args: argparse.Namespace, jobs: int, rnd: int) -> Result:
+    tried: list[Result] = []
+    for spec in args.pgq_settings:
+        connections, batch = _parse_pgq(spec)
+        progress(f"drain: round {rnd}, pgqueuer, {jobs} jobs, {connections}x{batch}")
+        r = await pgqueuer_round(url, jobs, connections, batch)
+        progress(
+            f"drain: round {rnd}, pgqueuer {connections}x{batch}:"
+            f" {fmt_rate(r['jobs_per_s'])} jobs/s"
+        )
+        tried.append({"round": rnd, **r})
+    return {"best": _best(tried), "tried": tried}
+
+
 async def run(server_url: str, args: argparse.Namespace) -> Result:
     jobs = common.pick(args.jobs, quick=args.quick, quick_value=20_000, full_value=100_000)
-    tenantry_rounds: list[Result] = []
-    async with common.fresh_database(server_url, "drain") as url:
-        for c in args.concurrency:
-            progress(f"drain: tenantry, {jobs} jobs, concurrency {c}")
-            r = await tenantry_round(url, jobs, args.tenants, c, args.pool_size)
-            progress(f"drain: tenantry concurrency {c}: {fmt_rate(r['jobs_per_s'])} jobs/s")
-            tenantry_rounds.append(r)
-    best_t = max(tenantry_rounds, key=lambda r: float(r["jobs_per_s"]))
+    args.rounds = common.pick(args.rounds, quick=args.quick, quick_value=2, full_value=3)
+    t_rounds: list[Result] = []
+    p_rounds: list[Result] = []
+    async with contextlib.AsyncExitStack() as stack:
+        t_url = await stack.enter_async_context(common.fresh_database(server_url, "drain"))
+        p_url = ""
+        if not args.skip_pgqueuer:
+            p_url = await stack.enter_async_context(
+                common.fresh_database(server_url, "drain_pgq", schema=False)
+            )
+            await pgqueuer_install(p_url)
+        for i in range(args.rounds):
+            # Alternate who goes first: a drift of the machine within a round then
+            # favours each system in turn.
+            tenantry_first = i % 2 == 0
+            if tenantry_first or args.skip_pgqueuer:
+                t_rounds.append(await _tenantry_settings(t_url, args, jobs, i + 1))
+            if not args.skip_pgqueuer:
+                p_rounds.append(await _pgqueuer_settings(p_url, args, jobs, i + 1))
+                if not tenantry_first:
+                    t_rounds.append(await _tenantry_settings(t_url, args, jobs, i + 1))
+            if p_rounds:
+                ratio = float(t_rounds[-1]["best"]["jobs_per_s"]) / float(
+                    p_rounds[-1]["best"]["jobs_per_s"]
+                )
+                progress(f"drain: round {i + 1}: ratio {ratio:.2f}x")
+    t_best = [r["best"] for r in t_rounds]
+    best_t = _best(t_best)
     observed = await _observed_pairs(server_url, args, jobs, int(best_t["concurrency"]))
     result: Result = {
         "jobs": jobs,
         "tenants": args.tenants,
         "pool_size": args.pool_size,
-        "tenantry": {"best": best_t, "rounds": tenantry_rounds},
+        "rounds": args.rounds,
+        "concurrency_tried": list(args.concurrency),
+        "tenantry": {
+            "best": best_t,
+            "per_round": t_best,
+            "jobs_per_s": _spread([float(r["jobs_per_s"]) for r in t_best]),
+            "tried": [r for rnd in t_rounds for r in rnd["tried"]],
+        },
     }
     if observed:
         result["observed"] = observed
     if args.skip_pgqueuer:
         return result
-    pgq_version = version("pgqueuer")
-
-    pgq_rounds: list[Result] = []
-    async with common.fresh_database(server_url, "drain_pgq", schema=False) as url:
-        await pgqueuer_install(url)
-        for spec in args.pgq_settings:
-            connections, batch = _parse_pgq(spec)
-            progress(f"drain: pgqueuer {pgq_version}, {jobs} jobs, {connections}x{batch}")
-            r = await pgqueuer_round(url, jobs, connections, batch)
-            progress(f"drain: pgqueuer {connections}x{batch}: {fmt_rate(r['jobs_per_s'])} jobs/s")
-            pgq_rounds.append(r)
-    best_p = max(pgq_rounds, key=lambda r: float(r["jobs_per_s"]))
-    ratio = float(best_t["jobs_per_s"]) / float(best_p["jobs_per_s"])
-    result["pgqueuer"] = {"version": pgq_version, "best": best_p, "rounds": pgq_rounds}
-    result["ratio_tenantry_over_pgqueuer"] = round(ratio, 2)
-    result["goal"] = {"ratio_at_least": GOAL_RATIO, "met": ratio >= GOAL_RATIO}
+    p_best = [r["best"] for r in p_rounds]
+    ratios = [
+        float(t["jobs_per_s"]) / float(p["jobs_per_s"]) for t, p in zip(t_best, p_best, strict=True)
+    ]
+    median_ratio = statistics.median(ratios)
+    goal = goal_ratio(args.tenants)
+    result["pgqueuer"] = {
+        "version": version("pgqueuer"),
+        "settings_tried": list(args.pgq_settings),
+        "best": _best(p_best),
+        "per_round": p_best,
+        "jobs_per_s": _spread([float(r["jobs_per_s"]) for r in p_best]),
+        "tried": [r for rnd in p_rounds for r in rnd["tried"]],
+    }
+    result["ratios"] = [round(x, 3) for x in ratios]
+    result["ratio_spread"] = _spread(ratios, 3)
+    # The headline: the median of the per-round ratios (each round's two drains ran
+    # back to back), not best against best.
+    result["ratio_tenantry_over_pgqueuer"] = round(median_ratio, 2)
+    result["goal"] = {
+        "ratio_at_least": goal,
+        "judged_on": "median ratio over the rounds",
+        "met": median_ratio >= goal,
+        "met_in_every_round": min(ratios) >= goal,
+    }
     return result
 
 
@@ -322,33 +420,55 @@ def _observer_cost_us(n: int = 200_000) -> float:
     return (time.perf_counter() - began) / n * 1e6
 
 
+def _spread_text(s: Result) -> str:
+    return f"min {fmt_rate(s['min'])} / median {fmt_rate(s['median'])} / max {fmt_rate(s['max'])}"
+
+
 def render(result: Result) -> str:
-    lines = common.header(result, f"drain: {result['jobs']:,} pre-enqueued no-op jobs")
-    t = result["tenantry"]
-    lines.append(
-        f"Tenantry Worker ({result['tenants']} tenants, pool {result['pool_size']}),"
-        " start -> all outcomes flushed:"
+    lines = common.header(
+        result,
+        f"drain: {result['jobs']:,} pre-enqueued no-op jobs over {result['tenants']:,} tenants,"
+        f" {result['rounds']} round(s)",
     )
-    for r in t["rounds"]:
-        mark = "  <- best" if r is t["best"] or r == t["best"] else ""
+    t = result["tenantry"]
+    p = result.get("pgqueuer")
+    tried = ", ".join(str(c) for c in result["concurrency_tried"])
+    lines.append(
+        f"Tenantry Worker (pool {result['pool_size']}, concurrency {tried}): start -> all"
+        " outcomes flushed."
+    )
+    if p:
         lines.append(
-            f"  concurrency {r['concurrency']:>4}: {fmt_rate(r['jobs_per_s']):>8} jobs/s"
-            f"  ({r['seconds']:.2f} s, {r['claims']} claims"
-            f" of {r['avg_claim_batch']} rows avg){mark}"
+            f"PGQueuer {p['version']} QueueManagers in drain mode"
+            f" ({', '.join(p['settings_tried'])}): start -> all returned."
         )
-    if "pgqueuer" in result:
-        p = result["pgqueuer"]
-        lines.append(f"PGQueuer {p['version']} QueueManagers in drain mode, start -> all returned:")
-        for r in p["rounds"]:
-            mark = "  <- best" if r == p["best"] else ""
-            lines.append(
-                f"  {r['connections']} connections x batch {r['batch_size']:>3}:"
-                f" {fmt_rate(r['jobs_per_s']):>8} jobs/s  ({r['seconds']:.2f} s){mark}"
+    lines.append("Per round, each system's best setting:")
+    for i, tb in enumerate(t["per_round"]):
+        line = (
+            f"  round {i + 1}: Tenantry {fmt_rate(tb['jobs_per_s']):>8} jobs/s"
+            f" (concurrency {tb['concurrency']}, {tb['claims']} claims of"
+            f" {tb['avg_claim_batch']} rows avg)"
+        )
+        if p:
+            pb = p["per_round"][i]
+            first = "Tenantry" if i % 2 == 0 else "PGQueuer"
+            line += (
+                f"  PGQueuer {fmt_rate(pb['jobs_per_s']):>8} jobs/s"
+                f" ({pb['connections']}x{pb['batch_size']})"
+                f"  ratio {result['ratios'][i]:.2f}x  ({first} first)"
             )
+        lines.append(line)
+    lines.append(f"Tenantry jobs/s over the rounds: {_spread_text(t['jobs_per_s'])}")
+    if p:
+        lines.append(f"PGQueuer jobs/s over the rounds: {_spread_text(p['jobs_per_s'])}")
         g = result["goal"]
+        rs = result["ratio_spread"]
         lines.append(
-            f"Ratio tenantry/pgqueuer (best vs best): {result['ratio_tenantry_over_pgqueuer']:.2f}x"
+            "Ratio tenantry/pgqueuer, median of the rounds:"
+            f" {result['ratio_tenantry_over_pgqueuer']:.2f}x"
+            f" (rounds {rs['min']:.2f}x-{rs['max']:.2f}x)"
             f"   goal >= {g['ratio_at_least']:g}x: {common.verdict(g['met'])}"
+            + ("" if g["met_in_every_round"] else " (not in every round)" if g["met"] else "")
         )
     if "observed" in result:
         o = result["observed"]
