@@ -17,10 +17,12 @@ WHEN clause is false for these rows, so the server never calls it.
 
 Every configuration is set with ALTER TABLE ... ENABLE/DISABLE TRIGGER and checked in
 pg_trigger before its round.  Between rounds the job tables are truncated and a
-CHECKPOINT is taken.  A short untimed warm-up comes first; then the order reverses on
-every repetition (throttled, none, naive, naive, none, throttled, ...) and each
-configuration's figure is the median over its rounds, so that a drift in this shared
-machine's speed does not favour whichever configuration runs first.
+CHECKPOINT is taken.  A short untimed warm-up comes first.  Then --runs runs (5): each
+run is a throttled round and a none round back to back, in alternating order
+(throttled first in the first run), and gives one ratio, throttled / none, free of the
+machine's drift between runs.  The goal holds in every run: the minimum ratio is the
+verdict, the median is reported beside it.  The naive trigger is measured once, after
+the runs (a reference, not a goal).
 
 A LISTEN connection on `tenantry_jobs` stays open through every round, as a worker's
 listener would be, and counts the notifications it receives: the throttle's effect
@@ -28,7 +30,8 @@ shows as notifications/s (none should receive nothing).  The commit-time cost of
 NOTIFY (the cluster-wide notify lock and the queue write) is paid whether or not
 anyone listens; delivery is the listener's side of it.
 
-Goal: with the throttled trigger, at least 0.75x the tps of the table without it.
+Goal: with the throttled trigger, at least 0.75x the tps of the table without it, in
+every one of the runs.
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ NAME = "trigger_tax"
 GOAL_RATIO = 0.75
 TENANTS = 100
 
-# Order of the first repetition; odd repetitions run it backwards.
 CONFIGS = ("throttled", "none", "naive")
+# Order of a run's two rounds in the first run; every other run reverses it.
+PAIR = ("throttled", "none")
 LABELS = {
     "throttled": "throttled (as migrated)",
     "none": "none (trigger disabled)",
@@ -83,13 +87,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=2, help="pgbench threads (default 2)")
     parser.add_argument(
-        "--seconds", type=float, default=None, help="seconds per round (15; quick 5)"
+        "--seconds", type=float, default=None, help="seconds per round (10; quick 3)"
     )
     parser.add_argument(
-        "--rounds",
+        "--runs",
         type=int,
         default=None,
-        help="repetitions of the three configurations (2; quick 1)",
+        help="runs, each a throttled and a none round back to back (5; quick 2)",
+    )
+    parser.add_argument(
+        "--skip-naive", action="store_true", help="leave out the naive reference round"
     )
     parser.add_argument(
         "--warmup", type=float, default=None, help="untimed warm-up seconds (3; quick 1)"
@@ -179,11 +186,13 @@ async def one_round(
 
 
 async def run(server_url: str, args: argparse.Namespace) -> Result:
-    seconds = common.pick(args.seconds, quick=args.quick, quick_value=5.0, full_value=15.0)
-    rounds = common.pick(args.rounds, quick=args.quick, quick_value=1, full_value=2)
+    seconds = common.pick(args.seconds, quick=args.quick, quick_value=3.0, full_value=10.0)
+    n_runs = common.pick(args.runs, quick=args.quick, quick_value=2, full_value=5)
     warmup = common.pick(args.warmup, quick=args.quick, quick_value=1.0, full_value=3.0)
-    order = [c for r in range(rounds) for c in (CONFIGS if r % 2 == 0 else CONFIGS[::-1])]
-    runs: list[Result] = []
+    order = [c for r in range(n_runs) for c in (PAIR if r % 2 == 0 else PAIR[::-1])]
+    if not args.skip_naive:
+        order.append("naive")
+    rounds: list[Result] = []
     async with common.fresh_database(server_url, "trigger_tax") as url:
         admin = await asyncpg.connect(url)
         listener = NotifyCounter(await asyncpg.connect(url))
@@ -206,13 +215,15 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
                     f"trigger_tax: {config}: {fmt_rate(r['tps'])} tps,"
                     f" {r['notifications_per_s']:g} notifications/s"
                 )
-                runs.append(r)
+                rounds.append(r)
         finally:
             await listener.conn.close()
             await admin.close()
     configs: dict[str, Result] = {}
     for config in CONFIGS:
-        mine = [r for r in runs if r["config"] == config]
+        mine = [r for r in rounds if r["config"] == config]
+        if not mine:
+            continue
         configs[config] = {
             "tps_median": round(statistics.median(r["tps"] for r in mine), 1),
             "tps_rounds": [r["tps"] for r in mine],
@@ -221,35 +232,56 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
                 statistics.median(r["notifications_per_s"] for r in mine), 1
             ),
         }
-    ceiling = float(configs["none"]["tps_median"])
-    ratio = float(configs["throttled"]["tps_median"]) / ceiling
-    naive = float(configs["naive"]["tps_median"]) / ceiling
-    return {
+    # One ratio per run, from its two rounds back to back.
+    ratios = [
+        float(t) / float(n)
+        for t, n in zip(
+            configs["throttled"]["tps_rounds"], configs["none"]["tps_rounds"], strict=True
+        )
+    ]
+    ratio_min = min(ratios)
+    result: Result = {
         "clients": args.clients,
         "threads": args.threads,
         "seconds_per_round": seconds,
-        "rounds": rounds,
+        "runs": n_runs,
         "tenants": TENANTS,
         "order": order,
         "configs": configs,
-        "runs": runs,
-        "ratio_throttled_over_none": round(ratio, 3),
-        "ratio_naive_over_none": round(naive, 3),
-        "goal": {"ratio_at_least": GOAL_RATIO, "met": ratio >= GOAL_RATIO},
+        "rounds": rounds,
+        "ratios": [round(x, 3) for x in ratios],
+        "ratio_min": round(ratio_min, 3),
+        "ratio_median": round(statistics.median(ratios), 3),
+        "ratio_max": round(max(ratios), 3),
+        # Kept under its old name: the median of the runs' ratios.
+        "ratio_throttled_over_none": round(statistics.median(ratios), 3),
+        "goal": {
+            "ratio_at_least": GOAL_RATIO,
+            "in_every_run": True,
+            "met": ratio_min >= GOAL_RATIO,
+        },
     }
+    if "naive" in configs:
+        result["ratio_naive_over_none"] = round(
+            float(configs["naive"]["tps_median"]) / float(configs["none"]["tps_median"]), 3
+        )
+    return result
 
 
 def render(result: Result) -> str:
     lines = common.header(
         result,
         f"trigger_tax: single-row INSERTs, {result['clients']} pgbench clients,"
-        f" {result['seconds_per_round']:g} s x {result['rounds']} round(s) per configuration",
+        f" {result['runs']} runs of a throttled and a none round,"
+        f" {result['seconds_per_round']:g} s each",
     )
     lines.append(
         f"  {'trigger':<26} {'tps (median)':>12}  {'latency':>9}  {'notify/s':>9}  rounds (tps)"
     )
     for config in CONFIGS:
-        c = result["configs"][config]
+        c = result["configs"].get(config)
+        if c is None:
+            continue
         each = ", ".join(fmt_rate(t) for t in c["tps_rounds"])
         lines.append(
             f"  {LABELS[config]:<26} {fmt_rate(c['tps_median']):>12}"
@@ -257,11 +289,17 @@ def render(result: Result) -> str:
             f"  {each}"
         )
     g = result["goal"]
+    each = ", ".join(f"{x:.2f}x" for x in result["ratios"])
     lines.append(
-        f"Ratio throttled/none: {result['ratio_throttled_over_none']:.2f}x"
-        f"   goal >= {g['ratio_at_least']:g}x: {common.verdict(g['met'])}"
+        f"Ratio throttled/none per run: {each}; min {result['ratio_min']:.2f}x,"
+        f" median {result['ratio_median']:.2f}x"
+        f"   goal >= {g['ratio_at_least']:g}x in every run: {common.verdict(g['met'])}"
     )
-    lines.append(f"Ratio naive/none:     {result['ratio_naive_over_none']:.2f}x   (reference)")
+    if "ratio_naive_over_none" in result:
+        lines.append(
+            f"Ratio naive/none:     {result['ratio_naive_over_none']:.2f}x   (reference,"
+            " against the median none round)"
+        )
     return "\n".join(lines)
 
 
