@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -256,15 +257,20 @@ async def running_worker(
     observer: JobObserver | None = None,
     poll_interval: float = 1.0,
     worker_cls: type[Worker] = Worker,
+    trailing_fetch: float | None = None,
 ) -> AsyncIterator[Worker]:
     """A Worker on queue 'default' plus the Listener wired to it exactly as
     `tenantry.app.build` does (NOTIFY hints to worker.notify, resync on connect, its own
-    claim pool).  `worker_cls` lets a benchmark swap in a subclass."""
+    claim pool).  `worker_cls` lets a benchmark swap in a subclass; `trailing_fetch`
+    (seconds) replaces the worker's first trailing fetch's delay, an experiment's knob."""
     claim_pool = await db.create_claim_pool(dsn)
+    config = WorkerConfig(queues={"default": concurrency}, poll_interval=poll_interval)
+    if trailing_fetch is not None:
+        config = dataclasses.replace(config, trailing_fetch=trailing_fetch)
     worker = worker_cls(
         pool,
         registry,
-        WorkerConfig(queues={"default": concurrency}, poll_interval=poll_interval),
+        config,
         owner=f"bench-{uuid.uuid4().hex[:8]}",
         hook=hook,
         observer=observer,
