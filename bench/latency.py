@@ -63,9 +63,11 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import importlib.metadata
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
@@ -77,6 +79,7 @@ from tenantry import db
 from tenantry.app import JOBS_CHANNEL
 from tenantry.jobs.model import Job
 from tenantry.jobs.registry import Registry
+from tenantry.jobs.worker import Claimed, Worker
 
 from . import common
 from .common import Result, fmt_ms, progress
@@ -151,6 +154,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="experiment: the wake-up trigger's throttle window in this benchmark's"
         " database (default: as migrated, 5 ms; 0: a NOTIFY from every commit but"
         " those committing at the same moment)",
+    )
+    parser.add_argument(
+        "--rearm-on-claim",
+        action="store_true",
+        help="experiment: before each claim the worker re-arms its queue's wake-up"
+        " throttle (RearmingWorker), so that a commit after a claim began notifies",
     )
     parser.add_argument(
         "--observed",
@@ -351,6 +360,29 @@ async def drive_under(
     return result
 
 
+# The experiment's re-arm: the queue's throttle row back to "never notified", unless a
+# producer holds it (that producer is notifying right now: its wake-up follows anyway).
+REARM = (
+    "UPDATE tenantry.notify_throttle t SET last_at = '-infinity'"
+    "  FROM (SELECT key FROM tenantry.notify_throttle"
+    "         WHERE key = $1 AND last_at > '-infinity' FOR UPDATE SKIP LOCKED) s"
+    " WHERE t.key = s.key"
+)
+
+
+class RearmingWorker(Worker):
+    """EXPERIMENT, not the service: a Worker that, before each claim, re-arms its
+    queue's wake-up throttle in a transaction of its own (committed before the claim's
+    snapshot).  A producer then stays quiet only while a wake-up it could rely on has
+    not been acted on yet: one notification per claim at most, instead of per 5 ms."""
+
+    async def claim(self, queue: str, limit: int, cursor: uuid.UUID | None) -> Claimed | None:
+        with contextlib.suppress(Exception):  # the claim below reports the database's state
+            async with self.claim_pool.acquire() as conn:
+                await conn.execute(REARM, f"{JOBS_CHANNEL}:{queue}")
+        return await super().claim(queue, limit, cursor)
+
+
 async def set_throttle_window(conn: asyncpg.Connection, window_ms: float) -> None:
     """An experiment: the migrated wake-up trigger function with another window, in
     this benchmark's own database only (its text as the server has it, one literal
@@ -470,6 +502,7 @@ async def tenantry_probe(
                     poll_interval=POLL_INTERVAL,
                     hook=hook,
                     observer=metrics,
+                    worker_cls=RearmingWorker if args.rearm_on_claim else Worker,
                     trailing_fetch=(
                         None if args.trailing_fetch_ms is None else args.trailing_fetch_ms / 1000.0
                     ),
@@ -497,6 +530,7 @@ async def tenantry_probe(
         "experiment": {
             "trailing_fetch_ms": args.trailing_fetch_ms,
             "throttle_window_ms": args.throttle_window_ms,
+            "rearm_on_claim": args.rearm_on_claim or None,
         },
         **result,
     }
