@@ -223,6 +223,7 @@ class OutcomeCounter:
         self.flushed = 0
         self.claims = 0
         self.claimed = 0
+        self.rearms = 0  # claims a NOTIFY prompted, each re-arming the wake-up throttle
         self._target: int | None = None
         self._reached = anyio.Event()
 
@@ -234,6 +235,8 @@ class OutcomeCounter:
         elif name == "claimed":
             self.claims += 1
             self.claimed += data["count"]
+        elif name == "rearmed":
+            self.rearms += 1
 
     async def wait_flushed(self, n: int, within: float) -> bool:
         """True when n outcomes were flushed within `within` seconds."""
@@ -244,6 +247,14 @@ class OutcomeCounter:
         with anyio.move_on_after(within):
             await self._reached.wait()
         return self.flushed >= n
+
+
+class NoRearmWorker(Worker):
+    """A Worker that never re-arms its queues' wake-up throttle before a claim (as the
+    worker was before issue 14): to measure what the re-arm costs producers."""
+
+    async def rearm_wake(self, queue: str) -> None:
+        return None
 
 
 @asynccontextmanager

@@ -51,6 +51,7 @@ import asyncpg
 from tenantry import db
 from tenantry.jobs.model import Job
 from tenantry.jobs.registry import Registry
+from tenantry.jobs.worker import Worker
 
 from . import common
 from .common import Result, fmt_rate, progress
@@ -95,6 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency", type=int, default=100, help="Worker queue concurrency (default 100)"
     )
     parser.add_argument("--pool-size", type=int, default=10, help="Tenantry pool size (default 10)")
+    parser.add_argument(
+        "--no-rearm",
+        action="store_true",
+        help="a worker that does not re-arm the wake-up throttle before a claim a NOTIFY"
+        " prompted (common.NoRearmWorker): what the re-arm costs the producers",
+    )
     parser.add_argument(
         "--drain-timeout",
         type=float,
@@ -174,7 +181,14 @@ async def sustained_round(url: str, args: argparse.Namespace, rate: float | None
         registry.add("noop", _noop)
         counter = common.OutcomeCounter()
         async with (
-            common.running_worker(url, pool, registry, concurrency=args.concurrency, hook=counter),
+            common.running_worker(
+                url,
+                pool,
+                registry,
+                concurrency=args.concurrency,
+                hook=counter,
+                worker_cls=common.NoRearmWorker if args.no_rearm else Worker,
+            ),
             anyio.create_task_group() as tg,
         ):
             async with pool.acquire() as conn:
@@ -249,6 +263,7 @@ async def sustained_round(url: str, args: argparse.Namespace, rate: float | None
         "flushed": counter.flushed,
         "claims": counter.claims,
         "avg_claim_batch": round(counter.claimed / max(counter.claims, 1), 1),
+        "rearms": counter.rearms,
         "left_in_table": left,
         "counted_succeeded": succeeded,
         "samples": sampler.samples,
@@ -273,6 +288,7 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
             rounds.append(r)
     return {
         "tenants": args.tenants,
+        "rearm": not args.no_rearm,
         "concurrency": args.concurrency,
         "pool_size": args.pool_size,
         "bounded_criterion": (
@@ -307,7 +323,8 @@ def render(result: Result) -> str:
             f" {fmt_rate(r['pgbench']['tps'])}, {r['pgbench']['transactions']:,} inserts,"
             f" {r['pgbench']['failed']} failed)",
             f"  jobs out/s {fmt_rate(r['jobs_out_per_s']):>8}   (out/in {r['out_over_in']},"
-            f" {r['claims']:,} claims of {r['avg_claim_batch']} rows avg)",
+            f" {r['claims']:,} claims of {r['avg_claim_batch']} rows avg,"
+            f" {r.get('rearms', 0):,} of them re-arming the wake-up throttle)",
             f"  depth (queued) start {d['start']:,}, end {d['end']:,}, max {d['max']:,};"
             f" second-half slope {d['second_half_slope_per_s']:+,.0f}/s"
             f" -> bounded: {'yes' if r['bounded'] else 'NO'}",
