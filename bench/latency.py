@@ -156,6 +156,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " those committing at the same moment)",
     )
     parser.add_argument(
+        "--no-rearm",
+        action="store_true",
+        help="a worker that does not re-arm the wake-up throttle before a claim a NOTIFY"
+        " prompted (common.NoRearmWorker, the worker before issue 14), to compare",
+    )
+    parser.add_argument(
         "--rearm-on-claim",
         action="store_true",
         help="experiment: before each claim the worker re-arms its queue's wake-up"
@@ -371,10 +377,11 @@ REARM = (
 
 
 class RearmingWorker(Worker):
-    """EXPERIMENT, not the service: a Worker that, before each claim, re-arms its
-    queue's wake-up throttle in a transaction of its own (committed before the claim's
-    snapshot).  A producer then stays quiet only while a wake-up it could rely on has
-    not been acted on yet: one notification per claim at most, instead of per 5 ms."""
+    """EXPERIMENT, not the service: a Worker that, before every claim (the service's
+    worker does it before a claim a NOTIFY prompted only), re-arms its queue's wake-up
+    throttle in a transaction of its own (committed before the claim's snapshot).  A
+    producer then stays quiet only while a wake-up it could rely on has not been acted
+    on yet: one notification per claim at most, instead of per 5 ms."""
 
     async def claim(self, queue: str, limit: int, cursor: uuid.UUID | None) -> Claimed | None:
         with contextlib.suppress(Exception):  # the claim below reports the database's state
@@ -502,7 +509,13 @@ async def tenantry_probe(
                     poll_interval=POLL_INTERVAL,
                     hook=hook,
                     observer=metrics,
-                    worker_cls=RearmingWorker if args.rearm_on_claim else Worker,
+                    worker_cls=(
+                        RearmingWorker
+                        if args.rearm_on_claim
+                        else common.NoRearmWorker
+                        if args.no_rearm
+                        else Worker
+                    ),
                     trailing_fetch=(
                         None if args.trailing_fetch_ms is None else args.trailing_fetch_ms / 1000.0
                     ),
@@ -531,6 +544,7 @@ async def tenantry_probe(
             "trailing_fetch_ms": args.trailing_fetch_ms,
             "throttle_window_ms": args.throttle_window_ms,
             "rearm_on_claim": args.rearm_on_claim or None,
+            "no_rearm": args.no_rearm or None,
         },
         **result,
     }
