@@ -514,10 +514,12 @@ class Worker:
         throttle's window only while a wake-up that no claim has acted on yet is
         pending (tenantry.wake_at_commit reads the row this resets).  Without it, a job
         committed within 5 ms after another's NOTIFY, and after the claim that NOTIFY
-        woke, waited for the next NOTIFY or the trailing fetch: p99 11 ms from commit
-        to start with 1,000 other jobs a second on the queue (bench.latency
-        --background-rate 1000), against about 3 ms with it.  Best effort: the claim
-        that follows reports the database's state."""
+        woke, waited for the next NOTIFY or the trailing fetch: from commit to start
+        p90 9 ms and p99 11-12 ms with 1,000 other jobs a second on the queue
+        (bench.latency --background-rate 1000), against p90 about 2 ms and p99 5-10 ms
+        with it (the rest of the tail: a producer that decided just before the re-arm
+        and became visible just after the claim's snapshot waits for the trailing
+        fetch).  Best effort: the claim that follows reports the database's state."""
         try:
             async with self.claim_pool.acquire() as conn:
                 await conn.execute(Q["rearm_wake"], queue)
