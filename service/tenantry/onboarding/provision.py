@@ -37,17 +37,21 @@ from .model import STEPS, TENANT_PROVISIONED, Onboarding, derived_id
 from .storage import Storage
 
 
-# The steps' transactions.  A step with an effect outside the database (Provisioner.
-# _external: the storage, the welcome email) starts a group, its effect done before the
-# group's transaction; the database-only steps after it share that transaction, each
-# still recorded in the ledger and announced by an event of its own.  Three
-# transactions per sign-up instead of seven: the tenant's rows, the storage, the email
-# with the end.  The storage is recorded before the email is sent, so that a refused
-# address (which fails the onboarding) knows to remove it.
-def step_groups(steps: tuple[str, ...], external: frozenset[str]) -> tuple[tuple[str, ...], ...]:
+# The steps' transactions.  Two per sign-up: the tenant's rows with the storage, then the
+# welcome email with the end.  A step whose effect outside the database announces the
+# steps before it (the welcome email says the workspace is ready: Provisioner.
+# _after_commit) starts a group, its effect done once the steps before it have
+# committed.  Any other effect outside the database (the storage: idempotent, and
+# removed by the compensation if the onboarding fails) is done before the transaction
+# of the group it is in.  Every step is still recorded in the ledger and announced by
+# an event of its own, in order.  The storage is recorded before the email is sent, so
+# that a refused address (which fails the onboarding) knows to remove it.
+def step_groups(
+    steps: tuple[str, ...], after_commit: frozenset[str]
+) -> tuple[tuple[str, ...], ...]:
     groups: list[list[str]] = []
     for step in steps:
-        if not groups or step in external:
+        if not groups or step in after_commit:
             groups.append([step])
         else:
             groups[-1].append(step)
@@ -131,15 +135,17 @@ class Provisioner:
         while not terminal:
             group = next(g for g in STEP_GROUPS if not set(g) <= done)
             todo = [s for s in group if s not in done]
-            external = self._external.get(todo[0])
-            if external is not None:
+            # The group's effects outside the database, in step order, before its
+            # transaction (each idempotent: a retry repeats it harmlessly).
+            externals = [self._external[s] for s in todo if s in self._external]
+            for external in externals:
                 await external(self, current)
             # The last group completes the job in its own transaction.
             ran: list[str] = []
             in_tx = job.complete_in_tx() if group[-1] == STEPS[-1] else job.tenant_tx()
             async with in_tx as tx:
                 o = await machine.lock(tx, tid, onboarding_id, request_id=_request_id(job.payload))
-                if external is not None and o.state == "failed":
+                if externals and o.state == "failed":
                     # Failed while this run made its effect (a rescued job still
                     # running): the failure's compensation may have run before it, so
                     # another one runs after it (no dedup key: not merged into that one).
@@ -173,8 +179,10 @@ class Provisioner:
 
     async def _workspace(self, o: machine.Locked) -> None:
         ws = derived_id(o.id, "workspace")
-        await tenants.add_workspace(o.tx, o.tenant_id, ws, "default", "Default")
-        await tenants.add_membership(o.tx, o.tenant_id, ws, derived_id(o.id, "owner"), "owner")
+        await tenants.add_workspace_with_member(
+            o.tx, o.tenant_id, ws, "default", "Default", user_id=derived_id(o.id, "owner"),
+            role="owner",
+        )  # fmt: skip
 
     async def _nothing(self, _o: machine.Locked) -> None:
         """A step whose effect is outside the database (done before its transaction)."""
@@ -287,5 +295,7 @@ class Provisioner:
         )
 
 
-# Provisioner._external names the steps with effects outside the database.
-STEP_GROUPS = step_groups(STEPS, frozenset(Provisioner._external))
+# The steps whose effect outside the database must follow the commit of the steps before
+# them: the welcome email tells the owner the workspace is ready.
+AFTER_COMMIT = frozenset({"welcome_email"})
+STEP_GROUPS = step_groups(STEPS, AFTER_COMMIT)
