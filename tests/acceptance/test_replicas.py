@@ -413,6 +413,12 @@ async def test_a_draining_replica_refuses_new_requests_and_ends_its_streams_clea
         await replica.start(http)
         assert replica.proc is not None
         try:
+            # Provisioning paused: the sign-up stays `accepted`, so its stream is still
+            # open at the signal (it ended with the onboarding's completion before the
+            # signal, and the late sign-up below could beat the drain).
+            await admin_pool.execute(
+                "SELECT tenantry.set_queue_control('default', true, NULL, false, 'test')"
+            )
             client = Client(http, replica.base)
             answer, _ = await client.sign_up()
             job = await jobs.enqueue(
@@ -430,7 +436,9 @@ async def test_a_draining_replica_refuses_new_requests_and_ends_its_streams_clea
                 replica.proc.signal(signal.SIGTERM)
                 with anyio.fail_after(10):
                     # Read to its end: a reset would raise ClientPayloadError here.
-                    [f async for f in sse_frames(stream)]
+                    frames = [f async for f in sse_frames(stream)]
+                # Ended by the drain, not by the onboarding's end.
+                assert all(f.event != "onboarding.completed" for f in frames)
             async with http.post(
                 f"{replica.base}/v1/onboardings",
                 json={"email": "late@example.com", "tenant_name": "Too Late", "plan": "free"},

@@ -398,6 +398,10 @@ async def test_a_name_with_no_free_slug_fails_asking_for_another_name(
     )
     assert failed["reason"] == "no free slug for 'Taken Co'"
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 0
+    # The storage is made before the tenant's transaction (provision.STEP_GROUPS): the
+    # compensation enqueued with the failure removes it.
+    await eventually(_no_jobs_left(admin_pool))
+    assert not (tmp_path / "tenants" / str(tid)).exists()
 
 
 async def test_the_ledger_is_read_after_the_lock_is_granted(

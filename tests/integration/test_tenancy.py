@@ -798,6 +798,9 @@ WEBHOOKS_FILE = "service/tenantry/webhooks/queries.sql"
 # Every tenant-scoped statement the package issues, with arguments to plan it with.
 TENANT_STATEMENTS: dict[tuple[str, str], tuple[object, ...]] = {
     ("service/tenantry/tenants/queries.sql", "create_tenant"): (A, "a-new", "A", "free", "active"),
+    ("service/tenantry/tenants/queries.sql", "create_tenant_unless_slug_taken"): (
+        A, "a-new", "A", "free", "provisioning"
+    ),
     ("service/tenantry/tenants/queries.sql", "get_tenant"): (A,),
     ("service/tenantry/tenants/queries.sql", "create_key"): (A, "k", b"\x02" * 32),
     ("service/tenantry/tenants/queries.sql", "find_key"): (A, b"\x02" * 32),
@@ -805,8 +808,9 @@ TENANT_STATEMENTS: dict[tuple[str, str], tuple[object, ...]] = {
     ("service/tenantry/tenants/queries.sql", "revoke_key"): (A, 1),
     ("service/tenantry/tenants/queries.sql", "add_user"): (A, A, "a@example.com", "a"),
     ("service/tenantry/tenants/queries.sql", "add_roles"): (A, ["owner"], [""]),
-    ("service/tenantry/tenants/queries.sql", "add_workspace"): (A, A, "default", "Default"),
-    ("service/tenantry/tenants/queries.sql", "add_membership"): (A, A, A, "owner"),
+    ("service/tenantry/tenants/queries.sql", "add_workspace_with_member"): (
+        A, A, "default", "Default", A, "owner"
+    ),
     ("service/tenantry/tenants/queries.sql", "set_tenant_state"): (A, "active"),
     ("service/tenantry/tenants/queries.sql", "delete_tenant"): (A,),
     ("service/tenantry/jobs/queries.sql", "complete_one"): (A, 1, "probe"),

@@ -33,21 +33,25 @@ from ..outbox import store as outbox
 from ..tenants import store as tenants
 from . import machine
 from .mail import Mail, Mailer, MailRejected
-from .model import STEPS, TENANT_PROVISIONED, Onboarding, derived_id
+from .model import STEPS, TENANT_PROVISIONED, derived_id
 from .storage import Storage
 
 
-# The steps' transactions.  A step with an effect outside the database (Provisioner.
-# _external: the storage, the welcome email) starts a group, its effect done before the
-# group's transaction; the database-only steps after it share that transaction, each
-# still recorded in the ledger and announced by an event of its own.  Three
-# transactions per sign-up instead of seven: the tenant's rows, the storage, the email
-# with the end.  The storage is recorded before the email is sent, so that a refused
-# address (which fails the onboarding) knows to remove it.
-def step_groups(steps: tuple[str, ...], external: frozenset[str]) -> tuple[tuple[str, ...], ...]:
+# The steps' transactions.  Two per sign-up: the tenant's rows with the storage, then the
+# welcome email with the end.  A step whose effect outside the database announces the
+# steps before it (Provisioner._after_commit: the welcome email says the workspace is
+# ready) starts a group, its effect done once those steps have committed.  Any other
+# effect outside the database (Provisioner._ahead: the storage) is done before the
+# transaction of the group it is in.  Every step is still recorded in the ledger and
+# announced by an event of its own, in order.  The storage is recorded before the
+# email is sent, so that a refused address (which fails the onboarding) knows to remove
+# it.
+def step_groups(
+    steps: tuple[str, ...], after_commit: frozenset[str]
+) -> tuple[tuple[str, ...], ...]:
     groups: list[list[str]] = []
     for step in steps:
-        if not groups or step in external:
+        if not groups or step in after_commit:
             groups.append([step])
         else:
             groups[-1].append(step)
@@ -124,25 +128,36 @@ class Provisioner:
 
     async def _steps(self, job: Job, onboarding_id: uuid.UUID, logger: log.Logger) -> None:
         """Run the steps not yet in the ledger, a group of them per transaction
-        (`step_groups`)."""
+        (`step_groups`).  The ledger is read under the onboarding's lock in each
+        group's transaction, not before: the first group's transaction always runs
+        (it finds its steps done on a retry), and tells what is left."""
         tid = job.tenant_id
-        current = await machine.get(job.pool, tid, onboarding_id)
-        done, terminal = {s.step for s in current.steps}, current.terminal
-        while not terminal:
+        done: set[str] = set()
+        last: machine.Locked | None = None  # the onboarding as the last commit left it
+        while True:
             group = next(g for g in STEP_GROUPS if not set(g) <= done)
             todo = [s for s in group if s not in done]
-            external = self._external.get(todo[0])
-            if external is not None:
-                await external(self, current)
+            # The group's effects outside the database, in step order, before its
+            # transaction (each idempotent: a retry repeats it harmlessly).
+            ahead = [s for s in todo if s in self._ahead]
+            for step in ahead:
+                await self._ahead[step](self, tid)
+            after_commit = self._after_commit.get(todo[0])
+            if after_commit is not None:
+                # Never the first group's step (step_groups), so a commit came before.
+                assert last is not None
+                await after_commit(self, last)
+            made_effects = bool(ahead) or after_commit is not None
             # The last group completes the job in its own transaction.
             ran: list[str] = []
             in_tx = job.complete_in_tx() if group[-1] == STEPS[-1] else job.tenant_tx()
             async with in_tx as tx:
                 o = await machine.lock(tx, tid, onboarding_id, request_id=_request_id(job.payload))
-                if external is not None and o.state == "failed":
+                if made_effects and o.state == "failed":
                     # Failed while this run made its effect (a rescued job still
-                    # running): the failure's compensation may have run before it, so
-                    # another one runs after it (no dedup key: not merged into that one).
+                    # running, or a run of an onboarding that had failed already): the
+                    # failure's compensation may have run before it, so another one
+                    # runs after it (no dedup key: not merged into that one).
                     await self._compensate_later(tx, job, onboarding_id, o.request_id, None)
                 # Under the lock, the ledger decides: another run may have done them.
                 for step in todo:
@@ -152,7 +167,9 @@ class Provisioner:
                         ran.append(step)
             for step in ran:  # said once they have committed
                 logger.info("onboarding_step_done", step=step)
-            done, terminal = set(o.done), o.terminal
+            if o.terminal:
+                return
+            done, last = set(o.done), o
 
     # --- the steps' database effects (inside the step's transaction) -------------------
 
@@ -173,8 +190,10 @@ class Provisioner:
 
     async def _workspace(self, o: machine.Locked) -> None:
         ws = derived_id(o.id, "workspace")
-        await tenants.add_workspace(o.tx, o.tenant_id, ws, "default", "Default")
-        await tenants.add_membership(o.tx, o.tenant_id, ws, derived_id(o.id, "owner"), "owner")
+        await tenants.add_workspace_with_member(
+            o.tx, o.tenant_id, ws, "default", "Default", user_id=derived_id(o.id, "owner"),
+            role="owner",
+        )  # fmt: skip
 
     async def _nothing(self, _o: machine.Locked) -> None:
         """A step whose effect is outside the database (done before its transaction)."""
@@ -203,10 +222,10 @@ class Provisioner:
 
     # --- effects outside the database (idempotent, before the step's transaction) -----
 
-    async def _make_storage(self, o: Onboarding) -> None:
-        await self._storage.ensure(o.tenant_id)
+    async def _make_storage(self, tenant_id: uuid.UUID) -> None:
+        await self._storage.ensure(tenant_id)
 
-    async def _send_welcome(self, o: Onboarding) -> None:
+    async def _send_welcome(self, o: machine.Locked) -> None:
         name = o.tenant_name
         await self._mailer.send(
             Mail(
@@ -220,8 +239,15 @@ class Provisioner:
             )
         )
 
-    _external: dict[str, Callable[[Provisioner, Onboarding], Awaitable[None]]] = {
+    # Effects that need only the tenant's id, done before the transaction of their
+    # group, ahead of the steps before them in it: the storage (idempotent, and removed
+    # by the compensation if the onboarding fails).
+    _ahead: dict[str, Callable[[Provisioner, uuid.UUID], Awaitable[None]]] = {
         "storage": _make_storage,
+    }
+    # Effects that announce the steps before them, done once those have committed: the
+    # welcome email tells the owner the workspace is ready.  Each starts a group.
+    _after_commit: dict[str, Callable[[Provisioner, machine.Locked], Awaitable[None]]] = {
         "welcome_email": _send_welcome,
     }
 
@@ -287,5 +313,4 @@ class Provisioner:
         )
 
 
-# Provisioner._external names the steps with effects outside the database.
-STEP_GROUPS = step_groups(STEPS, frozenset(Provisioner._external))
+STEP_GROUPS = step_groups(STEPS, frozenset(Provisioner._after_commit))

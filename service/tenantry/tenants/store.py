@@ -181,21 +181,13 @@ async def provision_tenant(tx: Executor, *, tenant_id: uuid.UUID, name: str, pla
     async with tenant_scope(tx, tenant_id) as conn:
         base = slug_from(name)[:37].strip("-") or "tenant"
         for slug in (base, f"{base}-{tenant_id.hex[:6]}", f"{base}-{tenant_id.hex[:12]}"):
-            # A savepoint: the slug collision must not abort the step's transaction (by
-            # hand: the transaction was begun with a plain BEGIN, see tenancy.py).
-            await conn.execute("SAVEPOINT tenant_slug")
-            try:
-                row = await conn.fetchrow(
-                    Q["create_tenant"], tenant_id, slug, name, plan, "provisioning"
-                )
-            except asyncpg.UniqueViolationError as exc:
-                await conn.execute("ROLLBACK TO SAVEPOINT tenant_slug")
-                if exc.constraint_name != "tenants_slug_key":
-                    raise  # the id itself: not a slug to try again with
-                continue
-            await conn.execute("RELEASE SAVEPOINT tenant_slug")
-            assert row is not None
-            return Tenant(**dict(row))
+            # ON CONFLICT (slug): a taken slug neither raises nor aborts the step's
+            # transaction, so no savepoint (two round trips) around each try.
+            row = await conn.fetchrow(
+                Q["create_tenant_unless_slug_taken"], tenant_id, slug, name, plan, "provisioning"
+            )
+            if row is not None:
+                return Tenant(**dict(row))
     raise Conflict(f"no free slug for {name!r}")
 
 
@@ -213,18 +205,20 @@ async def add_default_roles(tx: Executor, tenant_id: uuid.UUID) -> None:
         await conn.execute(Q["add_roles"], tenant_id, names, perms)
 
 
-async def add_workspace(
-    tx: Executor, tenant_id: uuid.UUID, workspace_id: uuid.UUID, slug: str, name: str
+async def add_workspace_with_member(
+    tx: Executor,
+    tenant_id: uuid.UUID,
+    workspace_id: uuid.UUID,
+    slug: str,
+    name: str,
+    *,
+    user_id: uuid.UUID,
+    role: str,
 ) -> None:
     async with tenant_scope(tx, tenant_id) as conn:
-        await conn.execute(Q["add_workspace"], tenant_id, workspace_id, slug, name)
-
-
-async def add_membership(
-    tx: Executor, tenant_id: uuid.UUID, workspace_id: uuid.UUID, user_id: uuid.UUID, role: str
-) -> None:
-    async with tenant_scope(tx, tenant_id) as conn:
-        await conn.execute(Q["add_membership"], tenant_id, workspace_id, user_id, role)
+        await conn.execute(
+            Q["add_workspace_with_member"], tenant_id, workspace_id, slug, name, user_id, role
+        )
 
 
 async def set_tenant_state(tx: Executor, tenant_id: uuid.UUID, state: str) -> None:
