@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test lint bench install clean
+.PHONY: run test lint bench bench-long install clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
@@ -34,6 +34,10 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench.all
+
+# bench, plus the long ones (the /metrics scrape over 1,000,000 jobs, 20,000 SSE streams).
+bench-long: $(BENCH_STAMP)
+	$(BIN)/python -m bench.all --long
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -43,6 +43,9 @@ BENCHMARKS = (
     "sse",
 )
 
+# The longest (minutes each: 1,000,000 queued jobs, 20,000 open streams): run only with
+# --long or when named with --only, so that a plain `make bench` stays near ten minutes.
+LONG = frozenset({"metrics", "sse"})
 
 # Entries that run another benchmark's module with options of their own: (module,
 # arguments added to the benchmark's own defaults).
@@ -73,7 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"run only these ({', '.join(BENCHMARKS)})",
     )
+    parser.add_argument(
+        "--long",
+        action="store_true",
+        help=f"also run the long ones ({', '.join(sorted(LONG))}; `make bench-long`)",
+    )
     return parser
+
+
+def selected(args: argparse.Namespace) -> list[str]:
+    """The entries to run, in order: those named with --only, else all but the long
+    ones unless --long."""
+    if args.only:
+        return list(args.only)
+    return [n for n in BENCHMARKS if args.long or n not in LONG]
 
 
 def load(name: str) -> common.Bench | None:
@@ -445,7 +461,7 @@ def _render_status(r: Result) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     common.configure_logging()
-    names = list(args.only) if args.only else list(BENCHMARKS)
+    names = selected(args)
     results: dict[str, Result] = {}
     benches: dict[str, common.Bench] = {}
     for name in names:

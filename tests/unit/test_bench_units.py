@@ -17,6 +17,14 @@ def _all_args(*flags: str) -> argparse.Namespace:
     return bench_all.build_parser().parse_args(list(flags))
 
 
+def test_the_long_benchmarks_run_only_when_asked() -> None:
+    plain = bench_all.selected(_all_args())
+    assert "drain_1000" in plain and "trigger_tax" in plain
+    assert not bench_all.LONG & set(plain)
+    assert bench_all.selected(_all_args("--long")) == list(bench_all.BENCHMARKS)
+    assert bench_all.selected(_all_args("--only", "sse")) == ["sse"]
+
+
 @pytest.mark.parametrize(
     ("entry", "option", "value"),
     [("drain", "tenants", 4), ("drain_1000", "tenants", 1000)],
