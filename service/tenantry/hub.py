@@ -4,8 +4,8 @@ serves and fans each event out to the streams of its aggregate.
 Wake-ups come from the listener's one connection (NOTIFY on `tenantry_outbox`); each
 wake-up is one query for all subscribed aggregates (`outbox.follow`, which reads what
 the previous read's snapshot could not see: nothing committed since is missed, nothing
-is read twice), then one trailing read after the throttle window, and a jittered poll
-in case a notification was lost.
+is read twice); after the last of a run of wake-ups, one trailing read once the
+throttle window has passed, and a jittered poll in case a notification was lost.
 An event is encoded once, however many clients follow it.  Every client has a bounded
 queue: one that cannot keep up is disconnected and resumes from its last event id,
 instead of growing the process's memory.
@@ -18,13 +18,12 @@ import gc
 import heapq
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import anyio
 import asyncpg
 from anyio.abc import TaskStatus
+from asyncpg.pool import PoolConnectionProxy
 
 from . import logging as log
 from .clock import Random, system_random
@@ -54,21 +53,56 @@ def encode(event: Event) -> bytes:
     )
 
 
+Frame = tuple[int, bool, bytes]  # (version, terminal, the encoded frame)
+
+
 class Subscriber:
-    """One client's stream: a bounded queue of (version, terminal, frame); version 0
-    is a keepalive."""
+    """One client's stream: the frames queued for its writer, at most `limit` of them;
+    version 0 is a keepalive.  Registered with its hub while used as a context manager
+    (`with hub.subscribe(...) as sub:`).
 
-    __slots__ = ("_abort", "closed", "due", "frames", "key", "limit", "reason", "wake")
+    Twenty thousand of these live in one process, so each is small: a list for the
+    frames (a deque allocates a 64-slot block at once, about 600 bytes a stream) and,
+    while the writer waits, one future (an asyncio.Event holds a deque of waiters
+    besides, and a generator-based context manager a suspended frame)."""
 
-    def __init__(self, key: StreamKey, limit: int, abort: Callable[[], None] | None) -> None:
+    __slots__ = (
+        "_abort",
+        "_hub",
+        "_waiter",
+        "closed",
+        "due",
+        "frames",
+        "key",
+        "limit",
+        "reason",
+    )
+
+    def __init__(
+        self,
+        key: StreamKey,
+        limit: int,
+        abort: Callable[[], None] | None,
+        hub: Hub | None = None,
+    ) -> None:
         self.due = 0.0  # when a keepalive is due if nothing else is written (monotonic)
         self.key = key
         self.limit = limit
-        self.frames: deque[tuple[int, bool, bytes]] = deque()
-        self.wake = asyncio.Event()
+        self.frames: list[Frame] = []
         self.closed = False
         self.reason = ""
         self._abort = abort
+        self._hub = hub
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __enter__(self) -> Subscriber:
+        assert self._hub is not None, "made by Hub.subscribe"
+        self._hub._add(self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        assert self._hub is not None
+        self._hub._remove(self)
 
     def push(self, version: int, terminal: bool, frame: bytes) -> None:
         if self.closed:
@@ -81,17 +115,34 @@ class Subscriber:
                 self._abort()
             return
         self.frames.append((version, terminal, frame))
-        self.wake.set()
+        self._wake()
 
     def close(self, reason: str) -> None:
         if not self.closed:
             self.closed, self.reason = True, reason
-            self.wake.set()
+            self._wake()
 
-    def drain(self) -> Iterator[tuple[int, bool, bytes]]:
-        self.wake.clear()
-        while self.frames:
-            yield self.frames.popleft()
+    def wait(self) -> asyncio.Future[None]:
+        """Done once a frame is queued or the stream is closed (at once if either is
+        so already).  One waiter at a time: the stream's writer."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():  # (done: woken, or cancelled by a timeout)
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+        if self.frames or self.closed:
+            waiter.set_result(None)
+        return waiter
+
+    def drain(self) -> list[Frame]:
+        """The frames queued so far, oldest first; the queue starts empty again."""
+        frames = self.frames
+        if frames:
+            self.frames = []
+        return frames
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class CollectorTuning:
@@ -169,6 +220,8 @@ class Hub:
         self._wake = anyio.Event()
         # The snapshot of the last read (None: no read yet).
         self._snapshot: str | None = None
+        # The connection reads go through while notifications come (None: in the pool).
+        self._conn: PoolConnectionProxy | None = None
         self.reads = 0  # completed reads (tests wait on it)
         self.events_pushed = 0  # events handed to streams (metrics)
         self.slow_cut = 0  # streams closed for not reading (metrics)
@@ -190,37 +243,37 @@ class Hub:
     def clients(self) -> int:
         return self._clients
 
-    @asynccontextmanager
-    async def subscribe(
+    def subscribe(
         self, tenant_id: uuid.UUID, aggregate_id: str, abort: Callable[[], None] | None = None
-    ) -> AsyncIterator[Subscriber]:
-        """Register first, replay after: whatever commits after the replay's snapshot
-        reaches the subscriber through the hub, and what both deliver is dropped by
-        version."""
-        key = (tenant_id, aggregate_id)
-        sub = Subscriber(key, self._queue_size, abort)
+    ) -> Subscriber:
+        """A stream of the aggregate's events, registered while used as a context
+        manager (`with hub.subscribe(...) as sub:`).  Register first, replay after:
+        whatever commits after the replay's snapshot reaches the subscriber through the
+        hub, and what both deliver is dropped by version."""
+        return Subscriber((tenant_id, aggregate_id), self._queue_size, abort, self)
+
+    def _add(self, sub: Subscriber) -> None:
         # A random phase: streams opened together do not all want a keepalive together.
         sub.due = time.monotonic() + self._keepalive * (0.5 + 0.5 * self._rnd.random())
         self._seq += 1
         heapq.heappush(self._due, (sub.due, self._seq, sub))
         if self.closing:
             sub.close("shutting down")
-        self._subs.setdefault(key, set()).add(sub)
+        self._subs.setdefault(sub.key, set()).add(sub)
         self._clients += 1
         self._collector.update(self._clients)
-        try:
-            yield sub
-        finally:
-            sub.closed = True  # its keepalive entry drops out when it comes up
-            sub._abort = None  # and holds on to no request meanwhile
-            self._clients -= 1
-            self._collector.update(self._clients)
-            subs = self._subs.get(key)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del self._subs[key]
-                    self._seen.pop(key, None)
+
+    def _remove(self, sub: Subscriber) -> None:
+        sub.closed = True  # its keepalive entry drops out when it comes up
+        sub._abort = None  # and holds on to no connection meanwhile
+        self._clients -= 1
+        self._collector.update(self._clients)
+        subs = self._subs.get(sub.key)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.key]
+                self._seen.pop(sub.key, None)
 
     def close_all(self, reason: str = "shutting down") -> None:
         """Shutdown: every stream ends now (clients reconnect to another process)."""
@@ -237,22 +290,45 @@ class Hub:
     # --- the loop ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._keepalives)
-            await self._read_safely()
-            task_status.started()
-            while True:
-                with anyio.move_on_after(self._poll * (0.75 + 0.5 * self._rnd.random())):
-                    await self._wake.wait()
-                notified = self._wake.is_set()
-                self._wake = anyio.Event()
+        """Read after each notification; after the last of a run of them, once more
+        when the trail has passed (the throttle kept quiet the transactions that
+        inserted within its window after a notification); else poll.
+
+        A read waits for nothing but the next notification: under a steady flow of
+        events they come every few milliseconds, and reading at once keeps the time
+        from commit to client at about that (a fixed sleep of `trail` after each
+        notified read added it to half the events).  While notifications come, the
+        hub keeps its connection (no acquire, and no reset on release, between two
+        reads); it gives it back when they stop."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keepalives)
                 await self._read_safely()
-                if notified:
-                    # The notification was throttled for transactions that inserted
-                    # within the window after it: one more read once it has passed.
-                    await anyio.sleep(self._trail)
+                task_status.started()
+                notified = False
+                while True:
+                    if notified:
+                        wait = self._trail
+                    else:
+                        await self._release()
+                        wait = self._poll * (0.75 + 0.5 * self._rnd.random())
+                    with anyio.move_on_after(wait):
+                        await self._wake.wait()
+                    notified = self._wake.is_set()
                     self._wake = anyio.Event()
                     await self._read_safely()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release()
+
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await self._pool.release(conn)
+            except Exception as exc:
+                # A broken connection is closed by the pool; nothing else to do.
+                self._log.warning("hub_release_failed", error=safe_text(str(exc)) or repr(exc))
 
     async def _read_safely(self) -> None:
         try:
@@ -260,26 +336,30 @@ class Hub:
         except Exception as exc:
             # The database away, a connection broken, or a row no one foresaw: the hub
             # serves every tenant's streams and must go on.  The next read starts from
-            # the same snapshot, so nothing is lost meanwhile.
+            # the same snapshot, so nothing is lost meanwhile (on another connection:
+            # this one may be broken).
             self._log.warning("hub_read_failed", error=safe_text(str(exc)) or repr(exc))
             if not isinstance(exc, _CONNECTION_TROUBLE):
                 self._log.exception("hub_read_crashed")
+            await self._release()
 
     async def _read(self) -> None:
-        async with self._pool.acquire() as conn:
+        if self._conn is None:
+            self._conn = await self._pool.acquire()
+        conn = self._conn
+        if self._snapshot is None or not self._subs:
+            # Nobody to deliver to: only move the snapshot, unless a stream subscribed
+            # while it was taken.  That stream's replay may have read the database
+            # before this snapshot, and what committed in between would be behind the
+            # new one: keep the old (taken before that stream existed).  (None: the
+            # first read, before the HTTP server starts.)
+            fresh = await outbox.snapshot(conn)
             if self._snapshot is None or not self._subs:
-                # Nobody to deliver to: only move the snapshot, unless a stream
-                # subscribed while it was taken.  That stream's replay may have read the
-                # database before this snapshot, and what committed in between would be
-                # behind the new one: keep the old (taken before that stream existed).
-                # (None: the first read, before the HTTP server starts.)
-                fresh = await outbox.snapshot(conn)
-                if self._snapshot is None or not self._subs:
-                    self._snapshot = fresh
-                events: list[Event] = []
-                snapshot = self._snapshot
-            else:
-                snapshot, events = await outbox.follow(conn, self._snapshot, self._aggregate)
+                self._snapshot = fresh
+            events: list[Event] = []
+            snapshot = self._snapshot
+        else:
+            snapshot, events = await outbox.follow(conn, self._snapshot, self._aggregate)
         self._snapshot = snapshot
         if len(events) > _LARGE_READ:
             self._log.warning("hub_large_read", rows=len(events))

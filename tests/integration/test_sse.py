@@ -16,6 +16,7 @@ import pytest
 from tenantry.app import Service
 from tenantry.db import Executor
 from tenantry.hub import KEEPALIVE, Subscriber
+from tenantry.hub import Frame as QueuedFrame
 from tests.helpers import Frame, background_service, service_settings, sse_frames
 
 SIGN_UP = {"email": "lin@example.com", "tenant_name": "Streams Ltd", "plan": "free"}
@@ -152,12 +153,12 @@ async def test_the_hub_encodes_an_event_once_for_all_its_clients(
 ) -> None:
     body = await accepted(http)
     tid, key = uuid.UUID(body["tenant_id"]), body["id"]
-    async with svc.hub.subscribe(tid, key) as a, svc.hub.subscribe(tid, key) as b:
+    with svc.hub.subscribe(tid, key) as a, svc.hub.subscribe(tid, key) as b:
         await emit(admin_pool, body, 2)
-        await _until(a, lambda: any(f[0] == 2 for f in a.frames))
-        await _until(b, lambda: any(f[0] == 2 for f in b.frames))
+        seen_a = await _until(a, lambda seen: any(f[0] == 2 for f in seen))
+        seen_b = await _until(b, lambda seen: any(f[0] == 2 for f in seen))
         # (Version 1 may come too: the hub re-reads recent rows; streams drop repeats.)
-        fa, fb = ([f for f in sub.frames if f[0] == 2] for sub in (a, b))
+        fa, fb = ([f for f in seen if f[0] == 2] for seen in (seen_a, seen_b))
         assert len(fa) == len(fb) == 1
         assert fa[0][2] is fb[0][2]  # one bytes object, shared
         assert fa[0][1] is False  # not terminal
@@ -177,13 +178,19 @@ async def test_a_client_that_does_not_keep_up_is_cut_off(
     ):
         body = await accepted(http)
         aborted: list[bool] = []
-        async with svc.hub.subscribe(
-            uuid.UUID(body["tenant_id"]), body["id"], lambda: aborted.append(True)
-        ) as slow:
+        cut = anyio.Event()
+
+        def abort() -> None:
+            aborted.append(True)
+            cut.set()
+
+        with svc.hub.subscribe(uuid.UUID(body["tenant_id"]), body["id"], abort) as slow:
             for v in (2, 3, 4):
                 await emit(admin_pool, body, v)
-            await _until(slow, lambda: slow.closed)
-            assert slow.reason == "slow client" and aborted == [True]
+            # Nobody drains this stream: the third frame finds its queue full.
+            with anyio.fail_after(10):
+                await cut.wait()
+            assert slow.closed and slow.reason == "slow client" and aborted == [True]
             assert len(slow.frames) == 2  # bounded: what came after never queued
 
 
@@ -212,27 +219,36 @@ async def test_the_hub_misses_no_event_of_a_transaction_that_commits_late(
         assert (await s_early.next_event()).id == "2"
 
 
-def test_a_subscriber_queue_is_bounded_and_keepalives_count() -> None:
+async def test_a_subscriber_queue_is_bounded_and_keepalives_count() -> None:
     aborted: list[int] = []
     sub = Subscriber((uuid.uuid4(), "x"), 2, lambda: aborted.append(1))
+    waiting = sub.wait()
+    assert not waiting.done()
     sub.push(0, False, KEEPALIVE)
+    assert waiting.done()  # the writer wakes
     sub.push(1, False, b"one")
-    assert not sub.closed and sub.wake.is_set()
-    assert list(sub.drain()) == [(0, False, KEEPALIVE), (1, False, b"one")]
-    assert not sub.wake.is_set()
+    assert not sub.closed and sub.wait().done()
+    assert sub.drain() == [(0, False, KEEPALIVE), (1, False, b"one")]
+    assert not sub.wait().done()  # nothing queued: the writer waits
     for v in (2, 3, 4):
         sub.push(v, False, b"%d" % v)
     assert sub.closed and sub.reason == "slow client" and aborted == [1]
     sub.push(5, True, b"late")
     assert [f[0] for f in sub.frames] == [2, 3]
+    assert sub.wait().done()  # closed: the writer does not wait
 
 
-async def _until(sub: Subscriber, predicate: Callable[[], bool], timeout: float = 10) -> None:
-    """Wait on the subscriber's own wake-ups (each push sets it) until `predicate`."""
+async def _until(
+    sub: Subscriber, predicate: Callable[[list[QueuedFrame]], bool], timeout: float = 10
+) -> list[QueuedFrame]:
+    """Take the subscriber's frames as it is woken for them (each push wakes it) until
+    `predicate` holds for those taken so far; those frames."""
+    seen: list[QueuedFrame] = []
     with anyio.fail_after(timeout):
-        while not predicate():
-            sub.wake.clear()
-            await sub.wake.wait()
+        while not predicate(seen):
+            await sub.wait()
+            seen += sub.drain()
+    return seen
 
 
 async def test_an_idle_stream_gets_keepalive_comments(

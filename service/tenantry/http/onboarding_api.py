@@ -198,11 +198,11 @@ async def events(request: web.Request) -> web.StreamResponse:
     api = request.app[ONBOARDING]
     tid, oid = grant.tenant_id, grant.onboarding_id
 
-    def abort() -> None:
-        if request.transport is not None:
-            request.transport.abort()
-
-    async with api.hub.subscribe(tid, str(oid), abort) as sub:
+    # (The transport's own method: a closure over the request would be one more object
+    # per open stream.)
+    transport = request.transport
+    abort = transport.abort if transport is not None else None
+    with api.hub.subscribe(tid, str(oid), abort) as sub:
         # Subscribed first, so nothing committed after this replay is missed.
         try:
             replay: _Replay | None = await _replay(api, tid, oid, last)
@@ -282,7 +282,7 @@ async def _wait_for_replay(
     retry_at = anyio.current_time() + delay
     while not sub.closed:
         with anyio.move_on_after(max(retry_at - anyio.current_time(), 0)):
-            await sub.wake.wait()  # a keepalive is due, or shutdown closed the stream
+            await sub.wait()  # a keepalive is due, or shutdown closed the stream
         # The hub's keepalives go out; its events can go: the replay, once the
         # database answers, reads them from the log.
         for version, _terminal, frame in sub.drain():
@@ -311,7 +311,7 @@ async def _stream(
         if terminal:
             return sent, "terminal event"
     while not sub.closed:
-        await sub.wake.wait()
+        await sub.wait()
         for version, terminal, frame in sub.drain():
             if version == 0:
                 await resp.write(frame)  # keepalive
