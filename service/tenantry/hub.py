@@ -19,6 +19,7 @@ import heapq
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import asyncpg
@@ -53,21 +54,40 @@ def encode(event: Event) -> bytes:
     )
 
 
+def chunk(frame: bytes) -> bytes:
+    """A frame as one chunk of HTTP/1.1's chunked transfer coding: what goes on the wire
+    of a stream the hub writes to directly (see Subscriber.attach)."""
+    return b"%x\r\n%s\r\n" % (len(frame), frame)
+
+
+KEEPALIVE_CHUNK = chunk(KEEPALIVE)
+
 Frame = tuple[int, bool, bytes]  # (version, terminal, the encoded frame)
+SLOW_CLIENT = "slow client"
 
 
 class Subscriber:
-    """One client's stream: the frames queued for its writer, at most `limit` of them;
-    version 0 is a keepalive.  Registered with its hub while used as a context manager
+    """One client's stream, registered with its hub while used as a context manager
     (`with hub.subscribe(...) as sub:`).
 
+    Until its writer attaches a transport, what the hub hands over is queued (at most
+    `limit` frames; version 0 is a keepalive) for the writer to write.  Once attached
+    (`attach`), the hub writes each frame straight to the transport while the
+    transport takes it without pushing back and nothing is queued: no task wakes per
+    event or keepalive, and nothing new outlives the write, so an idle stream makes
+    no work for the garbage collector.  A transport that pushes back (more than its
+    high-water mark buffered: a client that does not read) gets its frames queued
+    again, for the writer to write as the transport drains; a client `limit` frames
+    behind is cut off.
+
     Twenty thousand of these live in one process, so each is small: a list for the
-    frames (a deque allocates a 64-slot block at once, about 600 bytes a stream) and,
+    queue (a deque allocates a 64-slot block at once, about 600 bytes a stream) and,
     while the writer waits, one future (an asyncio.Event holds a deque of waiters
     besides, and a generator-based context manager a suspended frame)."""
 
     __slots__ = (
         "_abort",
+        "_high",
         "_hub",
         "_waiter",
         "closed",
@@ -76,6 +96,8 @@ class Subscriber:
         "key",
         "limit",
         "reason",
+        "sent",
+        "transport",
     )
 
     def __init__(
@@ -91,6 +113,9 @@ class Subscriber:
         self.frames: list[Frame] = []
         self.closed = False
         self.reason = ""
+        self.sent = 0  # the last version written to the client
+        self.transport: asyncio.WriteTransport | None = None
+        self._high = 0
         self._abort = abort
         self._hub = hub
         self._waiter: asyncio.Future[None] | None = None
@@ -104,18 +129,44 @@ class Subscriber:
         assert self._hub is not None
         self._hub._remove(self)
 
-    def push(self, version: int, terminal: bool, frame: bytes) -> None:
+    def attach(self, transport: asyncio.WriteTransport) -> None:
+        """From now on the hub writes frames to `transport` itself, each as one chunk
+        of the chunked transfer coding (the response's, which the writer enabled and
+        whose headers are out), whenever nothing is queued: the writer calls this with
+        the queue empty, between two of its own writes."""
+        assert not self.frames
+        self.transport = transport
+        self._high = transport.get_write_buffer_limits()[1]
+
+    def push(self, version: int, terminal: bool, frame: bytes, wire: bytes | None = None) -> bool:
+        """Hand a frame over (`wire`: the same as a chunk, when the caller has it);
+        False if the stream took it not (closed, or cut off now)."""
         if self.closed:
-            return
+            return False
+        t = self.transport
+        if t is not None and not self.frames:
+            if t.is_closing():
+                self.close("client gone")
+                return False
+            if t.get_write_buffer_size() < self._high:
+                if version:
+                    if version <= self.sent:
+                        return True  # the replay wrote it
+                    self.sent = version
+                t.write(wire if wire is not None else chunk(frame))
+                if terminal:
+                    self.close("terminal event")
+                return True
         if len(self.frames) >= self.limit:
             # The client is not reading: its writer is stuck in a drain, so waking it
             # is not enough; abort the connection (it resumes from its last id).
-            self.close("slow client")
+            self.close(SLOW_CLIENT)
             if self._abort is not None:
                 self._abort()
-            return
+            return False
         self.frames.append((version, terminal, frame))
         self._wake()
+        return True
 
     def close(self, reason: str) -> None:
         if not self.closed:
@@ -131,6 +182,12 @@ class Subscriber:
         if self.frames or self.closed:
             waiter.set_result(None)
         return waiter
+
+    def next_frame(self) -> Frame | None:
+        """The oldest frame queued, taken off the queue (None: none).  The writer takes
+        one at a time, so that the hub queues behind a frame the writer still writes
+        instead of writing past it."""
+        return self.frames.pop(0) if self.frames else None
 
     def drain(self) -> list[Frame]:
         """The frames queued so far, oldest first; the queue starts empty again."""
@@ -215,7 +272,10 @@ class Hub:
         self._seen: dict[StreamKey, int] = {}  # the last version fanned out per aggregate
         # (when a keepalive is due, tie-breaker, stream): closed streams drop out when
         # they come up.
-        self._due: list[tuple[float, int, Subscriber]] = []
+        # Lists, not tuples: an entry is updated and pushed back as it is, not made anew
+        # for each keepalive (a new object outliving the young collections, per stream
+        # and keepalive, is work for the collector).
+        self._due: list[list[Any]] = []
         self._seq = 0
         self._wake = anyio.Event()
         # The snapshot of the last read (None: no read yet).
@@ -256,7 +316,7 @@ class Hub:
         # A random phase: streams opened together do not all want a keepalive together.
         sub.due = time.monotonic() + self._keepalive * (0.5 + 0.5 * self._rnd.random())
         self._seq += 1
-        heapq.heappush(self._due, (sub.due, self._seq, sub))
+        heapq.heappush(self._due, [sub.due, self._seq, sub])
         if self.closing:
             sub.close("shutting down")
         self._subs.setdefault(sub.key, set()).add(sub)
@@ -379,15 +439,14 @@ class Hub:
             self._seen[key] = ev.version
             terminal = ev.type in self._terminal
             frame = encode(ev)
+            wire = chunk(frame)  # made once for all the streams that are written to
             quiet_until = time.monotonic() + self._keepalive
             for sub in tuple(subs):
-                was_open = not sub.closed
-                sub.push(ev.version, terminal, frame)
-                sub.due = quiet_until  # an event is as good as a keepalive
-                if sub.closed and was_open:
-                    self.slow_cut += 1
-                elif was_open:
+                if sub.push(ev.version, terminal, frame, wire):
                     self.events_pushed += 1
+                elif sub.reason == SLOW_CLIENT:
+                    self.slow_cut += 1
+                sub.due = quiet_until  # an event is as good as a keepalive
 
     async def _keepalives(self) -> None:
         """A keepalive to each stream that has been quiet for the interval.  The
@@ -401,12 +460,15 @@ class Hub:
             now = time.monotonic()
             heap = self._due
             while heap and heap[0][0] <= now:
-                _, n, sub = heapq.heappop(heap)
+                entry = heapq.heappop(heap)
+                sub: Subscriber = entry[2]
                 if sub.closed:
                     continue
                 if sub.due > now:  # written to since: due later
-                    heapq.heappush(heap, (sub.due, n, sub))
+                    entry[0] = sub.due
+                    heapq.heappush(heap, entry)
                     continue
-                sub.due = now + self._keepalive
-                heapq.heappush(heap, (sub.due, n, sub))
-                sub.push(0, False, KEEPALIVE)
+                sub.due = entry[0] = now + self._keepalive
+                heapq.heappush(heap, entry)
+                if not sub.push(0, False, KEEPALIVE, KEEPALIVE_CHUNK) and sub.reason == SLOW_CLIENT:
+                    self.slow_cut += 1

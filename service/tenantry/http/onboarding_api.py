@@ -8,6 +8,7 @@ GET  /v1/onboardings/{id}/events     -> text/event-stream, replayable (Last-Even
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import uuid
@@ -17,7 +18,7 @@ from datetime import UTC, datetime
 import aiohttp_cors
 import anyio
 import asyncpg
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from .. import logging as log
 from ..db import UNAVAILABLE
@@ -221,6 +222,10 @@ async def events(request: web.Request) -> web.StreamResponse:
                 _log.debug("stream_refused_after_end", onboarding_id=str(oid), last=last)
                 return web.Response(status=204)
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        if request.version >= HttpVersion11:
+            # Chunked for certain (aiohttp's choice anyway): the hub writes frames to
+            # the transport itself, each as one chunk (Subscriber.attach).
+            resp.enable_chunked_encoding()
         await resp.prepare(request)
         sent, why = last, "client gone"
         try:
@@ -228,7 +233,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             if replay is None:
                 replay = await _wait_for_replay(resp, api, sub, grant, last)
             if replay.usable:
-                sent, why = await _stream(resp, sub, replay.events, last)
+                sent, why = await _stream(resp, sub, replay.events, last, transport)
             else:
                 why = "nothing to stream (the client reconnects and is told why)"
         except ConnectionError:
@@ -299,10 +304,17 @@ async def _wait_for_replay(
 
 
 async def _stream(
-    resp: web.StreamResponse, sub: Subscriber, replay: list[Event], last: int
+    resp: web.StreamResponse,
+    sub: Subscriber,
+    replay: list[Event],
+    last: int,
+    transport: asyncio.WriteTransport | None,
 ) -> tuple[int, str]:
     """Write the replay, then what the hub hands over; the last version sent and why
-    the stream ends."""
+    the stream ends.  Once nothing is queued, a chunked response's transport is
+    attached to the stream: the hub writes to it directly from then on, and this
+    task wakes only to write what the hub had to queue (the client read too slowly)
+    and at the end."""
     sent = last
     for ev in replay:
         terminal = ev.type in TERMINAL_EVENTS
@@ -310,19 +322,25 @@ async def _stream(
         sent = ev.version
         if terminal:
             return sent, "terminal event"
+    sub.sent = sent
+    if not resp.chunked:
+        transport = None  # (an HTTP/1.0 client): this task writes every frame
     while not sub.closed:
-        await sub.wait()
-        for version, terminal, frame in sub.drain():
+        while (queued := sub.next_frame()) is not None:
+            version, terminal, frame = queued
             if version == 0:
                 await resp.write(frame)  # keepalive
                 continue
-            if version <= sent:
+            if version <= sub.sent:
                 continue  # the replay sent it already
             await resp.write(frame)
-            sent = version
+            sub.sent = version
             if terminal:
-                return sent, "terminal event"
-    return sent, sub.reason
+                return version, "terminal event"
+        if transport is not None and not sub.closed and sub.transport is None:
+            sub.attach(transport)
+        await sub.wait()
+    return sub.sent, sub.reason
 
 
 def add_routes(
