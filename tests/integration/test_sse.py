@@ -3,6 +3,8 @@ hub that misses nothing however transactions interleave."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -268,3 +270,94 @@ async def test_an_idle_stream_gets_keepalive_comments(
                     if comments == 2:
                         break
     assert comments == 2
+
+
+async def _raw_stream(port: int, path: str, version: str, rcvbuf: int = 0) -> socket.socket:
+    """A stream opened over a plain socket (`rcvbuf`: a small receive buffer, set before
+    connecting, for a client that stops reading)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, f"GET {path} HTTP/{version}\r\nHost: t\r\n\r\n".encode())
+    return sock
+
+
+async def _read_until(sock: socket.socket, marker: bytes, got: bytearray) -> bytes:
+    """Read into `got` until it holds `marker`; all read so far."""
+    loop = asyncio.get_running_loop()
+    with anyio.fail_after(10):
+        while marker not in got:
+            data = await loop.sock_recv(sock, 65536)
+            if not data:
+                raise EOFError(f"the stream ended before {marker!r}: {bytes(got)!r}")
+            got += data
+    return bytes(got)
+
+
+async def test_an_http_1_0_client_is_streamed_without_chunks(
+    svc: Service, http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    """Chunked coding is HTTP/1.1's: an HTTP/1.0 client's frames are written by its
+    stream's task as they are (the hub writes chunks only to chunked responses), and
+    its stream ends with its connection."""
+    body = await accepted(http)
+    assert svc.http.port is not None
+    sock = await _raw_stream(svc.http.port, body["events_url"], "1.0")
+    try:
+        got = bytearray()
+        head = await _read_until(sock, b"event: onboarding.accepted", got)
+        assert b"transfer-encoding" not in head.lower()
+        await emit(admin_pool, body, 2)
+        text = await _read_until(sock, b"id: 2\nevent: onboarding.step_completed\n", got)
+        assert b"\r\n" not in text.split(b"\r\n\r\n", 1)[1]  # no chunk sizes in the body
+    finally:
+        sock.close()
+
+
+async def test_a_stream_written_by_the_hub_is_cut_off_when_its_client_stops_reading(
+    tmp_path: Path,
+    app_url: str,
+    pool: asyncpg.Pool,
+    worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:
+    """The hub writes an attached stream's frames to its transport itself; once the
+    transport holds more than its high-water mark (the client reads nothing), frames
+    queue, and a client `sse_queue_size` frames behind is cut off as before."""
+    settings = service_settings(tmp_path, queues={"other": 1}, sse_queue_size=2)
+    async with (
+        background_service(settings, app_url, pool, worker_pool) as svc,
+        aiohttp.ClientSession(f"http://127.0.0.1:{svc.http.port}") as http,
+    ):
+        body = await accepted(http)
+        assert svc.http.port is not None
+        sock = await _raw_stream(svc.http.port, body["events_url"], "1.1", rcvbuf=4096)
+        try:
+            await _read_until(sock, b"event: onboarding.accepted", bytearray())
+            # From here on the client reads nothing.  Each event is 64 KiB: a few fill
+            # the socket buffers and the transport's high-water mark.
+            big = {"filler": "x" * 65536}
+            version = 1
+            with anyio.fail_after(30):
+                while svc.hub.slow_cut == 0:
+                    for _ in range(8):
+                        version += 1
+                        await admin_pool.execute(
+                            "SELECT tenantry.emit($1::uuid, 'onboarding', $2,"
+                            " 'onboarding.step_completed', $3::jsonb, $4)",
+                            uuid.UUID(body["tenant_id"]),
+                            body["id"],
+                            big,
+                            version,
+                        )
+                    await svc.hub.wait_reads(svc.hub.reads + 2)
+            assert svc.hub.slow_cut == 1
+            # Cut off: its connection is aborted and its stream is gone from the hub.
+            with anyio.fail_after(10):
+                while svc.hub.clients:
+                    await svc.hub.wait_reads(svc.hub.reads + 1)
+        finally:
+            sock.close()
