@@ -202,6 +202,11 @@ class Subscriber:
             waiter.set_result(None)
 
 
+def _each(subs: Subscriber | set[Subscriber]) -> tuple[Subscriber, ...]:
+    """The streams of an aggregate, as a copy: pushing may end one (a slow client)."""
+    return (subs,) if isinstance(subs, Subscriber) else tuple(subs)
+
+
 class CollectorTuning:
     """The garbage collector's settings for a process that holds many streams, and
     only while it does.
@@ -266,7 +271,9 @@ class Hub:
         self._poll = poll_interval
         self._trail = trail
         self._rnd = rnd or system_random()
-        self._subs: dict[StreamKey, set[Subscriber]] = {}
+        # The streams of each aggregate: one stream as itself, more as a set (nearly
+        # every aggregate has one follower: a set each would be 200 bytes a stream).
+        self._subs: dict[StreamKey, Subscriber | set[Subscriber]] = {}
         self._clients = 0
         self._collector = CollectorTuning(enabled=tune_collector)
         self._seen: dict[StreamKey, int] = {}  # the last version fanned out per aggregate
@@ -319,7 +326,13 @@ class Hub:
         heapq.heappush(self._due, [sub.due, self._seq, sub])
         if self.closing:
             sub.close("shutting down")
-        self._subs.setdefault(sub.key, set()).add(sub)
+        others = self._subs.get(sub.key)
+        if others is None:
+            self._subs[sub.key] = sub
+        elif isinstance(others, Subscriber):
+            self._subs[sub.key] = {others, sub}
+        else:
+            others.add(sub)
         self._clients += 1
         self._collector.update(self._clients)
 
@@ -329,17 +342,19 @@ class Hub:
         self._clients -= 1
         self._collector.update(self._clients)
         subs = self._subs.get(sub.key)
-        if subs is not None:
+        if isinstance(subs, set):
             subs.discard(sub)
-            if not subs:
-                del self._subs[sub.key]
-                self._seen.pop(sub.key, None)
+            if len(subs) == 1:
+                self._subs[sub.key] = next(iter(subs))
+        elif subs is sub:
+            del self._subs[sub.key]
+            self._seen.pop(sub.key, None)
 
     def close_all(self, reason: str = "shutting down") -> None:
         """Shutdown: every stream ends now (clients reconnect to another process)."""
         self.closing = True
         for subs in self._subs.values():
-            for sub in subs:
+            for sub in _each(subs):
                 sub.close(reason)
 
     async def wait_reads(self, n: int) -> None:
@@ -441,7 +456,7 @@ class Hub:
             frame = encode(ev)
             wire = chunk(frame)  # made once for all the streams that are written to
             quiet_until = time.monotonic() + self._keepalive
-            for sub in tuple(subs):
+            for sub in _each(subs):
                 if sub.push(ev.version, terminal, frame, wire):
                     self.events_pushed += 1
                 elif sub.reason == SLOW_CLIENT:

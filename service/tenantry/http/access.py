@@ -36,10 +36,12 @@ async def request_log(request: web.Request, handler: Handler) -> web.StreamRespo
     request[REQUEST_ID_KEY] = rid
     started = time.perf_counter()
     status = 500
-    # Bound and reset by hand rather than with structlog's bound_contextvars: that
+    # Bound and unbound by hand rather than with structlog's bound_contextvars: that
     # context manager is a suspended generator for as long as the request lasts, and a
-    # stream lasts for hours (one such object per open stream).
-    bound = structlog.contextvars.bind_contextvars(request_id=rid)
+    # stream lasts for hours (one such object per open stream).  (Nothing to restore
+    # after: aiohttp runs each request in a task of its own, with a copy of the
+    # server's context, where no request id is bound.)
+    structlog.contextvars.bind_contextvars(request_id=rid)
     try:
         response = await handler(request)
         status = response.status
@@ -63,7 +65,7 @@ async def request_log(request: web.Request, handler: Handler) -> web.StreamRespo
         observe = request.app.get(OBSERVER)
         if observe is not None:
             observe(request.method, route, status, seconds)
-        structlog.contextvars.reset_contextvars(**bound)
+        structlog.contextvars.unbind_contextvars("request_id")
 
 
 def request_id(request: web.Request) -> str:

@@ -198,6 +198,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         return problem(400, "Last-Event-ID must be a non-negative integer (an event's id)")
     api = request.app[ONBOARDING]
     tid, oid = grant.tenant_id, grant.onboarding_id
+    del grant  # (a stream lasts for hours: its frame holds what it needs, no more)
 
     # (The transport's own method: a closure over the request would be one more object
     # per open stream.)
@@ -227,11 +228,17 @@ async def events(request: web.Request) -> web.StreamResponse:
             # the transport itself, each as one chunk (Subscriber.attach).
             resp.enable_chunked_encoding()
         await resp.prepare(request)
+        # aiohttp's timer for closing a connection idle between requests runs from the
+        # connection's start (and does nothing while a request is in progress): a
+        # stream's request lasts, and the timer is 500 bytes per stream.  Turning
+        # keep-alive off cancels it; aiohttp sets keep-alive again from the response
+        # once the stream ends.
+        request.protocol.keep_alive(False)
         sent, why = last, "client gone"
         try:
             await resp.write(b"retry: %d\n\n" % (api.retry_ms + random.randrange(api.retry_ms)))
             if replay is None:
-                replay = await _wait_for_replay(resp, api, sub, grant, last)
+                replay = await _wait_for_replay(resp, api, sub, tid=tid, oid=oid, last=last)
             if replay.usable:
                 sent, why = await _stream(resp, sub, replay.events, last, transport)
             else:
@@ -277,7 +284,9 @@ async def _wait_for_replay(
     resp: web.StreamResponse,
     api: OnboardingApi,
     sub: Subscriber,
-    grant: Grant,
+    *,
+    tid: uuid.UUID,
+    oid: uuid.UUID,
     last: int,
 ) -> _Replay:
     """Until the database answers: a keepalive comment between tries, so that the
@@ -296,7 +305,7 @@ async def _wait_for_replay(
         if sub.closed or anyio.current_time() < retry_at:
             continue
         try:
-            return await _replay(api, grant.tenant_id, grant.onboarding_id, last)
+            return await _replay(api, tid, oid, last)
         except UNAVAILABLE:
             delay = min(delay * 2, 5.0)
             retry_at = anyio.current_time() + delay
@@ -315,13 +324,9 @@ async def _stream(
     attached to the stream: the hub writes to it directly from then on, and this
     task wakes only to write what the hub had to queue (the client read too slowly)
     and at the end."""
-    sent = last
-    for ev in replay:
-        terminal = ev.type in TERMINAL_EVENTS
-        await resp.write(encode(ev))
-        sent = ev.version
-        if terminal:
-            return sent, "terminal event"
+    sent, ended = await _write_replay(resp, replay, last)
+    if ended:
+        return sent, "terminal event"
     sub.sent = sent
     if not resp.chunked:
         transport = None  # (an HTTP/1.0 client): this task writes every frame
@@ -341,6 +346,22 @@ async def _stream(
             sub.attach(transport)
         await sub.wait()
     return sub.sent, sub.reason
+
+
+async def _write_replay(
+    resp: web.StreamResponse, replay: list[Event], last: int
+) -> tuple[int, bool]:
+    """Write the replayed events; the last version written, and whether it ended the
+    stream.  The list is emptied as it is written: the stream may last for hours, and
+    need not hold on to events it has sent."""
+    sent = last
+    while replay:
+        ev = replay.pop(0)
+        await resp.write(encode(ev))
+        sent = ev.version
+        if ev.type in TERMINAL_EVENTS:
+            return sent, True
+    return sent, False
 
 
 def add_routes(
