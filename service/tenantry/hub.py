@@ -338,7 +338,7 @@ class Hub:
 
     def _remove(self, sub: Subscriber) -> None:
         sub.closed = True  # its keepalive entry drops out when it comes up
-        sub._abort = None  # and holds on to no connection meanwhile
+        sub._abort = sub.transport = None  # and holds on to no connection meanwhile
         self._clients -= 1
         self._collector.update(self._clients)
         subs = self._subs.get(sub.key)
