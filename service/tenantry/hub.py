@@ -457,6 +457,8 @@ class Hub:
             wire = chunk(frame)  # made once for all the streams that are written to
             quiet_until = time.monotonic() + self._keepalive
             for sub in _each(subs):
+                if sub.closed:
+                    continue  # (cut off already, and counted then)
                 if sub.push(ev.version, terminal, frame, wire):
                     self.events_pushed += 1
                 elif sub.reason == SLOW_CLIENT:

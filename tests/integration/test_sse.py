@@ -194,6 +194,11 @@ async def test_a_client_that_does_not_keep_up_is_cut_off(
                 await cut.wait()
             assert slow.closed and slow.reason == "slow client" and aborted == [True]
             assert len(slow.frames) == 2  # bounded: what came after never queued
+            # Cut once, counted once, however many events come before it is gone.
+            for v in (5, 6):
+                await emit(admin_pool, body, v)
+            await svc.hub.wait_reads(svc.hub.reads + 2)
+            assert svc.hub.slow_cut == 1 and aborted == [True]
 
 
 async def test_the_hub_misses_no_event_of_a_transaction_that_commits_late(
