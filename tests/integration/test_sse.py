@@ -17,8 +17,8 @@ import pytest
 
 from tenantry.app import Service
 from tenantry.db import Executor
-from tenantry.hub import KEEPALIVE, Subscriber
-from tenantry.hub import Frame as QueuedFrame
+from tenantry.subscriber import KEEPALIVE, Subscriber
+from tenantry.subscriber import Frame as QueuedFrame
 from tests.helpers import Frame, background_service, service_settings, sse_frames
 
 SIGN_UP = {"email": "lin@example.com", "tenant_name": "Streams Ltd", "plan": "free"}

@@ -23,12 +23,13 @@ from aiohttp import HttpVersion11, web
 from .. import logging as log
 from ..db import UNAVAILABLE
 from ..errors import Conflict, InvalidRequest, NotFound
-from ..hub import Hub, Subscriber, encode
+from ..hub import Hub
 from ..onboarding import machine
 from ..onboarding.model import AGGREGATE, TERMINAL_EVENTS, parse_sign_up
 from ..onboarding.tokens import Grant, Signer, TokenError
 from ..outbox import store as outbox
 from ..outbox.store import Event
+from ..subscriber import Subscriber, encode
 from ..tenancy import tenant_tx
 from ..timefmt import utc_text
 from .access import request_id
