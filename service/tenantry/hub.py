@@ -4,8 +4,8 @@ serves and fans each event out to the streams of its aggregate.
 Wake-ups come from the listener's one connection (NOTIFY on `tenantry_outbox`); each
 wake-up is one query for all subscribed aggregates (`outbox.follow`, which reads what
 the previous read's snapshot could not see: nothing committed since is missed, nothing
-is read twice), then one trailing read after the throttle window, and a jittered poll
-in case a notification was lost.
+is read twice); after the last of a run of wake-ups, one trailing read once the
+throttle window has passed, and a jittered poll in case a notification was lost.
 An event is encoded once, however many clients follow it.  Every client has a bounded
 queue: one that cannot keep up is disconnected and resumes from its last event id,
 instead of growing the process's memory.
@@ -13,85 +13,44 @@ instead of growing the process's memory.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import heapq
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 import asyncpg
 from anyio.abc import TaskStatus
+from asyncpg.pool import PoolConnectionProxy
 
 from . import logging as log
 from .clock import Random, system_random
 from .outbox import store as outbox
 from .outbox.store import Event
 from .safetext import safe_text
+from .subscriber import (
+    KEEPALIVE,
+    KEEPALIVE_CHUNK,
+    SLOW_CLIENT,
+    StreamKey,
+    Subscriber,
+    chunk,
+    encode,
+)
 
 # Errors that mean the database is away or the connection broke: expected, no traceback.
 _CONNECTION_TROUBLE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
-StreamKey = tuple[uuid.UUID, str]  # (tenant id, aggregate id)
-
-KEEPALIVE = b": keepalive\n\n"
 # A read returning more than this many rows is worth a warning: the hub fell behind
 # (the database was away for a while, or a burst of events).
 _LARGE_READ = 10_000
 
 
-def encode(event: Event) -> bytes:
-    """One SSE frame: `id:` the aggregate version, `event:` the type, `data:` the JSON
-    text as the database rendered it (one line: JSON text escapes line breaks, and
-    types are names without them, by a CHECK)."""
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (
-        event.version,
-        event.type.encode(),
-        event.data.encode(),
-    )
-
-
-class Subscriber:
-    """One client's stream: a bounded queue of (version, terminal, frame); version 0
-    is a keepalive."""
-
-    __slots__ = ("_abort", "closed", "due", "frames", "key", "limit", "reason", "wake")
-
-    def __init__(self, key: StreamKey, limit: int, abort: Callable[[], None] | None) -> None:
-        self.due = 0.0  # when a keepalive is due if nothing else is written (monotonic)
-        self.key = key
-        self.limit = limit
-        self.frames: deque[tuple[int, bool, bytes]] = deque()
-        self.wake = asyncio.Event()
-        self.closed = False
-        self.reason = ""
-        self._abort = abort
-
-    def push(self, version: int, terminal: bool, frame: bytes) -> None:
-        if self.closed:
-            return
-        if len(self.frames) >= self.limit:
-            # The client is not reading: its writer is stuck in a drain, so waking it
-            # is not enough; abort the connection (it resumes from its last id).
-            self.close("slow client")
-            if self._abort is not None:
-                self._abort()
-            return
-        self.frames.append((version, terminal, frame))
-        self.wake.set()
-
-    def close(self, reason: str) -> None:
-        if not self.closed:
-            self.closed, self.reason = True, reason
-            self.wake.set()
-
-    def drain(self) -> Iterator[tuple[int, bool, bytes]]:
-        self.wake.clear()
-        while self.frames:
-            yield self.frames.popleft()
+def _each(subs: Subscriber | set[Subscriber]) -> tuple[Subscriber, ...]:
+    """The streams of an aggregate, as a copy: pushing may end one (a slow client)."""
+    return (subs,) if isinstance(subs, Subscriber) else tuple(subs)
 
 
 class CollectorTuning:
@@ -158,17 +117,24 @@ class Hub:
         self._poll = poll_interval
         self._trail = trail
         self._rnd = rnd or system_random()
-        self._subs: dict[StreamKey, set[Subscriber]] = {}
+        # The streams of each aggregate: one stream as itself, more as a set (nearly
+        # every aggregate has one follower: a set each would be 200 bytes a stream).
+        self._subs: dict[StreamKey, Subscriber | set[Subscriber]] = {}
         self._clients = 0
         self._collector = CollectorTuning(enabled=tune_collector)
         self._seen: dict[StreamKey, int] = {}  # the last version fanned out per aggregate
         # (when a keepalive is due, tie-breaker, stream): closed streams drop out when
         # they come up.
-        self._due: list[tuple[float, int, Subscriber]] = []
+        # Lists, not tuples: an entry is updated and pushed back as it is, not made anew
+        # for each keepalive (a new object outliving the young collections, per stream
+        # and keepalive, is work for the collector).
+        self._due: list[list[Any]] = []
         self._seq = 0
         self._wake = anyio.Event()
         # The snapshot of the last read (None: no read yet).
         self._snapshot: str | None = None
+        # The connection reads go through while notifications come (None: in the pool).
+        self._conn: PoolConnectionProxy | None = None
         self.reads = 0  # completed reads (tests wait on it)
         self.events_pushed = 0  # events handed to streams (metrics)
         self.slow_cut = 0  # streams closed for not reading (metrics)
@@ -190,43 +156,51 @@ class Hub:
     def clients(self) -> int:
         return self._clients
 
-    @asynccontextmanager
-    async def subscribe(
+    def subscribe(
         self, tenant_id: uuid.UUID, aggregate_id: str, abort: Callable[[], None] | None = None
-    ) -> AsyncIterator[Subscriber]:
-        """Register first, replay after: whatever commits after the replay's snapshot
-        reaches the subscriber through the hub, and what both deliver is dropped by
-        version."""
-        key = (tenant_id, aggregate_id)
-        sub = Subscriber(key, self._queue_size, abort)
+    ) -> Subscriber:
+        """A stream of the aggregate's events, registered while used as a context
+        manager (`with hub.subscribe(...) as sub:`).  Register first, replay after:
+        whatever commits after the replay's snapshot reaches the subscriber through the
+        hub, and what both deliver is dropped by version."""
+        return Subscriber((tenant_id, aggregate_id), self._queue_size, abort, self)
+
+    def _add(self, sub: Subscriber) -> None:
         # A random phase: streams opened together do not all want a keepalive together.
         sub.due = time.monotonic() + self._keepalive * (0.5 + 0.5 * self._rnd.random())
         self._seq += 1
-        heapq.heappush(self._due, (sub.due, self._seq, sub))
+        heapq.heappush(self._due, [sub.due, self._seq, sub])
         if self.closing:
             sub.close("shutting down")
-        self._subs.setdefault(key, set()).add(sub)
+        others = self._subs.get(sub.key)
+        if others is None:
+            self._subs[sub.key] = sub
+        elif isinstance(others, Subscriber):
+            self._subs[sub.key] = {others, sub}
+        else:
+            others.add(sub)
         self._clients += 1
         self._collector.update(self._clients)
-        try:
-            yield sub
-        finally:
-            sub.closed = True  # its keepalive entry drops out when it comes up
-            sub._abort = None  # and holds on to no request meanwhile
-            self._clients -= 1
-            self._collector.update(self._clients)
-            subs = self._subs.get(key)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del self._subs[key]
-                    self._seen.pop(key, None)
+
+    def _remove(self, sub: Subscriber) -> None:
+        sub.closed = True  # its keepalive entry drops out when it comes up
+        sub._abort = sub.transport = None  # and holds on to no connection meanwhile
+        self._clients -= 1
+        self._collector.update(self._clients)
+        subs = self._subs.get(sub.key)
+        if isinstance(subs, set):
+            subs.discard(sub)
+            if len(subs) == 1:
+                self._subs[sub.key] = next(iter(subs))
+        elif subs is sub:
+            del self._subs[sub.key]
+            self._seen.pop(sub.key, None)
 
     def close_all(self, reason: str = "shutting down") -> None:
         """Shutdown: every stream ends now (clients reconnect to another process)."""
         self.closing = True
         for subs in self._subs.values():
-            for sub in subs:
+            for sub in _each(subs):
                 sub.close(reason)
 
     async def wait_reads(self, n: int) -> None:
@@ -237,22 +211,45 @@ class Hub:
     # --- the loop ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._keepalives)
-            await self._read_safely()
-            task_status.started()
-            while True:
-                with anyio.move_on_after(self._poll * (0.75 + 0.5 * self._rnd.random())):
-                    await self._wake.wait()
-                notified = self._wake.is_set()
-                self._wake = anyio.Event()
+        """Read after each notification; after the last of a run of them, once more
+        when the trail has passed (the throttle kept quiet the transactions that
+        inserted within its window after a notification); else poll.
+
+        A read waits for nothing but the next notification: under a steady flow of
+        events they come every few milliseconds, and reading at once keeps the time
+        from commit to client at about that (a fixed sleep of `trail` after each
+        notified read added it to half the events).  While notifications come, the
+        hub keeps its connection (no acquire, and no reset on release, between two
+        reads); it gives it back when they stop."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keepalives)
                 await self._read_safely()
-                if notified:
-                    # The notification was throttled for transactions that inserted
-                    # within the window after it: one more read once it has passed.
-                    await anyio.sleep(self._trail)
+                task_status.started()
+                notified = False
+                while True:
+                    if notified:
+                        wait = self._trail
+                    else:
+                        await self._release()
+                        wait = self._poll * (0.75 + 0.5 * self._rnd.random())
+                    with anyio.move_on_after(wait):
+                        await self._wake.wait()
+                    notified = self._wake.is_set()
                     self._wake = anyio.Event()
                     await self._read_safely()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._release()
+
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await self._pool.release(conn)
+            except Exception as exc:
+                # A broken connection is closed by the pool; nothing else to do.
+                self._log.warning("hub_release_failed", error=safe_text(str(exc)) or repr(exc))
 
     async def _read_safely(self) -> None:
         try:
@@ -260,26 +257,30 @@ class Hub:
         except Exception as exc:
             # The database away, a connection broken, or a row no one foresaw: the hub
             # serves every tenant's streams and must go on.  The next read starts from
-            # the same snapshot, so nothing is lost meanwhile.
+            # the same snapshot, so nothing is lost meanwhile (on another connection:
+            # this one may be broken).
             self._log.warning("hub_read_failed", error=safe_text(str(exc)) or repr(exc))
             if not isinstance(exc, _CONNECTION_TROUBLE):
                 self._log.exception("hub_read_crashed")
+            await self._release()
 
     async def _read(self) -> None:
-        async with self._pool.acquire() as conn:
+        if self._conn is None:
+            self._conn = await self._pool.acquire()
+        conn = self._conn
+        if self._snapshot is None or not self._subs:
+            # Nobody to deliver to: only move the snapshot, unless a stream subscribed
+            # while it was taken.  That stream's replay may have read the database
+            # before this snapshot, and what committed in between would be behind the
+            # new one: keep the old (taken before that stream existed).  (None: the
+            # first read, before the HTTP server starts.)
+            fresh = await outbox.snapshot(conn)
             if self._snapshot is None or not self._subs:
-                # Nobody to deliver to: only move the snapshot, unless a stream
-                # subscribed while it was taken.  That stream's replay may have read the
-                # database before this snapshot, and what committed in between would be
-                # behind the new one: keep the old (taken before that stream existed).
-                # (None: the first read, before the HTTP server starts.)
-                fresh = await outbox.snapshot(conn)
-                if self._snapshot is None or not self._subs:
-                    self._snapshot = fresh
-                events: list[Event] = []
-                snapshot = self._snapshot
-            else:
-                snapshot, events = await outbox.follow(conn, self._snapshot, self._aggregate)
+                self._snapshot = fresh
+            events: list[Event] = []
+            snapshot = self._snapshot
+        else:
+            snapshot, events = await outbox.follow(conn, self._snapshot, self._aggregate)
         self._snapshot = snapshot
         if len(events) > _LARGE_READ:
             self._log.warning("hub_large_read", rows=len(events))
@@ -299,15 +300,16 @@ class Hub:
             self._seen[key] = ev.version
             terminal = ev.type in self._terminal
             frame = encode(ev)
+            wire = chunk(frame)  # made once for all the streams that are written to
             quiet_until = time.monotonic() + self._keepalive
-            for sub in tuple(subs):
-                was_open = not sub.closed
-                sub.push(ev.version, terminal, frame)
-                sub.due = quiet_until  # an event is as good as a keepalive
-                if sub.closed and was_open:
-                    self.slow_cut += 1
-                elif was_open:
+            for sub in _each(subs):
+                if sub.closed:
+                    continue  # (cut off already, and counted then)
+                if sub.push(ev.version, terminal, frame, wire):
                     self.events_pushed += 1
+                elif sub.reason == SLOW_CLIENT:
+                    self.slow_cut += 1
+                sub.due = quiet_until  # an event is as good as a keepalive
 
     async def _keepalives(self) -> None:
         """A keepalive to each stream that has been quiet for the interval.  The
@@ -321,12 +323,15 @@ class Hub:
             now = time.monotonic()
             heap = self._due
             while heap and heap[0][0] <= now:
-                _, n, sub = heapq.heappop(heap)
+                entry = heapq.heappop(heap)
+                sub: Subscriber = entry[2]
                 if sub.closed:
                     continue
                 if sub.due > now:  # written to since: due later
-                    heapq.heappush(heap, (sub.due, n, sub))
+                    entry[0] = sub.due
+                    heapq.heappush(heap, entry)
                     continue
-                sub.due = now + self._keepalive
-                heapq.heappush(heap, (sub.due, n, sub))
-                sub.push(0, False, KEEPALIVE)
+                sub.due = entry[0] = now + self._keepalive
+                heapq.heappush(heap, entry)
+                if not sub.push(0, False, KEEPALIVE, KEEPALIVE_CHUNK) and sub.reason == SLOW_CLIENT:
+                    self.slow_cut += 1

@@ -3,6 +3,8 @@ hub that misses nothing however transactions interleave."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,7 +17,8 @@ import pytest
 
 from tenantry.app import Service
 from tenantry.db import Executor
-from tenantry.hub import KEEPALIVE, Subscriber
+from tenantry.subscriber import KEEPALIVE, Subscriber
+from tenantry.subscriber import Frame as QueuedFrame
 from tests.helpers import Frame, background_service, service_settings, sse_frames
 
 SIGN_UP = {"email": "lin@example.com", "tenant_name": "Streams Ltd", "plan": "free"}
@@ -152,12 +155,12 @@ async def test_the_hub_encodes_an_event_once_for_all_its_clients(
 ) -> None:
     body = await accepted(http)
     tid, key = uuid.UUID(body["tenant_id"]), body["id"]
-    async with svc.hub.subscribe(tid, key) as a, svc.hub.subscribe(tid, key) as b:
+    with svc.hub.subscribe(tid, key) as a, svc.hub.subscribe(tid, key) as b:
         await emit(admin_pool, body, 2)
-        await _until(a, lambda: any(f[0] == 2 for f in a.frames))
-        await _until(b, lambda: any(f[0] == 2 for f in b.frames))
+        seen_a = await _until(a, lambda seen: any(f[0] == 2 for f in seen))
+        seen_b = await _until(b, lambda seen: any(f[0] == 2 for f in seen))
         # (Version 1 may come too: the hub re-reads recent rows; streams drop repeats.)
-        fa, fb = ([f for f in sub.frames if f[0] == 2] for sub in (a, b))
+        fa, fb = ([f for f in seen if f[0] == 2] for seen in (seen_a, seen_b))
         assert len(fa) == len(fb) == 1
         assert fa[0][2] is fb[0][2]  # one bytes object, shared
         assert fa[0][1] is False  # not terminal
@@ -177,14 +180,25 @@ async def test_a_client_that_does_not_keep_up_is_cut_off(
     ):
         body = await accepted(http)
         aborted: list[bool] = []
-        async with svc.hub.subscribe(
-            uuid.UUID(body["tenant_id"]), body["id"], lambda: aborted.append(True)
-        ) as slow:
+        cut = anyio.Event()
+
+        def abort() -> None:
+            aborted.append(True)
+            cut.set()
+
+        with svc.hub.subscribe(uuid.UUID(body["tenant_id"]), body["id"], abort) as slow:
             for v in (2, 3, 4):
                 await emit(admin_pool, body, v)
-            await _until(slow, lambda: slow.closed)
-            assert slow.reason == "slow client" and aborted == [True]
+            # Nobody drains this stream: the third frame finds its queue full.
+            with anyio.fail_after(10):
+                await cut.wait()
+            assert slow.closed and slow.reason == "slow client" and aborted == [True]
             assert len(slow.frames) == 2  # bounded: what came after never queued
+            # Cut once, counted once, however many events come before it is gone.
+            for v in (5, 6):
+                await emit(admin_pool, body, v)
+            await svc.hub.wait_reads(svc.hub.reads + 2)
+            assert svc.hub.slow_cut == 1 and aborted == [True]
 
 
 async def test_the_hub_misses_no_event_of_a_transaction_that_commits_late(
@@ -212,27 +226,36 @@ async def test_the_hub_misses_no_event_of_a_transaction_that_commits_late(
         assert (await s_early.next_event()).id == "2"
 
 
-def test_a_subscriber_queue_is_bounded_and_keepalives_count() -> None:
+async def test_a_subscriber_queue_is_bounded_and_keepalives_count() -> None:
     aborted: list[int] = []
     sub = Subscriber((uuid.uuid4(), "x"), 2, lambda: aborted.append(1))
+    waiting = sub.wait()
+    assert not waiting.done()
     sub.push(0, False, KEEPALIVE)
+    assert waiting.done()  # the writer wakes
     sub.push(1, False, b"one")
-    assert not sub.closed and sub.wake.is_set()
-    assert list(sub.drain()) == [(0, False, KEEPALIVE), (1, False, b"one")]
-    assert not sub.wake.is_set()
+    assert not sub.closed and sub.wait().done()
+    assert sub.drain() == [(0, False, KEEPALIVE), (1, False, b"one")]
+    assert not sub.wait().done()  # nothing queued: the writer waits
     for v in (2, 3, 4):
         sub.push(v, False, b"%d" % v)
     assert sub.closed and sub.reason == "slow client" and aborted == [1]
     sub.push(5, True, b"late")
     assert [f[0] for f in sub.frames] == [2, 3]
+    assert sub.wait().done()  # closed: the writer does not wait
 
 
-async def _until(sub: Subscriber, predicate: Callable[[], bool], timeout: float = 10) -> None:
-    """Wait on the subscriber's own wake-ups (each push sets it) until `predicate`."""
+async def _until(
+    sub: Subscriber, predicate: Callable[[list[QueuedFrame]], bool], timeout: float = 10
+) -> list[QueuedFrame]:
+    """Take the subscriber's frames as it is woken for them (each push wakes it) until
+    `predicate` holds for those taken so far; those frames."""
+    seen: list[QueuedFrame] = []
     with anyio.fail_after(timeout):
-        while not predicate():
-            sub.wake.clear()
-            await sub.wake.wait()
+        while not predicate(seen):
+            await sub.wait()
+            seen += sub.drain()
+    return seen
 
 
 async def test_an_idle_stream_gets_keepalive_comments(
@@ -252,3 +275,94 @@ async def test_an_idle_stream_gets_keepalive_comments(
                     if comments == 2:
                         break
     assert comments == 2
+
+
+async def _raw_stream(port: int, path: str, version: str, rcvbuf: int = 0) -> socket.socket:
+    """A stream opened over a plain socket (`rcvbuf`: a small receive buffer, set before
+    connecting, for a client that stops reading)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, f"GET {path} HTTP/{version}\r\nHost: t\r\n\r\n".encode())
+    return sock
+
+
+async def _read_until(sock: socket.socket, marker: bytes, got: bytearray) -> bytes:
+    """Read into `got` until it holds `marker`; all read so far."""
+    loop = asyncio.get_running_loop()
+    with anyio.fail_after(10):
+        while marker not in got:
+            data = await loop.sock_recv(sock, 65536)
+            if not data:
+                raise EOFError(f"the stream ended before {marker!r}: {bytes(got)!r}")
+            got += data
+    return bytes(got)
+
+
+async def test_an_http_1_0_client_is_streamed_without_chunks(
+    svc: Service, http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    """Chunked coding is HTTP/1.1's: an HTTP/1.0 client's frames are written by its
+    stream's task as they are (the hub writes chunks only to chunked responses), and
+    its stream ends with its connection."""
+    body = await accepted(http)
+    assert svc.http.port is not None
+    sock = await _raw_stream(svc.http.port, body["events_url"], "1.0")
+    try:
+        got = bytearray()
+        head = await _read_until(sock, b"event: onboarding.accepted", got)
+        assert b"transfer-encoding" not in head.lower()
+        await emit(admin_pool, body, 2)
+        text = await _read_until(sock, b"id: 2\nevent: onboarding.step_completed\n", got)
+        assert b"\r\n" not in text.split(b"\r\n\r\n", 1)[1]  # no chunk sizes in the body
+    finally:
+        sock.close()
+
+
+async def test_a_stream_written_by_the_hub_is_cut_off_when_its_client_stops_reading(
+    tmp_path: Path,
+    app_url: str,
+    pool: asyncpg.Pool,
+    worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:
+    """The hub writes an attached stream's frames to its transport itself; once the
+    transport holds more than its high-water mark (the client reads nothing), frames
+    queue, and a client `sse_queue_size` frames behind is cut off as before."""
+    settings = service_settings(tmp_path, queues={"other": 1}, sse_queue_size=2)
+    async with (
+        background_service(settings, app_url, pool, worker_pool) as svc,
+        aiohttp.ClientSession(f"http://127.0.0.1:{svc.http.port}") as http,
+    ):
+        body = await accepted(http)
+        assert svc.http.port is not None
+        sock = await _raw_stream(svc.http.port, body["events_url"], "1.1", rcvbuf=4096)
+        try:
+            await _read_until(sock, b"event: onboarding.accepted", bytearray())
+            # From here on the client reads nothing.  Each event is 64 KiB: a few fill
+            # the socket buffers and the transport's high-water mark.
+            big = {"filler": "x" * 65536}
+            version = 1
+            with anyio.fail_after(30):
+                while svc.hub.slow_cut == 0:
+                    for _ in range(8):
+                        version += 1
+                        await admin_pool.execute(
+                            "SELECT tenantry.emit($1::uuid, 'onboarding', $2,"
+                            " 'onboarding.step_completed', $3::jsonb, $4)",
+                            uuid.UUID(body["tenant_id"]),
+                            body["id"],
+                            big,
+                            version,
+                        )
+                    await svc.hub.wait_reads(svc.hub.reads + 2)
+            assert svc.hub.slow_cut == 1
+            # Cut off: its connection is aborted and its stream is gone from the hub.
+            with anyio.fail_after(10):
+                while svc.hub.clients:
+                    await svc.hub.wait_reads(svc.hub.reads + 1)
+        finally:
+            sock.close()

@@ -36,30 +36,36 @@ async def request_log(request: web.Request, handler: Handler) -> web.StreamRespo
     request[REQUEST_ID_KEY] = rid
     started = time.perf_counter()
     status = 500
-    with structlog.contextvars.bound_contextvars(request_id=rid):
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            resource = request.match_info.route.resource
-            route = resource.canonical if resource is not None else "(no route)"
-            seconds = time.perf_counter() - started
-            log.get("http").info(
-                "http_request",
-                method=request.method,
-                route=route,
-                status=status,
-                duration_ms=round(seconds * 1000, 3),
-                client=request.remote,
-                request_id=rid,
-            )
-            observe = request.app.get(OBSERVER)
-            if observe is not None:
-                observe(request.method, route, status, seconds)
+    # Bound and unbound by hand rather than with structlog's bound_contextvars: that
+    # context manager is a suspended generator for as long as the request lasts, and a
+    # stream lasts for hours (one such object per open stream).  (Nothing to restore
+    # after: aiohttp runs each request in a task of its own, with a copy of the
+    # server's context, where no request id is bound.)
+    structlog.contextvars.bind_contextvars(request_id=rid)
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "(no route)"
+        seconds = time.perf_counter() - started
+        log.get("http").info(
+            "http_request",
+            method=request.method,
+            route=route,
+            status=status,
+            duration_ms=round(seconds * 1000, 3),
+            client=request.remote,
+            request_id=rid,
+        )
+        observe = request.app.get(OBSERVER)
+        if observe is not None:
+            observe(request.method, route, status, seconds)
+        structlog.contextvars.unbind_contextvars("request_id")
 
 
 def request_id(request: web.Request) -> str:

@@ -3,8 +3,7 @@ in tenant_api."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,15 +62,19 @@ class InFlight:
         self.count = 0
         self._changed: anyio.Event | None = None  # made by a waiter (in the loop)
 
-    @contextmanager
-    def handling(self) -> Iterator[None]:
+    def handling(self) -> InFlight:
+        """`with in_flight.handling():` counts a request while it is handled.  (Not a
+        generator-based context manager: that would be one suspended frame more per
+        open stream.)"""
+        return self
+
+    def __enter__(self) -> None:
         self.count += 1
-        try:
-            yield
-        finally:
-            self.count -= 1
-            if self._changed is not None:
-                self._changed.set()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.count -= 1
+        if self._changed is not None:
+            self._changed.set()
 
     async def wait_idle(self) -> None:
         while self.count:

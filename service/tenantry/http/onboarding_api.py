@@ -8,6 +8,7 @@ GET  /v1/onboardings/{id}/events     -> text/event-stream, replayable (Last-Even
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import uuid
@@ -17,17 +18,18 @@ from datetime import UTC, datetime
 import aiohttp_cors
 import anyio
 import asyncpg
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from .. import logging as log
 from ..db import UNAVAILABLE
 from ..errors import Conflict, InvalidRequest, NotFound
-from ..hub import Hub, Subscriber, encode
+from ..hub import Hub
 from ..onboarding import machine
 from ..onboarding.model import AGGREGATE, TERMINAL_EVENTS, parse_sign_up
 from ..onboarding.tokens import Grant, Signer, TokenError
 from ..outbox import store as outbox
 from ..outbox.store import Event
+from ..subscriber import Subscriber, encode
 from ..tenancy import tenant_tx
 from ..timefmt import utc_text
 from .access import request_id
@@ -197,12 +199,13 @@ async def events(request: web.Request) -> web.StreamResponse:
         return problem(400, "Last-Event-ID must be a non-negative integer (an event's id)")
     api = request.app[ONBOARDING]
     tid, oid = grant.tenant_id, grant.onboarding_id
+    del grant  # (a stream lasts for hours: its frame holds what it needs, no more)
 
-    def abort() -> None:
-        if request.transport is not None:
-            request.transport.abort()
-
-    async with api.hub.subscribe(tid, str(oid), abort) as sub:
+    # (The transport's own method: a closure over the request would be one more object
+    # per open stream.)
+    transport = request.transport
+    abort = transport.abort if transport is not None else None
+    with api.hub.subscribe(tid, str(oid), abort) as sub:
         # Subscribed first, so nothing committed after this replay is missed.
         try:
             replay: _Replay | None = await _replay(api, tid, oid, last)
@@ -221,14 +224,24 @@ async def events(request: web.Request) -> web.StreamResponse:
                 _log.debug("stream_refused_after_end", onboarding_id=str(oid), last=last)
                 return web.Response(status=204)
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        if request.version >= HttpVersion11:
+            # Chunked for certain (aiohttp's choice anyway): the hub writes frames to
+            # the transport itself, each as one chunk (Subscriber.attach).
+            resp.enable_chunked_encoding()
         await resp.prepare(request)
+        # aiohttp's timer for closing a connection idle between requests runs from the
+        # connection's start (and does nothing while a request is in progress): a
+        # stream's request lasts, and the timer is 500 bytes per stream.  Turning
+        # keep-alive off cancels it; aiohttp sets keep-alive again from the response
+        # once the stream ends.
+        request.protocol.keep_alive(False)
         sent, why = last, "client gone"
         try:
             await resp.write(b"retry: %d\n\n" % (api.retry_ms + random.randrange(api.retry_ms)))
             if replay is None:
-                replay = await _wait_for_replay(resp, api, sub, grant, last)
+                replay = await _wait_for_replay(resp, api, sub, tid=tid, oid=oid, last=last)
             if replay.usable:
-                sent, why = await _stream(resp, sub, replay.events, last)
+                sent, why = await _stream(resp, sub, replay.events, last, transport)
             else:
                 why = "nothing to stream (the client reconnects and is told why)"
         except ConnectionError:
@@ -272,7 +285,9 @@ async def _wait_for_replay(
     resp: web.StreamResponse,
     api: OnboardingApi,
     sub: Subscriber,
-    grant: Grant,
+    *,
+    tid: uuid.UUID,
+    oid: uuid.UUID,
     last: int,
 ) -> _Replay:
     """Until the database answers: a keepalive comment between tries, so that the
@@ -282,7 +297,7 @@ async def _wait_for_replay(
     retry_at = anyio.current_time() + delay
     while not sub.closed:
         with anyio.move_on_after(max(retry_at - anyio.current_time(), 0)):
-            await sub.wake.wait()  # a keepalive is due, or shutdown closed the stream
+            await sub.wait()  # a keepalive is due, or shutdown closed the stream
         # The hub's keepalives go out; its events can go: the replay, once the
         # database answers, reads them from the log.
         for version, _terminal, frame in sub.drain():
@@ -291,7 +306,7 @@ async def _wait_for_replay(
         if sub.closed or anyio.current_time() < retry_at:
             continue
         try:
-            return await _replay(api, grant.tenant_id, grant.onboarding_id, last)
+            return await _replay(api, tid, oid, last)
         except UNAVAILABLE:
             delay = min(delay * 2, 5.0)
             retry_at = anyio.current_time() + delay
@@ -299,30 +314,55 @@ async def _wait_for_replay(
 
 
 async def _stream(
-    resp: web.StreamResponse, sub: Subscriber, replay: list[Event], last: int
+    resp: web.StreamResponse,
+    sub: Subscriber,
+    replay: list[Event],
+    last: int,
+    transport: asyncio.WriteTransport | None,
 ) -> tuple[int, str]:
     """Write the replay, then what the hub hands over; the last version sent and why
-    the stream ends."""
-    sent = last
-    for ev in replay:
-        terminal = ev.type in TERMINAL_EVENTS
-        await resp.write(encode(ev))
-        sent = ev.version
-        if terminal:
-            return sent, "terminal event"
+    the stream ends.  Once nothing is queued, a chunked response's transport is
+    attached to the stream: the hub writes to it directly from then on, and this
+    task wakes only to write what the hub had to queue (the client read too slowly)
+    and at the end."""
+    sent, ended = await _write_replay(resp, replay, last)
+    if ended:
+        return sent, "terminal event"
+    sub.sent = sent
+    if not resp.chunked:
+        transport = None  # (an HTTP/1.0 client): this task writes every frame
     while not sub.closed:
-        await sub.wake.wait()
-        for version, terminal, frame in sub.drain():
+        while (queued := sub.next_frame()) is not None:
+            version, terminal, frame = queued
             if version == 0:
                 await resp.write(frame)  # keepalive
                 continue
-            if version <= sent:
+            if version <= sub.sent:
                 continue  # the replay sent it already
             await resp.write(frame)
-            sent = version
+            sub.sent = version
             if terminal:
-                return sent, "terminal event"
-    return sent, sub.reason
+                return version, "terminal event"
+        if transport is not None and not sub.closed and sub.transport is None:
+            sub.attach(transport)
+        await sub.wait()
+    return sub.sent, sub.reason
+
+
+async def _write_replay(
+    resp: web.StreamResponse, replay: list[Event], last: int
+) -> tuple[int, bool]:
+    """Write the replayed events; the last version written, and whether it ended the
+    stream.  The list is emptied as it is written: the stream may last for hours, and
+    need not hold on to events it has sent."""
+    sent = last
+    while replay:
+        ev = replay.pop(0)
+        await resp.write(encode(ev))
+        sent = ev.version
+        if ev.type in TERMINAL_EVENTS:
+            return sent, True
+    return sent, False
 
 
 def add_routes(
