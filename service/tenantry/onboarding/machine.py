@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from ..db import Conn, Executor
+from ..db import Conn, Executor, leaves_no_session_state
 from ..errors import Conflict, NotFound
 from ..outbox import store as outbox
 from ..sql import queries_for
@@ -65,9 +65,10 @@ async def accept(
 
     One call of tenantry.accept_onboarding does it all (the key, the onboarding, its
     first event, the job): it names the tenant and presents the key itself, so sent
-    alone it is its own transaction, and the accept one round trip (and the pool's reset
-    on release).  In the set_local mode (Citus needs the tenant named by SET LOCAL) it
-    runs inside a tenant transaction instead.
+    alone it is its own transaction, and the accept is one round trip (the pool's reset
+    on release is skipped: the call leaves nothing in the session).  In the set_local
+    mode (Citus needs the tenant named by SET LOCAL) it runs inside a tenant
+    transaction instead.
 
     With an idempotency key, the first request to present it wins: a concurrent one
     waits on the key's unique index until the winner commits, then finds its row and
@@ -89,7 +90,11 @@ async def accept(
         async with tenant_tx(pool, tenant_id) as tx:
             row = await tx.fetchrow(Q["accept"], *args)
     else:
-        row = await pool.fetchrow(Q["accept"], *args)
+        async with pool.acquire() as conn:
+            row = await conn.fetchrow(Q["accept"], *args)
+            # The call was its own transaction and set transaction-local settings only:
+            # the release need not reset the session (a round trip).
+            leaves_no_session_state(conn)
     assert row is not None
     outcome = row["outcome"]
     if outcome == "conflict":
