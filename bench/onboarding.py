@@ -10,8 +10,9 @@ provisioning concurrency --provision-concurrency (4: TENANTRY_QUEUES=default=4; 
 the provisioning jobs took both cores of a 2-core box from the accepts) and a pool of
 --pool-size connections (concurrency + 10: running jobs hold one each and leave the rest
 to the HTTP handlers).  Its port is picked here (free at the time); it is ready when
-/readyz answers 200 (bench.service_proc).  --accept-only points the worker at a queue
-nobody uses: nothing is provisioned and (a) measures the accept path alone.
+/readyz answers 200 (bench.service_proc).  --accept-only runs the service without its
+worker (TENANTRY_WORKER=false): nothing is provisioned and (a) measures the accept path
+alone.
 
 The load comes from another process, so the client's CPU is not the service's; both
 share the machine's cores with PostgreSQL.  (a)'s client is wrk when it is installed
@@ -130,8 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--accept-only",
         action="store_true",
-        help="diagnostic: the worker serves another queue, so nothing is provisioned and (a)"
-        " measures the accept path alone ((b) is skipped)",
+        help="diagnostic: the service runs without its worker, so nothing is provisioned and"
+        " (a) measures the accept path alone ((b) and (c) are skipped)",
     )
     parser.add_argument(
         "--drain",
@@ -380,8 +381,11 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
     drain = common.pick(args.drain, quick=args.quick, quick_value=300, full_value=3000)
     concurrency = args.provision_concurrency
     pool_size = args.pool_size or concurrency + 10
-    # --accept-only: a queue nobody enqueues to, so the provisioning jobs wait untouched.
-    queues = f"{'bench-idle' if args.accept_only else 'default'}={concurrency}"
+    queues = f"default={concurrency}"
+    # --accept-only: no worker, so the provisioning jobs wait untouched.  (A worker on a
+    # queue nobody enqueues to, as before, is refused now: the onboarding queue must be
+    # one the process works.)
+    extra_env = {"TENANTRY_WORKER": "false"} if args.accept_only else {}
     generator, fallback = pick_generator(args.load_generator)
     if fallback is not None and not args.skip_open:
         progress(f"onboarding: {fallback}")
@@ -403,6 +407,7 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
                 TENANTRY_TOKEN_SECRET=uuid.uuid4().hex + uuid.uuid4().hex,
                 TENANTRY_QUEUES=queues,
                 TENANTRY_POOL_SIZE=str(pool_size),
+                **extra_env,
             ) as svc,
         ):
             if not (args.skip_drain or args.accept_only):
