@@ -286,8 +286,9 @@ def _onboarding(r: Result) -> list[Headline]:
         rows += [
             Headline(
                 "onboarding",
-                f"POST /v1/onboardings p99, open loop {o['rate']:g} req/s"
-                f" ({fmt_rate(o['achieved_per_s'])}/s achieved, {o['errors']:,} errors)",
+                f"POST /v1/onboardings p99, open loop {o['rate']:g} req/s from"
+                f" {o.get('generator', 'python')} ({fmt_rate(o['achieved_per_s'])}/s achieved,"
+                f" {o['errors']:,} errors)",
                 f"{fmt_ms(o['latency_ms']['p99'])} ms",
                 f"<= {g['p99_ms_at_most']:g} ms",
                 common.verdict(g["met"]),

@@ -10,11 +10,19 @@ provisioning concurrency --provision-concurrency (4: TENANTRY_QUEUES=default=4; 
 the provisioning jobs took both cores of a 2-core box from the accepts) and a pool of
 --pool-size connections (concurrency + 10: running jobs hold one each and leave the rest
 to the HTTP handlers).  Its port is picked here (free at the time); it is ready when
-/readyz answers 200 (bench.service_proc).  --accept-only points the worker at a queue
-nobody uses: nothing is provisioned and (a) measures the accept path alone.
+/readyz answers 200 (bench.service_proc).  --accept-only runs the service without its
+worker (TENANTRY_WORKER=false): nothing is provisioned and (a) measures the accept path
+alone.
 
-The load comes from another process (`python -m bench.onboarding --load ...`), so the
-client's CPU is not the service's; both share the machine's cores with PostgreSQL.
+The load comes from another process, so the client's CPU is not the service's; both
+share the machine's cores with PostgreSQL.  (a)'s client is wrk when it is installed
+(Debian's `wrk`; the schedule, bodies, keys and figures in onboarding_wrk.lua): it costs
+about a fifth of the Python load process's CPU per request.  Without wrk, or with
+--load-generator python, the Python load process (`python -m bench.onboarding --load
+...`) sends them, and the report says so; either way the generator's CPU per request over
+its sending is reported, so that its share of the machine can be subtracted.  (b) and
+(c) always use the Python client.  Every sign-up of (a) carries a fresh Idempotency-Key,
+as the sign-up page sends.
 
 (a) open loop.  Request i is due at start + i / --rate; a scheduler sends each one at
     its due time whatever the earlier ones are doing (aiohttp, no connection limit), and
@@ -123,8 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--accept-only",
         action="store_true",
-        help="diagnostic: the worker serves another queue, so nothing is provisioned and (a)"
-        " measures the accept path alone ((b) is skipped)",
+        help="diagnostic: the service runs without its worker, so nothing is provisioned and"
+        " (a) measures the accept path alone ((b) and (c) are skipped)",
     )
     parser.add_argument(
         "--drain",
@@ -132,6 +140,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="(c) sign-ups accepted while provisioning is paused, then provisioned"
         " (3000; quick 300)",
+    )
+    parser.add_argument(
+        "--load-generator",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="(a)'s client: wrk (Debian's, with onboarding_wrk.lua), the Python load"
+        " process, or auto: wrk when installed, else Python (said so in the report)",
+    )
+    parser.add_argument(
+        "--wrk-connections",
+        type=int,
+        default=None,
+        help="(a) with wrk: its connections (default: 200 ms of requests at --rate, >= 32)",
     )
     parser.add_argument("--skip-drain", action="store_true", help="skip (c)")
     parser.add_argument("--skip-open", action="store_true", help="skip (a)")
@@ -261,18 +282,53 @@ DRAIN_LIMIT_S = 600.0
 _SET_PAUSED = "SELECT tenantry.set_queue_control($1::text, $2::boolean, NULL, false, 'bench')"
 
 
+def pick_generator(wanted: str) -> tuple[str, str | None]:
+    """(a)'s load generator, and why it is not the one asked for (None when it is)."""
+    if wanted == "python":
+        return "python", None
+    if onboarding_load.wrk_path() is not None:
+        return "wrk", None
+    if wanted == "wrk":
+        raise SystemExit("bench.onboarding: --load-generator wrk, but wrk is not installed")
+    return "python", (
+        "wrk is not installed (apt-get install wrk): the Python load process is used, and"
+        " its CPU per request is reported so that its share can be subtracted"
+    )
+
+
 async def part_open(
-    svc: ServiceProcess, url: str, rate: float, seconds: float, warmup: float
+    svc: ServiceProcess,
+    url: str,
+    rate: float,
+    seconds: float,
+    warmup: float,
+    *,
+    generator: str = "python",
+    wrk_connections: int | None = None,
 ) -> Result:
     tag = f"o{uuid.uuid4().hex[:6]}"
-    progress(f"onboarding: (a) open loop, {rate:g} req/s for {seconds:g} s (+{warmup:g} s warm-up)")
+    progress(
+        f"onboarding: (a) open loop, {rate:g} req/s for {seconds:g} s (+{warmup:g} s warm-up),"
+        f" load from {generator}"
+    )
     cpu = CpuWindow(svc.pid, await postmaster_pid(url))
-    argv = ["open", "--base-url", svc.base_url, "--rate", str(rate), "--seconds", str(seconds)]
-    argv += ["--warmup", str(warmup), "--tag", tag]
-    # The CPU window starts with the load process (its imports included, ~0.5 s of one core).
-    cpu.start()
-    raw = await run_load("bench.onboarding", argv)
-    usage = cpu.stop(load=raw["cpu_s"])
+    if generator == "wrk":
+        # The window runs over the schedule itself (warm-up included), wrk's among its
+        # processes.
+        raw = await onboarding_load.load_open_wrk(
+            *(svc.base_url, rate, seconds, warmup, tag),
+            connections=wrk_connections,
+            window=cpu,
+        )
+        usage = raw["cpu_window"]
+    else:
+        argv = ["open", "--base-url", svc.base_url, "--rate", str(rate)]
+        argv += ["--seconds", str(seconds), "--warmup", str(warmup), "--tag", tag]
+        # The CPU window starts with the load process (its imports included, ~0.5 s of
+        # one core); its own figure per request leaves them out.
+        cpu.start()
+        raw = await run_load("bench.onboarding", argv)
+        usage = cpu.stop(load=raw["cpu_s"])
     conn = await db.connect(url)
     try:
         counts = await onboarding_counts(conn, tag)
@@ -289,10 +345,23 @@ async def part_open(
         and lat["p99"] <= GOAL_P99_MS
         and achieved >= rate * (1 - RATE_SHORTFALL)
     )
+    sent_all = raw["sent"] + raw["warmup_sent"]
+    spent = usage["cpu_seconds"]
     return {
         "rate": rate,
         "seconds": seconds,
         "warmup_s": warmup,
+        "generator": generator,
+        **({"wrk": raw["wrk"]} if "wrk" in raw else {}),
+        "generator_cpu_ms_per_request": raw["cpu_ms_per_request"],
+        # The window's CPU (warm-up included) over every request sent in it: provisioning
+        # runs meanwhile, so the service's and PostgreSQL's figures are the pipeline's
+        # per sign-up, not the accept's alone (--accept-only gives that).
+        "cpu_ms_per_request": {
+            k: round(spent[k] * 1000 / sent_all, 3)
+            for k in ("service", "postgres", "load")
+            if k in spent and sent_all
+        },
         "sent": raw["sent"],
         "accepted": ok,
         "errors": errors,
@@ -312,9 +381,17 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
     drain = common.pick(args.drain, quick=args.quick, quick_value=300, full_value=3000)
     concurrency = args.provision_concurrency
     pool_size = args.pool_size or concurrency + 10
-    # --accept-only: a queue nobody enqueues to, so the provisioning jobs wait untouched.
-    queues = f"{'bench-idle' if args.accept_only else 'default'}={concurrency}"
+    queues = f"default={concurrency}"
+    # --accept-only: no worker, so the provisioning jobs wait untouched.  (A worker on a
+    # queue nobody enqueues to, as before, is refused now: the onboarding queue must be
+    # one the process works.)
+    extra_env = {"TENANTRY_WORKER": "false"} if args.accept_only else {}
+    generator, fallback = pick_generator(args.load_generator)
+    if fallback is not None and not args.skip_open:
+        progress(f"onboarding: {fallback}")
     result: Result = {
+        "load_generator": generator,
+        "load_generator_note": fallback,
         "provision_concurrency": concurrency,
         "queues": queues,
         "pool_size": pool_size,
@@ -330,6 +407,7 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
                 TENANTRY_TOKEN_SECRET=uuid.uuid4().hex + uuid.uuid4().hex,
                 TENANTRY_QUEUES=queues,
                 TENANTRY_POOL_SIZE=str(pool_size),
+                **extra_env,
             ) as svc,
         ):
             if not (args.skip_drain or args.accept_only):
@@ -337,7 +415,11 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
             if not (args.skip_follow or args.accept_only):
                 result["follow"] = await part_follow(svc, url, follow, args.follow_rate)
             if not args.skip_open:
-                result["open"] = await part_open(svc, url, args.rate, seconds, args.warmup)
+                result["open"] = await part_open(
+                    *(svc, url, args.rate, seconds, args.warmup),
+                    generator=generator,
+                    wrk_connections=args.wrk_connections,
+                )
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     return result
@@ -351,12 +433,19 @@ def render(result: Result) -> str:
         f" {result['pool_size']}), load from a separate process"
         + (", ACCEPT ONLY (nothing provisioned)" if result.get("accept_only") else ""),
     )
+    if result.get("load_generator_note"):
+        lines.append(f"   NOTE: {result['load_generator_note']}")
     if "open" in result:
         o = result["open"]
         p = o["provisioning_at_end"]
+        client = o.get("generator", "python")
+        if "wrk" in o:
+            w = o["wrk"]
+            client += f" ({w['connections']} connections, {w['threads']} thread)"
         lines.append(
             f"(a) POST /v1/onboardings, open loop {o['rate']:g} req/s for {o['seconds']:g} s"
-            f" (after {o['warmup_s']:g} s warm-up); latency from the scheduled send time:"
+            f" (after {o['warmup_s']:g} s warm-up), load from {client}; latency from the"
+            f" scheduled send time:"
         )
         lines.append(latency_line("202 latency", o["latency_ms"]))
         lines.append(latency_line("send lag (generator)", o["send_lag_ms"]))
@@ -370,6 +459,17 @@ def render(result: Result) -> str:
             f" queued {p['jobs_queued']:,}, running {p['jobs_running']:,})"
         )
         lines.append(cores_line(o["cpu"]))
+        per = ", ".join(f"{k} {v:g}" for k, v in o.get("cpu_ms_per_request", {}).items())
+        lines.append(
+            f"  CPU per request sent, ms: {per}; the generator over its sending alone"
+            f" {o.get('generator_cpu_ms_per_request')} ms"
+        )
+        if "wrk" in o:
+            w = o["wrk"]["latency_from_write_ms"]
+            lines.append(
+                f"  wrk's own latency (from the write, warm-up included): p50 {w['p50']:g},"
+                f" p99 {w['p99']:g}, max {w['max']:g} ms; wrk errors {o['wrk']['errors']}"
+            )
         g = o["goal"]
         lines.append(
             f"  goal p99 <= {g['p99_ms_at_most']:g} ms, no errors, rate achieved:"

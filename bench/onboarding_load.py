@@ -1,11 +1,18 @@
-"""The load process of bench.onboarding (`python -m bench.onboarding --load open|follow
-...`): (a) POSTs on an open-loop schedule, (b) sign-ups each followed over its events
-stream to `onboarding.completed`.  It prints one JSON object, its CPU time included.
+"""The load of bench.onboarding.  The Python load process (`python -m bench.onboarding
+--load open|follow ...`): (a) POSTs on an open-loop schedule, (b) sign-ups each followed
+over its events stream to `onboarding.completed`; it prints one JSON object, its CPU
+time included.  And (a) driven by wrk instead (`load_open_wrk`, the schedule in
+onboarding_wrk.lua): a compiled client that costs the measured machine much less CPU
+per request than this Python one.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import resource
+import shutil
 import sys
 import time
 from collections import Counter
@@ -15,11 +22,12 @@ from typing import Any
 
 import aiohttp
 import anyio
+import anyio.abc
 import orjson
 
 from . import common
 from .common import Result
-from .service_proc import own_cpu_seconds
+from .service_proc import ROOT, CpuWindow, cpu_seconds, own_cpu_seconds
 
 
 def sign_up_body(tag: str, i: int) -> bytes:
@@ -28,7 +36,10 @@ def sign_up_body(tag: str, i: int) -> bytes:
     )
 
 
-_JSON = {"Content-Type": "application/json"}
+def sign_up_headers(tag: str, i: int) -> dict[str, str]:
+    """A fresh Idempotency-Key per sign-up, as a browser's form sends (and as the wrk
+    load sends: the same requests from either generator)."""
+    return {"Content-Type": "application/json", "Idempotency-Key": f"key-{tag}-{i}"}
 
 
 async def load_open(base_url: str, rate: float, seconds: float, warmup: float, tag: str) -> Result:
@@ -42,13 +53,16 @@ async def load_open(base_url: str, rate: float, seconds: float, warmup: float, t
     outcomes: Counter[str] = Counter()
     timeout = aiohttp.ClientTimeout(total=30)
     connector = aiohttp.TCPConnector(limit=0)
+    # This process's CPU over the load itself (its imports and start-up left out): the
+    # generator's share of the machine, per request sent.
+    cpu_before = cpu_seconds(os.getpid())
     async with aiohttp.ClientSession(base_url, connector=connector, timeout=timeout) as http:
 
         async def one(i: int, due: float) -> None:
             lag[i] = time.perf_counter() - due
             try:
                 async with http.post(
-                    "/v1/onboardings", data=sign_up_body(tag, i), headers=_JSON
+                    "/v1/onboardings", data=sign_up_body(tag, i), headers=sign_up_headers(tag, i)
                 ) as r:
                     await r.read()
                     status = r.status
@@ -71,16 +85,132 @@ async def load_open(base_url: str, rate: float, seconds: float, warmup: float, t
                 if delay > 0:
                     await anyio.sleep(delay)
                 tg.start_soon(one, i, due)
+    load_cpu = cpu_seconds(os.getpid()) - cpu_before
     measured_start = start + n_warm * interval
     ok = [x for x in latency[n_warm:] if x is not None]
     last = max(done_at[n_warm:], default=measured_start)
     return {
+        "generator": "python",
         "sent": n - n_warm,
         "warmup_sent": n_warm,
         "outcomes": dict(outcomes),
         "latency_s": ok,
         "send_lag_s": lag[n_warm:],
         "window_s": last - measured_start,
+        "load_cpu_s": load_cpu,
+        "cpu_ms_per_request": round(load_cpu * 1000 / n, 3) if n else None,
+    }
+
+
+WRK_SCRIPT = ROOT / "bench" / "onboarding_wrk.lua"
+# Seconds wrk goes on after the last request is due, for the last answers: one later
+# than that counts as unanswered (an error).
+WRK_TAIL_S = 3.0
+# Seconds from wrk's start to the first due request (onboarding_wrk.lua's setup).
+WRK_LEAD_S = 0.5
+_WRK_JSON = b"BENCH_JSON "
+
+
+def wrk_path() -> str | None:
+    return shutil.which("wrk")
+
+
+def wrk_connections(rate: float) -> int:
+    """wrk's connections for `rate`: a connection carries one request at a time, so this
+    many cover 200 ms of answers in flight (at least 32) before a send is late.  A late
+    send still counts from its due time."""
+    return max(32, math.ceil(rate * 0.2))
+
+
+async def load_open_wrk(
+    base_url: str,
+    rate: float,
+    seconds: float,
+    warmup: float,
+    tag: str,
+    *,
+    connections: int | None = None,
+    window: CpuWindow | None = None,
+) -> Result:
+    """(a) with wrk (onboarding_wrk.lua): the same schedule, requests and figures as
+    `load_open`, and wrk's CPU time (it is this process's child; its rusage once it
+    ended).  `window`, when given, is started at the first due request and stopped just
+    after the last (wrk's tail, idle, left out), wrk's CPU among its figures as `load`;
+    its figures come back as `cpu_window`."""
+    wrk = wrk_path()
+    if wrk is None:
+        raise RuntimeError("wrk is not installed (apt-get install wrk)")
+    n_warm = round(rate * warmup)
+    n = n_warm + round(rate * seconds)
+    threads = 1  # one thread sends 1,000/s with CPU to spare; fewer wake-ups than two
+    conns = connections or wrk_connections(rate)
+    duration = math.ceil(WRK_LEAD_S + n / rate + WRK_TAIL_S)
+    env = os.environ | {
+        "BENCH_RATE": repr(rate),
+        "BENCH_COUNT": str(n),
+        "BENCH_WARMUP_COUNT": str(n_warm),
+        "BENCH_TAG": tag,
+        "BENCH_THREADS": str(threads),
+    }
+    argv = [wrk, f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--timeout", "30s"]
+    argv += ["-s", str(WRK_SCRIPT), base_url]
+    out, err = bytearray(), bytearray()
+    usage: Result | None = None
+
+    async def collect(stream: anyio.abc.ByteReceiveStream, into: bytearray) -> None:
+        async for chunk in stream:
+            into += chunk
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    async with await anyio.open_process(argv, env=env) as proc, anyio.create_task_group() as tg:
+        assert proc.stdout is not None and proc.stderr is not None
+        tg.start_soon(collect, proc.stdout, out)
+        tg.start_soon(collect, proc.stderr, err)
+        if window is not None:
+            window.extra["load"] = proc.pid
+            await anyio.sleep(WRK_LEAD_S)
+            window.start()
+            # The schedule, and a tenth of a second for the last answers.
+            await anyio.sleep(n / rate + 0.1)
+            usage = window.stop()
+        await proc.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk exited {proc.returncode}: {err.decode()[-2000:]}")
+    line = next((x for x in bytes(out).splitlines() if x.startswith(_WRK_JSON)), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result line: {out.decode()[-2000:]}")
+    raw = orjson.loads(line[len(_WRK_JSON) :])
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    answered = sum(raw["outcomes"].values())
+    outcomes: dict[str, int] = dict(raw["outcomes"])
+    if raw["sent"] > answered:
+        outcomes[f"no answer within {WRK_TAIL_S:g} s of the schedule's end"] = (
+            raw["sent"] - answered
+        )
+    return {
+        "generator": "wrk",
+        "wrk": {
+            "connections": conns,
+            "threads": threads,
+            "duration_s": duration,
+            "requests": raw["wrk_requests"],
+            "errors": raw["wrk_errors"],
+            "latency_from_write_ms": {
+                k: round(v / 1000, 2) for k, v in raw["wrk_latency_us"].items()
+            },
+        },
+        "sent": raw["sent"],
+        "warmup_sent": raw["warmup_sent"],
+        "warmup_outcomes": raw["warmup_outcomes"],
+        "outcomes": outcomes,
+        "latency_s": [x / 1e6 for x in raw["latency_us"]],
+        "send_lag_s": [x / 1e6 for x in raw["send_lag_us"]],
+        "window_s": raw["window_s"],
+        "cpu_s": cpu,
+        "cpu_window": usage,
+        "load_cpu_s": cpu,
+        "cpu_ms_per_request": round(cpu * 1000 / n, 3) if n else None,
     }
 
 
@@ -113,7 +243,7 @@ async def load_follow(base_url: str, count: int, rate: float, tag: str) -> Resul
             t0 = time.perf_counter()
             try:
                 async with http.post(
-                    "/v1/onboardings", data=sign_up_body(tag, i), headers=_JSON
+                    "/v1/onboardings", data=sign_up_body(tag, i), headers=sign_up_headers(tag, i)
                 ) as r:
                     body = await r.read()
                     if r.status != 202:

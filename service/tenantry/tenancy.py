@@ -65,6 +65,11 @@ _SAFE_NAME = re.compile(r"app\.[a-z_]+")
 _SAFE_VALUE = re.compile(r"[0-9a-f-]*")
 
 
+def tenant_context_mode() -> str:
+    """How this process names a transaction's tenant: one of TENANT_CONTEXT_MODES."""
+    return _mode()
+
+
 def _mode() -> str:
     mode = _context["mode"]
     if mode is None:

@@ -113,3 +113,31 @@ async def test_readiness_says_when_claims_fail(
 async def _is(status: object, code: int) -> bool:
     got, _ = await status()  # type: ignore[operator]
     return bool(got == code)
+
+
+async def test_the_pool_resets_a_session_unless_told_nothing_is_left_in_it(app_url: str) -> None:
+    """The pool's reset on release (a round trip) is skipped once for a borrower that
+    said it left nothing in the session (the accept: one call, its own transaction);
+    every other release still resets, and so does one told so inside a transaction."""
+    sent: list[str] = []
+    async with await db.create_pool(app_url, min_size=1, max_size=1) as one:
+        async with one.acquire() as c:
+            c.add_query_logger(lambda record: sent.append(record.query))
+            reset_query = c.get_reset_query()
+            await c.execute("SET application_name = 'left behind'")
+        assert sent[-1] == reset_query
+        async with one.acquire() as c:
+            assert await c.fetchval("SHOW application_name") == "tenantry"
+            db.leaves_no_session_state(c)
+        assert sent[-1] == "SHOW application_name"
+        # Once only: the next borrower is reset as usual.
+        async with one.acquire() as c:
+            await c.execute("SET application_name = 'left behind'")
+        assert await one.fetchval("SHOW application_name") == "tenantry"
+        # Told so with a transaction open: the release rolls back and resets.
+        async with one.acquire() as c:
+            await c.execute("BEGIN; SET application_name = 'in a transaction'")
+            await c.execute("SET SESSION application_name = 'left behind'")
+            db.leaves_no_session_state(c)
+        assert sent[-1] == reset_query
+        assert await one.fetchval("SHOW application_name") == "tenantry"

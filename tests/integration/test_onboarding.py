@@ -13,6 +13,7 @@ import anyio
 import asyncpg
 import pytest
 
+from tenantry import db
 from tenantry.app import Service
 from tenantry.jobs.model import Job
 from tenantry.jobs.registry import DeadLetter
@@ -21,7 +22,7 @@ from tenantry.onboarding.mail import FileMailer
 from tenantry.onboarding.model import STEPS, SignUp
 from tenantry.onboarding.provision import COMPENSATE_KIND, Provisioner
 from tenantry.onboarding.storage import LocalStorage
-from tenantry.tenancy import tenant_tx
+from tenantry.tenancy import tenant_context_mode, tenant_tx
 from tests import smtp
 from tests.helpers import (
     Frame,
@@ -247,6 +248,75 @@ async def test_a_hundred_identical_requests_provision_one_tenant(
     await follow(http, answers[0][1]["events_url"])
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.tenants") == 1
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.users") == 1
+
+
+async def test_an_accept_is_one_statement_its_own_transaction(
+    app_url: str, admin_pool: asyncpg.Pool
+) -> None:
+    """Issue 14: the accept cost five statements, each a round trip (BEGIN with the
+    tenant, the key's setting, the key's claim, the insert, COMMIT), and the pool's
+    reset.  Now one call writes the key, the onboarding, its first event and the job,
+    sent alone it is its own transaction, and the release skips the reset: it left
+    nothing in the session.  (In the set_local mode, for Citus, the tenant is named by
+    SET LOCAL first: BEGIN, the call, COMMIT, and the reset.)"""
+    sent: list[str] = []
+    async with await db.create_pool(app_url, min_size=1, max_size=1) as one:
+        async with one.acquire() as c:
+            c.add_query_logger(lambda record: sent.append(record.query))
+            reset_query = c.get_reset_query()
+        sent.clear()
+        accepted = await machine.accept(
+            one,
+            SignUp("ada@example.com", "One Trip", "free"),
+            idempotency_key="one-trip",
+            queue="default",
+            request_id="r1",
+        )
+        statements = list(sent)
+        again = await machine.accept(
+            one, SignUp("ada@example.com", "One Trip", "free"), idempotency_key="one-trip",
+            queue="default",
+        )  # fmt: skip
+    expected = [machine.Q["accept"]]
+    if tenant_context_mode() == "set_local":
+        begin = f"BEGIN; SET LOCAL app.tenant_id = '{accepted.tenant_id}'"
+        expected = [begin, *expected, "COMMIT", reset_query]
+    assert statements == expected
+    assert again == machine.Accepted(
+        accepted.onboarding_id, accepted.tenant_id, accepted.created_at, replayed=True
+    )
+    row = await admin_pool.fetchrow(
+        """SELECT (SELECT count(*) FROM tenantry.onboardings WHERE id = $1) AS onboardings,
+                  (SELECT array_agg(event_type || ':' || (payload->>'request_id'))
+                     FROM tenantry.outbox WHERE aggregate_id = $1::text) AS events,
+                  (SELECT array_agg(kind || ':' || queue || ':' || dedup_key)
+                     FROM tenantry.jobs WHERE tenant_id = $2) AS jobs,
+                  (SELECT array_agg(onboarding_id) FROM tenantry.idempotency_keys) AS keys""",
+        accepted.onboarding_id,
+        accepted.tenant_id,
+    )
+    assert row is not None
+    assert row["onboardings"] == 1
+    assert row["events"] == ["onboarding.accepted:r1"]
+    assert row["jobs"] == [f"onboarding.provision:default:onboarding:{accepted.onboarding_id}"]
+    assert row["keys"] == [accepted.onboarding_id]
+
+
+async def test_the_accept_refuses_a_transaction_of_another_tenant(
+    pool: asyncpg.Pool, admin_pool: asyncpg.Pool
+) -> None:
+    """tenantry.accept_onboarding names its tenant itself: inside a transaction already
+    in another tenant's context it refuses, rather than switch that transaction's
+    tenant for the rest of it."""
+    mine, other = uuid.uuid4(), uuid.uuid4()
+    async with tenant_tx(pool, mine) as tx:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="tenant context"):
+            await tx.fetchrow(
+                machine.Q["accept"],
+                *(other, uuid.uuid4(), "ada@example.com", "Elsewhere", "free", None),
+                *(b"\x01" * 32, {}, {}, "default"),
+            )
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.onboardings") == 0
 
 
 async def test_sign_ups_with_one_name_get_distinct_slugs(

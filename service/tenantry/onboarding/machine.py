@@ -18,11 +18,11 @@ from typing import Any
 
 import asyncpg
 
-from ..db import Conn, Executor
+from ..db import Conn, Executor, leaves_no_session_state
 from ..errors import Conflict, NotFound
 from ..outbox import store as outbox
 from ..sql import queries_for
-from ..tenancy import set_transaction_setting, tenant_scope, tenant_tx
+from ..tenancy import tenant_context_mode, tenant_scope, tenant_tx
 from .model import (
     AGGREGATE,
     COMPLETED,
@@ -48,13 +48,6 @@ class Accepted:
     replayed: bool  # an earlier request with the same idempotency key made it
 
 
-class _Replay(Exception):
-    """Leaves the request's transaction (rolled back) with the earlier answer."""
-
-    def __init__(self, accepted: Accepted) -> None:
-        self.accepted = accepted
-
-
 def key_hash(idempotency_key: str) -> bytes:
     return hashlib.sha256(idempotency_key.encode("utf-8")).digest()
 
@@ -70,43 +63,47 @@ async def accept(
     """Record a sign-up and enqueue its provisioning, in one transaction.  The request's
     id goes with the provisioning job (its log lines carry it).
 
+    One call of tenantry.accept_onboarding does it all (the key, the onboarding, its
+    first event, the job): it names the tenant and presents the key itself, so sent
+    alone it is its own transaction, and the accept is one round trip (the pool's reset
+    on release is skipped: the call leaves nothing in the session).  In the set_local
+    mode (Citus needs the tenant named by SET LOCAL) it runs inside a tenant
+    transaction instead.
+
     With an idempotency key, the first request to present it wins: a concurrent one
     waits on the key's unique index until the winner commits, then finds its row and
     answers what the winner answered (the same body) or Conflict (another body)."""
     tenant_id, onboarding_id = uuid.uuid4(), uuid.uuid4()
-    digest = sign_up.digest()
-    try:
+    args = (
+        tenant_id,
+        onboarding_id,
+        sign_up.email,
+        sign_up.tenant_name,
+        sign_up.plan,
+        None if idempotency_key is None else key_hash(idempotency_key),
+        sign_up.digest(),
+        {"state": "accepted"} | _request(request_id),
+        {"onboarding_id": str(onboarding_id)} | _request(request_id),
+        queue,
+    )
+    if tenant_context_mode() == "set_local":
         async with tenant_tx(pool, tenant_id) as tx:
-            if idempotency_key is not None:
-                khash = key_hash(idempotency_key)
-                await set_transaction_setting(tx, "app.idempotency_key", khash.hex())
-                won = await tx.fetchval(Q["claim_key"], khash, digest, tenant_id, onboarding_id)
-                if won is None:
-                    raise _Replay(await _earlier(tx, khash, digest))
-            row = await tx.fetchrow(
-                Q["accept"],
-                tenant_id,
-                onboarding_id,
-                sign_up.email,
-                sign_up.tenant_name,
-                sign_up.plan,
-                {"state": "accepted"} | _request(request_id),
-                {"onboarding_id": str(onboarding_id)} | _request(request_id),
-                queue,
-            )
-            assert row is not None
-    except _Replay as replay:
-        return replay.accepted
-    return Accepted(onboarding_id, tenant_id, row["created_at"], replayed=False)
-
-
-async def _earlier(tx: Conn, khash: bytes, digest: bytes) -> Accepted:
-    row = await tx.fetchrow(Q["find_key"], khash)
-    if row is None:  # pragma: no cover - the conflicting row was just seen
-        raise Conflict("the idempotency key is being used by a request that did not finish")
-    if row["request_hash"] != digest:
+            row = await tx.fetchrow(Q["accept"], *args)
+    else:
+        async with pool.acquire() as conn:
+            row = await conn.fetchrow(Q["accept"], *args)
+            # The call was its own transaction and set transaction-local settings only:
+            # the release need not reset the session (a round trip).
+            leaves_no_session_state(conn)
+    assert row is not None
+    outcome = row["outcome"]
+    if outcome == "conflict":
         raise Conflict("this Idempotency-Key was used with a different request body")
-    return Accepted(row["onboarding_id"], row["tenant_id"], row["created_at"], replayed=True)
+    if outcome == "unfinished":  # pragma: no cover - the conflicting row was just seen
+        raise Conflict("the idempotency key is being used by a request that did not finish")
+    return Accepted(
+        row["onboarding_id"], row["tenant_id"], row["created_at"], replayed=outcome == "replayed"
+    )
 
 
 async def find(conn: Executor, tenant_id: uuid.UUID, onboarding_id: uuid.UUID) -> Onboarding | None:

@@ -1,33 +1,14 @@
 -- Named statements of the onboarding state machine, the only writer of
 -- tenantry.onboardings and tenantry.onboarding_steps.  Every one runs in the
--- onboarding's tenant transaction.
+-- onboarding's tenant transaction (the accept's function opens its own context).
 
--- Accept: the onboarding, its first event and the provisioning job, in one statement
--- (one round trip inside the request's transaction).
+-- Accept: the idempotency key, the onboarding, its first event and the provisioning
+-- job, in one call (tenantry.accept_onboarding in functions.sql): sent alone, it is its
+-- own transaction and the accept's one round trip.
 -- name: accept
-WITH o AS (
-    INSERT INTO tenantry.onboardings (tenant_id, id, email, tenant_name, plan)
-    VALUES ($1::uuid, $2::uuid, $3::text, $4::text, $5::text)
-    RETURNING tenant_id, id, created_at
-)
-SELECT o.created_at,
-       tenantry.emit(o.tenant_id, 'onboarding', o.id::text, 'onboarding.accepted',
-                     $6::jsonb, 1) AS event_id,
-       tenantry.enqueue(o.tenant_id, 'onboarding.provision', $7::jsonb, $8::text,
-                        NULL::timestamptz, 0::smallint,
-                        'onboarding:' || o.id::text) AS job_id
-  FROM o
-
--- name: claim_key
-INSERT INTO tenantry.idempotency_keys (key_hash, request_hash, tenant_id, onboarding_id)
-VALUES ($1::bytea, $2::bytea, $3::uuid, $4::uuid)
-ON CONFLICT (key_hash) DO NOTHING
-RETURNING created_at
-
--- name: find_key
-SELECT k.request_hash, k.tenant_id, k.onboarding_id, k.created_at
-  FROM tenantry.idempotency_keys k
- WHERE k.key_hash = $1::bytea
+SELECT a.outcome, a.tenant_id, a.onboarding_id, a.created_at
+  FROM tenantry.accept_onboarding($1::uuid, $2::uuid, $3::text, $4::text, $5::text,
+                                  $6::bytea, $7::bytea, $8::jsonb, $9::jsonb, $10::text) a
 
 -- name: get
 SELECT o.tenant_id, o.id, o.email, o.tenant_name, o.plan, o.state, o.version,
