@@ -13,6 +13,8 @@ import asyncpg
 import pytest
 
 from tenantry import db
+from tenantry.jobs import queue as jobs
+from tenantry.jobs.model import Job
 from tenantry.tenancy import tenant_tx
 from tests.helpers import TENANT_A, background_service, eventually, service_settings
 
@@ -141,3 +143,43 @@ async def test_the_pool_resets_a_session_unless_told_nothing_is_left_in_it(app_u
             db.leaves_no_session_state(c)
         assert sent[-1] == reset_query
         assert await one.fetchval("SHOW application_name") == "tenantry"
+
+
+async def test_a_jobs_transactions_skip_the_reset_only_when_the_handler_says_so(
+    app_url: str, admin_pool: asyncpg.Pool
+) -> None:
+    """`Job.tenant_tx(session_untouched=True)` and `complete_in_tx(session_untouched=
+    True)` (provisioning's steps) save the pool's reset after a commit; without the
+    flag, and after a rollback, the release resets as before."""
+    sent: list[str] = []
+    async with await db.create_pool(app_url, min_size=1, max_size=1) as one:
+        async with one.acquire() as c:
+            c.add_query_logger(lambda record: sent.append(record.query))
+            reset_query = c.get_reset_query()
+        job_id = await jobs.enqueue(one, tenant_id=TENANT_A, kind="x")
+        row = await admin_pool.fetchrow(
+            "UPDATE tenantry.jobs SET state = 'running', lease_owner = 'me', attempts = 1,"
+            " lease_expires_at = now() + interval '1 hour' WHERE id = $1 RETURNING *",
+            job_id,
+        )
+        assert row is not None
+        job = Job(
+            id=job_id, tenant_id=TENANT_A, queue=row["queue"], kind="x", payload={},
+            attempt=1, max_attempts=3, priority=0, created_at=row["created_at"], _pool=one,
+            _lease_owner="me",
+        )  # fmt: skip
+        async with job.tenant_tx() as tx:
+            await tx.execute("SELECT 1")
+        assert sent[-1] == reset_query
+        async with job.tenant_tx(session_untouched=True) as tx:
+            await tx.execute("SELECT 2")
+        assert sent[-1] != reset_query
+        with pytest.raises(RuntimeError):
+            async with job.tenant_tx(session_untouched=True) as tx:
+                await tx.execute("SELECT 3")
+                raise RuntimeError("rolled back")
+        assert sent[-1] == reset_query
+        async with job.complete_in_tx(session_untouched=True) as tx:
+            await tx.execute("SELECT 4")
+        assert sent[-1] != reset_query and job.completed_in_tx
+        assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0

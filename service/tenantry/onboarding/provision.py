@@ -150,7 +150,12 @@ class Provisioner:
             made_effects = bool(ahead) or after_commit is not None
             # The last group completes the job in its own transaction.
             ran: list[str] = []
-            in_tx = job.complete_in_tx() if group[-1] == STEPS[-1] else job.tenant_tx()
+            # The steps' statements leave nothing in the session: no reset on release.
+            in_tx = (
+                job.complete_in_tx(session_untouched=True)
+                if group[-1] == STEPS[-1]
+                else job.tenant_tx(session_untouched=True)
+            )
             async with in_tx as tx:
                 o = await machine.lock(tx, tid, onboarding_id, request_id=_request_id(job.payload))
                 if made_effects and o.state == "failed":
