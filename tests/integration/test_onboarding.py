@@ -451,6 +451,10 @@ async def test_a_name_with_no_free_slug_fails_asking_for_another_name(
         )
     async with background_service(service_settings(tmp_path), app_url, pool, worker_pool):
         await eventually(_state_is(admin_pool, oid, "failed"))
+        # The storage is made before the tenant's transaction (provision.STEP_GROUPS):
+        # the compensation enqueued with the failure removes it (while the service runs).
+        await eventually(_no_jobs_left(admin_pool))
+    assert not (tmp_path / "tenants" / str(tid)).exists()
     last = await admin_pool.fetchrow(
         "SELECT payload FROM tenantry.outbox WHERE aggregate_id = $1 ORDER BY version DESC LIMIT 1",
         str(oid),
@@ -468,10 +472,6 @@ async def test_a_name_with_no_free_slug_fails_asking_for_another_name(
     )
     assert failed["reason"] == "no free slug for 'Taken Co'"
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 0
-    # The storage is made before the tenant's transaction (provision.STEP_GROUPS): the
-    # compensation enqueued with the failure removes it.
-    await eventually(_no_jobs_left(admin_pool))
-    assert not (tmp_path / "tenants" / str(tid)).exists()
 
 
 async def test_the_ledger_is_read_after_the_lock_is_granted(
