@@ -313,9 +313,12 @@ $$;
 -- tenant's second...  So a tenant with 50,000 runnable rows delays another's new row
 -- by one claim, not by 50,000 rows.
 --
--- The walk remembers where each tenant's first runnable row sits in the index, and the
--- per-tenant fetch starts right there: the dead entries that claimed rows leave at the
--- front of a tenant's range (until VACUUM) are stepped over once per claim, not twice.
+-- The walk remembers each tenant's first runnable row (where it sits in the index, and
+-- its ctid): that row is the tenant's first candidate, and the per-tenant fetch of the
+-- rest of its share starts right after it, so the dead entries that claimed rows leave
+-- at the front of a tenant's range (until VACUUM) are stepped over once per claim, not
+-- twice, and a tenant whose share is one row (more tenants than slots) costs the walk's
+-- probe alone.
 --
 -- The last row returned says how the round ended (its job columns are NULL):
 -- cursor_after, the tenant served last (where the next claim goes on), and level_done,
@@ -359,18 +362,18 @@ AS $$
 #variable_conflict use_column
 BEGIN
 RETURN QUERY
-WITH RECURSIVE walk(tenant_id, run_at, id, wrapped, pos, running, open, taken) AS (
+WITH RECURSIVE walk(tenant_id, run_at, id, tid, wrapped, pos, running, open, taken) AS (
     -- Not a tenant: where the walk starts (after it).  No cursor: after the largest
     -- UUID, which wraps round to the first tenant.
     SELECT coalesce($6::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid),
-           NULL::timestamptz, NULL::bigint, false, 0, 0::bigint, false, 0
+           NULL::timestamptz, NULL::bigint, NULL::tid, false, 0, 0::bigint, false, 0
     UNION ALL
-    SELECT x.tenant_id, x.run_at, x.id, x.wrapped, w.pos + 1, x.running,
+    SELECT x.tenant_id, x.run_at, x.id, x.tid, x.wrapped, w.pos + 1, x.running,
            $7::integer IS NULL OR x.running < $7::integer,
            w.taken + CASE WHEN $7::integer IS NULL OR x.running < $7::integer THEN 1 ELSE 0 END
       FROM walk w
      CROSS JOIN LATERAL (
-        SELECT y.tenant_id, y.run_at, y.id, y.wrapped,
+        SELECT y.tenant_id, y.run_at, y.id, y.tid, y.wrapped,
                CASE WHEN $7::integer IS NULL THEN 0::bigint
                     ELSE (SELECT count(*) FROM tenantry.jobs r
                            WHERE r.tenant_id = y.tenant_id AND r.queue = $1::text
@@ -378,7 +381,7 @@ WITH RECURSIVE walk(tenant_id, run_at, id, wrapped, pos, running, open, taken) A
                END AS running
           FROM (
             -- The next tenant after this one, before wrapping round...
-            (SELECT j.tenant_id, j.run_at, j.id, false AS wrapped
+            (SELECT j.tenant_id, j.run_at, j.id, j.ctid AS tid, false AS wrapped
                FROM tenantry.jobs j
               WHERE NOT w.wrapped
                 AND j.state = 'queued' AND j.queue = $1::text AND j.priority = $2::smallint
@@ -387,7 +390,7 @@ WITH RECURSIVE walk(tenant_id, run_at, id, wrapped, pos, running, open, taken) A
               LIMIT 1)
             UNION ALL
             -- ...or, when none is left, the first tenant (up to the cursor)...
-            (SELECT j.tenant_id, j.run_at, j.id, true
+            (SELECT j.tenant_id, j.run_at, j.id, j.ctid, true
                FROM tenantry.jobs j
               WHERE NOT w.wrapped
                 AND j.state = 'queued' AND j.queue = $1::text AND j.priority = $2::smallint
@@ -396,7 +399,7 @@ WITH RECURSIVE walk(tenant_id, run_at, id, wrapped, pos, running, open, taken) A
               LIMIT 1)
             UNION ALL
             -- ...and after wrapping, the next tenant up to the cursor.
-            (SELECT j.tenant_id, j.run_at, j.id, true
+            (SELECT j.tenant_id, j.run_at, j.id, j.ctid, true
                FROM tenantry.jobs j
               WHERE w.wrapped
                 AND j.state = 'queued' AND j.queue = $1::text AND j.priority = $2::smallint
@@ -410,7 +413,9 @@ WITH RECURSIVE walk(tenant_id, run_at, id, wrapped, pos, running, open, taken) A
      WHERE w.taken < $8::integer
 ),
 visited AS (
-    SELECT w.tenant_id, w.run_at, w.id, w.pos, w.running FROM walk w WHERE w.pos > 0 AND w.open
+    SELECT w.tenant_id, w.run_at, w.id, w.tid, w.pos, w.running
+      FROM walk w
+     WHERE w.pos > 0 AND w.open
 ),
 walked AS (
     -- ended: the walk stopped for want of tenants, not at max_tenants.
@@ -419,7 +424,7 @@ walked AS (
       FROM walk w
 ),
 limits AS (
-    SELECT v.tenant_id, v.run_at, v.id, v.pos,
+    SELECT v.tenant_id, v.run_at, v.id, v.tid, v.pos,
            CASE WHEN $7::integer IS NULL THEN s.share
                 ELSE least(s.share, $7::integer - v.running::integer) END AS lim,
            -- Whether the share, not the cap, limits it: such a tenant may have more.
@@ -428,16 +433,22 @@ limits AS (
      CROSS JOIN walked s
 ),
 candidates AS (
-    SELECT c.tid, c.id, l.tenant_id, c.rn, l.pos, l.lim, l.share_bound
+    -- Each tenant's first row is the one the walk found (lim is at least 1); the rest
+    -- of its share follows it in the index.  With more tenants than slots the share is
+    -- one row, LIMIT 0 reads nothing, and the walk's probe was the only one.
+    SELECT l.tid, l.id, l.tenant_id, 1::bigint AS rn, l.pos, l.lim, l.share_bound
+      FROM limits l
+    UNION ALL
+    SELECT c.tid, c.id, l.tenant_id, c.rn + 1, l.pos, l.lim, l.share_bound
       FROM limits l
      CROSS JOIN LATERAL (
         SELECT j.ctid AS tid, j.id, row_number() OVER (ORDER BY j.run_at, j.id) AS rn
           FROM tenantry.jobs j
          WHERE j.state = 'queued' AND j.queue = $1::text AND j.priority = $2::smallint
            AND j.tenant_id = l.tenant_id
-           AND (j.run_at, j.id) >= (l.run_at, l.id)
+           AND (j.run_at, j.id) > (l.run_at, l.id)
          ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
-         LIMIT l.lim
+         LIMIT l.lim - 1
      ) c
 ),
 chosen AS (
