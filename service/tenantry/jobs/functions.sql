@@ -566,7 +566,9 @@ END;
 $$;
 
 -- Claim up to n runnable rows of a queue: higher priority first across all tenants,
--- and among the tenants of one priority a fair share each (claim_jobs_at).  The whole
+-- and among the tenants of one priority a fair share each (claim_jobs_at; or
+-- claim_jobs_of when a single tenant has runnable rows there and no cap applies: its
+-- share is every slot).  The whole
 -- protocol lives here: the caller passes how many rows it can take and the cursor it
 -- was given last time, and gets the rows, then one last row (job columns NULL) with
 -- the cursor to pass next time and `more`: false when no runnable row is left for a
