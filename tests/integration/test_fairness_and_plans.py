@@ -88,6 +88,27 @@ async def test_claim_interleaves_tenants_and_fills_its_slots(
     assert got.more  # A has more
 
 
+async def test_a_lone_tenant_is_claimed_in_order_past_rows_another_claim_holds(
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
+) -> None:
+    """One tenant alone at a priority is claimed as a range scan that locks as it goes
+    (claim_jobs_of): rows another claim holds are stepped over and the claim still
+    fills its slots from the rows behind them, in the tenant's order, then goes on to
+    the next priority.  (The walk's round chose its rows first and lost the held ones.)"""
+    high = [await jobs.enqueue(pool, tenant_id=TENANT_A, kind="w", priority=5) for _ in range(4)]
+    low = [await jobs.enqueue(pool, tenant_id=TENANT_A, kind="w") for _ in range(3)]
+    async with admin_pool.acquire() as other:
+        tx = other.transaction()
+        await tx.start()
+        # Another claim holds A's first two urgent rows.
+        await other.execute("SELECT 1 FROM tenantry.jobs WHERE id = ANY($1) FOR UPDATE", high[:2])
+        got = await probe_worker(pool, worker_pool, 4).claim("default", 4, None)
+        await tx.rollback()
+    assert got is not None
+    assert [r["id"] for r in got.rows] == high[2:] + low[:2]
+    assert got.more and got.cursor == TENANT_A
+
+
 async def test_per_tenant_cap(
     worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
@@ -343,8 +364,15 @@ async def test_claim_plan_does_not_depend_on_statistics(
     )
     if analyzed == "full":
         await admin_pool.execute("ANALYZE tenantry.jobs")
+    first = await admin_pool.fetchrow(
+        "SELECT tenant_id, run_at, id FROM tenantry.jobs WHERE state = 'queued'"
+        " ORDER BY tenant_id, run_at, id LIMIT 1"
+    )
+    assert first is not None
+    lone_tenant = (first["tenant_id"], first["run_at"], first["id"])
     for name, args in (
         ("claim_jobs_at", ("default", 0, 100, "probe", 30.0, None, 3, 100)),
+        ("claim_jobs_of", ("default", 0, *lone_tenant, 100, "probe", 30.0)),
         ("stage_due_jobs", ("default", 1000)),
     ):
         sql = function_statement(name)
@@ -360,6 +388,11 @@ async def test_claim_plan_does_not_depend_on_statistics(
         if name == "claim_jobs_at":
             assert plan.count("jobs_claim_idx") >= 2, plan
             assert "Sort" not in plan.split("CTE candidates")[0], plan  # no sort in the walk
+        elif name == "claim_jobs_of":
+            # One range of the claim index, locked as it is read: no sort before the
+            # LIMIT (the one sort orders the claimed rows it returns).
+            assert "Index Scan using jobs_claim_idx" in plan, plan
+            assert "Sort" not in plan.split("CTE picked")[1].split("CTE claimed")[0], plan
         else:
             assert "jobs_scheduled_idx" in plan, plan
 

@@ -1,4 +1,4 @@
--- version: 9
+-- version: 10
 -- The job queue's functions and triggers.  A repeatable migration (tenantry/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -268,10 +268,10 @@ $$;
 
 -- --- The claim ------------------------------------------------------------------------
 
--- The claim's parts (stage_due_jobs, claim_jobs_at) run inside claim_jobs only, as its
--- owner and under its settings (search_path, generic plans): they have no SECURITY
--- DEFINER or SET clause of their own, which would save and restore the settings on
--- every call, and nobody else may execute them.
+-- The claim's parts (stage_due_jobs, claim_jobs_at, claim_jobs_of) run inside
+-- claim_jobs only, as its owner and under its settings (search_path, generic plans):
+-- they have no SECURITY DEFINER or SET clause of their own, which would save and
+-- restore the settings on every call, and nobody else may execute them.
 
 -- Staging: scheduled rows of a queue that have fallen due become runnable, a bounded
 -- batch per call.  Locked rows are skipped: another claim is staging them.
@@ -313,9 +313,12 @@ $$;
 -- tenant's second...  So a tenant with 50,000 runnable rows delays another's new row
 -- by one claim, not by 50,000 rows.
 --
--- The walk remembers where each tenant's first runnable row sits in the index, and the
--- per-tenant fetch starts right there: the dead entries that claimed rows leave at the
--- front of a tenant's range (until VACUUM) are stepped over once per claim, not twice.
+-- The walk remembers each tenant's first runnable row (where it sits in the index, and
+-- its ctid): that row is the tenant's first candidate, and the per-tenant fetch of the
+-- rest of its share starts right after it, so the dead entries that claimed rows leave
+-- at the front of a tenant's range (until VACUUM) are stepped over once per claim, not
+-- twice, and a tenant whose share is one row (more tenants than slots) costs the walk's
+-- probe alone.
 --
 -- The last row returned says how the round ended (its job columns are NULL):
 -- cursor_after, the tenant served last (where the next claim goes on), and level_done,
@@ -359,18 +362,18 @@ AS $$
 #variable_conflict use_column
 BEGIN
 RETURN QUERY
-WITH RECURSIVE walk(tenant_id, run_at, id, wrapped, pos, running, open, taken) AS (
+WITH RECURSIVE walk(tenant_id, run_at, id, tid, wrapped, pos, running, open, taken) AS (
     -- Not a tenant: where the walk starts (after it).  No cursor: after the largest
     -- UUID, which wraps round to the first tenant.
     SELECT coalesce($6::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid),
-           NULL::timestamptz, NULL::bigint, false, 0, 0::bigint, false, 0
+           NULL::timestamptz, NULL::bigint, NULL::tid, false, 0, 0::bigint, false, 0
     UNION ALL
-    SELECT x.tenant_id, x.run_at, x.id, x.wrapped, w.pos + 1, x.running,
+    SELECT x.tenant_id, x.run_at, x.id, x.tid, x.wrapped, w.pos + 1, x.running,
            $7::integer IS NULL OR x.running < $7::integer,
            w.taken + CASE WHEN $7::integer IS NULL OR x.running < $7::integer THEN 1 ELSE 0 END
       FROM walk w
      CROSS JOIN LATERAL (
-        SELECT y.tenant_id, y.run_at, y.id, y.wrapped,
+        SELECT y.tenant_id, y.run_at, y.id, y.tid, y.wrapped,
                CASE WHEN $7::integer IS NULL THEN 0::bigint
                     ELSE (SELECT count(*) FROM tenantry.jobs r
                            WHERE r.tenant_id = y.tenant_id AND r.queue = $1::text
@@ -378,7 +381,7 @@ WITH RECURSIVE walk(tenant_id, run_at, id, wrapped, pos, running, open, taken) A
                END AS running
           FROM (
             -- The next tenant after this one, before wrapping round...
-            (SELECT j.tenant_id, j.run_at, j.id, false AS wrapped
+            (SELECT j.tenant_id, j.run_at, j.id, j.ctid AS tid, false AS wrapped
                FROM tenantry.jobs j
               WHERE NOT w.wrapped
                 AND j.state = 'queued' AND j.queue = $1::text AND j.priority = $2::smallint
@@ -387,7 +390,7 @@ WITH RECURSIVE walk(tenant_id, run_at, id, wrapped, pos, running, open, taken) A
               LIMIT 1)
             UNION ALL
             -- ...or, when none is left, the first tenant (up to the cursor)...
-            (SELECT j.tenant_id, j.run_at, j.id, true
+            (SELECT j.tenant_id, j.run_at, j.id, j.ctid, true
                FROM tenantry.jobs j
               WHERE NOT w.wrapped
                 AND j.state = 'queued' AND j.queue = $1::text AND j.priority = $2::smallint
@@ -396,7 +399,7 @@ WITH RECURSIVE walk(tenant_id, run_at, id, wrapped, pos, running, open, taken) A
               LIMIT 1)
             UNION ALL
             -- ...and after wrapping, the next tenant up to the cursor.
-            (SELECT j.tenant_id, j.run_at, j.id, true
+            (SELECT j.tenant_id, j.run_at, j.id, j.ctid, true
                FROM tenantry.jobs j
               WHERE w.wrapped
                 AND j.state = 'queued' AND j.queue = $1::text AND j.priority = $2::smallint
@@ -410,7 +413,9 @@ WITH RECURSIVE walk(tenant_id, run_at, id, wrapped, pos, running, open, taken) A
      WHERE w.taken < $8::integer
 ),
 visited AS (
-    SELECT w.tenant_id, w.run_at, w.id, w.pos, w.running FROM walk w WHERE w.pos > 0 AND w.open
+    SELECT w.tenant_id, w.run_at, w.id, w.tid, w.pos, w.running
+      FROM walk w
+     WHERE w.pos > 0 AND w.open
 ),
 walked AS (
     -- ended: the walk stopped for want of tenants, not at max_tenants.
@@ -419,7 +424,7 @@ walked AS (
       FROM walk w
 ),
 limits AS (
-    SELECT v.tenant_id, v.run_at, v.id, v.pos,
+    SELECT v.tenant_id, v.run_at, v.id, v.tid, v.pos,
            CASE WHEN $7::integer IS NULL THEN s.share
                 ELSE least(s.share, $7::integer - v.running::integer) END AS lim,
            -- Whether the share, not the cap, limits it: such a tenant may have more.
@@ -428,16 +433,22 @@ limits AS (
      CROSS JOIN walked s
 ),
 candidates AS (
-    SELECT c.tid, c.id, l.tenant_id, c.rn, l.pos, l.lim, l.share_bound
+    -- Each tenant's first row is the one the walk found (lim is at least 1); the rest
+    -- of its share follows it in the index.  With more tenants than slots the share is
+    -- one row, LIMIT 0 reads nothing, and the walk's probe was the only one.
+    SELECT l.tid, l.id, l.tenant_id, 1::bigint AS rn, l.pos, l.lim, l.share_bound
+      FROM limits l
+    UNION ALL
+    SELECT c.tid, c.id, l.tenant_id, c.rn + 1, l.pos, l.lim, l.share_bound
       FROM limits l
      CROSS JOIN LATERAL (
         SELECT j.ctid AS tid, j.id, row_number() OVER (ORDER BY j.run_at, j.id) AS rn
           FROM tenantry.jobs j
          WHERE j.state = 'queued' AND j.queue = $1::text AND j.priority = $2::smallint
            AND j.tenant_id = l.tenant_id
-           AND (j.run_at, j.id) >= (l.run_at, l.id)
+           AND (j.run_at, j.id) > (l.run_at, l.id)
          ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
-         LIMIT l.lim
+         LIMIT l.lim - 1
      ) c
 ),
 chosen AS (
@@ -504,8 +515,60 @@ SELECT NULL::uuid, NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::small
 END;
 $$;
 
+-- One round of the claim at one priority when a single tenant has runnable rows there
+-- (and no cap applies): that tenant's fair share is every slot, and its rows in its own
+-- order (run_at, id), so the round is a FIFO over its range of the claim index.  One
+-- index range scan that locks as it goes (rows locked by another claim are stepped
+-- over, not chosen and then lost), instead of the walk, the candidates and a lock by
+-- ctid: the general round's plan for one tenant costs about as much again as this one.
+-- The scan starts at the tenant's first runnable row as the caller found it, so the
+-- dead entries that claimed rows leave at the front of the range (until VACUUM) are
+-- stepped over once per claim, by that probe, not twice.  Returns the claimed rows in
+-- that order; fewer than n means no unlocked runnable row of this tenant is left at
+-- this priority from there on.
+CREATE OR REPLACE FUNCTION tenantry.claim_jobs_of(
+    for_queue text, level smallint, for_tenant uuid, from_run_at timestamptz, from_id bigint,
+    n integer, owner text, lease_s double precision)
+RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload text,
+               priority smallint, attempts integer, max_attempts integer,
+               created_at timestamptz, unknown_kind_since timestamptz)
+LANGUAGE plpgsql
+AS $$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
+WITH picked AS (
+    SELECT j.ctid AS tid
+      FROM tenantry.jobs j
+     WHERE j.state = 'queued' AND j.queue = $1::text AND j.priority = $2::smallint
+       AND j.tenant_id = $3::uuid AND (j.run_at, j.id) >= ($4::timestamptz, $5::bigint)
+     ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
+     LIMIT $6::integer
+       FOR UPDATE SKIP LOCKED
+),
+claimed AS (
+    UPDATE tenantry.jobs j
+       SET state = 'running',
+           attempts = j.attempts + 1,
+           lease_owner = $7::text,
+           lease_expires_at = now() + make_interval(secs => $8::double precision),
+           started_at = now()
+     WHERE j.ctid = ANY (ARRAY(SELECT p.tid FROM picked p))
+    RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload::text AS payload, j.priority,
+              j.attempts, j.max_attempts, j.created_at, j.unknown_kind_since, j.run_at
+)
+SELECT c.tenant_id, c.id, c.queue, c.kind, c.payload, c.priority, c.attempts,
+       c.max_attempts, c.created_at, c.unknown_kind_since
+  FROM claimed c
+ -- In the tenant's order: the worker starts them in this order.
+ ORDER BY c.run_at, c.id;
+END;
+$$;
+
 -- Claim up to n runnable rows of a queue: higher priority first across all tenants,
--- and among the tenants of one priority a fair share each (claim_jobs_at).  The whole
+-- and among the tenants of one priority a fair share each (claim_jobs_at; or
+-- claim_jobs_of when a single tenant has runnable rows there and no cap applies: its
+-- share is every slot).  The whole
 -- protocol lives here: the caller passes how many rows it can take and the cursor it
 -- was given last time, and gets the rows, then one last row (job columns NULL) with
 -- the cursor to pass next time and `more`: false when no runnable row is left for a
@@ -537,6 +600,12 @@ DECLARE
     got integer;
     done boolean;
     held_back boolean := false;
+    -- The first runnable row at this priority (its tenant, and where it sits in the
+    -- index), and the last tenant with runnable rows there.
+    first_tenant uuid;
+    first_run_at timestamptz;
+    first_id bigint;
+    last_tenant uuid;
     r record;
 BEGIN
     -- A paused queue (tenantry.queue_controls, set by an operator) hands out nothing,
@@ -557,15 +626,37 @@ BEGIN
         PERFORM pg_advisory_xact_lock(32332, hashtext(for_queue));
     END IF;
     PERFORM tenantry.stage_due_jobs(for_queue, 1000);
-    SELECT j.priority INTO lvl
+    SELECT j.priority, j.tenant_id, j.run_at, j.id
+      INTO lvl, first_tenant, first_run_at, first_id
       FROM tenantry.jobs j
      WHERE j.state = 'queued' AND j.queue = for_queue
-     ORDER BY j.queue, j.priority DESC
+     ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
      LIMIT 1;
     WHILE lvl IS NOT NULL AND remaining > 0 AND rounds < round_limit LOOP
         rounds := rounds + 1;
         got := 0;
         done := false;
+        last_tenant := NULL;
+        IF tenant_cap IS NULL AND first_tenant IS NOT NULL THEN
+            -- The last tenant at this priority (the index read backwards, where no
+            -- claimed rows leave dead entries): the same as the first when a single
+            -- tenant has rows here, the common case of a backlog (a bulk import, one
+            -- busy tenant).
+            SELECT j.tenant_id INTO last_tenant
+              FROM tenantry.jobs j
+             WHERE j.state = 'queued' AND j.queue = for_queue AND j.priority = lvl
+             ORDER BY j.queue DESC, j.priority, j.tenant_id DESC, j.run_at DESC, j.id DESC
+             LIMIT 1;
+        END IF;
+        IF last_tenant = first_tenant THEN
+            RETURN QUERY
+            SELECT o.*, NULL::uuid, NULL::boolean, NULL::boolean
+              FROM tenantry.claim_jobs_of(for_queue, lvl, first_tenant, first_run_at,
+                                          first_id, remaining, owner, lease_s) o;
+            GET DIAGNOSTICS got = ROW_COUNT;
+            cur := first_tenant;
+            done := got < remaining;
+        ELSE
         FOR r IN SELECT * FROM tenantry.claim_jobs_at(
                      for_queue, lvl, remaining, owner, lease_s, cur, tenant_cap,
                      least(remaining, tenant_limit)) LOOP
@@ -583,13 +674,17 @@ BEGIN
                 got := got + 1;
             END IF;
         END LOOP;
+        END IF;
         remaining := remaining - got;
+        -- Known only for a level just found: a further round at this one walks.
+        first_tenant := NULL;
         IF done THEN
             -- This priority is exhausted: the next lower one.
-            SELECT j.priority INTO lvl
+            SELECT j.priority, j.tenant_id, j.run_at, j.id
+              INTO lvl, first_tenant, first_run_at, first_id
               FROM tenantry.jobs j
              WHERE j.state = 'queued' AND j.queue = for_queue AND j.priority < lvl
-             ORDER BY j.queue, j.priority DESC
+             ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
              LIMIT 1;
         ELSIF got = 0 THEN
             -- Everything it chose was taken by concurrent claims: let the caller decide
@@ -1554,9 +1649,13 @@ GRANT EXECUTE ON FUNCTION tenantry.worker_demand(text[]) TO tenantry_metrics;
 ALTER FUNCTION tenantry.stage_due_jobs(text, integer) OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.claim_jobs_at(text, smallint, integer, text, double precision, uuid,
                                       integer, integer) OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.claim_jobs_of(text, smallint, uuid, timestamptz, bigint, integer, text,
+                                      double precision) OWNER TO tenantry_system;
 REVOKE ALL ON FUNCTION tenantry.stage_due_jobs(text, integer),
                        tenantry.claim_jobs_at(text, smallint, integer, text, double precision,
-                                              uuid, integer, integer)
+                                              uuid, integer, integer),
+                       tenantry.claim_jobs_of(text, smallint, uuid, timestamptz, bigint,
+                                              integer, text, double precision)
     FROM PUBLIC;
 ALTER FUNCTION tenantry.jobs_schedule_delayed() OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.dead_job_matches(text, uuid, text, text, uuid, text)
