@@ -308,5 +308,6 @@ async def test_a_claim_a_notify_prompted_does_not_wait_on_the_throttle_table(
         async with admin_pool.acquire() as admin, admin.transaction():
             await admin.execute("LOCK TABLE tenantry.notify_throttle IN ACCESS EXCLUSIVE MODE")
             w.notify("q")
-            # Well under the 5 s lock_timeout: the job starts while the lock is held.
-            await rec.wait_flushed(1, timeout=2)
+            # Under the claim pool's 5 s lock_timeout (the re-arm before the fix waited
+            # that long): the job starts while the lock is held.
+            await rec.wait_flushed(1, timeout=4)
