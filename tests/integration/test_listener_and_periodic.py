@@ -283,3 +283,31 @@ async def test_a_claim_a_notify_prompted_rearms_the_throttle_for_later_commits(
             await rec.wait_flushed(1)
     finally:
         await heard.conn.close()
+
+
+async def test_a_claim_a_notify_prompted_does_not_wait_on_the_throttle_table(
+    pool: asyncpg.Pool, worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool
+) -> None:
+    """Regression (attack on the re-arm of ac27a1b): the re-arm is best effort, yet it
+    waited for a lock on tenantry.notify_throttle (an operator's VACUUM FULL or LOCK, a
+    migration's ALTER) up to the claim pool's 5 s lock_timeout, and the claim of the
+    queue's jobs waited behind it: jobs already queued did not start while nothing
+    blocked their claim."""
+    reg = Registry()
+
+    @reg.handler("x")
+    async def x(job: Job) -> None:
+        return None
+
+    async with running_worker(
+        pool, worker_pool, reg, queues={"q": 2}, poll_interval=3600,
+        trailing_fetch=3600, late_trailing_fetch=3600,
+    ) as (w, rec):  # fmt: skip
+        await rec.wait_for(lambda: len(rec.named("claim_ran")) > 0)
+        await jobs.enqueue(pool, tenant_id=TENANT_A, kind="x", queue="q")
+        async with admin_pool.acquire() as admin, admin.transaction():
+            await admin.execute("LOCK TABLE tenantry.notify_throttle IN ACCESS EXCLUSIVE MODE")
+            w.notify("q")
+            # Under the claim pool's 5 s lock_timeout (the re-arm before the fix waited
+            # that long): the job starts while the lock is held.
+            await rec.wait_flushed(1, timeout=4)

@@ -217,6 +217,29 @@ ON CONFLICT (key) DO NOTHING;
 END;
 $$;
 
+-- Before a claim that a NOTIFY prompted (the worker's rearm_wake, a transaction of its
+-- own that commits before the claim's snapshot): the queue's throttle row back to "no
+-- wake-up pending", so that a producer committing from now on notifies even within the
+-- throttle's window (its commit may come after the claim's snapshot: then it is that
+-- claim's NOTIFY, not a trailing fetch 11 ms later, that finds it).  A row a producer
+-- holds is skipped: that producer is notifying right now.  No write when the row is
+-- armed already.  Best effort, and the claim waits for it: a lock on the table (an
+-- operator's VACUUM FULL or LOCK, an ALTER) is given up on after 10 ms instead of
+-- holding the queue's claims for the worker's 5 s lock_timeout.
+CREATE OR REPLACE FUNCTION tenantry.rearm_wake(queue text)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '10ms'
+AS $$
+BEGIN
+UPDATE tenantry.notify_throttle t SET last_at = '-infinity'
+  FROM (SELECT n.key FROM tenantry.notify_throttle n
+         WHERE n.key = 'tenantry_jobs:' || queue AND n.last_at > '-infinity'
+           FOR UPDATE SKIP LOCKED) armed
+ WHERE t.key = armed.key;
+END;
+$$;
+
 -- The SQL interface for other services: enqueue inside the caller's own transaction
 -- (in the job's tenant context: row-level security applies).  With a dedup key,
 -- enqueuing a job that is still live returns the live job's id.  A run_at in the
@@ -1444,7 +1467,7 @@ BEGIN
     FOR f IN SELECT p.oid::regprocedure AS sig, p.proname::text AS name
                FROM pg_catalog.pg_proc p
               WHERE p.pronamespace = 'tenantry'::regnamespace AND p.prosecdef
-                AND p.proname IN ('ensure_wake_keys', 'claim_jobs', 'next_due_job',
+                AND p.proname IN ('ensure_wake_keys', 'rearm_wake', 'claim_jobs', 'next_due_job',
                                   'queue_controls_of', 'queue_controls_list',
                                   'set_queue_control', 'jobs_search', 'dead_jobs_page',
                                   'queue_throughput', 'periodic_runs_list',

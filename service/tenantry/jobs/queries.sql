@@ -36,17 +36,9 @@ SELECT n.due, n.db_now, c.paused, c.concurrency
 SELECT tenantry.ensure_wake_keys($1::text[])
 
 -- name: rearm_wake
--- Before a claim that a NOTIFY prompted, in a transaction of its own that commits
--- before the claim's snapshot: the queue's throttle row back to "no wake-up pending",
--- so that a producer committing from now on notifies even within the throttle's window
--- (its commit may come after the claim's snapshot: then it is that claim's NOTIFY, not
--- a trailing fetch 11 ms later, that finds it).  A row a producer holds is skipped: that
--- producer is notifying right now.  No write when the row is armed already.
-UPDATE tenantry.notify_throttle t SET last_at = '-infinity'
-  FROM (SELECT key FROM tenantry.notify_throttle
-         WHERE key = 'tenantry_jobs:' || $1::text AND last_at > '-infinity'
-           FOR UPDATE SKIP LOCKED) armed
- WHERE t.key = armed.key
+-- The queue's wake-up throttle re-armed before a claim a NOTIFY prompted (see
+-- tenantry.rearm_wake: it gives up on a table lock after 10 ms).
+SELECT tenantry.rearm_wake($1::text)
 
 -- name: record_outcomes
 SELECT tenantry.record_job_outcomes(

@@ -519,7 +519,10 @@ class Worker:
         (bench.latency --background-rate 1000), against p90 about 2 ms and p99 5-10 ms
         with it (the rest of the tail: a producer that decided just before the re-arm
         and became visible just after the claim's snapshot waits for the trailing
-        fetch).  Best effort: the claim that follows reports the database's state."""
+        fetch).  Best effort: the claim that follows reports the database's state, and
+        the function gives up on a lock on the throttle table after 10 ms rather than
+        hold that claim (an operator's LOCK or VACUUM FULL held it for the claim pool's
+        5 s lock_timeout)."""
         try:
             async with self.claim_pool.acquire() as conn:
                 await conn.execute(Q["rearm_wake"], queue)
