@@ -366,3 +366,36 @@ async def test_a_stream_written_by_the_hub_is_cut_off_when_its_client_stops_read
                     await svc.hub.wait_reads(svc.hub.reads + 1)
         finally:
             sock.close()
+
+
+async def test_a_head_request_gets_the_headers_and_no_body(
+    svc: Service, http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    """HEAD answers as GET would, without a body: nothing of a stream (no retry line, no
+    replay, no chunk the hub writes) follows its headers, so the connection is free for
+    the client's next request."""
+    body = await accepted(http)
+    assert svc.http.port is not None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", svc.http.port))
+        head_request = f"HEAD {body['events_url']} HTTP/1.1\r\nHost: t\r\n\r\n"
+        await loop.sock_sendall(sock, head_request.encode())
+        got = bytearray()
+        head = await _read_until(sock, b"\r\n\r\n", got)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head
+        await emit(admin_pool, body, 2)  # an event the hub would write to a stream
+        # The next request on the same connection: its answer is the next thing read.
+        status_path = body["events_url"].replace("/events?", "?")
+        await loop.sock_sendall(sock, f"GET {status_path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        after = bytearray(got.split(b"\r\n\r\n", 1)[1])
+        with anyio.fail_after(10):
+            while len(after) < len(b"HTTP/1.1 200 "):
+                data = await loop.sock_recv(sock, 65536)
+                assert data, f"the connection closed after {bytes(after)!r}"
+                after += data
+        assert after.startswith(b"HTTP/1.1 200 "), bytes(after[:200])
+    finally:
+        sock.close()

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 import aiohttp_cors
 import anyio
 import asyncpg
-from aiohttp import HttpVersion11, web
+from aiohttp import HttpVersion11, hdrs, web
 
 from .. import logging as log
 from ..db import UNAVAILABLE
@@ -224,6 +224,11 @@ async def events(request: web.Request) -> web.StreamResponse:
                 _log.debug("stream_refused_after_end", onboarding_id=str(oid), last=last)
                 return web.Response(status=204)
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        if request.method == hdrs.METH_HEAD:
+            # The headers a stream starts with, and no body: aiohttp would write the
+            # retry line and the replay to a HEAD response, and the hub its chunks.
+            await resp.prepare(request)
+            return resp
         if request.version >= HttpVersion11:
             # Chunked for certain (aiohttp's choice anyway): the hub writes frames to
             # the transport itself, each as one chunk (Subscriber.attach).
