@@ -372,6 +372,20 @@ async def test_the_overview_shows_queues_and_the_stream_says_when_something_chan
                     break
 
 
+async def test_a_head_request_on_the_live_stream_gets_headers_and_no_body(
+    browser: Browser, worker_pool: asyncpg.Pool
+) -> None:
+    """aiohttp answers HEAD on every GET route: the live stream wrote its retry line and
+    keepalives after the HEAD's headers and held the connection, so the next request
+    on it read them as its answer."""
+    await sign_in(browser, worker_pool, "header", "read")
+    with anyio.fail_after(10):
+        async with browser.http.head(browser.base + "/ops/events") as r:
+            assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
+        status, text, _ = await browser.get("/ops")
+    assert status == 200 and "Overview" in text
+
+
 # --- What an adversarial review found ----------------------------------------------------
 
 BAD_PAGES = [

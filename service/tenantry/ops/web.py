@@ -24,7 +24,7 @@ import anyio
 import asyncpg
 import jinja2
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from markupsafe import Markup
 
 from ..analytics import store as analytics_store
@@ -841,6 +841,11 @@ async def events(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",
         }
     )
+    if request.method == hdrs.METH_HEAD:
+        # The headers alone: aiohttp answers HEAD on a GET route, and the stream below
+        # would write its retry line and keepalives after them on a held connection.
+        await response.prepare(request)
+        return response
     dash.streams += 1
     try:
         await response.prepare(request)
