@@ -11,6 +11,11 @@ a model of which rows are runnable, checked after every claim:
 - fairness: among the tenants that still have rows of the claim's lowest priority
   left, none got two rows fewer than another in that claim; and a tenant with rows
   at the top priority and room is served within as many claims as there are tenants.
+
+Some claims run while another transaction holds some runnable rows (locked, as a
+concurrent claim holds the rows it chose): those rows are neither claimed nor counted
+as left behind, and the claim must still fill its slots from the rest (the lone
+tenant's range scan and the walk's first candidates both meet held rows).
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ RECORD = (
 
 class ClaimMachine(RuleBasedStateMachine):
     conn: SyncDb  # set by the test before the machine runs
+    other: SyncDb  # a second connection: the concurrent claim that holds rows
 
     def __init__(self) -> None:
         super().__init__()
@@ -136,12 +142,13 @@ class ClaimMachine(RuleBasedStateMachine):
     def has_room(self, tenant: uuid.UUID) -> bool:
         return self.cap is None or self.running(tenant) < self.cap
 
-    def runnable(self) -> list[ModelJob]:
-        return [j for j in self.jobs.values() if j.state == "runnable"]
+    def runnable(self, held: frozenset[int] = frozenset()) -> list[ModelJob]:
+        """Runnable rows, but those another transaction holds."""
+        return [j for j in self.jobs.values() if j.state == "runnable" and j.id not in held]
 
-    def eligible(self) -> list[ModelJob]:
-        """Runnable rows of tenants with room."""
-        return [j for j in self.runnable() if self.has_room(j.tenant)]
+    def eligible(self, held: frozenset[int] = frozenset()) -> list[ModelJob]:
+        """Runnable rows of tenants with room, but those another transaction holds."""
+        return [j for j in self.runnable(held) if self.has_room(j.tenant)]
 
     # --- rules -----------------------------------------------------------------------
 
@@ -180,7 +187,30 @@ class ClaimMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(1, 12))
     def claim(self, n: int) -> None:
-        before = self.eligible()
+        self.check_claim(n, frozenset())
+
+    # Only without a cap: with one, the claims of a queue take turns (an advisory lock),
+    # so none meets rows another claim holds.
+    @precondition(
+        lambda self: self.cap is None and any(j.state == "runnable" for j in self.jobs.values())
+    )
+    @rule(n=st.integers(1, 12), data=st.data())
+    def claim_while_rows_are_held(self, n: int, data: st.DataObject) -> None:
+        """A claim while another transaction holds some runnable rows (a concurrent
+        claim that chose them and has not committed yet)."""
+        runnable = sorted(j.id for j in self.runnable())
+        held = frozenset(data.draw(st.lists(st.sampled_from(runnable), min_size=1, unique=True)))
+        self.other.execute("BEGIN")
+        try:
+            self.other.execute(
+                "SELECT 1 FROM tenantry.jobs WHERE id = ANY($1::bigint[]) FOR UPDATE", sorted(held)
+            )
+            self.check_claim(n, held)
+        finally:
+            self.other.execute("ROLLBACK")
+
+    def check_claim(self, n: int, held: frozenset[int]) -> None:
+        before = self.eligible(held)
         top = max((j.priority for j in before), default=None)
         at_top = {j.tenant for j in before if j.priority == top}
         rows = self.conn.fetch(
@@ -198,12 +228,13 @@ class ClaimMachine(RuleBasedStateMachine):
         assert len({j.id for j in claimed}) == len(claimed)
         for j in claimed:
             assert j.state == "runnable", f"claimed {j} which is not runnable"
+            assert j.id not in held, f"claimed {j} which another transaction holds"
             j.state = "running"
         # Caps.
         if self.cap is not None:
             for t in TENANTS:
                 assert self.running(t) <= self.cap, f"{t} runs {self.running(t)} > {self.cap}"
-        left = self.eligible()
+        left = self.eligible(held)
         # Global priority.
         if claimed:
             lowest = min(j.priority for j in claimed)
@@ -211,19 +242,24 @@ class ClaimMachine(RuleBasedStateMachine):
             assert not higher, f"left {higher} behind while claiming priority {lowest}"
         # Never halts: short means nothing was left for a tenant with room.
         assert len(claimed) <= n
-        if len(claimed) < n:
+        if len(claimed) < n and not held:
             assert not left, f"claimed {len(claimed)} of {n} but left {left}"
             assert not state["more"], "said more while nothing was left"
+        # With rows held, a round that chose them comes back short, but then says
+        # more: the caller claims again at once.
         if not state["more"]:
             assert not left, f"said no more, but left {left}"
         # Capped: says so whenever a runnable row waits only for its tenant's cap (the
         # worker then claims again as jobs finish, not at its next poll).  It may say so
         # needlessly (a tenant that took its last row just as it reached the cap).
-        held_back = [j for j in self.runnable() if not self.has_room(j.tenant)]
+        held_back = [j for j in self.runnable(held) if not self.has_room(j.tenant)]
         if not state["more"] and held_back:
             assert state["capped"], f"not capped while {held_back} wait for their cap"
         if self.cap is None:
             assert not state["capped"]
+        if held:
+            # A tenant whose chosen rows another claim holds gets fewer this time.
+            return
         # Fairness within the claim, at its lowest priority.
         if claimed:
             lowest = min(j.priority for j in claimed)
@@ -274,8 +310,10 @@ class ClaimMachine(RuleBasedStateMachine):
 async def test_the_claim_against_its_model(database_url: str) -> None:
     def run() -> None:
         conn = SyncDb(database_url)
+        other = SyncDb(database_url)
         try:
             ClaimMachine.conn = conn
+            ClaimMachine.other = other
             run_state_machine_as_test(
                 ClaimMachine,
                 settings=settings(
@@ -286,6 +324,7 @@ async def test_the_claim_against_its_model(database_url: str) -> None:
                 ),
             )
         finally:
+            other.close()
             conn.close()
 
     await anyio.to_thread.run_sync(run)
