@@ -157,9 +157,12 @@ async def test_a_backend_terminated_mid_call_leaves_the_pool_usable(
     assert not (await machine.accept(one, GOOD, idempotency_key="held", queue="o")).replayed
 
 
-async def test_waiters_on_a_key_whose_first_request_rolls_back_make_one_onboarding(
-    pool: asyncpg.Pool, admin_pool: asyncpg.Pool, database_url: str
+@pytest.mark.parametrize("first_request_ends", ["ROLLBACK", "COMMIT"])
+async def test_waiters_on_a_held_key_follow_how_its_first_request_ends(
+    first_request_ends: str, pool: asyncpg.Pool, admin_pool: asyncpg.Pool, database_url: str
 ) -> None:
+    """Five accepts wait on a key another transaction holds: if it rolls back, one of
+    them makes the onboarding and the others replay it; if it commits, all replay."""
     admin = await db.connect(database_url)
     try:
         await _hold_key(admin, "shared")
@@ -170,34 +173,18 @@ async def test_waiters_on_a_key_whose_first_request_rolls_back_make_one_onboardi
             for _ in range(5)
         ]
         await _waiting(admin_pool, 5)
-        await admin.execute("ROLLBACK")
+        await admin.execute(first_request_ends)
     finally:
         await admin.close()
     answers = await asyncio.gather(*tasks)
-    assert sum(not a.replayed for a in answers) == 1
-    assert len({(a.onboarding_id, a.tenant_id, a.created_at) for a in answers}) == 1
-    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.onboardings") == 1
-
-
-async def test_waiters_on_a_key_whose_first_request_commits_replay_it(
-    pool: asyncpg.Pool, admin_pool: asyncpg.Pool, database_url: str
-) -> None:
-    admin = await db.connect(database_url)
-    try:
-        await _hold_key(admin, "shared")
-        tasks = [
-            asyncio.create_task(
-                machine.accept(pool, GOOD, idempotency_key="shared", queue="onboarding")
-            )
-            for _ in range(5)
-        ]
-        await _waiting(admin_pool, 5)
-        await admin.execute("COMMIT")
-    finally:
-        await admin.close()
-    answers = await asyncio.gather(*tasks)
-    assert all(a.replayed for a in answers)
-    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.onboardings") == 0
+    onboardings = await admin_pool.fetchval("SELECT count(*) FROM tenantry.onboardings")
+    if first_request_ends == "ROLLBACK":
+        assert sum(not a.replayed for a in answers) == 1
+        assert len({(a.onboarding_id, a.tenant_id, a.created_at) for a in answers}) == 1
+        assert onboardings == 1
+    else:
+        assert all(a.replayed for a in answers)
+        assert onboardings == 0
 
 
 def _args(tenant: uuid.UUID, key: str | None = None) -> tuple[object, ...]:
