@@ -617,3 +617,34 @@ async def test_storage_made_by_a_rescued_run_after_the_failure_is_removed(
     assert [(r["tenant_id"], r["payload"]) for r in late] == [(tid, {"onboarding_id": str(oid)})]
     await provisioner.compensate(await _leased(pool, admin_pool, tid, "w", COMPENSATE_KIND))
     assert not (tmp_path / "tenants" / str(tid)).exists()
+
+
+async def test_a_job_enqueued_without_the_slug_base_reads_the_name_and_provisions(
+    tmp_path: Path, pool: asyncpg.Pool, admin_pool: asyncpg.Pool
+) -> None:
+    """A provisioning job enqueued before the accept put `slug_base` in its payload (an
+    upgrade with jobs queued) reads the onboarding's name for the slug, and ends with
+    the same tenant a new one would."""
+    accepted = await machine.accept(
+        pool, SignUp("ada@example.com", "Before The Upgrade", "free"), idempotency_key=None,
+        queue="default",
+    )  # fmt: skip
+    tid, oid = accepted.tenant_id, accepted.onboarding_id
+    payload = await admin_pool.fetchval(
+        "UPDATE tenantry.jobs SET payload = payload - 'slug_base' WHERE tenant_id = $1"
+        " RETURNING payload",
+        tid,
+    )
+    assert payload == {"onboarding_id": str(oid)}
+    provisioner = Provisioner(
+        LocalStorage(tmp_path / "tenants"), FileMailer(tmp_path / "mail", "noreply@example.test")
+    )
+    await provisioner.run(await _leased(pool, admin_pool, tid, "w", machine.PROVISION_KIND))
+    row = await admin_pool.fetchrow(
+        "SELECT o.state, t.slug, t.state AS tenant_state FROM tenantry.onboardings o"
+        " JOIN tenantry.tenants t ON t.id = o.tenant_id WHERE o.id = $1",
+        oid,
+    )
+    assert row is not None
+    assert tuple(row) == ("completed", "before-the-upgrade", "active")
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
