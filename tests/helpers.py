@@ -286,6 +286,22 @@ async def wait_lock_waiter(
             await anyio.sleep(0.02)
 
 
+async def wait_no_lock_waiter(
+    admin: asyncpg.Pool | asyncpg.Connection, user: str | None = None, timeout: float = 30
+) -> None:
+    """Until no backend of this database (of login `user`, if given) waits on a lock
+    (polled, as wait_lock_waiter)."""
+    with anyio.fail_after(timeout):
+        while True:
+            if not await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND ($1::text IS NULL OR usename = $1)",
+                user,
+            ):
+                return
+            await anyio.sleep(0.02)
+
+
 async def eventually(
     check: Callable[[], Awaitable[bool]], timeout: float = 20, every: float = 0.02
 ) -> None:

@@ -36,11 +36,19 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.LockNotAvailableError,
 )
 
-# Server side: the server probes an idle client, so a vanished client is noticed.
+# Server side: the server probes an idle client, so a vanished client is noticed; and
+# while it runs a statement it checks every second that the client is still there
+# (client_connection_check_interval, PostgreSQL 14+, in milliseconds), so the statement
+# of a process that died (kill -9) is cancelled rather than run to its end.  That
+# matters for a statement that is its own transaction (provisioning's group of steps,
+# the accept): left to finish, it would commit without anyone to answer; cancelled, the
+# next run does it again.  Either leaves the onboarding whole; this way a dead process
+# also holds no lock for longer than a second.
 _SERVER_KEEPALIVES = {
     "tcp_keepalives_idle": "10",
     "tcp_keepalives_interval": "5",
     "tcp_keepalives_count": "3",
+    "client_connection_check_interval": "1000",
 }
 # Client side (Linux): a vanished server is noticed within about 25 s when idle, and a
 # request that the server never acknowledges fails after 30 s, instead of waiting

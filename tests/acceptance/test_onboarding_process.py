@@ -18,7 +18,13 @@ from tenantry import roles
 from tenantry.onboarding.model import STEPS
 from tenantry.onboarding.provision import STEP_GROUPS
 from tests.acceptance.process import ServiceProcess
-from tests.helpers import TEST_TOKEN_SECRET, Frame, sse_frames, wait_lock_waiter
+from tests.helpers import (
+    TEST_TOKEN_SECRET,
+    Frame,
+    sse_frames,
+    wait_lock_waiter,
+    wait_no_lock_waiter,
+)
 
 SIGN_UP = {"email": "kim@example.com", "tenant_name": "Crash Test Dummies", "plan": "pro"}
 
@@ -99,6 +105,10 @@ async def test_kill_9_in_the_middle_of_every_step_leaves_exactly_one_of_everythi
                 await wait_blocked(admin, proc)
             finally:
                 await proc.kill()  # SIGKILL
+            # The killed process's statement, blocked on the held row, is cancelled once
+            # its backend finds the client gone (client_connection_check_interval), not
+            # left to commit when the row is let go.
+            await wait_no_lock_waiter(admin, roles.DEFAULT_LOGIN)
             await tx.rollback()
             done = await admin.fetchval(
                 "SELECT count(*) FROM tenantry.onboarding_steps WHERE onboarding_id = $1", oid
@@ -243,6 +253,8 @@ async def test_a_worker_killed_on_the_last_attempt_still_ends_the_onboarding(
             await wait_blocked(admin, doomed)  # its one and only attempt is under way
         finally:
             await doomed.kill()  # SIGKILL
+        # Its blocked statement is cancelled once its backend finds the client gone.
+        await wait_no_lock_waiter(admin, roles.DEFAULT_LOGIN)
         await tx.rollback()
         last = await ServiceProcess.start(database_url, **env(tmp_path))
         try:

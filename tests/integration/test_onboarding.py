@@ -474,8 +474,9 @@ async def test_a_name_with_no_free_slug_fails_asking_for_another_name(
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.dead_jobs") == 0
 
 
+@pytest.mark.parametrize("runner", ["lock", "run_steps"])
 async def test_the_ledger_is_read_after_the_lock_is_granted(
-    pool: asyncpg.Pool, admin_pool: asyncpg.Pool
+    pool: asyncpg.Pool, admin_pool: asyncpg.Pool, runner: str
 ) -> None:
     """Regression: `lock` read the step ledger with the snapshot taken before it
     waited for the onboarding's row, so a second runner that waited for the first saw
@@ -488,18 +489,29 @@ async def test_the_ledger_is_read_after_the_lock_is_granted(
     tid, oid = accepted.tenant_id, accepted.onboarding_id
     first_locked, may_commit = anyio.Event(), anyio.Event()
     seen: list[frozenset[str]] = []
+    args = machine.StepArgs(
+        tenant_slugs=["two-runners"], owner_id=uuid.uuid4(), role_names=[], role_permissions=[],
+        workspace_id=uuid.uuid4(),
+    )  # fmt: skip
 
     async def first_runner() -> None:
         # Locks the onboarding and records a step, then holds its transaction open.
         async with tenant_tx(pool, tid) as tx:
-            o = await machine.lock(tx, tid, oid)
-            await machine.step_done(o, "tenant")
+            await tx.fetchrow(
+                machine.Q["run_steps"], tid, oid, ["tenant"], list(STEPS), args.tenant_slugs,
+                args.owner_id, [], [], args.workspace_id, None, None, None, None,
+            )  # fmt: skip
             first_locked.set()
             await may_commit.wait()
 
     async def second_runner() -> None:
-        async with tenant_tx(pool, tid) as tx:
-            seen.append((await machine.lock(tx, tid, oid)).done)
+        if runner == "lock":  # the failure's path
+            async with tenant_tx(pool, tid) as tx:
+                seen.append((await machine.lock(tx, tid, oid)).done)
+        else:  # the steps' path: it must not run the tenant step again
+            o = await machine.run_steps(pool, tid, oid, ["tenant", "owner"], args, request_id=None)
+            assert o.ran == ["owner"]
+            seen.append(o.done - {"owner"})
 
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
@@ -605,3 +617,34 @@ async def test_storage_made_by_a_rescued_run_after_the_failure_is_removed(
     assert [(r["tenant_id"], r["payload"]) for r in late] == [(tid, {"onboarding_id": str(oid)})]
     await provisioner.compensate(await _leased(pool, admin_pool, tid, "w", COMPENSATE_KIND))
     assert not (tmp_path / "tenants" / str(tid)).exists()
+
+
+async def test_a_job_enqueued_without_the_slug_base_reads_the_name_and_provisions(
+    tmp_path: Path, pool: asyncpg.Pool, admin_pool: asyncpg.Pool
+) -> None:
+    """A provisioning job enqueued before the accept put `slug_base` in its payload (an
+    upgrade with jobs queued) reads the onboarding's name for the slug, and ends with
+    the same tenant a new one would."""
+    accepted = await machine.accept(
+        pool, SignUp("ada@example.com", "Before The Upgrade", "free"), idempotency_key=None,
+        queue="default",
+    )  # fmt: skip
+    tid, oid = accepted.tenant_id, accepted.onboarding_id
+    payload = await admin_pool.fetchval(
+        "UPDATE tenantry.jobs SET payload = payload - 'slug_base' WHERE tenant_id = $1"
+        " RETURNING payload",
+        tid,
+    )
+    assert payload == {"onboarding_id": str(oid)}
+    provisioner = Provisioner(
+        LocalStorage(tmp_path / "tenants"), FileMailer(tmp_path / "mail", "noreply@example.test")
+    )
+    await provisioner.run(await _leased(pool, admin_pool, tid, "w", machine.PROVISION_KIND))
+    row = await admin_pool.fetchrow(
+        "SELECT o.state, t.slug, t.state AS tenant_state FROM tenantry.onboardings o"
+        " JOIN tenantry.tenants t ON t.id = o.tenant_id WHERE o.id = $1",
+        oid,
+    )
+    assert row is not None
+    assert tuple(row) == ("completed", "before-the-upgrade", "active")
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0

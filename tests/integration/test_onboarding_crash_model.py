@@ -1,5 +1,6 @@
-"""Property: however the runs of one provisioning job crash (in a step's effect, after
-it, around an effect outside the database), the steps commit a whole group at a time,
+"""Property: however the runs of one provisioning job crash (inside a group's call, at
+any step, after the call, around an effect outside the database), the steps commit a
+whole group at a time,
 in order; the onboarding's versions are contiguous, one event per step in the ledger's
 order with the ledger's `done_at`; and a last clean run ends it with exactly one of
 everything."""
@@ -29,28 +30,48 @@ class Crash(Exception):
     """A run dying at the chosen point (its transaction rolls back, as on kill -9)."""
 
 
+# A group's steps run in one call of tenantry.onboarding_run_steps.  A death inside it
+# (at one step's ledger row, after that step's rows) is made by the database itself: a
+# trigger on the ledger raises for the (onboarding, step) named in a table of the test.
+CRASH_TRIGGER = """
+CREATE TABLE IF NOT EXISTS public.crash_points (onboarding_id uuid PRIMARY KEY, step text);
+CREATE OR REPLACE FUNCTION public.crash_at_step() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM public.crash_points c
+                WHERE c.onboarding_id = NEW.onboarding_id AND c.step = NEW.step) THEN
+        RAISE EXCEPTION 'crash at step %', NEW.step USING ERRCODE = 'TZ999';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+CREATE OR REPLACE TRIGGER crash_at_step BEFORE INSERT ON tenantry.onboarding_steps
+    FOR EACH ROW EXECUTE FUNCTION public.crash_at_step();
+"""
+
 AHEAD = tuple(Provisioner._ahead)
 EXTERNAL = (*AHEAD, *Provisioner._after_commit)
 POINTS = (
-    [("before", s) for s in STEPS]
-    + [("after", s) for s in STEPS]
+    [("in_call", s) for s in STEPS]
+    + [("after_call", g[-1]) for g in STEP_GROUPS]
     + [("before_external", s) for s in EXTERNAL]
     + [("after_external", s) for s in EXTERNAL]
 )
 
 
 class CrashingProvisioner(Provisioner):
-    """Raises Crash at `self.point` (a (where, step) pair), once per run."""
+    """Raises Crash at `self.point` (a (where, step) pair), once per run; `in_call`
+    points are the trigger's (set by the test before the run)."""
 
     point: tuple[str, str] | None = None
 
     def _wrap(
         self, step: str, fn: Callable[..., Awaitable[None]], before: str, after: str
     ) -> Callable[..., Awaitable[None]]:
-        async def wrapped(this: Provisioner, o: Any) -> None:
+        async def wrapped(this: Provisioner, *args: Any) -> None:
             if self.point == (before, step):
                 raise Crash(before, step)
-            await fn(this, o)
+            await fn(this, *args)
             if self.point == (after, step):
                 raise Crash(after, step)
 
@@ -60,9 +81,6 @@ class CrashingProvisioner(Provisioner):
         super().__init__(
             LocalStorage(root / "tenants"), FileMailer(root / "mail", "t@example.test")
         )
-        self._effects = {
-            s: self._wrap(s, f, "before", "after") for s, f in Provisioner._effects.items()
-        }
         self._ahead = {
             s: self._wrap(s, f, "before_external", "after_external")
             for s, f in Provisioner._ahead.items()
@@ -71,6 +89,14 @@ class CrashingProvisioner(Provisioner):
             s: self._wrap(s, f, "before_external", "after_external")
             for s, f in Provisioner._after_commit.items()
         }
+
+    async def _run_steps(
+        self, job: Job, onboarding_id: uuid.UUID, todo: list[str], *args: Any, **kw: Any
+    ) -> machine.StepsRun:
+        o = await super()._run_steps(job, onboarding_id, todo, *args, **kw)
+        if self.point == ("after_call", STEP_GROUPS[group_of(todo[0])][-1]):
+            raise Crash("after_call", todo[-1])
+        return o
 
 
 def group_of(step: str) -> int:
@@ -145,27 +171,39 @@ async def test_crashed_runs_commit_whole_groups_in_order_and_a_clean_run_ends_it
         created_at=row["created_at"], _pool=pool, _lease_owner="model",
     )  # fmt: skip
     provisioner = CrashingProvisioner(root)
+    await admin_pool.execute(CRASH_TRIGGER)
     done: list[str] = []
     for point in [*crashes, None]:
         provisioner.point = point
+        await admin_pool.execute("DELETE FROM public.crash_points WHERE onboarding_id = $1", oid)
+        if point is not None and point[0] == "in_call":
+            await admin_pool.execute(
+                "INSERT INTO public.crash_points VALUES ($1, $2)", oid, point[1]
+            )
         if point is None:
             await provisioner.run(job)
             done = list(STEPS)
         else:
             crash_group = group_of(point[1])
             first = group_of(next(s for s in STEPS if s not in done))
-            # The first group's effects ahead of its transaction run on every run: the
-            # ledger is read under the lock in that transaction, after them.
-            always = point[0].endswith("_external") and point[1] in AHEAD and crash_group == 0
+            # The first group's effects ahead of its call, and the call itself, run on
+            # every run: the ledger is read under the lock in that call.
+            always = crash_group == 0 and (
+                point[0] == "after_call" or (point[0].endswith("_external") and point[1] in AHEAD)
+            )
             if crash_group < first and not always:
                 # Its group is committed: the crash point is not reached.
                 await provisioner.run(job)
                 done = list(STEPS)
             else:
-                with pytest.raises(Crash):
+                with pytest.raises((Crash, asyncpg.PostgresError)) as crashed:
                     await provisioner.run(job)
+                if isinstance(crashed.value, asyncpg.PostgresError):
+                    assert crashed.value.sqlstate == "TZ999", crashed.value
                 if crash_group >= first:
-                    done = [s for g in STEP_GROUPS[:crash_group] for s in g]
+                    # A crash after a group's call leaves that group committed.
+                    committed = crash_group + int(point[0] == "after_call")
+                    done = [s for g in STEP_GROUPS[:committed] for s in g]
         await check(admin_pool, tid, oid, done)
         if point is None or done == list(STEPS):
             break

@@ -45,6 +45,49 @@ async def test_emit_in_the_callers_transaction_numbers_versions_per_aggregate(
         assert await outbox.events_after(tx, TENANT_A, "invoice", "inv-3", 0) == []
 
 
+async def test_emit_many_appends_in_array_order_in_the_callers_transaction(
+    pool: asyncpg.Pool, admin_pool: asyncpg.Pool
+) -> None:
+    async with tenant_tx(pool, TENANT_A) as tx:
+        await tx.execute(
+            "SELECT tenantry.emit($1, 'invoice', 'inv-1', 'invoice.created')", TENANT_A
+        )
+        await tx.execute(
+            "SELECT tenantry.emit_many($1, $2, $3, $4, $5, $6)",
+            TENANT_A,
+            ["invoice", "order", "invoice"],
+            ["inv-1", "ord-1", "inv-1"],
+            [2, None, 3],  # a NULL version: the aggregate's next one
+            ["invoice.updated", "order.created", "invoice.paid"],
+            [{"n": 2}, None, {"n": 3}],
+        )
+    rows = await admin_pool.fetch(
+        "SELECT aggregate_id, version, event_type, payload FROM tenantry.outbox ORDER BY id"
+    )
+    assert [(r["aggregate_id"], r["version"], r["event_type"]) for r in rows] == [
+        ("inv-1", 1, "invoice.created"),
+        ("inv-1", 2, "invoice.updated"),
+        ("ord-1", 1, "order.created"),
+        ("inv-1", 3, "invoice.paid"),
+    ]
+    assert [r["payload"] for r in rows[1:]] == [{"n": 2}, {}, {"n": 3}]
+    # Arrays of different lengths are refused, and nothing is written.
+    with pytest.raises(asyncpg.InvalidParameterValueError):
+        async with tenant_tx(pool, TENANT_A) as tx:
+            await tx.execute(
+                "SELECT tenantry.emit_many($1, $2, $3, $4, $5, $6)",
+                TENANT_A, ["invoice"], ["inv-9"], [1], ["x", "y"], [None, None],
+            )  # fmt: skip
+    # Another tenant's events are refused by row-level security.
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        async with tenant_tx(pool, TENANT_A) as tx:
+            await tx.execute(
+                "SELECT tenantry.emit_many($1, $2, $3, $4, $5, $6)",
+                TENANT_B, ["invoice"], ["inv-9"], [1], ["x"], [None],
+            )  # fmt: skip
+    assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.outbox") == 4
+
+
 async def test_two_writers_of_one_version_the_second_fails_loudly(
     pool: asyncpg.Pool, admin_pool: asyncpg.Pool
 ) -> None:

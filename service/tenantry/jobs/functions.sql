@@ -1,4 +1,4 @@
--- version: 10
+-- version: 11
 -- The job queue's functions and triggers.  A repeatable migration (tenantry/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -287,6 +287,31 @@ BEGIN
         END IF;
     END LOOP;
 END;
+$$;
+
+-- Success for one job inside its handler's own tenant transaction (the exactly-once
+-- effects of Job.complete_in_tx, and handlers whose whole transaction is one function
+-- call, such as provisioning's tenantry.onboarding_run_steps): the job's row goes, its
+-- tenant's minute counter counts it.  False when this worker no longer holds the lease
+-- (the job was rescued after a stall): the caller must then roll its effects back.  The
+-- caller's rights: row-level security applies.
+CREATE OR REPLACE FUNCTION tenantry.complete_job(for_tenant uuid, job_id bigint,
+                                                 lease_owner text)
+RETURNS boolean
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+WITH done AS (
+    DELETE FROM tenantry.jobs j
+     WHERE j.tenant_id = for_tenant AND j.id = job_id AND j.lease_owner = complete_job.lease_owner
+    RETURNING j.tenant_id, j.queue, j.kind
+), counted AS (
+    INSERT INTO tenantry.job_counters AS c (tenant_id, queue, kind, minute, succeeded)
+    SELECT tenant_id, queue, kind, date_trunc('minute', now()), 1 FROM done
+    ON CONFLICT (tenant_id, queue, kind, minute)
+    DO UPDATE SET succeeded = c.succeeded + excluded.succeeded
+)
+SELECT count(*) = 1 FROM done
 $$;
 
 -- --- The claim ------------------------------------------------------------------------
@@ -1687,13 +1712,16 @@ ALTER FUNCTION tenantry.ensure_trigger(regclass, name, text) OWNER TO tenantry_o
 ALTER FUNCTION tenantry.wake_at_commit() OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.enqueue(uuid, text, jsonb, text, timestamptz, smallint, text, integer)
     OWNER TO tenantry_owner;
+ALTER FUNCTION tenantry.complete_job(uuid, bigint, text) OWNER TO tenantry_owner;
 REVOKE ALL ON FUNCTION tenantry.jobs_schedule_delayed(), tenantry.wake_at_commit(),
                        tenantry.ensure_trigger(regclass, name, text),
                        tenantry.enqueue(uuid, text, jsonb, text, timestamptz, smallint, text,
-                                        integer)
+                                        integer),
+                       tenantry.complete_job(uuid, bigint, text)
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
-    tenantry.enqueue(uuid, text, jsonb, text, timestamptz, smallint, text, integer)
+    tenantry.enqueue(uuid, text, jsonb, text, timestamptz, smallint, text, integer),
+    tenantry.complete_job(uuid, bigint, text)
     TO tenantry_service;
 
 REVOKE CREATE ON SCHEMA tenantry FROM tenantry_system;

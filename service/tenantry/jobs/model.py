@@ -47,8 +47,24 @@ class Job:
     created_at: datetime
     _pool: asyncpg.Pool = field(repr=False)
     _lease_owner: str = field(repr=False)
-    # Set once a `complete_in_tx()` block has committed.
+    # Set once a `complete_in_tx()` block (or a statement given lease_for_completion())
+    # has committed.
     completed_in_tx: bool = field(default=False, repr=False)
+
+    def lease_for_completion(self) -> tuple[int, str]:
+        """The job's id and this run's lease owner, for a handler whose transaction is
+        one statement of its own that completes the job with its effects (an SQL function
+        calling tenantry.complete_job(tenant, id, lease owner), which is false when the
+        lease was lost: the function must then roll everything back).  Once that
+        statement has committed, say so with `completed_by_statement()`."""
+        if self.completed_in_tx:
+            raise JobAlreadyCompleted(f"job {self.id} was completed already in this run")
+        return self.id, self._lease_owner
+
+    def completed_by_statement(self) -> None:
+        """The statement given `lease_for_completion()` committed: the job is complete
+        (the worker does not complete it again)."""
+        self.completed_in_tx = True
 
     @property
     def pool(self) -> asyncpg.Pool:

@@ -52,19 +52,8 @@ SELECT tenantry.record_job_outcomes(
 
 -- name: complete_one
 -- Success for one job, inside the handler's own tenant transaction (exactly-once
--- effects): the tenant's rows only, under row-level security.
-WITH done AS (
-    DELETE FROM tenantry.jobs j
-     WHERE j.tenant_id = $1::uuid AND j.id = $2::bigint
-       AND j.lease_owner = $3::text
-    RETURNING j.tenant_id, j.queue, j.kind
-), counted AS (
-    INSERT INTO tenantry.job_counters AS c (tenant_id, queue, kind, minute, succeeded)
-    SELECT tenant_id, queue, kind, date_trunc('minute', now()), 1 FROM done
-    ON CONFLICT (tenant_id, queue, kind, minute)
-    DO UPDATE SET succeeded = c.succeeded + excluded.succeeded
-)
-SELECT count(*) FROM done
+-- effects): tenantry.complete_job in functions.sql.
+SELECT CASE WHEN tenantry.complete_job($1::uuid, $2::bigint, $3::text) THEN 1 ELSE 0 END
 
 -- name: extend_leases
 SELECT tenant_id, id

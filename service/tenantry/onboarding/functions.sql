@@ -1,4 +1,4 @@
--- version: 3
+-- version: 5
 -- The onboarding module's functions.  A repeatable migration (tenantry/migrate.py),
 -- applied again whenever this file changes (raise the version above with every
 -- change).
@@ -115,6 +115,179 @@ BEGIN
 END;
 $$;
 
+-- Run a group of provisioning steps (provision.py, STEP_GROUPS), in one call: sent
+-- alone, the call is its own transaction, so a group is one round trip where BEGIN, the
+-- setting, the lock, each step's statement and its record, the job's completion and
+-- COMMIT took nine to fourteen.
+--
+-- It names the tenant itself (app.tenant_id, transaction-local) and refuses inside a
+-- transaction of another tenant, as tenantry.accept_onboarding does; the caller's
+-- rights, so row-level security applies to every row.  The onboarding is locked first,
+-- then its ledger read (each statement of a function takes a new snapshot: the ledger
+-- read sees a step committed by the runner whose lock it waited for; see
+-- onboarding_lock).  Each step of `todo` not in the ledger then runs, unless the
+-- onboarding has ended: its rows (ids from the caller, derived from the onboarding's, so
+-- a repeat is a no-op), then its record: a ledger row with the time it was done (the
+-- group's steps share one transaction, and the ledger lists them by this time: strictly
+-- increasing, a microsecond apart at least), the onboarding's next version and state,
+-- and its event of that version.  The records of the group's steps are written together
+-- after the last step (three statements, not three per step: the ledger rows, the
+-- onboarding, the events with tenantry.emit_many), in the order the steps ran.
+-- `storage` and `welcome_email` have no rows here: the caller made their effect outside
+-- the database before the call.
+--
+-- `completes_job` (with its `lease_owner`): the provisioning job, completed in the same
+-- transaction (the last group: its steps and the job's end commit together).  If the
+-- worker no longer holds the job's lease, everything rolls back (SQLSTATE TY002).
+-- `compensation` ({"queue", "payload"}): the caller made an effect outside the database
+-- for this call; if the onboarding is found failed, the failure's compensation may
+-- already have run, so another compensation job is enqueued in this transaction.
+-- No free slug for the tenant raises SQLSTATE TY001 (nothing is written: the caller
+-- fails the onboarding).
+--
+-- Returns the onboarding as the call leaves it, and the steps it ran; no row when there
+-- is no such onboarding.
+CREATE OR REPLACE FUNCTION tenantry.onboarding_run_steps(
+    for_tenant       uuid,
+    onboarding       uuid,
+    todo             text[],
+    all_steps        text[],
+    tenant_slugs     text[],
+    owner_id         uuid,
+    role_names       text[],
+    role_permissions text[],
+    workspace_id     uuid,
+    request_id       text,
+    completes_job    bigint,
+    lease_owner      text,
+    compensation     jsonb
+) RETURNS TABLE (state text, version integer, email text, tenant_name text, plan text,
+                 done text[], ran text[])
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    context   text := nullif(current_setting('app.tenant_id', true), '');
+    o         record;
+    done_now  text[];
+    ran_now   text[] := '{}';
+    ran_at    timestamptz[] := '{}';
+    step      text;
+    step_at   timestamptz;
+    -- The events to append, element by element (tenantry.emit_many).
+    ev_aggs   text[] := '{}';
+    ev_ids    text[] := '{}';
+    ev_vers   integer[] := '{}';
+    ev_types  text[] := '{}';
+    ev_data   jsonb[] := '{}';
+    request   jsonb := CASE WHEN request_id IS NULL THEN '{}'::jsonb
+                            ELSE jsonb_build_object('request_id', request_id) END;
+BEGIN
+    IF for_tenant IS NULL OR onboarding IS NULL THEN
+        RAISE EXCEPTION 'tenantry.onboarding_run_steps: for_tenant and onboarding must not'
+                        ' be null' USING ERRCODE = '22004';
+    END IF;
+    IF context IS DISTINCT FROM NULL AND context IS DISTINCT FROM for_tenant::text THEN
+        RAISE EXCEPTION 'tenantry.onboarding_run_steps: the transaction is in tenant context'
+                        ' %, not %', context, for_tenant USING ERRCODE = '42501';
+    END IF;
+    PERFORM set_config('app.tenant_id', for_tenant::text, true);
+    PERFORM 1
+       FROM tenantry.onboardings x
+      WHERE x.tenant_id = for_tenant AND x.id = onboarding
+        FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    SELECT x.state, x.version, x.email, x.tenant_name, x.plan,
+           ARRAY(SELECT s.step FROM tenantry.onboarding_steps s
+                  WHERE s.tenant_id = for_tenant AND s.onboarding_id = onboarding) AS done
+      INTO o
+      FROM tenantry.onboardings x
+     WHERE x.tenant_id = for_tenant AND x.id = onboarding;
+    done_now := o.done;
+    IF compensation IS NOT NULL AND o.state = 'failed' THEN
+        PERFORM tenantry.enqueue(for_tenant, 'onboarding.compensate',
+                                 compensation -> 'payload', compensation ->> 'queue');
+    END IF;
+    IF o.state NOT IN ('completed', 'failed') THEN
+        FOREACH step IN ARRAY todo LOOP
+            CONTINUE WHEN step = ANY (done_now);
+            CASE step
+            WHEN 'tenant' THEN
+                IF tenantry.tenant_create_with_free_slug(for_tenant, tenant_slugs,
+                                                         o.tenant_name, o.plan) IS NULL THEN
+                    RAISE EXCEPTION 'no free slug for %', quote_literal(o.tenant_name)
+                        USING ERRCODE = 'TY001';
+                END IF;
+            WHEN 'owner' THEN
+                PERFORM tenantry.tenant_add_user(for_tenant, owner_id, o.email,
+                                                 left(split_part(o.email, '@', 1), 100));
+            WHEN 'roles' THEN
+                PERFORM tenantry.tenant_add_roles(for_tenant, role_names, role_permissions);
+            WHEN 'workspace' THEN
+                PERFORM tenantry.tenant_add_workspace_with_member(
+                    for_tenant, workspace_id, 'default', 'Default', owner_id, 'owner');
+            WHEN 'storage', 'welcome_email' THEN
+                NULL;  -- made outside the database, by the caller, before this call
+            WHEN 'provisioned' THEN
+                IF NOT tenantry.tenant_set_state(for_tenant, 'active') THEN
+                    RAISE EXCEPTION 'no tenant %', for_tenant USING ERRCODE = 'P0002';
+                END IF;
+                ev_aggs := ev_aggs || 'tenant'::text;
+                ev_ids := ev_ids || for_tenant::text;
+                ev_vers := ev_vers || NULL::integer;
+                ev_types := ev_types || 'tenant.provisioned'::text;
+                ev_data := ev_data || (jsonb_build_object('tenant_id', for_tenant,
+                                                          'name', o.tenant_name,
+                                                          'plan', o.plan) || request);
+            ELSE
+                RAISE EXCEPTION 'tenantry.onboarding_run_steps: no step %', step
+                    USING ERRCODE = '22023';
+            END CASE;
+            -- Done now: strictly after the step before it (the ledger's order).
+            step_at := greatest(clock_timestamp(),
+                                ran_at[cardinality(ran_at)] + interval '1 microsecond');
+            done_now := done_now || step;
+            ran_now := ran_now || step;
+            ran_at := ran_at || step_at;
+            o.state := CASE WHEN step = all_steps[cardinality(all_steps)]
+                            THEN 'completed' ELSE 'provisioning' END;
+            o.version := o.version + 1;
+            ev_aggs := ev_aggs || 'onboarding'::text;
+            ev_ids := ev_ids || onboarding::text;
+            ev_vers := ev_vers || o.version;
+            ev_types := ev_types || CASE WHEN o.state = 'completed' THEN 'onboarding.completed'
+                                         ELSE 'onboarding.step_completed' END;
+            ev_data := ev_data || (jsonb_build_object(
+                'state', o.state, 'step', step, 'steps_done', cardinality(done_now),
+                'steps_total', cardinality(all_steps),
+                'done_at', to_char(step_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))
+                || request);
+        END LOOP;
+        IF cardinality(ran_now) > 0 THEN
+            INSERT INTO tenantry.onboarding_steps (tenant_id, onboarding_id, step, done_at)
+            SELECT for_tenant, onboarding, r.step, r.at
+              FROM unnest(ran_now, ran_at) WITH ORDINALITY AS r(step, at, n)
+             ORDER BY r.n;
+            UPDATE tenantry.onboardings x
+               SET state = o.state, version = o.version, failure_reason = NULL,
+                   updated_at = now()
+             WHERE x.tenant_id = for_tenant AND x.id = onboarding;
+            PERFORM tenantry.emit_many(for_tenant, ev_aggs, ev_ids, ev_vers, ev_types,
+                                       ev_data);
+        END IF;
+    END IF;
+    IF completes_job IS NOT NULL
+       AND NOT tenantry.complete_job(for_tenant, completes_job, lease_owner) THEN
+        RAISE EXCEPTION 'job %: lease lost; effects rolled back', completes_job
+            USING ERRCODE = 'TY002';
+    END IF;
+    RETURN QUERY SELECT o.state, o.version, o.email, o.tenant_name, o.plan, done_now, ran_now;
+END;
+$$;
+
 -- Retention of the idempotency keys: older than the given age, oldest first, a
 -- bounded batch per call.
 CREATE OR REPLACE FUNCTION tenantry.prune_idempotency_keys(retention_hours integer,
@@ -146,15 +319,24 @@ ALTER FUNCTION tenantry.onboarding_lock(uuid, uuid) OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.accept_onboarding(uuid, uuid, text, text, text, bytea, bytea, jsonb,
                                           jsonb, text)
     OWNER TO tenantry_owner;
+ALTER FUNCTION tenantry.onboarding_run_steps(uuid, uuid, text[], text[], text[], uuid, text[],
+                                             text[], uuid, text, bigint, text, jsonb)
+    OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.prune_idempotency_keys(integer, integer) OWNER TO tenantry_system;
 REVOKE ALL ON FUNCTION tenantry.onboarding_lock(uuid, uuid),
                        tenantry.accept_onboarding(uuid, uuid, text, text, text, bytea, bytea,
                                                   jsonb, jsonb, text),
-                       tenantry.prune_idempotency_keys(integer, integer)
+                       tenantry.prune_idempotency_keys(integer, integer),
+                       tenantry.onboarding_run_steps(uuid, uuid, text[], text[], text[], uuid,
+                                                     text[], text[], uuid, text, bigint, text,
+                                                     jsonb)
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION tenantry.onboarding_lock(uuid, uuid),
                           tenantry.accept_onboarding(uuid, uuid, text, text, text, bytea,
-                                                     bytea, jsonb, jsonb, text)
+                                                     bytea, jsonb, jsonb, text),
+                          tenantry.onboarding_run_steps(uuid, uuid, text[], text[], text[],
+                                                        uuid, text[], text[], uuid, text,
+                                                        bigint, text, jsonb)
     TO tenantry_service;
 GRANT EXECUTE ON FUNCTION tenantry.prune_idempotency_keys(integer, integer) TO tenantry_worker;
 

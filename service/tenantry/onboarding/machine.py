@@ -23,11 +23,10 @@ from ..errors import Conflict, NotFound
 from ..outbox import store as outbox
 from ..sql import queries_for
 from ..tenancy import tenant_context_mode, tenant_scope, tenant_tx
+from ..tenants import store as tenants
 from .model import (
     AGGREGATE,
-    COMPLETED,
     FAILED,
-    STEP_DONE,
     STEPS,
     TERMINAL_STATES,
     Onboarding,
@@ -83,7 +82,10 @@ async def accept(
         None if idempotency_key is None else key_hash(idempotency_key),
         sign_up.digest(),
         {"state": "accepted"} | _request(request_id),
-        {"onboarding_id": str(onboarding_id)} | _request(request_id),
+        # The slug the tenant will ask for goes with the job: provisioning's first
+        # group is then one call, without reading the onboarding's name first.
+        {"onboarding_id": str(onboarding_id), "slug_base": tenants.slug_base(sign_up.tenant_name)}
+        | _request(request_id),
         queue,
     )
     if tenant_context_mode() == "set_local":
@@ -190,30 +192,107 @@ async def _transition(
     return int(version)
 
 
-async def step_done(o: Locked, step: str) -> None:
-    """Record a step (its effects are in the same transaction) and announce it: one
-    statement (queries.sql, step_done)."""
-    if step in o.done:
-        raise Conflict(f"onboarding {o.id}: step {step!r} is done already")
-    done = o.done | {step}
-    state = "completed" if step == STEPS[-1] else "provisioning"
-    payload = {
-        "state": state,
-        "step": step,
-        "steps_done": len(done),
-        "steps_total": len(STEPS),
-        **_request(o.request_id),
-    }
-    event = COMPLETED if state == "completed" else STEP_DONE
+@dataclass(frozen=True)
+class StepArgs:
+    """What the database steps write besides the onboarding's own fields (provision.py
+    decides it; ids derived from the onboarding's, so a repeat writes nothing new)."""
+
+    tenant_slugs: list[str]
+    owner_id: uuid.UUID
+    role_names: list[str]
+    role_permissions: list[str]
+    workspace_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class StepsRun:
+    """The onboarding as a call of run_steps left it (committed), and the steps it ran."""
+
+    state: str
+    version: int
+    email: str
+    tenant_name: str
+    plan: str
+    done: frozenset[str]
+    ran: list[str]
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+# SQLSTATEs raised by tenantry.onboarding_run_steps (functions.sql).
+NO_FREE_SLUG = "TY001"
+LEASE_LOST = "TY002"
+
+
+class NoFreeSlug(Conflict):
+    """Every candidate slug of the tenant is taken (the group wrote nothing)."""
+
+
+async def run_steps(
+    pool: asyncpg.Pool,
+    tenant_id: uuid.UUID,
+    onboarding_id: uuid.UUID,
+    todo: list[str],
+    args: StepArgs,
+    *,
+    request_id: str | None,
+    completes_job: tuple[int, str] | None = None,
+    compensation: dict[str, Any] | None = None,
+) -> StepsRun:
+    """Run the steps of `todo` that the ledger does not have, unless the onboarding has
+    ended, and record each with the onboarding's next version and its event: one call of
+    tenantry.onboarding_run_steps, its own transaction (the lock, the ledger read under
+    it, the steps' rows and records commit together or not at all).
+
+    `completes_job` = (job id, lease owner): the job completes in the same transaction;
+    if the lease is lost, nothing commits and Conflict is raised.  `compensation`
+    ({"queue", "payload"}): an effect outside the database was made for this call, so a
+    compensation job is enqueued if the onboarding is found failed.  NoFreeSlug when the
+    tenant step finds every slug taken (nothing written)."""
+    job_id, lease_owner = completes_job if completes_job is not None else (None, None)
+    params = (
+        tenant_id,
+        onboarding_id,
+        todo,
+        list(STEPS),
+        args.tenant_slugs,
+        args.owner_id,
+        args.role_names,
+        args.role_permissions,
+        args.workspace_id,
+        request_id,
+        job_id,
+        lease_owner,
+        compensation,
+    )
     try:
-        version = await o.tx.fetchval(
-            Q["step_done"], o.tenant_id, o.id, step, o.version, state, event, payload
-        )
-    except asyncpg.UniqueViolationError as exc:  # pragma: no cover - under the lock
-        raise Conflict(f"onboarding {o.id}: version {o.version + 1} was written already") from exc
-    if version is None:  # pragma: no cover - the row is locked by this transaction
-        raise Conflict(f"onboarding {o.id} moved on under its lock")
-    o.done, o.state, o.version = done, state, int(version)
+        if tenant_context_mode() == "set_local":
+            async with tenant_tx(pool, tenant_id) as tx:
+                row = await tx.fetchrow(Q["run_steps"], *params)
+        else:
+            async with pool.acquire() as conn:
+                row = await conn.fetchrow(Q["run_steps"], *params)
+                # Its own transaction, transaction-local settings only: no reset needed.
+                leaves_no_session_state(conn)
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate == NO_FREE_SLUG:
+            raise NoFreeSlug(str(exc)) from exc
+        if exc.sqlstate == LEASE_LOST:
+            raise Conflict(str(exc)) from exc
+        raise
+    if row is None:
+        raise NotFound(f"no onboarding {onboarding_id}")
+    return StepsRun(
+        row["state"],
+        row["version"],
+        row["email"],
+        row["tenant_name"],
+        row["plan"],
+        frozenset(row["done"]),
+        list(row["ran"]),
+    )
 
 
 def _request(request_id: str | None) -> dict[str, str]:

@@ -25,15 +25,14 @@ from typing import Any
 
 from .. import logging as log
 from ..db import Conn
-from ..errors import Conflict, PermanentFailure
+from ..errors import PermanentFailure
 from ..jobs.model import Job
 from ..jobs.queue import enqueue
 from ..jobs.registry import DeadLetter, Policy, Registry
-from ..outbox import store as outbox
 from ..tenants import store as tenants
 from . import machine
 from .mail import Mail, Mailer, MailRejected
-from .model import STEPS, TENANT_PROVISIONED, derived_id
+from .model import STEPS, derived_id
 from .storage import Storage
 
 
@@ -127,13 +126,16 @@ class Provisioner:
         )
 
     async def _steps(self, job: Job, onboarding_id: uuid.UUID, logger: log.Logger) -> None:
-        """Run the steps not yet in the ledger, a group of them per transaction
-        (`step_groups`).  The ledger is read under the onboarding's lock in each
-        group's transaction, not before: the first group's transaction always runs
-        (it finds its steps done on a retry), and tells what is left."""
+        """Run the steps not yet in the ledger, a group of them per call of
+        machine.run_steps (`step_groups`): one round trip and one transaction per group.
+        The ledger is read under the onboarding's lock in each call, not before: the
+        first group's call always runs (it finds its steps done on a retry), and tells
+        what is left."""
         tid = job.tenant_id
-        done: set[str] = set()
-        last: machine.Locked | None = None  # the onboarding as the last commit left it
+        args = await self._step_args(job, onboarding_id)
+        request_id = _request_id(job.payload)
+        done: frozenset[str] = frozenset()
+        last: machine.StepsRun | None = None  # the onboarding as the last commit left it
         while True:
             group = next(g for g in STEP_GROUPS if not set(g) <= done)
             todo = [s for s in group if s not in done]
@@ -146,95 +148,89 @@ class Provisioner:
             if after_commit is not None:
                 # Never the first group's step (step_groups), so a commit came before.
                 assert last is not None
-                await after_commit(self, last)
+                await after_commit(self, onboarding_id, last)
             made_effects = bool(ahead) or after_commit is not None
-            # The last group completes the job in its own transaction.
-            ran: list[str] = []
-            # The steps' statements leave nothing in the session: no reset on release.
-            in_tx = (
-                job.complete_in_tx(session_untouched=True)
-                if group[-1] == STEPS[-1]
-                else job.tenant_tx(session_untouched=True)
+            o = await self._run_steps(
+                job,
+                onboarding_id,
+                todo,
+                args,
+                request_id=request_id,
+                # The last group completes the job in its own transaction.
+                completes_job=group[-1] == STEPS[-1],
+                # Failed while this run made its effect (a rescued job still running, or
+                # a run of an onboarding that had failed already): the failure's
+                # compensation may have run before it, so another one runs after it (no
+                # dedup key: not merged into that one).
+                compensation=self._compensation(onboarding_id, request_id)
+                if made_effects
+                else None,
             )
-            async with in_tx as tx:
-                o = await machine.lock(tx, tid, onboarding_id, request_id=_request_id(job.payload))
-                if made_effects and o.state == "failed":
-                    # Failed while this run made its effect (a rescued job still
-                    # running, or a run of an onboarding that had failed already): the
-                    # failure's compensation may have run before it, so another one
-                    # runs after it (no dedup key: not merged into that one).
-                    await self._compensate_later(tx, job, onboarding_id, o.request_id, None)
-                # Under the lock, the ledger decides: another run may have done them.
-                for step in todo:
-                    if not o.terminal and step not in o.done:
-                        await self._effects[step](self, o)
-                        await machine.step_done(o, step)
-                        ran.append(step)
-            for step in ran:  # said once they have committed
+            for step in o.ran:  # said once they have committed
                 logger.info("onboarding_step_done", step=step)
             if o.terminal:
                 return
-            done, last = set(o.done), o
+            done, last = o.done, o
 
-    # --- the steps' database effects (inside the step's transaction) -------------------
-
-    async def _tenant(self, o: machine.Locked) -> None:
+    async def _run_steps(
+        self,
+        job: Job,
+        onboarding_id: uuid.UUID,
+        todo: list[str],
+        args: machine.StepArgs,
+        *,
+        request_id: str | None,
+        completes_job: bool,
+        compensation: dict[str, Any] | None,
+    ) -> machine.StepsRun:
         try:
-            await tenants.provision_tenant(
-                o.tx, tenant_id=o.tenant_id, name=o.tenant_name, plan=o.plan
-            )
-        except Conflict as exc:  # every candidate slug is taken: retrying cannot help
+            o = await machine.run_steps(
+                job.pool, job.tenant_id, onboarding_id, todo, args, request_id=request_id,
+                completes_job=job.lease_for_completion() if completes_job else None,
+                compensation=compensation,
+            )  # fmt: skip
+        except machine.NoFreeSlug as exc:  # retrying cannot help
             raise NameUnavailable(str(exc)) from exc
+        if completes_job:
+            job.completed_by_statement()
+        return o
 
-    async def _owner(self, o: machine.Locked) -> None:
-        name = o.email.split("@", 1)[0][:100]
-        await tenants.add_user(o.tx, o.tenant_id, derived_id(o.id, "owner"), o.email, name)
-
-    async def _roles(self, o: machine.Locked) -> None:
-        await tenants.add_default_roles(o.tx, o.tenant_id)
-
-    async def _workspace(self, o: machine.Locked) -> None:
-        ws = derived_id(o.id, "workspace")
-        await tenants.add_workspace_with_member(
-            o.tx, o.tenant_id, ws, "default", "Default", user_id=derived_id(o.id, "owner"),
-            role="owner",
-        )  # fmt: skip
-
-    async def _nothing(self, _o: machine.Locked) -> None:
-        """A step whose effect is outside the database (done before its transaction)."""
-
-    async def _provisioned(self, o: machine.Locked) -> None:
-        await tenants.set_tenant_state(o.tx, o.tenant_id, "active")
-        await outbox.emit(
-            o.tx,
-            tenant_id=o.tenant_id,
-            aggregate_type="tenant",
-            aggregate_id=str(o.tenant_id),
-            event_type=TENANT_PROVISIONED,
-            payload={"tenant_id": str(o.tenant_id), "name": o.tenant_name, "plan": o.plan}
-            | ({"request_id": o.request_id} if o.request_id else {}),
+    async def _step_args(self, job: Job, onboarding_id: uuid.UUID) -> machine.StepArgs:
+        """What the database steps write: ids derived from the onboarding's, the default
+        roles, and the tenant's candidate slugs, from the slug base the accept put in the
+        job's payload (a job enqueued before it did reads the onboarding's name)."""
+        base = job.payload.get("slug_base") if isinstance(job.payload, dict) else None
+        if not isinstance(base, str):
+            async with job.tenant_tx(session_untouched=True) as tx:
+                found = await machine.get(tx, job.tenant_id, onboarding_id)
+            base = tenants.slug_base(found.tenant_name)
+        names, permissions = tenants.default_roles()
+        return machine.StepArgs(
+            tenant_slugs=tenants.slug_candidates(job.tenant_id, base),
+            owner_id=derived_id(onboarding_id, "owner"),
+            role_names=names,
+            role_permissions=permissions,
+            workspace_id=derived_id(onboarding_id, "workspace"),
         )
 
-    _effects: dict[str, Callable[[Provisioner, machine.Locked], Awaitable[None]]] = {
-        "tenant": _tenant,
-        "owner": _owner,
-        "roles": _roles,
-        "workspace": _workspace,
-        "storage": _nothing,
-        "welcome_email": _nothing,
-        "provisioned": _provisioned,
-    }
+    def _compensation(self, onboarding_id: uuid.UUID, request_id: str | None) -> dict[str, Any]:
+        return {
+            "queue": self._queue,
+            "payload": {"onboarding_id": str(onboarding_id)}
+            | ({"request_id": request_id} if request_id else {}),
+        }
 
-    # --- effects outside the database (idempotent, before the step's transaction) -----
+    # --- effects outside the database (idempotent) --------------------------------------
+    # The database steps' rows are written by tenantry.onboarding_run_steps itself.
 
     async def _make_storage(self, tenant_id: uuid.UUID) -> None:
         await self._storage.ensure(tenant_id)
 
-    async def _send_welcome(self, o: machine.Locked) -> None:
+    async def _send_welcome(self, onboarding_id: uuid.UUID, o: machine.StepsRun) -> None:
         name = o.tenant_name
         await self._mailer.send(
             Mail(
-                key=f"onboarding-{o.id}-welcome",
+                key=f"onboarding-{onboarding_id}-welcome",
                 to=o.email,
                 subject=f"Welcome to {self._product}: {name} is ready",
                 text=(
@@ -252,7 +248,9 @@ class Provisioner:
     }
     # Effects that announce the steps before them, done once those have committed: the
     # welcome email tells the owner the workspace is ready.  Each starts a group.
-    _after_commit: dict[str, Callable[[Provisioner, machine.Locked], Awaitable[None]]] = {
+    _after_commit: dict[
+        str, Callable[[Provisioner, uuid.UUID, machine.StepsRun], Awaitable[None]]
+    ] = {
         "welcome_email": _send_welcome,
     }
 

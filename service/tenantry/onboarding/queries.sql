@@ -30,32 +30,13 @@ SELECT s.step, s.done_at
 SELECT l.state, l.version, l.email, l.tenant_name, l.plan, l.done
   FROM tenantry.onboarding_lock($1::uuid, $2::uuid) l
 
--- A step done, in one round trip: its ledger row (the time of recording, not the
--- transaction's start: the steps of a group share one transaction, provision.py, and
--- the ledger lists them by this time), the onboarding's next version and state, and
--- its event ($7: the payload but `done_at`, added here in the events' time format,
--- timefmt.py).  No row when the version moved on (the caller raises Conflict; its
--- transaction rolls back the ledger row with it).
--- name: step_done
-WITH step AS (
-    INSERT INTO tenantry.onboarding_steps (tenant_id, onboarding_id, step, done_at)
-    VALUES ($1::uuid, $2::uuid, $3::text, clock_timestamp())
-    RETURNING done_at
-), moved AS (
-    UPDATE tenantry.onboardings o
-       SET state = $5::text, version = $4::integer + 1, failure_reason = NULL,
-           updated_at = now()
-     WHERE o.tenant_id = $1::uuid AND o.id = $2::uuid AND o.version = $4::integer
-    RETURNING o.version
-)
-SELECT m.version,
-       tenantry.emit($1::uuid, 'onboarding', $2::text, $6::text,
-                     $7::jsonb || jsonb_build_object(
-                         'done_at',
-                         to_char(s.done_at AT TIME ZONE 'UTC',
-                                 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')),
-                     m.version) AS event_id
-  FROM step s CROSS JOIN moved m
+-- A group of provisioning steps, in one call (tenantry.onboarding_run_steps in
+-- functions.sql): sent alone, it is its own transaction and the group's one round trip.
+-- name: run_steps
+SELECT r.state, r.version, r.email, r.tenant_name, r.plan, r.done, r.ran
+  FROM tenantry.onboarding_run_steps($1::uuid, $2::uuid, $3::text[], $4::text[], $5::text[],
+                                     $6::uuid, $7::text[], $8::text[], $9::uuid, $10::text,
+                                     $11::bigint, $12::text, $13::jsonb) r
 
 -- name: transition
 UPDATE tenantry.onboardings o

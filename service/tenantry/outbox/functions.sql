@@ -1,4 +1,4 @@
--- version: 4
+-- version: 5
 -- The outbox's functions and triggers.  A repeatable migration (tenantry/migrate.py),
 -- applied again whenever this file changes (raise the version above with every
 -- change).  The outbox module is the only writer of
@@ -42,6 +42,48 @@ BEGIN
             emit.event_type, coalesce(emit.payload, '{}'::jsonb))
     RETURNING o.id INTO new_id;
     RETURN new_id;
+END;
+$$;
+
+-- Several events in one statement, in the caller's transaction and tenant context
+-- (SECURITY INVOKER, as emit): element i of the arrays is one event, appended in array
+-- order (their ids follow it).  A NULL version takes the aggregate's next one (at most
+-- one such event per aggregate in one call: the statement does not see its own rows).
+-- Provisioning records a group of steps' events with it: one statement, where one call
+-- of emit per event cost a statement and a function call each.
+CREATE OR REPLACE FUNCTION tenantry.emit_many(
+    tenant_id       uuid,
+    aggregate_types text[],
+    aggregate_ids   text[],
+    versions        integer[],
+    event_types     text[],
+    payloads        jsonb[]
+) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF tenant_id IS NULL THEN
+        RAISE EXCEPTION 'tenantry.emit_many: tenant_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF cardinality(aggregate_types) IS DISTINCT FROM cardinality(event_types)
+       OR cardinality(aggregate_ids) IS DISTINCT FROM cardinality(event_types)
+       OR cardinality(versions) IS DISTINCT FROM cardinality(event_types)
+       OR cardinality(payloads) IS DISTINCT FROM cardinality(event_types) THEN
+        RAISE EXCEPTION 'tenantry.emit_many: the arrays must be of one length'
+            USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO tenantry.outbox AS o
+           (tenant_id, aggregate_type, aggregate_id, version, event_type, payload)
+    SELECT emit_many.tenant_id, e.a, e.i,
+           coalesce(e.v, (SELECT coalesce(max(x.version), 0) + 1 FROM tenantry.outbox x
+                           WHERE x.tenant_id = emit_many.tenant_id
+                             AND x.aggregate_type = e.a AND x.aggregate_id = e.i)),
+           e.t, coalesce(e.p, '{}'::jsonb)
+      FROM unnest(aggregate_types, aggregate_ids, versions, event_types, payloads)
+           WITH ORDINALITY AS e(a, i, v, t, p, n)
+     ORDER BY e.n;
 END;
 $$;
 
@@ -138,15 +180,19 @@ END;
 $$;
 
 ALTER FUNCTION tenantry.emit(uuid, text, text, text, jsonb, integer) OWNER TO tenantry_owner;
+ALTER FUNCTION tenantry.emit_many(uuid, text[], text[], integer[], text[], jsonb[])
+    OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.event_data(jsonb, text, integer, timestamptz) OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.outbox_follow(text, text) OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.prune_outbox(integer, integer) OWNER TO tenantry_system;
 REVOKE ALL ON FUNCTION tenantry.emit(uuid, text, text, text, jsonb, integer),
+                       tenantry.emit_many(uuid, text[], text[], integer[], text[], jsonb[]),
                        tenantry.event_data(jsonb, text, integer, timestamptz),
                        tenantry.outbox_follow(text, text),
                        tenantry.prune_outbox(integer, integer)
     FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION tenantry.emit(uuid, text, text, text, jsonb, integer)
+GRANT EXECUTE ON FUNCTION tenantry.emit(uuid, text, text, text, jsonb, integer),
+                          tenantry.emit_many(uuid, text[], text[], integer[], text[], jsonb[])
     TO tenantry_service;
 GRANT EXECUTE ON FUNCTION tenantry.event_data(jsonb, text, integer, timestamptz)
     TO tenantry_service, tenantry_system;

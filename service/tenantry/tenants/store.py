@@ -164,7 +164,11 @@ async def authenticate(conn: Executor, raw_key: str) -> uuid.UUID:
     return parsed.tenant_id
 
 
-# --- provisioning's building blocks (each joins the caller's tenant transaction) ------
+# --- provisioning's building blocks -------------------------------------------------
+# The rows are written by the SQL functions of functions.sql (tenantry.tenant_create_with_
+# free_slug, tenant_add_user, tenant_add_roles, tenant_add_workspace_with_member,
+# tenant_set_state), which provisioning calls from one function per group of steps
+# (tenantry.onboarding_run_steps); what they are given is decided here.
 
 DEFAULT_ROLES = {
     "owner": ("tenant.manage", "members.manage", "workspaces.manage", "billing.manage"),
@@ -173,58 +177,24 @@ DEFAULT_ROLES = {
 }
 
 
-async def provision_tenant(tx: Executor, *, tenant_id: uuid.UUID, name: str, plan: str) -> Tenant:
-    """Create the tenant in state `provisioning`.  Its slug comes from the name; when
-    another tenant holds that slug, the tenant id's first hex digits make it unique
-    (deterministic, so a retry picks the same one).  Called once per tenant: the step
-    ledger, committed with this row, says whether it was."""
-    async with tenant_scope(tx, tenant_id) as conn:
-        base = slug_from(name)[:37].strip("-") or "tenant"
-        for slug in (base, f"{base}-{tenant_id.hex[:6]}", f"{base}-{tenant_id.hex[:12]}"):
-            # ON CONFLICT (slug): a taken slug neither raises nor aborts the step's
-            # transaction, so no savepoint (two round trips) around each try.
-            row = await conn.fetchrow(
-                Q["create_tenant_unless_slug_taken"], tenant_id, slug, name, plan, "provisioning"
-            )
-            if row is not None:
-                return Tenant(**dict(row))
-    raise Conflict(f"no free slug for {name!r}")
-
-
-async def add_user(
-    tx: Executor, tenant_id: uuid.UUID, user_id: uuid.UUID, email: str, display_name: str
-) -> None:
-    async with tenant_scope(tx, tenant_id) as conn:
-        await conn.execute(Q["add_user"], tenant_id, user_id, email, display_name)
-
-
-async def add_default_roles(tx: Executor, tenant_id: uuid.UUID) -> None:
+def default_roles() -> tuple[list[str], list[str]]:
+    """The default roles as two parallel arrays: names, and each one's permissions as one
+    comma-separated text (tenantry.tenant_add_roles)."""
     names = list(DEFAULT_ROLES)
-    perms = [",".join(DEFAULT_ROLES[n]) for n in names]
-    async with tenant_scope(tx, tenant_id) as conn:
-        await conn.execute(Q["add_roles"], tenant_id, names, perms)
+    return names, [",".join(DEFAULT_ROLES[n]) for n in names]
 
 
-async def add_workspace_with_member(
-    tx: Executor,
-    tenant_id: uuid.UUID,
-    workspace_id: uuid.UUID,
-    slug: str,
-    name: str,
-    *,
-    user_id: uuid.UUID,
-    role: str,
-) -> None:
-    async with tenant_scope(tx, tenant_id) as conn:
-        await conn.execute(
-            Q["add_workspace_with_member"], tenant_id, workspace_id, slug, name, user_id, role
-        )
+def slug_base(name: str) -> str:
+    """The slug a new tenant's name asks for (at most 37 characters, room for the
+    suffixes of slug_candidates)."""
+    return slug_from(name)[:37].strip("-") or "tenant"
 
 
-async def set_tenant_state(tx: Executor, tenant_id: uuid.UUID, state: str) -> None:
-    async with tenant_scope(tx, tenant_id) as conn:
-        if await conn.fetchval(Q["set_tenant_state"], tenant_id, state) is None:
-            raise NotFound(f"no tenant {tenant_id}")
+def slug_candidates(tenant_id: uuid.UUID, base: str) -> list[str]:
+    """The slugs a new tenant may take, in order: its slug_base and, when another tenant
+    holds that, the same made unique by the tenant id's first hex digits (deterministic,
+    so a retry picks the same one)."""
+    return [base, f"{base}-{tenant_id.hex[:6]}", f"{base}-{tenant_id.hex[:12]}"]
 
 
 async def delete_tenant(tx: Executor, tenant_id: uuid.UUID) -> bool:
