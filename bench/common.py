@@ -253,8 +253,8 @@ class NoRearmWorker(Worker):
     """A Worker that never re-arms its queues' wake-up throttle before a claim (as the
     worker was before issue 14): to measure what the re-arm costs producers."""
 
-    async def rearm_wake(self, queue: str) -> None:
-        return None
+    async def rearm_wake(self, queue: str) -> bool:
+        return True
 
 
 @asynccontextmanager

@@ -38,7 +38,13 @@ SELECT tenantry.ensure_wake_keys($1::text[])
 -- name: rearm_wake
 -- The queue's wake-up throttle re-armed before a claim a NOTIFY prompted (see
 -- tenantry.rearm_wake: it gives up on a table lock after 10 ms).
+-- True when no producer that stayed quiet is still committing (see await_quiet_wakes).
 SELECT tenantry.rearm_wake($1::text)
+
+-- name: await_quiet_wakes
+-- Until the producers that stayed quiet behind the throttle's gate have committed, up
+-- to $2 ms (false: the wait ran out).
+SELECT tenantry.await_quiet_wakes($1::text, $2::integer)
 
 -- name: record_outcomes
 SELECT tenantry.record_job_outcomes(

@@ -43,6 +43,10 @@ from .registry import Policy, Registration, Registry
 
 Q = queries_for(__file__)
 _ERROR_TEXT_MAX = 4000
+# After a wait for quiet commits ran out, none for this long (seconds): a transaction
+# that holds the gate for long (constraints set IMMEDIATE, then left open) would
+# otherwise cost every NOTIFY's claim the whole wait.
+_QUIET_WAIT_BACKOFF = 1.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,12 @@ class WorkerConfig:
     # (an fsync, a synchronous replica, a slow deferred trigger of the producer's).
     trailing_fetch: float = 0.011
     late_trailing_fetch: float = 0.101
+    # After a re-arm found a producer that stayed quiet still committing (the gate of
+    # tenantry.wake_at_commit), wait this long at most for its commit to become visible,
+    # then claim again.  A commit's visibility takes its WAL flush (a few ms at worst on
+    # a busy disk); what takes longer is a transaction that set its constraints
+    # IMMEDIATE and is still open: the trailing fetches are left to that one.
+    quiet_commit_wait: float = 0.010
     # Rows a queue claims ahead of its free slots, as a fraction of its concurrency.
     # While a batch runs, the next one is already being claimed, so the database's
     # work and ours overlap instead of taking turns (100,000-job drain: 15,400 to
@@ -152,6 +162,9 @@ class QueueLoop:
         self._late_trailing: float | None = None
         # A NOTIFY woke the loop: re-arm the queue's wake-up throttle before claiming.
         self._rearm = False
+        # Monotonic time before which no wait for quiet commits is made: one ran out (a
+        # transaction holding the gate for long), so the next would likely run out too.
+        self._quiet_wait_after = 0.0
         # The last claim left rows behind for their tenants' cap.
         self.capped = False
         # Outcomes written so far: a claim that comes back capped after one was written
@@ -268,9 +281,28 @@ class QueueLoop:
             self._poll_due = True
 
     async def _fill(self) -> None:
+        gate_free = True
         if self._rearm and self.claimable > 0:
             self._rearm = False
-            await self.w.rearm_wake(self.queue)
+            gate_free = await self.w.rearm_wake(self.queue)
+        await self._claim_while_room()
+        if not gate_free and self.claimable > 0 and not self.w.stopping:
+            await self._await_quiet_commits()
+
+    async def _await_quiet_commits(self) -> None:
+        """The re-arm found producers that stayed quiet still committing: their jobs may
+        have been invisible to the claim just made, and no NOTIFY will tell of them.
+        Wait until their commits are visible (or `quiet_commit_wait` ran out), then
+        claim again, rather than leave them to the trailing fetch 11 ms later."""
+        now = self.w.clock.monotonic()
+        if now < self._quiet_wait_after:
+            return
+        if await self.w.await_quiet_wakes(self.queue):
+            await self._claim_while_room()
+        else:
+            self._quiet_wait_after = now + _QUIET_WAIT_BACKOFF
+
+    async def _claim_while_room(self) -> None:
         while self.claimable > 0 and not self.w.stopping:
             outcomes_before = self._outcomes_seen
             got = await self.w.claim(self.queue, self.claimable, self.cursor)
@@ -509,28 +541,46 @@ class Worker:
 
     # --- claiming -----------------------------------------------------------------
 
-    async def rearm_wake(self, queue: str) -> None:
+    async def rearm_wake(self, queue: str) -> bool:
         """Before the claim a NOTIFY prompted: a producer stays quiet within the
         throttle's window only while a wake-up that no claim has acted on yet is
         pending (tenantry.wake_at_commit reads the row this resets).  Without it, a job
         committed within 5 ms after another's NOTIFY, and after the claim that NOTIFY
         woke, waited for the next NOTIFY or the trailing fetch: from commit to start
         p90 9 ms and p99 11-12 ms with 1,000 other jobs a second on the queue
-        (bench.latency --background-rate 1000), against p90 about 2 ms and p99 5-10 ms
-        with it (the rest of the tail: a producer that decided just before the re-arm
-        and became visible just after the claim's snapshot waits for the trailing
-        fetch).  Best effort: the claim that follows reports the database's state, and
-        the function gives up on a lock on the throttle table after 10 ms rather than
-        hold that claim (an operator's LOCK or VACUUM FULL held it for the claim pool's
-        5 s lock_timeout)."""
+        (bench.latency --background-rate 1000).
+
+        False: a producer that decided to stay quiet before this re-arm is still
+        committing (it holds the throttle's gate): its job may come after the claim's
+        snapshot, and the caller waits for it (await_quiet_wakes) and claims again.
+        Best effort (True on failure: the claim that follows reports the database's
+        state), and the function gives up on a lock on the throttle table after 10 ms
+        rather than hold that claim (an operator's LOCK or VACUUM FULL held it for the
+        claim pool's 5 s lock_timeout)."""
         try:
             async with self.claim_pool.acquire() as conn:
-                await conn.execute(Q["rearm_wake"], queue)
+                gate_free = bool(await conn.fetchval(Q["rearm_wake"], queue))
         except Exception as exc:
             self.log.debug("rearm_wake_failed", queue=queue, error=safe_text(str(exc)))
-            return
+            return True
         if self.hook is not None:
-            self.hook("rearmed", {"queue": queue})
+            self.hook("rearmed", {"queue": queue, "gate_free": gate_free})
+        return gate_free
+
+    async def await_quiet_wakes(self, queue: str) -> bool:
+        """Wait until the producers that stayed quiet behind the gate when the re-arm
+        tried it have committed, up to `quiet_commit_wait`: True when they have (their
+        jobs are visible to the next claim)."""
+        wait_ms = max(1, round(self.config.quiet_commit_wait * 1000))
+        try:
+            async with self.claim_pool.acquire() as conn:
+                done = bool(await conn.fetchval(Q["await_quiet_wakes"], queue, wait_ms))
+        except Exception as exc:
+            self.log.debug("await_quiet_wakes_failed", queue=queue, error=safe_text(str(exc)))
+            return False
+        if self.hook is not None:
+            self.hook("quiet_commits_awaited", {"queue": queue, "done": done})
+        return done
 
     # The claim statement; a benchmark's subclass swaps in a fair-less one with the same
     # parameters and columns to measure what fairness costs.
