@@ -37,7 +37,7 @@ from tenantry import logging as log
 from tenantry.app import JOBS_CHANNEL
 from tenantry.embedded import EmbeddedPostgres
 from tenantry.jobs.registry import Registry
-from tenantry.jobs.worker import JobObserver, Worker, WorkerConfig
+from tenantry.jobs.worker import Claimed, JobObserver, Worker, WorkerConfig
 from tenantry.listener import Listener
 from tenantry.metrics import DatabaseGauges, Metrics
 
@@ -253,8 +253,10 @@ class NoRearmWorker(Worker):
     """A Worker that never re-arms its queues' wake-up throttle before a claim (as the
     worker was before issue 14): to measure what the re-arm costs producers."""
 
-    async def rearm_wake(self, queue: str) -> bool:
-        return True
+    async def claim_rearming(
+        self, queue: str, limit: int, cursor: uuid.UUID | None
+    ) -> Claimed | None:
+        return await self.claim(queue, limit, cursor)
 
 
 @asynccontextmanager

@@ -112,6 +112,9 @@ class Claimed:
     # Runnable rows were left behind for their tenants' cap: claim again when this
     # queue's jobs finish.
     capped: bool = False
+    # A claim that re-armed the wake-up throttle found a producer that stayed quiet
+    # still committing: its job may be missing here (see Worker.claim_rearming).
+    gate_free: bool = True
 
 
 class _Running:
@@ -281,11 +284,10 @@ class QueueLoop:
             self._poll_due = True
 
     async def _fill(self) -> None:
-        gate_free = True
-        if self._rearm and self.claimable > 0:
+        rearm = self._rearm and self.claimable > 0
+        if rearm:
             self._rearm = False
-            gate_free = await self.w.rearm_wake(self.queue)
-        await self._claim_while_room()
+        gate_free = await self._claim_while_room(rearm=rearm)
         if not gate_free and self.claimable > 0 and not self.w.stopping:
             await self._await_quiet_commits()
 
@@ -302,17 +304,25 @@ class QueueLoop:
         else:
             self._quiet_wait_after = now + _QUIET_WAIT_BACKOFF
 
-    async def _claim_while_room(self) -> None:
+    async def _claim_while_room(self, *, rearm: bool = False) -> bool:
+        """Claim while there is room and rows may remain; `rearm`: the first claim is a
+        NOTIFY's (it re-arms the throttle).  False when that claim found the gate held."""
+        gate_free = True
         while self.claimable > 0 and not self.w.stopping:
             outcomes_before = self._outcomes_seen
-            got = await self.w.claim(self.queue, self.claimable, self.cursor)
+            if rearm:
+                rearm = False
+                got = await self.w.claim_rearming(self.queue, self.claimable, self.cursor)
+                gate_free = got is None or got.gate_free
+            else:
+                got = await self.w.claim(self.queue, self.claimable, self.cursor)
             if got is None:  # database unavailable: the poll will try again
-                return
+                return gate_free
             if self.w.stopping:
                 # Shutdown began while this claim was in flight: hand its rows back
                 # now rather than leave them leased until the lease runs out.
                 self.w.hand_back(got.rows)
-                return
+                return gate_free
             self.cursor = got.cursor
             self.capped = got.capped
             if got.capped and self._outcomes_seen != outcomes_before:
@@ -327,6 +337,7 @@ class QueueLoop:
                 self.wake(trailing=True)
                 break
         self._saturated = self.claimable <= 0
+        return gate_free
 
     async def _refresh_due(self) -> None:
         try:
@@ -541,32 +552,6 @@ class Worker:
 
     # --- claiming -----------------------------------------------------------------
 
-    async def rearm_wake(self, queue: str) -> bool:
-        """Before the claim a NOTIFY prompted: a producer stays quiet within the
-        throttle's window only while a wake-up that no claim has acted on yet is
-        pending (tenantry.wake_at_commit reads the row this resets).  Without it, a job
-        committed within 5 ms after another's NOTIFY, and after the claim that NOTIFY
-        woke, waited for the next NOTIFY or the trailing fetch: from commit to start
-        p90 9 ms and p99 11-12 ms with 1,000 other jobs a second on the queue
-        (bench.latency --background-rate 1000).
-
-        False: a producer that decided to stay quiet before this re-arm is still
-        committing (it holds the throttle's gate): its job may come after the claim's
-        snapshot, and the caller waits for it (await_quiet_wakes) and claims again.
-        Best effort (True on failure: the claim that follows reports the database's
-        state), and the function gives up on a lock on the throttle table after 10 ms
-        rather than hold that claim (an operator's LOCK or VACUUM FULL held it for the
-        claim pool's 5 s lock_timeout)."""
-        try:
-            async with self.claim_pool.acquire() as conn:
-                gate_free = bool(await conn.fetchval(Q["rearm_wake"], queue))
-        except Exception as exc:
-            self.log.debug("rearm_wake_failed", queue=queue, error=safe_text(str(exc)))
-            return True
-        if self.hook is not None:
-            self.hook("rearmed", {"queue": queue, "gate_free": gate_free})
-        return gate_free
-
     async def await_quiet_wakes(self, queue: str) -> bool:
         """Wait until the producers that stayed quiet behind the gate when the re-arm
         tried it have committed, up to `quiet_commit_wait`: True when they have (their
@@ -586,26 +571,57 @@ class Worker:
     # parameters and columns to measure what fairness costs.
     claim_statement: str = Q["claim"]
 
+    async def claim_rearming(
+        self, queue: str, limit: int, cursor: uuid.UUID | None
+    ) -> Claimed | None:
+        """The claim a NOTIFY prompted, re-arming the queue's wake-up throttle in its own
+        transaction: a producer stays quiet within the throttle's window only while a
+        wake-up that no claim has acted on yet is pending (tenantry.wake_at_commit reads
+        the row this resets).  Without the re-arm, a job committed within 5 ms after
+        another's NOTIFY, and after the claim that NOTIFY woke, waited for the next
+        NOTIFY or the trailing fetch: from commit to start p90 9 ms and p99 11-12 ms
+        with 1,000 other jobs a second on the queue (bench.latency --background-rate
+        1000).  `gate_free` false: a producer that decided to stay quiet before the
+        re-arm was still committing, and its job may be missing from this claim (the
+        loop waits for it and claims again).
+
+        The re-arm is best effort: when it fails (the function gives up on a lock on the
+        throttle table after 10 ms: an operator's LOCK or VACUUM FULL held it for the
+        claim pool's 5 s lock_timeout), the claim is made without it."""
+        try:
+            got = await self._claim(Q["claim_rearming"], queue, limit, cursor)
+        except Exception as exc:
+            self.log.debug("rearm_wake_failed", queue=queue, error=safe_text(str(exc)))
+            return await self.claim(queue, limit, cursor)
+        if self.hook is not None:
+            self.hook("rearmed", {"queue": queue, "gate_free": got.gate_free})
+        return got
+
     async def claim(self, queue: str, limit: int, cursor: uuid.UUID | None) -> Claimed | None:
         """Claim up to `limit` rows of `queue` (None: the database is unavailable)."""
-        began = self.clock.monotonic()
         try:
-            async with self.claim_pool.acquire() as conn:
-                rows: list[asyncpg.Record] = await conn.fetch(
-                    self.claim_statement,
-                    queue,
-                    limit,
-                    self.owner,
-                    self.config.lease_seconds,
-                    cursor,
-                    self.config.tenant_concurrency,
-                )
+            return await self._claim(self.claim_statement, queue, limit, cursor)
         except Exception as exc:
             # Whatever the connection raised (a terminated backend, a lock timeout, a
             # restart): report it and let the poll come back.
             self.log.warning("claim_failed", queue=queue, error=safe_text(str(exc)) or repr(exc))
             self.health.failing(f"claims:{queue}", str(exc) or repr(exc))
             return None
+
+    async def _claim(
+        self, statement: str, queue: str, limit: int, cursor: uuid.UUID | None
+    ) -> Claimed:
+        began = self.clock.monotonic()
+        async with self.claim_pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(
+                statement,
+                queue,
+                limit,
+                self.owner,
+                self.config.lease_seconds,
+                cursor,
+                self.config.tenant_concurrency,
+            )
         self.health.ok(f"claims:{queue}")
         # The last row is the claim's state: the cursor and whether rows may remain.
         state = rows.pop()
@@ -616,7 +632,15 @@ class Worker:
             self.hook("claim_ran", {"queue": queue, "count": len(rows), "seconds": took})
             if rows:
                 self.hook("claimed", {"queue": queue, "count": len(rows)})
-        return Claimed(rows, state["cursor_after"], bool(state["more"]), bool(state["capped"]))
+        # gate_free: only the re-arming claim's statement has the column (NULL: no).
+        gate_free = state.get("gate_free")
+        return Claimed(
+            rows,
+            state["cursor_after"],
+            bool(state["more"]),
+            bool(state["capped"]),
+            gate_free is not False,
+        )
 
     def start_job(self, loop: QueueLoop, row: asyncpg.Record) -> None:
         reg = self.registry.get(row["kind"])
