@@ -160,11 +160,11 @@ async def test_a_producer_holding_the_gate_open_costs_the_claims_one_bounded_wai
             await rec.wait_flushed(1, timeout=5)
             await rec.wait_for(lambda: len(rec.named("quiet_commits_awaited")) == 1)
             assert rec.named("quiet_commits_awaited")[0]["done"] is False
-            # The next wake-ups claim without waiting again (the loop runs one at a
-            # time: a wait after the first would be reported before the second claim).
+            # The next wake-ups claim without waiting again (a wait starts right after
+            # its claim, before the loop makes the next one).
             claims = len(rec.named("claim_ran"))
             for n in (1, 2):
                 w.notify("q")
                 await rec.wait_for(partial(_claims_at_least, rec, claims + n))
-            assert len(rec.named("quiet_commits_awaited")) == 1
+            assert len(rec.named("quiet_wait_started")) == 1
         # Committed now, but quietly: for the wake-ups and the poll to find.

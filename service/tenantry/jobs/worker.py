@@ -28,7 +28,7 @@ import anyio
 import asyncpg
 import orjson
 import structlog
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from .. import logging as log
 from ..clock import Clock, Random, SystemClock, system_random
@@ -66,10 +66,15 @@ class WorkerConfig:
     late_trailing_fetch: float = 0.101
     # After a re-arm found a producer that stayed quiet still committing (the gate of
     # tenantry.wake_at_commit), wait this long at most for its commit to become visible,
-    # then claim again.  A commit's visibility takes its WAL flush (a few ms at worst on
-    # a busy disk); what takes longer is a transaction that set its constraints
+    # then claim again.  The wait runs beside the claim loop (on a connection of the
+    # worker pool).  A commit's visibility takes its WAL flush (5-20 ms at worst on a
+    # busy disk here); what takes longer is a transaction that set its constraints
     # IMMEDIATE and is still open: the trailing fetches are left to that one.
-    quiet_commit_wait: float = 0.010
+    quiet_commit_wait: float = 0.050
+    # Re-arm the wake-up throttle at most once per this many seconds per queue: a
+    # NOTIFY's claim within it goes without, and one claim re-arms at its end.  0: every
+    # NOTIFY's claim re-arms (each commit after a claim then notifies).
+    rearm_interval: float = 0.0
     # Rows a queue claims ahead of its free slots, as a fraction of its concurrency.
     # While a batch runs, the next one is already being claimed, so the database's
     # work and ours overlap instead of taking turns (100,000-job drain: 15,400 to
@@ -168,6 +173,12 @@ class QueueLoop:
         # Monotonic time before which no wait for quiet commits is made: one ran out (a
         # transaction holding the gate for long), so the next would likely run out too.
         self._quiet_wait_after = 0.0
+        self._waits: TaskGroup | None = None  # where the waits run
+        self._waiting = False  # a wait for quiet commits is in flight
+        self._wait_again = False  # a re-arm found the gate held meanwhile
+        # Monotonic time of the last re-arm, and when the next may be (rearm_interval).
+        self._rearmed_at = -math.inf
+        self._rearm_due: float | None = None
         # The last claim left rows behind for their tenants' cap.
         self.capped = False
         # Outcomes written so far: a claim that comes back capped after one was written
@@ -248,25 +259,29 @@ class QueueLoop:
             self._wake.set()
 
     async def run(self) -> None:
-        while not self.w.stopping:
-            await self._sleep()
-            if self.w.stopping:
-                break
-            polling = self._poll_due
-            self._poll_due = False
-            if polling or self._controls_stale:
-                # The due time and the controls, in one round trip.
-                self._controls_stale = False
-                await self._refresh_due()
-            if not self.paused:
-                await self._fill()
+        async with anyio.create_task_group() as waits:
+            self._waits = waits
+            self._waiting = False
+            while not self.w.stopping:
+                await self._sleep()
+                if self.w.stopping:
+                    break
+                polling = self._poll_due
+                self._poll_due = False
+                if polling or self._controls_stale:
+                    # The due time and the controls, in one round trip.
+                    self._controls_stale = False
+                    await self._refresh_due()
+                if not self.paused:
+                    await self._fill()
+            waits.cancel_scope.cancel()
 
     async def _sleep(self) -> None:
         now = self.w.clock.monotonic()
         jitter = 0.5 + self.w.rnd.random()  # poll at 0.5x to 1.5x the interval
         poll_at = now + self.w.config.poll_interval * jitter
         deadline = poll_at
-        for t in (self._due, self._trailing, self._late_trailing):
+        for t in (self._due, self._trailing, self._late_trailing, self._rearm_due):
             if t is not None:
                 deadline = min(deadline, t)
         if not self._wake.is_set():
@@ -280,29 +295,58 @@ class QueueLoop:
             self._trailing = None
         if self._late_trailing is not None and self._late_trailing <= now:
             self._late_trailing = None
+        if self._rearm_due is not None and self._rearm_due <= now:
+            self._rearm_due = None
         if now >= poll_at:
             self._poll_due = True
 
     async def _fill(self) -> None:
         rearm = self._rearm and self.claimable > 0
         if rearm:
-            self._rearm = False
+            now = self.w.clock.monotonic()
+            next_rearm = self._rearmed_at + self.w.config.rearm_interval
+            if now < next_rearm:
+                # Re-armed within the interval: this claim goes without (commits after
+                # it may stay quiet), and one claim re-arms at the interval's end.
+                rearm = False
+                self._rearm_due = next_rearm
+            else:
+                self._rearm = False
+                self._rearmed_at = now
         gate_free = await self._claim_while_room(rearm=rearm)
         if not gate_free and self.claimable > 0 and not self.w.stopping:
-            await self._await_quiet_commits()
+            self._await_quiet_commits()
 
-    async def _await_quiet_commits(self) -> None:
+    def _await_quiet_commits(self) -> None:
         """The re-arm found producers that stayed quiet still committing: their jobs may
         have been invisible to the claim just made, and no NOTIFY will tell of them.
-        Wait until their commits are visible (or `quiet_commit_wait` ran out), then
-        claim again, rather than leave them to the trailing fetch 11 ms later."""
-        now = self.w.clock.monotonic()
-        if now < self._quiet_wait_after:
+        Wait, beside the loop, until their commits are visible (or `quiet_commit_wait`
+        ran out), then claim again, rather than leave them to the trailing fetch 11 ms
+        later.  One wait at a time: a re-arm that finds the gate held while one is in
+        flight has another follow it (a producer that stayed quiet after that wait's
+        lock request notifies instead, but the wait, once granted, holds the gate too)."""
+        if self._waiting:
+            self._wait_again = True
             return
-        if await self.w.await_quiet_wakes(self.queue):
-            await self._claim_while_room()
+        if self._waits is None or self.w.clock.monotonic() < self._quiet_wait_after:
+            return
+        self._waiting = True
+        if self.w.hook is not None:
+            self.w.hook("quiet_wait_started", {"queue": self.queue})
+        self._waits.start_soon(self._quiet_wait)
+
+    async def _quiet_wait(self) -> None:
+        try:
+            done = await self.w.await_quiet_wakes(self.queue)
+        finally:
+            self._waiting = False
+        if done:
+            self._wake.set()  # claim again: those commits are visible now
         else:
-            self._quiet_wait_after = now + _QUIET_WAIT_BACKOFF
+            self._quiet_wait_after = self.w.clock.monotonic() + _QUIET_WAIT_BACKOFF
+        if self._wait_again:
+            self._wait_again = False
+            self._await_quiet_commits()
 
     async def _claim_while_room(self, *, rearm: bool = False) -> bool:
         """Claim while there is room and rows may remain; `rearm`: the first claim is a
@@ -558,7 +602,7 @@ class Worker:
         jobs are visible to the next claim)."""
         wait_ms = max(1, round(self.config.quiet_commit_wait * 1000))
         try:
-            async with self.claim_pool.acquire() as conn:
+            async with self.worker_pool.acquire() as conn:
                 done = bool(await conn.fetchval(Q["await_quiet_wakes"], queue, wait_ms))
         except Exception as exc:
             self.log.debug("await_quiet_wakes_failed", queue=queue, error=safe_text(str(exc)))
