@@ -271,15 +271,19 @@ async def running_worker(
     poll_interval: float = 1.0,
     worker_cls: type[Worker] = Worker,
     trailing_fetch: float | None = None,
+    rearm_interval: float | None = None,
 ) -> AsyncIterator[Worker]:
     """A Worker on queue 'default' plus the Listener wired to it exactly as
     `tenantry.app.build` does (NOTIFY hints to worker.notify, resync on connect, its own
     claim pool).  `worker_cls` lets a benchmark swap in a subclass; `trailing_fetch`
-    (seconds) replaces the worker's first trailing fetch's delay, an experiment's knob."""
+    (seconds) replaces the worker's first trailing fetch's delay, an experiment's knob, and
+    `rearm_interval` (seconds) its WorkerConfig.rearm_interval."""
     claim_pool = await db.create_claim_pool(dsn)
     config = WorkerConfig(queues={"default": concurrency}, poll_interval=poll_interval)
     if trailing_fetch is not None:
         config = dataclasses.replace(config, trailing_fetch=trailing_fetch)
+    if rearm_interval is not None:
+        config = dataclasses.replace(config, rearm_interval=rearm_interval)
     worker = worker_cls(
         pool,
         registry,
