@@ -224,6 +224,7 @@ class OutcomeCounter:
         self.claims = 0
         self.claimed = 0
         self.rearms = 0  # claims a NOTIFY prompted, each re-arming the wake-up throttle
+        self.claims_run = 0  # every claim, those that found nothing too
         self._target: int | None = None
         self._reached = anyio.Event()
 
@@ -237,6 +238,8 @@ class OutcomeCounter:
             self.claimed += data["count"]
         elif name == "rearmed":
             self.rearms += 1
+        elif name == "claim_ran":
+            self.claims_run += 1
 
     async def wait_flushed(self, n: int, within: float) -> bool:
         """True when n outcomes were flushed within `within` seconds."""
