@@ -479,6 +479,7 @@ def where_the_time_goes(rec: Recorder, keys: Sequence[int]) -> Result:
         "after_a_quiet_wait": 0,
         "by_another_claim": 0,
     }
+    late_jobs: list[list[object]] = []
     rearm_at = sorted(at for at, _ in rec.rearms)
     wait_at = sorted(at for at, _ in rec.quiet_waits)
     for k in keys:
@@ -502,11 +503,18 @@ def where_the_time_goes(rec: Recorder, keys: Sequence[int]) -> Result:
             q = bisect.bisect_right(wait_at, began) - 1
             prev_end = ends[j - 1] if j > 0 else -1.0
             if r < len(rearm_at) and rearm_at[r] - end < 0.0002:
-                late["by_a_notifys_claim"] += 1
+                kind = "by_a_notifys_claim"
             elif q >= 0 and wait_at[q] >= prev_end:
-                late["after_a_quiet_wait"] += 1
+                kind = "after_a_quiet_wait"
             else:
-                late["by_another_claim"] += 1
+                kind = "by_another_claim"
+            late[kind] += 1
+            # Each late job: ms from its commit to its claim's start, the claim's own ms,
+            # and whether a claim began between its commit and that one (it missed it).
+            missed = any(t1 < b < began for b, _, _ in rec.claim_spans)
+            late_jobs.append(
+                [round((began - t1) * 1e3, 2), round((end - began) * 1e3, 2), kind, missed]
+            )
     return {
         "commit_to_claim_start_ms": common.latency_summary_ms(wait),
         "claim_ms": common.latency_summary_ms(claim),
@@ -514,6 +522,7 @@ def where_the_time_goes(rec: Recorder, keys: Sequence[int]) -> Result:
         # What the probe would show if every job's own commit woke the claim at once.
         "claimed_at_once_commit_to_start_ms": common.latency_summary_ms(at_once),
         "late": late,
+        "late_jobs": late_jobs,
     }
 
 
