@@ -6,9 +6,12 @@ has room for.  The claim protocol (which rows, in what order, fair among tenants
 whether any runnable row is left) belongs to `tenantry.claim_jobs` in functions.sql:
 the loop passes how many rows it can take and the cursor the last claim gave it, and
 claims again only while the function says rows may remain, and, when rows wait only
-for their tenants' cap, again as its jobs' outcomes are written.  NOTIFY is only a
-hint: after each wake the loop fetches again twice (the trailing fetches), and the poll
-catches whatever a throttled or lost notification swallowed.
+for their tenants' cap, again as its jobs' outcomes are written.  The claim a NOTIFY
+prompted re-arms the queue's wake-up throttle (the next commit notifies), and when it
+finds a producer that stayed quiet still committing, the loop waits for that commit
+beside its claims and claims again (the throttle's gate, tenantry.wake_at_commit).
+NOTIFY is only a hint: after each wake the loop fetches again twice (the trailing
+fetches), and the poll catches whatever a throttled or lost notification swallowed.
 """
 
 from __future__ import annotations
@@ -72,8 +75,11 @@ class WorkerConfig:
     # IMMEDIATE and is still open: the trailing fetches are left to that one.
     quiet_commit_wait: float = 0.050
     # Re-arm the wake-up throttle at most once per this many seconds per queue: a
-    # NOTIFY's claim within it goes without, and one claim re-arms at its end.  0: every
-    # NOTIFY's claim re-arms (each commit after a claim then notifies).
+    # NOTIFY's claim within it goes without (a commit after it may stay quiet for the
+    # throttle's 5 ms window, found by the next NOTIFY or the trailing fetch).  0: every
+    # NOTIFY's claim re-arms (each commit after a claim then notifies).  Measured with
+    # 5 ms (bench.sustained, 500 and 1,000 jobs/s from pgbench): no fewer NOTIFYs (the
+    # README's latency-under-load notes), so it stays off.
     rearm_interval: float = 0.0
     # Rows a queue claims ahead of its free slots, as a fraction of its concurrency.
     # While a batch runs, the next one is already being claimed, so the database's
@@ -176,9 +182,8 @@ class QueueLoop:
         self._waits: TaskGroup | None = None  # where the waits run
         self._waiting = False  # a wait for quiet commits is in flight
         self._wait_again = False  # a re-arm found the gate held meanwhile
-        # Monotonic time of the last re-arm, and when the next may be (rearm_interval).
+        # Monotonic time of the last re-arm (rearm_interval).
         self._rearmed_at = -math.inf
-        self._rearm_due: float | None = None
         # The last claim left rows behind for their tenants' cap.
         self.capped = False
         # Outcomes written so far: a claim that comes back capped after one was written
@@ -281,7 +286,7 @@ class QueueLoop:
         jitter = 0.5 + self.w.rnd.random()  # poll at 0.5x to 1.5x the interval
         poll_at = now + self.w.config.poll_interval * jitter
         deadline = poll_at
-        for t in (self._due, self._trailing, self._late_trailing, self._rearm_due):
+        for t in (self._due, self._trailing, self._late_trailing):
             if t is not None:
                 deadline = min(deadline, t)
         if not self._wake.is_set():
@@ -295,23 +300,17 @@ class QueueLoop:
             self._trailing = None
         if self._late_trailing is not None and self._late_trailing <= now:
             self._late_trailing = None
-        if self._rearm_due is not None and self._rearm_due <= now:
-            self._rearm_due = None
         if now >= poll_at:
             self._poll_due = True
 
     async def _fill(self) -> None:
         rearm = self._rearm and self.claimable > 0
         if rearm:
+            self._rearm = False
             now = self.w.clock.monotonic()
-            next_rearm = self._rearmed_at + self.w.config.rearm_interval
-            if now < next_rearm:
-                # Re-armed within the interval: this claim goes without (commits after
-                # it may stay quiet), and one claim re-arms at the interval's end.
-                rearm = False
-                self._rearm_due = next_rearm
+            if now < self._rearmed_at + self.w.config.rearm_interval:
+                rearm = False  # re-armed within the interval: this claim goes without
             else:
-                self._rearm = False
                 self._rearmed_at = now
         gate_free = await self._claim_while_room(rearm=rearm)
         if not gate_free and self.claimable > 0 and not self.w.stopping:
