@@ -168,3 +168,25 @@ async def test_a_producer_holding_the_gate_open_costs_the_claims_one_bounded_wai
                 await rec.wait_for(partial(_claims_at_least, rec, claims + n))
             assert len(rec.named("quiet_wait_started")) == 1
         # Committed now, but quietly: for the wake-ups and the poll to find.
+
+
+async def test_with_a_rearm_interval_only_the_first_notifys_claim_within_it_rearms(
+    pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> None:
+    """WorkerConfig.rearm_interval: a NOTIFY's claim within the interval after a re-arm
+    goes without one (the throttle then holds commits quiet for its window)."""
+    async with running_worker(
+        pool, worker_pool, _registry(), queues={"q": 2}, poll_interval=3600,
+        trailing_fetch=3600, late_trailing_fetch=3600, rearm_interval=3600,
+    ) as (w, rec):  # fmt: skip
+        await rec.wait_for(lambda: len(rec.named("claim_ran")) > 0)
+        claims = len(rec.named("claim_ran"))
+        w.notify("q")
+        await rec.wait_for(partial(_claims_at_least, rec, claims + 1))
+        await pending_wake_up(worker_pool, "q")  # as a producer's NOTIFY leaves it
+        w.notify("q")
+        await rec.wait_for(partial(_claims_at_least, rec, claims + 2))
+        assert len(rec.named("rearmed")) == 1
+        assert await worker_pool.fetchval(
+            "SELECT last_at > now() FROM tenantry.notify_throttle WHERE key = 'tenantry_jobs:q'"
+        ), "the second claim re-armed the throttle"
