@@ -77,9 +77,11 @@ class WorkerConfig:
     # Re-arm the wake-up throttle at most once per this many seconds per queue: a
     # NOTIFY's claim within it goes without (a commit after it may stay quiet for the
     # throttle's 5 ms window, found by the next NOTIFY or the trailing fetch).  0: every
-    # NOTIFY's claim re-arms (each commit after a claim then notifies).  Measured with
-    # 5 ms (bench.sustained, 500 and 1,000 jobs/s from pgbench): no fewer NOTIFYs (the
-    # README's latency-under-load notes), so it stays off.
+    # NOTIFY's claim re-arms (each commit after a claim then notifies).  With 5 ms
+    # (bench.sustained, 500 and 1,000 jobs/s from pgbench): two thirds of the NOTIFYs,
+    # 55-65% of the claims and 70% of the worker's CPU, but commits after an
+    # un-armed claim wait up to the window (bench.latency --background-rate 1000: p90
+    # 3.4-4.4 ms against 2.1): off, as the wake-up latency is this setting's goal.
     rearm_interval: float = 0.0
     # Rows a queue claims ahead of its free slots, as a fraction of its concurrency.
     # While a batch runs, the next one is already being claimed, so the database's
