@@ -874,6 +874,23 @@ def _probe_lines(r: Result) -> list[str]:
         lines.append(_line("claim -> start", w["claim_to_start_ms"]))
         once = w["claimed_at_once_commit_to_start_ms"]
         lines.append(_line(f"claimed at once ({once.get('n', 0)}), commit -> start", once))
+        late = w["late"]
+        slow = sum(1 for j in w.get("late_jobs", []) if j[0] <= 2 and j[1] > 2)
+        began_late = sum(1 for j in w.get("late_jobs", []) if j[0] > 2)
+        lines.append(
+            f"  over 2 ms: {late['over_2ms']} (claim began over 2 ms after the commit:"
+            f" {began_late}; began in time, took over 2 ms: {slow}; returned by a NOTIFY's"
+            f" claim {late['by_a_notifys_claim']}, after a wait for quiet commits"
+            f" {late['after_a_quiet_wait']}, another {late['by_another_claim']})"
+        )
+    cost = r.get("background", {}).get("cost")
+    if cost:
+        lines.append(
+            f"  wake-ups: {cost['notifications_per_s']:g} notifications/s,"
+            f" {cost['claims_per_s']:g} claims/s ({cost['rearming_claims_per_s']:g} re-arming,"
+            f" the gate held at {cost['gate_held_per_s']:g}/s, {cost['quiet_waits_per_s']:g}"
+            f" waits/s), process CPU {cost['process_cpu_s_per_s']:g} s/s"
+        )
     return lines
 
 
