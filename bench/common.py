@@ -37,7 +37,7 @@ from tenantry import logging as log
 from tenantry.app import JOBS_CHANNEL
 from tenantry.embedded import EmbeddedPostgres
 from tenantry.jobs.registry import Registry
-from tenantry.jobs.worker import JobObserver, Worker, WorkerConfig
+from tenantry.jobs.worker import Claimed, JobObserver, Worker, WorkerConfig
 from tenantry.listener import Listener
 from tenantry.metrics import DatabaseGauges, Metrics
 
@@ -224,6 +224,7 @@ class OutcomeCounter:
         self.claims = 0
         self.claimed = 0
         self.rearms = 0  # claims a NOTIFY prompted, each re-arming the wake-up throttle
+        self.claims_run = 0  # every claim, those that found nothing too
         self._target: int | None = None
         self._reached = anyio.Event()
 
@@ -237,6 +238,8 @@ class OutcomeCounter:
             self.claimed += data["count"]
         elif name == "rearmed":
             self.rearms += 1
+        elif name == "claim_ran":
+            self.claims_run += 1
 
     async def wait_flushed(self, n: int, within: float) -> bool:
         """True when n outcomes were flushed within `within` seconds."""
@@ -253,8 +256,10 @@ class NoRearmWorker(Worker):
     """A Worker that never re-arms its queues' wake-up throttle before a claim (as the
     worker was before issue 14): to measure what the re-arm costs producers."""
 
-    async def rearm_wake(self, queue: str) -> None:
-        return None
+    async def claim_rearming(
+        self, queue: str, limit: int, cursor: uuid.UUID | None
+    ) -> Claimed | None:
+        return await self.claim(queue, limit, cursor)
 
 
 @asynccontextmanager
@@ -269,15 +274,19 @@ async def running_worker(
     poll_interval: float = 1.0,
     worker_cls: type[Worker] = Worker,
     trailing_fetch: float | None = None,
+    rearm_interval: float | None = None,
 ) -> AsyncIterator[Worker]:
     """A Worker on queue 'default' plus the Listener wired to it exactly as
     `tenantry.app.build` does (NOTIFY hints to worker.notify, resync on connect, its own
     claim pool).  `worker_cls` lets a benchmark swap in a subclass; `trailing_fetch`
-    (seconds) replaces the worker's first trailing fetch's delay, an experiment's knob."""
+    (seconds) replaces the worker's first trailing fetch's delay, an experiment's knob, and
+    `rearm_interval` (seconds) its WorkerConfig.rearm_interval."""
     claim_pool = await db.create_claim_pool(dsn)
     config = WorkerConfig(queues={"default": concurrency}, poll_interval=poll_interval)
     if trailing_fetch is not None:
         config = dataclasses.replace(config, trailing_fetch=trailing_fetch)
+    if rearm_interval is not None:
+        config = dataclasses.replace(config, rearm_interval=rearm_interval)
     worker = worker_cls(
         pool,
         registry,

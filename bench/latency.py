@@ -156,6 +156,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " those committing at the same moment)",
     )
     parser.add_argument(
+        "--rearm-interval-ms",
+        type=float,
+        default=None,
+        help="the worker re-arms the wake-up throttle at most once per this many ms"
+        " (WorkerConfig.rearm_interval; default: the worker's own)",
+    )
+    parser.add_argument(
         "--no-rearm",
         action="store_true",
         help="a worker that does not re-arm the wake-up throttle before a claim a NOTIFY"
@@ -196,6 +203,10 @@ class Recorder:
         self.claims: list[float] = []  # Tenantry's 'claimed' hook (a claim returned rows)
         # Tenantry's 'claim_ran' hook: every claim, (began, returned, rows).
         self.claim_spans: list[tuple[float, float, int]] = []
+        # Tenantry's 'rearmed' hook (right after its claim's 'claim_ran'): (at, gate_free).
+        self.rearms: list[tuple[float, bool]] = []
+        # Tenantry's 'quiet_commits_awaited' hook: (at, done).
+        self.quiet_waits: list[tuple[float, bool]] = []
         self.timed: list[int] = []  # the timed samples' keys, in send order
         self._changed = anyio.Event()
 
@@ -359,10 +370,19 @@ async def drive_under(
         return await drive(
             send, rec, samples=samples, warmup=warmup, interval=interval, settle=settle
         )
+    cpu = [0.0, 0.0]  # this process's CPU seconds at the first and the last timed send
+
+    async def send_timed(seq: int) -> int:
+        if seq == warmup + 1:
+            cpu[0] = time.process_time()
+        elif seq == warmup + samples:
+            cpu[1] = time.process_time()
+        return await send(seq)
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(background.run)
         result = await drive(
-            send, rec, samples=samples, warmup=warmup, interval=interval, settle=settle
+            send_timed, rec, samples=samples, warmup=warmup, interval=interval, settle=settle
         )
         tg.cancel_scope.cancel()
     timed = [k for k in rec.timed if k in rec.started]
@@ -370,8 +390,33 @@ async def drive_under(
         since = min(rec.sent[k][0] for k in timed)
         until = max(rec.started[k] for k in timed)
         result["background"] = background.achieved(since, until)
+        result["background"]["cost"] = wake_up_cost(rec, since, until, cpu[1] - cpu[0])
     if rec.claim_spans:
         result["where"] = where_the_time_goes(rec, timed)
+    return result
+
+
+def wake_up_cost(rec: Recorder, since: float, until: float, cpu_s: float) -> Result:
+    """What the wake-ups cost over [since, until] (the timed samples): insert
+    notifications reaching the observer, claims (Tenantry: every claim, empty ones too;
+    those a NOTIFY prompted re-arm the throttle; waits for quiet commits), each per
+    second; and this process's CPU per second between the first and the last timed send
+    (the worker's and, the same on both sides of a comparison, the producers' and the
+    probe's)."""
+    span = max(until - since, 1e-9)
+
+    def rate(times: Collection[float]) -> float:
+        return round(sum(1 for t in times if since <= t <= until) / span, 1)
+
+    result: Result = {
+        "notifications_per_s": rate(rec.notified),
+        "claims_per_s": rate([began for began, _, _ in rec.claim_spans]),
+        "rearming_claims_per_s": rate([at for at, _ in rec.rearms]),
+        "gate_held_per_s": rate([at for at, free in rec.rearms if not free]),
+        "quiet_waits_per_s": rate([at for at, _ in rec.quiet_waits]),
+        "quiet_waits_run_out": sum(1 for at, done in rec.quiet_waits if not done),
+        "process_cpu_s_per_s": round(cpu_s / span, 3),
+    }
     return result
 
 
@@ -424,7 +469,19 @@ def where_the_time_goes(rec: Recorder, keys: Sequence[int]) -> Result:
     claim: list[float] = []
     to_start: list[float] = []
     at_once: list[float] = []  # commit -> start of jobs whose claim began within 0.5 ms
-    late = {"over_2ms": 0, "no_notification_before_its_claim": 0}
+    late = {
+        "over_2ms": 0,
+        "no_notification_before_its_claim": 0,
+        # Which claim returned the late job: the one a NOTIFY prompted (it re-arms the
+        # throttle), the one after a wait for quiet commits, or another (a trailing
+        # fetch, a follow-up claim while rows remain, a poll).
+        "by_a_notifys_claim": 0,
+        "after_a_quiet_wait": 0,
+        "by_another_claim": 0,
+    }
+    late_jobs: list[list[object]] = []
+    rearm_at = sorted(at for at, _ in rec.rearms)
+    wait_at = sorted(at for at, _ in rec.quiet_waits)
     for k in keys:
         t0, t1 = rec.sent[k]
         start = rec.started[k]
@@ -442,6 +499,22 @@ def where_the_time_goes(rec: Recorder, keys: Sequence[int]) -> Result:
             i = bisect.bisect_left(arrivals, t0)
             if i >= len(arrivals) or arrivals[i] > began:
                 late["no_notification_before_its_claim"] += 1
+            r = bisect.bisect_left(rearm_at, end)
+            q = bisect.bisect_right(wait_at, began) - 1
+            prev_end = ends[j - 1] if j > 0 else -1.0
+            if r < len(rearm_at) and rearm_at[r] - end < 0.0002:
+                kind = "by_a_notifys_claim"
+            elif q >= 0 and wait_at[q] >= prev_end:
+                kind = "after_a_quiet_wait"
+            else:
+                kind = "by_another_claim"
+            late[kind] += 1
+            # Each late job: ms from its commit to its claim's start, the claim's own ms,
+            # and whether a claim began between its commit and that one (it missed it).
+            missed = any(t1 < b < began for b, _, _ in rec.claim_spans)
+            late_jobs.append(
+                [round((began - t1) * 1e3, 2), round((end - began) * 1e3, 2), kind, missed]
+            )
     return {
         "commit_to_claim_start_ms": common.latency_summary_ms(wait),
         "claim_ms": common.latency_summary_ms(claim),
@@ -449,6 +522,7 @@ def where_the_time_goes(rec: Recorder, keys: Sequence[int]) -> Result:
         # What the probe would show if every job's own commit woke the claim at once.
         "claimed_at_once_commit_to_start_ms": common.latency_summary_ms(at_once),
         "late": late,
+        "late_jobs": late_jobs,
     }
 
 
@@ -472,6 +546,10 @@ async def tenantry_probe(
         elif name == "claim_ran":
             now = time.perf_counter()
             rec.claim_spans.append((now - float(data["seconds"]), now, int(data["count"])))
+        elif name == "rearmed":
+            rec.rearms.append((time.perf_counter(), bool(data.get("gate_free", True))))
+        elif name == "quiet_commits_awaited":
+            rec.quiet_waits.append((time.perf_counter(), bool(data["done"])))
 
     registry = Registry()
     registry.add("noop", handler)
@@ -528,6 +606,9 @@ async def tenantry_probe(
                     trailing_fetch=(
                         None if args.trailing_fetch_ms is None else args.trailing_fetch_ms / 1000.0
                     ),
+                    rearm_interval=(
+                        None if args.rearm_interval_ms is None else args.rearm_interval_ms / 1000.0
+                    ),
                 ),
             ):
                 result = await drive_under(
@@ -554,6 +635,7 @@ async def tenantry_probe(
             "throttle_window_ms": args.throttle_window_ms,
             "rearm_on_claim": args.rearm_on_claim or None,
             "no_rearm": args.no_rearm or None,
+            "rearm_interval_ms": args.rearm_interval_ms,
         },
         **result,
     }
@@ -792,6 +874,23 @@ def _probe_lines(r: Result) -> list[str]:
         lines.append(_line("claim -> start", w["claim_to_start_ms"]))
         once = w["claimed_at_once_commit_to_start_ms"]
         lines.append(_line(f"claimed at once ({once.get('n', 0)}), commit -> start", once))
+        late = w["late"]
+        slow = sum(1 for j in w.get("late_jobs", []) if j[0] <= 2 and j[1] > 2)
+        began_late = sum(1 for j in w.get("late_jobs", []) if j[0] > 2)
+        lines.append(
+            f"  over 2 ms: {late['over_2ms']} (claim began over 2 ms after the commit:"
+            f" {began_late}; began in time, took over 2 ms: {slow}; returned by a NOTIFY's"
+            f" claim {late['by_a_notifys_claim']}, after a wait for quiet commits"
+            f" {late['after_a_quiet_wait']}, another {late['by_another_claim']})"
+        )
+    cost = r.get("background", {}).get("cost")
+    if cost:
+        lines.append(
+            f"  wake-ups: {cost['notifications_per_s']:g} notifications/s,"
+            f" {cost['claims_per_s']:g} claims/s ({cost['rearming_claims_per_s']:g} re-arming,"
+            f" the gate held at {cost['gate_held_per_s']:g}/s, {cost['quiet_waits_per_s']:g}"
+            f" waits/s), process CPU {cost['process_cpu_s_per_s']:g} s/s"
+        )
     return lines
 
 

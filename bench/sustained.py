@@ -49,6 +49,7 @@ import anyio
 import asyncpg
 
 from tenantry import db
+from tenantry.app import JOBS_CHANNEL
 from tenantry.jobs.model import Job
 from tenantry.jobs.registry import Registry
 from tenantry.jobs.worker import Worker
@@ -101,6 +102,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a worker that does not re-arm the wake-up throttle before a claim a NOTIFY"
         " prompted (common.NoRearmWorker): what the re-arm costs the producers",
+    )
+    parser.add_argument(
+        "--rearm-interval-ms",
+        type=float,
+        default=None,
+        help="the worker re-arms the wake-up throttle at most once per this many ms"
+        " (WorkerConfig.rearm_interval; default: the worker's own)",
     )
     parser.add_argument(
         "--drain-timeout",
@@ -173,6 +181,11 @@ async def sustained_round(url: str, args: argparse.Namespace, rate: float | None
     seconds = common.pick(args.seconds, quick=args.quick, quick_value=10.0, full_value=30.0)
     pool = await db.create_pool(url, min_size=args.pool_size, max_size=args.pool_size)
     sampler_conn = await db.connect(url)
+    # The insert notifications of the round (the cost of the wake-ups, beside the
+    # worker's claims and this process's CPU).
+    listen_conn = await db.connect(url)
+    heard: list[float] = []
+    await listen_conn.add_listener(JOBS_CHANNEL, lambda *_: heard.append(time.monotonic()))
     try:
         async with pool.acquire() as conn:
             await common.reset_tables(conn)
@@ -188,6 +201,9 @@ async def sustained_round(url: str, args: argparse.Namespace, rate: float | None
                 concurrency=args.concurrency,
                 hook=counter,
                 worker_cls=common.NoRearmWorker if args.no_rearm else Worker,
+                rearm_interval=(
+                    None if args.rearm_interval_ms is None else args.rearm_interval_ms / 1000.0
+                ),
             ),
             anyio.create_task_group() as tg,
         ):
@@ -198,6 +214,8 @@ async def sustained_round(url: str, args: argparse.Namespace, rate: float | None
             sampler = Sampler(sampler_conn, origin)
             tg.start_soon(sampler.run)
             flushed_start = counter.flushed
+            claims_start, rearms_start = counter.claims_run, counter.rearms
+            cpu_start = time.process_time()
             pg = await common.run_pgbench(
                 url,
                 [(script(args.tenants), 1)],
@@ -208,6 +226,9 @@ async def sustained_round(url: str, args: argparse.Namespace, rate: float | None
             )
             window = time.monotonic() - origin
             flushed_end = counter.flushed
+            cpu_s = time.process_time() - cpu_start
+            claims_run = counter.claims_run - claims_start
+            rearms = counter.rearms - rearms_start
             async with pool.acquire() as conn:
                 depth_end, running_end = await common.queue_depth(conn)
             # Every committed insert is one outcome to write: wait for them all.
@@ -222,6 +243,7 @@ async def sustained_round(url: str, args: argparse.Namespace, rate: float | None
             )
     finally:
         await sampler_conn.close()
+        await listen_conn.close()
         await pool.close()
 
     in_rate = pg.transactions / window
@@ -264,6 +286,16 @@ async def sustained_round(url: str, args: argparse.Namespace, rate: float | None
         "claims": counter.claims,
         "avg_claim_batch": round(counter.claimed / max(counter.claims, 1), 1),
         "rearms": counter.rearms,
+        # Over the pgbench window: the wake-ups' cost.
+        "cost": {
+            "notifications_per_s": round(
+                sum(1 for t in heard if origin <= t <= origin + window) / window, 1
+            ),
+            "claims_per_s": round(claims_run / window, 1),
+            "rearming_claims_per_s": round(rearms / window, 1),
+            "claims_per_job": round(claims_run / max(flushed_end - flushed_start, 1), 3),
+            "process_cpu_s_per_s": round(cpu_s / window, 3),
+        },
         "left_in_table": left,
         "counted_succeeded": succeeded,
         "samples": sampler.samples,
@@ -289,6 +321,7 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
     return {
         "tenants": args.tenants,
         "rearm": not args.no_rearm,
+        "rearm_interval_ms": args.rearm_interval_ms,
         "concurrency": args.concurrency,
         "pool_size": args.pool_size,
         "bounded_criterion": (

@@ -9,6 +9,7 @@ import asyncio
 import functools
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import anyio
 import asyncpg
@@ -349,10 +350,12 @@ async def test_an_outcome_written_during_a_capped_claim_wakes_the_loop(
         pool, worker_pool, reg, queues={"q": 2}, tenant_concurrency=1, poll_interval=60,
         trailing_fetch=60, late_trailing_fetch=60,
     ) as (w, rec):  # fmt: skip
-        claim = w.claim
 
         async def outcome_in_flight(
-            queue: str, limit: int, cursor: uuid.UUID | None
+            claim: Callable[[str, int, uuid.UUID | None], Awaitable[Claimed | None]],
+            queue: str,
+            limit: int,
+            cursor: uuid.UUID | None,
         ) -> Claimed | None:
             nonlocal interleaved
             got = await claim(queue, limit, cursor)
@@ -368,7 +371,9 @@ async def test_an_outcome_written_during_a_capped_claim_wakes_the_loop(
                 await rec.wait_for(lambda: len(rec.named("flushed")) > flushed)
             return got
 
-        w.claim = outcome_in_flight  # type: ignore[method-assign]
+        # Both claims: a NOTIFY's (re-arming the throttle) and the others.
+        w.claim = functools.partial(outcome_in_flight, w.claim)  # type: ignore[method-assign]
+        w.claim_rearming = functools.partial(outcome_in_flight, w.claim_rearming)  # type: ignore[method-assign]
         await rec.wait_for(lambda: len(started) == 1)
         # A claim that finds nothing waiting: the loop's last word is "not capped".
         claimed = anyio.Event()

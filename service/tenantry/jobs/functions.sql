@@ -110,6 +110,27 @@ $trigger$);
 -- (ensure_wake_keys), never by a producer, so no producer waits on another; a key
 -- without a row (a queue no worker has announced) notifies in every window.
 --
+-- The gate: a transaction that stays quiet holds a shared advisory lock (class 0x7E4C,
+-- the key's hash) from before the read it decided on until its commit has become
+-- visible (transaction locks are released after the commit is visible to new
+-- snapshots).  The decision comes at commit but the commit becomes visible later (the
+-- WAL flush: milliseconds on a busy disk), so a worker's re-arm (tenantry.rearm_wake)
+-- and the claim after it could run between the two: the claim's snapshot without the
+-- job, the job without a NOTIFY, found only by a trailing fetch 11 ms later (the p99
+-- of bench.latency --background-rate 1000).  The re-arm tries the lock exclusively:
+-- when a quiet transaction holds it, the worker claims, then waits for the lock
+-- (tenantry.await_quiet_wakes), which it gets once every such commit is visible, and
+-- claims again.  A transaction that meets the lock held exclusively (a re-arm or a
+-- wait at this moment) does not wait: it notifies.  So a commit never stays quiet
+-- unseen: it is either visible to a claim that a re-arm or a wait preceded, or it
+-- notifies.  Only the quiet paths take the lock (a notifying transaction holding it
+-- would make the worker wait for commits whose NOTIFY is on its way anyway), and after
+-- it the throttle row is read again: a re-arm that committed between the first read
+-- and the lock released its own lock before this one was granted, so its -infinity is
+-- visible to the second read.  Under REPEATABLE READ the row is read from the
+-- transaction's snapshot, which may predate a re-arm: such a commit can still stay
+-- quiet unseen, and waits for the trailing fetch.
+--
 -- Per row, but cheap: the WHEN clause is checked without a call; the common case is one
 -- read of the throttle row (a wake-up committed within the window, or this very
 -- transaction's own).  The keys this transaction has decided on are listed in one
@@ -132,8 +153,8 @@ $trigger$);
 -- pg_catalog.text): it runs inside the commit of whoever inserted, superusers and the
 -- SECURITY DEFINER functions' owner among them, and a schema ahead of pg_catalog on
 -- that session's search_path must not lend it an operator.  (integer, boolean and
--- interval are keywords, always pg_catalog's.)  The lock class 0x7E4B is ours
--- (migrations use 0x7E4A).
+-- interval are keywords, always pg_catalog's.)  The lock classes 0x7E4B (the window's
+-- try-lock) and 0x7E4C (the gate) are ours (migrations use 0x7E4A).
 CREATE OR REPLACE FUNCTION tenantry.wake_at_commit() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
@@ -158,7 +179,16 @@ BEGIN
      WHERE t.key OPERATOR(pg_catalog.=) k;
     has_row := FOUND;
     IF has_row AND last OPERATOR(pg_catalog.>) quiet_since THEN
-        RETURN NULL;
+        -- Quiet only behind the gate (see above), and only if the wake-up is still
+        -- pending once inside it: a re-arm that committed since the first read must be
+        -- seen, or its claim could have run without this commit.
+        IF pg_catalog.pg_try_advisory_xact_lock_shared(32332, pg_catalog.hashtext(k)) THEN
+            SELECT t.last_at INTO last FROM tenantry.notify_throttle t
+             WHERE t.key OPERATOR(pg_catalog.=) k;
+            IF last OPERATOR(pg_catalog.>) quiet_since THEN
+                RETURN NULL;
+            END IF;
+        END IF;
     END IF;
     -- The keys decided on, one per line, each with its backslashes and line breaks
     -- escaped (a queue's name may hold them); '' (not NULL) once a transaction has
@@ -179,7 +209,12 @@ BEGIN
                    pg_catalog.date_part('epoch', pg_catalog.clock_timestamp())
                    OPERATOR(pg_catalog.*) 200::double precision))
                    OPERATOR(pg_catalog.%) 2147483647::bigint)) THEN
-            RETURN NULL;
+            -- Another transaction is committing this window's wake-up: quiet, behind
+            -- the gate (its NOTIFY arrives after that commit, so the re-arm of the
+            -- claim it prompts comes after the gate was taken here, and sees it held).
+            IF pg_catalog.pg_try_advisory_xact_lock_shared(32332, pg_catalog.hashtext(k)) THEN
+                RETURN NULL;
+            END IF;
         END IF;
     END IF;
     IF has_row AND pg_catalog.current_setting('transaction_isolation')
@@ -223,11 +258,27 @@ $$;
 -- throttle's window (its commit may come after the claim's snapshot: then it is that
 -- claim's NOTIFY, not a trailing fetch 11 ms later, that finds it).  A row a producer
 -- holds is skipped: that producer is notifying right now.  No write when the row is
--- armed already.  Best effort, and the claim waits for it: a lock on the table (an
--- operator's VACUUM FULL or LOCK, an ALTER) is given up on after 10 ms instead of
--- holding the queue's claims for the worker's 5 s lock_timeout.
+-- armed already.  Returns false when a producer that stayed quiet is still committing
+-- (it holds the gate, see wake_at_commit): its job may be invisible to the claim that
+-- follows, and the worker waits for it (await_quiet_wakes) and claims again.  The gate
+-- is only tried: the claim never waits for a commit here.  Best effort, and the claim
+-- waits for it: a lock on the table (an operator's VACUUM FULL or LOCK, an ALTER) is
+-- given up on after 10 ms instead of holding the queue's claims for the worker's 5 s
+-- lock_timeout.
+-- Version 11 of this file made it return that boolean: the void one goes first.
+DO $$
+DECLARE
+    sig regprocedure := to_regprocedure('tenantry.rearm_wake(text)');
+BEGIN
+    IF sig IS NOT NULL AND (SELECT p.prorettype FROM pg_catalog.pg_proc p WHERE p.oid = sig)
+                           = 'void'::regtype THEN
+        EXECUTE format('DROP FUNCTION %s', sig);
+    END IF;
+END;
+$$;
+
 CREATE OR REPLACE FUNCTION tenantry.rearm_wake(queue text)
-RETURNS void
+RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '10ms'
 AS $$
@@ -237,6 +288,30 @@ UPDATE tenantry.notify_throttle t SET last_at = '-infinity'
          WHERE n.key = 'tenantry_jobs:' || queue AND n.last_at > '-infinity'
            FOR UPDATE SKIP LOCKED) armed
  WHERE t.key = armed.key;
+RETURN pg_try_advisory_xact_lock(32332, hashtext('tenantry_jobs:' || queue));
+END;
+$$;
+
+-- After a re-arm found the gate held: wait until every producer that stayed quiet
+-- behind it has committed (visible to the next claim's snapshot), up to `wait_ms`.
+-- Producers that arrive while this waits do not queue behind it: they notify (the
+-- gate's try fails against a waiting exclusive request).  False: the wait ran out (a
+-- transaction that set its constraints IMMEDIATE holds the gate until it ends), and
+-- the worker's trailing fetches are left to find its job.
+CREATE OR REPLACE FUNCTION tenantry.await_quiet_wakes(queue text, wait_ms integer)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '10ms'
+AS $$
+BEGIN
+    -- Restored when the function returns (its SET clause).
+    PERFORM set_config('lock_timeout', greatest(wait_ms, 1)::text, true);
+    BEGIN
+        PERFORM pg_advisory_xact_lock(32332, hashtext('tenantry_jobs:' || queue));
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN false;
+    END;
+    RETURN true;
 END;
 $$;
 
@@ -1492,7 +1567,8 @@ BEGIN
     FOR f IN SELECT p.oid::regprocedure AS sig, p.proname::text AS name
                FROM pg_catalog.pg_proc p
               WHERE p.pronamespace = 'tenantry'::regnamespace AND p.prosecdef
-                AND p.proname IN ('ensure_wake_keys', 'rearm_wake', 'claim_jobs', 'next_due_job',
+                AND p.proname IN ('ensure_wake_keys', 'rearm_wake', 'await_quiet_wakes',
+                                  'claim_jobs', 'next_due_job',
                                   'queue_controls_of', 'queue_controls_list',
                                   'set_queue_control', 'jobs_search', 'dead_jobs_page',
                                   'queue_throughput', 'periodic_runs_list',

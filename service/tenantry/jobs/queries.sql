@@ -35,10 +35,25 @@ SELECT n.due, n.db_now, c.paused, c.concurrency
 -- name: ensure_wake_keys
 SELECT tenantry.ensure_wake_keys($1::text[])
 
--- name: rearm_wake
--- The queue's wake-up throttle re-armed before a claim a NOTIFY prompted (see
--- tenantry.rearm_wake: it gives up on a table lock after 10 ms).
-SELECT tenantry.rearm_wake($1::text)
+-- name: claim_rearming
+-- The claim a NOTIFY prompted, re-arming the queue's wake-up throttle in the same
+-- transaction (tenantry.rearm_wake: it gives up on a table lock after 10 ms, and the
+-- worker then claims without it), one round trip instead of two.  The re-arm runs once,
+-- on the state row, after the claim's own statements: the order does not matter (see
+-- the gate in tenantry.wake_at_commit: a producer deciding before the re-arm's gate
+-- try is waited for, one deciding while the gate is held notifies, one deciding after
+-- this transaction sees the row re-armed).  gate_free: false when a producer that
+-- stayed quiet was still committing (the worker waits for it: await_quiet_wakes).
+SELECT tenant_id, id, queue, kind, payload, priority, attempts, max_attempts, created_at,
+       unknown_kind_since, cursor_after, more, capped,
+       CASE WHEN id IS NULL THEN tenantry.rearm_wake($1::text) END AS gate_free
+  FROM tenantry.claim_jobs($1::text, $2::integer, $3::text, $4::double precision, $5::uuid,
+                           $6::integer)
+
+-- name: await_quiet_wakes
+-- Until the producers that stayed quiet behind the throttle's gate have committed, up
+-- to $2 ms (false: the wait ran out).
+SELECT tenantry.await_quiet_wakes($1::text, $2::integer)
 
 -- name: record_outcomes
 SELECT tenantry.record_job_outcomes(

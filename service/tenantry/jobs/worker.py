@@ -6,9 +6,12 @@ has room for.  The claim protocol (which rows, in what order, fair among tenants
 whether any runnable row is left) belongs to `tenantry.claim_jobs` in functions.sql:
 the loop passes how many rows it can take and the cursor the last claim gave it, and
 claims again only while the function says rows may remain, and, when rows wait only
-for their tenants' cap, again as its jobs' outcomes are written.  NOTIFY is only a
-hint: after each wake the loop fetches again twice (the trailing fetches), and the poll
-catches whatever a throttled or lost notification swallowed.
+for their tenants' cap, again as its jobs' outcomes are written.  The claim a NOTIFY
+prompted re-arms the queue's wake-up throttle (the next commit notifies), and when it
+finds a producer that stayed quiet still committing, the loop waits for that commit
+beside its claims and claims again (the throttle's gate, tenantry.wake_at_commit).
+NOTIFY is only a hint: after each wake the loop fetches again twice (the trailing
+fetches), and the poll catches whatever a throttled or lost notification swallowed.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import anyio
 import asyncpg
 import orjson
 import structlog
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from .. import logging as log
 from ..clock import Clock, Random, SystemClock, system_random
@@ -43,6 +46,10 @@ from .registry import Policy, Registration, Registry
 
 Q = queries_for(__file__)
 _ERROR_TEXT_MAX = 4000
+# After a wait for quiet commits ran out, none for this long (seconds): a transaction
+# that holds the gate for long (constraints set IMMEDIATE, then left open) would
+# otherwise cost every NOTIFY's claim the whole wait.
+_QUIET_WAIT_BACKOFF = 1.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,22 @@ class WorkerConfig:
     # (an fsync, a synchronous replica, a slow deferred trigger of the producer's).
     trailing_fetch: float = 0.011
     late_trailing_fetch: float = 0.101
+    # After a re-arm found a producer that stayed quiet still committing (the gate of
+    # tenantry.wake_at_commit), wait this long at most for its commit to become visible,
+    # then claim again.  The wait runs beside the claim loop (on a connection of the
+    # worker pool).  A commit's visibility takes its WAL flush (5-20 ms at worst on a
+    # busy disk here); what takes longer is a transaction that set its constraints
+    # IMMEDIATE and is still open: the trailing fetches are left to that one.
+    quiet_commit_wait: float = 0.050
+    # Re-arm the wake-up throttle at most once per this many seconds per queue: a
+    # NOTIFY's claim within it goes without (a commit after it may stay quiet for the
+    # throttle's 5 ms window, found by the next NOTIFY or the trailing fetch).  0: every
+    # NOTIFY's claim re-arms (each commit after a claim then notifies).  With 5 ms
+    # (bench.sustained, 500 and 1,000 jobs/s from pgbench): two thirds of the NOTIFYs,
+    # 55-65% of the claims and 70% of the worker's CPU, but commits after an
+    # un-armed claim wait up to the window (bench.latency --background-rate 1000: p90
+    # 3.4-4.4 ms against 2.1): off, as the wake-up latency is this setting's goal.
+    rearm_interval: float = 0.0
     # Rows a queue claims ahead of its free slots, as a fraction of its concurrency.
     # While a batch runs, the next one is already being claimed, so the database's
     # work and ours overlap instead of taking turns (100,000-job drain: 15,400 to
@@ -102,6 +125,9 @@ class Claimed:
     # Runnable rows were left behind for their tenants' cap: claim again when this
     # queue's jobs finish.
     capped: bool = False
+    # A claim that re-armed the wake-up throttle found a producer that stayed quiet
+    # still committing: its job may be missing here (see Worker.claim_rearming).
+    gate_free: bool = True
 
 
 class _Running:
@@ -152,6 +178,14 @@ class QueueLoop:
         self._late_trailing: float | None = None
         # A NOTIFY woke the loop: re-arm the queue's wake-up throttle before claiming.
         self._rearm = False
+        # Monotonic time before which no wait for quiet commits is made: one ran out (a
+        # transaction holding the gate for long), so the next would likely run out too.
+        self._quiet_wait_after = 0.0
+        self._waits: TaskGroup | None = None  # where the waits run
+        self._waiting = False  # a wait for quiet commits is in flight
+        self._wait_again = False  # a re-arm found the gate held meanwhile
+        # Monotonic time of the last re-arm (rearm_interval).
+        self._rearmed_at = -math.inf
         # The last claim left rows behind for their tenants' cap.
         self.capped = False
         # Outcomes written so far: a claim that comes back capped after one was written
@@ -232,18 +266,22 @@ class QueueLoop:
             self._wake.set()
 
     async def run(self) -> None:
-        while not self.w.stopping:
-            await self._sleep()
-            if self.w.stopping:
-                break
-            polling = self._poll_due
-            self._poll_due = False
-            if polling or self._controls_stale:
-                # The due time and the controls, in one round trip.
-                self._controls_stale = False
-                await self._refresh_due()
-            if not self.paused:
-                await self._fill()
+        async with anyio.create_task_group() as waits:
+            self._waits = waits
+            self._waiting = False
+            while not self.w.stopping:
+                await self._sleep()
+                if self.w.stopping:
+                    break
+                polling = self._poll_due
+                self._poll_due = False
+                if polling or self._controls_stale:
+                    # The due time and the controls, in one round trip.
+                    self._controls_stale = False
+                    await self._refresh_due()
+                if not self.paused:
+                    await self._fill()
+            waits.cancel_scope.cancel()
 
     async def _sleep(self) -> None:
         now = self.w.clock.monotonic()
@@ -268,19 +306,68 @@ class QueueLoop:
             self._poll_due = True
 
     async def _fill(self) -> None:
-        if self._rearm and self.claimable > 0:
+        rearm = self._rearm and self.claimable > 0
+        if rearm:
             self._rearm = False
-            await self.w.rearm_wake(self.queue)
+            now = self.w.clock.monotonic()
+            if now < self._rearmed_at + self.w.config.rearm_interval:
+                rearm = False  # re-armed within the interval: this claim goes without
+            else:
+                self._rearmed_at = now
+        gate_free = await self._claim_while_room(rearm=rearm)
+        if not gate_free and self.claimable > 0 and not self.w.stopping:
+            self._await_quiet_commits()
+
+    def _await_quiet_commits(self) -> None:
+        """The re-arm found producers that stayed quiet still committing: their jobs may
+        have been invisible to the claim just made, and no NOTIFY will tell of them.
+        Wait, beside the loop, until their commits are visible (or `quiet_commit_wait`
+        ran out), then claim again, rather than leave them to the trailing fetch 11 ms
+        later.  One wait at a time: a re-arm that finds the gate held while one is in
+        flight has another follow it (a producer that stayed quiet after that wait's
+        lock request notifies instead, but the wait, once granted, holds the gate too)."""
+        if self._waiting:
+            self._wait_again = True
+            return
+        if self._waits is None or self.w.clock.monotonic() < self._quiet_wait_after:
+            return
+        self._waiting = True
+        if self.w.hook is not None:
+            self.w.hook("quiet_wait_started", {"queue": self.queue})
+        self._waits.start_soon(self._quiet_wait)
+
+    async def _quiet_wait(self) -> None:
+        try:
+            done = await self.w.await_quiet_wakes(self.queue)
+        finally:
+            self._waiting = False
+        if done:
+            self._wake.set()  # claim again: those commits are visible now
+        else:
+            self._quiet_wait_after = self.w.clock.monotonic() + _QUIET_WAIT_BACKOFF
+        if self._wait_again:
+            self._wait_again = False
+            self._await_quiet_commits()
+
+    async def _claim_while_room(self, *, rearm: bool = False) -> bool:
+        """Claim while there is room and rows may remain; `rearm`: the first claim is a
+        NOTIFY's (it re-arms the throttle).  False when that claim found the gate held."""
+        gate_free = True
         while self.claimable > 0 and not self.w.stopping:
             outcomes_before = self._outcomes_seen
-            got = await self.w.claim(self.queue, self.claimable, self.cursor)
+            if rearm:
+                rearm = False
+                got = await self.w.claim_rearming(self.queue, self.claimable, self.cursor)
+                gate_free = got is None or got.gate_free
+            else:
+                got = await self.w.claim(self.queue, self.claimable, self.cursor)
             if got is None:  # database unavailable: the poll will try again
-                return
+                return gate_free
             if self.w.stopping:
                 # Shutdown began while this claim was in flight: hand its rows back
                 # now rather than leave them leased until the lease runs out.
                 self.w.hand_back(got.rows)
-                return
+                return gate_free
             self.cursor = got.cursor
             self.capped = got.capped
             if got.capped and self._outcomes_seen != outcomes_before:
@@ -295,6 +382,7 @@ class QueueLoop:
                 self.wake(trailing=True)
                 break
         self._saturated = self.claimable <= 0
+        return gate_free
 
     async def _refresh_due(self) -> None:
         try:
@@ -509,53 +597,76 @@ class Worker:
 
     # --- claiming -----------------------------------------------------------------
 
-    async def rearm_wake(self, queue: str) -> None:
-        """Before the claim a NOTIFY prompted: a producer stays quiet within the
-        throttle's window only while a wake-up that no claim has acted on yet is
-        pending (tenantry.wake_at_commit reads the row this resets).  Without it, a job
-        committed within 5 ms after another's NOTIFY, and after the claim that NOTIFY
-        woke, waited for the next NOTIFY or the trailing fetch: from commit to start
-        p90 9 ms and p99 11-12 ms with 1,000 other jobs a second on the queue
-        (bench.latency --background-rate 1000), against p90 about 2 ms and p99 5-10 ms
-        with it (the rest of the tail: a producer that decided just before the re-arm
-        and became visible just after the claim's snapshot waits for the trailing
-        fetch).  Best effort: the claim that follows reports the database's state, and
-        the function gives up on a lock on the throttle table after 10 ms rather than
-        hold that claim (an operator's LOCK or VACUUM FULL held it for the claim pool's
-        5 s lock_timeout)."""
+    async def await_quiet_wakes(self, queue: str) -> bool:
+        """Wait until the producers that stayed quiet behind the gate when the re-arm
+        tried it have committed, up to `quiet_commit_wait`: True when they have (their
+        jobs are visible to the next claim)."""
+        wait_ms = max(1, round(self.config.quiet_commit_wait * 1000))
         try:
-            async with self.claim_pool.acquire() as conn:
-                await conn.execute(Q["rearm_wake"], queue)
+            async with self.worker_pool.acquire() as conn:
+                done = bool(await conn.fetchval(Q["await_quiet_wakes"], queue, wait_ms))
         except Exception as exc:
-            self.log.debug("rearm_wake_failed", queue=queue, error=safe_text(str(exc)))
-            return
+            self.log.debug("await_quiet_wakes_failed", queue=queue, error=safe_text(str(exc)))
+            return False
         if self.hook is not None:
-            self.hook("rearmed", {"queue": queue})
+            self.hook("quiet_commits_awaited", {"queue": queue, "done": done})
+        return done
 
     # The claim statement; a benchmark's subclass swaps in a fair-less one with the same
     # parameters and columns to measure what fairness costs.
     claim_statement: str = Q["claim"]
 
+    async def claim_rearming(
+        self, queue: str, limit: int, cursor: uuid.UUID | None
+    ) -> Claimed | None:
+        """The claim a NOTIFY prompted, re-arming the queue's wake-up throttle in its own
+        transaction: a producer stays quiet within the throttle's window only while a
+        wake-up that no claim has acted on yet is pending (tenantry.wake_at_commit reads
+        the row this resets).  Without the re-arm, a job committed within 5 ms after
+        another's NOTIFY, and after the claim that NOTIFY woke, waited for the next
+        NOTIFY or the trailing fetch: from commit to start p90 9 ms and p99 11-12 ms
+        with 1,000 other jobs a second on the queue (bench.latency --background-rate
+        1000).  `gate_free` false: a producer that decided to stay quiet before the
+        re-arm was still committing, and its job may be missing from this claim (the
+        loop waits for it and claims again).
+
+        The re-arm is best effort: when it fails (the function gives up on a lock on the
+        throttle table after 10 ms: an operator's LOCK or VACUUM FULL held it for the
+        claim pool's 5 s lock_timeout), the claim is made without it."""
+        try:
+            got = await self._claim(Q["claim_rearming"], queue, limit, cursor)
+        except Exception as exc:
+            self.log.debug("rearm_wake_failed", queue=queue, error=safe_text(str(exc)))
+            return await self.claim(queue, limit, cursor)
+        if self.hook is not None:
+            self.hook("rearmed", {"queue": queue, "gate_free": got.gate_free})
+        return got
+
     async def claim(self, queue: str, limit: int, cursor: uuid.UUID | None) -> Claimed | None:
         """Claim up to `limit` rows of `queue` (None: the database is unavailable)."""
-        began = self.clock.monotonic()
         try:
-            async with self.claim_pool.acquire() as conn:
-                rows: list[asyncpg.Record] = await conn.fetch(
-                    self.claim_statement,
-                    queue,
-                    limit,
-                    self.owner,
-                    self.config.lease_seconds,
-                    cursor,
-                    self.config.tenant_concurrency,
-                )
+            return await self._claim(self.claim_statement, queue, limit, cursor)
         except Exception as exc:
             # Whatever the connection raised (a terminated backend, a lock timeout, a
             # restart): report it and let the poll come back.
             self.log.warning("claim_failed", queue=queue, error=safe_text(str(exc)) or repr(exc))
             self.health.failing(f"claims:{queue}", str(exc) or repr(exc))
             return None
+
+    async def _claim(
+        self, statement: str, queue: str, limit: int, cursor: uuid.UUID | None
+    ) -> Claimed:
+        began = self.clock.monotonic()
+        async with self.claim_pool.acquire() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(
+                statement,
+                queue,
+                limit,
+                self.owner,
+                self.config.lease_seconds,
+                cursor,
+                self.config.tenant_concurrency,
+            )
         self.health.ok(f"claims:{queue}")
         # The last row is the claim's state: the cursor and whether rows may remain.
         state = rows.pop()
@@ -566,7 +677,15 @@ class Worker:
             self.hook("claim_ran", {"queue": queue, "count": len(rows), "seconds": took})
             if rows:
                 self.hook("claimed", {"queue": queue, "count": len(rows)})
-        return Claimed(rows, state["cursor_after"], bool(state["more"]), bool(state["capped"]))
+        # gate_free: only the re-arming claim's statement has the column (NULL: no).
+        gate_free = state.get("gate_free")
+        return Claimed(
+            rows,
+            state["cursor_after"],
+            bool(state["more"]),
+            bool(state["capped"]),
+            gate_free is not False,
+        )
 
     def start_job(self, loop: QueueLoop, row: asyncpg.Record) -> None:
         reg = self.registry.get(row["kind"])
