@@ -279,13 +279,19 @@ async def test_a_capped_queue_does_not_claim_for_other_queues_outcomes(
         pool, worker_pool, reg, queues={"slow": 2, "fast": 4}, tenant_concurrency=1,
         poll_interval=60,
     ) as (w, rec):  # fmt: skip
-        claim = w.claim
 
-        async def counted(queue: str, limit: int, cursor: uuid.UUID | None) -> Claimed | None:
+        async def counted(
+            claim: Callable[[str, int, uuid.UUID | None], Awaitable[Claimed | None]],
+            queue: str,
+            limit: int,
+            cursor: uuid.UUID | None,
+        ) -> Claimed | None:
             claims[queue] += 1
             return await claim(queue, limit, cursor)
 
-        w.claim = counted  # type: ignore[method-assign]
+        # Both claims: a NOTIFY's (re-arming the throttle) and the others.
+        w.claim = functools.partial(counted, w.claim)  # type: ignore[method-assign]
+        w.claim_rearming = functools.partial(counted, w.claim_rearming)  # type: ignore[method-assign]
         await rec.wait_for(lambda: bool(rec.named("started")))  # the slow queue is capped
         claims.clear()
         for i in range(30):  # thirty outcome batches of the fast queue, one at a time
