@@ -32,6 +32,18 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+def memory_backed_dir() -> str | None:
+    """A folder in memory (Linux's /dev/shm) for the throwaway test cluster, or None for
+    the default temporary folder.  Every test clones a database: ~460 files created and
+    removed each time, which on a disk file system costs ~0.4 s per test (measured on
+    ext4: openat with O_CREAT at ~0.4 ms a call) against ~0.01 s in memory.  The server
+    is the same PostgreSQL either way; only where its files live changes."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        return str(shm)
+    return None
+
+
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
     """A URL of the server's maintenance database (`postgres`)."""
@@ -39,7 +51,7 @@ def server_url() -> Iterator[str]:
     if url:
         yield with_database(url, "postgres")
         return
-    tmp = Path(tempfile.mkdtemp(prefix="tenantry-test-"))
+    tmp = Path(tempfile.mkdtemp(prefix="tenantry-test-", dir=memory_backed_dir()))
     server = EmbeddedPostgres(
         tmp,
         ephemeral=True,
