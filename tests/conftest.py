@@ -99,7 +99,11 @@ async def database_url(server_url: str, template_db: str) -> AsyncIterator[str]:
     name = f"t_{uuid.uuid4().hex[:16]}"
     admin = await asyncpg.connect(server_url)
     try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_db} STRATEGY FILE_COPY")
+        # WAL_LOG, not FILE_COPY: FILE_COPY takes two checkpoints, which on a server that
+        # syncs to disk (CI's PostgreSQL 15 leg) cost ~1.4 s per test against ~0.9 s, and
+        # its DROP ~0.3 s against ~0.07 s (measured interleaved under the same load); in
+        # the embedded cluster, in memory, both take ~0.01 s.
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_db} STRATEGY WAL_LOG")
         yield with_database(server_url, name)
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
