@@ -20,7 +20,7 @@ import pytest
 from tenantry import db, migrate, roles, tenancy
 from tenantry import logging as log
 from tenantry.embedded import EmbeddedPostgres
-from tests.helpers import TEST_TENANT_CONTEXT
+from tests.helpers import TEST_TENANT_CONTEXT, memory_backed_dir
 from tests.smtp import smtp_server  # noqa: F401 - a fixture, for every test module
 
 log.configure(os.environ.get("TENANTRY_TEST_LOG_LEVEL", "warning"))
@@ -32,6 +32,23 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+@pytest.fixture
+def memory_tmp_path(tmp_path: Path) -> Iterator[Path]:
+    """`tmp_path`, but in memory where the system has a folder for it: for a test that
+    creates a PostgreSQL cluster of its own (initdb writes ~1,000 files, ~2 s on this
+    disk, ~1 s in memory).  Removed after the test; `tmp_path` itself where there is no
+    such folder."""
+    parent = memory_backed_dir()
+    if parent is None:
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="tenantry-test-", dir=parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
     """A URL of the server's maintenance database (`postgres`)."""
@@ -39,7 +56,7 @@ def server_url() -> Iterator[str]:
     if url:
         yield with_database(url, "postgres")
         return
-    tmp = Path(tempfile.mkdtemp(prefix="tenantry-test-"))
+    tmp = Path(tempfile.mkdtemp(prefix="tenantry-test-", dir=memory_backed_dir()))
     server = EmbeddedPostgres(
         tmp,
         ephemeral=True,
@@ -82,7 +99,11 @@ async def database_url(server_url: str, template_db: str) -> AsyncIterator[str]:
     name = f"t_{uuid.uuid4().hex[:16]}"
     admin = await asyncpg.connect(server_url)
     try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_db} STRATEGY FILE_COPY")
+        # WAL_LOG, not FILE_COPY: FILE_COPY takes two checkpoints, which on a server that
+        # syncs to disk (CI's PostgreSQL 15 leg) cost ~1.4 s per test against ~0.9 s, and
+        # its DROP ~0.3 s against ~0.07 s (measured interleaved under the same load); in
+        # the embedded cluster, in memory, both take ~0.01 s.
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_db} STRATEGY WAL_LOG")
         yield with_database(server_url, name)
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -76,15 +76,17 @@ async def terminate_backends(url: str) -> int:
 
 
 @pytest.mark.timeout(240)
-async def test_the_service_rides_out_terminated_backends_and_a_restart(tmp_path: Path) -> None:
-    cluster = EmbeddedPostgres(tmp_path / "pg", ephemeral=True)
+async def test_the_service_rides_out_terminated_backends_and_a_restart(
+    memory_tmp_path: Path,
+) -> None:
+    cluster = EmbeddedPostgres(memory_tmp_path / "pg", ephemeral=True)
     url = await anyio.to_thread.run_sync(cluster.start)
     proc: ServiceProcess | None = None
     pool: asyncpg.Pool | None = None
     try:
         proc = await ServiceProcess.start(
             url,
-            TENANTRY_DATA_DIR=str(tmp_path / "data"),
+            TENANTRY_DATA_DIR=str(memory_tmp_path / "data"),
             TENANTRY_TOKEN_SECRET=TEST_TOKEN_SECRET,
             TENANTRY_LOG_LEVEL="info",
             TENANTRY_SIGNUP_RATE="1000",

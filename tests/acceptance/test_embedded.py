@@ -3,6 +3,7 @@ clean exit stops the server it started or adopted, a crashed run's server includ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,13 +41,16 @@ def stop_server(pgdata: Path) -> None:
     pid = postmaster_pid(pgdata)
     if pid is not None:
         os.kill(pid, signal.SIGQUIT)
+        # Gone before its folder is removed (an immediate shutdown takes moments).
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).wait(timeout=30)
 
 
-async def test_a_clean_run_after_a_kill_stops_the_server_it_adopted(tmp_path: Path) -> None:
+async def test_a_clean_run_after_a_kill_stops_the_server_it_adopted(memory_tmp_path: Path) -> None:
     """Regression: after a kill -9 of the service, its pid stayed in the embedded
     server's list of users (.handle_pids.json), so every later clean run took the
     server for still in use and left it running on exit."""
-    data = tmp_path / "data"
+    data = memory_tmp_path / "data"
     pgdata = data / "pgdata"
     env = {"TENANTRY_DATA_DIR": str(data)}
     try:
@@ -81,10 +85,10 @@ async def test_only_run_and_migrate_create_the_embedded_database(
     assert not data.exists()
 
 
-async def test_db_url_reaches_the_running_embedded_database(tmp_path: Path) -> None:
+async def test_db_url_reaches_the_running_embedded_database(memory_tmp_path: Path) -> None:
     """`psql "$(tenantry db url)"`: other services and people reach the embedded
     database as the service's login, or with --admin as its superuser."""
-    data = tmp_path / "data"
+    data = memory_tmp_path / "data"
     env = {"TENANTRY_DATA_DIR": str(data)}
     code, _out, err = await run_cli("db", "url", env=env)
     assert code == 1 and "not running" in err  # nothing runs here yet
@@ -130,11 +134,11 @@ async def test_db_url_prints_the_configured_url(database_url: str) -> None:
     assert code == 0 and out.strip() == roles.with_login(database_url, roles.DEFAULT_LOGIN)
 
 
-async def test_db_url_after_a_crash_leaves_the_server_running(tmp_path: Path) -> None:
+async def test_db_url_after_a_crash_leaves_the_server_running(memory_tmp_path: Path) -> None:
     """Regression (review): after a kill -9 of `tenantry run`, `db url` adopted the
     orphaned server, stopped it as it exited, and printed a URL that led nowhere (with
     a log line on stdout before it)."""
-    data = tmp_path / "data"
+    data = memory_tmp_path / "data"
     env = {"TENANTRY_DATA_DIR": str(data)}
     crashed = await ServiceProcess.start_command(PYTHON_M_TENANTRY, ROOT, None, **env)
     try:

@@ -28,7 +28,7 @@ from tenantry.app import Service
 from tenantry.embedded import EmbeddedPostgres
 from tenantry.ops.web import DASHBOARD
 from tests.acceptance.process import run_cli
-from tests.helpers import TENANT_A, TENANT_B, eventually
+from tests.helpers import TENANT_A, TENANT_B, eventually, memory_backed_dir
 from tests.integration.test_ops_dashboard import Browser, sign_in
 from tests.integration.test_webhooks import service
 
@@ -498,7 +498,7 @@ def pair() -> Iterator[Pair]:
         pytest.skip(
             f"pg_basebackup or pg_ctl not installed beside the embedded server ({binaries})"
         )
-    tmp = Path(tempfile.mkdtemp(prefix="tenantry-test-replica-"))
+    tmp = Path(tempfile.mkdtemp(prefix="tenantry-test-replica-", dir=memory_backed_dir()))
     primary = EmbeddedPostgres(tmp / "primary", ephemeral=True, settings={"fsync": "off"})
     standby_dir = tmp / "standby"
     sockets = Path(tempfile.mkdtemp(prefix="tn-sb-"))
