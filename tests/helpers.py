@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -151,7 +152,12 @@ def memory_backed_dir() -> str | None:
     ext4: openat with O_CREAT at ~0.4 ms a call) against ~0.02 s in memory.  The server
     is the same PostgreSQL either way; only where its files live changes."""
     shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+    # A container's /dev/shm is often 64 MiB: too small for a cluster and its clones.
+    if (
+        shm.is_dir()
+        and os.access(shm, os.W_OK | os.X_OK)
+        and shutil.disk_usage(shm).free >= 2 * 1024**3
+    ):
         return str(shm)
     return None
 
