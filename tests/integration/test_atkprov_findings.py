@@ -103,6 +103,16 @@ async def test_atkprov_finding_the_tenant_check_compares_uuids_not_their_spellin
             None, None, None, None,
         )  # fmt: skip
     assert row is not None and list(row["ran"]) == ["tenant"]
+    # The accept's check is the same comparison.
+    mine = uuid.uuid4()
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT set_config('app.tenant_id', $1, true)", str(mine).upper())
+        accepted = await conn.fetchrow(
+            machine.Q["accept"],
+            *(mine, uuid.uuid4(), "ada@example.com", "Same Tenant", "free", None),
+            *(b"\x01" * 32, {}, {}, "default"),
+        )
+    assert accepted is not None and accepted["outcome"] == "accepted"
 
 
 async def test_atkprov_rls_the_new_functions_write_no_other_tenants_rows(
