@@ -5,14 +5,20 @@ it was written; the docstring says what it shows."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from tenantry.onboarding import machine
+from tenantry.onboarding.mail import FileMailer
 from tenantry.onboarding.model import STEPS, SignUp, derived_id
+from tenantry.onboarding.provision import Provisioner
+from tenantry.onboarding.storage import LocalStorage
 from tenantry.tenancy import tenant_tx_on
 from tenantry.tenants import store as tenants
+from tests.integration.test_onboarding import _leased
+from tests.integration.test_onboarding_crash_model import check
 
 
 async def _accepted(pool: asyncpg.Pool, name: str) -> tuple[uuid.UUID, uuid.UUID]:
@@ -22,7 +28,9 @@ async def _accepted(pool: asyncpg.Pool, name: str) -> tuple[uuid.UUID, uuid.UUID
     return a.tenant_id, a.onboarding_id
 
 
-def _args(tid: uuid.UUID, oid: uuid.UUID) -> tuple[object, ...]:
+def _args(
+    tid: uuid.UUID, oid: uuid.UUID
+) -> tuple[list[str], uuid.UUID, list[str], list[str], uuid.UUID]:
     names, permissions = tenants.default_roles()
     return (
         [f"atk-{tid.hex[:12]}"],
@@ -170,3 +178,96 @@ async def test_atkprov_rls_the_new_functions_write_no_other_tenants_rows(
     )
     assert counts is not None
     assert dict(counts) == {"t": 0, "u": 0, "r": 0, "e": 1, "j": 1}
+
+
+# The step's record as the code before one-call groups wrote it (main's queries.sql,
+# step_done): one statement per step, its own transaction with the step's rows.
+OLD_STEP_DONE = """
+WITH step AS (
+    INSERT INTO tenantry.onboarding_steps (tenant_id, onboarding_id, step, done_at)
+    VALUES ($1::uuid, $2::uuid, $3::text, clock_timestamp())
+    RETURNING done_at
+), moved AS (
+    UPDATE tenantry.onboardings o
+       SET state = $5::text, version = $4::integer + 1, failure_reason = NULL,
+           updated_at = now()
+     WHERE o.tenant_id = $1::uuid AND o.id = $2::uuid AND o.version = $4::integer
+    RETURNING o.version
+)
+SELECT m.version,
+       tenantry.emit($1::uuid, 'onboarding', $2::text, 'onboarding.step_completed',
+                     $6::jsonb || jsonb_build_object(
+                         'done_at',
+                         to_char(s.done_at AT TIME ZONE 'UTC',
+                                 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')),
+                     m.version) AS event_id
+  FROM step s CROSS JOIN moved m
+"""
+
+
+@pytest.mark.parametrize("old_done", range(len(STEPS)))
+async def test_atkprov_a_job_of_the_old_code_finishes_an_onboarding_it_began(
+    tmp_path: Path, pool: asyncpg.Pool, admin_pool: asyncpg.Pool, old_done: int
+) -> None:
+    """ATKPROV (passes; no test covered a payload without `slug_base`): a provisioning
+    job enqueued by the code before this change (no `slug_base`), whose onboarding
+    that code provisioned a step at a time up to `old_done` steps (a group only partly
+    done), is finished by the new code with exactly one of everything, contiguous
+    versions, and the ledger's order the events' order."""
+    name = f"Old Code {old_done}"
+    tid, oid = await _accepted(pool, name)
+    slugs, owner, names, permissions, workspace = _args(tid, oid)
+    effects: dict[str, tuple[str, tuple[object, ...]]] = {
+        "tenant": (
+            "SELECT tenantry.tenant_create_with_free_slug($1, $2, $3, 'pro')",
+            (tid, slugs, name),
+        ),
+        "owner": (
+            "SELECT tenantry.tenant_add_user($1, $2, 'ada@example.com', 'ada')",
+            (tid, owner),
+        ),
+        "roles": ("SELECT tenantry.tenant_add_roles($1, $2, $3)", (tid, names, permissions)),
+        "workspace": (
+            "SELECT tenantry.tenant_add_workspace_with_member($1, $2, 'default', 'Default',"
+            " $3, 'owner')",
+            (tid, workspace, owner),
+        ),
+    }
+    storage = LocalStorage(tmp_path / "tenants")
+    for i, step in enumerate(STEPS[:old_done]):
+        if step == "storage":
+            await storage.ensure(tid)
+        async with pool.acquire() as conn, tenant_tx_on(conn, tid):
+            if step in effects:
+                sql, args = effects[step]
+                await conn.execute(sql, *args)
+            payload = {"state": "provisioning", "step": step, "steps_done": i + 1}
+            await conn.fetchval(
+                OLD_STEP_DONE, tid, oid, step, i + 1, "provisioning",
+                payload | {"steps_total": len(STEPS)},
+            )  # fmt: skip
+    await admin_pool.execute(
+        "UPDATE tenantry.jobs SET payload = payload - 'slug_base' WHERE tenant_id = $1", tid
+    )
+    job = await _leased(pool, admin_pool, tid, "new-code", machine.PROVISION_KIND)
+    assert "slug_base" not in job.payload
+    provisioner = Provisioner(storage, FileMailer(tmp_path / "mail", "noreply@example.test"))
+    await provisioner.run(job)
+    await check(admin_pool, tid, oid, list(STEPS))
+    assert job.completed_in_tx
+    row = await admin_pool.fetchrow(
+        "SELECT (SELECT slug FROM tenantry.tenants WHERE id = $1) AS slug,"
+        " (SELECT count(*) FROM tenantry.jobs WHERE tenant_id = $1) AS jobs,"
+        " (SELECT count(*) FROM tenantry.roles WHERE tenant_id = $1) AS roles,"
+        " (SELECT count(*) FROM tenantry.memberships WHERE tenant_id = $1) AS members",
+        tid,
+    )
+    assert row is not None
+    # The tenant step, when the old code had not done it, took the slug from the name
+    # (read from the onboarding, the payload having no `slug_base`).
+    slug = slugs[0] if old_done else tenants.slug_base(name)
+    assert dict(row) == {"slug": slug, "jobs": 0, "roles": 3, "members": 1}
+    # The old code sent no email for these (welcome_email never done before the last):
+    # the new code sends exactly one, unless the old code had done that step.
+    sent = len(list((tmp_path / "mail").glob("*.eml")))
+    assert sent == (0 if "welcome_email" in STEPS[:old_done] else 1)
