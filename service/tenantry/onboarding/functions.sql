@@ -1,4 +1,4 @@
--- version: 5
+-- version: 6
 -- The onboarding module's functions.  A repeatable migration (tenantry/migrate.py),
 -- applied again whenever this file changes (raise the version above with every
 -- change).
@@ -77,7 +77,9 @@ BEGIN
         RAISE EXCEPTION 'tenantry.accept_onboarding: for_tenant, new_onboarding and'
                         ' body_digest must not be null' USING ERRCODE = '22004';
     END IF;
-    IF context IS DISTINCT FROM NULL AND context IS DISTINCT FROM for_tenant::text THEN
+    IF context IS NOT NULL
+       AND lower(translate(context, '{}-', '')) IS DISTINCT FROM
+           replace(for_tenant::text, '-', '') THEN
         RAISE EXCEPTION 'tenantry.accept_onboarding: the transaction is in tenant context %,'
                         ' not %', context, for_tenant USING ERRCODE = '42501';
     END IF;
@@ -169,6 +171,11 @@ AS $$
 #variable_conflict use_column
 DECLARE
     context   text := nullif(current_setting('app.tenant_id', true), '');
+    -- The steps in their order (onboarding/model.py, STEPS): `all_steps` must be this
+    -- list, and a step runs only once every step before it is in the ledger, so no
+    -- caller can record a step out of order or end the onboarding elsewhere.
+    steps     constant text[] := ARRAY['tenant', 'owner', 'roles', 'workspace', 'storage',
+                                       'welcome_email', 'provisioned'];
     o         record;
     done_now  text[];
     ran_now   text[] := '{}';
@@ -188,9 +195,17 @@ BEGIN
         RAISE EXCEPTION 'tenantry.onboarding_run_steps: for_tenant and onboarding must not'
                         ' be null' USING ERRCODE = '22004';
     END IF;
-    IF context IS DISTINCT FROM NULL AND context IS DISTINCT FROM for_tenant::text THEN
+    -- Compared as the UUID's hex digits, as row-level security reads the setting (a cast
+    -- to uuid: any case, braces, hyphens), not as text in one spelling of it.
+    IF context IS NOT NULL
+       AND lower(translate(context, '{}-', '')) IS DISTINCT FROM
+           replace(for_tenant::text, '-', '') THEN
         RAISE EXCEPTION 'tenantry.onboarding_run_steps: the transaction is in tenant context'
                         ' %, not %', context, for_tenant USING ERRCODE = '42501';
+    END IF;
+    IF all_steps IS DISTINCT FROM steps THEN
+        RAISE EXCEPTION 'tenantry.onboarding_run_steps: all_steps must be %', steps
+            USING ERRCODE = '22023';
     END IF;
     PERFORM set_config('app.tenant_id', for_tenant::text, true);
     PERFORM 1
@@ -214,6 +229,10 @@ BEGIN
     IF o.state NOT IN ('completed', 'failed') THEN
         FOREACH step IN ARRAY todo LOOP
             CONTINUE WHEN step = ANY (done_now);
+            IF NOT steps[1:array_position(steps, step) - 1] <@ done_now THEN
+                RAISE EXCEPTION 'tenantry.onboarding_run_steps: step % before the steps'
+                                ' before it', step USING ERRCODE = '22023';
+            END IF;
             CASE step
             WHEN 'tenant' THEN
                 IF tenantry.tenant_create_with_free_slug(for_tenant, tenant_slugs,
