@@ -257,6 +257,61 @@ async def test_file_mailer_refuses_header_injection(tmp_path: Path) -> None:
     assert not (tmp_path / "mail").exists()
 
 
+@pytest.mark.parametrize(
+    "name", ["Société Générale", "東京 🚀", "=?utf-8?q?forged?= Co", "Acme\u2028Bcc: eve@x.test"]
+)
+async def test_file_mailer_writes_a_name_in_the_subject_as_given_or_refuses_it(
+    tmp_path: Path, name: str
+) -> None:
+    # The welcome mail's subject carries the tenant's name: written directly (not by
+    # the email package, see mailformat), it still reads back as given, encoded per
+    # RFC 2047 when it is not plain ASCII; a line break in it is refused before anything
+    # is written, as before.
+    directory = tmp_path / "mail"
+    mailer = FileMailer(directory, SENDER, clock=FixedClock())
+    mail = Mail(
+        key="onboarding:42:welcome",
+        to="alice@example.test",
+        subject=f"Welcome to Tenantry: {name} is ready",
+        text=f"Hello,\n\nthe workspace of {name} has been set up.\n",
+    )
+
+    if "\u2028" in name:
+        with pytest.raises(ValueError):
+            await mailer.send(mail)
+        assert not directory.exists()
+        return
+    await mailer.send(mail)
+
+    data = mailer.path_for(mail.key).read_bytes()
+    assert data == mailer.render(mail)  # the direct path, not the email package's
+    head = data.partition(b"\n\n")[0]
+    assert b"\r" not in data
+    assert name.encode() not in head
+    message = BytesParser(policy=policy.default).parsebytes(data)
+    assert isinstance(message, EmailMessage)
+    assert message["Subject"] == mail.subject
+    assert message["To"] == mail.to
+    assert message["From"] == SENDER
+    assert message["Message-ID"] == message_id(mail.key)
+    assert message["Date"] == format_datetime(NOW)
+    assert message.get_content() == mail.text
+    assert not message.defects and not message["Subject"].defects
+
+
+async def test_file_mailer_leaves_an_address_it_does_not_write_to_the_email_package(
+    tmp_path: Path,
+) -> None:
+    mailer = FileMailer(tmp_path / "mail", SENDER, clock=FixedClock())
+    mail = welcome(to='"alice smith"@example.test')
+
+    await mailer.send(mail)
+
+    message = BytesParser(policy=policy.default).parsebytes(mailer.path_for(mail.key).read_bytes())
+    assert message["To"].addresses[0].addr_spec == '"alice smith"@example.test'
+    assert message["Subject"] == mail.subject
+
+
 # --- settings ---------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +38,8 @@ import aiosmtplib
 
 from tenantry import logging as log
 from tenantry.clock import Clock, SystemClock
+
+from .mailformat import Composer
 
 
 def masked(address: str) -> str:
@@ -91,12 +94,16 @@ def message_id(key: str) -> str:
     return f"<{hashlib.sha256(key.encode()).hexdigest()[:32]}@tenantry>"
 
 
-def build_message(mail: Mail, sender: str, clock: Clock) -> EmailMessage:
+def build_message(
+    mail: Mail, sender: str, clock: Clock, when: datetime | None = None
+) -> EmailMessage:
+    """The message as Python's email package builds it: what SMTP sends, and the file
+    mailer's fallback for what `mailformat` leaves to it."""
     message = EmailMessage()
     message["From"] = sender
     message["To"] = mail.to
     message["Subject"] = mail.subject
-    message["Date"] = email.utils.format_datetime(clock.now())
+    message["Date"] = email.utils.format_datetime(clock.now() if when is None else when)
     message["Message-ID"] = message_id(mail.key)
     message.set_content(mail.text)
     return message
@@ -146,11 +153,15 @@ def _write_once(directory: Path, path: Path, data: bytes) -> bool:
 
 
 class FileMailer:
-    """Writes each mail to `<directory>/<name from key>.eml`: the default, needing no server."""
+    """Writes each mail to `<directory>/<name from key>.eml`: the default, needing no server.
+
+    Lines end in LF, as files on this system do (and as the email package's default
+    policy writes them); SMTP sends them with CRLF."""
 
     def __init__(self, directory: Path, sender: str, *, clock: Clock | None = None) -> None:
         self._directory = directory
         self._sender = sender
+        self._composer = Composer(sender)
         self._clock: Clock = clock or SystemClock()
         self._log = log.get("mail")
 
@@ -160,8 +171,19 @@ class FileMailer:
     def path_for(self, key: str) -> Path:
         return self._directory / _file_name(key)
 
+    def render(self, mail: Mail) -> bytes:
+        """The file's bytes: written directly (mailformat) when the mail allows it, else
+        by the email package."""
+        when = self._clock.now()
+        data = self._composer.render(
+            mail.to, mail.subject, mail.text, message_id(mail.key), when, linesep="\n"
+        )
+        if data is None:
+            data = build_message(mail, self._sender, self._clock, when).as_bytes()
+        return data
+
     async def send(self, mail: Mail) -> None:
-        data = build_message(mail, self._sender, self._clock).as_bytes()
+        data = self.render(mail)
         path = self.path_for(mail.key)
         # fsync can take a while; keep it off the event loop.
         written = await asyncio.to_thread(_write_once, self._directory, path, data)
