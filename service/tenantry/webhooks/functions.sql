@@ -1,4 +1,4 @@
--- version: 8
+-- version: 9
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -69,14 +69,14 @@ BEGIN
     -- Unlocked: a follower that is moving the position only makes the events seen
     -- here older, and this pass then takes the lock (or answers -1) below.
     SELECT p.snapshot INTO pos FROM tenantry.webhook_fanout_position p;
-    IF NOT EXISTS (
-        SELECT 1 FROM tenantry.outbox o
+    -- min(), not EXISTS: EXISTS is planned for its first row, which leaves it free to
+    -- pick a scan that bets on meeting a match soon; it cost 0.27 ms a pass in the
+    -- drain benchmark.  min() reads the index from the low end (0.02 ms).
+    IF (SELECT min(o.xid) FROM tenantry.outbox o
          WHERE o.xid >= pg_snapshot_xmax(pos)
-           AND o.xid < pg_snapshot_xmax(pg_current_snapshot())
-    ) AND NOT EXISTS (
-        SELECT 1 FROM tenantry.outbox o
-         WHERE o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(pos)))
-    ) THEN
+           AND o.xid < pg_snapshot_xmax(pg_current_snapshot())) IS NULL
+       AND (SELECT min(o.xid) FROM tenantry.outbox o
+             WHERE o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(pos)))) IS NULL THEN
         RETURN;
     END IF;
     SELECT p.snapshot INTO pos FROM tenantry.webhook_fanout_position p FOR UPDATE SKIP LOCKED;
