@@ -90,6 +90,60 @@ async def test_smtp_delivers_headers_body_and_deterministic_message_id(
     assert message.get_content().replace("\r\n", "\n") == mail.text
 
 
+@pytest.mark.parametrize("name", ["Acme", "Société Générale 東京"])
+async def test_smtp_sends_the_bytes_written_directly_and_dot_stuffs_them(
+    smtp_server: Server, name: str
+) -> None:
+    # The message's bytes come from mailformat, not the email package; lines that
+    # start with a dot survive the DATA phase (aiosmtplib stuffs, the server unstuffs).
+    mailer = SmtpMailer(smtp_server.url(), SENDER, clock=FixedClock())
+    mail = Mail(
+        key="onboarding:42:welcome",
+        to="alice@example.test",
+        subject=f"Welcome to Tenantry: {name} is ready",
+        text=f"Hello,\n.\n..two dots\n.{name}\n",
+    )
+
+    await mailer.send(mail)
+
+    got = await smtp_server.recorder.one_message()
+    expected = FileMailer(Path("unused"), SENDER, clock=FixedClock()).render(mail)
+    assert got.content == expected.replace(b"\n", b"\r\n")
+    assert (got.mail_from, got.rcpt_tos) == (SENDER, ["alice@example.test"])
+    message = got.parsed()
+    assert message["Subject"] == mail.subject
+    assert message["Message-ID"] == message_id(mail.key)
+    assert message.get_content().replace("\r\n", "\n") == mail.text
+    assert message["Content-Transfer-Encoding"] == ("7bit" if name.isascii() else "8bit")
+
+
+async def test_smtp_leaves_what_the_direct_path_does_not_cover_to_the_email_package(
+    smtp_server: Server,
+) -> None:
+    mailer = SmtpMailer(smtp_server.url(), SENDER, clock=FixedClock())
+    mail = welcome(to='"alice smith"@example.test')
+
+    await mailer.send(mail)
+
+    got = await smtp_server.recorder.one_message()
+    assert got.rcpt_tos == ['"alice smith"@example.test']
+    message = got.parsed()
+    assert message["To"].addresses[0].addr_spec == '"alice smith"@example.test'
+    assert message["Subject"] == mail.subject
+
+
+async def test_smtp_refuses_header_injection_before_connecting(refused_port: int) -> None:
+    # Nothing listens there: a connection attempt would be a MailUnavailable.
+    mailer = SmtpMailer(f"smtp://127.0.0.1:{refused_port}", SENDER)
+
+    for bad in (
+        welcome(to="alice@example.test\r\nBcc: eve@example.test"),
+        Mail(key="k", to="alice@example.test", subject="Hi\nBcc: eve@example.test", text="x"),
+    ):
+        with pytest.raises(ValueError):
+            await mailer.send(bad)
+
+
 async def test_smtp_resend_of_a_key_carries_the_same_message_id(smtp_server: Server) -> None:
     # An at-least-once resend does reach the server again; the shared Message-ID is what
     # lets the receiver drop it.

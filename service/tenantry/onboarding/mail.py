@@ -320,6 +320,12 @@ class SmtpMailer:
     """Hands each mail to an SMTP server over a fresh connection.
 
     `timeout` bounds each network step (connect, each command), in seconds.
+
+    The message's bytes are written directly (mailformat) when the mail allows it and
+    the server takes them as they are (ASCII addresses; 8BITMIME for a body outside
+    ASCII); otherwise the email package builds the message and aiosmtplib's
+    send_message negotiates SMTPUTF8 or re-encodes the body as 7bit.  aiosmtplib
+    dot-stuffs either.
     """
 
     def __init__(
@@ -329,14 +335,23 @@ class SmtpMailer:
         self._sender = sender
         self._timeout = timeout
         self._clock: Clock = clock or SystemClock()
+        self._composer = Composer(sender)
         self._log = log.get("mail")
 
     def describe(self) -> str:
         return self._settings.describe()
 
     async def send(self, mail: Mail) -> None:
-        message = build_message(mail, self._sender, self._clock)
         mid = message_id(mail.key)
+        when = self._clock.now()
+        # Before connecting: a malformed mail (ValueError) is the caller's bug and sends
+        # nothing.
+        data: bytes | None = None
+        if self._composer.envelope_sender is not None:
+            data = self._composer.render(
+                mail.to, mail.subject, mail.text, mid, when, linesep="\r\n"
+            )
+        message = build_message(mail, self._sender, self._clock, when) if data is None else None
         settings = self._settings
         smtp = aiosmtplib.SMTP(
             hostname=settings.host,
@@ -354,7 +369,7 @@ class SmtpMailer:
             except _TRANSIENT as exc:
                 raise self._unavailable(mail, mid, exc) from exc
             try:
-                await smtp.send_message(message)
+                await self._hand_over(smtp, mail, when, data, message)
             except _TRANSIENT as exc:
                 rejected = _refusal(exc)
                 if rejected is None:
@@ -374,6 +389,33 @@ class SmtpMailer:
         finally:
             smtp.close()
         self._log.info("mail_sent", to=masked(mail.to), message_id=mid, server=self.describe())
+
+    async def _hand_over(
+        self,
+        smtp: aiosmtplib.SMTP,
+        mail: Mail,
+        when: datetime,
+        data: bytes | None,
+        message: EmailMessage | None,
+    ) -> None:
+        """MAIL, RCPT and DATA: `data` as it is when the server can take it, else the
+        email package's `message` through send_message."""
+        sender = self._composer.envelope_sender
+        if data is not None and sender is not None and not data.isascii():
+            # An 8bit body needs 8BITMIME, which the EHLO reply tells.  A server that
+            # refuses EHLO gets HELO from send_message, and a 7bit body.
+            if smtp.is_ehlo_or_helo_needed:
+                with contextlib.suppress(aiosmtplib.SMTPHeloError):
+                    await smtp.ehlo()
+            if not smtp.supports_extension("8bitmime"):
+                data = None
+        if data is None or sender is None:
+            if message is None:
+                message = build_message(mail, self._sender, self._clock, when)
+            await smtp.send_message(message)
+            return
+        options = ["BODY=8BITMIME"] if smtp.supports_extension("8bitmime") else []
+        await smtp.sendmail(sender, [mail.to], data, mail_options=options)
 
     def _unavailable(self, mail: Mail, mid: str, exc: BaseException) -> MailUnavailable:
         code: int | None = None

@@ -139,6 +139,11 @@ class Composer:
         message["From"] = sender  # raises ValueError for a sender with a line break
         self.sender = sender
         self._from = message.as_bytes().split(b"\r\n\r\n", 1)[0].decode("ascii")
+        # SMTP's MAIL FROM, as aiosmtplib takes it from the header; None when it is
+        # not one ASCII address (SMTPUTF8 is then send_message's to negotiate).
+        addresses = message["From"].addresses
+        spec = addresses[0].addr_spec if len(addresses) == 1 else ""
+        self.envelope_sender = spec if spec and spec.isascii() else None
 
     def render(
         self, to: str, subject: str, text: str, message_id: str, when: datetime, *, linesep: str
