@@ -48,10 +48,11 @@ _CONNECTION_TROUBLE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.Int
 _LARGE_READ = 10_000
 
 # With no stream to serve, a read only moves the snapshot forward (so that the first
-# read after a stream opens has little to catch up on): on notifications, at most one
-# read per this many seconds.  Under a steady flow of events a process without streams
-# (a worker, or a web process between visitors) took a snapshot on every notification:
-# 6% of its CPU while it provisioned sign-ups.
+# read after a stream opens has little to catch up on): at most one read per this many
+# seconds while wake-ups come, and one per poll after them.  Under a steady flow of
+# events a process without streams (a worker, or a web process between visitors) took a
+# snapshot on every notification and once more after each: 4-6% of its CPU while it
+# provisioned sign-ups.
 IDLE_REFRESH_S = 0.1
 
 
@@ -239,9 +240,9 @@ class Hub:
         from commit to client at about that (a fixed sleep of `trail` after each
         notified read added it to half the events).  While notifications come, the
         hub keeps its connection (no acquire, and no reset on release, between two
-        reads); it gives it back when they stop.  With no stream to serve, a
-        notification within `idle_refresh` of the last read is let go (IDLE_REFRESH_S);
-        the read after the last one still comes."""
+        reads); it gives it back when they stop.  With no stream to serve, a wake-up
+        within `idle_refresh` of the last read does not read (IDLE_REFRESH_S): the
+        next wake-up after it does, or the poll."""
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._keepalives)
@@ -261,9 +262,9 @@ class Hub:
                     if notified:
                         self.wake_ups += 1
                         self._woken.set()
-                    if notified and self._read_lately_for_nobody():
-                        # Still `notified`: the next wait is the trail, and the read
-                        # after the last notification comes at its end, as it would.
+                    if self._read_lately_for_nobody():
+                        # After a notification the next wait is the trail (the
+                        # connection kept); after the trail, the poll.
                         continue
                     await self._read_safely()
         finally:
