@@ -90,6 +90,60 @@ async def test_smtp_delivers_headers_body_and_deterministic_message_id(
     assert message.get_content().replace("\r\n", "\n") == mail.text
 
 
+@pytest.mark.parametrize("name", ["Acme", "Société Générale 東京"])
+async def test_smtp_sends_the_bytes_written_directly_and_dot_stuffs_them(
+    smtp_server: Server, name: str
+) -> None:
+    # The message's bytes come from mailformat, not the email package; lines that
+    # start with a dot survive the DATA phase (aiosmtplib stuffs, the server unstuffs).
+    mailer = SmtpMailer(smtp_server.url(), SENDER, clock=FixedClock())
+    mail = Mail(
+        key="onboarding:42:welcome",
+        to="alice@example.test",
+        subject=f"Welcome to Tenantry: {name} is ready",
+        text=f"Hello,\n.\n..two dots\n.{name}\n",
+    )
+
+    await mailer.send(mail)
+
+    got = await smtp_server.recorder.one_message()
+    expected = FileMailer(Path("unused"), SENDER, clock=FixedClock()).render(mail)
+    assert got.content == expected.replace(b"\n", b"\r\n")
+    assert (got.mail_from, got.rcpt_tos) == (SENDER, ["alice@example.test"])
+    message = got.parsed()
+    assert message["Subject"] == mail.subject
+    assert message["Message-ID"] == message_id(mail.key)
+    assert message.get_content().replace("\r\n", "\n") == mail.text
+    assert message["Content-Transfer-Encoding"] == ("7bit" if name.isascii() else "8bit")
+
+
+async def test_smtp_leaves_what_the_direct_path_does_not_cover_to_the_email_package(
+    smtp_server: Server,
+) -> None:
+    mailer = SmtpMailer(smtp_server.url(), SENDER, clock=FixedClock())
+    mail = welcome(to='"alice smith"@example.test')
+
+    await mailer.send(mail)
+
+    got = await smtp_server.recorder.one_message()
+    assert got.rcpt_tos == ['"alice smith"@example.test']
+    message = got.parsed()
+    assert message["To"].addresses[0].addr_spec == '"alice smith"@example.test'
+    assert message["Subject"] == mail.subject
+
+
+async def test_smtp_refuses_header_injection_before_connecting(refused_port: int) -> None:
+    # Nothing listens there: a connection attempt would be a MailUnavailable.
+    mailer = SmtpMailer(f"smtp://127.0.0.1:{refused_port}", SENDER)
+
+    for bad in (
+        welcome(to="alice@example.test\r\nBcc: eve@example.test"),
+        Mail(key="k", to="alice@example.test", subject="Hi\nBcc: eve@example.test", text="x"),
+    ):
+        with pytest.raises(ValueError):
+            await mailer.send(bad)
+
+
 async def test_smtp_resend_of_a_key_carries_the_same_message_id(smtp_server: Server) -> None:
     # An at-least-once resend does reach the server again; the shared Message-ID is what
     # lets the receiver drop it.
@@ -255,6 +309,61 @@ async def test_file_mailer_refuses_header_injection(tmp_path: Path) -> None:
         await mailer.send(welcome(to="alice@example.test\r\nBcc: eve@example.test"))
 
     assert not (tmp_path / "mail").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["Société Générale", "東京 🚀", "=?utf-8?q?forged?= Co", "Acme\u2028Bcc: eve@x.test"]
+)
+async def test_file_mailer_writes_a_name_in_the_subject_as_given_or_refuses_it(
+    tmp_path: Path, name: str
+) -> None:
+    # The welcome mail's subject carries the tenant's name: written directly (not by
+    # the email package, see mailformat), it still reads back as given, encoded per
+    # RFC 2047 when it is not plain ASCII; a line break in it is refused before anything
+    # is written, as before.
+    directory = tmp_path / "mail"
+    mailer = FileMailer(directory, SENDER, clock=FixedClock())
+    mail = Mail(
+        key="onboarding:42:welcome",
+        to="alice@example.test",
+        subject=f"Welcome to Tenantry: {name} is ready",
+        text=f"Hello,\n\nthe workspace of {name} has been set up.\n",
+    )
+
+    if "\u2028" in name:
+        with pytest.raises(ValueError):
+            await mailer.send(mail)
+        assert not directory.exists()
+        return
+    await mailer.send(mail)
+
+    data = mailer.path_for(mail.key).read_bytes()
+    assert data == mailer.render(mail)  # the direct path, not the email package's
+    head = data.partition(b"\n\n")[0]
+    assert b"\r" not in data
+    assert name.encode() not in head
+    message = BytesParser(policy=policy.default).parsebytes(data)
+    assert isinstance(message, EmailMessage)
+    assert message["Subject"] == mail.subject
+    assert message["To"] == mail.to
+    assert message["From"] == SENDER
+    assert message["Message-ID"] == message_id(mail.key)
+    assert message["Date"] == format_datetime(NOW)
+    assert message.get_content() == mail.text
+    assert not message.defects and not message["Subject"].defects
+
+
+async def test_file_mailer_leaves_an_address_it_does_not_write_to_the_email_package(
+    tmp_path: Path,
+) -> None:
+    mailer = FileMailer(tmp_path / "mail", SENDER, clock=FixedClock())
+    mail = welcome(to='"alice smith"@example.test')
+
+    await mailer.send(mail)
+
+    message = BytesParser(policy=policy.default).parsebytes(mailer.path_for(mail.key).read_bytes())
+    assert message["To"].addresses[0].addr_spec == '"alice smith"@example.test'
+    assert message["Subject"] == mail.subject
 
 
 # --- settings ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +38,8 @@ import aiosmtplib
 
 from tenantry import logging as log
 from tenantry.clock import Clock, SystemClock
+
+from .mailformat import Composer
 
 
 def masked(address: str) -> str:
@@ -91,12 +94,16 @@ def message_id(key: str) -> str:
     return f"<{hashlib.sha256(key.encode()).hexdigest()[:32]}@tenantry>"
 
 
-def build_message(mail: Mail, sender: str, clock: Clock) -> EmailMessage:
+def build_message(
+    mail: Mail, sender: str, clock: Clock, when: datetime | None = None
+) -> EmailMessage:
+    """The message as Python's email package builds it: what SMTP sends, and the file
+    mailer's fallback for what `mailformat` leaves to it."""
     message = EmailMessage()
     message["From"] = sender
     message["To"] = mail.to
     message["Subject"] = mail.subject
-    message["Date"] = email.utils.format_datetime(clock.now())
+    message["Date"] = email.utils.format_datetime(clock.now() if when is None else when)
     message["Message-ID"] = message_id(mail.key)
     message.set_content(mail.text)
     return message
@@ -146,11 +153,15 @@ def _write_once(directory: Path, path: Path, data: bytes) -> bool:
 
 
 class FileMailer:
-    """Writes each mail to `<directory>/<name from key>.eml`: the default, needing no server."""
+    """Writes each mail to `<directory>/<name from key>.eml`: the default, needing no server.
+
+    Lines end in LF, as files on this system do (and as the email package's default
+    policy writes them); SMTP sends them with CRLF."""
 
     def __init__(self, directory: Path, sender: str, *, clock: Clock | None = None) -> None:
         self._directory = directory
         self._sender = sender
+        self._composer = Composer(sender)
         self._clock: Clock = clock or SystemClock()
         self._log = log.get("mail")
 
@@ -160,8 +171,19 @@ class FileMailer:
     def path_for(self, key: str) -> Path:
         return self._directory / _file_name(key)
 
+    def render(self, mail: Mail) -> bytes:
+        """The file's bytes: written directly (mailformat) when the mail allows it, else
+        by the email package."""
+        when = self._clock.now()
+        data = self._composer.render(
+            mail.to, mail.subject, mail.text, message_id(mail.key), when, linesep="\n"
+        )
+        if data is None:
+            data = build_message(mail, self._sender, self._clock, when).as_bytes()
+        return data
+
     async def send(self, mail: Mail) -> None:
-        data = build_message(mail, self._sender, self._clock).as_bytes()
+        data = self.render(mail)
         path = self.path_for(mail.key)
         # fsync can take a while; keep it off the event loop.
         written = await asyncio.to_thread(_write_once, self._directory, path, data)
@@ -298,6 +320,12 @@ class SmtpMailer:
     """Hands each mail to an SMTP server over a fresh connection.
 
     `timeout` bounds each network step (connect, each command), in seconds.
+
+    The message's bytes are written directly (mailformat) when the mail allows it and
+    the server takes them as they are (ASCII addresses; 8BITMIME for a body outside
+    ASCII); otherwise the email package builds the message and aiosmtplib's
+    send_message negotiates SMTPUTF8 or re-encodes the body as 7bit.  aiosmtplib
+    dot-stuffs either.
     """
 
     def __init__(
@@ -307,14 +335,23 @@ class SmtpMailer:
         self._sender = sender
         self._timeout = timeout
         self._clock: Clock = clock or SystemClock()
+        self._composer = Composer(sender)
         self._log = log.get("mail")
 
     def describe(self) -> str:
         return self._settings.describe()
 
     async def send(self, mail: Mail) -> None:
-        message = build_message(mail, self._sender, self._clock)
         mid = message_id(mail.key)
+        when = self._clock.now()
+        # Before connecting: a malformed mail (ValueError) is the caller's bug and sends
+        # nothing.
+        data: bytes | None = None
+        if self._composer.envelope_sender is not None:
+            data = self._composer.render(
+                mail.to, mail.subject, mail.text, mid, when, linesep="\r\n"
+            )
+        message = build_message(mail, self._sender, self._clock, when) if data is None else None
         settings = self._settings
         smtp = aiosmtplib.SMTP(
             hostname=settings.host,
@@ -332,7 +369,7 @@ class SmtpMailer:
             except _TRANSIENT as exc:
                 raise self._unavailable(mail, mid, exc) from exc
             try:
-                await smtp.send_message(message)
+                await self._hand_over(smtp, mail, when, data, message)
             except _TRANSIENT as exc:
                 rejected = _refusal(exc)
                 if rejected is None:
@@ -352,6 +389,33 @@ class SmtpMailer:
         finally:
             smtp.close()
         self._log.info("mail_sent", to=masked(mail.to), message_id=mid, server=self.describe())
+
+    async def _hand_over(
+        self,
+        smtp: aiosmtplib.SMTP,
+        mail: Mail,
+        when: datetime,
+        data: bytes | None,
+        message: EmailMessage | None,
+    ) -> None:
+        """MAIL, RCPT and DATA: `data` as it is when the server can take it, else the
+        email package's `message` through send_message."""
+        sender = self._composer.envelope_sender
+        if data is not None and sender is not None and not data.isascii():
+            # An 8bit body needs 8BITMIME, which the EHLO reply tells.  A server that
+            # refuses EHLO gets HELO from send_message, and a 7bit body.
+            if smtp.is_ehlo_or_helo_needed:
+                with contextlib.suppress(aiosmtplib.SMTPHeloError):
+                    await smtp.ehlo()
+            if not smtp.supports_extension("8bitmime"):
+                data = None
+        if data is None or sender is None:
+            if message is None:
+                message = build_message(mail, self._sender, self._clock, when)
+            await smtp.send_message(message)
+            return
+        options = ["BODY=8BITMIME"] if smtp.supports_extension("8bitmime") else []
+        await smtp.sendmail(sender, [mail.to], data, mail_options=options)
 
     def _unavailable(self, mail: Mail, mid: str, exc: BaseException) -> MailUnavailable:
         code: int | None = None

@@ -1,4 +1,4 @@
--- version: 7
+-- version: 9
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -43,6 +43,18 @@ RETURN jsonb_build_object(
 -- event committed since belongs to a transaction that was running then (its xip list)
 -- or had not started (at or above its xmax), so none is missed, whatever order
 -- transactions commit in.  A `webhook.test` event goes only to the endpoint it names.
+--
+-- Cost.  The follower runs a pass on every (throttled) outbox notification and on
+-- every poll, so a pass must cost what its new events cost, not what the outbox holds
+-- (30 days of events by default):
+-- - Every read of the outbox is bounded above as well as below by xid (`< xmax of the
+--   statement's own snapshot`, which no row it can see reaches, so the bound filters
+--   nothing).  PL/pgSQL moves to a generic plan after five calls, and a generic plan
+--   guesses a third of the table for `xid >= $1` alone: it scanned the whole outbox on
+--   every pass.  For a range it guesses a sliver, and reads outbox_xid_idx.
+-- - A pass that finds no new event (the trailing pass after a wake-up, every idle
+--   poll) stops after one index probe, before taking the position's lock: it stays a
+--   read-only transaction, with no transaction id, no WAL and no commit flush.
 CREATE OR REPLACE FUNCTION tenantry.webhook_fan_out(OUT events integer, OUT deliveries integer)
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -52,10 +64,24 @@ DECLARE
     pos pg_snapshot;
     next_pos pg_snapshot;
 BEGIN
+    events := 0;
+    deliveries := 0;
+    -- Unlocked: a follower that is moving the position only makes the events seen
+    -- here older, and this pass then takes the lock (or answers -1) below.
+    SELECT p.snapshot INTO pos FROM tenantry.webhook_fanout_position p;
+    -- min(), not EXISTS: EXISTS is planned for its first row, which leaves it free to
+    -- pick a scan that bets on meeting a match soon; it cost 0.27 ms a pass in the
+    -- drain benchmark.  min() reads the index from the low end (0.02 ms).
+    IF (SELECT min(o.xid) FROM tenantry.outbox o
+         WHERE o.xid >= pg_snapshot_xmax(pos)
+           AND o.xid < pg_snapshot_xmax(pg_current_snapshot())) IS NULL
+       AND (SELECT min(o.xid) FROM tenantry.outbox o
+             WHERE o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(pos)))) IS NULL THEN
+        RETURN;
+    END IF;
     SELECT p.snapshot INTO pos FROM tenantry.webhook_fanout_position p FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
         events := -1;
-        deliveries := 0;
         RETURN;
     END IF;
     -- One statement: the events it reads and the snapshot it stores are the same view.
@@ -63,6 +89,7 @@ BEGIN
         SELECT o.tenant_id, o.id, o.event_type, o.payload, o.created_at
           FROM tenantry.outbox o
          WHERE o.xid >= pg_snapshot_xmax(pos)
+           AND o.xid < pg_snapshot_xmax(pg_current_snapshot())
         UNION ALL
         SELECT o.tenant_id, o.id, o.event_type, o.payload, o.created_at
           FROM tenantry.outbox o
@@ -107,9 +134,14 @@ DECLARE
 BEGIN
     SELECT p.snapshot INTO pos FROM tenantry.webhook_fanout_position p;
     RETURN QUERY
+    -- Bounded above as the fan-out's reads are (see there), so that it reads the index.
     SELECT count(*), min(x.created_at)
       FROM (SELECT o.created_at FROM tenantry.outbox o
-             WHERE o.xid >= pg_snapshot_xmax(pos) OR o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(pos)))
+             WHERE o.xid >= pg_snapshot_xmax(pos)
+               AND o.xid < pg_snapshot_xmax(pg_current_snapshot())
+            UNION ALL
+            SELECT o.created_at FROM tenantry.outbox o
+             WHERE o.xid = ANY (ARRAY(SELECT pg_snapshot_xip(pos)))
              LIMIT cap) x;
 END;
 $$;
