@@ -463,9 +463,10 @@ async def test_claim_plan_does_not_depend_on_statistics(
             assert "Sort" not in plan, plan
         elif name == "walk":
             assert plan.count("jobs_claim_idx") >= 2, plan
-            # No sort in the walk: the one sort puts the tenants it found in walk order.
+            # No sort in the walk: the one sort (PostgreSQL 16 on; before, inside the
+            # aggregate) puts the tenants it found in walk order.
             sorts = [line.strip() for line in plan.splitlines() if "Sort Key" in line]
-            assert sorts == ["Sort Key: ahead.pos"], plan
+            assert sorts in ([], ["Sort Key: ahead.pos"]), plan
         elif name == "share":
             # The rest of each tenant's share: a range of the claim index after the row
             # the walk found.
