@@ -311,7 +311,9 @@ $$;
 --   lost), from the first runnable row as the level's probe found it, so the dead
 --   entries that claimed rows leave at the front of the range (until VACUUM) are
 --   stepped over once per claim, by that probe, not twice; or
--- - the walk: one statement chooses the rows (below), a second locks and takes them.
+-- - the walk (below): one statement visits the tenants; when they are fewer than the
+--   slots, a second reads the rest of each one's share; a last one locks the rows
+--   chosen and takes them.
 --
 -- The walk visits the tenants with runnable rows at this priority (a loose index scan
 -- on jobs_claim_idx: one index probe per tenant) in circular order, starting after
@@ -334,12 +336,11 @@ $$;
 -- this moment); and `capped`, true when a tenant with runnable rows of this priority
 -- was held back by the cap (skipped, or given fewer rows than its share).
 --
--- Why a round is no more than two statements, in this one function: every statement
--- of a claim costs its executor start and end, and every nested function call a
--- PL/pgSQL call and a tuplestore for its rows; returning the rows with RETURN QUERY
--- rather than RETURN NEXT one at a time saves a few microseconds a row (a tenth of a
--- claim of 600).  Measured with pgbench against version 10 of this file, where the
--- parts were functions of their own (see README, "Fairness cost").
+-- Why the statements sit in this one function, and the rows go out with RETURN QUERY:
+-- in version 10 the parts were functions of their own, each call a PL/pgSQL call and
+-- a tuplestore for its rows (about 20 us a call), and the walk's rows were handed on
+-- one RETURN NEXT at a time (a few us a row: about a fifth of a claim of 600 rows), as
+-- pg_stat_statements showed during a drain (see README, "Fairness cost").
 --
 -- Version 2 of this file added `capped` to what the claim returns: the function of
 -- version 1 is dropped first (CREATE OR REPLACE cannot change what a function
