@@ -81,18 +81,7 @@ AS $$
 DECLARE
     got integer;
 BEGIN
--- Staging, as the fair claim stages.
-WITH due AS (
-    SELECT j.ctid AS tid
-      FROM tenantry.jobs j
-     WHERE j.state = 'scheduled' AND j.queue = for_queue AND j.run_at <= now()
-     ORDER BY j.queue, j.run_at
-     LIMIT 1000
-       FOR UPDATE SKIP LOCKED
-)
-UPDATE tenantry.jobs j
-   SET state = 'queued'
- WHERE j.ctid = ANY (ARRAY(SELECT d.tid FROM due d));
+PERFORM tenantry.stage_due_jobs(for_queue, 1000);
 RETURN QUERY
 WITH picked AS (
     SELECT j.ctid AS tid

@@ -129,37 +129,19 @@ async def one(pool: asyncpg.Pool, sql: str, *args: object) -> asyncpg.Record:
     return row
 
 
-def function_statement(
-    function: str, label: str | None = None, parameters: dict[str, str] | None = None
-) -> str:
+def function_statement(function: str) -> str:
     """The statement that function `tenantry.<function>` runs, read from the functions
     file that defines it (service/tenantry/*/functions.sql), with its $n parameters, so that a
     test can EXPLAIN it: the first statement of its body (after BEGIN, and RETURN
-    QUERY), up to the semicolon that ends it.
-
-    With `label`: the statement after the comment `-- [statement: <label>]` in the body
-    instead, its PL/pgSQL INTO clause left out, and each PL/pgSQL name it uses (its
-    function's parameters, its variables) replaced by a parameter of the given type,
-    numbered in the order of `parameters` (name -> type): $1, $2..."""
+    QUERY), up to the semicolon that ends it."""
     pattern = re.compile(rf"FUNCTION tenantry\.{re.escape(function)}\(.*?\bAS \$\$(.*?)\$\$;", re.S)
     for path in migrate.REPEATABLE_FILES:
         found = pattern.search(path.read_text(encoding="utf-8"))
         if found is None:
             continue
-        if label is None:
-            statement = re.search(r"\bBEGIN\s+(?:RETURN QUERY\s+)?(.*?);\s*\n", found[1], re.S)
-            assert statement is not None, f"{function}: no statement after BEGIN"
-            return statement[1]
-        marker = re.escape(f"-- [statement: {label}]")
-        statement = re.search(
-            rf"{marker}\n(?:\s*--[^\n]*\n)*\s*(?:RETURN QUERY\s+)?(.*?);\s*\n", found[1], re.S
-        )
-        assert statement is not None, f"{function}: no statement labelled {label}"
-        sql = re.sub(r"\n\s*INTO\s[\w\s,]+?(?=\n\s*FROM\b)", "", statement[1])
-        for k, (name, type_) in enumerate((parameters or {}).items(), start=1):
-            # Not a qualified column (`o.ids`) nor an output column's name (`AS ids`).
-            sql = re.sub(rf"(?<![.$])(?<!AS )\b{re.escape(name)}\b", f"${k}::{type_}", sql)
-        return sql
+        statement = re.search(r"\bBEGIN\s+(?:RETURN QUERY\s+)?(.*?);\s*\n", found[1], re.S)
+        assert statement is not None, f"{function}: no statement after BEGIN"
+        return statement[1]
     raise AssertionError(f"no function tenantry.{function} in {migrate.REPEATABLE_FILES}")
 
 

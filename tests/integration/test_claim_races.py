@@ -1,6 +1,6 @@
 """Claims racing each other on one queue (separate connections, so separate backends):
 no row is ever held by two claims at once, whichever way the claim goes (one tenant
-alone at a priority: the lone tenant's range scan; several: the walk and its lock by
+alone at a priority: the range scan of claim_jobs_of; several: the walk and its lock by
 ctid), while rows are enqueued, completed and put back as runnable behind the claims'
 backs (new row versions at new ctids, and rows that sort before where a claim starts)."""
 

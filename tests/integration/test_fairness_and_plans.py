@@ -39,20 +39,6 @@ def low_tenants(n: int) -> list[uuid.UUID]:
 
 HIGH = uuid.UUID("ffffffff-0000-0000-0000-000000000001")
 
-# The PL/pgSQL names the claim's walk over the tenants uses, as parameters of its
-# statement.
-WALK_PARAMETERS = {
-    "for_queue": "text",
-    "lvl": "smallint",
-    "cur": "uuid",
-    "tenant_cap": "integer",
-    "reach": "integer",
-    "first_tenant": "uuid",
-    "first_run_at": "timestamptz",
-    "first_id": "bigint",
-    "first_tid": "tid",
-}
-
 
 async def test_noisy_tenant_does_not_starve_another(
     worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
@@ -106,7 +92,7 @@ async def test_a_lone_tenant_is_claimed_in_order_past_rows_another_claim_holds(
     worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, pool: asyncpg.Pool
 ) -> None:
     """One tenant alone at a priority is claimed as a range scan that locks as it goes
-    (the claim's lone round): rows another claim holds are stepped over and the claim still
+    (claim_jobs_of): rows another claim holds are stepped over and the claim still
     fills its slots from the rows behind them, in the tenant's order, then goes on to
     the next priority.  (The walk's round chose its rows first and lost the held ones.)"""
     high = [await jobs.enqueue(pool, tenant_id=TENANT_A, kind="w", priority=5) for _ in range(4)]
@@ -289,13 +275,16 @@ async def test_claim_uses_its_partial_index(admin_pool: asyncpg.Pool, pool: asyn
         tenants,
     )
     await admin_pool.execute("ANALYZE tenantry.jobs")
-    walk = function_statement("claim_jobs", "walk", WALK_PARAMETERS)
+    claim = function_statement("claim_jobs_at")
     async with admin_pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
         rows = await conn.fetch(
-            "EXPLAIN (ANALYZE, COSTS OFF) " + walk, "default", 0, None, None, 50, *[None] * 4
+            "EXPLAIN (ANALYZE, COSTS OFF) " + claim, "default", 0, 50, "probe", 30.0, None, None, 50
         )
+        await tx.rollback()
     plan = "\n".join(r[0] for r in rows)
-    # The tenant walk runs on the claim index...
+    # The tenant walk and the per-tenant fetch both run on the claim index...
     assert plan.count("jobs_claim_idx") >= 2, plan
     # ...and nothing reads the whole table.
     assert "Seq Scan on jobs" not in plan, plan
@@ -376,75 +365,17 @@ async def test_claim_plan_does_not_depend_on_statistics(
     if analyzed == "full":
         await admin_pool.execute("ANALYZE tenantry.jobs")
     first = await admin_pool.fetchrow(
-        "SELECT tenant_id, run_at, id, ctid FROM tenantry.jobs WHERE state = 'queued'"
+        "SELECT tenant_id, run_at, id FROM tenantry.jobs WHERE state = 'queued'"
         " ORDER BY tenant_id, run_at, id LIMIT 1"
     )
     assert first is not None
     lone_tenant = (first["tenant_id"], first["run_at"], first["id"])
-    for name, parameters, args in (
-        ("stage", {"for_queue": "text"}, ("default",)),
-        (
-            "level",
-            {"for_queue": "text", "tenant_cap": "integer", "below": "integer"},
-            ("default", None, 32768),
-        ),
-        ("walk", WALK_PARAMETERS, ("default", 0, None, 3, 100, *[None] * 4)),
-        (
-            "share",
-            {
-                "for_queue": "text",
-                "lvl": "smallint",
-                "tenant_cap": "integer",
-                "share": "integer",
-                "tids": "tid[]",
-                "tenant_ids": "uuid[]",
-                "run_ats": "timestamptz[]",
-                "ids": "bigint[]",
-                "running_rows": "bigint[]",
-                "ended": "boolean",
-                "remaining": "integer",
-                "skipped": "boolean",
-            },
-            (
-                "default",
-                0,
-                3,
-                25,
-                [first["ctid"]],
-                *([v] for v in lone_tenant),
-                [0],
-                True,
-                100,
-                False,
-            ),
-        ),
-        (
-            "lone",
-            {
-                "for_queue": "text",
-                "lvl": "smallint",
-                "first_tenant": "uuid",
-                "first_run_at": "timestamptz",
-                "first_id": "bigint",
-                "remaining": "integer",
-                "owner": "text",
-                "lease_s": "double precision",
-            },
-            ("default", 0, *lone_tenant, 100, "probe", 30.0),
-        ),
-        (
-            "take",
-            {
-                "tids": "tid[]",
-                "owner": "text",
-                "lease_s": "double precision",
-                "tenant_ids": "uuid[]",
-                "ids": "bigint[]",
-            },
-            ([first["ctid"]], "probe", 30.0, [first["tenant_id"]], [first["id"]]),
-        ),
+    for name, args in (
+        ("claim_jobs_at", ("default", 0, 100, "probe", 30.0, None, 3, 100)),
+        ("claim_jobs_of", ("default", 0, *lone_tenant, 100, "probe", 30.0)),
+        ("stage_due_jobs", ("default", 1000)),
     ):
-        sql = function_statement("claim_jobs", name, parameters)
+        sql = function_statement(name)
         async with admin_pool.acquire() as conn:
             await conn.execute(f"SET plan_cache_mode = {plan_mode}")
             tx = conn.transaction()
@@ -454,32 +385,16 @@ async def test_claim_plan_does_not_depend_on_statistics(
             await conn.execute("RESET plan_cache_mode")
         plan = "\n".join(r[0] for r in rows)
         assert "Seq Scan on jobs" not in plan, f"{name}:\n{plan}"
-        if name == "stage":
-            assert "jobs_scheduled_idx" in plan, plan
-        elif name == "level":
-            # The first row of the top level and the last tenant there: two probes
-            # of the claim index (one read backwards), no sort.
-            assert plan.count("jobs_claim_idx") == 2, plan
-            assert "Sort" not in plan, plan
-        elif name == "walk":
+        if name == "claim_jobs_at":
             assert plan.count("jobs_claim_idx") >= 2, plan
-            # No sort in the walk: the one sort (PostgreSQL 16 on; before, inside the
-            # aggregate) puts the tenants it found in walk order.
-            sorts = [line.strip() for line in plan.splitlines() if "Sort Key" in line]
-            assert sorts in ([], ["Sort Key: ahead.pos"]), plan
-        elif name == "share":
-            # The rest of each tenant's share: a range of the claim index after the row
-            # the walk found.
-            assert "Index Scan using jobs_claim_idx" in plan, plan
-        elif name == "lone":
+            assert "Sort" not in plan.split("CTE candidates")[0], plan  # no sort in the walk
+        elif name == "claim_jobs_of":
             # One range of the claim index, locked as it is read: no sort before the
             # LIMIT (the one sort orders the claimed rows it returns).
             assert "Index Scan using jobs_claim_idx" in plan, plan
             assert "Sort" not in plan.split("CTE picked")[1].split("CTE claimed")[0], plan
         else:
-            # The chosen rows are locked and updated by ctid: no index at all.
-            assert plan.count("Tid Scan on jobs") == 2, plan
-            assert "Index" not in plan, plan
+            assert "jobs_scheduled_idx" in plan, plan
 
 
 async def test_backlogged_tenants_are_served_evenly_over_many_claims(

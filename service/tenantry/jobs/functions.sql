@@ -1,4 +1,4 @@
--- version: 13
+-- version: 12
 -- The job queue's functions and triggers.  A repeatable migration (tenantry/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -391,79 +391,314 @@ $$;
 
 -- --- The claim ------------------------------------------------------------------------
 
--- Claim up to n runnable rows of a queue: higher priority first across all tenants,
--- and among the tenants of one priority a fair share each.  The whole protocol lives
--- here: the caller passes how many rows it can take and the cursor it was given last
--- time, and gets the rows, then one last row (job columns NULL) with the cursor to
--- pass next time and `more`: false when no runnable row is left for a tenant with
--- room; true when rows may remain (the n slots were filled, or rows were taken by a
--- concurrent claim), so that a caller with free slots claims again; and `capped`:
--- runnable rows were left behind because their tenants are at the cap, so that the
--- caller claims again when a job of this queue finishes (not only at its poll).
---
--- Each call runs in rounds, a round per priority level (or a further share of one).
--- A round is either
--- - the lone tenant's range: when a single tenant has runnable rows at the priority
---   (the first tenant there is also the last, read from the index backwards) and no
---   cap applies, its fair share is every slot, in its own order (run_at, id), so the
---   round is a FIFO over its range of the claim index: one index range scan that
---   locks as it goes (rows another claim holds are stepped over, not chosen and then
---   lost), from the first runnable row as the level's probe found it, so the dead
---   entries that claimed rows leave at the front of the range (until VACUUM) are
---   stepped over once per claim, by that probe, not twice; or
--- - the walk (below): one statement visits the tenants; when they are fewer than the
---   slots, a second reads the rest of each one's share; a last one locks the rows
---   chosen and takes them.
---
--- The walk visits the tenants with runnable rows at this priority (a loose index scan
--- on jobs_claim_idx: one index probe per tenant) in circular order, starting after
--- the cursor: the tenants after it, then from the first tenant up to the cursor itself.
--- With no cursor it starts at the first tenant, so the system tenant (the nil UUID,
--- the first of all) is reached like any other.  A tenant at its cap is stepped over
--- without taking a place; the walk stops after `reach` tenants with room.  Each of
--- those gets an equal share of the slots (at most its room under the cap), and the
--- candidates are taken in rounds: every tenant's first row in walk order, then every
--- tenant's second...  So a tenant with 50,000 runnable rows delays another's new row
--- by one claim, not by 50,000 rows.  The probe that finds a tenant also finds its first
--- runnable row (where it sits in the index, and its ctid): that row is the tenant's
--- first candidate, and the fetch of the rest of its share starts right after it, so
--- the dead entries at the front of a tenant's range are stepped over once per claim,
--- not twice, and a tenant whose share is one row (more tenants than slots) costs the
--- walk's probe alone.  The choice also says how the round ended: `done`, true when the
--- walk went round the whole circle, no candidate was left out for want of slots, and
--- no tenant left a row behind for want of share, so that no runnable row of this
--- priority remains for a tenant with room (but rows that other claims have locked at
--- this moment); and `capped`, true when a tenant with runnable rows of this priority
--- was held back by the cap (skipped, or given fewer rows than its share).
---
--- Why the statements sit in this one function, and the rows go out with RETURN QUERY:
--- in version 10 the parts were functions of their own, each call a PL/pgSQL call and
--- a tuplestore for its rows (about 20 us a call), and the walk's rows were handed on
--- one RETURN NEXT at a time (a few us a row: about a fifth of a claim of 600 rows), as
--- pg_stat_statements showed during a drain (see README, "Fairness cost").
---
--- Version 2 of this file added `capped` to what the claim returns: the function of
--- version 1 is dropped first (CREATE OR REPLACE cannot change what a function
--- returns), in this same transaction.  Version 11 folded the claim's parts
--- (stage_due_jobs, claim_jobs_at, claim_jobs_of) into it: they go too.
-DO $$
+-- The claim's parts (stage_due_jobs, claim_jobs_at, claim_jobs_of) run inside
+-- claim_jobs only, as its owner and under its settings (search_path, generic plans):
+-- they have no SECURITY DEFINER or SET clause of their own, which would save and
+-- restore the settings on every call, and nobody else may execute them.
+
+-- Staging: scheduled rows of a queue that have fallen due become runnable, a bounded
+-- batch per call.  Locked rows are skipped: another claim is staging them.
+CREATE OR REPLACE FUNCTION tenantry.stage_due_jobs(for_queue text, max_rows integer)
+RETURNS integer
+LANGUAGE plpgsql
+AS $$
+#variable_conflict use_column
 DECLARE
-    sig regprocedure := to_regprocedure(
-        'tenantry.claim_jobs(text, integer, text, double precision, uuid, integer)');
+    n integer;
 BEGIN
-    IF sig IS NOT NULL AND NOT EXISTS (
-           SELECT 1 FROM pg_catalog.pg_proc p
-            WHERE p.oid = sig AND 'capped' = ANY (p.proargnames)) THEN
-        EXECUTE format('DROP FUNCTION %s', sig);
-    END IF;
+WITH due AS (
+    SELECT j.ctid AS tid
+      FROM tenantry.jobs j
+     WHERE j.state = 'scheduled' AND j.queue = $1::text AND j.run_at <= now()
+     ORDER BY j.queue, j.run_at
+     LIMIT $2::integer
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE tenantry.jobs j
+   SET state = 'queued'
+ WHERE j.ctid = ANY (ARRAY(SELECT d.tid FROM due d));
+GET DIAGNOSTICS n = ROW_COUNT;
+RETURN n;
 END;
 $$;
-DROP FUNCTION IF EXISTS tenantry.stage_due_jobs(text, integer);
-DROP FUNCTION IF EXISTS tenantry.claim_jobs_at(text, smallint, integer, text, double precision,
-                                               uuid, integer, integer);
-DROP FUNCTION IF EXISTS tenantry.claim_jobs_of(text, smallint, uuid, timestamptz, bigint,
-                                               integer, text, double precision);
 
+-- One round of the claim at one priority: up to n runnable rows of that priority,
+-- shared fairly among the tenants that have some.
+--
+-- The walk visits the tenants with runnable rows at this priority (a loose index scan
+-- on jobs_claim_idx: one index probe per tenant) in circular order, starting after the
+-- cursor: the tenants after it, then from the first tenant up to the cursor itself.
+-- With no cursor it starts at the first tenant, so the system tenant (the nil UUID,
+-- the first of all) is reached like any other.  A tenant at its cap is stepped over
+-- without taking a place; the walk stops after max_tenants tenants with room.  Each of
+-- those gets an equal share of the n slots (at most its room under the cap), and the
+-- candidates are taken in rounds: every tenant's first row in walk order, then every
+-- tenant's second...  So a tenant with 50,000 runnable rows delays another's new row
+-- by one claim, not by 50,000 rows.
+--
+-- The walk remembers each tenant's first runnable row (where it sits in the index, and
+-- its ctid): that row is the tenant's first candidate, and the per-tenant fetch of the
+-- rest of its share starts right after it, so the dead entries that claimed rows leave
+-- at the front of a tenant's range (until VACUUM) are stepped over once per claim, not
+-- twice, and a tenant whose share is one row (more tenants than slots) costs the walk's
+-- probe alone.
+--
+-- The last row returned says how the round ended (its job columns are NULL):
+-- cursor_after, the tenant served last (where the next claim goes on), and level_done,
+-- true when the walk went round the whole circle, no candidate was left out for want
+-- of slots, and no tenant left a row behind for want of share, so that no runnable row
+-- of this priority remains for a tenant with room (but rows that other claims have
+-- locked at this moment); and capped, true when a tenant with runnable rows of this
+-- priority was held back by the cap (skipped, or given fewer rows than its share).
+--
+-- Version 2 of this file added `capped` to what the claim returns: the functions of
+-- version 1 are dropped first (CREATE OR REPLACE cannot change what a function
+-- returns), in this same transaction.
+DO $$
+DECLARE
+    sig regprocedure;
+BEGIN
+    FOREACH sig IN ARRAY ARRAY[
+        to_regprocedure('tenantry.claim_jobs_at(text, smallint, integer, text,'
+                        ' double precision, uuid, integer, integer)'),
+        to_regprocedure('tenantry.claim_jobs(text, integer, text, double precision, uuid,'
+                        ' integer)')]
+    LOOP
+        IF sig IS NOT NULL AND NOT EXISTS (
+               SELECT 1 FROM pg_catalog.pg_proc p
+                WHERE p.oid = sig AND 'capped' = ANY (p.proargnames)) THEN
+            EXECUTE format('DROP FUNCTION %s', sig);
+        END IF;
+    END LOOP;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION tenantry.claim_jobs_at(
+    for_queue text, level smallint, n integer, owner text, lease_s double precision,
+    after_tenant uuid, tenant_cap integer, max_tenants integer)
+RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload text,
+               priority smallint, attempts integer, max_attempts integer,
+               created_at timestamptz, unknown_kind_since timestamptz,
+               cursor_after uuid, level_done boolean, capped boolean)
+LANGUAGE plpgsql
+AS $$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
+WITH RECURSIVE walk(tenant_id, run_at, id, tid, wrapped, pos, running, open, taken) AS (
+    -- Not a tenant: where the walk starts (after it).  No cursor: after the largest
+    -- UUID, which wraps round to the first tenant.
+    SELECT coalesce($6::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid),
+           NULL::timestamptz, NULL::bigint, NULL::tid, false, 0, 0::bigint, false, 0
+    UNION ALL
+    SELECT x.tenant_id, x.run_at, x.id, x.tid, x.wrapped, w.pos + 1, x.running,
+           $7::integer IS NULL OR x.running < $7::integer,
+           w.taken + CASE WHEN $7::integer IS NULL OR x.running < $7::integer THEN 1 ELSE 0 END
+      FROM walk w
+     CROSS JOIN LATERAL (
+        SELECT y.tenant_id, y.run_at, y.id, y.tid, y.wrapped,
+               CASE WHEN $7::integer IS NULL THEN 0::bigint
+                    ELSE (SELECT count(*) FROM tenantry.jobs r
+                           WHERE r.tenant_id = y.tenant_id AND r.queue = $1::text
+                             AND r.state = 'running')
+               END AS running
+          FROM (
+            -- The next tenant after this one, before wrapping round...
+            (SELECT j.tenant_id, j.run_at, j.id, j.ctid AS tid, false AS wrapped
+               FROM tenantry.jobs j
+              WHERE NOT w.wrapped
+                AND j.state = 'queued' AND j.queue = $1::text AND j.priority = $2::smallint
+                AND j.tenant_id > w.tenant_id
+              ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
+              LIMIT 1)
+            UNION ALL
+            -- ...or, when none is left, the first tenant (up to the cursor)...
+            (SELECT j.tenant_id, j.run_at, j.id, j.ctid, true
+               FROM tenantry.jobs j
+              WHERE NOT w.wrapped
+                AND j.state = 'queued' AND j.queue = $1::text AND j.priority = $2::smallint
+                AND j.tenant_id <= coalesce($6::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid)
+              ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
+              LIMIT 1)
+            UNION ALL
+            -- ...and after wrapping, the next tenant up to the cursor.
+            (SELECT j.tenant_id, j.run_at, j.id, j.ctid, true
+               FROM tenantry.jobs j
+              WHERE w.wrapped
+                AND j.state = 'queued' AND j.queue = $1::text AND j.priority = $2::smallint
+                AND j.tenant_id > w.tenant_id
+                AND j.tenant_id <= coalesce($6::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid)
+              ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
+              LIMIT 1)
+            LIMIT 1
+          ) y
+     ) x
+     WHERE w.taken < $8::integer
+),
+visited AS (
+    SELECT w.tenant_id, w.run_at, w.id, w.tid, w.pos, w.running
+      FROM walk w
+     WHERE w.pos > 0 AND w.open
+),
+walked AS (
+    -- ended: the walk stopped for want of tenants, not at max_tenants.
+    SELECT max(w.taken) < $8::integer AS ended,
+           ceil($3::numeric / greatest(max(w.taken), 1))::integer AS share
+      FROM walk w
+),
+limits AS (
+    SELECT v.tenant_id, v.run_at, v.id, v.tid, v.pos,
+           CASE WHEN $7::integer IS NULL THEN s.share
+                ELSE least(s.share, $7::integer - v.running::integer) END AS lim,
+           -- Whether the share, not the cap, limits it: such a tenant may have more.
+           $7::integer IS NULL OR s.share < $7::integer - v.running AS share_bound
+      FROM visited v
+     CROSS JOIN walked s
+),
+candidates AS (
+    -- Each tenant's first row is the one the walk found (lim is at least 1); the rest
+    -- of its share follows it in the index.  With more tenants than slots the share is
+    -- one row, LIMIT 0 reads nothing, and the walk's probe was the only one.
+    SELECT l.tid, l.id, l.tenant_id, 1::bigint AS rn, l.pos, l.lim, l.share_bound
+      FROM limits l
+    UNION ALL
+    SELECT c.tid, c.id, l.tenant_id, c.rn + 1, l.pos, l.lim, l.share_bound
+      FROM limits l
+     CROSS JOIN LATERAL (
+        SELECT j.ctid AS tid, j.id, row_number() OVER (ORDER BY j.run_at, j.id) AS rn
+          FROM tenantry.jobs j
+         WHERE j.state = 'queued' AND j.queue = $1::text AND j.priority = $2::smallint
+           AND j.tenant_id = l.tenant_id
+           AND (j.run_at, j.id) > (l.run_at, l.id)
+         ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
+         LIMIT l.lim - 1
+     ) c
+),
+chosen AS (
+    SELECT c.tid, c.id, c.tenant_id, c.rn, c.pos
+      FROM candidates c
+     ORDER BY c.rn, c.pos
+     LIMIT $3::integer
+),
+picked AS (
+    -- Lock the chosen rows by ctid (a Tid Scan, no index descent per row).  A row
+    -- another worker claimed since our snapshot has a new version at a new ctid, so
+    -- the lock's recheck of `ctid = ANY (...)` skips it; a row locked right now by
+    -- another claim is skipped too.  No `state = 'queued'` here: it would let the
+    -- planner pick the partial claim index and scan it whole (see the outcome
+    -- statement below).
+    SELECT j.ctid AS tid
+      FROM tenantry.jobs j
+     WHERE j.ctid = ANY (ARRAY(SELECT c.tid FROM chosen c))
+       FOR UPDATE SKIP LOCKED
+),
+claimed AS (
+    UPDATE tenantry.jobs j
+       SET state = 'running',
+           attempts = j.attempts + 1,
+           lease_owner = $4::text,
+           lease_expires_at = now() + make_interval(secs => $5::double precision),
+           started_at = now()
+     WHERE j.ctid = ANY (ARRAY(SELECT p.tid FROM picked p))
+    -- The payload as text: the worker decodes each job's on its own, so that one it
+    -- cannot read (a number no double holds, nesting deeper than its parser takes)
+    -- costs that job and not the whole claim.
+    RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload::text AS payload, j.priority,
+              j.attempts, j.max_attempts, j.created_at, j.unknown_kind_since
+)
+(SELECT c.tenant_id, c.id, c.queue, c.kind, c.payload, c.priority, c.attempts,
+        c.max_attempts, c.created_at, c.unknown_kind_since, NULL::uuid, NULL::boolean,
+        NULL::boolean
+   FROM claimed c
+   -- In the order chosen: the worker starts them in this order.
+   JOIN chosen o ON o.tenant_id = c.tenant_id AND o.id = c.id
+  ORDER BY o.rn, o.pos)
+UNION ALL
+SELECT NULL::uuid, NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::smallint,
+       NULL::integer, NULL::integer, NULL::timestamptz, NULL::timestamptz,
+       (SELECT c.tenant_id FROM chosen c ORDER BY c.rn DESC, c.pos DESC LIMIT 1),
+       -- Done: the walk went round, no candidate was left out for want of slots, and
+       -- no tenant stopped at its share with more rows possibly behind it.
+       (SELECT s.ended FROM walked s)
+       AND (SELECT count(*) FROM candidates) <= $3::integer
+       AND NOT EXISTS (
+           SELECT 1 FROM candidates c
+            WHERE c.share_bound
+            GROUP BY c.tenant_id
+           HAVING count(*) >= min(c.lim)),
+       -- Capped: a tenant skipped at its cap, or stopped at the cap with more rows
+       -- possibly behind it.
+       $7::integer IS NOT NULL
+       AND (EXISTS (SELECT 1 FROM walk w WHERE w.pos > 0 AND NOT w.open)
+            OR EXISTS (
+                SELECT 1 FROM candidates c
+                 WHERE NOT c.share_bound
+                 GROUP BY c.tenant_id
+                HAVING count(*) >= min(c.lim)));
+END;
+$$;
+
+-- One round of the claim at one priority when a single tenant has runnable rows there
+-- (and no cap applies): that tenant's fair share is every slot, and its rows in its own
+-- order (run_at, id), so the round is a FIFO over its range of the claim index.  One
+-- index range scan that locks as it goes (rows locked by another claim are stepped
+-- over, not chosen and then lost), instead of the walk, the candidates and a lock by
+-- ctid: the general round's plan for one tenant costs about as much again as this one.
+-- The scan starts at the tenant's first runnable row as the caller found it, so the
+-- dead entries that claimed rows leave at the front of the range (until VACUUM) are
+-- stepped over once per claim, by that probe, not twice.  Returns the claimed rows in
+-- that order; fewer than n means no unlocked runnable row of this tenant is left at
+-- this priority from there on.
+CREATE OR REPLACE FUNCTION tenantry.claim_jobs_of(
+    for_queue text, level smallint, for_tenant uuid, from_run_at timestamptz, from_id bigint,
+    n integer, owner text, lease_s double precision)
+RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload text,
+               priority smallint, attempts integer, max_attempts integer,
+               created_at timestamptz, unknown_kind_since timestamptz)
+LANGUAGE plpgsql
+AS $$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
+WITH picked AS (
+    SELECT j.ctid AS tid
+      FROM tenantry.jobs j
+     WHERE j.state = 'queued' AND j.queue = $1::text AND j.priority = $2::smallint
+       AND j.tenant_id = $3::uuid AND (j.run_at, j.id) >= ($4::timestamptz, $5::bigint)
+     ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
+     LIMIT $6::integer
+       FOR UPDATE SKIP LOCKED
+),
+claimed AS (
+    UPDATE tenantry.jobs j
+       SET state = 'running',
+           attempts = j.attempts + 1,
+           lease_owner = $7::text,
+           lease_expires_at = now() + make_interval(secs => $8::double precision),
+           started_at = now()
+     WHERE j.ctid = ANY (ARRAY(SELECT p.tid FROM picked p))
+    RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload::text AS payload, j.priority,
+              j.attempts, j.max_attempts, j.created_at, j.unknown_kind_since, j.run_at
+)
+SELECT c.tenant_id, c.id, c.queue, c.kind, c.payload, c.priority, c.attempts,
+       c.max_attempts, c.created_at, c.unknown_kind_since
+  FROM claimed c
+ -- In the tenant's order: the worker starts them in this order.
+ ORDER BY c.run_at, c.id;
+END;
+$$;
+
+-- Claim up to n runnable rows of a queue: higher priority first across all tenants,
+-- and among the tenants of one priority a fair share each (claim_jobs_at; or
+-- claim_jobs_of when a single tenant has runnable rows there and no cap applies: its
+-- share is every slot).  The whole
+-- protocol lives here: the caller passes how many rows it can take and the cursor it
+-- was given last time, and gets the rows, then one last row (job columns NULL) with
+-- the cursor to pass next time and `more`: false when no runnable row is left for a
+-- tenant with room; true when rows may remain (the n slots were filled, or rows were
+-- taken by a concurrent claim), so that a caller with free slots claims again; and
+-- `capped`: runnable rows were left behind because their tenants are at the cap, so
+-- that the caller claims again when a job of this queue finishes (not only at its poll).
 CREATE OR REPLACE FUNCTION tenantry.claim_jobs(
     for_queue text, n integer, owner text, lease_s double precision, after_tenant uuid,
     tenant_cap integer)
@@ -482,41 +717,19 @@ DECLARE
     -- Rounds per call: each takes a priority level or a further share of one.
     round_limit constant integer := 16;
     lvl smallint;
-    -- The next level is below this one (above any smallint at first).
-    below integer := 32768;
     remaining integer := n;
-    reach integer;
     cur uuid := after_tenant;
     rounds integer := 0;
     got integer;
     done boolean;
-    round_capped boolean;
     held_back boolean := false;
-    find_level boolean := true;
     -- The first runnable row at this priority (its tenant, and where it sits in the
-    -- index), and the last tenant with runnable rows there (no cap: with one, a lone
-    -- tenant walks too).
+    -- index), and the last tenant with runnable rows there.
     first_tenant uuid;
     first_run_at timestamptz;
     first_id bigint;
-    first_tid tid;
     last_tenant uuid;
-    -- The walk: the first runnable row of each tenant with room it visited, in walk
-    -- order (where it sits in the index, its ctid, its tenant's running rows); how
-    -- many tenants with room; whether it skipped one at its cap; the least and most
-    -- running rows of those tenants.  Then the rows chosen, in the order they are to
-    -- be started.
-    tids tid[];
-    tenant_ids uuid[];
-    run_ats timestamptz[];
-    ids bigint[];
-    running_rows bigint[];
-    taken integer;
-    skipped boolean;
-    least_running bigint;
-    most_running bigint;
-    ended boolean;
-    share integer;
+    r record;
 BEGIN
     -- A paused queue (tenantry.queue_controls, set by an operator) hands out nothing,
     -- in every process: the row is the pause, not a flag of the process that set it.
@@ -535,345 +748,67 @@ BEGIN
         -- (READ COMMITTED, a snapshot per statement).  0x7E4C: our lock class for it.
         PERFORM pg_advisory_xact_lock(32332, hashtext(for_queue));
     END IF;
-    -- Staging: scheduled rows of the queue that have fallen due become runnable, a
-    -- bounded batch per claim.  Locked rows are skipped: another claim is staging them.
-    -- [statement: stage]
-    WITH due AS (
-        SELECT j.ctid AS tid
-          FROM tenantry.jobs j
-         WHERE j.state = 'scheduled' AND j.queue = for_queue AND j.run_at <= now()
-         ORDER BY j.queue, j.run_at
-         LIMIT 1000
-           FOR UPDATE SKIP LOCKED
-    )
-    UPDATE tenantry.jobs j
-       SET state = 'queued'
-     WHERE j.ctid = ANY (ARRAY(SELECT d.tid FROM due d));
-    LOOP
-        IF find_level THEN
-            -- The next priority level (the highest at first), its first runnable row, and
-            -- (no cap) the last tenant with runnable rows there: the index read backwards,
-            -- where no claimed rows leave dead entries.  The same as the first when a
-            -- single tenant has rows there, the common case of a backlog (a bulk import,
-            -- one busy tenant).
-            -- [statement: level]
-            SELECT j.priority, j.tenant_id, j.run_at, j.id, j.ctid,
-                   CASE WHEN tenant_cap IS NULL THEN (
-                       SELECT l.tenant_id
-                         FROM tenantry.jobs l
-                        WHERE l.state = 'queued' AND l.queue = for_queue
-                          AND l.priority = j.priority
-                        ORDER BY l.queue DESC, l.priority, l.tenant_id DESC, l.run_at DESC,
-                                 l.id DESC
-                        LIMIT 1)
-                   END
-              INTO lvl, first_tenant, first_run_at, first_id, first_tid, last_tenant
-              FROM tenantry.jobs j
-             WHERE j.state = 'queued' AND j.queue = for_queue AND j.priority < below
-             ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
-             LIMIT 1;
-        END IF;
-        EXIT WHEN lvl IS NULL OR remaining <= 0 OR rounds >= round_limit;
+    PERFORM tenantry.stage_due_jobs(for_queue, 1000);
+    SELECT j.priority, j.tenant_id, j.run_at, j.id
+      INTO lvl, first_tenant, first_run_at, first_id
+      FROM tenantry.jobs j
+     WHERE j.state = 'queued' AND j.queue = for_queue
+     ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
+     LIMIT 1;
+    WHILE lvl IS NOT NULL AND remaining > 0 AND rounds < round_limit LOOP
         rounds := rounds + 1;
         got := 0;
+        done := false;
+        last_tenant := NULL;
+        IF tenant_cap IS NULL AND first_tenant IS NOT NULL THEN
+            -- The last tenant at this priority (the index read backwards, where no
+            -- claimed rows leave dead entries): the same as the first when a single
+            -- tenant has rows here, the common case of a backlog (a bulk import, one
+            -- busy tenant).
+            SELECT j.tenant_id INTO last_tenant
+              FROM tenantry.jobs j
+             WHERE j.state = 'queued' AND j.queue = for_queue AND j.priority = lvl
+             ORDER BY j.queue DESC, j.priority, j.tenant_id DESC, j.run_at DESC, j.id DESC
+             LIMIT 1;
+        END IF;
         IF last_tenant = first_tenant THEN
-            -- [statement: lone]
             RETURN QUERY
-            WITH picked AS (
-                SELECT j.ctid AS tid
-                  FROM tenantry.jobs j
-                 WHERE j.state = 'queued' AND j.queue = for_queue AND j.priority = lvl
-                   AND j.tenant_id = first_tenant
-                   AND (j.run_at, j.id) >= (first_run_at, first_id)
-                 ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
-                 LIMIT remaining
-                   FOR UPDATE SKIP LOCKED
-            ),
-            claimed AS (
-                UPDATE tenantry.jobs j
-                   SET state = 'running',
-                       attempts = j.attempts + 1,
-                       lease_owner = owner,
-                       lease_expires_at = now() + make_interval(secs => lease_s),
-                       started_at = now()
-                 WHERE j.ctid = ANY (ARRAY(SELECT p.tid FROM picked p))
-                -- The payload as text: the worker decodes each job's on its own, so
-                -- that one it cannot read (a number no double holds, nesting deeper
-                -- than its parser takes) costs that job and not the whole claim.
-                RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload::text AS payload,
-                          j.priority, j.attempts, j.max_attempts, j.created_at,
-                          j.unknown_kind_since, j.run_at
-            )
-            SELECT c.tenant_id, c.id, c.queue, c.kind, c.payload, c.priority,
-                   c.attempts, c.max_attempts, c.created_at, c.unknown_kind_since,
-                   NULL::uuid, NULL::boolean, NULL::boolean
-              FROM claimed c
-             -- In the tenant's order: the worker starts them in this order.
-             ORDER BY c.run_at, c.id;
+            SELECT o.*, NULL::uuid, NULL::boolean, NULL::boolean
+              FROM tenantry.claim_jobs_of(for_queue, lvl, first_tenant, first_run_at,
+                                          first_id, remaining, owner, lease_s) o;
             GET DIAGNOSTICS got = ROW_COUNT;
             cur := first_tenant;
-            -- Fewer than asked: no unlocked runnable row of this tenant is left at
-            -- this priority from its first one on.
             done := got < remaining;
         ELSE
-            reach := least(remaining, tenant_limit);
-            -- [statement: walk]
-            WITH RECURSIVE
-            -- The tenants after the cursor, in order (one index probe each)...
-            ahead(tenant_id, run_at, id, tid, pos, running, open, taken) AS (
-                SELECT y.tenant_id, y.run_at, y.id, y.tid, 1, y.running,
-                       tenant_cap IS NULL OR y.running < tenant_cap,
-                       CASE WHEN tenant_cap IS NULL OR y.running < tenant_cap
-                            THEN 1 ELSE 0 END
-                  FROM (
-                    SELECT j.tenant_id, j.run_at, j.id, j.ctid AS tid,
-                           CASE WHEN tenant_cap IS NULL THEN 0::bigint
-                                ELSE (SELECT count(*) FROM tenantry.jobs r
-                                       WHERE r.tenant_id = j.tenant_id
-                                         AND r.queue = for_queue AND r.state = 'running')
-                           END AS running
-                      FROM tenantry.jobs j
-                     WHERE j.state = 'queued' AND j.queue = for_queue
-                       AND j.priority = lvl
-                       AND j.tenant_id
-                           > coalesce(cur, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid)
-                     ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
-                     LIMIT 1) y
-                UNION ALL
-                SELECT y.tenant_id, y.run_at, y.id, y.tid, w.pos + 1, y.running,
-                       tenant_cap IS NULL OR y.running < tenant_cap,
-                       w.taken + CASE WHEN tenant_cap IS NULL OR y.running < tenant_cap
-                                      THEN 1 ELSE 0 END
-                  FROM ahead w
-                 CROSS JOIN LATERAL (
-                    SELECT j.tenant_id, j.run_at, j.id, j.ctid AS tid,
-                           CASE WHEN tenant_cap IS NULL THEN 0::bigint
-                                ELSE (SELECT count(*) FROM tenantry.jobs r
-                                       WHERE r.tenant_id = j.tenant_id
-                                         AND r.queue = for_queue AND r.state = 'running')
-                           END AS running
-                      FROM tenantry.jobs j
-                     WHERE j.state = 'queued' AND j.queue = for_queue
-                       AND j.priority = lvl AND j.tenant_id > w.tenant_id
-                     ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
-                     LIMIT 1) y
-                 WHERE w.taken < reach
-            ),
-            -- ...then, wrapping round, from the first tenant up to the cursor (no
-            -- cursor: every tenant), unless the tenants ahead filled the reach.
-            behind(tenant_id, run_at, id, tid, pos, running, open, taken) AS (
-                SELECT y.tenant_id, y.run_at, y.id, y.tid, e.pos + 1, y.running,
-                       tenant_cap IS NULL OR y.running < tenant_cap,
-                       e.taken + CASE WHEN tenant_cap IS NULL OR y.running < tenant_cap
-                                      THEN 1 ELSE 0 END
-                  FROM (SELECT count(*)::integer AS pos,
-                               coalesce(max(a.taken), 0) AS taken
-                          FROM ahead a) e
-                 CROSS JOIN LATERAL (
-                    -- The level's first tenant as its probe found it, in the round
-                    -- right after that probe (the same dead entries are not stepped
-                    -- over twice)...
-                    SELECT first_tenant AS tenant_id, first_run_at AS run_at,
-                           first_id AS id, first_tid AS tid,
-                           CASE WHEN tenant_cap IS NULL THEN 0::bigint
-                                ELSE (SELECT count(*) FROM tenantry.jobs r
-                                       WHERE r.tenant_id = first_tenant
-                                         AND r.queue = for_queue AND r.state = 'running')
-                           END AS running
-                     WHERE first_tenant
-                           <= coalesce(cur, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid)
-                    UNION ALL
-                    -- ...or a probe for it.
-                    (SELECT j.tenant_id, j.run_at, j.id, j.ctid AS tid,
-                            CASE WHEN tenant_cap IS NULL THEN 0::bigint
-                                 ELSE (SELECT count(*) FROM tenantry.jobs r
-                                        WHERE r.tenant_id = j.tenant_id
-                                          AND r.queue = for_queue AND r.state = 'running')
-                            END AS running
-                       FROM tenantry.jobs j
-                      WHERE first_tenant IS NULL
-                        AND j.state = 'queued' AND j.queue = for_queue
-                        AND j.priority = lvl
-                        AND j.tenant_id
-                            <= coalesce(cur, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid)
-                      ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
-                      LIMIT 1)) y
-                 WHERE e.taken < reach
-                UNION ALL
-                SELECT y.tenant_id, y.run_at, y.id, y.tid, w.pos + 1, y.running,
-                       tenant_cap IS NULL OR y.running < tenant_cap,
-                       w.taken + CASE WHEN tenant_cap IS NULL OR y.running < tenant_cap
-                                      THEN 1 ELSE 0 END
-                  FROM behind w
-                 CROSS JOIN LATERAL (
-                    SELECT j.tenant_id, j.run_at, j.id, j.ctid AS tid,
-                           CASE WHEN tenant_cap IS NULL THEN 0::bigint
-                                ELSE (SELECT count(*) FROM tenantry.jobs r
-                                       WHERE r.tenant_id = j.tenant_id
-                                         AND r.queue = for_queue AND r.state = 'running')
-                           END AS running
-                      FROM tenantry.jobs j
-                     WHERE j.state = 'queued' AND j.queue = for_queue
-                       AND j.priority = lvl AND j.tenant_id > w.tenant_id
-                       AND j.tenant_id
-                           <= coalesce(cur, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid)
-                     ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
-                     LIMIT 1) y
-                 WHERE w.taken < reach
-            ),
-            walk AS (
-                SELECT * FROM ahead
-                UNION ALL
-                SELECT * FROM behind
-            )
-            SELECT array_agg(w.tid ORDER BY w.pos) FILTER (WHERE w.open),
-                   array_agg(w.tenant_id ORDER BY w.pos) FILTER (WHERE w.open),
-                   array_agg(w.run_at ORDER BY w.pos) FILTER (WHERE w.open),
-                   array_agg(w.id ORDER BY w.pos) FILTER (WHERE w.open),
-                   array_agg(w.running ORDER BY w.pos) FILTER (WHERE w.open),
-                   count(*) FILTER (WHERE w.open),
-                   coalesce(bool_or(NOT w.open), false),
-                   min(w.running) FILTER (WHERE w.open),
-                   max(w.running) FILTER (WHERE w.open)
-              INTO tids, tenant_ids, run_ats, ids, running_rows, taken, skipped, least_running,
-                   most_running
-              FROM walk w;
-            -- The walk stopped for want of tenants, not at its reach.
-            ended := taken < reach;
-            share := ceil(remaining::numeric / greatest(taken, 1))::integer;
-            IF taken = 0 THEN
-                -- Nobody with room: done when the walk went round.
-                done := ended;
-                round_capped := tenant_cap IS NOT NULL AND skipped;
-            ELSIF share = 1 THEN
-                -- As many tenants as slots: each gets the row the walk found, in walk
-                -- order, and nothing more is read.  Done only when the walk went round
-                -- and every tenant's cap (none: the share) stopped it at that row;
-                -- capped when a tenant was skipped at its cap or has room for one row.
-                done := ended AND tenant_cap IS NOT NULL AND tenant_cap - least_running <= 1;
-                round_capped := tenant_cap IS NOT NULL
-                                AND (skipped OR tenant_cap - most_running <= 1);
+        FOR r IN SELECT * FROM tenantry.claim_jobs_at(
+                     for_queue, lvl, remaining, owner, lease_s, cur, tenant_cap,
+                     least(remaining, tenant_limit)) LOOP
+            IF r.id IS NULL THEN
+                cur := coalesce(r.cursor_after, cur);
+                done := r.level_done;
+                held_back := held_back OR r.capped;
             ELSE
-                -- Fewer tenants than slots: the rest of each one's share follows the row
-                -- the walk found in the index.
-                -- [statement: share]
-                WITH limits AS (
-                    SELECT w.tid, w.tenant_id, w.run_at, w.id, w.pos,
-                           CASE WHEN tenant_cap IS NULL THEN share
-                                ELSE least(share, tenant_cap - w.running::integer) END AS lim,
-                           -- Whether the share, not the cap, limits it: such a tenant
-                           -- may have more.
-                           tenant_cap IS NULL OR share < tenant_cap - w.running AS share_bound
-                      FROM unnest(tids, tenant_ids, run_ats, ids, running_rows)
-                           WITH ORDINALITY AS w(tid, tenant_id, run_at, id, running, pos)
-                ),
-                candidates AS (
-                    -- Each tenant's first row is the one the walk found (lim is at least
-                    -- 1).
-                    SELECT l.tid, l.id, l.tenant_id, 1::bigint AS rn, l.pos, l.lim,
-                           l.share_bound
-                      FROM limits l
-                    UNION ALL
-                    SELECT c.tid, c.id, l.tenant_id, c.rn + 1, l.pos, l.lim, l.share_bound
-                      FROM limits l
-                     CROSS JOIN LATERAL (
-                        SELECT j.ctid AS tid, j.id,
-                               row_number() OVER (ORDER BY j.run_at, j.id) AS rn
-                          FROM tenantry.jobs j
-                         WHERE j.state = 'queued' AND j.queue = for_queue AND j.priority = lvl
-                           AND j.tenant_id = l.tenant_id
-                           AND (j.run_at, j.id) > (l.run_at, l.id)
-                         ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
-                         LIMIT l.lim - 1
-                     ) c
-                )
-                SELECT o.tids, o.tenant_ids, o.ids,
-                       -- Done: the walk went round, no candidate was left out for want
-                       -- of slots, and no tenant stopped at its share with more rows
-                       -- possibly behind it.
-                       ended
-                       AND (SELECT count(*) FROM candidates) <= remaining
-                       AND NOT EXISTS (
-                           SELECT 1 FROM candidates c
-                            WHERE c.share_bound
-                            GROUP BY c.tenant_id
-                           HAVING count(*) >= min(c.lim)),
-                       -- Capped: a tenant skipped at its cap, or stopped at the cap with
-                       -- more rows possibly behind it.
-                       tenant_cap IS NOT NULL
-                       AND (skipped
-                            OR EXISTS (
-                                SELECT 1 FROM candidates c
-                                 WHERE NOT c.share_bound
-                                 GROUP BY c.tenant_id
-                                HAVING count(*) >= min(c.lim)))
-                  INTO tids, tenant_ids, ids, done, round_capped
-                  FROM (
-                    -- The chosen rows, in rounds: every tenant's first row in walk
-                    -- order, then every tenant's second...
-                    SELECT array_agg(c.tid ORDER BY c.rn, c.pos) AS tids,
-                           array_agg(c.tenant_id ORDER BY c.rn, c.pos) AS tenant_ids,
-                           array_agg(c.id ORDER BY c.rn, c.pos) AS ids
-                      FROM (SELECT c.tid, c.tenant_id, c.id, c.rn, c.pos
-                              FROM candidates c
-                             ORDER BY c.rn, c.pos
-                             LIMIT remaining) c
-                  ) o;
+                tenant_id := r.tenant_id; id := r.id; queue := r.queue; kind := r.kind;
+                payload := r.payload; priority := r.priority; attempts := r.attempts;
+                max_attempts := r.max_attempts; created_at := r.created_at;
+                unknown_kind_since := r.unknown_kind_since;
+                cursor_after := NULL; more := NULL; capped := NULL;
+                RETURN NEXT;
+                got := got + 1;
             END IF;
-            held_back := held_back OR round_capped;
-            IF tids IS NOT NULL THEN
-                -- The tenant served last: where the next round, or claim, goes on.
-                cur := tenant_ids[cardinality(tenant_ids)];
-                -- [statement: take]
-                -- Lock the chosen rows by ctid (a Tid Scan, no index descent per
-                -- row).  A row another claim took since the choice has a new version
-                -- at a new ctid: the old one is no longer visible to this
-                -- statement's snapshot (if that claim committed before it) or the
-                -- new one is not (if after: the lock then moves to the new version,
-                -- whose ctid the update below cannot see), so it is skipped either
-                -- way; a row another claim holds right now is skipped too.  No
-                -- `state = 'queued'` here: it would let the planner pick the partial
-                -- claim index and scan it whole (see the outcome statement below).
-                RETURN QUERY
-                WITH picked AS (
-                    SELECT j.ctid AS tid
-                      FROM tenantry.jobs j
-                     WHERE j.ctid = ANY (tids)
-                       FOR UPDATE SKIP LOCKED
-                ),
-                claimed AS (
-                    UPDATE tenantry.jobs j
-                       SET state = 'running',
-                           attempts = j.attempts + 1,
-                           lease_owner = owner,
-                           lease_expires_at = now() + make_interval(secs => lease_s),
-                           started_at = now()
-                     WHERE j.ctid = ANY (ARRAY(SELECT p.tid FROM picked p))
-                    RETURNING j.tenant_id, j.id, j.queue, j.kind, j.payload::text AS payload,
-                              j.priority, j.attempts, j.max_attempts, j.created_at,
-                              j.unknown_kind_since
-                )
-                SELECT c.tenant_id, c.id, c.queue, c.kind, c.payload, c.priority,
-                       c.attempts, c.max_attempts, c.created_at, c.unknown_kind_since,
-                       NULL::uuid, NULL::boolean, NULL::boolean
-                  FROM claimed c
-                  -- In the order chosen: the worker starts them in this order.
-                  JOIN unnest(tenant_ids, ids) WITH ORDINALITY AS o(tenant_id, id, ord)
-                    ON o.tenant_id = c.tenant_id AND o.id = c.id
-                 ORDER BY o.ord;
-                GET DIAGNOSTICS got = ROW_COUNT;
-            END IF;
+        END LOOP;
         END IF;
         remaining := remaining - got;
-        -- The level's first row and whether its tenant is alone are known only for a
-        -- level just found: a further round at this one walks, and probes.
+        -- Known only for a level just found: a further round at this one walks.
         first_tenant := NULL;
-        last_tenant := NULL;
-        -- Done: this priority is exhausted, the next lower one (looked for even when
-        -- the slots are full, so that `more` says whether one is left).
-        find_level := done;
         IF done THEN
-            below := lvl;
+            -- This priority is exhausted: the next lower one.
+            SELECT j.priority, j.tenant_id, j.run_at, j.id
+              INTO lvl, first_tenant, first_run_at, first_id
+              FROM tenantry.jobs j
+             WHERE j.state = 'queued' AND j.queue = for_queue AND j.priority < lvl
+             ORDER BY j.queue, j.priority DESC, j.tenant_id, j.run_at, j.id
+             LIMIT 1;
         ELSIF got = 0 THEN
             -- Everything it chose was taken by concurrent claims: let the caller decide
             -- when to come back rather than spin here.
@@ -1835,6 +1770,17 @@ GRANT EXECUTE ON FUNCTION tenantry.worker_demand(text[]) TO tenantry_metrics;
 -- The wake-up runs at commit as whoever inserted the row (tenant code, a worker writing
 -- a dead-letter hook job, an operator retrying a dead job): 0005 grants them the
 -- throttle table.  A trigger function needs no EXECUTE grant to fire.
+ALTER FUNCTION tenantry.stage_due_jobs(text, integer) OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.claim_jobs_at(text, smallint, integer, text, double precision, uuid,
+                                      integer, integer) OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.claim_jobs_of(text, smallint, uuid, timestamptz, bigint, integer, text,
+                                      double precision) OWNER TO tenantry_system;
+REVOKE ALL ON FUNCTION tenantry.stage_due_jobs(text, integer),
+                       tenantry.claim_jobs_at(text, smallint, integer, text, double precision,
+                                              uuid, integer, integer),
+                       tenantry.claim_jobs_of(text, smallint, uuid, timestamptz, bigint,
+                                              integer, text, double precision)
+    FROM PUBLIC;
 ALTER FUNCTION tenantry.jobs_schedule_delayed() OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.dead_job_matches(text, uuid, text, text, uuid, text)
     OWNER TO tenantry_owner;
