@@ -1,4 +1,4 @@
--- version: 12
+-- version: 14
 -- The job queue's functions and triggers.  A repeatable migration (tenantry/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -110,7 +110,7 @@ $trigger$);
 -- (ensure_wake_keys), never by a producer, so no producer waits on another; a key
 -- without a row (a queue no worker has announced) notifies in every window.
 --
--- The gate: a transaction that stays quiet holds a shared advisory lock (class 0x7E4C,
+-- The gate: a transaction that stays quiet holds a shared advisory lock (class 0x7E4D,
 -- the key's hash) from before the read it decided on until its commit has become
 -- visible (transaction locks are released after the commit is visible to new
 -- snapshots).  The decision comes at commit but the commit becomes visible later (the
@@ -154,7 +154,11 @@ $trigger$);
 -- SECURITY DEFINER functions' owner among them, and a schema ahead of pg_catalog on
 -- that session's search_path must not lend it an operator.  (integer, boolean and
 -- interval are keywords, always pg_catalog's.)  The lock classes 0x7E4B (the window's
--- try-lock) and 0x7E4C (the gate) are ours (migrations use 0x7E4A).
+-- try-lock) and 0x7E4D (the gate) are ours (migrations use 0x7E4A).  The gate has a
+-- class of its own: on 0x7E4C, the capped claim's (claim_jobs), a capped queue named
+-- 'tenantry_jobs:<B>', or any whose hashtext met that of another's gate key, had its
+-- claims wait behind queue B's quiet producers (an IMMEDIATE one: for its whole
+-- transaction, past the worker's lock_timeout).
 CREATE OR REPLACE FUNCTION tenantry.wake_at_commit() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
@@ -182,7 +186,7 @@ BEGIN
         -- Quiet only behind the gate (see above), and only if the wake-up is still
         -- pending once inside it: a re-arm that committed since the first read must be
         -- seen, or its claim could have run without this commit.
-        IF pg_catalog.pg_try_advisory_xact_lock_shared(32332, pg_catalog.hashtext(k)) THEN
+        IF pg_catalog.pg_try_advisory_xact_lock_shared(32333, pg_catalog.hashtext(k)) THEN
             SELECT t.last_at INTO last FROM tenantry.notify_throttle t
              WHERE t.key OPERATOR(pg_catalog.=) k;
             IF last OPERATOR(pg_catalog.>) quiet_since THEN
@@ -212,7 +216,7 @@ BEGIN
             -- Another transaction is committing this window's wake-up: quiet, behind
             -- the gate (its NOTIFY arrives after that commit, so the re-arm of the
             -- claim it prompts comes after the gate was taken here, and sees it held).
-            IF pg_catalog.pg_try_advisory_xact_lock_shared(32332, pg_catalog.hashtext(k)) THEN
+            IF pg_catalog.pg_try_advisory_xact_lock_shared(32333, pg_catalog.hashtext(k)) THEN
                 RETURN NULL;
             END IF;
         END IF;
@@ -288,7 +292,7 @@ UPDATE tenantry.notify_throttle t SET last_at = '-infinity'
          WHERE n.key = 'tenantry_jobs:' || queue AND n.last_at > '-infinity'
            FOR UPDATE SKIP LOCKED) armed
  WHERE t.key = armed.key;
-RETURN pg_try_advisory_xact_lock(32332, hashtext('tenantry_jobs:' || queue));
+RETURN pg_try_advisory_xact_lock(32333, hashtext('tenantry_jobs:' || queue));
 END;
 $$;
 
@@ -307,7 +311,7 @@ BEGIN
     -- Restored when the function returns (its SET clause).
     PERFORM set_config('lock_timeout', greatest(wait_ms, 1)::text, true);
     BEGIN
-        PERFORM pg_advisory_xact_lock(32332, hashtext('tenantry_jobs:' || queue));
+        PERFORM pg_advisory_xact_lock(32333, hashtext('tenantry_jobs:' || queue));
     EXCEPTION WHEN lock_not_available THEN
         RETURN false;
     END;
