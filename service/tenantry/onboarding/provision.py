@@ -1,9 +1,10 @@
 """Provisioning: the `onboarding.provision` job, one committed group of steps at a time.
 
-Each group of steps (STEP_GROUPS) runs in one transaction with the onboarding locked:
-each step checks the ledger (a step already done is skipped), writes its rows with ids
-derived from the onboarding id, records itself and the onboarding's next version and
-event (machine.py).  Effects outside the database happen before that transaction and
+Each group of steps (STEP_GROUPS) runs in one transaction with the onboarding locked,
+one call of tenantry.onboarding_run_steps (machine.run_steps): each step checks the
+ledger (a step already done is skipped), writes its rows with ids derived from the
+onboarding id, and is recorded with the onboarding's next version and its event.
+Effects outside the database happen before that transaction and
 are idempotent themselves (a directory that may exist, an email whose idempotency key
 is the onboarding's), so a retry or a kill -9 anywhere repeats at most an idempotent
 call and never duplicates or orphans anything.
