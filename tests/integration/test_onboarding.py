@@ -336,6 +336,9 @@ async def test_a_poison_payload_reaches_its_stream_and_the_hub_goes_on(
 ) -> None:
     """A number no double can hold, from another service's emit: the hub never decodes
     it, so it neither crashes the process nor stops other streams."""
+    # Provisioning held (an operator's pause) until the note is seen: a stream ends at
+    # its onboarding's last event, which a fast provisioning could otherwise reach first.
+    await _pause_default_queue(admin_pool, True)
     _, body, _ = await sign_up(http)
     tid = uuid.UUID(body["tenant_id"])
     async with http.get(body["events_url"]) as r:
@@ -354,9 +357,16 @@ async def test_a_poison_payload_reaches_its_stream_and_the_hub_goes_on(
                 if b"event: onboarding.note" in raw and raw.endswith(b"\n\n"):
                     break
     assert b'"n": 1' + b"0" * 400 in raw
+    await _pause_default_queue(admin_pool, False)
     # Still serving: another sign-up completes.
     _, other, _ = await sign_up(http)
     assert (await follow(http, other["events_url"]))[-1].event == "onboarding.completed"
+
+
+async def _pause_default_queue(admin_pool: asyncpg.Pool, paused: bool) -> None:
+    await admin_pool.execute(
+        "SELECT tenantry.set_queue_control('default', $1, NULL, false, 'test')", paused
+    )
 
 
 async def test_event_types_cannot_carry_line_breaks(admin_pool: asyncpg.Pool) -> None:
