@@ -252,6 +252,23 @@ class OutcomeCounter:
         return self.flushed >= n
 
 
+def add_rearm_arguments(parser: argparse.ArgumentParser, no_rearm_purpose: str) -> None:
+    """--rearm-interval-ms and --no-rearm, for the benchmarks that measure the wake-ups."""
+    parser.add_argument(
+        "--rearm-interval-ms",
+        type=float,
+        default=None,
+        help="the worker re-arms the wake-up throttle at most once per this many ms"
+        " (WorkerConfig.rearm_interval; default: the worker's own)",
+    )
+    parser.add_argument(
+        "--no-rearm",
+        action="store_true",
+        help="a worker that does not re-arm the wake-up throttle before a claim a NOTIFY"
+        f" prompted (common.NoRearmWorker): {no_rearm_purpose}",
+    )
+
+
 class NoRearmWorker(Worker):
     """A Worker that never re-arms its queues' wake-up throttle before a claim (as the
     worker was before issue 14): to measure what the re-arm costs producers."""

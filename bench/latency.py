@@ -155,19 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " database (default: as migrated, 5 ms; 0: a NOTIFY from every commit but"
         " those committing at the same moment)",
     )
-    parser.add_argument(
-        "--rearm-interval-ms",
-        type=float,
-        default=None,
-        help="the worker re-arms the wake-up throttle at most once per this many ms"
-        " (WorkerConfig.rearm_interval; default: the worker's own)",
-    )
-    parser.add_argument(
-        "--no-rearm",
-        action="store_true",
-        help="a worker that does not re-arm the wake-up throttle before a claim a NOTIFY"
-        " prompted (common.NoRearmWorker, the worker before issue 14), to compare",
-    )
+    common.add_rearm_arguments(parser, "the worker before issue 14, to compare")
     parser.add_argument(
         "--rearm-on-claim",
         action="store_true",

@@ -97,19 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency", type=int, default=100, help="Worker queue concurrency (default 100)"
     )
     parser.add_argument("--pool-size", type=int, default=10, help="Tenantry pool size (default 10)")
-    parser.add_argument(
-        "--no-rearm",
-        action="store_true",
-        help="a worker that does not re-arm the wake-up throttle before a claim a NOTIFY"
-        " prompted (common.NoRearmWorker): what the re-arm costs the producers",
-    )
-    parser.add_argument(
-        "--rearm-interval-ms",
-        type=float,
-        default=None,
-        help="the worker re-arms the wake-up throttle at most once per this many ms"
-        " (WorkerConfig.rearm_interval; default: the worker's own)",
-    )
+    common.add_rearm_arguments(parser, "what the re-arm costs the producers")
     parser.add_argument(
         "--drain-timeout",
         type=float,

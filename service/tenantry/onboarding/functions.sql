@@ -1,4 +1,4 @@
--- version: 6
+-- version: 7
 -- The onboarding module's functions.  A repeatable migration (tenantry/migrate.py),
 -- applied again whenever this file changes (raise the version above with every
 -- change).
@@ -37,6 +37,31 @@ BEGIN
 END;
 $$;
 
+-- Put the calling transaction in `for_tenant`'s context (app.tenant_id, transaction-
+-- local, as tenant_tx does), unless it is in another tenant's context already: then
+-- refuse (42501) rather than switch that transaction's tenant.  The context is compared
+-- as the UUID's hex digits, as row-level security reads the setting (a cast to uuid: any
+-- case, braces, hyphens), not as text in one spelling of it.  `caller` names the
+-- function in the error.  For the functions below that name their tenant themselves, so
+-- that sent alone they are their own transaction.
+CREATE OR REPLACE FUNCTION tenantry.enter_tenant_context(for_tenant uuid, caller text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    context text := nullif(current_setting('app.tenant_id', true), '');
+BEGIN
+    IF context IS NOT NULL
+       AND lower(translate(context, '{}-', '')) IS DISTINCT FROM
+           replace(for_tenant::text, '-', '') THEN
+        RAISE EXCEPTION '%: the transaction is in tenant context %, not %', caller, context,
+                        for_tenant USING ERRCODE = '42501';
+    END IF;
+    PERFORM set_config('app.tenant_id', for_tenant::text, true);
+END;
+$$;
+
 -- Accept a sign-up: its idempotency key, the onboarding, its first event and its
 -- provisioning job, in one call.  Called alone, as the request's one statement, the call
 -- is its own transaction: one round trip in all (the service's accept, machine.py),
@@ -69,7 +94,6 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    context text := nullif(current_setting('app.tenant_id', true), '');
     earlier record;
     accepted_at timestamptz;
 BEGIN
@@ -77,13 +101,7 @@ BEGIN
         RAISE EXCEPTION 'tenantry.accept_onboarding: for_tenant, new_onboarding and'
                         ' body_digest must not be null' USING ERRCODE = '22004';
     END IF;
-    IF context IS NOT NULL
-       AND lower(translate(context, '{}-', '')) IS DISTINCT FROM
-           replace(for_tenant::text, '-', '') THEN
-        RAISE EXCEPTION 'tenantry.accept_onboarding: the transaction is in tenant context %,'
-                        ' not %', context, for_tenant USING ERRCODE = '42501';
-    END IF;
-    PERFORM set_config('app.tenant_id', for_tenant::text, true);
+    PERFORM tenantry.enter_tenant_context(for_tenant, 'tenantry.accept_onboarding');
     IF key_digest IS NOT NULL THEN
         PERFORM set_config('app.idempotency_key', encode(key_digest, 'hex'), true);
         INSERT INTO tenantry.idempotency_keys AS k
@@ -170,7 +188,6 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    context   text := nullif(current_setting('app.tenant_id', true), '');
     -- The steps in their order (onboarding/model.py, STEPS): `all_steps` must be this
     -- list, and a step runs only once every step before it is in the ledger, so no
     -- caller can record a step out of order or end the onboarding elsewhere.
@@ -195,19 +212,11 @@ BEGIN
         RAISE EXCEPTION 'tenantry.onboarding_run_steps: for_tenant and onboarding must not'
                         ' be null' USING ERRCODE = '22004';
     END IF;
-    -- Compared as the UUID's hex digits, as row-level security reads the setting (a cast
-    -- to uuid: any case, braces, hyphens), not as text in one spelling of it.
-    IF context IS NOT NULL
-       AND lower(translate(context, '{}-', '')) IS DISTINCT FROM
-           replace(for_tenant::text, '-', '') THEN
-        RAISE EXCEPTION 'tenantry.onboarding_run_steps: the transaction is in tenant context'
-                        ' %, not %', context, for_tenant USING ERRCODE = '42501';
-    END IF;
     IF all_steps IS DISTINCT FROM steps THEN
         RAISE EXCEPTION 'tenantry.onboarding_run_steps: all_steps must be %', steps
             USING ERRCODE = '22023';
     END IF;
-    PERFORM set_config('app.tenant_id', for_tenant::text, true);
+    PERFORM tenantry.enter_tenant_context(for_tenant, 'tenantry.onboarding_run_steps');
     PERFORM 1
        FROM tenantry.onboardings x
       WHERE x.tenant_id = for_tenant AND x.id = onboarding
@@ -335,6 +344,7 @@ END;
 $$;
 
 ALTER FUNCTION tenantry.onboarding_lock(uuid, uuid) OWNER TO tenantry_owner;
+ALTER FUNCTION tenantry.enter_tenant_context(uuid, text) OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.accept_onboarding(uuid, uuid, text, text, text, bytea, bytea, jsonb,
                                           jsonb, text)
     OWNER TO tenantry_owner;
@@ -343,6 +353,7 @@ ALTER FUNCTION tenantry.onboarding_run_steps(uuid, uuid, text[], text[], text[],
     OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.prune_idempotency_keys(integer, integer) OWNER TO tenantry_system;
 REVOKE ALL ON FUNCTION tenantry.onboarding_lock(uuid, uuid),
+                       tenantry.enter_tenant_context(uuid, text),
                        tenantry.accept_onboarding(uuid, uuid, text, text, text, bytea, bytea,
                                                   jsonb, jsonb, text),
                        tenantry.prune_idempotency_keys(integer, integer),
@@ -351,6 +362,7 @@ REVOKE ALL ON FUNCTION tenantry.onboarding_lock(uuid, uuid),
                                                      jsonb)
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION tenantry.onboarding_lock(uuid, uuid),
+                          tenantry.enter_tenant_context(uuid, text),
                           tenantry.accept_onboarding(uuid, uuid, text, text, text, bytea,
                                                      bytea, jsonb, jsonb, text),
                           tenantry.onboarding_run_steps(uuid, uuid, text[], text[], text[],

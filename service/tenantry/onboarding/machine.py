@@ -88,15 +88,7 @@ async def accept(
         | _request(request_id),
         queue,
     )
-    if tenant_context_mode() == "set_local":
-        async with tenant_tx(pool, tenant_id) as tx:
-            row = await tx.fetchrow(Q["accept"], *args)
-    else:
-        async with pool.acquire() as conn:
-            row = await conn.fetchrow(Q["accept"], *args)
-            # The call was its own transaction and set transaction-local settings only:
-            # the release need not reset the session (a round trip).
-            leaves_no_session_state(conn)
+    row = await _call_alone(pool, tenant_id, Q["accept"], *args)
     assert row is not None
     outcome = row["outcome"]
     if outcome == "conflict":
@@ -106,6 +98,22 @@ async def accept(
     return Accepted(
         row["onboarding_id"], row["tenant_id"], row["created_at"], replayed=outcome == "replayed"
     )
+
+
+async def _call_alone(
+    pool: asyncpg.Pool, tenant_id: uuid.UUID, query: str, *args: Any
+) -> asyncpg.Record | None:
+    """One call of a function that names its tenant itself (tenantry.enter_tenant_context),
+    sent alone: its own transaction, one round trip, and no reset of the session on
+    release (it set transaction-local settings only).  In the set_local mode (Citus needs
+    the tenant named by SET LOCAL) it runs inside a tenant transaction instead."""
+    if tenant_context_mode() == "set_local":
+        async with tenant_tx(pool, tenant_id) as tx:
+            return await tx.fetchrow(query, *args)
+    async with pool.acquire() as conn:
+        row: asyncpg.Record | None = await conn.fetchrow(query, *args)
+        leaves_no_session_state(conn)
+        return row
 
 
 async def find(conn: Executor, tenant_id: uuid.UUID, onboarding_id: uuid.UUID) -> Onboarding | None:
@@ -268,14 +276,7 @@ async def run_steps(
         compensation,
     )
     try:
-        if tenant_context_mode() == "set_local":
-            async with tenant_tx(pool, tenant_id) as tx:
-                row = await tx.fetchrow(Q["run_steps"], *params)
-        else:
-            async with pool.acquire() as conn:
-                row = await conn.fetchrow(Q["run_steps"], *params)
-                # Its own transaction, transaction-local settings only: no reset needed.
-                leaves_no_session_state(conn)
+        row = await _call_alone(pool, tenant_id, Q["run_steps"], *params)
     except asyncpg.PostgresError as exc:
         if exc.sqlstate == NO_FREE_SLUG:
             raise NoFreeSlug(str(exc)) from exc
