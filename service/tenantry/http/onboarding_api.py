@@ -2,6 +2,7 @@
 and follow its events (a status token each).
 
 POST /v1/onboardings                 -> 202 {id, tenant_id, state, urls, token}
+                                        (a replay: the state now, a token from now)
 GET  /v1/onboardings/{id}            -> the state, the steps done, the failure reason
 GET  /v1/onboardings/{id}/events     -> text/event-stream, replayable (Last-Event-ID)
 """
@@ -104,19 +105,31 @@ async def create(request: web.Request) -> web.StreamResponse:
     except Conflict as exc:
         return problem(409, str(exc))
     oid, tid = accepted.onboarding_id, accepted.tenant_id
-    token = api.signer.issue(oid, tid, accepted.created_at)
-    expires = datetime.fromtimestamp(api.signer.expiry(accepted.created_at), UTC)
     status_url = f"/v1/onboardings/{oid}"
     headers = {"Location": status_url}
     if accepted.replayed:
+        # A client retrying after a lost answer (or a page reloaded hours later) wants
+        # to follow the onboarding now: its state now, and a token good from now.  The
+        # stored answer's token counted from the first request, and an onboarding's
+        # key outlives its token (TENANTRY_IDEMPOTENCY_RETENTION_HOURS, 24, against
+        # TENANTRY_TOKEN_TTL, 24 h): a late retry got a token dead already, or about to
+        # be.  Only who holds the key and the very body gets one.
+        try:
+            state = (await machine.get(api.pool, tid, oid)).state
+        except NotFound as exc:  # (onboardings are kept: a row removed by hand)
+            return problem(404, str(exc))
+        issued_at = datetime.now(UTC)
         headers["Idempotent-Replayed"] = "true"
     else:
+        state, issued_at = "accepted", accepted.created_at
         _log.info("onboarding_accepted", onboarding_id=str(oid), tenant_id=str(tid))
+    token = api.signer.issue(oid, tid, issued_at)
+    expires = datetime.fromtimestamp(api.signer.expiry(issued_at), UTC)
     return json_response(
         {
             "id": str(oid),
             "tenant_id": str(tid),
-            "state": "accepted",
+            "state": state,
             "status_url": status_url,
             "events_url": f"{status_url}/events?token={token}",
             "token": token,
