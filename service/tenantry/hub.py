@@ -199,7 +199,8 @@ class Hub:
 
     def _remove(self, sub: Subscriber) -> None:
         sub.closed = True  # its keepalive entry drops out when it comes up
-        sub._abort = sub.transport = None  # and holds on to no connection meanwhile
+        # ... and holds on to no connection, nor its writer's future, meanwhile.
+        sub._abort = sub.transport = sub._waiter = None
         self._clients -= 1
         self._collector.update(self._clients)
         subs = self._subs.get(sub.key)

@@ -41,6 +41,7 @@ KEEPALIVE_CHUNK = chunk(KEEPALIVE)
 
 Frame = tuple[int, bool, bytes]  # (version, terminal, the encoded frame)
 SLOW_CLIENT = "slow client"
+CLIENT_GONE = "client gone"
 
 
 class Subscriber:
@@ -123,7 +124,7 @@ class Subscriber:
         t = self.transport
         if t is not None and not self.frames:
             if t.is_closing():
-                self.close("client gone")
+                self.close(CLIENT_GONE)
                 return False
             if t.get_write_buffer_size() < self._high:
                 if version:
@@ -144,6 +145,11 @@ class Subscriber:
         self.frames.append((version, terminal, frame))
         self._wake()
         return True
+
+    def connection_lost(self) -> None:
+        """The client's connection is gone (http.protocol.end_with_connection): the
+        stream ends now, whatever it was waiting for."""
+        self.close(CLIENT_GONE)
 
     def close(self, reason: str) -> None:
         if not self.closed:

@@ -144,6 +144,28 @@ async def test_sign_up_is_provisioned_and_streamed_to_the_end(
         assert r.status == 204
 
 
+async def test_a_replay_after_completion_answers_it_with_a_token_to_follow_it(
+    svc: Service, http: aiohttp.ClientSession
+) -> None:
+    """A retried sign-up (the same key and body) after provisioning ended is told so:
+    `completed`, and a token whose stream replays the onboarding to its end (the
+    stored answer said `accepted`, whatever had happened since)."""
+    key = str(uuid.uuid4())
+    status, first, _ = await sign_up(http, **{"Idempotency-Key": key})
+    assert status == 202 and first["state"] == "accepted"
+    done = [f for f in await follow(http, first["events_url"]) if f.event]
+    assert done[-1].event == "onboarding.completed"
+
+    status, again, headers = await sign_up(http, **{"Idempotency-Key": key})
+    assert status == 202 and headers["Idempotent-Replayed"] == "true"
+    assert (again["id"], again["tenant_id"]) == (first["id"], first["tenant_id"])
+    assert again["state"] == "completed"
+    replayed = [f for f in await follow(http, again["events_url"]) if f.event]
+    assert [(f.id, f.event) for f in replayed] == [(f.id, f.event) for f in done]
+    async with http.get(again["status_url"], params={"token": again["token"]}) as r:
+        assert r.status == 200 and (await r.json())["state"] == "completed"
+
+
 async def test_a_refused_welcome_email_fails_the_onboarding_and_compensates(
     tmp_path: Path,
     app_url: str,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import asyncpg
 import brotli
 import orjson
@@ -129,6 +130,15 @@ async def test_a_bad_idempotency_key_is_refused(
     assert (await _rows(admin_pool))["onboardings"] == 0
 
 
+# What a replay gives anew each time: a token good from the replay on.
+_FRESH = ("token", "events_url", "token_expires_at")
+
+
+def _lasting(answer: dict[str, Any]) -> dict[str, Any]:
+    """An answer to a sign-up without what a replay issues anew."""
+    return {k: v for k, v in answer.items() if k not in _FRESH}
+
+
 async def test_the_same_key_and_body_replays_the_first_answer(
     http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
 ) -> None:
@@ -136,7 +146,10 @@ async def test_the_same_key_and_body_replays_the_first_answer(
     s1, first, h1 = await post(http, orjson.dumps(SIGN_UP), **{"Idempotency-Key": key})
     s2, again, h2 = await post(http, orjson.dumps(SIGN_UP), **{"Idempotency-Key": key})
     assert s1 == s2 == 202
-    assert again == first  # byte for byte the same answer, token included
+    assert _lasting(again) == _lasting(first)  # the same onboarding, in its state now
+    assert again["state"] == "accepted"  # (no worker here: nothing has happened yet)
+    assert again["events_url"] == f"{again['status_url']}/events?token={again['token']}"
+    assert again["token_expires_at"] >= first["token_expires_at"]
     assert "Idempotent-Replayed" not in h1 and h2["Idempotent-Replayed"] == "true"
     # The same body in another key order or with other whitespace is the same request.
     s3, third, _ = await post(
@@ -144,8 +157,50 @@ async def test_the_same_key_and_body_replays_the_first_answer(
         b'{ "plan": "free", "tenant_name": "Compilers Inc", "email": "grace@example.com" }',
         **{"Idempotency-Key": key},
     )
-    assert s3 == 202 and third == first
+    assert s3 == 202 and _lasting(third) == _lasting(first)
+    for answer in (first, again, third):
+        async with http.get(answer["status_url"], params={"token": answer["token"]}) as r:
+            assert r.status == 200 and (await r.json())["id"] == first["id"]
     assert await _rows(admin_pool) == {"onboardings": 1, "events": 1, "jobs": 1, "keys": 1}
+
+
+async def test_a_replay_after_the_first_token_expired_gets_a_working_one(
+    tmp_path: Path,
+    app_url: str,
+    pool: asyncpg.Pool,
+    worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:
+    """A client retrying hours later (its key kept for 24 h, its token good for one
+    here) got the stored answer's token, expired: a 401 on the stream it asked to
+    follow.  A replay's token counts from the replay."""
+    settings = service_settings(tmp_path, queues={"other": 1}, token_ttl=3600)
+    key = str(uuid.uuid4())
+    async with (
+        background_service(settings, app_url, pool, worker_pool) as svc,
+        aiohttp.ClientSession(f"http://127.0.0.1:{svc.http.port}") as http,
+    ):
+        status, first, _ = await post(http, orjson.dumps(SIGN_UP), **{"Idempotency-Key": key})
+        assert status == 202
+        # Two hours on: the sign-up, and its key, are that old.
+        for table in ("idempotency_keys", "onboardings"):
+            await admin_pool.execute(
+                f"UPDATE tenantry.{table} SET created_at = created_at - interval '2 hours'"
+            )
+        status, again, headers = await post(http, orjson.dumps(SIGN_UP), **{"Idempotency-Key": key})
+        assert status == 202 and headers["Idempotent-Replayed"] == "true"
+        assert again["id"] == first["id"] and again["state"] == "accepted"
+        async with http.get(again["status_url"], params={"token": again["token"]}) as r:
+            assert r.status == 200, await r.text()
+        expires = datetime.fromisoformat(again["token_expires_at"])
+        assert expires.timestamp() > time.time() + 3500
+        async with http.get(again["events_url"]) as r:
+            assert r.status == 200, await r.text()
+            frames = sse_frames(r).__aiter__()
+            with anyio.fail_after(10):
+                while (frame := await anext(frames)).event is None:
+                    pass
+            assert (frame.id, frame.event) == ("1", "onboarding.accepted")
 
 
 async def test_the_same_key_with_another_body_is_a_409(
@@ -168,7 +223,7 @@ async def test_a_hundred_concurrent_identical_requests_make_one_tenant(
         *(post(http, orjson.dumps(SIGN_UP), **{"Idempotency-Key": key}) for _ in range(100))
     )
     assert {status for status, _, _ in answers} == {202}
-    assert len({orjson.dumps(body) for _, body, _ in answers}) == 1
+    assert len({orjson.dumps(_lasting(body)) for _, body, _ in answers}) == 1
     assert sum("Idempotent-Replayed" not in h for _, _, h in answers) == 1
     assert await _rows(admin_pool) == {"onboardings": 1, "events": 1, "jobs": 1, "keys": 1}
 

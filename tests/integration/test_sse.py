@@ -15,11 +15,18 @@ import anyio
 import asyncpg
 import pytest
 
+from tenantry import roles
 from tenantry.app import Service
 from tenantry.db import Executor
 from tenantry.subscriber import KEEPALIVE, Subscriber
 from tenantry.subscriber import Frame as QueuedFrame
-from tests.helpers import Frame, background_service, service_settings, sse_frames
+from tests.helpers import (
+    Frame,
+    background_service,
+    service_settings,
+    sse_frames,
+    wait_lock_waiter,
+)
 
 SIGN_UP = {"email": "lin@example.com", "tenant_name": "Streams Ltd", "plan": "free"}
 
@@ -399,3 +406,62 @@ async def test_a_head_request_gets_the_headers_and_no_body(
         assert after.startswith(b"HTTP/1.1 200 "), bytes(after[:200])
     finally:
         sock.close()
+
+
+async def test_a_client_that_closes_an_idle_stream_is_let_go_at_once(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool
+) -> None:
+    """A browser closing a quiet stream (a tab closed, a reconnect storm) ends it when
+    its connection is lost, not at the next keepalive write: with the keepalive an
+    hour away, the stream, its subscription and the gauge are gone within seconds."""
+    settings = service_settings(tmp_path, queues={"other": 1}, sse_keepalive=3600.0)
+    async with (
+        background_service(settings, app_url, pool, worker_pool) as svc,
+        aiohttp.ClientSession(f"http://127.0.0.1:{svc.http.port}") as http,
+    ):
+        body = await accepted(http)
+        assert svc.http.port is not None
+        sock = await _raw_stream(svc.http.port, body["events_url"], "1.1")
+        try:
+            # Its replay read: from here on the stream is idle, written by the hub.
+            await _read_until(sock, b"event: onboarding.accepted", bytearray())
+            # Two reads of the hub later, nothing it had read (the accepted event, again)
+            # is still on its way to the stream: the next write is the keepalive's.
+            await svc.hub.wait_reads(svc.hub.reads + 2)
+            assert svc.hub.clients == 1
+        finally:
+            sock.close()
+        # Well under the keepalive interval: the lost connection itself ends it.  (Woken
+        # by the hub's reads, one per poll.)
+        with anyio.fail_after(5):
+            while svc.hub.clients:
+                await svc.hub.wait_reads(svc.hub.reads + 1)
+        async with http.get("/metrics") as r:
+            text = await r.text()
+        assert "\ntenantry_sse_streams 0.0\n" in text
+
+
+async def test_a_client_gone_before_its_stream_began_is_not_a_server_error(
+    svc: Service, http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    """A client that leaves while its stream's replay is read (a reload, a reconnect
+    storm) was counted as a 503 once the replay came back: writing the headers to the
+    closed connection raised an OSError, which the service takes for the database
+    being away (a warning saying so, for each such client).  It is counted as 499."""
+    body = await accepted(http)
+    assert svc.http.port is not None
+    async with admin_pool.acquire() as locker, locker.transaction():
+        # The replay's read waits behind this lock until the client has gone.
+        await locker.execute("LOCK TABLE tenantry.outbox IN ACCESS EXCLUSIVE MODE")
+        sock = await _raw_stream(svc.http.port, body["events_url"], "1.1")
+        await wait_lock_waiter(admin_pool, user=roles.DEFAULT_LOGIN)
+        assert svc.hub.clients == 1
+        sock.close()
+    with anyio.fail_after(5):
+        while svc.hub.clients:
+            await svc.hub.wait_reads(svc.hub.reads + 1)
+    async with http.get("/metrics") as r:
+        text = await r.text()
+    answered = [ln for ln in text.splitlines() if ln.startswith("tenantry_http_requests_total")]
+    stream = [line for line in answered if "/events" in line]
+    assert len(stream) == 1 and 'status="499"' in stream[0], stream

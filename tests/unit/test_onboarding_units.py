@@ -69,7 +69,7 @@ def test_tokens_round_trip_and_are_stable() -> None:
     signer = Signer(SECRET, 3600)
     oid, tid = uuid.uuid4(), uuid.uuid4()
     token = signer.issue(oid, tid, T0)
-    assert token == signer.issue(oid, tid, T0)  # an idempotent replay gets the same string
+    assert token == signer.issue(oid, tid, T0)  # issued for the same time: the same string
     grant = signer.verify(token, now=T0.timestamp() + 10)
     assert (grant.onboarding_id, grant.tenant_id) == (oid, tid)
     assert grant.expires_at == int(T0.timestamp()) + 3600

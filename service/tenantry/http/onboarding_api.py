@@ -2,6 +2,7 @@
 and follow its events (a status token each).
 
 POST /v1/onboardings                 -> 202 {id, tenant_id, state, urls, token}
+                                        (a replay: the state now, a token from now)
 GET  /v1/onboardings/{id}            -> the state, the steps done, the failure reason
 GET  /v1/onboardings/{id}/events     -> text/event-stream, replayable (Last-Event-ID)
 """
@@ -29,11 +30,12 @@ from ..onboarding.model import AGGREGATE, TERMINAL_EVENTS, parse_sign_up
 from ..onboarding.tokens import Grant, Signer, TokenError
 from ..outbox import store as outbox
 from ..outbox.store import Event
-from ..subscriber import Subscriber, encode
+from ..subscriber import CLIENT_GONE, Subscriber, encode
 from ..tenancy import tenant_tx
 from ..timefmt import utc_text
 from .access import request_id
 from .problems import invalid_problem, json_response, problem, read_json
+from .protocol import end_with_connection
 from .ratelimit import Networks, RateLimiter, client_address, limit_key
 
 MAX_BODY = 16 * 1024
@@ -103,19 +105,31 @@ async def create(request: web.Request) -> web.StreamResponse:
     except Conflict as exc:
         return problem(409, str(exc))
     oid, tid = accepted.onboarding_id, accepted.tenant_id
-    token = api.signer.issue(oid, tid, accepted.created_at)
-    expires = datetime.fromtimestamp(api.signer.expiry(accepted.created_at), UTC)
     status_url = f"/v1/onboardings/{oid}"
     headers = {"Location": status_url}
     if accepted.replayed:
+        # A client retrying after a lost answer (or a page reloaded hours later) wants
+        # to follow the onboarding now: its state now, and a token good from now.  The
+        # stored answer's token counted from the first request, and an onboarding's
+        # key outlives its token (TENANTRY_IDEMPOTENCY_RETENTION_HOURS, 24, against
+        # TENANTRY_TOKEN_TTL, 24 h): a late retry got a token dead already, or about to
+        # be.  Only who holds the key and the very body gets one.
+        try:
+            state = (await machine.get(api.pool, tid, oid)).state
+        except NotFound as exc:  # (onboardings are kept: a row removed by hand)
+            return problem(404, str(exc))
+        issued_at = datetime.now(UTC)
         headers["Idempotent-Replayed"] = "true"
     else:
+        state, issued_at = "accepted", accepted.created_at
         _log.info("onboarding_accepted", onboarding_id=str(oid), tenant_id=str(tid))
+    token = api.signer.issue(oid, tid, issued_at)
+    expires = datetime.fromtimestamp(api.signer.expiry(issued_at), UTC)
     return json_response(
         {
             "id": str(oid),
             "tenant_id": str(tid),
-            "state": "accepted",
+            "state": state,
             "status_url": status_url,
             "events_url": f"{status_url}/events?token={token}",
             "token": token,
@@ -206,6 +220,9 @@ async def events(request: web.Request) -> web.StreamResponse:
     transport = request.transport
     abort = transport.abort if transport is not None else None
     with api.hub.subscribe(tid, str(oid), abort) as sub:
+        # A client that leaves ends its stream then, even an idle one's (no write to
+        # find the connection closed before the next keepalive).
+        end_with_connection(request, sub)
         # Subscribed first, so nothing committed after this replay is missed.
         try:
             replay: _Replay | None = await _replay(api, tid, oid, last)
@@ -223,30 +240,38 @@ async def events(request: web.Request) -> web.StreamResponse:
                 # HTTP 204 tells an EventSource to stop reconnecting: it saw the end.
                 _log.debug("stream_refused_after_end", onboarding_id=str(oid), last=last)
                 return web.Response(status=204)
+        if sub.reason == CLIENT_GONE:
+            return _gone_before_the_stream(oid, last)
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
-        if request.method == hdrs.METH_HEAD:
-            # The headers a stream starts with, and no body: aiohttp would write the
-            # retry line and the replay to a HEAD response, and the hub its chunks.
-            await resp.prepare(request)
-            return resp
-        if request.version >= HttpVersion11:
+        head = request.method == hdrs.METH_HEAD
+        if not head and request.version >= HttpVersion11:
             # Chunked for certain (aiohttp's choice anyway): the hub writes frames to
             # the transport itself, each as one chunk (Subscriber.attach).
             resp.enable_chunked_encoding()
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except ConnectionError:
+            # (The connection closing, its loss not yet told: the same.)
+            return _gone_before_the_stream(oid, last)
+        if head:
+            # The headers a stream starts with, and no body: aiohttp would write the
+            # retry line and the replay to a HEAD response, and the hub its chunks.
+            return resp
         # aiohttp's timer for closing a connection idle between requests runs from the
         # connection's start (and does nothing while a request is in progress): a
         # stream's request lasts, and the timer is 500 bytes per stream.  Turning
         # keep-alive off cancels it; aiohttp sets keep-alive again from the response
         # once the stream ends.
         request.protocol.keep_alive(False)
-        sent, why = last, "client gone"
+        sent, why = last, CLIENT_GONE
         try:
             await resp.write(b"retry: %d\n\n" % (api.retry_ms + random.randrange(api.retry_ms)))
             if replay is None:
                 replay = await _wait_for_replay(resp, api, sub, tid=tid, oid=oid, last=last)
             if replay.usable:
                 sent, why = await _stream(resp, sub, replay.events, last, transport)
+            elif sub.closed:
+                why = sub.reason  # gone while it waited for the database, or shutdown
             else:
                 why = "nothing to stream (the client reconnects and is told why)"
         except ConnectionError:
@@ -254,6 +279,18 @@ async def events(request: web.Request) -> web.StreamResponse:
         finally:
             _log.debug("stream_closed", onboarding_id=str(oid), last=sent, reason=why)
     return resp
+
+
+# What the access log and the metrics count for a client that left before its answer
+# began (nginx's "client closed request"); never sent.  Not a 5xx: the ConnectionError
+# of writing the headers to a closed connection reached errors_as_problems as an
+# OSError, and was logged and counted as the database being unavailable (503).
+CLIENT_CLOSED_REQUEST = 499
+
+
+def _gone_before_the_stream(oid: uuid.UUID, last: int) -> web.Response:
+    _log.debug("stream_closed", onboarding_id=str(oid), last=last, reason=CLIENT_GONE)
+    return web.Response(status=CLIENT_CLOSED_REQUEST)
 
 
 @dataclass

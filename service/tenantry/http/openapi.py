@@ -289,7 +289,12 @@ def _schemas() -> Json:
         {
             "id": {"type": "string", "format": "uuid", "pattern": UUID_PATTERN},
             "tenant_id": {"type": "string", "format": "uuid"},
-            "state": {"type": "string", "const": "accepted"},
+            "state": {
+                "type": "string",
+                "enum": ["accepted", "provisioning", "completed", "failed"],
+                "description": "`accepted` for a new sign-up; for a replay (the same"
+                " `Idempotency-Key` and body), the onboarding's state now.",
+            },
             "status_url": {"type": "string", "description": "`/v1/onboardings/{id}`"},
             "events_url": {
                 "type": "string",
@@ -299,7 +304,8 @@ def _schemas() -> Json:
             "token": {
                 "type": "string",
                 "description": "The status token: Bearer (or `?token=`) for the status and"
-                " the events of this onboarding.",
+                " the events of this onboarding. A replay issues a new one, valid from"
+                " the replay on.",
             },
             "token_expires_at": _time(),
         }
@@ -809,7 +815,8 @@ def _paths() -> Json:
     test_202["202"]["links"] = delivery_links
     sign_up_202 = _ok(
         "Accepted: provisioning runs as a job. The same `Idempotency-Key` and body again"
-        " get the same answer, with `Idempotent-Replayed: true`.",
+        " get the same onboarding (`id`, `tenant_id`, URLs), with `Idempotent-Replayed:"
+        " true`, its `state` now and a new status token valid from then on.",
         _schema("OnboardingAccepted"),
         "202",
         Location={

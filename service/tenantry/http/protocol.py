@@ -10,11 +10,14 @@ builds those answers in `RequestHandler.handle_error`; the runner here makes its
 create handlers that override it.  That is an aiohttp extension point rather than a
 documented API: `tests/integration/test_http_fuzz.py` sends such requests through the
 real server, so an aiohttp upgrade that changes it fails the suite, not a client.
+
+The same handlers also tell a request's handler, at once, that its client's connection
+is lost (`end_with_connection`): an idle event stream ends then, not at its next write.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import (
@@ -59,8 +62,48 @@ def refusal(exc: BaseException | None) -> str:
     return "the request is malformed"
 
 
+class EndsWithConnection(Protocol):
+    """What a request's handler wants told when its client's connection is lost while
+    the request is handled (an event stream: nobody will read it any more)."""
+
+    def connection_lost(self) -> None: ...
+
+
+_ENDS_WITH_CONNECTION = web.RequestKey[EndsWithConnection]("ends_with_connection")
+
+
+def end_with_connection(request: web.Request, what: EndsWithConnection) -> None:
+    """Have `what.connection_lost()` called as soon as the request's connection is lost
+    (at once if it is already), rather than at the handler's next write.
+
+    aiohttp does not tell a handler that its client left (`handler_cancellation`
+    cancels every handler of the server, including those in the middle of a
+    transaction, and it is off): an idle event stream learnt it only when its next
+    keepalive found the transport closed, up to its interval later, and meanwhile held
+    its subscription and about 16 KiB.  The connection's protocol (the handler class
+    below) is told at once, by asyncio.  What is registered is kept in the request's
+    own mapping, which holds the request id already: no object, timer or task more per
+    stream."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        what.connection_lost()
+    else:
+        request[_ENDS_WITH_CONNECTION] = what
+
+
 class _ProblemRequestHandler(RequestHandler):
     __slots__ = ()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        # The request being handled (aiohttp's own attribute, set for as long as its
+        # handler runs; a private one: test_sse.py's disconnect tests fail if an
+        # upgrade renames it), taken before aiohttp's own handling of the loss.
+        request = self._current_request
+        super().connection_lost(exc)
+        if request is not None:
+            told: EndsWithConnection | None = request.get(_ENDS_WITH_CONNECTION)
+            if told is not None:
+                told.connection_lost()
 
     def handle_error(
         self,

@@ -2,9 +2,10 @@
 
 `v1.<payload>.<mac>`, base64url without padding; the payload is the onboarding id, its
 tenant id and the expiry (unix seconds), 40 bytes; the MAC is HMAC-SHA256 over
-"v1." + payload.  The expiry follows from the onboarding's creation time, so the token
-of one onboarding is always the same string (an idempotent replay answers byte for byte
-what the first request got).
+"v1." + payload.  The expiry is `ttl` after the time the token is issued for: the
+onboarding's creation for the sign-up's answer, the moment of the replay for an
+idempotent replay's (which must not hand out a token already expired).  Issued for the
+same time, a token is the same string.
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ class Signer:
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._key, _PREFIX + payload, hashlib.sha256).digest()
 
-    def expiry(self, created_at: datetime) -> int:
-        return int(created_at.timestamp()) + self.ttl
+    def expiry(self, issued_at: datetime) -> int:
+        return int(issued_at.timestamp()) + self.ttl
 
-    def issue(self, onboarding_id: uuid.UUID, tenant_id: uuid.UUID, created_at: datetime) -> str:
-        payload = _PAYLOAD.pack(onboarding_id.bytes, tenant_id.bytes, self.expiry(created_at))
+    def issue(self, onboarding_id: uuid.UUID, tenant_id: uuid.UUID, issued_at: datetime) -> str:
+        payload = _PAYLOAD.pack(onboarding_id.bytes, tenant_id.bytes, self.expiry(issued_at))
         return f"v1.{_b64(payload)}.{_b64(self._mac(payload))}"
 
     def verify(self, token: str, now: float | None = None) -> Grant:
