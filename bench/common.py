@@ -118,6 +118,27 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+def filesystem_of(path: Path) -> str:
+    """The type of the file system `path` is on (ext4, tmpfs, ...), from /proc/mounts;
+    "unknown" where that cannot be read.  Reports say where files were written: on this
+    machine the same benchmark runs at very different rates on a disk and in memory."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    resolved = str(path.resolve())
+    best, kind = "", "unknown"
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
 @contextmanager
 def server(database_url: str | None) -> Iterator[str]:
     """The URL of a database on the server to run against (any database: it is only

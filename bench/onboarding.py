@@ -71,7 +71,7 @@ import asyncpg
 from tenantry import db
 
 from . import common, onboarding_load
-from .common import Result, fmt_rate, progress
+from .common import Result, filesystem_of, fmt_rate, progress
 from .service_proc import (
     CpuWindow,
     ServiceProcess,
@@ -153,6 +153,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="(a) with wrk: its connections (default: 200 ms of requests at --rate, >= 32)",
+    )
+    parser.add_argument(
+        "--service-data-root",
+        type=Path,
+        default=None,
+        help="where the service's data folder is made (TENANTRY_DATA_DIR: each tenant's"
+        " storage folder and the welcome emails' files, each written with fsync); default:"
+        " the system's temporary folder.  PostgreSQL's data stays where it is: /dev/shm"
+        " here measures the service without the cost of its local file backends",
     )
     parser.add_argument("--skip-drain", action="store_true", help="skip (c)")
     parser.add_argument("--skip-open", action="store_true", help="skip (a)")
@@ -397,7 +406,10 @@ async def run(server_url: str, args: argparse.Namespace) -> Result:
         "pool_size": pool_size,
         "accept_only": args.accept_only,
     }
-    data_dir = Path(tempfile.mkdtemp(prefix="tenantry-bench-onboarding-"))
+    data_dir = Path(
+        tempfile.mkdtemp(prefix="tenantry-bench-onboarding-", dir=args.service_data_root)
+    )
+    result["service_data_dir"] = {"path": str(data_dir), "filesystem": filesystem_of(data_dir)}
     try:
         async with (
             common.fresh_database(server_url, "onboarding") as url,
@@ -435,6 +447,11 @@ def render(result: Result) -> str:
     )
     if result.get("load_generator_note"):
         lines.append(f"   NOTE: {result['load_generator_note']}")
+    if "service_data_dir" in result:
+        d = result["service_data_dir"]
+        lines.append(
+            f"   the service's data folder (storage, mail files): {d['path']} ({d['filesystem']})"
+        )
     if "open" in result:
         o = result["open"]
         p = o["provisioning_at_end"]

@@ -167,8 +167,8 @@ class Provisioner:
                 if made_effects
                 else None,
             )
-            for step in o.ran:  # said once they have committed
-                logger.info("onboarding_step_done", step=step)
+            if o.ran:  # said once they have committed: one line per commit
+                logger.info("onboarding_steps_done", steps=list(o.ran))
             if o.terminal:
                 return
             done, last = o.done, o
