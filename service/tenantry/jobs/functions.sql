@@ -1,4 +1,4 @@
--- version: 15
+-- version: 16
 -- The job queue's functions and triggers.  A repeatable migration (tenantry/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -159,7 +159,9 @@ $trigger$);
 -- SECURITY DEFINER functions' owner among them, and a schema ahead of pg_catalog on
 -- that session's search_path must not lend it an operator.  (integer, boolean and
 -- interval are keywords, always pg_catalog's.)  The lock classes 0x7E4B (the window's
--- try-lock) and 0x7E4D (the gate) are ours (migrations use 0x7E4A).  The gate has a
+-- try-lock), 0x7E4D (the gate) and 0x7E4E (the window gate: a producer that met the
+-- gate held by a re-arm and stays quiet behind another's wake-up of its window) are
+-- ours (migrations use 0x7E4A).  The gate has a
 -- class of its own: on 0x7E4C, the capped claim's (claim_jobs), a capped queue named
 -- 'tenantry_jobs:<B>', or any whose hashtext met that of another's gate key, had its
 -- claims wait behind queue B's quiet producers (an IMMEDIATE one: for its whole
@@ -197,6 +199,15 @@ BEGIN
     IF gated AND has_row AND last OPERATOR(pg_catalog.>) quiet_since THEN
         RETURN NULL;
     END IF;
+    IF NOT gated THEN
+        -- A re-arm holds the gate through its claim (or a wait is at it): the row may
+        -- not show its re-arm yet, so this commit does not stay quiet on the row's
+        -- word.  It may still stay quiet behind another transaction's wake-up of this
+        -- window (below), sheltered by the window gate: the re-arm that wake-up
+        -- prompts tries this one too before its claim.  (Each of these notified
+        -- before: a notification per commit for as long as a claim takes.)
+        gated := pg_catalog.pg_try_advisory_xact_lock_shared(32334, pg_catalog.hashtext(k));
+    END IF;
     -- The keys decided on, one per line, each with its backslashes and line breaks
     -- escaped (a queue's name may hold them); '' (not NULL) once a transaction has
     -- ended.
@@ -217,8 +228,9 @@ BEGIN
                    OPERATOR(pg_catalog.*) 200::double precision))
                    OPERATOR(pg_catalog.%) 2147483647::bigint)) THEN
             -- Another transaction is committing this window's wake-up: quiet, behind
-            -- the gate (its NOTIFY arrives after that commit, so the re-arm of the
-            -- claim it prompts comes after the gate was taken here, and sees it held).
+            -- the gate or the window gate (its NOTIFY arrives after that commit, so the
+            -- re-arm of the claim it prompts comes after the gate was taken here, and
+            -- sees it held).
             IF gated THEN
                 RETURN NULL;
             END IF;
@@ -291,13 +303,29 @@ RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '10ms'
 AS $$
+DECLARE
+    gate integer := hashtext('tenantry_jobs:' || queue);
+    window_free boolean;
 BEGIN
 UPDATE tenantry.notify_throttle t SET last_at = '-infinity'
   FROM (SELECT n.key FROM tenantry.notify_throttle n
          WHERE n.key = 'tenantry_jobs:' || queue AND n.last_at > '-infinity'
            FOR UPDATE SKIP LOCKED) armed
  WHERE t.key = armed.key;
-RETURN pg_try_advisory_xact_lock(32333, hashtext('tenantry_jobs:' || queue));
+IF NOT pg_try_advisory_xact_lock(32333, gate) THEN
+    RETURN false;
+END IF;
+-- The window gate is only probed: held through the claim, it would make every producer
+-- meanwhile notify.  Its lock goes with the block's subtransaction, rolled back on
+-- purpose (an error or a cancel in between cannot leave it held, as a session lock's
+-- unlock could).
+BEGIN
+    window_free := pg_try_advisory_xact_lock(32334, gate);
+    RAISE SQLSTATE 'TQ001';
+EXCEPTION WHEN SQLSTATE 'TQ001' THEN
+    NULL;
+END;
+RETURN window_free;
 END;
 $$;
 
@@ -317,6 +345,7 @@ BEGIN
     PERFORM set_config('lock_timeout', greatest(wait_ms, 1)::text, true);
     BEGIN
         PERFORM pg_advisory_xact_lock(32333, hashtext('tenantry_jobs:' || queue));
+        PERFORM pg_advisory_xact_lock(32334, hashtext('tenantry_jobs:' || queue));
     EXCEPTION WHEN lock_not_available THEN
         RETURN false;
     END;
