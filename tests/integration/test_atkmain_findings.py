@@ -76,12 +76,6 @@ async def test_atkmain_a_capped_claim_is_not_held_up_by_another_queues_quiet_pro
 REARM_HOLD_KEY = 4243
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issue 14, next step): claim_rearming re-arms after the claim's"
-    " statements; the fix (re-arm first, in a materialized CTE) makes other workers' re-arms"
-    " find the gate held and wait more often, and was not measured yet",
-)
 async def test_atkmain_a_quiet_commit_visible_between_the_claim_and_its_rearm_starts(
     pool: asyncpg.Pool, worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, database_url: str
 ) -> None:

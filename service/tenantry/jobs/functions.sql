@@ -1,4 +1,4 @@
--- version: 14
+-- version: 16
 -- The job queue's functions and triggers.  A repeatable migration (tenantry/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -117,18 +117,23 @@ $trigger$);
 -- WAL flush: milliseconds on a busy disk), so a worker's re-arm (tenantry.rearm_wake)
 -- and the claim after it could run between the two: the claim's snapshot without the
 -- job, the job without a NOTIFY, found only by a trailing fetch 11 ms later (the p99
--- of bench.latency --background-rate 1000).  The re-arm tries the lock exclusively:
--- when a quiet transaction holds it, the worker claims, then waits for the lock
+-- of bench.latency --background-rate 1000).  The re-arm tries the lock exclusively,
+-- before the claim's statements take their snapshots (queries.sql claim_rearming), and
+-- holds it until its commit has made the re-armed row visible: when a quiet
+-- transaction holds it, the worker claims, then waits for the lock
 -- (tenantry.await_quiet_wakes), which it gets once every such commit is visible, and
 -- claims again.  A transaction that meets the lock held exclusively (a re-arm or a
 -- wait at this moment) does not wait: it notifies.  So a commit never stays quiet
 -- unseen: it is either visible to a claim that a re-arm or a wait preceded, or it
--- notifies.  Only the quiet paths take the lock (a notifying transaction holding it
--- would make the worker wait for commits whose NOTIFY is on its way anyway), and after
--- it the throttle row is read again: a re-arm that committed between the first read
--- and the lock released its own lock before this one was granted, so its -infinity is
--- visible to the second read.  Under REPEATABLE READ the row is read from the
--- transaction's snapshot, which may predate a re-arm: such a commit can still stay
+-- notifies.  The lock is tried first and the throttle row read once, after it: a
+-- re-arm that committed before the lock was granted released its own lock only once
+-- its -infinity was visible, so the read sees it.  (Reading first and taking the lock
+-- on the quiet path only, as before version 15, cost a second read of the row on every
+-- quiet commit, the common case.)  A notifying transaction holds the lock too, while
+-- it commits: a re-arm meeting it waits for a commit whose NOTIFY was on its way
+-- anyway, a wait of one commit (the NOTIFY that prompts a re-arm is sent after the
+-- notifying commit let go of its locks).  Under REPEATABLE READ the row is read from
+-- the transaction's snapshot, which may predate a re-arm: such a commit can still stay
 -- quiet unseen, and waits for the trailing fetch.
 --
 -- Per row, but cheap: the WHEN clause is checked without a call; the common case is one
@@ -154,7 +159,9 @@ $trigger$);
 -- SECURITY DEFINER functions' owner among them, and a schema ahead of pg_catalog on
 -- that session's search_path must not lend it an operator.  (integer, boolean and
 -- interval are keywords, always pg_catalog's.)  The lock classes 0x7E4B (the window's
--- try-lock) and 0x7E4D (the gate) are ours (migrations use 0x7E4A).  The gate has a
+-- try-lock), 0x7E4D (the gate) and 0x7E4E (the window gate: a producer that met the
+-- gate held by a re-arm and stays quiet behind another's wake-up of its window) are
+-- ours (migrations use 0x7E4A).  The gate has a
 -- class of its own: on 0x7E4C, the capped claim's (claim_jobs), a capped queue named
 -- 'tenantry_jobs:<B>', or any whose hashtext met that of another's gate key, had its
 -- claims wait behind queue B's quiet producers (an IMMEDIATE one: for its whole
@@ -170,6 +177,7 @@ DECLARE
         OPERATOR(pg_catalog.-) interval '5 milliseconds';
     last pg_catalog.timestamptz;
     has_row boolean;
+    gated boolean;
     woke pg_catalog.text;
     entry pg_catalog.text;
 BEGIN
@@ -179,20 +187,26 @@ BEGIN
         payload := NEW.queue;
     END IF;
     k := pg_catalog.concat(channel, ':', payload);
+    -- The gate first, then one read of the throttle row: holding the gate, the read
+    -- sees every re-arm that tried the gate before (its commit was visible before it
+    -- let go), and a re-arm trying it from now on finds it held and waits for this
+    -- commit.  (Read first, the row was read twice on every quiet commit: once to
+    -- decide, once more inside the gate.)
+    gated := pg_catalog.pg_try_advisory_xact_lock_shared(32333, pg_catalog.hashtext(k));
     SELECT t.last_at INTO last FROM tenantry.notify_throttle t
      WHERE t.key OPERATOR(pg_catalog.=) k;
     has_row := FOUND;
-    IF has_row AND last OPERATOR(pg_catalog.>) quiet_since THEN
-        -- Quiet only behind the gate (see above), and only if the wake-up is still
-        -- pending once inside it: a re-arm that committed since the first read must be
-        -- seen, or its claim could have run without this commit.
-        IF pg_catalog.pg_try_advisory_xact_lock_shared(32333, pg_catalog.hashtext(k)) THEN
-            SELECT t.last_at INTO last FROM tenantry.notify_throttle t
-             WHERE t.key OPERATOR(pg_catalog.=) k;
-            IF last OPERATOR(pg_catalog.>) quiet_since THEN
-                RETURN NULL;
-            END IF;
-        END IF;
+    IF gated AND has_row AND last OPERATOR(pg_catalog.>) quiet_since THEN
+        RETURN NULL;
+    END IF;
+    IF NOT gated THEN
+        -- A re-arm holds the gate through its claim (or a wait is at it): the row may
+        -- not show its re-arm yet, so this commit does not stay quiet on the row's
+        -- word.  It may still stay quiet behind another transaction's wake-up of this
+        -- window (below), sheltered by the window gate: the re-arm that wake-up
+        -- prompts tries this one too before its claim.  (Each of these notified
+        -- before: a notification per commit for as long as a claim takes.)
+        gated := pg_catalog.pg_try_advisory_xact_lock_shared(32334, pg_catalog.hashtext(k));
     END IF;
     -- The keys decided on, one per line, each with its backslashes and line breaks
     -- escaped (a queue's name may hold them); '' (not NULL) once a transaction has
@@ -214,9 +228,10 @@ BEGIN
                    OPERATOR(pg_catalog.*) 200::double precision))
                    OPERATOR(pg_catalog.%) 2147483647::bigint)) THEN
             -- Another transaction is committing this window's wake-up: quiet, behind
-            -- the gate (its NOTIFY arrives after that commit, so the re-arm of the
-            -- claim it prompts comes after the gate was taken here, and sees it held).
-            IF pg_catalog.pg_try_advisory_xact_lock_shared(32333, pg_catalog.hashtext(k)) THEN
+            -- the gate or the window gate (its NOTIFY arrives after that commit, so the
+            -- re-arm of the claim it prompts comes after the gate was taken here, and
+            -- sees it held).
+            IF gated THEN
                 RETURN NULL;
             END IF;
         END IF;
@@ -256,14 +271,16 @@ ON CONFLICT (key) DO NOTHING;
 END;
 $$;
 
--- Before a claim that a NOTIFY prompted (the worker's rearm_wake, a transaction of its
--- own that commits before the claim's snapshot): the queue's throttle row back to "no
--- wake-up pending", so that a producer committing from now on notifies even within the
--- throttle's window (its commit may come after the claim's snapshot: then it is that
--- claim's NOTIFY, not a trailing fetch 11 ms later, that finds it).  A row a producer
+-- Before a claim that a NOTIFY prompted (queries.sql claim_rearming: in the claim's
+-- transaction, before the claim's statements take their snapshots): the queue's
+-- throttle row back to "no wake-up pending", so that a producer committing from then on
+-- notifies even within the throttle's window (its commit may come after the claim's
+-- snapshot: then it is that claim's NOTIFY, not a trailing fetch 11 ms later, that
+-- finds it); until this transaction's commit makes the row visible, the gate it holds
+-- makes such a producer notify.  A row a producer
 -- holds is skipped: that producer is notifying right now.  No write when the row is
--- armed already.  Returns false when a producer that stayed quiet is still committing
--- (it holds the gate, see wake_at_commit): its job may be invisible to the claim that
+-- armed already.  Returns false when a producer is still committing behind the gate (see
+-- wake_at_commit): one that stayed quiet may have a job invisible to the claim that
 -- follows, and the worker waits for it (await_quiet_wakes) and claims again.  The gate
 -- is only tried: the claim never waits for a commit here.  Best effort, and the claim
 -- waits for it: a lock on the table (an operator's VACUUM FULL or LOCK, an ALTER) is
@@ -286,13 +303,29 @@ RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET lock_timeout = '10ms'
 AS $$
+DECLARE
+    gate integer := hashtext('tenantry_jobs:' || queue);
+    window_free boolean;
 BEGIN
 UPDATE tenantry.notify_throttle t SET last_at = '-infinity'
   FROM (SELECT n.key FROM tenantry.notify_throttle n
          WHERE n.key = 'tenantry_jobs:' || queue AND n.last_at > '-infinity'
            FOR UPDATE SKIP LOCKED) armed
  WHERE t.key = armed.key;
-RETURN pg_try_advisory_xact_lock(32333, hashtext('tenantry_jobs:' || queue));
+IF NOT pg_try_advisory_xact_lock(32333, gate) THEN
+    RETURN false;
+END IF;
+-- The window gate is only probed: held through the claim, it would make every producer
+-- meanwhile notify.  Its lock goes with the block's subtransaction, rolled back on
+-- purpose (an error or a cancel in between cannot leave it held, as a session lock's
+-- unlock could).
+BEGIN
+    window_free := pg_try_advisory_xact_lock(32334, gate);
+    RAISE SQLSTATE 'TQ001';
+EXCEPTION WHEN SQLSTATE 'TQ001' THEN
+    NULL;
+END;
+RETURN window_free;
 END;
 $$;
 
@@ -312,6 +345,7 @@ BEGIN
     PERFORM set_config('lock_timeout', greatest(wait_ms, 1)::text, true);
     BEGIN
         PERFORM pg_advisory_xact_lock(32333, hashtext('tenantry_jobs:' || queue));
+        PERFORM pg_advisory_xact_lock(32334, hashtext('tenantry_jobs:' || queue));
     EXCEPTION WHEN lock_not_available THEN
         RETURN false;
     END;

@@ -38,17 +38,27 @@ SELECT tenantry.ensure_wake_keys($1::text[])
 -- name: claim_rearming
 -- The claim a NOTIFY prompted, re-arming the queue's wake-up throttle in the same
 -- transaction (tenantry.rearm_wake: it gives up on a table lock after 10 ms, and the
--- worker then claims without it), one round trip instead of two.  The re-arm runs once,
--- on the state row, after the claim's own statements: the order does not matter (see
--- the gate in tenantry.wake_at_commit: a producer deciding before the re-arm's gate
--- try is waited for, one deciding while the gate is held notifies, one deciding after
--- this transaction sees the row re-armed).  gate_free: false when a producer that
--- stayed quiet was still committing (the worker waits for it: await_quiet_wakes).
-SELECT tenant_id, id, queue, kind, payload, priority, attempts, max_attempts, created_at,
-       unknown_kind_since, cursor_after, more, capped,
-       CASE WHEN id IS NULL THEN tenantry.rearm_wake($1::text) END AS gate_free
-  FROM tenantry.claim_jobs($1::text, $2::integer, $3::text, $4::double precision, $5::uuid,
-                           $6::integer)
+-- worker then claims without it), one round trip instead of two.  The re-arm comes
+-- FIRST: the claim takes the queue from the re-arm's row (LATERAL), so claim_jobs runs
+-- after rearm_wake has re-armed the row and tried the gate, and each of its statements
+-- takes a snapshot of its own (a volatile PL/pgSQL function under READ COMMITTED), later
+-- than that try.  A producer that stayed quiet before the try is visible to the claim
+-- when the gate was free (its commit was visible before it let go of the gate), or
+-- waited for when not; one deciding while this transaction holds the gate notifies;
+-- one deciding after the commit sees the row re-armed.  (Re-armed after the claim's
+-- statements, a quiet commit that became visible between the claim's snapshot and the
+-- re-arm's try was neither claimed nor waited for.)  gate_free, on the state row: false
+-- when a producer that stayed quiet was still committing (the worker waits for it:
+-- await_quiet_wakes).
+WITH rearmed AS MATERIALIZED (
+    SELECT $1::text AS queue, tenantry.rearm_wake($1::text) AS gate_free
+)
+SELECT c.tenant_id, c.id, c.queue, c.kind, c.payload, c.priority, c.attempts,
+       c.max_attempts, c.created_at, c.unknown_kind_since, c.cursor_after, c.more,
+       c.capped, CASE WHEN c.id IS NULL THEN r.gate_free END AS gate_free
+  FROM rearmed r
+ CROSS JOIN LATERAL tenantry.claim_jobs(r.queue, $2::integer, $3::text,
+                                        $4::double precision, $5::uuid, $6::integer) c
 
 -- name: await_quiet_wakes
 -- Until the producers that stayed quiet behind the throttle's gate have committed, up

@@ -619,16 +619,16 @@ class Worker:
     async def claim_rearming(
         self, queue: str, limit: int, cursor: uuid.UUID | None
     ) -> Claimed | None:
-        """The claim a NOTIFY prompted, re-arming the queue's wake-up throttle in its own
-        transaction: a producer stays quiet within the throttle's window only while a
-        wake-up that no claim has acted on yet is pending (tenantry.wake_at_commit reads
-        the row this resets).  Without the re-arm, a job committed within 5 ms after
-        another's NOTIFY, and after the claim that NOTIFY woke, waited for the next
-        NOTIFY or the trailing fetch: from commit to start p90 9 ms and p99 11-12 ms
-        with 1,000 other jobs a second on the queue (bench.latency --background-rate
-        1000).  `gate_free` false: a producer that decided to stay quiet before the
-        re-arm was still committing, and its job may be missing from this claim (the
-        loop waits for it and claims again).
+        """The claim a NOTIFY prompted, re-arming the queue's wake-up throttle first, in the claim's
+        transaction (before the claim's statements take their snapshots; see queries.sql
+        claim_rearming): a producer stays quiet within the throttle's window only while a wake-up
+        that no claim has acted on yet is pending (tenantry.wake_at_commit reads the row this
+        resets).  Without the re-arm, a job committed within 5 ms after another's NOTIFY, and after
+        the claim that NOTIFY woke, waited for the next NOTIFY or the trailing fetch: from commit to
+        start p90 9 ms and p99 11-12 ms with 1,000 other jobs a second on the queue (bench.latency
+        --background-rate 1000).  `gate_free` false: a producer that decided to stay quiet before
+        the re-arm was still committing, and its job may be missing from this claim (the loop waits
+        for it and claims again).
 
         The re-arm is best effort: when it fails (the function gives up on a lock on the
         throttle table after 10 ms: an operator's LOCK or VACUUM FULL held it for the
