@@ -17,7 +17,14 @@ import pytest
 from tenantry.jobs import queue as jobs
 from tenantry.jobs.worker import Worker
 from tenantry.tenancy import tenant_tx, tenant_tx_on
-from tests.helpers import TENANT_A, TENANT_B, background_service, running_worker, service_settings
+from tests.helpers import (
+    TENANT_A,
+    TENANT_B,
+    Recorder,
+    background_service,
+    running_worker,
+    service_settings,
+)
 from tests.integration.test_quiet_commit_gate import _registry
 from tests.integration.test_sse import _read_until, accepted
 
@@ -368,3 +375,64 @@ async def test_atk3_concurrent_read_committed_producers_leave_no_job_to_the_poll
             await rec.wait_flushed(total, timeout=15)
     finally:
         await listener.close()
+
+
+async def test_atk3_two_workers_with_their_claims_cancelled_leave_no_gate_held(
+    pool: asyncpg.Pool, worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Two workers on one queue, producers committing, and the re-arming claims and
+    quiet waits cancelled (pg_cancel_backend) as they run: every job still starts (the
+    poll, short here, makes up for a failed claim), and once all is done no session
+    holds any of the wake-up's locks (classes 0x7E4B-0x7E4E)."""
+    total = 0
+    cancelled = 0
+    producing = True
+
+    async def produce(p: int) -> None:
+        nonlocal total
+        for _ in range(80):
+            async with tenant_tx(pool, TENANT_A) as tx:
+                await jobs.enqueue(tx, tenant_id=TENANT_A, kind="x", queue="q")
+                total += 1
+
+    async def cancel_claims() -> None:
+        nonlocal cancelled
+        while producing:
+            cancelled += await admin_pool.fetchval(
+                "SELECT count(*) FILTER (WHERE pg_cancel_backend(pid)) FROM pg_stat_activity"
+                " WHERE state = 'active' AND pid <> pg_backend_pid()"
+                " AND (query LIKE '%rearm_wake%' OR query LIKE '%await_quiet_wakes%')"
+            )
+            await anyio.sleep(0.001)
+
+    listeners = [await asyncpg.connect(database_url) for _ in range(2)]
+    rec = Recorder()
+    try:
+        async with (
+            running_worker(
+                pool, worker_pool, _registry(), queues={"q": 3}, recorder=rec,
+                poll_interval=0.2,
+            ) as (w1, _),
+            running_worker(
+                pool, worker_pool, _registry(), queues={"q": 3}, recorder=rec,
+                poll_interval=0.2,
+            ) as (w2, _),
+        ):  # fmt: skip
+            await listen_for(listeners[0], w1, [])
+            await listen_for(listeners[1], w2, [])
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_claims)
+                async with anyio.create_task_group() as producers:
+                    for p in range(6):
+                        producers.start_soon(produce, p)
+                producing = False
+            await rec.wait_flushed(total, timeout=15)
+            held = await admin_pool.fetch(
+                "SELECT pid, classid, objid, mode FROM pg_locks"
+                " WHERE locktype = 'advisory' AND classid BETWEEN 32331 AND 32334"
+            )
+            assert held == []
+    finally:
+        for conn in listeners:
+            await conn.close()
+    assert cancelled > 0, "no claim was cancelled: the race was not built"
