@@ -100,7 +100,8 @@ async def test_atk3_a_producer_quiet_behind_another_transactions_window_is_not_s
     keys hash alike (a 32-bit collision, or hashes differing in the low bits at
     adjacent windows) share windows, and the winner's NOTIFY wakes its own queue's
     workers only.  Either way the quiet producer's committed job has no NOTIFY and no
-    re-armed claim sees it: it waits for the poll (30 s here an hour)."""
+    re-armed claim sees it: it waits for the poll (TENANTRY_POLL_INTERVAL: 0.5-1.5 s
+    by default; an hour here), or for the IMMEDIATE winner's commit."""
     listener = await asyncpg.connect(database_url)
     try:
         async with running_worker(
