@@ -351,7 +351,7 @@ async def test_the_analyst_login_cannot_hold_up_the_primary_s_claims(
     analyst = await db.connect(analyst_url, server_settings=analytics.READER_SETTINGS)
     worker = await db.connect(worker_url, server_settings={"lock_timeout": "1s"})
     try:
-        await analyst.execute("SELECT pg_advisory_lock(32331, hashtext('tenantry.webhook_claim'))")
+        await analyst.execute("SELECT pg_advisory_lock(32335, hashtext('tenantry.webhook_claim'))")
         await worker.fetch(
             "SELECT * FROM tenantry.webhook_claim('o', 10, gen_random_uuid(), 5, 10, 5, 10)"
         )

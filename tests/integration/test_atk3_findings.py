@@ -65,17 +65,28 @@ async def _started_within(admin_pool: asyncpg.Pool, job_id: int, seconds: float)
 WINNER_QUEUE, QUIET_QUEUE = "q-70384", "q-70705"
 
 
-@pytest.mark.xfail(
+# A known limit, documented in wake_at_commit: a producer that set its constraints
+# IMMEDIATE wins its window at its INSERT and notifies only when (and if) it commits; a
+# producer quiet behind it waits for that commit, or for the poll (0.5-1.5 s by
+# default).  Notifying on every lost window instead would undo the throttle.
+_IMMEDIATE_WINNER = pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="ATK3 FINDING: a window's loser stays quiet on a NOTIFY that may never come"
-    " (the winner rolled back or has yet to commit) or that wakes another queue",
+    reason="known limit: behind an IMMEDIATE winner that rolls back or commits later, a"
+    " window's loser waits for that commit or the poll",
 )
+
+
 @pytest.mark.parametrize(
     ("winner_queue", "quiet_queue", "winner_ends"),
     [
-        pytest.param("q", "q", "rolled-back", id="same-queue-winner-rolls-back"),
-        pytest.param("q", "q", "later", id="same-queue-winner-commits-later"),
+        pytest.param(
+            "q", "q", "rolled-back", id="same-queue-winner-rolls-back", marks=_IMMEDIATE_WINNER
+        ),
+        pytest.param(
+            "q", "q", "later", id="same-queue-winner-commits-later", marks=_IMMEDIATE_WINNER
+        ),
+        # Fixed (jobs functions v17): the window's key hashes the key with the window.
         pytest.param(WINNER_QUEUE, QUIET_QUEUE, "committed", id="other-queue-winner-commits"),
     ],
 )

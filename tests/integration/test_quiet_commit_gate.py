@@ -197,7 +197,7 @@ async def test_with_a_rearm_interval_only_the_first_notifys_claim_within_it_rear
 # committing that window's wake-up.
 HOLD_WINDOWS = """
 SELECT count(pg_advisory_xact_lock(
-           32331, hashtext($1::text) # int4((w % 2147483647::bigint))))
+           32331, hashtext(concat($1::text, E'\n', w))))
   FROM generate_series(
            int8(floor(date_part('epoch', clock_timestamp()) * 200::double precision)),
            int8(floor(date_part('epoch', clock_timestamp()) * 200::double precision)) + 400) w

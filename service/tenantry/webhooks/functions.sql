@@ -1,4 +1,4 @@
--- version: 9
+-- version: 10
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -171,7 +171,9 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
-    PERFORM pg_advisory_xact_lock(32331, hashtext('tenantry.webhook_claim'));
+    -- Claims take turns (0x7E4F, a lock class of its own: on 0x7E4B, the wake-up
+    -- throttle's window try-lock, a window's key could meet it).
+    PERFORM pg_advisory_xact_lock(32335, hashtext('tenantry.webhook_claim'));
     RETURN QUERY
     WITH busy AS (
         SELECT d.tenant_id, d.endpoint_id, count(*)::integer AS n
