@@ -35,9 +35,9 @@ async def listen_for(listener: asyncpg.Connection, worker: Worker, heard: list[s
     """The service's listener in small: each NOTIFY on the jobs' channel wakes the
     worker's loop of its queue (and is noted in `heard`)."""
 
-    def heard_one(_c: object, _pid: int, _channel: str, queue: str) -> None:
-        heard.append(queue)
-        worker.notify(queue)
+    def heard_one(_c: Any, _pid: int, _channel: str, queue: object) -> None:
+        heard.append(str(queue))
+        worker.notify(str(queue))
 
     await listener.add_listener("tenantry_jobs", heard_one)
 
