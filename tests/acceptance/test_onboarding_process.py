@@ -190,7 +190,9 @@ async def test_a_stream_on_one_process_follows_work_done_by_another(
                 live = [f async for f in frames if f.event]
         assert [f.id for f in live] == [str(v) for v in range(2, len(STEPS) + 2)]
         assert live[-1].event == "onboarding.completed"
-        # B logs the steps once each, in order, one line per commit of a group of them.
+        # B logs the steps once each, in order, one line per commit of a group of them
+        # (the last line written after its commit, which the stream may show first).
+        await b.wait_log("onboarding_steps_done", lambda x: x["steps"][-1] == STEPS[-1])
         said = [step for line in b.find("onboarding_steps_done") for step in line["steps"]]
         assert said == list(STEPS) and not a.find("onboarding_steps_done")
     finally:
