@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 from tenantry.jobs import queue as jobs
+from tenantry.jobs.outcomes import Complete
 from tenantry.jobs.worker import Worker
 from tenantry.tenancy import tenant_tx, tenant_tx_on
 from tests.helpers import (
@@ -26,7 +27,7 @@ from tests.helpers import (
     service_settings,
 )
 from tests.integration.test_quiet_commit_gate import _registry
-from tests.integration.test_sse import _read_until, accepted
+from tests.integration.test_sse import _read_until, accepted, streams_ended
 
 ATTEMPTS = 30
 
@@ -46,17 +47,21 @@ class _RolledBack(Exception):
     """Leaves a transaction by rolling it back."""
 
 
-async def _started_within(admin_pool: asyncpg.Pool, job_id: int, seconds: float) -> bool:
-    """Whether the job left `queued` (a worker claimed it) within `seconds`."""
-    with anyio.move_on_after(seconds):
-        while True:
-            state = await admin_pool.fetchval(
-                "SELECT state FROM tenantry.jobs WHERE id = $1", job_id
-            )
-            if state != "queued":
-                return True
-            await anyio.sleep(0.02)
-    return False
+async def _ran_within(rec: Recorder, job_id: int, seconds: float) -> bool:
+    """Whether the worker ran the job (its completion written) within `seconds`."""
+
+    def ran() -> bool:
+        return any(
+            isinstance(o, Complete) and o.key[1] == job_id
+            for flushed in rec.named("flushed")
+            for o in flushed["outcomes"]
+        )
+
+    try:
+        await rec.wait_for(ran, seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 # hashtext('tenantry_jobs:q-70384') = hashtext('tenantry_jobs:q-70705'): two queues
@@ -93,7 +98,6 @@ _IMMEDIATE_WINNER = pytest.mark.xfail(
 async def test_atk3_a_producer_quiet_behind_another_transactions_window_is_not_stranded(
     pool: asyncpg.Pool,
     worker_pool: asyncpg.Pool,
-    admin_pool: asyncpg.Pool,
     database_url: str,
     winner_queue: str,
     quiet_queue: str,
@@ -144,13 +148,13 @@ async def test_atk3_a_producer_quiet_behind_another_transactions_window_is_not_s
                             )
                         # quiet_tx committed, mostly within the same 5 ms window.
                         if winner_ends == "later":
-                            started = await _started_within(admin_pool, quiet_job, 3)
+                            started = await _ran_within(rec, quiet_job, 3)
                         if winner_ends != "committed":
                             raise _RolledBack
                 except _RolledBack:
                     pass
                 if winner_ends != "later":
-                    started = await _started_within(admin_pool, quiet_job, 3)
+                    started = await _ran_within(rec, quiet_job, 3)
                 if not started:
                     break
     finally:
@@ -208,11 +212,7 @@ async def test_atk3_pipelined_head_http10_and_early_closes_leave_no_stream_behin
                 )
                 await _read_until(sock, b"event: onboarding.accepted", bytearray())
             sock.close()
-        with anyio.fail_after(10):
-            while svc.hub.clients:
-                await svc.hub.wait_reads(svc.hub.reads + 1)
-        async with http.get("/metrics") as r:
-            text = await r.text()
+        text = await streams_ended(svc, http, within=10)
         assert "\ntenantry_sse_streams 0.0\n" in text
         errors = [
             ln

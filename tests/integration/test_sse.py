@@ -297,6 +297,16 @@ async def _raw_stream(port: int, path: str, version: str, rcvbuf: int = 0) -> so
     return sock
 
 
+async def streams_ended(svc: Service, http: aiohttp.ClientSession, within: float) -> str:
+    """Wait (woken by the hub's reads, one per poll) until the hub holds no stream, at
+    most `within` seconds; then the service's /metrics text."""
+    with anyio.fail_after(within):
+        while svc.hub.clients:
+            await svc.hub.wait_reads(svc.hub.reads + 1)
+    async with http.get("/metrics") as r:
+        return await r.text()
+
+
 async def _read_until(sock: socket.socket, marker: bytes, got: bytearray) -> bytes:
     """Read into `got` until it holds `marker`; all read so far."""
     loop = asyncio.get_running_loop()
@@ -431,13 +441,8 @@ async def test_a_client_that_closes_an_idle_stream_is_let_go_at_once(
             assert svc.hub.clients == 1
         finally:
             sock.close()
-        # Well under the keepalive interval: the lost connection itself ends it.  (Woken
-        # by the hub's reads, one per poll.)
-        with anyio.fail_after(5):
-            while svc.hub.clients:
-                await svc.hub.wait_reads(svc.hub.reads + 1)
-        async with http.get("/metrics") as r:
-            text = await r.text()
+        # Well under the keepalive interval: the lost connection itself ends it.
+        text = await streams_ended(svc, http, within=5)
         assert "\ntenantry_sse_streams 0.0\n" in text
 
 
@@ -457,11 +462,7 @@ async def test_a_client_gone_before_its_stream_began_is_not_a_server_error(
         await wait_lock_waiter(admin_pool, user=roles.DEFAULT_LOGIN)
         assert svc.hub.clients == 1
         sock.close()
-    with anyio.fail_after(5):
-        while svc.hub.clients:
-            await svc.hub.wait_reads(svc.hub.reads + 1)
-    async with http.get("/metrics") as r:
-        text = await r.text()
+    text = await streams_ended(svc, http, within=5)
     answered = [ln for ln in text.splitlines() if ln.startswith("tenantry_http_requests_total")]
     stream = [line for line in answered if "/events" in line]
     assert len(stream) == 1 and 'status="499"' in stream[0], stream
