@@ -1,4 +1,4 @@
--- version: 17
+-- version: 18
 -- The job queue's functions and triggers.  A repeatable migration (tenantry/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -17,6 +17,18 @@
 -- caches its plans on every supported version.  The worker's functions force generic
 -- plans: left to choose, PL/pgSQL re-planned them on every call (0.16 ms against
 -- 0.06 ms per empty release, pgbench on PostgreSQL 15: a tenth of a drain).
+--
+-- The functions on the hot paths (the claims, outcomes, leases and rescue here; the
+-- webhook claim, record and fan-out; emit and emit_many; provisioning's run_steps) run
+-- with enable_seqscan off.  A connection keeps a statement's plan until the table's
+-- statistics change, and a plan made while the table had no pages, after a VACUUM or
+-- ANALYZE had found it empty (a first deploy's VACUUM ANALYZE, a quiet queue emptied
+-- and vacuumed), costs a sequential scan at nothing: kept through a burst, it read the
+-- whole table on every call until autovacuum next analyzed it, up to a minute later
+-- (bench.webhooks: one deliverer's connection at 0.8 of a core, 8 ms a claim, in half
+-- the runs; test_plans_on_small_tables.py).  Off, the planner takes the index these
+-- statements are written for whatever the table's size; a statement with no index to
+-- use still scans.
 --
 -- Job states: `scheduled` (due later: delayed, or waiting out a retry's backoff),
 -- `queued` (runnable now), `running` (leased by a worker).  A scheduled job is staged
@@ -419,6 +431,7 @@ CREATE OR REPLACE FUNCTION tenantry.complete_job(for_tenant uuid, job_id bigint,
 RETURNS boolean
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off  -- plans kept from a small table: see the head of this file
 AS $$
 WITH done AS (
     DELETE FROM tenantry.jobs j
@@ -752,6 +765,7 @@ RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload text,
                cursor_after uuid, more boolean, capped boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     SET plan_cache_mode = force_generic_plan
+    SET enable_seqscan = off  -- plans kept from a small table: see the head of this file
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -875,6 +889,7 @@ CREATE OR REPLACE FUNCTION tenantry.next_due_job(for_queue text)
 RETURNS TABLE (due timestamptz, db_now timestamptz)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     SET plan_cache_mode = force_generic_plan
+    SET enable_seqscan = off  -- plans kept from a small table: see the head of this file
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -1136,6 +1151,7 @@ CREATE OR REPLACE FUNCTION tenantry.record_job_outcomes(
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     SET plan_cache_mode = force_generic_plan
+    SET enable_seqscan = off  -- plans kept from a small table: see the head of this file
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -1257,6 +1273,7 @@ CREATE OR REPLACE FUNCTION tenantry.extend_job_leases(
 RETURNS TABLE (tenant_id uuid, id bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     SET plan_cache_mode = force_generic_plan
+    SET enable_seqscan = off  -- plans kept from a small table: see the head of this file
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -1284,6 +1301,7 @@ CREATE OR REPLACE FUNCTION tenantry.rescue_expired_jobs(max_rows integer)
 RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, attempts integer)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     SET plan_cache_mode = force_generic_plan
+    SET enable_seqscan = off  -- plans kept from a small table: see the head of this file
 AS $$
 #variable_conflict use_column
 BEGIN

@@ -1,4 +1,4 @@
--- version: 7
+-- version: 8
 -- The onboarding module's functions.  A repeatable migration (tenantry/migrate.py),
 -- applied again whenever this file changes (raise the version above with every
 -- change).
@@ -185,6 +185,7 @@ CREATE OR REPLACE FUNCTION tenantry.onboarding_run_steps(
                  done text[], ran text[])
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off  -- plans kept from a small table: see jobs/functions.sql
 AS $$
 #variable_conflict use_column
 DECLARE

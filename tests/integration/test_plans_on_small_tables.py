@@ -1,0 +1,139 @@
+"""Plans cached while a table was empty must not scan it whole once it has grown.
+
+A connection keeps a function's plans until the table's statistics change.  Planned
+while the table had no pages and a VACUUM or ANALYZE had found it empty (the state after
+a first deploy's `VACUUM ANALYZE`, or after a quiet queue was emptied and vacuumed), a
+sequential scan costs nothing in the planner's eyes, and the plan stayed: every claim
+then read the whole table until autovacuum next analyzed it, up to a minute into a
+burst.  Found in bench.webhooks: in about half the runs one deliverer connection spent
+0.8 of a core scanning `webhook_deliveries` three times per claim (8 ms a claim), the
+200/s run's p99 went from 20 ms to 125-475 ms and the burst from 1,500 to 700
+deliveries/s.
+
+Each case: the tables emptied and vacuumed (no pages, statistics that say empty),
+autovacuum off for them (so that nothing re-plans behind the test's back), the function
+called on one connection until its plans are cached, rows added, then the function once
+more in a transaction whose own counters (pg_stat_xact_user_tables) show whether it
+scanned the table sequentially.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import pytest
+
+
+async def _scans(conn: asyncpg.Connection, table: str) -> int:
+    """Sequential scans of tenantry.<table> in this connection's open transaction."""
+    return int(
+        await conn.fetchval(
+            "SELECT seq_scan FROM pg_stat_xact_user_tables"
+            " WHERE schemaname = 'tenantry' AND relname = $1",
+            table,
+        )
+    )
+
+
+async def _empty_and_vacuumed(admin_pool: asyncpg.Pool, *tables: str) -> None:
+    names = ", ".join(f"tenantry.{t}" for t in tables)
+    await admin_pool.execute(f"TRUNCATE {names} CASCADE")
+    for t in tables:
+        await admin_pool.execute(f"ALTER TABLE tenantry.{t} SET (autovacuum_enabled = false)")
+    await admin_pool.execute(f"VACUUM ANALYZE {names}")
+
+
+async def _tenants(admin_pool: asyncpg.Pool, n: int) -> list[uuid.UUID]:
+    ids = [uuid.uuid4() for _ in range(n)]
+    await admin_pool.execute(
+        "INSERT INTO tenantry.tenants (id, slug, name)"
+        " SELECT t, 'plan-' || replace(t::text, '-', ''), 'plan' FROM unnest($1::uuid[]) t",
+        ids,
+    )
+    return ids
+
+
+WEBHOOK_CLAIM = "SELECT count(*) FROM tenantry.webhook_claim('probe', 10, $1, 5, 10, 5, 10)"
+
+
+async def test_the_webhook_claim_planned_on_an_empty_table_reads_by_index_once_it_grew(
+    admin_pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    tenants = await _tenants(admin_pool, 10)
+    await admin_pool.execute(
+        "INSERT INTO tenantry.webhook_endpoints (tenant_id, url, secret)"
+        " SELECT t, 'https://plan.example/' || t, '\\x00'::bytea FROM unnest($1::uuid[]) t",
+        tenants,
+    )
+    await _empty_and_vacuumed(admin_pool, "webhook_deliveries")
+    # PL/pgSQL settles on a generic plan after five custom ones.
+    for _ in range(7):
+        assert await conn.fetchval(WEBHOOK_CLAIM, uuid.uuid4()) == 0
+    await admin_pool.execute(
+        "INSERT INTO tenantry.webhook_deliveries"
+        " (tenant_id, endpoint_id, event_id, event_type, body, state)"
+        " SELECT e.tenant_id, e.id, g, 'plan.test', '{}',"
+        "        CASE WHEN g % 10 = 0 THEN 'pending' ELSE 'delivered' END"
+        "   FROM tenantry.webhook_endpoints e, generate_series(1, 2000) g"
+    )
+    async with conn.transaction():
+        assert await conn.fetchval(WEBHOOK_CLAIM, uuid.uuid4()) == 10
+        assert await _scans(conn, "webhook_deliveries") == 0
+
+
+async def test_the_job_claim_planned_on_an_empty_table_reads_by_index_once_it_grew(
+    admin_pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    await _empty_and_vacuumed(admin_pool, "jobs")
+    claim = "SELECT count(id) FROM tenantry.claim_jobs('default', 10, 'probe', 30, NULL, NULL)"
+    # claim_jobs forces generic plans: the first call's are the ones kept.
+    assert await conn.fetchval(claim) == 0
+    await admin_pool.execute(
+        "INSERT INTO tenantry.jobs (tenant_id, kind, run_at)"
+        " SELECT t, 'w', now() + CASE WHEN g % 2 = 0 THEN interval '0' ELSE interval '1 hour' END"
+        "   FROM unnest($1::uuid[]) t, generate_series(1, 200) g",
+        [uuid.uuid4() for _ in range(50)],
+    )
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        assert await conn.fetchval(claim) == 10
+        assert await _scans(conn, "jobs") == 0
+    finally:
+        await tx.rollback()
+
+
+@pytest.mark.parametrize("function", ["emit", "emit_many"])
+async def test_an_event_appended_after_the_outbox_grew_finds_its_version_by_index(
+    admin_pool: asyncpg.Pool, conn: asyncpg.Connection, function: str
+) -> None:
+    (tenant,) = await _tenants(admin_pool, 1)
+    await _empty_and_vacuumed(admin_pool, "outbox")
+    sql = (
+        "SELECT tenantry.emit($1, 'plan', $2, 'plan.appended', '{}'::jsonb)"
+        if function == "emit"
+        else "SELECT tenantry.emit_many($1, ARRAY['plan'], ARRAY[$2], ARRAY[NULL::integer],"
+        " ARRAY['plan.appended'], ARRAY['{}'::jsonb])"
+    )
+    # Plans made while the outbox has (nearly) nothing in it.
+    for i in range(7):
+        await conn.execute(sql, tenant, str(i))
+    await admin_pool.execute(
+        "INSERT INTO tenantry.outbox (tenant_id, aggregate_type, aggregate_id, version,"
+        " event_type, payload)"
+        " SELECT $1, 'plan', 'grown-' || g, 1, 'plan.appended', '{}'"
+        "   FROM generate_series(1, 20000) g",
+        tenant,
+    )
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await conn.execute(sql, tenant, "3")
+        assert await _scans(conn, "outbox") == 0
+        version = await conn.fetchval(
+            "SELECT max(version) FROM tenantry.outbox WHERE aggregate_id = '3'"
+        )
+        assert version == 2
+    finally:
+        await tx.rollback()
