@@ -137,3 +137,35 @@ async def test_an_event_appended_after_the_outbox_grew_finds_its_version_by_inde
         assert version == 2
     finally:
         await tx.rollback()
+
+
+HOT_FUNCTIONS = (
+    "claim_jobs",
+    "next_due_job",
+    "record_job_outcomes",
+    "extend_job_leases",
+    "rescue_expired_jobs",
+    "complete_job",
+    "webhook_claim",
+    "webhook_record",
+    "webhook_fan_out",
+    "emit",
+    "emit_many",
+    "onboarding_run_steps",
+)
+
+
+async def test_every_hot_path_function_plans_without_sequential_scans(
+    admin_pool: asyncpg.Pool,
+) -> None:
+    """The cases above reproduce the trap for four of them; the others carry the same
+    setting for the same reason (jobs/functions.sql), and must keep it."""
+    rows = await admin_pool.fetch(
+        "SELECT p.proname, p.proconfig FROM pg_proc p"
+        " WHERE p.pronamespace = 'tenantry'::regnamespace AND p.proname = ANY($1::text[])",
+        list(HOT_FUNCTIONS),
+    )
+    settings = {r["proname"]: r["proconfig"] or [] for r in rows}
+    assert sorted(settings) == sorted(HOT_FUNCTIONS)
+    missing = [f for f, config in settings.items() if "enable_seqscan=off" not in config]
+    assert missing == []
