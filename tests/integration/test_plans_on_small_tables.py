@@ -139,7 +139,42 @@ async def test_an_event_appended_after_the_outbox_grew_finds_its_version_by_inde
         await tx.rollback()
 
 
+async def test_the_event_streams_follow_planned_on_an_empty_outbox_reads_by_index_once_it_grew(
+    admin_pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """outbox_follow: every process's SSE hub calls it on each wake-up."""
+    (tenant,) = await _tenants(admin_pool, 1)
+    await _empty_and_vacuumed(admin_pool, "outbox")
+    follow = "SELECT count(*) FROM tenantry.outbox_follow($1, 'onboarding')"
+    snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text")
+    for _ in range(7):
+        assert await conn.fetchval(follow, snapshot) == 1  # the snapshot row alone
+    await admin_pool.execute(
+        "INSERT INTO tenantry.outbox (tenant_id, aggregate_type, aggregate_id, version,"
+        " event_type, payload)"
+        " SELECT $1, 'onboarding', 'grown-' || g, 1, 'onboarding.accepted', '{}'"
+        "   FROM generate_series(1, 20000) g",
+        tenant,
+    )
+    snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text")
+    await admin_pool.execute(
+        "SELECT tenantry.emit($1, 'onboarding', 'late', 'onboarding.accepted', '{}'::jsonb)",
+        tenant,
+    )
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        rows = await conn.fetch(
+            "SELECT aggregate_id FROM tenantry.outbox_follow($1, 'onboarding')", snapshot
+        )
+        assert [r["aggregate_id"] for r in rows] == ["late"]
+        assert await _scans(conn, "outbox") == 0
+    finally:
+        await tx.rollback()
+
+
 HOT_FUNCTIONS = (
+    "enqueue",
     "claim_jobs",
     "next_due_job",
     "record_job_outcomes",
@@ -151,6 +186,9 @@ HOT_FUNCTIONS = (
     "webhook_fan_out",
     "emit",
     "emit_many",
+    "outbox_follow",
+    "accept_onboarding",
+    "onboarding_lock",
     "onboarding_run_steps",
 )
 

@@ -1,4 +1,4 @@
--- version: 18
+-- version: 19
 -- The job queue's functions and triggers.  A repeatable migration (tenantry/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -18,9 +18,9 @@
 -- plans: left to choose, PL/pgSQL re-planned them on every call (0.16 ms against
 -- 0.06 ms per empty release, pgbench on PostgreSQL 15: a tenth of a drain).
 --
--- The functions on the hot paths (the claims, outcomes, leases and rescue here; the
--- webhook claim, record and fan-out; emit and emit_many; provisioning's run_steps) run
--- with enable_seqscan off.  A connection keeps a statement's plan until the table's
+-- The functions on the hot paths (enqueue, the claims, outcomes, leases and rescue
+-- here; the webhook claim, record and fan-out; emit, emit_many and outbox_follow; the
+-- sign-up's accept, lock and run_steps) run with enable_seqscan off.  A connection keeps a statement's plan until the table's
 -- statistics change, and a plan made while the table had no pages, after a VACUUM or
 -- ANALYZE had found it empty (a first deploy's VACUUM ANALYZE, a quiet queue emptied
 -- and vacuumed), costs a sequential scan at nothing: kept through a burst, it read the
@@ -387,6 +387,7 @@ CREATE OR REPLACE FUNCTION tenantry.enqueue(
 ) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off  -- plans kept from a small table: see the head of this file
 AS $$
 #variable_conflict use_column
 DECLARE

@@ -1,4 +1,4 @@
--- version: 8
+-- version: 9
 -- The onboarding module's functions.  A repeatable migration (tenantry/migrate.py),
 -- applied again whenever this file changes (raise the version above with every
 -- change).
@@ -17,6 +17,7 @@ RETURNS TABLE (state text, version integer, email text, tenant_name text, plan t
                done text[])
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off  -- plans kept from a small table: see jobs/functions.sql
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -91,6 +92,7 @@ CREATE OR REPLACE FUNCTION tenantry.accept_onboarding(
 ) RETURNS TABLE (outcome text, tenant_id uuid, onboarding_id uuid, created_at timestamptz)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off  -- plans kept from a small table: see jobs/functions.sql
 AS $$
 #variable_conflict use_column
 DECLARE

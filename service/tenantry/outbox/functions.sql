@@ -1,4 +1,4 @@
--- version: 7
+-- version: 8
 -- The outbox's functions and triggers.  A repeatable migration (tenantry/migrate.py),
 -- applied again whenever this file changes (raise the version above with every
 -- change).  The outbox module is the only writer of
@@ -137,6 +137,7 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off  -- plans kept from a small table: see jobs/functions.sql
 AS $$
 #variable_conflict use_column
 BEGIN
