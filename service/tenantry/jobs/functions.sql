@@ -1,4 +1,4 @@
--- version: 20
+-- version: 21
 -- The job queue's functions and triggers.  A repeatable migration (tenantry/migrate.py):
 -- `tenantry migrate` applies this file again whenever it changes (raise the version
 -- above with every change), so every statement of the queue is read and changed here.  The jobs module is the only writer of
@@ -20,17 +20,18 @@
 --
 -- The functions on the hot paths (enqueue, the claims, outcomes, leases and rescue
 -- here; the webhook claim, record and fan-out; emit, emit_many and outbox_follow; the
--- sign-up's accept, lock and run_steps) run with enable_seqscan off.  A connection keeps a statement's plan until the table's
--- statistics change, and a plan made while the table had no pages, after a VACUUM or
--- ANALYZE had found it empty (a first deploy's VACUUM ANALYZE, a quiet queue emptied
--- and vacuumed), costs a sequential scan at nothing: kept through a burst, it read the
--- whole table on every call until autovacuum next analyzed it, up to a minute later
--- (bench.webhooks: one deliverer's connection at 0.8 of a core, 8 ms a claim, in half
--- the runs; test_plans_on_small_tables.py).  Off, the planner takes the index these
--- statements are written for whatever the table's size; a statement with no index to
--- use still scans.  And with JIT off: before PostgreSQL 18 such a scan is costed at
--- 10^10, past jit_above_cost, and each call was JIT-compiled (webhook_fan_out's idle
--- pass, reading its one-row position table: 0.2 -> 15 ms on PostgreSQL 15).
+-- sign-up's accept, lock and run_steps) run with enable_seqscan off.  A connection keeps
+-- a statement's plan until the table's statistics change, and a plan made while the
+-- table had no pages, after a VACUUM or ANALYZE had found it empty (a first deploy's
+-- VACUUM ANALYZE, a quiet queue emptied and vacuumed), costs a sequential scan at
+-- nothing: kept through a burst, it read the whole table on every call until autovacuum
+-- next analyzed it, up to a minute later (bench.webhooks: one deliverer's connection at
+-- 0.8 of a core, 8 ms a claim, in half the runs; test_plans_on_small_tables.py).  Off,
+-- the planner takes the index these statements are written for whatever the table's
+-- size; a statement with no index to use still scans.  And with JIT off: before
+-- PostgreSQL 18 such a scan is costed at 10^10, past jit_above_cost, and each call was
+-- JIT-compiled (webhook_fan_out's idle pass, reading its one-row position table: 0.2 ->
+-- 15 ms on PostgreSQL 15).
 --
 -- Job states: `scheduled` (due later: delayed, or waiting out a retry's backoff),
 -- `queued` (runnable now), `running` (leased by a worker).  A scheduled job is staged
@@ -175,9 +176,10 @@ $trigger$);
 -- SECURITY DEFINER functions' owner among them, and a schema ahead of pg_catalog on
 -- that session's search_path must not lend it an operator.  (integer, boolean and
 -- interval are keywords, always pg_catalog's.)  The lock classes 0x7E4B (the window's
--- try-lock; the webhook claim's turn-taking has 0x7E4F since jobs version 17), 0x7E4D (the gate) and 0x7E4E (the window gate: a producer that met the
--- gate held by a re-arm and stays quiet behind another's wake-up of its window) are
--- ours (migrations use 0x7E4A).  The gate has a
+-- try-lock; the webhook claim's turn-taking has 0x7E4F since jobs version 17), 0x7E4D
+-- (the gate) and 0x7E4E (the window gate: a producer that met the gate held by a re-arm
+-- and stays quiet behind another's wake-up of its window) are ours (migrations use
+-- 0x7E4A).  The gate has a
 -- class of its own: on 0x7E4C, the capped claim's (claim_jobs), a capped queue named
 -- 'tenantry_jobs:<B>', or any whose hashtext met that of another's gate key, had its
 -- claims wait behind queue B's quiet producers (an IMMEDIATE one: for its whole
@@ -389,7 +391,7 @@ CREATE OR REPLACE FUNCTION tenantry.enqueue(
 ) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see the head of this file
+SET enable_seqscan = off SET jit = off  -- see the head of this file
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -434,7 +436,7 @@ CREATE OR REPLACE FUNCTION tenantry.complete_job(for_tenant uuid, job_id bigint,
 RETURNS boolean
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see the head of this file
+SET enable_seqscan = off SET jit = off  -- see the head of this file
 AS $$
 WITH done AS (
     DELETE FROM tenantry.jobs j
@@ -768,7 +770,7 @@ RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, payload text,
                cursor_after uuid, more boolean, capped boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     SET plan_cache_mode = force_generic_plan
-    SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see the head of this file
+    SET enable_seqscan = off SET jit = off  -- see the head of this file
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -892,7 +894,7 @@ CREATE OR REPLACE FUNCTION tenantry.next_due_job(for_queue text)
 RETURNS TABLE (due timestamptz, db_now timestamptz)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     SET plan_cache_mode = force_generic_plan
-    SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see the head of this file
+    SET enable_seqscan = off SET jit = off  -- see the head of this file
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -1154,7 +1156,7 @@ CREATE OR REPLACE FUNCTION tenantry.record_job_outcomes(
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     SET plan_cache_mode = force_generic_plan
-    SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see the head of this file
+    SET enable_seqscan = off SET jit = off  -- see the head of this file
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -1276,7 +1278,7 @@ CREATE OR REPLACE FUNCTION tenantry.extend_job_leases(
 RETURNS TABLE (tenant_id uuid, id bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     SET plan_cache_mode = force_generic_plan
-    SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see the head of this file
+    SET enable_seqscan = off SET jit = off  -- see the head of this file
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -1304,7 +1306,7 @@ CREATE OR REPLACE FUNCTION tenantry.rescue_expired_jobs(max_rows integer)
 RETURNS TABLE (tenant_id uuid, id bigint, queue text, kind text, attempts integer)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     SET plan_cache_mode = force_generic_plan
-    SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see the head of this file
+    SET enable_seqscan = off SET jit = off  -- see the head of this file
 AS $$
 #variable_conflict use_column
 BEGIN

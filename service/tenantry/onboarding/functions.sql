@@ -1,4 +1,4 @@
--- version: 10
+-- version: 11
 -- The onboarding module's functions.  A repeatable migration (tenantry/migrate.py),
 -- applied again whenever this file changes (raise the version above with every
 -- change).
@@ -17,7 +17,7 @@ RETURNS TABLE (state text, version integer, email text, tenant_name text, plan t
                done text[])
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see jobs/functions.sql
+SET enable_seqscan = off SET jit = off  -- see the head of jobs/functions.sql
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -92,7 +92,7 @@ CREATE OR REPLACE FUNCTION tenantry.accept_onboarding(
 ) RETURNS TABLE (outcome text, tenant_id uuid, onboarding_id uuid, created_at timestamptz)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see jobs/functions.sql
+SET enable_seqscan = off SET jit = off  -- see the head of jobs/functions.sql
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -187,7 +187,7 @@ CREATE OR REPLACE FUNCTION tenantry.onboarding_run_steps(
                  done text[], ran text[])
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see jobs/functions.sql
+SET enable_seqscan = off SET jit = off  -- see the head of jobs/functions.sql
 AS $$
 #variable_conflict use_column
 DECLARE

@@ -1,4 +1,4 @@
--- version: 9
+-- version: 10
 -- The outbox's functions and triggers.  A repeatable migration (tenantry/migrate.py),
 -- applied again whenever this file changes (raise the version above with every
 -- change).  The outbox module is the only writer of
@@ -21,7 +21,7 @@ CREATE OR REPLACE FUNCTION tenantry.emit(
 ) RETURNS bigint
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see jobs/functions.sql
+SET enable_seqscan = off SET jit = off  -- see the head of jobs/functions.sql
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -66,7 +66,7 @@ CREATE OR REPLACE FUNCTION tenantry.emit_many(
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan
-SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see jobs/functions.sql
+SET enable_seqscan = off SET jit = off  -- see the head of jobs/functions.sql
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -137,7 +137,7 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan
-SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see jobs/functions.sql
+SET enable_seqscan = off SET jit = off  -- see the head of jobs/functions.sql
 AS $$
 #variable_conflict use_column
 BEGIN

@@ -1,4 +1,4 @@
--- version: 12
+-- version: 13
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -59,7 +59,7 @@ CREATE OR REPLACE FUNCTION tenantry.webhook_fan_out(OUT events integer, OUT deli
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see jobs/functions.sql
+SET enable_seqscan = off SET jit = off  -- see the head of jobs/functions.sql
 AS $$
 DECLARE
     pos pg_snapshot;
@@ -169,7 +169,7 @@ RETURNS TABLE (
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see jobs/functions.sql
+SET enable_seqscan = off SET jit = off  -- see the head of jobs/functions.sql
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -302,7 +302,7 @@ RETURNS integer
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off SET jit = off  -- plans kept from a small table: see jobs/functions.sql
+SET enable_seqscan = off SET jit = off  -- see the head of jobs/functions.sql
 AS $$
 DECLARE
     changed integer;
