@@ -90,6 +90,31 @@ def _setting_sql(name: str, value: str) -> str:
     return f"SELECT set_config('{name}', '{value}', true)"
 
 
+# The settings of a tenant transaction opened with index_plans: the planner may not
+# choose a sequential scan where an index serves (README, "Plans that do not depend on
+# statistics").  A connection keeps a prepared statement's plan until the table's
+# statistics change; one made while a VACUUM or ANALYZE had last found the table empty
+# scans it whole on every call through a burst, until autovacuum next analyzes it (the
+# onboarding status read and the SSE replay: 2 ms a call at 20,000 rows against 0.2).
+# Every tenant table leads its indexes with tenant_id, so in a tenant's transaction the
+# service's statements always have one.  jit: before PostgreSQL 18 a scan the setting
+# cannot avoid is costed at 10^10, past jit_above_cost.
+_INDEX_PLANS = (("enable_seqscan", "off"), ("jit", "off"))
+
+
+def _context_sql(tenant_id: uuid.UUID, index_plans: bool) -> str:
+    """The statements that open a tenant transaction, one message: BEGIN, the tenant,
+    and with `index_plans` the planner's settings, all transaction-local."""
+    tenant = _setting_sql("app.tenant_id", str(tenant_id))
+    if not index_plans:
+        return f"BEGIN; {tenant}"
+    if _mode() == "set_local":
+        plans = "; ".join(f"SET LOCAL {name} = {value}" for name, value in _INDEX_PLANS)
+        return f"BEGIN; {tenant}; {plans}"
+    plans = ", ".join(f"set_config('{name}', '{value}', true)" for name, value in _INDEX_PLANS)
+    return f"BEGIN; {tenant}, {plans}"
+
+
 async def set_transaction_setting(conn: Conn, name: str, value: str) -> None:
     """Set `name` (an `app.` setting) to `value` (hex digits and dashes) for the rest of
     the open transaction, the way the tenant context is set."""
@@ -102,14 +127,19 @@ _OPEN: dict[int, uuid.UUID] = {}
 
 
 @asynccontextmanager
-async def tenant_tx_on(conn: Conn, tenant_id: object) -> AsyncIterator[Conn]:
+async def tenant_tx_on(
+    conn: Conn, tenant_id: object, *, index_plans: bool = False
+) -> AsyncIterator[Conn]:
     """A transaction on `conn` in `tenant_id`'s context: row-level security shows and
     accepts that tenant's rows only.  Commits when the block ends, rolls back when it
-    raises."""
+    raises.  `index_plans`: the statements planned in it never scan a table
+    sequentially where an index serves (enable_seqscan and jit off, transaction-local),
+    so that a plan the connection keeps does not depend on the tables' statistics: for
+    statements that find a tenant's rows through an index leading with tenant_id."""
     tid = parse_tenant_id(tenant_id)
     # str(UUID) is canonical hex and dashes: safe to inline, and inlining is what lets
-    # BEGIN and the setting share one message.
-    await conn.execute(f"BEGIN; {_setting_sql('app.tenant_id', str(tid))}")
+    # BEGIN and the settings share one message.
+    await conn.execute(_context_sql(tid, index_plans))
     _OPEN[id(conn)] = tid
     try:
         yield conn
@@ -135,11 +165,14 @@ async def _rollback_quietly(conn: Conn) -> None:
 
 
 @asynccontextmanager
-async def tenant_tx(pool: asyncpg.Pool, tenant_id: object) -> AsyncIterator[Conn]:
+async def tenant_tx(
+    pool: asyncpg.Pool, tenant_id: object, *, index_plans: bool = False
+) -> AsyncIterator[Conn]:
     """A connection from `pool` in a transaction in `tenant_id`'s context (see
-    `tenant_tx_on`): `async with tenant_tx(pool, tenant) as conn: ...`."""
+    `tenant_tx_on`, and there `index_plans`): `async with tenant_tx(pool, tenant) as
+    conn: ...`."""
     tid = parse_tenant_id(tenant_id)
-    async with pool.acquire() as conn, tenant_tx_on(conn, tid) as tx:
+    async with pool.acquire() as conn, tenant_tx_on(conn, tid, index_plans=index_plans) as tx:
         yield tx
 
 
@@ -148,10 +181,11 @@ async def tenant_scope(executor: Executor, tenant_id: object) -> AsyncIterator[C
     """The tenant's context for one operation.  A connection already in a transaction
     joins it, after checking that the transaction is this tenant's (a mismatch is a
     caller's bug: better an error than rows that silently are not there).  A pool, or
-    an idle connection, gets a tenant transaction of its own."""
+    an idle connection, gets a tenant transaction of its own, with `index_plans`: the
+    service's own statements find a tenant's rows through its indexes."""
     tid = parse_tenant_id(tenant_id)
     if isinstance(executor, asyncpg.Pool):
-        async with tenant_tx(executor, tid) as tx:
+        async with tenant_tx(executor, tid, index_plans=True) as tx:
             yield tx
     elif executor.is_in_transaction():
         known = _OPEN.get(id(executor))
@@ -168,5 +202,5 @@ async def tenant_scope(executor: Executor, tenant_id: object) -> AsyncIterator[C
             )
         yield executor
     else:
-        async with tenant_tx_on(executor, tid) as tx:
+        async with tenant_tx_on(executor, tid, index_plans=True) as tx:
             yield tx

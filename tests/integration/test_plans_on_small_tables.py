@@ -22,27 +22,35 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
+from typing import cast
 
 import asyncpg
 import pytest
 
+from tenantry import db
+from tenantry.db import Conn
+from tenantry.http.onboarding_api import OnboardingApi, _replay
+from tenantry.onboarding import machine
+from tenantry.onboarding.model import AGGREGATE
+from tenantry.outbox import store as outbox
+from tenantry.tenants import store as tenants
+
 
 @asynccontextmanager
-async def _scans_counted(
-    conn: asyncpg.Connection, table: str
-) -> AsyncIterator[Callable[[], Awaitable[int]]]:
+async def _scans_counted(conn: Conn, *tables: str) -> AsyncIterator[Callable[[], Awaitable[int]]]:
     """A transaction, rolled back at the end, and a reading of the sequential scans of
-    tenantry.<table> this backend made in it so far.  pg_stat_xact_user_tables counts
-    what the backend has not reported yet: the open transaction's, and on PostgreSQL 15
-    and later also the earlier ones' still pending, so the count at the start is taken
-    off."""
+    the tenantry.<tables> this backend made in it so far.  pg_stat_xact_user_tables
+    counts what the backend has not reported yet: the open transaction's, and on
+    PostgreSQL 15 and later also the earlier ones' still pending, so the count at the
+    start is taken off."""
 
     async def count() -> int:
         return int(
             await conn.fetchval(
-                "SELECT seq_scan FROM pg_stat_xact_user_tables"
-                " WHERE schemaname = 'tenantry' AND relname = $1",
-                table,
+                "SELECT coalesce(sum(seq_scan), 0) FROM pg_stat_xact_user_tables"
+                " WHERE schemaname = 'tenantry' AND relname = ANY($1::text[])",
+                list(tables),
             )
         )
 
@@ -182,6 +190,106 @@ async def test_the_event_streams_follow_planned_on_an_empty_outbox_reads_by_inde
         )
         assert [r["aggregate_id"] for r in rows] == ["late"]
         assert await scans() == 0
+
+
+# The service's own statements outside those functions, which it runs in a tenant's
+# transaction: the onboarding status (GET /v1/onboardings/{id}), the SSE replay after
+# a reconnect, the API key check of every tenant request.  Each is warmed up through
+# the service's entry point on a pool of one connection, so that the plans cached are
+# the ones that entry point made; the measured call then runs in a transaction of the
+# test's own, where only the tenant is named.
+
+
+@asynccontextmanager
+async def _one_connection(app_url: str) -> AsyncIterator[asyncpg.Pool]:
+    async with await db.create_pool(app_url, min_size=1, max_size=1) as p:
+        yield p
+
+
+async def _as_tenant(c: Conn, tenant: uuid.UUID) -> None:
+    await c.execute("SELECT set_config('app.tenant_id', $1, true)", str(tenant))
+
+
+async def _onboardings(admin_pool: asyncpg.Pool, tenants: list[uuid.UUID]) -> None:
+    """An onboarding per tenant, with two steps done and two events."""
+    await admin_pool.execute(
+        "INSERT INTO tenantry.onboardings (tenant_id, id, email, tenant_name, plan)"
+        " SELECT t, t, 'a@b.example', 'name', 'free' FROM unnest($1::uuid[]) t",
+        tenants,
+    )
+    await admin_pool.execute(
+        "INSERT INTO tenantry.onboarding_steps (tenant_id, onboarding_id, step)"
+        " SELECT t, t, s FROM unnest($1::uuid[]) t, unnest(ARRAY['one', 'two']) s",
+        tenants,
+    )
+    await admin_pool.execute(
+        "INSERT INTO tenantry.outbox (tenant_id, aggregate_type, aggregate_id, version,"
+        " event_type, payload)"
+        " SELECT t, 'onboarding', t::text, v, 'onboarding.step', '{}'"
+        "   FROM unnest($1::uuid[]) t, generate_series(1, 2) v",
+        tenants,
+    )
+
+
+async def test_the_onboarding_status_read_planned_on_empty_tables_reads_by_index_once_they_grew(
+    admin_pool: asyncpg.Pool, app_url: str
+) -> None:
+    await _empty_and_vacuumed(admin_pool, "onboardings", "onboarding_steps")
+    first = uuid.uuid4()
+    await _onboardings(admin_pool, [first])
+    async with _one_connection(app_url) as pool:
+        for _ in range(7):
+            found = await machine.find(pool, first, first)
+            assert found is not None and len(found.steps) == 2
+        await _onboardings(admin_pool, [uuid.uuid4() for _ in range(10_000)])
+        async with (
+            pool.acquire() as c,
+            _scans_counted(c, "onboardings", "onboarding_steps") as scans,
+        ):
+            await _as_tenant(c, first)
+            found = await machine.find(c, first, first)
+            assert found is not None and len(found.steps) == 2
+            assert await scans() == 0
+
+
+async def test_the_stream_replay_planned_on_an_empty_outbox_reads_by_index_once_it_grew(
+    admin_pool: asyncpg.Pool, app_url: str
+) -> None:
+    await _empty_and_vacuumed(admin_pool, "outbox", "onboardings", "onboarding_steps")
+    first = uuid.uuid4()
+    await _onboardings(admin_pool, [first])
+    async with _one_connection(app_url) as pool:
+        api = cast(OnboardingApi, SimpleNamespace(pool=pool))
+        for _ in range(7):
+            assert len((await _replay(api, first, first, 1)).events) == 1
+        await _onboardings(admin_pool, [uuid.uuid4() for _ in range(10_000)])
+        async with pool.acquire() as c, _scans_counted(c, "outbox") as scans:
+            await _as_tenant(c, first)
+            events = await outbox.replay(c, first, AGGREGATE, str(first), 0)
+            assert [e.version for e in events] == [1, 2]
+            assert await scans() == 0
+
+
+async def test_the_api_key_check_planned_on_an_empty_table_reads_by_index_once_it_grew(
+    admin_pool: asyncpg.Pool, app_url: str
+) -> None:
+    await _empty_and_vacuumed(admin_pool, "api_keys")
+    (first,) = await _tenants(admin_pool, 1)
+    async with _one_connection(app_url) as pool:
+        key = await tenants.create_key(pool, first)
+        for _ in range(7):
+            assert await tenants.authenticate(pool, key.secret) == first
+        others = await _tenants(admin_pool, 2_000)
+        await admin_pool.execute(
+            "INSERT INTO tenantry.api_keys (tenant_id, secret_hash)"
+            " SELECT t, sha256((t::text || g)::bytea) FROM unnest($1::uuid[]) t,"
+            "        generate_series(1, 10) g",
+            others,
+        )
+        async with pool.acquire() as c, _scans_counted(c, "api_keys") as scans:
+            await _as_tenant(c, first)
+            assert await tenants.authenticate(c, key.secret) == first
+            assert await scans() == 0
 
 
 HOT_FUNCTIONS = (

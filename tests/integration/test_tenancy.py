@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 
 from tenantry import db, migrate, roles, tenancy
+from tenantry.db import Conn
 from tenantry.errors import InsecureRole, TenantContextError
 from tenantry.jobs import queue as jobs
 from tenantry.jobs.model import Job
@@ -335,6 +336,39 @@ async def test_each_tenant_context_mode_scopes_a_transaction_and_dies_with_it(
     assert sent[0] == f"BEGIN; {statement}" + (
         f"'{A}', true)" if mode == "set_config" else f"'{A}'"
     )
+
+
+@pytest.mark.parametrize("mode", ["set_config", "set_local"])
+async def test_index_plans_hold_for_the_transaction_alone_and_only_when_asked(
+    seeded: asyncpg.Pool,
+    pool: asyncpg.Pool,
+    context_mode: Callable[[str], None],
+    mode: str,
+) -> None:
+    """The service's own tenant transactions (tenant_scope) plan without sequential
+    scans; an application's tenant_tx keeps the session's settings unless it asks."""
+    context_mode(mode)
+
+    async def read(c: Conn) -> tuple[str, str]:
+        row = await c.fetchrow("SELECT current_setting('enable_seqscan'), current_setting('jit')")
+        assert row is not None
+        return row[0], row[1]
+
+    async with pool.acquire() as conn:
+        session = await read(conn)
+        async with tenant_tx_on(conn, A, index_plans=True) as tx:
+            asked = await read(tx)
+            seen = await tx.fetch("SELECT tenant_id FROM tenantry.jobs")
+        after = await read(conn)
+        async with tenant_tx_on(conn, A) as tx:
+            plain = await read(tx)
+        async with tenancy.tenant_scope(conn, A) as tx:
+            scoped = await read(tx)
+    assert session == ("on", "on")
+    assert asked == ("off", "off")
+    assert {r["tenant_id"] for r in seen} == {A}
+    assert after == plain == session
+    assert scoped == ("off", "off")
 
 
 @pytest.mark.parametrize(

@@ -308,7 +308,7 @@ class _Replay:
 
 
 async def _replay(api: OnboardingApi, tid: uuid.UUID, oid: uuid.UUID, last: int) -> _Replay:
-    async with tenant_tx(api.pool, tid) as tx:
+    async with tenant_tx(api.pool, tid, index_plans=True) as tx:
         # From the client's last event on: whether that one was the end matters.
         events = await outbox.replay(tx, tid, AGGREGATE, str(oid), max(last - 1, 0))
         if not events and await machine.find(tx, tid, oid) is None:

@@ -131,7 +131,10 @@ class PeriodicEnqueuer:
         assert reg.periodic is not None
         # The job belongs to the handler's tenant (the system tenant by default):
         # enqueuing it needs that tenant's context.
-        async with self._pool.acquire() as conn, tenant_tx_on(conn, reg.periodic.tenant_id):
+        async with (
+            self._pool.acquire() as conn,
+            tenant_tx_on(conn, reg.periodic.tenant_id, index_plans=True),
+        ):
             first = not await conn.fetchval(Q["periodic_known"], reg.kind)
             won = await conn.fetchval(Q["advance_periodic"], reg.kind, period)
             if won is None or first:

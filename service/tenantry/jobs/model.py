@@ -72,7 +72,9 @@ class Job:
         return self._pool
 
     @asynccontextmanager
-    async def tenant_tx(self, *, session_untouched: bool = False) -> AsyncIterator[Conn]:
+    async def tenant_tx(
+        self, *, session_untouched: bool = False, index_plans: bool = False
+    ) -> AsyncIterator[Conn]:
         """A transaction in this job's tenant context, like `tenancy.tenant_tx`: it
         commits when the block exits cleanly and does not complete the job (the worker
         does that when the handler returns).  Effects written here can happen more than
@@ -81,15 +83,18 @@ class Job:
         `session_untouched=True` says the block runs nothing that outlives the
         transaction in the connection's session (no plain SET, LISTEN, session advisory
         lock, temporary table or prepared statement of its own): after a commit the
-        pool then skips its reset on release, a round trip fewer."""
+        pool then skips its reset on release, a round trip fewer.  `index_plans` as for
+        `tenancy.tenant_tx_on`."""
         async with self._pool.acquire() as conn:
-            async with tenant_tx_on(conn, self.tenant_id) as tx:
+            async with tenant_tx_on(conn, self.tenant_id, index_plans=index_plans) as tx:
                 yield tx
             if session_untouched:
                 leaves_no_session_state(conn)
 
     @asynccontextmanager
-    async def complete_in_tx(self, *, session_untouched: bool = False) -> AsyncIterator[Conn]:
+    async def complete_in_tx(
+        self, *, session_untouched: bool = False, index_plans: bool = False
+    ) -> AsyncIterator[Conn]:
         """A transaction in this job's tenant context that also completes the job: the
         block's effects and the job's completion commit together, so they happen
         exactly once.
@@ -100,14 +105,14 @@ class Job:
         rescued after a stall), nothing commits and Conflict is raised: the effects are
         not done twice.  If the COMMIT itself fails (a deferred constraint), the job is
         not completed, and the error fails the attempt like any other.
-        `session_untouched` as for `tenant_tx()`."""
+        `session_untouched` and `index_plans` as for `tenant_tx()`."""
         if self.completed_in_tx:
             raise JobAlreadyCompleted(
                 f"job {self.id} was completed by an earlier complete_in_tx() of this run;"
                 " write further effects in job.tenant_tx()"
             )
         async with self._pool.acquire() as conn:
-            async with tenant_tx_on(conn, self.tenant_id) as tx:
+            async with tenant_tx_on(conn, self.tenant_id, index_plans=index_plans) as tx:
                 yield tx
                 done = await tx.fetchval(
                     Q["complete_one"], self.tenant_id, self.id, self._lease_owner

@@ -108,7 +108,7 @@ async def _call_alone(
     release (it set transaction-local settings only).  In the set_local mode (Citus needs
     the tenant named by SET LOCAL) it runs inside a tenant transaction instead."""
     if tenant_context_mode() == "set_local":
-        async with tenant_tx(pool, tenant_id) as tx:
+        async with tenant_tx(pool, tenant_id, index_plans=True) as tx:
             return await tx.fetchrow(query, *args)
     async with pool.acquire() as conn:
         row: asyncpg.Record | None = await conn.fetchrow(query, *args)

@@ -202,7 +202,7 @@ class Provisioner:
         job's payload (a job enqueued before it did reads the onboarding's name)."""
         base = job.payload.get("slug_base") if isinstance(job.payload, dict) else None
         if not isinstance(base, str):
-            async with job.tenant_tx(session_untouched=True) as tx:
+            async with job.tenant_tx(session_untouched=True, index_plans=True) as tx:
                 found = await machine.get(tx, job.tenant_id, onboarding_id)
             base = tenants.slug_base(found.tenant_name)
         names, permissions = tenants.default_roles()
@@ -272,7 +272,7 @@ class Provisioner:
         right after the commit, and never for an onboarding that did not fail).  `job`
         (the provisioning job, or its dead-letter hook's) completes with it; `payload` is the
         provisioning job's (its request id goes into the event)."""
-        async with job.complete_in_tx() as tx:
+        async with job.complete_in_tx(index_plans=True) as tx:
             rid = _request_id(payload)
             o = await machine.lock(tx, job.tenant_id, onboarding_id, request_id=rid)
             if o.terminal:

@@ -763,7 +763,7 @@ async def tenant_page(request: web.Request) -> web.StreamResponse:
         return _refused(request, 404, str(exc))
     onboardings = await machine.of_tenant(dash.tenant_pool, tenant_id)
     events: dict[uuid.UUID, list[outbox.Event]] = {}
-    async with tenant_tx(dash.tenant_pool, tenant_id) as tx:
+    async with tenant_tx(dash.tenant_pool, tenant_id, index_plans=True) as tx:
         for o in onboardings:
             events[o.id] = await outbox.events_after(tx, tenant_id, AGGREGATE, str(o.id), 0)
     return render(request, "tenant.html", tenant=tenant, onboardings=onboardings, events=events)

@@ -113,7 +113,7 @@ async def list_deliveries(
     after = decode_cursor(cursor) if cursor else _END
     if filt.until is not None and filt.until < after[0]:
         after = (filt.until, uuid.UUID(int=0))
-    async with tenant_tx(pool, tenant_id) as tx:
+    async with tenant_tx(pool, tenant_id, index_plans=True) as tx:
         rows = await tx.fetch(
             Q["list_deliveries"],
             tenant_id,
@@ -134,7 +134,7 @@ async def get_delivery(
     pool: asyncpg.Pool, tenant_id: uuid.UUID, delivery_id: uuid.UUID
 ) -> dict[str, Any]:
     """The delivery with every attempt on record, oldest first."""
-    async with tenant_tx(pool, tenant_id) as tx:
+    async with tenant_tx(pool, tenant_id, index_plans=True) as tx:
         row = await tx.fetchrow(Q["get_delivery"], tenant_id, delivery_id)
         if row is None:
             raise NotFound(f"no webhook delivery {delivery_id}")
@@ -147,7 +147,7 @@ async def get_delivery(
 
 async def replay(pool: asyncpg.Pool, tenant_id: uuid.UUID, delivery_id: uuid.UUID) -> None:
     """Send a finished delivery (delivered, dead or cancelled) again, now."""
-    async with tenant_tx(pool, tenant_id) as tx:
+    async with tenant_tx(pool, tenant_id, index_plans=True) as tx:
         if await tx.fetchval(Q["replay_delivery"], tenant_id, delivery_id) is None:
             row = await tx.fetchrow(Q["get_delivery"], tenant_id, delivery_id)
             if row is None:
@@ -167,7 +167,7 @@ async def recover(
 ) -> int:
     """Send again, now, every failed delivery of the endpoint created in the window
     (dead ones, and those waiting for a retry).  Returns how many."""
-    async with tenant_tx(pool, tenant_id) as tx:
+    async with tenant_tx(pool, tenant_id, index_plans=True) as tx:
         if await tx.fetchrow(Q["get_endpoint"], tenant_id, endpoint_id) is None:
             raise NotFound(f"no webhook endpoint {endpoint_id}")
         status = await tx.execute(Q["recover_deliveries"], tenant_id, endpoint_id, since, until)

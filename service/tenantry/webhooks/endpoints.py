@@ -95,7 +95,7 @@ class Endpoints:
         await self._check_url(spec.url)
         secret = spec.secret or secrets.generate()
         endpoint_id = uuid.uuid4()
-        async with tenant_tx(self.pool, tenant_id) as tx:
+        async with tenant_tx(self.pool, tenant_id, index_plans=True) as tx:
             await tx.execute(Q["lock_tenant_endpoints"], tenant_id)
             if await tx.fetchval(Q["count_endpoints"], tenant_id) >= self.rules.max_per_tenant:
                 raise Conflict(f"a tenant may have at most {self.rules.max_per_tenant} endpoints")
@@ -116,13 +116,13 @@ class Endpoints:
         return view(row), secret
 
     async def list_endpoints(self, tenant_id: uuid.UUID, limit: int = 1000) -> list[dict[str, Any]]:
-        async with tenant_tx(self.pool, tenant_id) as tx:
+        async with tenant_tx(self.pool, tenant_id, index_plans=True) as tx:
             return [view(r) for r in await tx.fetch(Q["list_endpoints"], tenant_id, limit)]
 
     async def get(self, tenant_id: uuid.UUID, endpoint_id: uuid.UUID) -> dict[str, Any]:
         """The endpoint, with its history: the circuit's changes and its disabling, as
         the outbox has them (oldest first, the last `HISTORY` of them)."""
-        async with tenant_tx(self.pool, tenant_id) as tx:
+        async with tenant_tx(self.pool, tenant_id, index_plans=True) as tx:
             row = await tx.fetchrow(Q["get_endpoint"], tenant_id, endpoint_id)
             if row is None:
                 raise NotFound(f"no webhook endpoint {endpoint_id}")
@@ -149,7 +149,7 @@ class Endpoints:
         endpoint with a closed circuit."""
         if "url" in patch.given and patch.url is not None:
             await self._check_url(patch.url)
-        async with tenant_tx(self.pool, tenant_id) as tx:
+        async with tenant_tx(self.pool, tenant_id, index_plans=True) as tx:
             row = await tx.fetchrow(Q["lock_endpoint"], tenant_id, endpoint_id)
             if row is None:
                 raise NotFound(f"no webhook endpoint {endpoint_id}")
@@ -183,7 +183,7 @@ class Endpoints:
         """A new secret (generated unless given); the current one keeps signing beside it
         for the grace period, so receivers can switch without losing a delivery."""
         new = secret or secrets.generate()
-        async with tenant_tx(self.pool, tenant_id) as tx:
+        async with tenant_tx(self.pool, tenant_id, index_plans=True) as tx:
             row = await tx.fetchrow(
                 Q["rotate_secret"],
                 tenant_id,
@@ -198,7 +198,7 @@ class Endpoints:
     async def delete(self, tenant_id: uuid.UUID, endpoint_id: uuid.UUID) -> int:
         """Delete the endpoint; its waiting deliveries are cancelled with the reason.
         Returns how many."""
-        async with tenant_tx(self.pool, tenant_id) as tx:
+        async with tenant_tx(self.pool, tenant_id, index_plans=True) as tx:
             if await tx.fetchval(Q["delete_endpoint"], tenant_id, endpoint_id) is None:
                 raise NotFound(f"no webhook endpoint {endpoint_id}")
             status = await tx.execute(Q["cancel_endpoint_deliveries"], tenant_id, endpoint_id)
@@ -209,7 +209,7 @@ class Endpoints:
     ) -> tuple[uuid.UUID, int]:
         """Append a `webhook.test` event for this endpoint only, with its delivery; returns
         (delivery id, event id)."""
-        async with tenant_tx(self.pool, tenant_id) as tx:
+        async with tenant_tx(self.pool, tenant_id, index_plans=True) as tx:
             row = await tx.fetchrow(Q["get_endpoint"], tenant_id, endpoint_id)
             if row is None:
                 raise NotFound(f"no webhook endpoint {endpoint_id}")
