@@ -106,9 +106,10 @@ async def _call_alone(
     """One call of a function that names its tenant itself (tenantry.enter_tenant_context),
     sent alone: its own transaction, one round trip, and no reset of the session on
     release (it set transaction-local settings only).  In the set_local mode (Citus needs
-    the tenant named by SET LOCAL) it runs inside a tenant transaction instead."""
+    the tenant named by SET LOCAL) it runs inside a tenant transaction instead, without
+    index_plans: the functions called here plan with those settings of their own."""
     if tenant_context_mode() == "set_local":
-        async with tenant_tx(pool, tenant_id, index_plans=True) as tx:
+        async with tenant_tx(pool, tenant_id) as tx:
             return await tx.fetchrow(query, *args)
     async with pool.acquire() as conn:
         row: asyncpg.Record | None = await conn.fetchrow(query, *args)
