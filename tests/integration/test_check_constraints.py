@@ -1,4 +1,4 @@
-"""0010 rewrote six CHECK constraints without counted repetition (`{1,200}` and the
+"""0010-0014 rewrote six CHECK constraints without counted repetition (`{1,200}` and the
 like cost PostgreSQL's regular expressions 16-30 us a row, `+` with the length checked
 apart 0.3 us): each must accept exactly the strings the old one did."""
 

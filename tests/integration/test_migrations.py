@@ -10,7 +10,7 @@ import pytest
 
 from tenantry import db, migrate
 from tenantry.errors import MigrationBlocked, SchemaMismatch
-from tests.helpers import TENANT_A
+from tests.helpers import TENANT_A, eventually
 
 
 async def test_migrate_applies_all_then_nothing(empty_database_url: str) -> None:
@@ -276,3 +276,70 @@ async def test_new_functions_keep_a_trigger_an_operator_set_to_fire_always_or_on
     finally:
         await conn.execute("ALTER TABLE tenantry.jobs ENABLE TRIGGER jobs_wake")
         await conn.close()
+
+
+async def test_a_reader_of_one_table_holds_up_only_that_tables_check_rewrite(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """Regression (attack on the checks' rewrite): it changed five tables in one
+    transaction, outbox first, and held the outbox locked while it waited for a reader of
+    `roles`: every emit waited the lock timeout, on each attempt.  One table a migration
+    now, so the outbox's is done and its table free while the roles' waits."""
+    before = tmp_path / "schema"
+    before.mkdir()
+    for m in migrate.discover():
+        if m.version <= 9:
+            name = f"{m.version:04d}_{m.name}.sql"
+            (before / name).write_text((migrate.SCHEMA_DIR / name).read_text())
+    conn = await db.connect(empty_database_url)
+    reader = await db.connect(empty_database_url)
+    writer = await db.connect(empty_database_url)
+    try:
+        await migrate.migrate(conn, directory=before)
+        reading = reader.transaction()
+        await reading.start()
+        await reader.fetchval("SELECT count(*) FROM tenantry.roles")
+        roles = await writer.fetchval("SELECT 'tenantry.roles'::regclass::oid")
+
+        async def migrate_behind_the_reader() -> None:
+            with pytest.raises(MigrationBlocked, match="0013_roles_name_check"):
+                await migrate.migrate(conn, lock_timeout=3.0, attempts=1)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(migrate_behind_the_reader)
+
+            async def roles_awaited() -> bool:
+                return bool(
+                    await writer.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE relation = $1 AND NOT granted",
+                        roles,
+                    )
+                )
+
+            await eventually(roles_awaited, timeout=10)
+            # While the roles' migration waits: the outbox takes writes at once.
+            await writer.execute("SET lock_timeout = '100ms'")
+            await writer.execute(
+                "INSERT INTO tenantry.outbox"
+                " (tenant_id, aggregate_type, aggregate_id, version, event_type)"
+                " VALUES ($1, 'probe', 'x', 1, 'probe.written')",
+                TENANT_A,
+            )
+        await reading.rollback()
+        assert [m.version for m in (await migrate.status(conn)).pending] == [13, 14, 15]
+        await migrate.migrate(conn)
+        validated = await conn.fetch(
+            "SELECT conname FROM pg_constraint WHERE conname = ANY($1::text[]) AND convalidated",
+            [
+                "outbox_aggregate_type",
+                "outbox_event_type",
+                "tenants_slug_format",
+                "workspaces_slug_format",
+                "roles_name_format",
+                "operators_name",
+            ],
+        )
+        assert len(validated) == 6
+    finally:
+        for c in (conn, reader, writer):
+            await c.close()
