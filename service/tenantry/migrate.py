@@ -23,7 +23,10 @@ so the change is one transaction.
 Each migration's transaction waits at most `lock_timeout` for a lock: a statement
 queued behind a long transaction for a table's lock holds up every later query of
 that table meanwhile, so it gives up, waits and tries again, `attempts` times, then
-fails with MigrationBlocked (nothing applied).
+fails with MigrationBlocked (nothing applied).  A migration that PostgreSQL chose as
+the victim of a deadlock (one that locks two tables, while a transaction of the
+service holds the second and asks for the first) is rolled back whole, so it is
+tried again the same way.
 """
 
 from __future__ import annotations
@@ -250,8 +253,10 @@ async def _in_transaction(
     attempts: int,
 ) -> None:
     """Run `work` in a transaction whose lock waits are bounded, again after a pause
-    when a lock was not granted in time."""
+    when a lock was not granted in time or the transaction was a deadlock's victim
+    (either way it was rolled back whole)."""
     logger = log.get("migrate")
+    deadlock = False
     for attempt in range(1, attempts + 1):
         try:
             async with conn.transaction():
@@ -260,18 +265,28 @@ async def _in_transaction(
                 )
                 await work()
             return
-        except asyncpg.LockNotAvailableError:
+        except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
+            deadlock = isinstance(exc, asyncpg.DeadlockDetectedError)
             if attempt == attempts:
                 break
             pause = min(lock_timeout, 5.0) * (0.5 + random.random())
             logger.warning(
-                "migration_lock_wait", migration=what, attempt=attempt, retry_in_s=round(pause, 3)
+                "migration_lock_wait",
+                migration=what,
+                attempt=attempt,
+                reason="deadlock" if deadlock else "lock_timeout",
+                retry_in_s=round(pause, 3),
             )
             await anyio.sleep(pause)
+    if deadlock:  # the last attempt's
+        times = "once" if attempts == 1 else f"{attempts} times"
+        why = f"tried {times}, the last time a deadlock's victim: it locks tables in"
+        why += " another order than a transaction running meanwhile (see pg_stat_activity)"
+    else:
+        why = f"a lock was not granted within {lock_timeout:g}s, {attempts} times: a long"
+        why += " transaction holds the table (see pg_stat_activity)"
     raise MigrationBlocked(
-        f"{what}: a lock was not granted within {lock_timeout:g}s, {attempts} times: a long"
-        " transaction holds the table (see pg_stat_activity); nothing of it was applied,"
-        " run `tenantry migrate` again"
+        f"{what}: {why}; nothing of it was applied, run `tenantry migrate` again"
     )
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from tenantry import db, migrate
 from tenantry.errors import MigrationBlocked, SchemaMismatch
-from tests.helpers import TENANT_A, eventually
+from tests.helpers import TENANT_A, eventually, wait_lock_waiter
 
 
 async def test_migrate_applies_all_then_nothing(empty_database_url: str) -> None:
@@ -342,3 +342,93 @@ async def test_a_reader_of_one_table_holds_up_only_that_tables_check_rewrite(
     finally:
         for c in (conn, reader, writer):
             await c.close()
+
+
+async def _migrate_into_a_deadlock(
+    url: str, tmp_path: Path, *, attempts: int
+) -> tuple[asyncpg.Connection, Path, list[int] | MigrationBlocked]:
+    """A migration that locks the jobs table, then the outbox, while a transaction of
+    the service holds the outbox and then asks for the jobs table: a deadlock, whose
+    victim PostgreSQL makes the migration (its deadlock_timeout is the shorter, so its
+    backend is the one that finds the cycle).  Returns the migrator's connection (for the
+    caller to close), the migrations' folder, and the versions migrate() applied or the
+    MigrationBlocked it raised."""
+    directory = tmp_path / "schema"
+    directory.mkdir()
+    for m in migrate.discover():
+        (directory / f"{m.version:04d}_{m.name}.sql").write_text(m.sql, encoding="utf-8")
+    conn = await db.connect(url)
+    other = await db.connect(url)
+    try:
+        await migrate.migrate(conn, directory=directory)
+        last = max(m.version for m in migrate.discover())
+        (directory / f"{last + 1:04d}_jobs_then_outbox.sql").write_text(
+            "LOCK TABLE tenantry.jobs IN SHARE ROW EXCLUSIVE MODE;\n"
+            "LOCK TABLE tenantry.outbox IN SHARE ROW EXCLUSIVE MODE;\n",
+            encoding="utf-8",
+        )
+        await conn.execute("SET deadlock_timeout = '200ms'")
+        await other.execute("SET deadlock_timeout = '60s'")
+        result: list[int] | MigrationBlocked = []
+
+        async def run() -> None:
+            nonlocal result
+            try:
+                done = await migrate.migrate(
+                    conn, directory=directory, lock_timeout=2.0, attempts=attempts
+                )
+                result = [m.version for m in done if isinstance(m, migrate.Migration)]
+            except MigrationBlocked as exc:
+                result = exc
+
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("LOCK TABLE tenantry.outbox IN ROW EXCLUSIVE MODE")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await wait_lock_waiter(other, timeout=10)  # the migration, at the outbox
+            # Granted once the migration, the deadlock's victim, has rolled back.
+            with anyio.fail_after(10):
+                await other.execute("LOCK TABLE tenantry.jobs IN ROW EXCLUSIVE MODE")
+            await tx.commit()
+        return conn, directory, result
+    except BaseException:
+        await conn.close()
+        raise
+    finally:
+        await other.close()
+
+
+async def test_a_migration_that_is_a_deadlocks_victim_is_tried_again(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """Regression (follow-up of the checks' rewrite): a migration that PostgreSQL chose
+    as a deadlock's victim failed the whole `tenantry migrate` with DeadlockDetectedError,
+    although it had been rolled back whole and could simply run again."""
+    conn, directory, result = await _migrate_into_a_deadlock(
+        empty_database_url, tmp_path, attempts=3
+    )
+    try:
+        last = max(m.version for m in migrate.discover())
+        assert result == [last + 1]
+        assert (await migrate.status(conn, directory=directory)).current
+    finally:
+        await conn.close()
+
+
+async def test_a_migration_that_stays_a_deadlocks_victim_fails_clearly_and_applies_nothing(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    conn, directory, result = await _migrate_into_a_deadlock(
+        empty_database_url, tmp_path, attempts=1
+    )
+    try:
+        last = max(m.version for m in migrate.discover())
+        assert isinstance(result, MigrationBlocked)
+        assert f"{last + 1:04d}_jobs_then_outbox: tried once, the last time a deadlock's" in str(
+            result
+        )
+        pending = (await migrate.status(conn, directory=directory)).pending
+        assert [m.version for m in pending] == [last + 1]
+    finally:
+        await conn.close()
