@@ -56,6 +56,24 @@ _LARGE_READ = 10_000
 IDLE_REFRESH_S = 0.1
 
 
+# Why a stream ends when the server may have handed out transaction ids again (below).
+IDS_WENT_BACK = "the database lost its latest transactions: resume from the last event"
+
+
+def _xmax(snapshot: str) -> int:
+    """The first transaction id a snapshot ("xmin:xmax:xip,...") saw as not yet given."""
+    return int(snapshot.split(":", 2)[1])
+
+
+def _ids_may_have_gone_back(previous: outbox.Position | None, now: outbox.Position) -> bool:
+    """Whether the server may give out transaction ids that `previous` saw as given (see
+    outbox.Position): its epoch changed (a crash's recovery, another server), or, for
+    good measure, it gives out ids below the previous snapshot's."""
+    return previous is not None and (
+        now.server_epoch != previous.server_epoch or _xmax(now.snapshot) < _xmax(previous.snapshot)
+    )
+
+
 def _each(subs: Subscriber | set[Subscriber]) -> tuple[Subscriber, ...]:
     """The streams of an aggregate, as a copy: pushing may end one (a slow client)."""
     return (subs,) if isinstance(subs, Subscriber) else tuple(subs)
@@ -144,8 +162,8 @@ class Hub:
         self._due: list[list[Any]] = []
         self._seq = 0
         self._wake = anyio.Event()
-        # The snapshot of the last read (None: no read yet).
-        self._snapshot: str | None = None
+        # The snapshot of the last read, and the server's epoch then (None: no read yet).
+        self._position: outbox.Position | None = None
         # The connection reads go through while notifications come (None: in the pool).
         self._conn: PoolConnectionProxy | None = None
         self.reads = 0  # completed reads (tests wait on it)
@@ -219,6 +237,17 @@ class Hub:
             for sub in _each(subs):
                 sub.close(reason)
 
+    def _resume_all(self) -> int:
+        """End every stream, for its client to resume from its last event (not a
+        shutdown: streams opened from now on are served).  Returns how many ended."""
+        ended = 0
+        for subs in list(self._subs.values()):
+            for sub in _each(subs):
+                if not sub.closed:
+                    sub.close(IDS_WENT_BACK)
+                    ended += 1
+        return ended
+
     async def wait_reads(self, n: int) -> None:
         while self.reads < n:
             self._read_done = anyio.Event()
@@ -277,7 +306,7 @@ class Hub:
         read now would only move it forward a little."""
         return (
             not self._subs
-            and self._snapshot is not None
+            and self._position is not None
             and self._clock.monotonic() - self._read_at < self._idle_refresh
         )
 
@@ -307,23 +336,39 @@ class Hub:
         if self._conn is None:
             self._conn = await self._pool.acquire()
         conn = self._conn
-        if self._snapshot is None or not self._subs:
+        previous = self._position
+        if previous is None or not self._subs:
             # Nobody to deliver to: only move the snapshot, unless a stream subscribed
             # while it was taken.  That stream's replay may have read the database
             # before this snapshot, and what committed in between would be behind the
             # new one: keep the old (taken before that stream existed).  (None: the
             # first read, before the HTTP server starts.)
             fresh = await outbox.snapshot(conn)
-            if self._snapshot is None or not self._subs:
-                self._snapshot = fresh
+            if self._position is None or not self._subs or _ids_may_have_gone_back(previous, fresh):
+                self._position = fresh
             events: list[Event] = []
-            snapshot = self._snapshot
+            position = self._position
         else:
-            snapshot, events = await outbox.follow(conn, self._snapshot, self._aggregate)
-        self._snapshot = snapshot
+            position, events = await outbox.follow(conn, previous.snapshot, self._aggregate)
+        self._position = position
         if len(events) > _LARGE_READ:
             self._log.warning("hub_large_read", rows=len(events))
         self._fan_out(events)
+        if _ids_may_have_gone_back(previous, position):
+            # What was committed since under ids given again is behind the previous
+            # snapshot and was not read: every stream ends, and its client resumes from
+            # its last event, which the replay reads by version.  The hub follows from
+            # the server's snapshot now.
+            assert previous is not None
+            ended = self._resume_all()
+            self._log.warning(
+                "hub_transaction_ids_went_back",
+                epoch_before=previous.server_epoch,
+                epoch_now=position.server_epoch,
+                xmax_before=_xmax(previous.snapshot),
+                xmax_now=_xmax(position.snapshot),
+                streams_ended=ended,
+            )
         self._read_at = self._clock.monotonic()
         self.reads += 1
         self._read_done.set()

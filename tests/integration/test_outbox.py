@@ -202,7 +202,7 @@ async def test_a_follower_reads_each_event_once_whatever_else_runs(
     try:
         await elsewhere.execute("BEGIN")
         await elsewhere.fetchval("SELECT pg_current_xact_id()")  # a write transaction
-        start = await outbox.snapshot(worker_pool)
+        start = (await outbox.snapshot(worker_pool)).snapshot
 
         async def emit(n: int) -> None:
             async with tenant_tx(pool, TENANT_A) as tx:
@@ -214,7 +214,7 @@ async def test_a_follower_reads_each_event_once_whatever_else_runs(
         await emit(100)
         after_first, first = await outbox.follow(worker_pool, start, "order")
         await emit(5)
-        _, second = await outbox.follow(worker_pool, after_first, "order")
+        _, second = await outbox.follow(worker_pool, after_first.snapshot, "order")
         assert len(first) == 100
         assert len(second) == 5
     finally:
@@ -228,7 +228,7 @@ async def test_a_follower_sees_a_transaction_that_commits_after_a_later_one(
     """Ids are handed out before commit: the event of a transaction that was still
     running at one read, and commits after later events were read, comes with the
     next read."""
-    start = await outbox.snapshot(worker_pool)
+    start = (await outbox.snapshot(worker_pool)).snapshot
     slow = await pool.acquire()
     try:
         async with tenant_tx_on(slow, TENANT_A):
@@ -241,7 +241,7 @@ async def test_a_follower_sees_a_transaction_that_commits_after_a_later_one(
                 )
             snap, first = await outbox.follow(worker_pool, start, "order")
             assert [e.aggregate_id for e in first] == ["fast"]
-        _, second = await outbox.follow(worker_pool, snap, "order")
+        _, second = await outbox.follow(worker_pool, snap.snapshot, "order")
         assert [e.aggregate_id for e in second] == ["slow"]
     finally:
         await pool.release(slow)

@@ -15,12 +15,18 @@ SELECT o.version, o.event_type,
  ORDER BY o.version
  LIMIT $5::integer
 
+-- The follower's reads also say when the server last lost its shared state: a crash's
+-- recovery resets its statistics (the archiver's, as the others), and may have lost the
+-- latest transactions, whose ids it hands out again (store.py, ServerEpoch).
 -- name: follow
-SELECT f.snapshot, f.tenant_id, f.aggregate_id, f.version, f.event_type, f.data
-  FROM tenantry.outbox_follow($1::text, $2::text) f
+SELECT f.snapshot, f.tenant_id, f.aggregate_id, f.version, f.event_type, f.data,
+       coalesce(a.stats_reset::text, '') AS server_epoch
+  FROM tenantry.outbox_follow($1::text, $2::text) f, pg_catalog.pg_stat_archiver a
 
 -- name: snapshot
-SELECT pg_current_snapshot()::text
+SELECT pg_current_snapshot()::text AS snapshot,
+       coalesce((SELECT a.stats_reset::text FROM pg_catalog.pg_stat_archiver a), '')
+           AS server_epoch
 
 -- name: prune
 SELECT tenantry.prune_outbox($1::integer, $2::integer)

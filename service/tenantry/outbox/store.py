@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -97,24 +97,44 @@ async def replay(
         after_version = batch[-1].version
 
 
-async def snapshot(conn: Executor) -> str:
+class Position(NamedTuple):
+    """Where a follower is: the snapshot of its last read, and the server's epoch then
+    (when the server last lost its shared state: pg_stat_archiver's stats_reset).
+
+    A snapshot is only good on the server that took it, as long as that server keeps
+    its transaction ids.  A crash's recovery (which resets the statistics) may have lost
+    the latest transactions (the provisioning steps commit without waiting for the
+    disk), and hands their ids out again; a failover's standby may be behind in them.
+    Rows written under such ids are behind the snapshot, where `follow` never looks: a
+    follower whose epoch changed starts again from a fresh snapshot, and what it serves
+    resumes from what it last delivered by other means (the SSE hub: by version).  A
+    clean restart keeps the statistics, and loses nothing; an operator's reset of the
+    archiver's statistics is taken for a crash (a needless restart, nothing lost)."""
+
+    snapshot: str
+    server_epoch: str
+
+
+async def snapshot(conn: Executor) -> Position:
     """Where a follower starting now begins (see `follow`)."""
-    value: str = await conn.fetchval(Q["snapshot"])
-    return value
+    row = await conn.fetchrow(Q["snapshot"])
+    assert row is not None
+    return Position(row["snapshot"], row["server_epoch"])
 
 
-async def follow(conn: Executor, after: str, aggregate_type: str) -> tuple[str, list[Event]]:
+async def follow(conn: Executor, after: str, aggregate_type: str) -> tuple[Position, list[Event]]:
     """Events of `aggregate_type` in every tenant that the snapshot `after` could not
-    see, and the snapshot to pass next time.  Each event is returned once (a follower
-    that passes each call's snapshot to the next); a read costs what was committed
-    since the last one.  Needs the worker's login (a cross-tenant path)."""
+    see, and where to follow on from.  Each event is returned once (a follower that
+    passes each call's snapshot to the next, on a server of the same epoch); a read
+    costs what was committed since the last one.  Needs the worker's login (a
+    cross-tenant path)."""
     rows = await conn.fetch(Q["follow"], after, aggregate_type)
     events = [
         Event(r["tenant_id"], r["aggregate_id"], r["version"], r["event_type"], r["data"])
         for r in rows
         if r["version"] is not None
     ]
-    return rows[0]["snapshot"], events
+    return Position(rows[0]["snapshot"], rows[0]["server_epoch"]), events
 
 
 async def prune(conn: Executor, retention_days: int, batch: int) -> int:

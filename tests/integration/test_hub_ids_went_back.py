@@ -1,0 +1,90 @@
+"""The SSE hub after the database handed out transaction ids again: a crash lost its
+latest transactions (the provisioning steps commit without waiting for the disk), or
+a failover went to a standby that lagged.  The hub's snapshot, kept in memory, is then
+ahead of the server's ids, and rows committed under the ids given again are behind it,
+where following never looks."""
+
+from __future__ import annotations
+
+import uuid
+
+import anyio
+import asyncpg
+import pytest
+
+from tenantry import tenant_tx
+from tenantry.hub import IDS_WENT_BACK, Hub
+from tenantry.onboarding.model import AGGREGATE, TERMINAL_EVENTS
+from tenantry.outbox.store import Position, emit
+from tenantry.tenants import store
+
+
+async def _emit(pool: asyncpg.Pool, tenant: uuid.UUID, aggregate: str, version: int) -> None:
+    async with tenant_tx(pool, tenant) as tx:
+        await emit(
+            tx,
+            tenant_id=tenant,
+            aggregate_type=AGGREGATE,
+            aggregate_id=aggregate,
+            event_type="onboarding.step_completed",
+            payload={},
+            version=version,
+        )
+
+
+@pytest.mark.parametrize("how", ["ids_behind_the_snapshot", "another_epoch"])
+async def test_streams_resume_when_the_server_may_give_ids_out_again(
+    pool: asyncpg.Pool, worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, how: str
+) -> None:
+    """Regression (found by test_database_crash.py: a stream never got the steps done
+    again after a crash): every stream ends with a reason, for its client to resume
+    from its last event (read by version), and the hub follows from the server's
+    snapshot from then on.  The hub tells by the server's epoch (a crash's recovery
+    resets the statistics); for good measure also by ids below its snapshot's, which
+    is what a crash leaves, but which later transactions may have passed again by the
+    hub's first read after it."""
+    hub = Hub(
+        worker_pool,
+        aggregate_type=AGGREGATE,
+        terminal_events=TERMINAL_EVENTS,
+        poll_interval=3600,
+        trail=0.01,
+        tune_collector=False,
+    )
+    tenant = (await store.create_tenant(pool, name="Acme")).id
+    aggregate = str(uuid.uuid4())
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            await tg.start(hub.run)
+            with hub.subscribe(tenant, aggregate) as sub:
+                await _emit(pool, tenant, aggregate, 1)
+                reads = hub.reads
+                hub.notify("outbox")
+                await hub.wait_reads(reads + 1)
+                assert [v for v, *_ in sub.frames] == [1]
+                position = hub._position
+                assert position is not None
+                if how == "ids_behind_the_snapshot":
+                    # What a crash leaves: the hub's snapshot ahead of every id the
+                    # server gives out now.
+                    ahead = int(position.snapshot.split(":")[1]) + 1_000_000
+                    hub._position = Position(f"{ahead}:{ahead}:", position.server_epoch)
+                else:
+                    # A crash's recovery, which later transactions hid: the epoch moved.
+                    await admin_pool.execute(  # (what the recovery does to it)
+                        "SELECT pg_stat_reset_shared('archiver')"
+                    )
+                await _emit(pool, tenant, aggregate, 2)
+                reads = hub.reads
+                hub.notify("outbox")
+                await hub.wait_reads(reads + 1)
+                assert sub.closed and sub.reason == IDS_WENT_BACK
+            # A stream opened after it is served, from the server's snapshot.
+            with hub.subscribe(tenant, aggregate) as again:
+                await _emit(pool, tenant, aggregate, 3)
+                reads = hub.reads
+                hub.notify("outbox")
+                await hub.wait_reads(reads + 1)
+                assert [v for v, *_ in again.frames] == [3]
+                assert not again.closed
+            tg.cancel_scope.cancel()
