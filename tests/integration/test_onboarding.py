@@ -15,6 +15,7 @@ import pytest
 
 from tenantry import db
 from tenantry.app import Service
+from tenantry.db import Conn
 from tenantry.jobs.model import Job
 from tenantry.jobs.registry import DeadLetter
 from tenantry.onboarding import machine
@@ -22,7 +23,7 @@ from tenantry.onboarding.mail import FileMailer
 from tenantry.onboarding.model import STEPS, SignUp
 from tenantry.onboarding.provision import COMPENSATE_KIND, Provisioner
 from tenantry.onboarding.storage import LocalStorage
-from tenantry.tenancy import tenant_context_mode, tenant_tx
+from tenantry.tenancy import tenant_context_mode, tenant_tx, tenant_tx_on
 from tests import smtp
 from tests.helpers import (
     Frame,
@@ -680,3 +681,45 @@ async def test_a_job_enqueued_without_the_slug_base_reads_the_name_and_provision
     assert row is not None
     assert tuple(row) == ("completed", "before-the-upgrade", "active")
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
+
+
+@pytest.mark.parametrize("durable", [False, True])
+async def test_the_steps_commit_without_waiting_for_the_disk_unless_told_to(
+    pool: asyncpg.Pool, durable: bool
+) -> None:
+    """Issue 14: a group of steps commits asynchronously (its WAL flush was a fifth of
+    a sign-up's PostgreSQL time); the accept still waits, as does a call that runs no
+    step, and `tenantry.durable_steps` on makes the steps wait too.  The setting is the
+    transaction's alone: the connection's next transaction waits again."""
+    accepted = await machine.accept(
+        pool, SignUp("lin@example.com", "Async Steps", "free"), idempotency_key=None,
+        queue="default",
+    )  # fmt: skip
+    tid, oid = accepted.tenant_id, accepted.onboarding_id
+    args = machine.StepArgs(
+        tenant_slugs=["async-steps"], owner_id=uuid.uuid4(), role_names=[], role_permissions=[],
+        workspace_id=uuid.uuid4(),
+    )  # fmt: skip
+
+    async def commit_of(conn: Conn, todo: list[str]) -> str:
+        async with tenant_tx_on(conn, tid) as tx:
+            await tx.fetchrow(
+                machine.Q["run_steps"], tid, oid, todo, list(STEPS), args.tenant_slugs,
+                args.owner_id, [], [], args.workspace_id, None, None, None, None,
+            )  # fmt: skip
+            setting: str = await tx.fetchval("SELECT current_setting('synchronous_commit')")
+        return setting
+
+    async with pool.acquire() as conn:
+        # (The test servers may run without waiting for the disk: wait here, as a
+        # deployment does.)
+        await conn.execute("SET synchronous_commit = on")
+        if durable:
+            await conn.execute("SET tenantry.durable_steps = on")
+        try:
+            assert await commit_of(conn, ["tenant"]) == ("on" if durable else "off")
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+            assert await commit_of(conn, ["tenant"]) == "on"  # done already: nothing ran
+        finally:
+            await conn.execute("RESET synchronous_commit; RESET tenantry.durable_steps")
+    assert (await machine.get(pool, tid, oid)).steps[0].step == "tenant"
