@@ -1,4 +1,4 @@
--- version: 12
+-- version: 13
 -- The onboarding module's functions.  A repeatable migration (tenantry/migrate.py),
 -- applied again whenever this file changes (raise the version above with every
 -- change).
@@ -170,8 +170,9 @@ $$;
 -- A group that runs steps commits without waiting for its WAL to reach the disk
 -- (synchronous_commit off, for this transaction alone; with the setting
 -- `tenantry.durable_steps` on, of the database or the login, it waits as any other).
--- The flush was a third of the sign-up's PostgreSQL time (bench.onboarding: 3.4 against
--- 2.4 ms a sign-up, 340 against 540 sign-ups a second with every commit asynchronous).
+-- Waiting for the flush was about a fifth of a sign-up's PostgreSQL time, and with the
+-- service's files in memory the wait, not the CPU, bounded the provisioning rate (the
+-- README's Benchmarks: bench.onboarding).
 -- What it risks is small and repaired by itself: PostgreSQL's crash (not the
 -- service's) may lose the last fraction of a second of such commits, and only a suffix
 -- of them (a later commit that waits flushes every one before it).  Everything they
