@@ -239,7 +239,10 @@ class Hub:
 
     def _resume_all(self) -> int:
         """End every stream, for its client to resume from its last event (not a
-        shutdown: streams opened from now on are served).  Returns how many ended."""
+        shutdown: streams opened from now on are served).  Returns how many ended.  The
+        versions fanned out so far are forgotten: a lost one comes again, and a stream
+        of its aggregate that opens before the ended one has gone must get it."""
+        self._seen.clear()
         ended = 0
         for subs in list(self._subs.values()):
             for sub in _each(subs):

@@ -15,7 +15,7 @@ import pytest
 from tenantry import tenant_tx
 from tenantry.hub import IDS_WENT_BACK, Hub
 from tenantry.onboarding.model import AGGREGATE, TERMINAL_EVENTS
-from tenantry.outbox.store import Position, emit
+from tenantry.outbox.store import Position, emit, snapshot
 from tenantry.tenants import store
 
 
@@ -87,4 +87,67 @@ async def test_streams_resume_when_the_server_may_give_ids_out_again(
                 await hub.wait_reads(reads + 1)
                 assert [v for v, *_ in again.frames] == [3]
                 assert not again.closed
+            tg.cancel_scope.cancel()
+
+
+async def test_the_servers_epoch_does_not_depend_on_the_sessions_time_settings(
+    worker_pool: asyncpg.Pool,
+) -> None:
+    """Regression (attack): the epoch was the timestamp's text, which follows the
+    session's TimeZone and DateStyle: a connection set up otherwise (ALTER DATABASE ...
+    SET TimeZone, reached by the hub's next connection) ended every stream."""
+    async with worker_pool.acquire() as a, worker_pool.acquire() as b:
+        await b.execute("SET TimeZone = 'America/New_York'; SET DateStyle = 'SQL, DMY'")
+        try:
+            first, second = await snapshot(a), await snapshot(b)
+            assert first.server_epoch == second.server_epoch != ""
+        finally:
+            await b.execute("RESET TimeZone; RESET DateStyle")
+
+
+async def test_a_stream_opened_while_the_ended_one_goes_gets_the_redone_versions(
+    pool: asyncpg.Pool, worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool
+) -> None:
+    """Regression (attack): the hub drops an event at or below the last version it fanned
+    out for the aggregate, and forgot that version only when the aggregate's last stream
+    went.  A stream of it opened before the stream ended by the epoch's change had gone
+    (its client reconnecting at once) never got the versions the crash lost and the
+    provisioning did again."""
+    hub = Hub(
+        worker_pool,
+        aggregate_type=AGGREGATE,
+        terminal_events=TERMINAL_EVENTS,
+        poll_interval=3600,
+        trail=0.01,
+        tune_collector=False,
+    )
+    tenant = (await store.create_tenant(pool, name="Acme")).id
+    aggregate = str(uuid.uuid4())
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            await tg.start(hub.run)
+            with hub.subscribe(tenant, aggregate) as old:
+                await _emit(pool, tenant, aggregate, 1)
+                await _emit(pool, tenant, aggregate, 2)
+                reads = hub.reads
+                hub.notify("outbox")
+                await hub.wait_reads(reads + 1)
+                assert [v for v, *_ in old.frames] == [1, 2]
+                # The crash lost version 2 (here: a row deleted), and its recovery moved
+                # the epoch.
+                await admin_pool.execute(
+                    "DELETE FROM tenantry.outbox WHERE aggregate_id = $1 AND version = 2",
+                    aggregate,
+                )
+                await admin_pool.execute("SELECT pg_stat_reset_shared('archiver')")
+                reads = hub.reads
+                hub.notify("outbox")
+                await hub.wait_reads(reads + 1)
+                assert old.closed
+                with hub.subscribe(tenant, aggregate) as new:  # before `old` has gone
+                    await _emit(pool, tenant, aggregate, 2)  # done again
+                    reads = hub.reads
+                    hub.notify("outbox")
+                    await hub.wait_reads(reads + 1)
+                    assert [v for v, *_ in new.frames] == [2]
             tg.cancel_scope.cancel()

@@ -24,6 +24,7 @@ from tenantry.onboarding.model import STEPS, SignUp
 from tenantry.onboarding.provision import COMPENSATE_KIND, Provisioner
 from tenantry.onboarding.storage import LocalStorage
 from tenantry.tenancy import tenant_context_mode, tenant_tx, tenant_tx_on
+from tenantry.tenants import store as tenants
 from tests import smtp
 from tests.helpers import (
     Frame,
@@ -683,29 +684,35 @@ async def test_a_job_enqueued_without_the_slug_base_reads_the_name_and_provision
     assert await admin_pool.fetchval("SELECT count(*) FROM tenantry.jobs") == 0
 
 
-@pytest.mark.parametrize("durable", [False, True])
-async def test_the_steps_commit_without_waiting_for_the_disk_unless_told_to(
-    pool: asyncpg.Pool, durable: bool
+@pytest.mark.parametrize(
+    ("durable_steps", "waits"),
+    [(None, False), ("off", False), ("0", False), ("on", True), ("t", True), ("bogus", True)],
+)
+async def test_the_first_steps_commit_without_waiting_for_the_disk_unless_told_to(
+    pool: asyncpg.Pool, durable_steps: str | None, waits: bool
 ) -> None:
-    """Issue 14: a group of steps commits asynchronously (its WAL flush was a fifth of
-    a sign-up's PostgreSQL time); the accept still waits, as does a call that runs no
-    step, and `tenantry.durable_steps` on makes the steps wait too.  The setting is the
-    transaction's alone: the connection's next transaction waits again."""
+    """Issue 14: the first group of steps commits asynchronously (its WAL flush was a good
+    part of a sign-up's PostgreSQL time); a call that runs no step, the group that ends
+    the onboarding and the accept still wait, and `tenantry.durable_steps` makes the
+    first group wait too (any value but a false one: a typo errs on the safe side).  The
+    setting is the transaction's alone: the connection's next transaction waits again."""
     accepted = await machine.accept(
         pool, SignUp("lin@example.com", "Async Steps", "free"), idempotency_key=None,
         queue="default",
     )  # fmt: skip
     tid, oid = accepted.tenant_id, accepted.onboarding_id
+    names, permissions = tenants.default_roles()
     args = machine.StepArgs(
-        tenant_slugs=["async-steps"], owner_id=uuid.uuid4(), role_names=[], role_permissions=[],
-        workspace_id=uuid.uuid4(),
+        tenant_slugs=["async-steps"], owner_id=uuid.uuid4(), role_names=names,
+        role_permissions=permissions, workspace_id=uuid.uuid4(),
     )  # fmt: skip
 
     async def commit_of(conn: Conn, todo: list[str]) -> str:
         async with tenant_tx_on(conn, tid) as tx:
             await tx.fetchrow(
                 machine.Q["run_steps"], tid, oid, todo, list(STEPS), args.tenant_slugs,
-                args.owner_id, [], [], args.workspace_id, None, None, None, None,
+                args.owner_id, args.role_names, args.role_permissions, args.workspace_id,
+                None, None, None, None,
             )  # fmt: skip
             setting: str = await tx.fetchval("SELECT current_setting('synchronous_commit')")
         return setting
@@ -714,12 +721,13 @@ async def test_the_steps_commit_without_waiting_for_the_disk_unless_told_to(
         # (The test servers may run without waiting for the disk: wait here, as a
         # deployment does.)
         await conn.execute("SET synchronous_commit = on")
-        if durable:
-            await conn.execute("SET tenantry.durable_steps = on")
+        if durable_steps is not None:
+            await conn.execute(f"SET tenantry.durable_steps = '{durable_steps}'")
         try:
-            assert await commit_of(conn, ["tenant"]) == ("on" if durable else "off")
+            assert await commit_of(conn, ["tenant"]) == ("on" if waits else "off")
             assert await conn.fetchval("SHOW synchronous_commit") == "on"
             assert await commit_of(conn, ["tenant"]) == "on"  # done already: nothing ran
+            assert await commit_of(conn, list(STEPS)) == "on"  # the end waits
         finally:
             await conn.execute("RESET synchronous_commit; RESET tenantry.durable_steps")
-    assert (await machine.get(pool, tid, oid)).steps[0].step == "tenant"
+    assert (await machine.get(pool, tid, oid)).state == "completed"

@@ -1,4 +1,4 @@
--- version: 13
+-- version: 14
 -- The onboarding module's functions.  A repeatable migration (tenantry/migrate.py),
 -- applied again whenever this file changes (raise the version above with every
 -- change).
@@ -167,23 +167,26 @@ $$;
 -- No free slug for the tenant raises SQLSTATE TY001 (nothing is written: the caller
 -- fails the onboarding).
 --
--- A group that runs steps commits without waiting for its WAL to reach the disk
--- (synchronous_commit off, for this transaction alone; with the setting
--- `tenantry.durable_steps` on, of the database or the login, it waits as any other).
--- Waiting for the flush was about a fifth of a sign-up's PostgreSQL time, and with the
+-- A group that runs steps and leaves the onboarding unfinished (the first: the tenant's
+-- rows and the storage) commits without waiting for its WAL to reach the disk
+-- (synchronous_commit off, for this transaction alone), unless the setting
+-- `tenantry.durable_steps` is true for the session (set on the service's login or the
+-- database; any value but an unset one or a false one, typos included, makes it wait).
+-- Waiting for that flush was a good part of a sign-up's PostgreSQL time, and with the
 -- service's files in memory the wait, not the CPU, bounded the provisioning rate (the
--- README's Benchmarks: bench.onboarding).
--- What it risks is small and repaired by itself: PostgreSQL's crash (not the
--- service's) may lose the last fraction of a second of such commits, and only a suffix
--- of them (a later commit that waits flushes every one before it).  Everything they
--- wrote is re-derived from what the accept committed durably: the provisioning job
--- (completed in the last group's transaction, so back to running if that is lost) is
--- rescued once its lease runs out and runs the lost steps again, with the same ids,
--- versions and events; its effects outside the database are idempotent (the storage,
--- the email's key).  Nothing durable is built on a lost step: webhook deliveries are
--- made by a commit that waits, and replicas receive only flushed WAL.  A stream or a
--- status read may have shown a lost step; it comes again, with the same version.  The
--- failure's path (provision.py _fail) and the compensation below keep waiting.
+-- README's Benchmarks: bench.onboarding).  What it risks is small and repaired by
+-- itself: PostgreSQL's crash (not the service's) may lose the last fraction of a second
+-- of such commits.  What they wrote is re-derived from what the accept committed
+-- durably: the provisioning job runs again (its attempt fails with the connection, or
+-- it is rescued when its lease runs out) and does the lost steps again, with the same
+-- ids and versions; the effects outside the database are idempotent (the storage, the
+-- email's key).  The group that ends the onboarding (and completes the job), the
+-- failure's path (provision.py _fail) and the compensation below wait: a commit that
+-- waits writes every commit before it to the disk too, so `completed` or `failed`,
+-- once seen, stays, and so does every step before it.  Nothing durable is built on a
+-- lost step either: the webhook fan-out's commit waits.  A stream or a status read may
+-- have shown a step that a crash then lost; it comes again with the same version (its
+-- `done_at` may differ).
 --
 -- Returns the onboarding as the call leaves it, and the steps it ran; no row when there
 -- is no such onboarding.
@@ -316,8 +319,9 @@ BEGIN
                 || request);
         END LOOP;
         IF cardinality(ran_now) > 0 THEN
-            IF lower(coalesce(current_setting('tenantry.durable_steps', true), ''))
-                   NOT IN ('on', 'true', 'yes', '1') THEN
+            IF o.state = 'provisioning' AND completes_job IS NULL
+               AND lower(btrim(coalesce(current_setting('tenantry.durable_steps', true), '')))
+                   IN ('', 'f', 'fa', 'fal', 'fals', 'false', 'n', 'no', 'of', 'off', '0') THEN
                 PERFORM set_config('synchronous_commit', 'off', true);  -- see above
             END IF;
             INSERT INTO tenantry.onboarding_steps (tenant_id, onboarding_id, step, done_at)

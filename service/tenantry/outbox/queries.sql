@@ -17,16 +17,18 @@ SELECT o.version, o.event_type,
 
 -- The follower's reads also say when the server last lost its shared state: a crash's
 -- recovery resets its statistics (the archiver's, as the others), and may have lost the
--- latest transactions, whose ids it hands out again (store.py, ServerEpoch).
+-- latest transactions, whose ids it hands out again (store.py, Position).  As seconds
+-- since 1970: a timestamp's text follows the session's TimeZone and DateStyle, and
+-- differed between two connections of one server.
 -- name: follow
 SELECT f.snapshot, f.tenant_id, f.aggregate_id, f.version, f.event_type, f.data,
-       coalesce(a.stats_reset::text, '') AS server_epoch
+       coalesce(extract(epoch FROM a.stats_reset)::text, '') AS server_epoch
   FROM tenantry.outbox_follow($1::text, $2::text) f, pg_catalog.pg_stat_archiver a
 
 -- name: snapshot
 SELECT pg_current_snapshot()::text AS snapshot,
-       coalesce((SELECT a.stats_reset::text FROM pg_catalog.pg_stat_archiver a), '')
-           AS server_epoch
+       coalesce((SELECT extract(epoch FROM a.stats_reset)::text
+                   FROM pg_catalog.pg_stat_archiver a), '') AS server_epoch
 
 -- name: prune
 SELECT tenantry.prune_outbox($1::integer, $2::integer)
