@@ -466,3 +466,46 @@ async def test_a_client_gone_before_its_stream_began_is_not_a_server_error(
     answered = [ln for ln in text.splitlines() if ln.startswith("tenantry_http_requests_total")]
     stream = [line for line in answered if "/events" in line]
     assert len(stream) == 1 and 'status="499"' in stream[0], stream
+
+
+async def test_a_client_shown_steps_a_crash_lost_waits_for_them_to_be_done_again(
+    svc: Service, http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    """Regression (attack): the first group of steps commits without waiting for the
+    disk, so a crash of the database may lose steps a stream had shown.  The client
+    resumed from its last event, which the log no longer held, and was refused (400:
+    "not an event of this stream"), which ends a browser's EventSource for good.  Now
+    the stream is served, and waits until provisioning has done them again; then it
+    goes on after the client's last event."""
+    body = await accepted(http)
+    await emit(admin_pool, body, 2)  # what the log holds after the crash: 1 and 2
+    async with http.get(body["events_url"], headers={"Last-Event-ID": "4"}) as r:
+        assert r.status == 200
+        s = Stream(r)
+        await emit(admin_pool, body, 3)  # done again
+        await emit(admin_pool, body, 4)
+        await emit(admin_pool, body, 5)
+        assert (await s.next_event()).id == "5"
+    # An id above any an onboarding's events can have is still refused.
+    async with http.get(body["events_url"], headers={"Last-Event-ID": "9"}) as r:
+        assert r.status == 400
+
+
+async def test_a_client_shown_steps_a_crash_lost_gets_the_end_that_came_instead(
+    svc: Service, http: aiohttp.ClientSession, admin_pool: asyncpg.Pool
+) -> None:
+    """Done again after the crash, the onboarding ended below the client's last event
+    (it failed): the client gets that end, not a stream that waits for ever."""
+    body = await accepted(http)
+    await admin_pool.execute(
+        "UPDATE tenantry.onboardings SET state = 'failed', version = 2,"
+        " failure_reason = 'email_rejected' WHERE id = $1",
+        uuid.UUID(body["id"]),
+    )
+    await emit(admin_pool, body, 2, "onboarding.failed")
+    async with http.get(body["events_url"], headers={"Last-Event-ID": "4"}) as r:
+        assert r.status == 200
+        s = Stream(r)
+        end = await s.next_event()
+        assert (end.id, end.event) == ("2", "onboarding.failed")
+        assert await s.ended()

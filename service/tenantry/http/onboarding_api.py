@@ -26,7 +26,7 @@ from ..db import UNAVAILABLE
 from ..errors import Conflict, InvalidRequest, NotFound
 from ..hub import Hub
 from ..onboarding import machine
-from ..onboarding.model import AGGREGATE, TERMINAL_EVENTS, parse_sign_up
+from ..onboarding.model import AGGREGATE, STEPS, TERMINAL_EVENTS, parse_sign_up
 from ..onboarding.tokens import Grant, Signer, TokenError
 from ..outbox import store as outbox
 from ..outbox.store import Event
@@ -230,6 +230,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             # The database is away (a restart): answer anyway, and wait for it with
             # keepalives; an error here would make a browser's EventSource give up.
             replay = None
+        if replay is not None and replay.ahead:
+            replay = None  # served, and waited for as for a database away (below)
         if replay is not None:
             if not replay.found:
                 return problem(404, f"no onboarding {oid}")
@@ -293,6 +295,10 @@ def _gone_before_the_stream(oid: uuid.UUID, last: int) -> web.Response:
     return web.Response(status=CLIENT_CLOSED_REQUEST)
 
 
+# The highest version an onboarding's event can have: accepted, then one per step.
+_LAST_VERSION = len(STEPS) + 1
+
+
 @dataclass
 class _Replay:
     """What the event log holds for a stream that resumes after `last`."""
@@ -301,18 +307,30 @@ class _Replay:
     found: bool = True  # the onboarding exists
     foreign: bool = False  # `last` is not an event of this stream
     ended: bool = False  # `last` was the terminal event: nothing more will come
+    # `last` is above the unfinished onboarding's version: the client was shown steps
+    # that a crash of the database then lost (their commits did not wait for the disk,
+    # tenantry.onboarding_run_steps), and provisioning will do them again.
+    ahead: bool = False
 
     @property
     def usable(self) -> bool:
-        return self.found and not self.foreign and not self.ended
+        return self.found and not self.foreign and not self.ended and not self.ahead
 
 
 async def _replay(api: OnboardingApi, tid: uuid.UUID, oid: uuid.UUID, last: int) -> _Replay:
     async with tenant_tx(api.pool, tid, index_plans=True) as tx:
         # From the client's last event on: whether that one was the end matters.
         events = await outbox.replay(tx, tid, AGGREGATE, str(oid), max(last - 1, 0))
-        if not events and await machine.find(tx, tid, oid) is None:
-            return _Replay([], found=False)
+        if not events:
+            found = await machine.find(tx, tid, oid)
+            if found is None:
+                return _Replay([], found=False)
+            if 0 < last <= _LAST_VERSION and found.version < last:
+                if not found.terminal:
+                    return _Replay([], ahead=True)
+                # Done again after a crash, the onboarding ended below what the client
+                # was shown: its end, whatever the client saw before.
+                return _Replay(await outbox.replay(tx, tid, AGGREGATE, str(oid), found.version - 1))
     if last > 0:
         if not events:
             return _Replay([], foreign=True)
@@ -332,9 +350,11 @@ async def _wait_for_replay(
     oid: uuid.UUID,
     last: int,
 ) -> _Replay:
-    """Until the database answers: a keepalive comment between tries, so that the
-    browser and any proxy keep the stream open.  (A stream that cannot go on once it
-    answers, one already ended say, is closed; the browser reconnects and is told.)"""
+    """Until the database answers, and holds the client's last event again (after a
+    crash lost it, provisioning does it again): a keepalive comment between tries, so
+    that the browser and any proxy keep the stream open.  (A stream that cannot go on
+    once it answers, one already ended say, is closed; the browser reconnects and is
+    told.)"""
     delay = 0.2
     retry_at = anyio.current_time() + delay
     while not sub.closed:
@@ -348,10 +368,13 @@ async def _wait_for_replay(
         if sub.closed or anyio.current_time() < retry_at:
             continue
         try:
-            return await _replay(api, tid, oid, last)
+            replay = await _replay(api, tid, oid, last)
+            if not replay.ahead:
+                return replay
         except UNAVAILABLE:
-            delay = min(delay * 2, 5.0)
-            retry_at = anyio.current_time() + delay
+            pass
+        delay = min(delay * 2, 5.0)
+        retry_at = anyio.current_time() + delay
     return _Replay([], ended=True)
 
 
