@@ -26,7 +26,8 @@ from ..db import UNAVAILABLE
 from ..errors import Conflict, InvalidRequest, NotFound
 from ..hub import Hub
 from ..onboarding import machine
-from ..onboarding.model import AGGREGATE, STEPS, TERMINAL_EVENTS, parse_sign_up
+from ..onboarding.model import AGGREGATE, TERMINAL_EVENTS, parse_sign_up
+from ..onboarding.provision import STEP_GROUPS
 from ..onboarding.tokens import Grant, Signer, TokenError
 from ..outbox import store as outbox
 from ..outbox.store import Event
@@ -295,8 +296,10 @@ def _gone_before_the_stream(oid: uuid.UUID, last: int) -> web.Response:
     return web.Response(status=CLIENT_CLOSED_REQUEST)
 
 
-# The highest version an onboarding's event can have: accepted, then one per step.
-_LAST_VERSION = len(STEPS) + 1
+# The highest version a crash of the database can take back: the first group of steps
+# commits without waiting for the disk (tenantry.onboarding_run_steps); the group that
+# ends the onboarding waits, and the accept (version 1) too.
+_LOSABLE_VERSION = 1 + len(STEP_GROUPS[0])
 
 
 @dataclass
@@ -325,7 +328,7 @@ async def _replay(api: OnboardingApi, tid: uuid.UUID, oid: uuid.UUID, last: int)
             found = await machine.find(tx, tid, oid)
             if found is None:
                 return _Replay([], found=False)
-            if 0 < last <= _LAST_VERSION and found.version < last:
+            if 0 < last <= _LOSABLE_VERSION and found.version < last:
                 if not found.terminal:
                     return _Replay([], ahead=True)
                 # Done again after a crash, the onboarding ended below what the client
