@@ -32,6 +32,25 @@ async def _emit(pool: asyncpg.Pool, tenant: uuid.UUID, aggregate: str, version: 
         )
 
 
+def _hub(worker_pool: asyncpg.Pool) -> Hub:
+    """A hub that reads only when told (no poll): each test says when."""
+    return Hub(
+        worker_pool,
+        aggregate_type=AGGREGATE,
+        terminal_events=TERMINAL_EVENTS,
+        poll_interval=3600,
+        trail=0.01,
+        tune_collector=False,
+    )
+
+
+async def _read_now(hub: Hub) -> None:
+    """A notification, and the hub's read after it."""
+    reads = hub.reads
+    hub.notify("outbox")
+    await hub.wait_reads(reads + 1)
+
+
 @pytest.mark.parametrize("how", ["ids_behind_the_snapshot", "another_epoch"])
 async def test_streams_resume_when_the_server_may_give_ids_out_again(
     pool: asyncpg.Pool, worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool, how: str
@@ -43,14 +62,7 @@ async def test_streams_resume_when_the_server_may_give_ids_out_again(
     resets the statistics); for good measure also by ids below its snapshot's, which
     is what a crash leaves, but which later transactions may have passed again by the
     hub's first read after it."""
-    hub = Hub(
-        worker_pool,
-        aggregate_type=AGGREGATE,
-        terminal_events=TERMINAL_EVENTS,
-        poll_interval=3600,
-        trail=0.01,
-        tune_collector=False,
-    )
+    hub = _hub(worker_pool)
     tenant = (await store.create_tenant(pool, name="Acme")).id
     aggregate = str(uuid.uuid4())
     with anyio.fail_after(20):
@@ -58,9 +70,7 @@ async def test_streams_resume_when_the_server_may_give_ids_out_again(
             await tg.start(hub.run)
             with hub.subscribe(tenant, aggregate) as sub:
                 await _emit(pool, tenant, aggregate, 1)
-                reads = hub.reads
-                hub.notify("outbox")
-                await hub.wait_reads(reads + 1)
+                await _read_now(hub)
                 assert [v for v, *_ in sub.frames] == [1]
                 position = hub._position
                 assert position is not None
@@ -75,16 +85,12 @@ async def test_streams_resume_when_the_server_may_give_ids_out_again(
                         "SELECT pg_stat_reset_shared('archiver')"
                     )
                 await _emit(pool, tenant, aggregate, 2)
-                reads = hub.reads
-                hub.notify("outbox")
-                await hub.wait_reads(reads + 1)
+                await _read_now(hub)
                 assert sub.closed and sub.reason == IDS_WENT_BACK
             # A stream opened after it is served, from the server's snapshot.
             with hub.subscribe(tenant, aggregate) as again:
                 await _emit(pool, tenant, aggregate, 3)
-                reads = hub.reads
-                hub.notify("outbox")
-                await hub.wait_reads(reads + 1)
+                await _read_now(hub)
                 assert [v for v, *_ in again.frames] == [3]
                 assert not again.closed
             tg.cancel_scope.cancel()
@@ -113,14 +119,7 @@ async def test_a_stream_opened_while_the_ended_one_goes_gets_the_redone_versions
     went.  A stream of it opened before the stream ended by the epoch's change had gone
     (its client reconnecting at once) never got the versions the crash lost and the
     provisioning did again."""
-    hub = Hub(
-        worker_pool,
-        aggregate_type=AGGREGATE,
-        terminal_events=TERMINAL_EVENTS,
-        poll_interval=3600,
-        trail=0.01,
-        tune_collector=False,
-    )
+    hub = _hub(worker_pool)
     tenant = (await store.create_tenant(pool, name="Acme")).id
     aggregate = str(uuid.uuid4())
     with anyio.fail_after(20):
@@ -129,9 +128,7 @@ async def test_a_stream_opened_while_the_ended_one_goes_gets_the_redone_versions
             with hub.subscribe(tenant, aggregate) as old:
                 await _emit(pool, tenant, aggregate, 1)
                 await _emit(pool, tenant, aggregate, 2)
-                reads = hub.reads
-                hub.notify("outbox")
-                await hub.wait_reads(reads + 1)
+                await _read_now(hub)
                 assert [v for v, *_ in old.frames] == [1, 2]
                 # The crash lost version 2 (here: a row deleted), and its recovery moved
                 # the epoch.
@@ -140,14 +137,10 @@ async def test_a_stream_opened_while_the_ended_one_goes_gets_the_redone_versions
                     aggregate,
                 )
                 await admin_pool.execute("SELECT pg_stat_reset_shared('archiver')")
-                reads = hub.reads
-                hub.notify("outbox")
-                await hub.wait_reads(reads + 1)
+                await _read_now(hub)
                 assert old.closed
                 with hub.subscribe(tenant, aggregate) as new:  # before `old` has gone
                     await _emit(pool, tenant, aggregate, 2)  # done again
-                    reads = hub.reads
-                    hub.notify("outbox")
-                    await hub.wait_reads(reads + 1)
+                    await _read_now(hub)
                     assert [v for v, *_ in new.frames] == [2]
             tg.cancel_scope.cancel()
