@@ -28,7 +28,7 @@ from anyio.abc import TaskStatus
 from .. import __version__
 from .. import logging as log
 from ..clock import Clock, Random, SystemClock, system_random
-from ..db import UNAVAILABLE
+from ..db import UNAVAILABLE, leaves_no_session_state
 from ..safetext import safe_json, safe_text
 from ..sql import queries_for
 from ..supervise import Health
@@ -239,6 +239,9 @@ class Deliverer:
                 self.config.lease_margin,
                 self.config.tenant_in_flight,
             )
+            # Its own transaction, its advisory lock transaction-scoped: the release
+            # skips the pool's reset, a round trip on the claim loop's path.
+            leaves_no_session_state(conn)
         return [
             _Claimed(
                 r["tenant_id"],
@@ -482,6 +485,7 @@ class Deliverer:
             await conn.fetchval(
                 Q["record"], self._owner, safe_json(batch), self.config.breaker.as_json()
             )
+            leaves_no_session_state(conn)  # one statement, its own transaction
 
     async def _record_one_by_one(self, batch: list[dict[str, Any]]) -> None:
         """Each result of `batch` (the head of the list) alone, consumed as it goes, so
