@@ -342,6 +342,7 @@ HOT_FUNCTIONS = (
     "complete_job",
     "webhook_claim",
     "webhook_record",
+    "webhook_record_and_claim",
     "webhook_fan_out",
     "emit",
     "emit_many",

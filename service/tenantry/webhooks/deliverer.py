@@ -133,6 +133,11 @@ class Deliverer:
         self._rnd = rnd or system_random()
         self._wake = anyio.Event()
         self._in_flight = 0
+        # Places asked for by claims under way (the claim loop's, a record's): counted
+        # with those in flight, so that two claims at once never exceed `concurrency`.
+        self._reserved = 0
+        # Where claimed deliveries are sent from: set while `run` runs.
+        self._sender: tuple[aiohttp.ClientSession, anyio.abc.TaskGroup] | None = None
         self._results: list[dict[str, Any]] = []
         self._have_results = anyio.Event()
         self._idle = anyio.Event()
@@ -173,15 +178,17 @@ class Deliverer:
             ) as session,
             anyio.create_task_group() as tg,
         ):
+            self._sender = (session, tg)
             tg.start_soon(self._record_loop)
             task_status.started()
             try:
-                await self._claim_loop(session, tg)
+                await self._claim_loop()
                 self.claims_stopped.set()
                 # A soft stop: the attempts in flight end (each within its timeout) and
                 # are recorded; the caller's grace bounds the wait by cancelling it.
                 await self._wait_idle()
             finally:
+                self._sender = None  # the last flush claims nothing
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     await self._flush()
                 tg.cancel_scope.cancel()
@@ -200,14 +207,37 @@ class Deliverer:
         while self._in_flight:
             await self._idle.wait()
 
-    async def _claim_loop(self, session: aiohttp.ClientSession, tg: anyio.abc.TaskGroup) -> None:
+    def _free(self) -> int:
+        """Places this process can still fill."""
+        return self.config.concurrency - self._in_flight - self._reserved
+
+    def _send(self, claimed: list[_Claimed]) -> None:
+        """Start an attempt for each claimed delivery."""
+        if not claimed:
+            return
+        if self._sender is None:
+            # `run` ended while a record's claim was under way (a hard stop: a soft
+            # one claims nothing): as after a crash, the leases run out and the rescue
+            # puts these back, with an interrupted attempt on record.
+            self._log.warning("webhook_claimed_while_stopping", deliveries=len(claimed))
+            return
+        session, tg = self._sender
+        for row in claimed:
+            self._in_flight += 1
+            tg.start_soon(self._deliver, session, row)
+
+    async def _claim_loop(self) -> None:
         failures = 0
         while not self._stopping:
-            free = self.config.concurrency - self._in_flight
+            free = self._free()
             claimed: list[_Claimed] = []
             if free > 0:
                 try:
-                    claimed = await self._claim(free)
+                    self._reserved += free
+                    try:
+                        claimed = await self._claim(free)
+                    finally:
+                        self._reserved -= free
                     failures = 0
                     if self._health is not None:
                         self._health.ok("webhook_claim")
@@ -218,47 +248,25 @@ class Deliverer:
                         self._health.failing("webhook_claim", str(exc))
                     await anyio.sleep(min(0.1 * 2**failures, 5.0) * (0.5 + self._rnd.random()))
                     continue
-            for row in claimed:
-                self._in_flight += 1
-                tg.start_soon(self._deliver, session, row)
+            self._send(claimed)
             if free > 0 and len(claimed) == free:
                 continue  # more may be due right now
             with anyio.move_on_after(self.config.poll_interval * (0.75 + 0.5 * self._rnd.random())):
                 await self._wake.wait()
             self._wake = anyio.Event()
 
+    def _claim_args(self, n: int) -> tuple[int, uuid.UUID, int, int, int, int]:
+        """webhook_claim's arguments after `owner`, for `n` deliveries."""
+        c = self.config
+        return (n, uuid.uuid4(), c.max_in_flight, c.timeout, c.lease_margin, c.tenant_in_flight)
+
     async def _claim(self, n: int) -> list[_Claimed]:
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                Q["claim"],
-                self._owner,
-                n,
-                uuid.uuid4(),
-                self.config.max_in_flight,
-                self.config.timeout,
-                self.config.lease_margin,
-                self.config.tenant_in_flight,
-            )
+            rows = await conn.fetch(Q["claim"], self._owner, *self._claim_args(n))
             # Its own transaction, its advisory lock transaction-scoped: the release
             # skips the pool's reset, a round trip on the claim loop's path.
             leaves_no_session_state(conn)
-        return [
-            _Claimed(
-                r["tenant_id"],
-                r["id"],
-                r["endpoint_id"],
-                r["event_type"],
-                r["body"],
-                r["attempts"],
-                r["url"],
-                r["headers"],
-                r["secret"],
-                r["previous_secret"],
-                r["timeout_seconds"],
-                tuple(r["retry_schedule"]) if r["retry_schedule"] is not None else None,
-            )
-            for r in rows
-        ]
+        return _claimed(rows)
 
     # --- one attempt ----------------------------------------------------------------------------
 
@@ -286,8 +294,13 @@ class Deliverer:
                 _Response(error_class="internal", error=f"{type(exc).__name__}: {exc}"),
             )
         finally:
+            if self._in_flight >= self.config.concurrency:
+                # The claim loop waits for a place of this process's: this is one.
+                # (An endpoint's place frees only when the attempt is recorded, and
+                # the record claims again itself; places a claim under way holds
+                # come back when it returns, to a loop that sees them.)
+                self._wake.set()
             self._in_flight -= 1
-            self._wake.set()
             if not self._in_flight:
                 # Every waiter waits on the event current when it looked: set that one,
                 # and let later waits have a fresh one.
@@ -439,20 +452,22 @@ class Deliverer:
         while True:
             await self._have_results.wait()
             self._have_results = anyio.Event()
-            await self._flush()
+            await self._flush(claim_again=True)
 
-    async def _flush(self) -> None:
-        """Record what has finished, in batches, until nothing is left.  One flush at a
-        time (the record loop, a stop and the end of `run` all flush): two would take
-        the same head of the list."""
+    async def _flush(self, *, claim_again: bool = False) -> None:
+        """Record what has finished, in batches, until nothing is left; `claim_again`:
+        each batch's transaction also claims deliveries for this process's free places
+        (the record loop's flushes; not those of a stop).  One flush at a time (the
+        record loop, a stop and the end of `run` all flush): two would take the same
+        head of the list."""
         async with self._flushing:
             failures = 0
             while self._results:
                 batch = self._results[:_RECORD_BATCH]
                 try:
                     try:
-                        await self._record(batch)
-                        self._consumed(len(batch))
+                        took_all_due = await self._record(batch, claim_again=claim_again)
+                        self._consumed(len(batch), wake_claims=not took_all_due)
                     except UNAVAILABLE:
                         raise
                     except Exception as exc:
@@ -474,18 +489,34 @@ class Deliverer:
                     self._health.ok("webhook_record")
                 failures = 0
 
-    def _consumed(self, n: int) -> None:
+    def _consumed(self, n: int, *, wake_claims: bool = True) -> None:
         """The first `n` results are on record (or given up on, logged)."""
         del self._results[:n]
-        # Recording freed endpoints' places (their deliveries left `sending`).
-        self._wake.set()
+        if wake_claims:
+            # Recording freed endpoints' places (their deliveries left `sending`).
+            self._wake.set()
 
-    async def _record(self, batch: list[dict[str, Any]]) -> None:
-        async with self._pool.acquire() as conn:
-            await conn.fetchval(
-                Q["record"], self._owner, safe_json(batch), self.config.breaker.as_json()
-            )
-            leaves_no_session_state(conn)  # one statement, its own transaction
+    async def _record(self, batch: list[dict[str, Any]], *, claim_again: bool = False) -> bool:
+        """Record `batch`; `claim_again`: in the same transaction and round trip, claim
+        and start deliveries for this process's free places (webhook_record_and_claim).
+        True when that claim took every delivery due, so that the claim loop would find
+        none: some came back, fewer than it asked for.  (None back says nothing: the
+        claim may not have run.)"""
+        n = self._free() if claim_again and not self._stopping else 0
+        args = (self._owner, safe_json(batch), self.config.breaker.as_json())
+        self._reserved += max(n, 0)
+        try:
+            async with self._pool.acquire() as conn:
+                if n > 0:
+                    rows = await conn.fetch(Q["record_and_claim"], *args, *self._claim_args(n))
+                else:
+                    await conn.fetchval(Q["record"], *args)
+                    rows = []
+                leaves_no_session_state(conn)  # one statement, its own transaction
+        finally:
+            self._reserved -= max(n, 0)
+        self._send(_claimed(rows))
+        return 0 < len(rows) < n
 
     async def _record_one_by_one(self, batch: list[dict[str, Any]]) -> None:
         """Each result of `batch` (the head of the list) alone, consumed as it goes, so
@@ -517,6 +548,26 @@ class Deliverer:
                         tenant_id=result["tenant_id"],
                     )
             self._consumed(1)
+
+
+def _claimed(rows: list[asyncpg.Record]) -> list[_Claimed]:
+    return [
+        _Claimed(
+            r["tenant_id"],
+            r["id"],
+            r["endpoint_id"],
+            r["event_type"],
+            r["body"],
+            r["attempts"],
+            r["url"],
+            r["headers"],
+            r["secret"],
+            r["previous_secret"],
+            r["timeout_seconds"],
+            tuple(r["retry_schedule"]) if r["retry_schedule"] is not None else None,
+        )
+        for r in rows
+    ]
 
 
 def _headers(raw: Any) -> dict[str, str]:

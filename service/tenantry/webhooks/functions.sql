@@ -1,4 +1,4 @@
--- version: 14
+-- version: 15
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -446,6 +446,42 @@ BEGIN
 END;
 $$;
 
+-- Record finished attempts (webhook_record), then claim up to `max_rows` due
+-- deliveries (webhook_claim), in one transaction: a deliverer takes the places its
+-- record freed in the same round trip, instead of a claim of its own after it (one
+-- round trip and one claim fewer per batch; bench.webhooks made about 1.6 claims per
+-- record).  The claim only if the claims' lock is free at once: this transaction
+-- holds the endpoint rows its record locked, which a claim holding that lock may wait
+-- for (an open or rate-limited endpoint's row), and a record that waited for an
+-- endpoint row (an operator's update) must not hold up every claim meanwhile.  No row
+-- back: nothing was due, or the claim did not run; the caller claims on its own then.
+-- `max_rows` 0: only the record.
+CREATE OR REPLACE FUNCTION tenantry.webhook_record_and_claim(
+    owner text, results jsonb, cfg jsonb, max_rows integer, pivot uuid,
+    max_in_flight integer, default_timeout integer, lease_margin integer,
+    tenant_in_flight integer
+)
+RETURNS TABLE (
+    tenant_id uuid, id uuid, endpoint_id uuid, event_id bigint, event_type text,
+    body text, attempts integer, url text, headers jsonb, secret bytea,
+    previous_secret bytea, timeout_seconds integer, retry_schedule integer[], probe boolean
+)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET jit = off  -- see the head of jobs/functions.sql
+AS $$
+BEGIN
+    PERFORM tenantry.webhook_record(owner, results, cfg);
+    IF max_rows > 0
+       AND pg_try_advisory_xact_lock(32335, hashtext('tenantry.webhook_claim')) THEN
+        RETURN QUERY SELECT * FROM tenantry.webhook_claim(
+            owner, max_rows, pivot, max_in_flight, default_timeout, lease_margin,
+            tenant_in_flight);
+    END IF;
+END;
+$$;
+
 -- Deliveries whose lease ran out (the sending process stopped mid-attempt) go back to
 -- pending, due now, with an `interrupted` attempt on record; one that has used every
 -- attempt of its schedule is dead-lettered.  Pending deliveries of an endpoint that
@@ -709,12 +745,17 @@ ALTER FUNCTION tenantry.webhook_claim(text, integer, uuid, integer, integer, int
     OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.webhook_results(jsonb) OWNER TO tenantry_owner;
 ALTER FUNCTION tenantry.webhook_record(text, jsonb, jsonb) OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.webhook_record_and_claim(
+    text, jsonb, jsonb, integer, uuid, integer, integer, integer, integer)
+    OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.webhook_rescue(integer, integer) OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.webhook_prune(integer, integer) OWNER TO tenantry_system;
 REVOKE ALL ON FUNCTION tenantry.webhook_fan_out(),
                        tenantry.webhook_fanout_lag(integer),
                        tenantry.webhook_claim(text, integer, uuid, integer, integer, integer, integer),
                        tenantry.webhook_record(text, jsonb, jsonb),
+                       tenantry.webhook_record_and_claim(
+                           text, jsonb, jsonb, integer, uuid, integer, integer, integer, integer),
                        tenantry.webhook_rescue(integer, integer),
                        tenantry.webhook_prune(integer, integer)
     FROM PUBLIC;
@@ -727,6 +768,9 @@ GRANT EXECUTE ON FUNCTION tenantry.webhook_fan_out(),
                           tenantry.webhook_fanout_lag(integer),
                           tenantry.webhook_claim(text, integer, uuid, integer, integer, integer, integer),
                           tenantry.webhook_record(text, jsonb, jsonb),
+                          tenantry.webhook_record_and_claim(
+                              text, jsonb, jsonb, integer, uuid, integer, integer, integer,
+                              integer),
                           tenantry.webhook_rescue(integer, integer),
                           tenantry.webhook_prune(integer, integer)
     TO tenantry_worker;
