@@ -1082,7 +1082,7 @@ async def test_recording_an_attempt_claims_the_next_delivery_in_the_same_round_t
 ) -> None:  # fmt: skip
     """With one place per endpoint, each delivery waits for the one before it to be
     recorded.  The claim loop used to claim each of them after that record, a round
-    trip and a claim more per delivery (bench.webhooks: 1.6 claims per record); the
+    trip and a claim more per delivery (bench.webhooks: 1.4-1.7 claims per record); the
     record's own transaction now claims the places it freed."""
     async with service(tmp_path, app_url, pool, worker_pool, webhook_endpoint_concurrency=1) as svc:
         acme = await new_tenant(pool, svc)

@@ -449,7 +449,7 @@ $$;
 -- Record finished attempts (webhook_record), then claim up to `max_rows` due
 -- deliveries (webhook_claim), in one transaction: a deliverer takes the places its
 -- record freed in the same round trip, instead of a claim of its own after it (one
--- round trip and one claim fewer per batch; bench.webhooks made about 1.6 claims per
+-- round trip and one claim fewer per batch; bench.webhooks made 1.4-1.7 claims per
 -- record).  The claim only if the claims' lock is free at once: this transaction
 -- holds the endpoint rows its record locked, which a claim holding that lock may wait
 -- for (an open or rate-limited endpoint's row), and a record that waited for an
