@@ -868,7 +868,8 @@ TENANT_STATEMENTS: dict[tuple[str, str], tuple[object, ...]] = {
 
 # The webhooks file's statements that are not a tenant's: the worker's cross-tenant
 # functions, and the wake-up.
-WEBHOOKS_CROSS_TENANT = {"wake_deliverers", "fan_out", "fanout_lag", "claim", "record", "rescue",
+WEBHOOKS_CROSS_TENANT = {"wake_deliverers", "fan_out", "fanout_lag", "claim", "record",
+                         "record_and_claim", "rescue",
                          "prune", "ops_deliveries", "ops_delivery", "ops_act", "ops_endpoints",
                          "ops_stats"}  # fmt: skip
 

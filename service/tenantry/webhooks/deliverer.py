@@ -136,11 +136,16 @@ class Deliverer:
         # Places asked for by claims under way (the claim loop's, a record's): counted
         # with those in flight, so that two claims at once never exceed `concurrency`.
         self._reserved = 0
+        # Wake-ups from outside (the fan-out, a resync) so far: a record's claim under
+        # way may not have seen what one announced, and the loop may have found no
+        # place for it meanwhile.
+        self._woken = 0
         # Where claimed deliveries are sent from: set while `run` runs.
         self._sender: tuple[aiohttp.ClientSession, anyio.abc.TaskGroup] | None = None
         self._results: list[dict[str, Any]] = []
         self._have_results = anyio.Event()
-        self._idle = anyio.Event()
+        # Set (and replaced) whenever attempts in flight or claims under way go down.
+        self._fewer = anyio.Event()
         self._keys: dict[tuple[uuid.UUID, bytes], bytes] = {}
         self._flushing = anyio.Lock()
         self._stopping = False
@@ -150,9 +155,11 @@ class Deliverer:
     # --- wake-ups -------------------------------------------------------------------------
 
     def notify(self, _payload: str = "") -> None:
+        self._woken += 1
         self._wake.set()
 
     def resync(self) -> None:
+        self._woken += 1
         self._wake.set()
 
     @property
@@ -183,6 +190,8 @@ class Deliverer:
             task_status.started()
             try:
                 await self._claim_loop()
+                # A record's claim may still be under way: what it claims is sent.
+                await self._wait_until(lambda: not self._reserved)
                 self.claims_stopped.set()
                 # A soft stop: the attempts in flight end (each within its timeout) and
                 # are recorded; the caller's grace bounds the wait by cancelling it.
@@ -204,8 +213,19 @@ class Deliverer:
             await self._flush()
 
     async def _wait_idle(self) -> None:
-        while self._in_flight:
-            await self._idle.wait()
+        """Until no attempt is in flight and no claim is under way (a record's claim
+        returning after the stop began starts attempts of its own)."""
+        await self._wait_until(lambda: not self._in_flight and not self._reserved)
+
+    async def _wait_until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            await self._fewer.wait()
+
+    def _went_down(self) -> None:
+        # Every waiter waits on the event current when it looked: set that one, and
+        # let later waits have a fresh one.
+        fewer, self._fewer = self._fewer, anyio.Event()
+        fewer.set()
 
     def _free(self) -> int:
         """Places this process can still fill."""
@@ -238,6 +258,7 @@ class Deliverer:
                         claimed = await self._claim(free)
                     finally:
                         self._reserved -= free
+                        self._went_down()
                     failures = 0
                     if self._health is not None:
                         self._health.ok("webhook_claim")
@@ -301,11 +322,7 @@ class Deliverer:
                 # come back when it returns, to a loop that sees them.)
                 self._wake.set()
             self._in_flight -= 1
-            if not self._in_flight:
-                # Every waiter waits on the event current when it looked: set that one,
-                # and let later waits have a fresh one.
-                idle, self._idle = self._idle, anyio.Event()
-                idle.set()
+            self._went_down()
         self._results.append(result)
         self._have_results.set()
         if self._on_attempt is not None:
@@ -466,7 +483,17 @@ class Deliverer:
                 batch = self._results[:_RECORD_BATCH]
                 try:
                     try:
-                        took_all_due = await self._record(batch, claim_again=claim_again)
+                        try:
+                            took_all_due = await self._record(batch, claim_again=claim_again)
+                        except asyncpg.DeadlockDetectedError:
+                            if not claim_again:
+                                raise
+                            # The victim of a deadlock, its claim against another
+                            # process's record (each waiting for an endpoint row the
+                            # other locked): nothing of it was kept.  The batch again,
+                            # without the claim, which is what took the second row.
+                            self._log.warning("webhook_record_deadlock_retried", results=len(batch))
+                            took_all_due = await self._record(batch)
                         self._consumed(len(batch), wake_claims=not took_all_due)
                     except UNAVAILABLE:
                         raise
@@ -502,20 +529,29 @@ class Deliverer:
         True when that claim took every delivery due, so that the claim loop would find
         none: some came back, fewer than it asked for.  (None back says nothing: the
         claim may not have run.)"""
-        n = self._free() if claim_again and not self._stopping else 0
+        # At most the places the batch's deliveries held: the process's other free
+        # places stay the claim loop's, which must not wait for a record (one waiting
+        # for an endpoint row an operator's update holds, say) to claim for them.
+        n = min(self._free(), len(batch)) if claim_again and not self._stopping else 0
         args = (self._owner, safe_json(batch), self.config.breaker.as_json())
+        woken = self._woken
         self._reserved += max(n, 0)
+        rows: list[asyncpg.Record] = []
         try:
             async with self._pool.acquire() as conn:
                 if n > 0:
                     rows = await conn.fetch(Q["record_and_claim"], *args, *self._claim_args(n))
                 else:
                     await conn.fetchval(Q["record"], *args)
-                    rows = []
                 leaves_no_session_state(conn)  # one statement, its own transaction
         finally:
             self._reserved -= max(n, 0)
-        self._send(_claimed(rows))
+            self._send(_claimed(rows))
+            self._went_down()
+        if self._woken != woken:
+            # Announced while this claim ran: it may have read before the commit, and
+            # the loop may have found no free place then.
+            return False
         return 0 < len(rows) < n
 
     async def _record_one_by_one(self, batch: list[dict[str, Any]]) -> None:

@@ -1,4 +1,4 @@
--- version: 15
+-- version: 16
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -236,7 +236,11 @@ BEGIN
     ), claimed AS (
         UPDATE tenantry.webhook_deliveries d
            SET state = 'sending', attempts = d.attempts + 1, lease_owner = $1,
-               lease_until = now() + make_interval(
+               -- From the clock, not now(): the transaction may have begun long before
+               -- (waiting for the claims' lock, or a record's endpoint rows in
+               -- webhook_record_and_claim), and a lease short by that wait could run
+               -- out while the attempt is still within its timeout: sent twice.
+               lease_until = clock_timestamp() + make_interval(
                    secs => coalesce(e.timeout_seconds, $5) + $6),
                updated_at = now()
           FROM picked p, tenantry.webhook_endpoints e

@@ -1,0 +1,230 @@
+"""A deliverer's record claims again in its own transaction (webhook_record_and_claim):
+what the attack on that change found, each held here.  In each, something holds an
+endpoint's row a while (an operator's update, another process's record), so that a
+record waits for it."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiohttp import web
+
+from tenantry.db import Conn
+from tests.helpers import eventually, wait_lock_waiter
+from tests.integration.test_webhooks import Tenant, new_tenant, service
+from tests.receiver import Receiver, running_receiver
+
+
+@asynccontextmanager
+async def _row_held(admin_pool: asyncpg.Pool, endpoint_id: str) -> AsyncIterator[Conn]:
+    async with admin_pool.acquire() as holder:
+        tx = holder.transaction()
+        await tx.start()
+        try:
+            await holder.execute(
+                "SELECT 1 FROM tenantry.webhook_endpoints WHERE id = $1 FOR UPDATE",
+                uuid.UUID(endpoint_id),
+            )
+            yield holder
+        finally:
+            await tx.rollback()
+
+
+def _held_until(receiver: Receiver, path: str) -> asyncio.Event:
+    """The receiver answers `path` only once the returned event is set."""
+    release = asyncio.Event()
+
+    async def held(_: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(status=204)
+
+    receiver.on(path, held)
+    return release
+
+
+async def _states(admin_pool: asyncpg.Pool, tenant: Tenant) -> list[tuple[str, int]]:
+    rows = await admin_pool.fetch(
+        "SELECT state, attempts FROM tenantry.webhook_deliveries WHERE tenant_id = $1"
+        " ORDER BY created_at, event_id",
+        tenant.id,
+    )
+    return [(r["state"], r["attempts"]) for r in rows]
+
+
+async def _due_without_a_wake_up(admin_pool: asyncpg.Pool, tenant: Tenant, ep: str) -> None:
+    """A due delivery put there as one whose backoff ran out is: no NOTIFY."""
+    await admin_pool.execute(
+        "INSERT INTO tenantry.webhook_deliveries (tenant_id, endpoint_id, event_id,"
+        " event_type, body) VALUES ($1, $2, 999999, 'never.sent', '{}')",
+        tenant.id,
+        uuid.UUID(ep),
+    )
+
+
+async def test_a_lease_counts_from_the_claim_not_from_a_wait_before_it(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:  # fmt: skip
+    """The claim leased from now(), its transaction's start: in a record that first
+    waited for an endpoint row, the lease was short by the wait, and ran out while the
+    attempt was within its timeout (the rescue sent it a second time)."""
+    async with (
+        running_receiver() as receiver,
+        service(
+            tmp_path, app_url, pool, worker_pool,
+            webhook_endpoint_concurrency=1, webhook_timeout=3, lease_seconds=1.0,
+        ) as svc,
+    ):  # fmt: skip
+        acme = await new_tenant(pool, svc)
+        ep = await acme.endpoint(receiver.url("/one"))
+        release = _held_until(receiver, "/one")
+        await acme.emit(pool, "invoice.paid")
+        await acme.emit(pool, "invoice.voided")
+        await receiver.wait_count("/one", 1)  # the first in flight, the second waits
+        async with _row_held(admin_pool, ep["id"]) as holder:
+            release.set()
+            await wait_lock_waiter(admin_pool)  # the first's record waits for the row
+            released_at = await holder.fetchval("SELECT clock_timestamp()")
+        await receiver.wait_count("/one", 2)
+        lease = await admin_pool.fetchval(
+            "SELECT lease_until FROM tenantry.webhook_deliveries"
+            " WHERE tenant_id = $1 AND state = 'sending'",
+            acme.id,
+        )
+        # Claimed after the row was let go: leased for the timeout plus the margin
+        # (4 s) from then at least.
+        assert (lease - released_at).total_seconds() > 4.0, (lease, released_at)
+
+
+async def test_a_record_waiting_for_a_row_leaves_the_other_places_to_the_claim_loop(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:  # fmt: skip
+    """The record reserved every free place of the process for its claim, for as long
+    as it waited: no tenant's delivery was claimed meanwhile."""
+    async with running_receiver() as receiver, service(tmp_path, app_url, pool, worker_pool) as svc:
+        acme = await new_tenant(pool, svc, "Acme")
+        other = await new_tenant(pool, svc, "Other")
+        ep = await acme.endpoint(receiver.url("/held"))
+        await other.endpoint(receiver.url("/other"))
+        release = _held_until(receiver, "/held")
+        await acme.emit(pool, "invoice.paid")
+        await receiver.wait_count("/held", 1)
+        async with _row_held(admin_pool, ep["id"]):
+            release.set()
+            await wait_lock_waiter(admin_pool)
+            await other.emit(pool, "invoice.paid")
+            await receiver.wait_count("/other", 1)  # while the record still waits
+
+
+async def test_a_wake_up_during_a_records_claim_is_not_lost(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:  # fmt: skip
+    """A delivery fanned out while a record's claim waited (for a rate-limited
+    endpoint's row, which the claim updates) woke a claim loop that found no free
+    place; the record's claim came back with fewer than it asked for, and the delivery
+    waited for the next poll."""
+    async with (
+        running_receiver() as receiver,
+        service(tmp_path, app_url, pool, worker_pool, poll_interval=30.0) as svc,
+    ):
+        acme = await new_tenant(pool, svc, "Acme")
+        other = await new_tenant(pool, svc, "Other")
+        await acme.endpoint(receiver.url("/held"))
+        limited = await acme.endpoint(
+            receiver.url("/limited"), rate_limit=100, event_types=["never.sent"]
+        )
+        await other.endpoint(receiver.url("/other"))
+        release = _held_until(receiver, "/held")
+        _held_until(receiver, "/limited")  # once claimed, not recorded during the test
+        await acme.emit(pool, "invoice.paid")
+        await receiver.wait_count("/held", 1)
+        await _due_without_a_wake_up(admin_pool, acme, limited["id"])
+        async with _row_held(admin_pool, limited["id"]):
+            release.set()
+            await wait_lock_waiter(admin_pool)  # the record's claim waits for the row
+            await other.emit(pool, "invoice.paid")
+
+            async def fanned_out() -> bool:
+                return len(await _states(admin_pool, other)) == 1
+
+            await eventually(fanned_out)
+        await receiver.wait_count("/other", 1, timeout=10)  # not the 30 s poll
+
+
+async def test_a_soft_stop_sends_what_a_records_claim_under_way_took(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:  # fmt: skip
+    """A record's claim that returned after a soft stop began found no sender: the
+    delivery stayed `sending`, unattempted, until its lease ran out and the rescue put
+    an `interrupted` attempt on record that never happened."""
+    async with (
+        running_receiver() as receiver,
+        service(tmp_path, app_url, pool, worker_pool, webhook_endpoint_concurrency=1) as svc,
+    ):
+        acme = await new_tenant(pool, svc)
+        ep = await acme.endpoint(receiver.url("/one"))
+        release = _held_until(receiver, "/one")
+        await acme.emit(pool, "invoice.paid")
+        await acme.emit(pool, "invoice.voided")
+        await receiver.wait_count("/one", 1)
+        async with _row_held(admin_pool, ep["id"]):
+            release.set()
+            await wait_lock_waiter(admin_pool)  # the record, and its claim, under way
+            stopping = asyncio.create_task(svc.deliverer.shutdown(grace=10))
+            await asyncio.sleep(0)  # the stop has begun (it claims nothing more)
+        await stopping
+        assert await _states(admin_pool, acme) == [("delivered", 1), ("delivered", 1)]
+        ids = [r.webhook_id for r in receiver.at("/one")]
+        assert len(ids) == len(set(ids)) == 2
+
+
+async def test_a_records_claim_chosen_as_a_deadlocks_victim_records_again_without_it(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool, capfd: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The record locks its endpoints' rows, then its claim updates a rate-limited
+    endpoint's row: against another process's record that holds that row and wants one
+    of the first, PostgreSQL aborts one of the two.  The batch was then taken for one
+    the database refuses (an error, and a record per attempt); it is recorded again,
+    without the claim."""
+    async with (
+        running_receiver() as receiver,
+        service(tmp_path, app_url, pool, worker_pool) as svc,
+    ):
+        acme = await new_tenant(pool, svc)
+        first = await acme.endpoint(receiver.url("/held"))
+        limited = await acme.endpoint(
+            receiver.url("/limited"), rate_limit=100, event_types=["never.sent"]
+        )
+        release = _held_until(receiver, "/held")
+        await acme.emit(pool, "invoice.paid")
+        await receiver.wait_count("/held", 1)
+        await _due_without_a_wake_up(admin_pool, acme, limited["id"])
+        capfd.readouterr()
+        async with _row_held(admin_pool, limited["id"]) as other_record:
+            release.set()
+            await wait_lock_waiter(admin_pool)  # the record's claim waits for it
+            # ... and this one for the row the record locked: a deadlock, whose
+            # victim is the one that waited first (its check comes first).
+            await other_record.execute(
+                "SELECT 1 FROM tenantry.webhook_endpoints WHERE id = $1 FOR UPDATE",
+                uuid.UUID(first["id"]),
+            )
+
+        async def both_delivered() -> bool:
+            return await _states(admin_pool, acme) == [("delivered", 1)] * 2
+
+        await eventually(both_delivered)
+    logged = capfd.readouterr()
+    logs = logged.out + logged.err  # the service's JSON lines
+    assert '"webhook_record_deadlock_retried"' in logs
+    assert '"webhook_record_refused"' not in logs
