@@ -529,10 +529,12 @@ class Deliverer:
         True when that claim took every delivery due, so that the claim loop would find
         none: some came back, fewer than it asked for.  (None back says nothing: the
         claim may not have run.)"""
-        # At most the places the batch's deliveries held: the process's other free
-        # places stay the claim loop's, which must not wait for a record (one waiting
-        # for an endpoint row an operator's update holds, say) to claim for them.
-        n = min(self._free(), len(batch)) if claim_again and not self._stopping else 0
+        # The places the batch's deliveries held, and one more: the process's other
+        # free places stay the claim loop's, which must not wait for a record (one
+        # waiting for an endpoint row an operator's update holds, say) to claim for
+        # them.  The one more tells whether more is due than the record freed: only
+        # then (every place asked for taken) is the loop woken to claim the rest.
+        n = min(self._free(), len(batch) + 1) if claim_again and not self._stopping else 0
         args = (self._owner, safe_json(batch), self.config.breaker.as_json())
         woken = self._woken
         self._reserved += max(n, 0)
