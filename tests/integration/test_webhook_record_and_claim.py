@@ -228,3 +228,45 @@ async def test_a_records_claim_chosen_as_a_deadlocks_victim_records_again_withou
     logs = logged.out + logged.err  # the service's JSON lines
     assert '"webhook_record_deadlock_retried"' in logs
     assert '"webhook_record_refused"' not in logs
+
+
+async def test_a_place_freed_while_the_process_was_full_wakes_the_claim_loop(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:  # fmt: skip
+    """The process full of attempts and a record's claim under way: the loop, woken by
+    a new delivery, found no place and slept.  An attempt's end woke it only when the
+    attempts alone had filled the process, so the freed place waited for the poll."""
+    async with (
+        running_receiver() as receiver,
+        service(
+            tmp_path, app_url, pool, worker_pool,
+            webhook_concurrency=3, webhook_endpoint_concurrency=1, poll_interval=30.0,
+        ) as svc,
+    ):  # fmt: skip
+        acme = await new_tenant(pool, svc, "Acme")
+        other = await new_tenant(pool, svc, "Other")
+        waits = await acme.endpoint(receiver.url("/waits"), event_types=["x.one"])
+        await acme.endpoint(receiver.url("/ends"), event_types=["x.two"])
+        await other.endpoint(receiver.url("/fills"), event_types=["a.one"])
+        await other.endpoint(receiver.url("/next"), event_types=["a.two"])
+        release_first = _held_until(receiver, "/waits")
+        release_second = _held_until(receiver, "/ends")
+        _held_until(receiver, "/fills")
+        await acme.emit(pool, "x.one")
+        await acme.emit(pool, "x.two")
+        await receiver.wait_count("/waits", 1)
+        await receiver.wait_count("/ends", 1)
+        async with _row_held(admin_pool, waits["id"]):
+            release_first.set()
+            await wait_lock_waiter(admin_pool)  # its record, a place reserved, waits
+            await other.emit(pool, "a.one")
+            await receiver.wait_count("/fills", 1)  # the process's last place
+            await other.emit(pool, "a.two")
+
+            async def the_loop_found_no_place() -> bool:
+                return len(await _states(admin_pool, other)) == 2 and svc.deliverer._starved
+
+            await eventually(the_loop_found_no_place)
+            release_second.set()  # a place frees up
+            await receiver.wait_count("/next", 1, timeout=10)  # not the 30 s poll

@@ -136,10 +136,9 @@ class Deliverer:
         # Places asked for by claims under way (the claim loop's, a record's): counted
         # with those in flight, so that two claims at once never exceed `concurrency`.
         self._reserved = 0
-        # Wake-ups from outside (the fan-out, a resync) so far: a record's claim under
-        # way may not have seen what one announced, and the loop may have found no
-        # place for it meanwhile.
-        self._woken = 0
+        # The claim loop sleeps with no free place (attempts in flight and claims
+        # under way fill the process): the next place to free up wakes it.
+        self._starved = False
         # Where claimed deliveries are sent from: set while `run` runs.
         self._sender: tuple[aiohttp.ClientSession, anyio.abc.TaskGroup] | None = None
         self._results: list[dict[str, Any]] = []
@@ -155,11 +154,9 @@ class Deliverer:
     # --- wake-ups -------------------------------------------------------------------------
 
     def notify(self, _payload: str = "") -> None:
-        self._woken += 1
         self._wake.set()
 
     def resync(self) -> None:
-        self._woken += 1
         self._wake.set()
 
     @property
@@ -222,6 +219,10 @@ class Deliverer:
             await self._fewer.wait()
 
     def _went_down(self) -> None:
+        """Attempts in flight or claims under way went down: a place may be free."""
+        if self._starved:
+            self._starved = False
+            self._wake.set()
         # Every waiter waits on the event current when it looked: set that one, and
         # let later waits have a fresh one.
         fewer, self._fewer = self._fewer, anyio.Event()
@@ -272,9 +273,15 @@ class Deliverer:
             self._send(claimed)
             if free > 0 and len(claimed) == free:
                 continue  # more may be due right now
+            # With no place left, what wakes the loop is a place freeing up (however
+            # the process filled: its attempts, or a record's claim under way); an
+            # endpoint's place frees only when its attempt is recorded, and the record
+            # claims again itself.
+            self._starved = self._free() <= 0
             with anyio.move_on_after(self.config.poll_interval * (0.75 + 0.5 * self._rnd.random())):
                 await self._wake.wait()
             self._wake = anyio.Event()
+            self._starved = False
 
     def _claim_args(self, n: int) -> tuple[int, uuid.UUID, int, int, int, int]:
         """webhook_claim's arguments after `owner`, for `n` deliveries."""
@@ -315,12 +322,6 @@ class Deliverer:
                 _Response(error_class="internal", error=f"{type(exc).__name__}: {exc}"),
             )
         finally:
-            if self._in_flight >= self.config.concurrency:
-                # The claim loop waits for a place of this process's: this is one.
-                # (An endpoint's place frees only when the attempt is recorded, and
-                # the record claims again itself; places a claim under way holds
-                # come back when it returns, to a loop that sees them.)
-                self._wake.set()
             self._in_flight -= 1
             self._went_down()
         self._results.append(result)
@@ -529,14 +530,15 @@ class Deliverer:
         True when that claim took every delivery due, so that the claim loop would find
         none: some came back, fewer than it asked for.  (None back says nothing: the
         claim may not have run.)"""
-        # The places the batch's deliveries held, and one more: the process's other
-        # free places stay the claim loop's, which must not wait for a record (one
-        # waiting for an endpoint row an operator's update holds, say) to claim for
-        # them.  The one more tells whether more is due than the record freed: only
-        # then (every place asked for taken) is the loop woken to claim the rest.
-        n = min(self._free(), len(batch) + 1) if claim_again and not self._stopping else 0
+        # The places the batch's deliveries held, and one more if that is not the
+        # process's last: the other free places stay the claim loop's, which must not
+        # wait for a record (one waiting for an endpoint row an operator's update
+        # holds, say) to claim for them.  The one more tells whether more is due than
+        # the record freed: only then (every place asked for taken) is the loop woken
+        # to claim the rest.
+        free = self._free() if claim_again and not self._stopping else 0
+        n = len(batch) + 1 if free > len(batch) + 1 else min(free, len(batch))
         args = (self._owner, safe_json(batch), self.config.breaker.as_json())
-        woken = self._woken
         self._reserved += max(n, 0)
         rows: list[asyncpg.Record] = []
         try:
@@ -550,10 +552,6 @@ class Deliverer:
             self._reserved -= max(n, 0)
             self._send(_claimed(rows))
             self._went_down()
-        if self._woken != woken:
-            # Announced while this claim ran: it may have read before the commit, and
-            # the loop may have found no free place then.
-            return False
         return 0 < len(rows) < n
 
     async def _record_one_by_one(self, batch: list[dict[str, Any]]) -> None:
