@@ -237,9 +237,10 @@ class Deliverer:
         if not claimed:
             return
         if self._sender is None:
-            # `run` ended while a record's claim was under way (a hard stop: a soft
-            # one claims nothing): as after a crash, the leases run out and the rescue
-            # puts these back, with an interrupted attempt on record.
+            # `run` was cancelled while a record's claim was under way (a hard stop; a
+            # soft one waits for it and sends what it took): as after a crash, the
+            # leases run out and the rescue puts these back, with an interrupted
+            # attempt on record.
             self._log.warning("webhook_claimed_while_stopping", deliveries=len(claimed))
             return
         session, tg = self._sender

@@ -1,4 +1,4 @@
--- version: 16
+-- version: 17
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -239,7 +239,9 @@ BEGIN
                -- From the clock, not now(): the transaction may have begun long before
                -- (waiting for the claims' lock, or a record's endpoint rows in
                -- webhook_record_and_claim), and a lease short by that wait could run
-               -- out while the attempt is still within its timeout: sent twice.
+               -- out while the attempt is still within its timeout: sent twice.  (A
+               -- wait later in this statement, `spent` waiting for a rate-limited or
+               -- opening endpoint's row, still comes off the lease's margin.)
                lease_until = clock_timestamp() + make_interval(
                    secs => coalesce(e.timeout_seconds, $5) + $6),
                updated_at = now()
