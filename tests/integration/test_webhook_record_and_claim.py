@@ -270,3 +270,57 @@ async def test_a_place_freed_while_the_process_was_full_wakes_the_claim_loop(
             await eventually(the_loop_found_no_place)
             release_second.set()  # a place frees up
             await receiver.wait_count("/next", 1, timeout=10)  # not the 30 s poll
+
+
+async def test_a_record_sent_again_after_its_answer_was_lost_records_nothing_twice(
+    admin_pool: asyncpg.Pool,
+) -> None:
+    """A record committed, and its answer lost (the connection cut, a hard stop): the
+    deliverer sends the same results again.  Each attempt was stored twice, and counted
+    twice toward its endpoint's circuit."""
+    tenant = await admin_pool.fetchval(
+        "INSERT INTO tenantry.tenants (id, slug, name) VALUES (gen_random_uuid(),"
+        " 'twice-' || substr(md5(random()::text), 1, 8), 'Twice') RETURNING id"
+    )
+    endpoint = await admin_pool.fetchval(
+        "INSERT INTO tenantry.webhook_endpoints (tenant_id, url, secret)"
+        " VALUES ($1, 'https://twice.example/', '\\x00'::bytea) RETURNING id",
+        tenant,
+    )
+    delivery = await admin_pool.fetchval(
+        "INSERT INTO tenantry.webhook_deliveries (tenant_id, endpoint_id, event_id,"
+        " event_type, body, state, attempts, lease_owner, lease_until)"
+        " VALUES ($1, $2, 1, 'invoice.paid', '{}', 'sending', 1, 'o', now() + interval '1 min')"
+        " RETURNING id",
+        tenant,
+        endpoint,
+    )
+    results = [
+        {
+            "tenant_id": str(tenant), "delivery_id": str(delivery),
+            "endpoint_id": str(endpoint), "attempt": 1,
+            "attempted_at": "2026-12-07T23:00:00.123456+00:00",
+            "url": "https://twice.example/", "result": "failed",
+            "request_headers": {}, "request_body": "{}", "response_status": 500,
+            "response_headers": {}, "response_body": "", "duration_ms": 1.5,
+            "error_class": None, "error": None, "next_state": "pending",
+            "next_attempt_at": "2026-12-07T23:00:05+00:00", "reason": None,
+            "success": False,
+        }
+    ]  # fmt: skip
+    breaker = {"failures": 10, "ratio": 0.5, "volume": 20, "window_s": 60,
+               "cooldown_s": 30, "disable_after_s": 432000}  # fmt: skip
+    for _ in range(2):
+        await admin_pool.fetchval(
+            "SELECT tenantry.webhook_record('o', $1::jsonb, $2::jsonb)", results, breaker
+        )
+    attempts = await admin_pool.fetchval(
+        "SELECT count(*) FROM tenantry.webhook_attempts WHERE delivery_id = $1", delivery
+    )
+    counted = await admin_pool.fetchrow(
+        "SELECT window_attempts, window_failures, circuit_failures"
+        " FROM tenantry.webhook_endpoints WHERE id = $1",
+        endpoint,
+    )
+    assert counted is not None
+    assert (attempts, tuple(counted)) == (1, (1, 1, 1))
