@@ -1109,9 +1109,10 @@ async def test_recording_an_attempt_claims_the_next_delivery_in_the_same_round_t
         received = await receiver.wait_count("/in-turn", 12)
         await eventually(lambda: _all_in_state(acme, "delivered", 12))
     assert sorted(r.json()["data"]["n"] for r in received) == list(range(12))
-    # The first comes from the loop's claim after the fan-out; the others from records
-    # (a record that found the claims' lock taken leaves its places to the loop).
-    assert len([n for n in claimed_by_the_loop if n]) <= 3, claimed_by_the_loop
+    # The first comes from the loop's claim after the fan-out, most others from records
+    # (a record that found the claims' lock taken, by the loop woken by the fan-out's
+    # notifications, leaves its places to the loop): every one before.
+    assert len([n for n in claimed_by_the_loop if n]) <= 6, claimed_by_the_loop
 
 
 async def test_a_record_does_not_wait_for_the_claims_lock(
