@@ -288,8 +288,9 @@ async def test_a_record_sent_again_after_its_answer_was_lost_records_nothing_twi
     admin_pool: asyncpg.Pool,
 ) -> None:
     """A record committed, and its answer lost (the connection cut, a hard stop): the
-    deliverer sends the same results again.  Each attempt was stored twice, and counted
-    twice toward its endpoint's circuit."""
+    deliverer sends the same results again.  Each attempt was stored twice, counted
+    twice toward its endpoint's circuit, and applied again to a delivery already out
+    on its next attempt (back to pending while that attempt was in flight)."""
     tenant = await admin_pool.fetchval(
         "INSERT INTO tenantry.tenants (id, slug, name) VALUES (gen_random_uuid(),"
         " 'twice-' || substr(md5(random()::text), 1, 8), 'Twice') RETURNING id"
@@ -322,10 +323,20 @@ async def test_a_record_sent_again_after_its_answer_was_lost_records_nothing_twi
     ]  # fmt: skip
     breaker = {"failures": 10, "ratio": 0.5, "volume": 20, "window_s": 60,
                "cooldown_s": 30, "disable_after_s": 432000}  # fmt: skip
-    for _ in range(2):
-        await admin_pool.fetchval(
-            "SELECT tenantry.webhook_record('o', $1::jsonb, $2::jsonb)", results, breaker
-        )
+    record = "SELECT tenantry.webhook_record('o', $1::jsonb, $2::jsonb)"
+    await admin_pool.fetchval(record, results, breaker)
+    # Its retry is due at once: the same process claims it again before the answer
+    # lost is noticed and the record sent again.
+    await admin_pool.execute(
+        "UPDATE tenantry.webhook_deliveries SET state = 'sending', attempts = 2,"
+        " lease_owner = 'o', lease_until = now() + interval '1 min' WHERE id = $1",
+        delivery,
+    )
+    await admin_pool.fetchval(record, results, breaker)
+    state = await admin_pool.fetchrow(
+        "SELECT state, attempts FROM tenantry.webhook_deliveries WHERE id = $1", delivery
+    )
+    assert state is not None and tuple(state) == ("sending", 2)  # the second attempt's
     attempts = await admin_pool.fetchval(
         "SELECT count(*) FROM tenantry.webhook_attempts WHERE delivery_id = $1", delivery
     )

@@ -1,4 +1,4 @@
--- version: 18
+-- version: 19
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -332,9 +332,10 @@ DECLARE
     disable boolean;
     recorded uuid[];
 BEGIN
-    -- An attempt already on record is not recorded again, nor counted again for its
-    -- endpoint's circuit: a record whose answer was lost after its commit (the
-    -- connection cut, the process stopped) is sent again with the same results.
+    -- An attempt already on record is not recorded again, nor applied or counted
+    -- again: a record whose answer was lost after its commit (the connection cut, the
+    -- process stopped) is sent again with the same results, and its delivery may be
+    -- out on its next attempt by then, leased to the same process.
     WITH inserted AS (
         INSERT INTO tenantry.webhook_attempts
                (tenant_id, delivery_id, endpoint_id, attempt, attempted_at, url, result,
@@ -368,6 +369,7 @@ BEGIN
            finished_at = CASE WHEN r.next_state IN ('delivered', 'dead') THEN now() END
       FROM tenantry.webhook_results(results) r
      WHERE d.tenant_id = r.tenant_id AND d.id = r.delivery_id
+       AND r.delivery_id = ANY (recorded)
        AND d.state = 'sending' AND d.lease_owner = owner;
     GET DIAGNOSTICS changed = ROW_COUNT;
 
