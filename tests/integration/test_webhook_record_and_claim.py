@@ -1,7 +1,7 @@
 """A deliverer's record claims again in its own transaction (webhook_record_and_claim):
-what the attack on that change found, each held here.  In each, something holds an
+what the attacks on that change found, each held here.  In most, something holds an
 endpoint's row a while (an operator's update, another process's record), so that a
-record waits for it."""
+record waits for it; the last is a record sent again after its answer was lost."""
 
 from __future__ import annotations
 
