@@ -94,6 +94,17 @@ class Receiver:
     def on(self, path: str, behaviour: Behaviour) -> None:
         self.behaviours[path] = behaviour
 
+    def hold(self, path: str) -> asyncio.Event:
+        """`path` answers 204, each request only once the returned event is set."""
+        release = asyncio.Event()
+
+        async def held(_: web.Request) -> web.StreamResponse:
+            await release.wait()
+            return web.Response(status=204)
+
+        self.on(path, held)
+        return release
+
     def at(self, path: str) -> list[Received]:
         return [r for r in self.requests if r.path == path]
 

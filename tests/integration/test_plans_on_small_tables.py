@@ -85,18 +85,22 @@ async def _tenants(admin_pool: asyncpg.Pool, n: int) -> list[uuid.UUID]:
     return ids
 
 
+async def _webhook_endpoints(admin_pool: asyncpg.Pool, n: int) -> None:
+    """An endpoint each for `n` new tenants."""
+    await admin_pool.execute(
+        "INSERT INTO tenantry.webhook_endpoints (tenant_id, url, secret)"
+        " SELECT t, 'https://plan.example/' || t, '\\x00'::bytea FROM unnest($1::uuid[]) t",
+        await _tenants(admin_pool, n),
+    )
+
+
 WEBHOOK_CLAIM = "SELECT count(*) FROM tenantry.webhook_claim('probe', 10, $1, 5, 10, 5, 10)"
 
 
 async def test_the_webhook_claim_planned_on_an_empty_table_reads_by_index_once_it_grew(
     admin_pool: asyncpg.Pool, conn: asyncpg.Connection
 ) -> None:
-    tenants = await _tenants(admin_pool, 10)
-    await admin_pool.execute(
-        "INSERT INTO tenantry.webhook_endpoints (tenant_id, url, secret)"
-        " SELECT t, 'https://plan.example/' || t, '\\x00'::bytea FROM unnest($1::uuid[]) t",
-        tenants,
-    )
+    await _webhook_endpoints(admin_pool, 10)
     await _empty_and_vacuumed(admin_pool, "webhook_deliveries")
     # PL/pgSQL settles on a generic plan after five custom ones.
     for _ in range(7):
@@ -300,12 +304,7 @@ async def test_the_webhook_claim_steps_over_finished_deliveries_in_flight_index_
     every claim: 3,379 entries for 28 deliveries in flight, a third of a claim's time,
     in a 10,000-delivery burst.  A plain index scan marks them dead once and skips
     them on later claims."""
-    tenants = await _tenants(admin_pool, 10)
-    await admin_pool.execute(
-        "INSERT INTO tenantry.webhook_endpoints (tenant_id, url, secret)"
-        " SELECT t, 'https://plan.example/' || t, '\\x00'::bytea FROM unnest($1::uuid[]) t",
-        tenants,
-    )
+    await _webhook_endpoints(admin_pool, 10)
     await _empty_and_vacuumed(admin_pool, "webhook_deliveries")
     await admin_pool.execute(
         "INSERT INTO tenantry.webhook_deliveries"

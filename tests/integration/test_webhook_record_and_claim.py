@@ -18,7 +18,7 @@ from aiohttp import web
 from tenantry.db import Conn
 from tests.helpers import eventually, wait_lock_waiter
 from tests.integration.test_webhooks import Tenant, new_tenant, service
-from tests.receiver import Receiver, running_receiver
+from tests.receiver import running_receiver
 
 
 @asynccontextmanager
@@ -34,18 +34,6 @@ async def _row_held(admin_pool: asyncpg.Pool, endpoint_id: str) -> AsyncIterator
             yield holder
         finally:
             await tx.rollback()
-
-
-def _held_until(receiver: Receiver, path: str) -> asyncio.Event:
-    """The receiver answers `path` only once the returned event is set."""
-    release = asyncio.Event()
-
-    async def held(_: web.Request) -> web.StreamResponse:
-        await release.wait()
-        return web.Response(status=204)
-
-    receiver.on(path, held)
-    return release
 
 
 async def _states(admin_pool: asyncpg.Pool, tenant: Tenant) -> list[tuple[str, int]]:
@@ -121,7 +109,7 @@ async def test_a_record_waiting_for_a_row_leaves_the_other_places_to_the_claim_l
         other = await new_tenant(pool, svc, "Other")
         ep = await acme.endpoint(receiver.url("/held"))
         await other.endpoint(receiver.url("/other"))
-        release = _held_until(receiver, "/held")
+        release = receiver.hold("/held")
         await acme.emit(pool, "invoice.paid")
         await receiver.wait_count("/held", 1)
         async with _row_held(admin_pool, ep["id"]):
@@ -150,8 +138,8 @@ async def test_a_wake_up_during_a_records_claim_is_not_lost(
             receiver.url("/limited"), rate_limit=100, event_types=["never.sent"]
         )
         await other.endpoint(receiver.url("/other"))
-        release = _held_until(receiver, "/held")
-        _held_until(receiver, "/limited")  # once claimed, not recorded during the test
+        release = receiver.hold("/held")
+        receiver.hold("/limited")  # once claimed, not recorded during the test
         await acme.emit(pool, "invoice.paid")
         await receiver.wait_count("/held", 1)
         await _due_without_a_wake_up(admin_pool, acme, limited["id"])
@@ -180,7 +168,7 @@ async def test_a_soft_stop_sends_what_a_records_claim_under_way_took(
     ):
         acme = await new_tenant(pool, svc)
         ep = await acme.endpoint(receiver.url("/one"))
-        release = _held_until(receiver, "/one")
+        release = receiver.hold("/one")
         await acme.emit(pool, "invoice.paid")
         await acme.emit(pool, "invoice.voided")
         await receiver.wait_count("/one", 1)
@@ -217,7 +205,7 @@ async def test_a_records_claim_chosen_as_a_deadlocks_victim_records_again_withou
         limited = await acme.endpoint(
             receiver.url("/limited"), rate_limit=100, event_types=["never.sent"]
         )
-        release = _held_until(receiver, "/held")
+        release = receiver.hold("/held")
         await acme.emit(pool, "invoice.paid")
         await receiver.wait_count("/held", 1)
         await _due_without_a_wake_up(admin_pool, acme, limited["id"])
@@ -262,9 +250,9 @@ async def test_a_place_freed_while_the_process_was_full_wakes_the_claim_loop(
         await acme.endpoint(receiver.url("/ends"), event_types=["x.two"])
         await other.endpoint(receiver.url("/fills"), event_types=["a.one"])
         await other.endpoint(receiver.url("/next"), event_types=["a.two"])
-        release_first = _held_until(receiver, "/waits")
-        release_second = _held_until(receiver, "/ends")
-        _held_until(receiver, "/fills")
+        release_first = receiver.hold("/waits")
+        release_second = receiver.hold("/ends")
+        receiver.hold("/fills")
         await acme.emit(pool, "x.one")
         await acme.emit(pool, "x.two")
         await receiver.wait_count("/waits", 1)

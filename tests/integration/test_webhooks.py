@@ -804,13 +804,7 @@ async def test_a_soft_stop_lets_attempts_in_flight_finish_and_records_them(
 ) -> None:
     acme = await new_tenant(pool, svc)
     await acme.endpoint(receiver.url("/slowly"))
-    release = asyncio.Event()
-
-    async def slowly(_: web.Request) -> web.StreamResponse:
-        await release.wait()
-        return web.Response(status=204)
-
-    receiver.on("/slowly", slowly)
+    release = receiver.hold("/slowly")
     await acme.emit(pool, "invoice.paid")
     await receiver.wait_count("/slowly", 1)  # in flight now
     stopping = asyncio.create_task(svc.deliverer.shutdown(grace=10))
@@ -1124,13 +1118,7 @@ async def test_a_record_does_not_wait_for_the_claims_lock(
     deliveries `sending` and every later claim of the process behind it."""
     acme = await new_tenant(pool, svc)
     await acme.endpoint(receiver.url("/held"))
-    release = asyncio.Event()
-
-    async def held(_: web.Request) -> web.StreamResponse:
-        await release.wait()
-        return web.Response(status=204)
-
-    receiver.on("/held", held)
+    release = receiver.hold("/held")
     await acme.emit(pool, "invoice.paid")
     await receiver.wait_count("/held", 1)  # claimed, and in flight
     async with admin_pool.acquire() as another_claim:

@@ -485,17 +485,7 @@ class Deliverer:
                 batch = self._results[:_RECORD_BATCH]
                 try:
                     try:
-                        try:
-                            took_all_due = await self._record(batch, claim_again=claim_again)
-                        except asyncpg.DeadlockDetectedError:
-                            if not claim_again:
-                                raise
-                            # The victim of a deadlock, its claim against another
-                            # process's record (each waiting for an endpoint row the
-                            # other locked): nothing of it was kept.  The batch again,
-                            # without the claim, which is what took the second row.
-                            self._log.warning("webhook_record_deadlock_retried", results=len(batch))
-                            took_all_due = await self._record(batch)
+                        took_all_due = await self._record_claiming_again(batch, claim_again)
                         self._consumed(len(batch), wake_claims=not took_all_due)
                     except UNAVAILABLE:
                         raise
@@ -517,6 +507,19 @@ class Deliverer:
                 if failures and self._health is not None:
                     self._health.ok("webhook_record")
                 failures = 0
+
+    async def _record_claiming_again(self, batch: list[dict[str, Any]], claim: bool) -> bool:
+        """`_record`, and the batch again without the claim if that was a deadlock's
+        victim: its claim against another process's record, each waiting for an
+        endpoint row the other locked.  Nothing of it was kept; the claim is what took
+        the second row."""
+        try:
+            return await self._record(batch, claim_again=claim)
+        except asyncpg.DeadlockDetectedError:
+            if not claim:
+                raise
+            self._log.warning("webhook_record_deadlock_retried", results=len(batch))
+            return await self._record(batch)
 
     def _consumed(self, n: int, *, wake_claims: bool = True) -> None:
         """The first `n` results are on record (or given up on, logged)."""
