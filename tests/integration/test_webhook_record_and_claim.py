@@ -1,7 +1,8 @@
 """A deliverer's record claims again in its own transaction (webhook_record_and_claim):
-what the attacks on that change found, each held here.  In most, something holds an
-endpoint's row a while (an operator's update, another process's record), so that a
-record waits for it; the last is a record sent again after its answer was lost."""
+what the attacks on that change found, each held here.  In most, something holds the
+row of a delivery being recorded a while, so that its record waits for it (a record
+never waits for an endpoint's row: tests/integration/test_webhook_held_rows.py); the
+last is a record sent again after its answer was lost."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
-import pytest
 from aiohttp import web
 
 from tenantry.db import Conn
@@ -22,14 +22,20 @@ from tests.receiver import running_receiver
 
 
 @asynccontextmanager
-async def _row_held(admin_pool: asyncpg.Pool, endpoint_id: str) -> AsyncIterator[Conn]:
+async def _delivery_held(
+    admin_pool: asyncpg.Pool, tenant: Tenant, endpoint_id: str | None = None
+) -> AsyncIterator[Conn]:
+    """The rows of the tenant's deliveries being sent (to `endpoint_id`, if given),
+    locked by another transaction: their record waits for them."""
     async with admin_pool.acquire() as holder:
         tx = holder.transaction()
         await tx.start()
         try:
             await holder.execute(
-                "SELECT 1 FROM tenantry.webhook_endpoints WHERE id = $1 FOR UPDATE",
-                uuid.UUID(endpoint_id),
+                "SELECT 1 FROM tenantry.webhook_deliveries WHERE tenant_id = $1"
+                " AND state = 'sending' AND ($2::uuid IS NULL OR endpoint_id = $2) FOR UPDATE",
+                tenant.id,
+                None if endpoint_id is None else uuid.UUID(endpoint_id),
             )
             yield holder
         finally:
@@ -45,22 +51,12 @@ async def _states(admin_pool: asyncpg.Pool, tenant: Tenant) -> list[tuple[str, i
     return [(r["state"], r["attempts"]) for r in rows]
 
 
-async def _due_without_a_wake_up(admin_pool: asyncpg.Pool, tenant: Tenant, ep: str) -> None:
-    """A due delivery put there as one whose backoff ran out is: no NOTIFY."""
-    await admin_pool.execute(
-        "INSERT INTO tenantry.webhook_deliveries (tenant_id, endpoint_id, event_id,"
-        " event_type, body) VALUES ($1, $2, 999999, 'never.sent', '{}')",
-        tenant.id,
-        uuid.UUID(ep),
-    )
-
-
 async def test_a_lease_counts_from_the_claim_not_from_a_wait_before_it(
     tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
     admin_pool: asyncpg.Pool,
 ) -> None:  # fmt: skip
     """The claim leased from now(), its transaction's start: in a record that first
-    waited for an endpoint row, the lease was short by the wait, and ran out while the
+    waited for a row, the lease was short by the wait, and ran out while the
     attempt was within its timeout (the rescue sent it a second time)."""
     async with (
         running_receiver() as receiver,
@@ -70,7 +66,7 @@ async def test_a_lease_counts_from_the_claim_not_from_a_wait_before_it(
         ) as svc,
     ):  # fmt: skip
         acme = await new_tenant(pool, svc)
-        ep = await acme.endpoint(receiver.url("/one"))
+        await acme.endpoint(receiver.url("/one"))
         release = asyncio.Event()
         second_held = asyncio.Event()  # the second attempt stays in flight: its lease is read
 
@@ -82,9 +78,9 @@ async def test_a_lease_counts_from_the_claim_not_from_a_wait_before_it(
         await acme.emit(pool, "invoice.paid")
         await acme.emit(pool, "invoice.voided")
         await receiver.wait_count("/one", 1)  # the first in flight, the second waits
-        async with _row_held(admin_pool, ep["id"]) as holder:
+        async with _delivery_held(admin_pool, acme) as holder:
             release.set()
-            await wait_lock_waiter(admin_pool)  # the first's record waits for the row
+            await wait_lock_waiter(admin_pool)  # the first's record waits for its row
             released_at = await holder.fetchval("SELECT clock_timestamp()")
         await receiver.wait_count("/one", 2)
         lease = await admin_pool.fetchval(
@@ -107,12 +103,12 @@ async def test_a_record_waiting_for_a_row_leaves_the_other_places_to_the_claim_l
     async with running_receiver() as receiver, service(tmp_path, app_url, pool, worker_pool) as svc:
         acme = await new_tenant(pool, svc, "Acme")
         other = await new_tenant(pool, svc, "Other")
-        ep = await acme.endpoint(receiver.url("/held"))
+        await acme.endpoint(receiver.url("/held"))
         await other.endpoint(receiver.url("/other"))
         release = receiver.hold("/held")
         await acme.emit(pool, "invoice.paid")
         await receiver.wait_count("/held", 1)
-        async with _row_held(admin_pool, ep["id"]):
+        async with _delivery_held(admin_pool, acme):
             release.set()
             await wait_lock_waiter(admin_pool)
             await other.emit(pool, "invoice.paid")
@@ -123,10 +119,10 @@ async def test_a_wake_up_during_a_records_claim_is_not_lost(
     tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
     admin_pool: asyncpg.Pool,
 ) -> None:  # fmt: skip
-    """A delivery fanned out while a record's claim waited (for a rate-limited
-    endpoint's row, which the claim updates) woke a claim loop that found no free
-    place; the record's claim came back with fewer than it asked for, and the delivery
-    waited for the next poll."""
+    """A delivery fanned out while a record and its claim were under way (here, the
+    record waits for a delivery's row) woke a claim loop that found no free place (the
+    record's claim had reserved them); the record's claim came back with fewer than it
+    asked for, and the delivery waited for the next poll."""
     async with (
         running_receiver() as receiver,
         service(tmp_path, app_url, pool, worker_pool, poll_interval=30.0) as svc,
@@ -134,18 +130,13 @@ async def test_a_wake_up_during_a_records_claim_is_not_lost(
         acme = await new_tenant(pool, svc, "Acme")
         other = await new_tenant(pool, svc, "Other")
         await acme.endpoint(receiver.url("/held"))
-        limited = await acme.endpoint(
-            receiver.url("/limited"), rate_limit=100, event_types=["never.sent"]
-        )
         await other.endpoint(receiver.url("/other"))
         release = receiver.hold("/held")
-        receiver.hold("/limited")  # once claimed, not recorded during the test
         await acme.emit(pool, "invoice.paid")
         await receiver.wait_count("/held", 1)
-        await _due_without_a_wake_up(admin_pool, acme, limited["id"])
-        async with _row_held(admin_pool, limited["id"]):
+        async with _delivery_held(admin_pool, acme):
             release.set()
-            await wait_lock_waiter(admin_pool)  # the record's claim waits for the row
+            await wait_lock_waiter(admin_pool)  # the record (and its claim) waits
             await other.emit(pool, "invoice.paid")
 
             async def fanned_out() -> bool:
@@ -167,12 +158,12 @@ async def test_a_soft_stop_sends_what_a_records_claim_under_way_took(
         service(tmp_path, app_url, pool, worker_pool, webhook_endpoint_concurrency=1) as svc,
     ):
         acme = await new_tenant(pool, svc)
-        ep = await acme.endpoint(receiver.url("/one"))
+        await acme.endpoint(receiver.url("/one"))
         release = receiver.hold("/one")
         await acme.emit(pool, "invoice.paid")
         await acme.emit(pool, "invoice.voided")
         await receiver.wait_count("/one", 1)
-        async with _row_held(admin_pool, ep["id"]):
+        async with _delivery_held(admin_pool, acme):
             release.set()
             await wait_lock_waiter(admin_pool)  # the record, and its claim, under way
             stopping = asyncio.create_task(svc.deliverer.shutdown(grace=10))
@@ -185,49 +176,6 @@ async def test_a_soft_stop_sends_what_a_records_claim_under_way_took(
         assert (first, second in (("delivered", 1), ("pending", 0))) == (("delivered", 1), True)
         ids = [r.webhook_id for r in receiver.at("/one")]
         assert len(ids) == len(set(ids)) == (2 if second[0] == "delivered" else 1)
-
-
-async def test_a_records_claim_chosen_as_a_deadlocks_victim_records_again_without_it(
-    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
-    admin_pool: asyncpg.Pool, capfd: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
-    """The record locks its endpoints' rows, then its claim updates a rate-limited
-    endpoint's row: against another process's record that holds that row and wants one
-    of the first, PostgreSQL aborts one of the two.  The batch was then taken for one
-    the database refuses (an error, and a record per attempt); it is recorded again,
-    without the claim."""
-    async with (
-        running_receiver() as receiver,
-        service(tmp_path, app_url, pool, worker_pool) as svc,
-    ):
-        acme = await new_tenant(pool, svc)
-        first = await acme.endpoint(receiver.url("/held"))
-        limited = await acme.endpoint(
-            receiver.url("/limited"), rate_limit=100, event_types=["never.sent"]
-        )
-        release = receiver.hold("/held")
-        await acme.emit(pool, "invoice.paid")
-        await receiver.wait_count("/held", 1)
-        await _due_without_a_wake_up(admin_pool, acme, limited["id"])
-        capfd.readouterr()
-        async with _row_held(admin_pool, limited["id"]) as other_record:
-            release.set()
-            await wait_lock_waiter(admin_pool)  # the record's claim waits for it
-            # ... and this one for the row the record locked: a deadlock, whose
-            # victim is the one that waited first (its check comes first).
-            await other_record.execute(
-                "SELECT 1 FROM tenantry.webhook_endpoints WHERE id = $1 FOR UPDATE",
-                uuid.UUID(first["id"]),
-            )
-
-        async def both_delivered() -> bool:
-            return await _states(admin_pool, acme) == [("delivered", 1)] * 2
-
-        await eventually(both_delivered)
-    logged = capfd.readouterr()
-    logs = logged.out + logged.err  # the service's JSON lines
-    assert '"webhook_record_deadlock_retried"' in logs
-    assert '"webhook_record_refused"' not in logs
 
 
 async def test_a_place_freed_while_the_process_was_full_wakes_the_claim_loop(
@@ -257,7 +205,7 @@ async def test_a_place_freed_while_the_process_was_full_wakes_the_claim_loop(
         await acme.emit(pool, "x.two")
         await receiver.wait_count("/waits", 1)
         await receiver.wait_count("/ends", 1)
-        async with _row_held(admin_pool, waits["id"]):
+        async with _delivery_held(admin_pool, acme, waits["id"]):
             release_first.set()
             await wait_lock_waiter(admin_pool)  # its record, a place reserved, waits
             await other.emit(pool, "a.one")

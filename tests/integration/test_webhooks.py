@@ -1008,18 +1008,20 @@ async def test_flushes_that_overlap_record_each_attempt_once(
     each flush; two at once took the same head of the results, so one attempt was
     recorded twice and another dropped."""
     acme = await new_tenant(pool, svc)
-    ep = await acme.endpoint(receiver.url("/twice"))
+    await acme.endpoint(receiver.url("/twice"))
+    release = receiver.hold("/twice")
+    await acme.emit(pool, "invoice.paid")
+    await receiver.wait_count("/twice", 1)
     async with admin_pool.acquire() as holder:
         tx = holder.transaction()
         await tx.start()
-        # The recording of an attempt locks its endpoint's row: held here, the record
+        # The recording of an attempt updates its delivery's row: held here, the record
         # loop's flush waits, and the second attempt's result queues behind it.
         await holder.execute(
-            "SELECT 1 FROM tenantry.webhook_endpoints WHERE id = $1 FOR UPDATE",
-            uuid.UUID(ep["id"]),
+            "SELECT 1 FROM tenantry.webhook_deliveries WHERE tenant_id = $1 FOR UPDATE",
+            acme.id,
         )
-        await acme.emit(pool, "invoice.paid")
-        await receiver.wait_count("/twice", 1)
+        release.set()
         await wait_lock_waiter(admin_pool, roles.DEFAULT_LOGIN + "_worker")
         await acme.emit(pool, "invoice.voided")
         await receiver.wait_count("/twice", 2)

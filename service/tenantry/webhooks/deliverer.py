@@ -1,6 +1,8 @@
 """Webhook delivery: claim due deliveries, sign them (Standard Webhooks), POST them with
 a timeout through the address guard, classify the outcome, and record every attempt in
-batches (tenantry.webhook_record, which also moves each endpoint's circuit).
+batches (tenantry.webhook_record, which also moves each endpoint's circuit).  A result
+whose endpoint's row another transaction holds is kept, with that endpoint's later
+results, and recorded once the row is free: the rest of the batch does not wait for it.
 
 A slow or dead endpoint cannot hold up the others: the claim gives an endpoint at most
 `max_in_flight` deliveries at a time across every process (and no more than its rate
@@ -11,6 +13,7 @@ rescue (webhook_rescue) puts them back after the lease, with the attempt on reco
 
 from __future__ import annotations
 
+import math
 import ssl
 import time
 import uuid
@@ -43,6 +46,10 @@ Q = queries_for(__file__)
 USER_AGENT = f"Tenantry-Webhooks/{__version__}"
 REDACTED = "[redacted]"
 _RECORD_BATCH = 500
+# Results left out of a record (their endpoint's row held elsewhere) are tried again
+# with the next results, or after this pause, doubling up to the second.
+_LEFT_OUT_RETRY = 0.05
+_LEFT_OUT_RETRY_MAX = 1.0
 
 
 @dataclass(frozen=True)
@@ -196,7 +203,7 @@ class Deliverer:
             finally:
                 self._sender = None  # the last flush claims nothing
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                    await self._flush()
+                    await self._flush_all()
                 tg.cancel_scope.cancel()
 
     async def shutdown(self, grace: float) -> None:
@@ -207,7 +214,7 @@ class Deliverer:
         with anyio.move_on_after(grace):
             await self._wait_idle()
         with anyio.move_on_after(5):
-            await self._flush()
+            await self._flush_all()
 
     async def _wait_idle(self) -> None:
         """Until no attempt is in flight and no claim is under way (a record's claim
@@ -468,25 +475,40 @@ class Deliverer:
     # --- recording ------------------------------------------------------------------------------
 
     async def _record_loop(self) -> None:
+        retry = _LEFT_OUT_RETRY
         while True:
-            await self._have_results.wait()
+            # Results left out of the last flush wait for the next results, or a pause.
+            with anyio.move_on_after(retry if self._results else math.inf):
+                await self._have_results.wait()
             self._have_results = anyio.Event()
             await self._flush(claim_again=True)
+            retry = min(retry * 2, _LEFT_OUT_RETRY_MAX) if self._results else _LEFT_OUT_RETRY
+
+    async def _flush_all(self) -> None:
+        """Flush until nothing is left (the caller bounds the wait): what a record left
+        out is tried again every `_LEFT_OUT_RETRY` seconds."""
+        await self._flush()
+        while self._results:
+            await anyio.sleep(_LEFT_OUT_RETRY)
+            await self._flush()
 
     async def _flush(self, *, claim_again: bool = False) -> None:
-        """Record what has finished, in batches, until nothing is left; `claim_again`:
-        each batch's transaction also claims deliveries for this process's free places
-        (the record loop's flushes; not those of a stop).  One flush at a time (the
-        record loop, a stop and the end of `run` all flush): two would take the same
-        head of the list."""
+        """Record what has finished, in batches, until each result had its turn;
+        `claim_again`: each batch's transaction also claims deliveries for this
+        process's free places (the record loop's flushes; not those of a stop).  A
+        result left out (its endpoint's row held elsewhere) stays in the list, and so
+        does every later result of that endpoint: they are recorded together, in the
+        order they came, by a later flush.  One flush at a time (the record loop, a stop
+        and the end of `run` all flush): two would take the same results."""
         async with self._flushing:
             failures = 0
-            while self._results:
-                batch = self._results[:_RECORD_BATCH]
+            held: set[str] = set()  # endpoints whose results wait for a later flush
+            while batch := self._next_batch(held):
                 try:
                     try:
-                        took_all_due = await self._record_claiming_again(batch, claim_again)
-                        self._consumed(len(batch), wake_claims=not took_all_due)
+                        took_all_due, left_out = await self._record(batch, claim_again=claim_again)
+                        self._consumed(batch, left_out, wake_claims=not took_all_due)
+                        held.update(r["endpoint_id"] for r in batch if r["delivery_id"] in left_out)
                     except UNAVAILABLE:
                         raise
                     except Exception as exc:
@@ -494,7 +516,7 @@ class Deliverer:
                         # attempt must not stop every other's recording.  Each alone,
                         # and one refused alone without the details it was refused for.
                         self._log.error("webhook_record_refused", error=safe_text(str(exc)))
-                        await self._record_one_by_one(batch)
+                        held.update(await self._record_one_by_one(batch))
                 except UNAVAILABLE as exc:
                     # Kept in memory and tried again; if the process dies meanwhile, the
                     # leases run out and the rescue records the attempts as interrupted.
@@ -508,62 +530,75 @@ class Deliverer:
                     self._health.ok("webhook_record")
                 failures = 0
 
-    async def _record_claiming_again(self, batch: list[dict[str, Any]], claim: bool) -> bool:
-        """`_record`, and the batch again without the claim if that was a deadlock's
-        victim: its claim against another process's record, each waiting for an
-        endpoint row the other locked.  Nothing of it was kept; the claim is what took
-        the second row."""
-        try:
-            return await self._record(batch, claim_again=claim)
-        except asyncpg.DeadlockDetectedError:
-            if not claim:
-                raise
-            self._log.warning("webhook_record_deadlock_retried", results=len(batch))
-            return await self._record(batch)
+    def _next_batch(self, held: set[str]) -> list[dict[str, Any]]:
+        """The oldest results, but those of endpoints in `held`."""
+        if not held:
+            return self._results[:_RECORD_BATCH]
+        return [r for r in self._results if r["endpoint_id"] not in held][:_RECORD_BATCH]
 
-    def _consumed(self, n: int, *, wake_claims: bool = True) -> None:
-        """The first `n` results are on record (or given up on, logged)."""
-        del self._results[:n]
-        if wake_claims:
+    def _consumed(
+        self, batch: list[dict[str, Any]], left_out: frozenset[str], *, wake_claims: bool = True
+    ) -> None:
+        """`batch`'s results are on record (or given up on, logged), but those whose
+        deliveries are in `left_out`."""
+        done = {id(r) for r in batch if r["delivery_id"] not in left_out}
+        if len(done) == len(self._results):
+            self._results.clear()
+        else:
+            self._results[:] = [r for r in self._results if id(r) not in done]
+        if wake_claims and done:
             # Recording freed endpoints' places (their deliveries left `sending`).
             self._wake.set()
 
-    async def _record(self, batch: list[dict[str, Any]], *, claim_again: bool = False) -> bool:
+    async def _record(
+        self, batch: list[dict[str, Any]], *, claim_again: bool = False
+    ) -> tuple[bool, frozenset[str]]:
         """Record `batch`; `claim_again`: in the same transaction and round trip, claim
         and start deliveries for this process's free places (webhook_record_and_claim).
-        True when that claim took every delivery due, so that the claim loop would find
-        none: some came back, fewer than it asked for.  (None back says nothing: the
-        claim may not have run.)"""
+        Returns whether that claim took every delivery due, so that the claim loop
+        would find none (some came back, fewer than it asked for; none back says
+        nothing: the claim may not have run), and the deliveries whose results the
+        record left out (their endpoint's row was held elsewhere)."""
         # The places the batch's deliveries held, and one more if that is not the
         # process's last: the other free places stay the claim loop's, which must not
-        # wait for a record (one waiting for an endpoint row an operator's update
-        # holds, say) to claim for them.  The one more tells whether more is due than
-        # the record freed: only then (every place asked for taken) is the loop woken
-        # to claim the rest.
+        # wait for a record (one waiting for a delivery's row, say) to claim for them.
+        # The one more tells whether more is due than the record freed: only then
+        # (every place asked for taken) is the loop woken to claim the rest.
         free = self._free() if claim_again and not self._stopping else 0
         n = len(batch) + 1 if free > len(batch) + 1 else min(free, len(batch))
         args = (self._owner, safe_json(batch), self.config.breaker.as_json())
         self._reserved += max(n, 0)
-        rows: list[asyncpg.Record] = []
+        claimed: list[asyncpg.Record] = []
+        left_out: frozenset[str] = frozenset()
         try:
             async with self._pool.acquire() as conn:
                 if n > 0:
                     rows = await conn.fetch(Q["record_and_claim"], *args, *self._claim_args(n))
+                    claimed = [r for r in rows if not r["left_out"]]
+                    left_out = frozenset(str(r["id"]) for r in rows if r["left_out"])
                 else:
-                    await conn.fetchval(Q["record"], *args)
+                    later = await conn.fetchval(Q["record"], *args)
+                    left_out = frozenset(str(i) for i in later or ())
                 leaves_no_session_state(conn)  # one statement, its own transaction
         finally:
             self._reserved -= max(n, 0)
-            self._send(_claimed(rows))
+            self._send(_claimed(claimed))
             self._went_down()
-        return 0 < len(rows) < n
+        return 0 < len(claimed) < n, left_out
 
-    async def _record_one_by_one(self, batch: list[dict[str, Any]]) -> None:
-        """Each result of `batch` (the head of the list) alone, consumed as it goes, so
-        that the database going away midway leaves only the rest to record."""
+    async def _record_one_by_one(self, batch: list[dict[str, Any]]) -> set[str]:
+        """Each result of `batch` alone, consumed as it goes, so that the database going
+        away midway leaves only the rest to record.  Returns the endpoints of the
+        results left out (kept for a later flush, with the endpoint's later results)."""
+        held: set[str] = set()
         for result in batch:
+            if result["endpoint_id"] in held:
+                continue  # behind an earlier result of its endpoint
             try:
-                await self._record([result])
+                _, left_out = await self._record([result])
+                if left_out:
+                    held.add(result["endpoint_id"])
+                    continue
             except UNAVAILABLE:
                 raise
             except Exception as exc:
@@ -576,7 +611,10 @@ class Deliverer:
                     "error": f"the attempt's details could not be stored: {exc}"[:1000],
                 }
                 try:
-                    await self._record([plain])
+                    _, left_out = await self._record([plain])
+                    if left_out:
+                        held.add(result["endpoint_id"])
+                        continue
                 except UNAVAILABLE:
                     raise
                 except Exception:
@@ -587,7 +625,8 @@ class Deliverer:
                         delivery_id=result["delivery_id"],
                         tenant_id=result["tenant_id"],
                     )
-            self._consumed(1)
+            self._consumed([result], frozenset())
+        return held
 
 
 def _claimed(rows: list[asyncpg.Record]) -> list[_Claimed]:

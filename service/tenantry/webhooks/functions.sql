@@ -1,4 +1,4 @@
--- version: 19
+-- version: 20
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -157,6 +157,9 @@ DROP FUNCTION IF EXISTS tenantry.webhook_claim(text, integer, uuid, integer, int
 -- The walk over endpoints starts at `pivot` (random per claim), so that when the
 -- process has fewer slots than endpoints have work, no endpoint is always last.
 -- Each claimed delivery is leased for its timeout plus `lease_margin` seconds.
+-- Nothing in it waits for a row: an endpoint whose row it would write (a rate-limited
+-- one's tokens, an open circuit's turn to half-open) is passed over while another
+-- transaction holds that row.
 CREATE OR REPLACE FUNCTION tenantry.webhook_claim(
     owner text, max_rows integer, pivot uuid, max_in_flight integer,
     default_timeout integer, lease_margin integer, tenant_in_flight integer
@@ -178,10 +181,27 @@ SET enable_seqscan = off SET jit = off  -- see the head of jobs/functions.sql
 SET enable_bitmapscan = off
 AS $$
 #variable_conflict use_column
+DECLARE
+    -- The endpoints whose rows the claim writes (`spent`), locked before its snapshot.
+    writable uuid[];
 BEGIN
     -- Claims take turns (0x7E4F, a lock class of its own: on 0x7E4B, the wake-up
     -- throttle's window try-lock, a window's key could meet it).
     PERFORM pg_advisory_xact_lock(32335, hashtext('tenantry.webhook_claim'));
+    -- The rows of the endpoints the claim may spend tokens of or probe, with something
+    -- due, skipping those held elsewhere: waiting for one that an operator's open
+    -- transaction holds would hold the claims' lock as long, and with it every tenant's
+    -- deliveries in every process (and the wait would come off the leases' margin).
+    -- The claim passes those endpoints over this time.
+    writable := ARRAY(
+        SELECT e.id FROM tenantry.webhook_endpoints e
+         WHERE e.enabled
+           AND (e.rate_limit IS NOT NULL
+                OR (e.circuit_state = 'open' AND e.circuit_retry_at <= now()))
+           AND EXISTS (SELECT 1 FROM tenantry.webhook_deliveries d
+                        WHERE d.tenant_id = e.tenant_id AND d.endpoint_id = e.id
+                          AND d.state = 'pending' AND d.next_attempt_at <= now())
+           FOR NO KEY UPDATE SKIP LOCKED);
     RETURN QUERY
     WITH busy AS (
         SELECT d.tenant_id, d.endpoint_id, count(*)::integer AS n
@@ -211,6 +231,8 @@ BEGIN
           LEFT JOIN busy b ON b.tenant_id = e.tenant_id AND b.endpoint_id = e.id
           LEFT JOIN tenant_busy tb ON tb.tenant_id = e.tenant_id
          WHERE e.enabled
+           -- `spent` writes no row that `writable` does not hold.
+           AND ((e.rate_limit IS NULL AND e.circuit_state <> 'open') OR e.id = ANY (writable))
     ), walk AS (
         SELECT ep.*, row_number() OVER (ORDER BY ep.id < $3, ep.id) AS turn
           FROM ep WHERE ep.free > 0
@@ -237,11 +259,10 @@ BEGIN
         UPDATE tenantry.webhook_deliveries d
            SET state = 'sending', attempts = d.attempts + 1, lease_owner = $1,
                -- From the clock, not now(): the transaction may have begun long before
-               -- (waiting for the claims' lock, or a record's endpoint rows in
+               -- (waiting for the claims' lock, or a record's delivery rows in
                -- webhook_record_and_claim), and a lease short by that wait could run
-               -- out while the attempt is still within its timeout: sent twice.  (A
-               -- wait later in this statement, `spent` waiting for a rate-limited or
-               -- opening endpoint's row, still comes off the lease's margin.)
+               -- out while the attempt is still within its timeout: sent twice.  Nothing
+               -- later in the statement waits (`writable`).
                lease_until = clock_timestamp() + make_interval(
                    secs => coalesce(e.timeout_seconds, $5) + $6),
                updated_at = now()
@@ -307,17 +328,23 @@ $$;
 -- window_s, cooldown_s (open -> one probe), disable_after_s (failing without a single
 -- success that long disables the endpoint).  Circuit changes and disabling append
 -- events to the outbox (aggregate `webhook_endpoint`): the endpoint's history, and
--- what the tenant's other endpoints and the operators hear.  Returns the number of
--- deliveries whose state changed.
-CREATE OR REPLACE FUNCTION tenantry.webhook_record(owner text, results jsonb, cfg jsonb)
-RETURNS integer
+-- what the tenant's other endpoints and the operators hear.
+--
+-- Nothing in it waits for an endpoint's row: the results of an endpoint whose row
+-- another transaction holds (an operator's open transaction, another process's
+-- record or claim) are left out, and their deliveries returned, for the caller to
+-- send again later with the endpoint's results that came after them.  Waiting held
+-- up the rest of the batch, other tenants' results, and with them the places their
+-- deliveries hold.
+DROP FUNCTION IF EXISTS tenantry.webhook_record(text, jsonb, jsonb);
+CREATE FUNCTION tenantry.webhook_record(owner text, results jsonb, cfg jsonb)
+RETURNS uuid[]
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off SET jit = off  -- see the head of jobs/functions.sql
 AS $$
 DECLARE
-    changed integer;
     ep record;
     before record;
     after record;
@@ -331,7 +358,26 @@ DECLARE
     new_state text;
     disable boolean;
     recorded uuid[];
+    locked uuid[];
+    left_out uuid[];
 BEGIN
+    locked := ARRAY(
+        SELECT e.id FROM tenantry.webhook_endpoints e
+         WHERE (e.tenant_id, e.id) IN (SELECT r.tenant_id, r.endpoint_id
+                                         FROM tenantry.webhook_results(results) r)
+           FOR UPDATE SKIP LOCKED);
+    -- Left out: the results of an endpoint that exists and was not locked (one deleted
+    -- meanwhile has no row to move; its results are recorded).
+    left_out := ARRAY(
+        SELECT r.delivery_id FROM tenantry.webhook_results(results) r
+         WHERE r.endpoint_id <> ALL (locked)
+           AND EXISTS (SELECT 1 FROM tenantry.webhook_endpoints e
+                        WHERE e.tenant_id = r.tenant_id AND e.id = r.endpoint_id));
+    IF cardinality(left_out) > 0 THEN
+        results := coalesce((SELECT jsonb_agg(x) FROM jsonb_array_elements(results) x
+                              WHERE (x ->> 'delivery_id')::uuid <> ALL (left_out)),
+                            '[]');
+    END IF;
     -- An attempt already on record is not recorded again, nor applied or counted
     -- again: a record whose answer was lost after its commit (the connection cut, the
     -- process stopped) is sent again with the same results, and its delivery may be
@@ -371,10 +417,9 @@ BEGIN
      WHERE d.tenant_id = r.tenant_id AND d.id = r.delivery_id
        AND r.delivery_id = ANY (recorded)
        AND d.state = 'sending' AND d.lease_owner = owner;
-    GET DIAGNOSTICS changed = ROW_COUNT;
 
     -- Each endpoint's attempts in this batch, in time order: what closes, opens or
-    -- disables it.  Endpoints are locked in one order so two recorders cannot deadlock.
+    -- disables it (its row locked above).
     FOR ep IN
         WITH r AS (SELECT * FROM tenantry.webhook_results(results) x
                     WHERE x.delivery_id = ANY (recorded)),
@@ -468,7 +513,7 @@ BEGIN
                     'reason', after.disabled_reason));
         END IF;
     END LOOP;
-    RETURN changed;
+    RETURN left_out;
 END;
 $$;
 
@@ -476,18 +521,21 @@ $$;
 -- deliveries (webhook_claim), in one transaction: a deliverer takes the places its
 -- record freed in the same round trip, instead of a claim of its own after it (one
 -- round trip and one claim fewer per batch; bench.webhooks made 1.4-1.7 claims per
--- record).  The claim only if the claims' lock is free at once: this transaction
--- holds the endpoint rows its record locked, which a claim holding that lock may wait
--- for (an open or rate-limited endpoint's row), and a record that waited for an
--- endpoint row (an operator's update) must not hold up every claim meanwhile.  No row
--- back: nothing was due, or the claim did not run; the caller claims on its own then.
+-- record).  The claim only if the claims' lock is free at once: a record that waited
+-- (for a delivery's row) must not hold up every claim meanwhile.  Returns the
+-- claimed deliveries (`left_out` false), then a row for each delivery whose result
+-- webhook_record left out (`left_out` true, only `id` set).  No claimed row back:
+-- nothing was due, or the claim did not run; the caller claims on its own then.
 -- `max_rows` 0: only the record.
-CREATE OR REPLACE FUNCTION tenantry.webhook_record_and_claim(
+DROP FUNCTION IF EXISTS tenantry.webhook_record_and_claim(
+    text, jsonb, jsonb, integer, uuid, integer, integer, integer, integer);
+CREATE FUNCTION tenantry.webhook_record_and_claim(
     owner text, results jsonb, cfg jsonb, max_rows integer, pivot uuid,
     max_in_flight integer, default_timeout integer, lease_margin integer,
     tenant_in_flight integer
 )
 RETURNS TABLE (
+    left_out boolean,
     tenant_id uuid, id uuid, endpoint_id uuid, event_id bigint, event_type text,
     body text, attempts integer, url text, headers jsonb, secret bytea,
     previous_secret bytea, timeout_seconds integer, retry_schedule integer[], probe boolean
@@ -497,14 +545,20 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off SET jit = off  -- see the head of jobs/functions.sql
 AS $$
+DECLARE
+    later uuid[];
 BEGIN
-    PERFORM tenantry.webhook_record(owner, results, cfg);
+    later := tenantry.webhook_record(owner, results, cfg);
     IF max_rows > 0
        AND pg_try_advisory_xact_lock(32335, hashtext('tenantry.webhook_claim')) THEN
-        RETURN QUERY SELECT * FROM tenantry.webhook_claim(
+        RETURN QUERY SELECT false, c.* FROM tenantry.webhook_claim(
             owner, max_rows, pivot, max_in_flight, default_timeout, lease_margin,
-            tenant_in_flight);
+            tenant_in_flight) c;
     END IF;
+    RETURN QUERY SELECT true, NULL::uuid, l.id, NULL::uuid, NULL::bigint, NULL::text,
+                        NULL::text, NULL::integer, NULL::text, NULL::jsonb, NULL::bytea,
+                        NULL::bytea, NULL::integer, NULL::integer[], NULL::boolean
+                   FROM unnest(later) l(id);
 END;
 $$;
 

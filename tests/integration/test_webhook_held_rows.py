@@ -1,0 +1,139 @@
+"""An endpoint's row held elsewhere for long (an operator's open transaction, an
+application's own transaction that updated the endpoint and went on with other work)
+holds up that endpoint's deliveries only: every other tenant's are still claimed, sent
+and recorded, and the held endpoint's are recorded once the row is let go."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+from aiohttp import web
+
+from tenantry.db import Conn
+from tests.helpers import eventually
+from tests.integration.test_webhooks import Tenant, new_tenant, service
+from tests.receiver import running_receiver
+
+
+@asynccontextmanager
+async def _updated_in_an_open_transaction(
+    admin_pool: asyncpg.Pool, endpoint_id: str
+) -> AsyncIterator[Conn]:
+    """An operator's `UPDATE` of the endpoint in a transaction left open."""
+    async with admin_pool.acquire() as holder:
+        tx = holder.transaction()
+        await tx.start()
+        try:
+            await holder.execute(
+                "UPDATE tenantry.webhook_endpoints SET description = 'being edited' WHERE id = $1",
+                uuid.UUID(endpoint_id),
+            )
+            yield holder
+        finally:
+            await tx.rollback()
+
+
+async def _states(admin_pool: asyncpg.Pool, tenant: Tenant) -> list[tuple[str, int]]:
+    rows = await admin_pool.fetch(
+        "SELECT d.state, (SELECT count(*) FROM tenantry.webhook_attempts a"
+        "                  WHERE a.tenant_id = d.tenant_id AND a.delivery_id = d.id)::integer"
+        "  FROM tenantry.webhook_deliveries d WHERE d.tenant_id = $1"
+        " ORDER BY d.created_at, d.event_id",
+        tenant.id,
+    )
+    return [(r[0], r[1]) for r in rows]
+
+
+async def _until_states(
+    admin_pool: asyncpg.Pool, tenant: Tenant, expected: list[tuple[str, int]]
+) -> None:
+    async def reached() -> bool:
+        return await _states(admin_pool, tenant) == expected
+
+    await eventually(reached, timeout=10)
+
+
+async def test_a_held_rate_limited_endpoint_holds_up_no_other_tenants_claims(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:  # fmt: skip
+    """The claim spends a rate-limited endpoint's tokens on its row: it waited for the
+    row while holding the claims' lock, so no process claimed any tenant's delivery
+    until the transaction holding it ended."""
+    async with running_receiver() as receiver, service(tmp_path, app_url, pool, worker_pool) as svc:
+        acme = await new_tenant(pool, svc, "Acme")
+        other = await new_tenant(pool, svc, "Other")
+        limited = await acme.endpoint(receiver.url("/limited"), rate_limit=100)
+        await other.endpoint(receiver.url("/other"))
+        async with _updated_in_an_open_transaction(admin_pool, limited["id"]):
+            await acme.emit(pool, "invoice.paid")
+            await other.emit(pool, "invoice.paid")
+            await receiver.wait_count("/other", 1, timeout=10)
+            await _until_states(admin_pool, other, [("delivered", 1)])
+            assert await _states(admin_pool, acme) == [("pending", 0)]
+        await receiver.wait_count("/limited", 1, timeout=10)  # its turn once let go
+        await _until_states(admin_pool, acme, [("delivered", 1)])
+
+
+async def test_a_held_endpoint_holds_up_no_other_tenants_records(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:  # fmt: skip
+    """A record moves each endpoint's circuit on its row: it waited for the row, the
+    process's later records queued behind it, and every delivery the process sent
+    stayed `sending`, holding its endpoint's places, until the row was let go."""
+    async with running_receiver() as receiver, service(tmp_path, app_url, pool, worker_pool) as svc:
+        acme = await new_tenant(pool, svc, "Acme")
+        other = await new_tenant(pool, svc, "Other")
+        held = await acme.endpoint(receiver.url("/held"))
+        await other.endpoint(receiver.url("/other"))
+        release = receiver.hold("/held")
+        await acme.emit(pool, "invoice.paid")
+        await receiver.wait_count("/held", 1)
+        async with _updated_in_an_open_transaction(admin_pool, held["id"]):
+            release.set()  # its attempt ends while the row is held
+            for n in range(1, 4):
+                await other.emit(pool, "invoice.paid")
+                await receiver.wait_count("/other", n, timeout=10)
+            await _until_states(admin_pool, other, [("delivered", 1)] * 3)
+            assert await _states(admin_pool, acme) == [("sending", 0)]
+        await _until_states(admin_pool, acme, [("delivered", 1)])  # recorded once, later
+        assert len(receiver.at("/held")) == 1
+
+
+async def test_results_left_for_later_move_the_circuit_in_the_order_they_came(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:  # fmt: skip
+    """A held endpoint's results wait together, a later one never recorded before an
+    earlier one: a failure and then a success leave the circuit's failure streak at 0
+    (the success recorded first, then the failure, would leave it at 1)."""
+    async with running_receiver() as receiver, service(tmp_path, app_url, pool, worker_pool) as svc:
+        acme = await new_tenant(pool, svc, "Acme")
+        ep = await acme.endpoint(receiver.url("/flaky"))
+
+        async def by_type(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            return web.Response(status=500 if body["type"] == "x.fails" else 204)
+
+        receiver.on("/flaky", by_type)
+        async with _updated_in_an_open_transaction(admin_pool, ep["id"]):
+            await acme.emit(pool, "x.fails")
+            await receiver.wait_count("/flaky", 1)
+            await acme.emit(pool, "x.ok")
+            await receiver.wait_count("/flaky", 2)
+
+            async def both_left_for_later() -> bool:
+                return len(svc.deliverer._results) == 2
+
+            await eventually(both_left_for_later)
+        await _until_states(admin_pool, acme, [("pending", 1), ("delivered", 1)])
+        row = await admin_pool.fetchrow(
+            "SELECT circuit_state, circuit_failures FROM tenantry.webhook_endpoints WHERE id = $1",
+            uuid.UUID(ep["id"]),
+        )
+        assert row is not None and tuple(row) == ("closed", 0)
