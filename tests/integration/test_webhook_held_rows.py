@@ -137,3 +137,88 @@ async def test_results_left_for_later_move_the_circuit_in_the_order_they_came(
             uuid.UUID(ep["id"]),
         )
         assert row is not None and tuple(row) == ("closed", 0)
+
+
+async def test_a_result_left_out_keeps_its_deliverys_lease(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:  # fmt: skip
+    """A result waiting for its endpoint's row no longer held the delivery's row
+    either: once the lease ran out, the rescue took the delivery for a stopped
+    process's, put an `interrupted` attempt on record and had it sent again."""
+    async with (
+        running_receiver() as receiver,
+        service(
+            tmp_path, app_url, pool, worker_pool, webhook_timeout=1, lease_seconds=3.0
+        ) as svc,
+    ):  # fmt: skip
+        acme = await new_tenant(pool, svc, "Acme")
+        ep = await acme.endpoint(receiver.url("/held"))
+        async with _updated_in_an_open_transaction(admin_pool, ep["id"]):
+            await acme.emit(pool, "invoice.paid")
+            await receiver.wait_count("/held", 1)
+            first_lease = await admin_pool.fetchval(
+                "SELECT lease_until FROM tenantry.webhook_deliveries WHERE tenant_id = $1",
+                acme.id,
+            )
+
+            async def past_the_first_lease() -> bool:
+                return bool(await admin_pool.fetchval("SELECT now() > $1", first_lease))
+
+            await eventually(past_the_first_lease)
+            # The rescue's pass (what the service's maintenance runs every few seconds).
+            assert await admin_pool.fetchval("SELECT tenantry.webhook_rescue(10, 100)") == 0
+            assert await _states(admin_pool, acme) == [("sending", 0)]
+        await _until_states(admin_pool, acme, [("delivered", 1)])
+        assert len(receiver.at("/held")) == 1
+
+
+async def test_a_late_result_does_not_move_a_delivery_out_on_its_next_attempt(
+    admin_pool: asyncpg.Pool,
+) -> None:
+    """A result recorded after the rescue put its delivery back and the same process
+    claimed it again: it moved the delivery, out on its next attempt, to the late
+    attempt's state (here back to pending, with that attempt in flight)."""
+    tenant = await admin_pool.fetchval(
+        "INSERT INTO tenantry.tenants (id, slug, name) VALUES (gen_random_uuid(),"
+        " 'late-' || substr(md5(random()::text), 1, 8), 'Late') RETURNING id"
+    )
+    endpoint = await admin_pool.fetchval(
+        "INSERT INTO tenantry.webhook_endpoints (tenant_id, url, secret)"
+        " VALUES ($1, 'https://late.example/', '\\x00'::bytea) RETURNING id",
+        tenant,
+    )
+    delivery = await admin_pool.fetchval(
+        "INSERT INTO tenantry.webhook_deliveries (tenant_id, endpoint_id, event_id,"
+        " event_type, body, state, attempts, lease_owner, lease_until)"
+        " VALUES ($1, $2, 1, 'invoice.paid', '{}', 'sending', 2, 'o', now() + interval '1 min')"
+        " RETURNING id",
+        tenant,
+        endpoint,
+    )
+    late = {
+        "tenant_id": str(tenant), "delivery_id": str(delivery),
+        "endpoint_id": str(endpoint), "attempt": 1,
+        "attempted_at": "2026-12-08T01:00:00.123456+00:00",
+        "url": "https://late.example/", "result": "failed",
+        "request_headers": {}, "request_body": "{}", "response_status": 500,
+        "response_headers": {}, "response_body": "", "duration_ms": 1.5,
+        "error_class": None, "error": None, "next_state": "pending",
+        "next_attempt_at": "2026-12-08T01:00:05+00:00", "reason": None,
+        "success": False,
+    }  # fmt: skip
+    breaker = {"failures": 10, "ratio": 0.5, "volume": 20, "window_s": 60,
+               "cooldown_s": 30, "disable_after_s": 432000}  # fmt: skip
+    left_out = await admin_pool.fetchval(
+        "SELECT tenantry.webhook_record('o', $1::jsonb, $2::jsonb)", [late], breaker
+    )
+    assert left_out == []
+    state = await admin_pool.fetchrow(
+        "SELECT state, attempts, lease_owner FROM tenantry.webhook_deliveries WHERE id = $1",
+        delivery,
+    )
+    assert state is not None and tuple(state) == ("sending", 2, "o")
+    on_record = await admin_pool.fetchval(
+        "SELECT count(*) FROM tenantry.webhook_attempts WHERE delivery_id = $1", delivery
+    )
+    assert on_record == 1

@@ -566,7 +566,8 @@ class Deliverer:
         # (every place asked for taken) is the loop woken to claim the rest.
         free = self._free() if claim_again and not self._stopping else 0
         n = len(batch) + 1 if free > len(batch) + 1 else min(free, len(batch))
-        args = (self._owner, safe_json(batch), self.config.breaker.as_json())
+        cfg = self.config.breaker.as_json() | {"lease_margin_s": self.config.lease_margin}
+        args = (self._owner, safe_json(batch), cfg)
         self._reserved += max(n, 0)
         claimed: list[asyncpg.Record] = []
         left_out: frozenset[str] = frozenset()

@@ -326,7 +326,7 @@ $$;
 -- breaker's settings: failures (consecutive failed attempts that open it), ratio and
 -- volume (a failure ratio over at least that many attempts in the window opens it),
 -- window_s, cooldown_s (open -> one probe), disable_after_s (failing without a single
--- success that long disables the endpoint).  Circuit changes and disabling append
+-- success that long disables the endpoint); and lease_margin_s (below).  Circuit changes and disabling append
 -- events to the outbox (aggregate `webhook_endpoint`): the endpoint's history, and
 -- what the tenant's other endpoints and the operators hear.
 --
@@ -335,7 +335,7 @@ $$;
 -- record or claim) are left out, and their deliveries returned, for the caller to
 -- send again later with the endpoint's results that came after them.  Waiting held
 -- up the rest of the batch, other tenants' results, and with them the places their
--- deliveries hold.
+-- deliveries hold.  A left-out delivery's lease is kept `lease_margin_s` ahead.
 DROP FUNCTION IF EXISTS tenantry.webhook_record(text, jsonb, jsonb);
 CREATE FUNCTION tenantry.webhook_record(owner text, results jsonb, cfg jsonb)
 RETURNS uuid[]
@@ -374,6 +374,16 @@ BEGIN
            AND EXISTS (SELECT 1 FROM tenantry.webhook_endpoints e
                         WHERE e.tenant_id = r.tenant_id AND e.id = r.endpoint_id));
     IF cardinality(left_out) > 0 THEN
+        -- Still the recorder's while their results wait: their leases are kept a
+        -- margin ahead (`lease_margin_s`), so that the rescue does not take them for a
+        -- stopped process's and send them again.
+        UPDATE tenantry.webhook_deliveries d
+           SET lease_until = greatest(d.lease_until, clock_timestamp() + make_interval(
+                   secs => coalesce((cfg ->> 'lease_margin_s')::float8, 30)))
+          FROM tenantry.webhook_results(results) r
+         WHERE d.tenant_id = r.tenant_id AND d.id = r.delivery_id
+           AND r.delivery_id = ANY (left_out)
+           AND d.state = 'sending' AND d.lease_owner = owner;
         results := coalesce((SELECT jsonb_agg(x) FROM jsonb_array_elements(results) x
                               WHERE (x ->> 'delivery_id')::uuid <> ALL (left_out)),
                             '[]');
@@ -416,7 +426,10 @@ BEGIN
       FROM tenantry.webhook_results(results) r
      WHERE d.tenant_id = r.tenant_id AND d.id = r.delivery_id
        AND r.delivery_id = ANY (recorded)
-       AND d.state = 'sending' AND d.lease_owner = owner;
+       -- The attempt the delivery is out on: a result that comes late (after the
+       -- rescue put the delivery back, and this process claimed it again) is on
+       -- record and counts toward the circuit, but does not move the delivery.
+       AND d.state = 'sending' AND d.lease_owner = owner AND d.attempts = r.attempt;
 
     -- Each endpoint's attempts in this batch, in time order: what closes, opens or
     -- disables it (its row locked above).
