@@ -1,4 +1,4 @@
--- version: 20
+-- version: 21
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -361,18 +361,25 @@ DECLARE
     locked uuid[];
     left_out uuid[];
 BEGIN
+    -- The two keys alone, not webhook_results: that copies every body out of the JSON.
     locked := ARRAY(
         SELECT e.id FROM tenantry.webhook_endpoints e
-         WHERE (e.tenant_id, e.id) IN (SELECT r.tenant_id, r.endpoint_id
-                                         FROM tenantry.webhook_results(results) r)
+         WHERE (e.tenant_id, e.id) IN (SELECT (x ->> 'tenant_id')::uuid,
+                                              (x ->> 'endpoint_id')::uuid
+                                         FROM jsonb_array_elements(results) x)
            FOR UPDATE SKIP LOCKED);
-    -- Left out: the results of an endpoint that exists and was not locked (one deleted
-    -- meanwhile has no row to move; its results are recorded).
-    left_out := ARRAY(
-        SELECT r.delivery_id FROM tenantry.webhook_results(results) r
-         WHERE r.endpoint_id <> ALL (locked)
-           AND EXISTS (SELECT 1 FROM tenantry.webhook_endpoints e
-                        WHERE e.tenant_id = r.tenant_id AND e.id = r.endpoint_id));
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(results) x
+                WHERE (x ->> 'endpoint_id')::uuid <> ALL (locked)) THEN
+        -- Left out: the results of an endpoint that exists and was not locked (one
+        -- deleted meanwhile has no row to move; its results are recorded).
+        left_out := ARRAY(
+            SELECT r.delivery_id FROM tenantry.webhook_results(results) r
+             WHERE r.endpoint_id <> ALL (locked)
+               AND EXISTS (SELECT 1 FROM tenantry.webhook_endpoints e
+                            WHERE e.tenant_id = r.tenant_id AND e.id = r.endpoint_id));
+    ELSE
+        left_out := '{}';
+    END IF;
     IF cardinality(left_out) > 0 THEN
         -- Still the recorder's while their results wait: their leases are kept a
         -- margin ahead (`lease_margin_s`), so that the rescue does not take them for a
