@@ -222,3 +222,41 @@ async def test_a_late_result_does_not_move_a_delivery_out_on_its_next_attempt(
         "SELECT count(*) FROM tenantry.webhook_attempts WHERE delivery_id = $1", delivery
     )
     assert on_record == 1
+
+
+async def test_another_tenants_endpoint_with_the_same_id_is_not_taken_for_the_held_one(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:  # fmt: skip
+    """An endpoint's id is unique within its tenant only (a tenant may insert its own):
+    the record compared the locked endpoints by id alone, took the held endpoint for
+    the other tenant's that it had locked, and waited for the held row after all,
+    with the other tenant's result in the same transaction."""
+    async with running_receiver() as receiver, service(tmp_path, app_url, pool, worker_pool) as svc:
+        acme = await new_tenant(pool, svc, "Acme")
+        other = await new_tenant(pool, svc, "Other")
+        held = await acme.endpoint(receiver.url("/held"))
+        async with _updated_in_an_open_transaction(admin_pool, held["id"]):
+            await acme.emit(pool, "invoice.paid")
+            await receiver.wait_count("/held", 1)
+
+            async def left_out() -> bool:
+                return len(svc.deliverer._results) == 1 and not svc.deliverer.in_flight
+
+            await eventually(left_out)
+            await admin_pool.execute(
+                "INSERT INTO tenantry.webhook_endpoints (tenant_id, id, url, secret)"
+                " SELECT $1, e.id, $2, e.secret FROM tenantry.webhook_endpoints e"
+                "  WHERE e.id = $3",
+                other.id,
+                receiver.url("/same-id"),
+                uuid.UUID(held["id"]),
+            )
+            await other.emit(pool, "invoice.paid")
+
+            async def others_attempt_on_record() -> bool:
+                states = await _states(admin_pool, other)
+                return len(states) == 1 and states[0][1] == 1
+
+            await eventually(others_attempt_on_record, timeout=10)
+        await _until_states(admin_pool, acme, [("delivered", 1)])

@@ -1,4 +1,4 @@
--- version: 21
+-- version: 22
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -182,8 +182,10 @@ SET enable_bitmapscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
-    -- The endpoints whose rows the claim writes (`spent`), locked before its snapshot.
-    writable uuid[];
+    -- The endpoints whose rows the claim writes (`spent`), locked before its snapshot:
+    -- their rows' places (an id alone is the tenant's own choice, and another tenant
+    -- may choose the same).
+    writable tid[];
 BEGIN
     -- Claims take turns (0x7E4F, a lock class of its own: on 0x7E4B, the wake-up
     -- throttle's window try-lock, a window's key could meet it).
@@ -194,7 +196,7 @@ BEGIN
     -- deliveries in every process (and the wait would come off the leases' margin).
     -- The claim passes those endpoints over this time.
     writable := ARRAY(
-        SELECT e.id FROM tenantry.webhook_endpoints e
+        SELECT e.ctid FROM tenantry.webhook_endpoints e
          WHERE e.enabled
            AND (e.rate_limit IS NOT NULL
                 OR (e.circuit_state = 'open' AND e.circuit_retry_at <= now()))
@@ -232,7 +234,8 @@ BEGIN
           LEFT JOIN tenant_busy tb ON tb.tenant_id = e.tenant_id
          WHERE e.enabled
            -- `spent` writes no row that `writable` does not hold.
-           AND ((e.rate_limit IS NULL AND e.circuit_state <> 'open') OR e.id = ANY (writable))
+           -- (Locked, the row cannot move: its place is the one the snapshot sees.)
+           AND ((e.rate_limit IS NULL AND e.circuit_state <> 'open') OR e.ctid = ANY (writable))
     ), walk AS (
         SELECT ep.*, row_number() OVER (ORDER BY ep.id < $3, ep.id) AS turn
           FROM ep WHERE ep.free > 0
@@ -358,23 +361,24 @@ DECLARE
     new_state text;
     disable boolean;
     recorded uuid[];
-    locked uuid[];
+    locked text[];  -- tenant and endpoint ids: an endpoint's id alone is not unique
     left_out uuid[];
 BEGIN
     -- The two keys alone, not webhook_results: that copies every body out of the JSON.
     locked := ARRAY(
-        SELECT e.id FROM tenantry.webhook_endpoints e
+        SELECT e.tenant_id::text || e.id::text FROM tenantry.webhook_endpoints e
          WHERE (e.tenant_id, e.id) IN (SELECT (x ->> 'tenant_id')::uuid,
                                               (x ->> 'endpoint_id')::uuid
                                          FROM jsonb_array_elements(results) x)
            FOR UPDATE SKIP LOCKED);
     IF EXISTS (SELECT 1 FROM jsonb_array_elements(results) x
-                WHERE (x ->> 'endpoint_id')::uuid <> ALL (locked)) THEN
+                WHERE (x ->> 'tenant_id')::uuid::text || (x ->> 'endpoint_id')::uuid::text
+                      <> ALL (locked)) THEN
         -- Left out: the results of an endpoint that exists and was not locked (one
         -- deleted meanwhile has no row to move; its results are recorded).
         left_out := ARRAY(
             SELECT r.delivery_id FROM tenantry.webhook_results(results) r
-             WHERE r.endpoint_id <> ALL (locked)
+             WHERE r.tenant_id::text || r.endpoint_id::text <> ALL (locked)
                AND EXISTS (SELECT 1 FROM tenantry.webhook_endpoints e
                             WHERE e.tenant_id = r.tenant_id AND e.id = r.endpoint_id));
     ELSE
