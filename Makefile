@@ -20,8 +20,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/tenantry run
 
+# Two workers (pytest-xdist), each with its own embedded PostgreSQL: the suite waits on
+# processes and the database more than it computes, so two halve its time on two cores.
+# TEST_WORKERS=0 runs it in this process alone.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check service tests bench schema .ci
