@@ -47,7 +47,8 @@ USER_AGENT = f"Tenantry-Webhooks/{__version__}"
 REDACTED = "[redacted]"
 _RECORD_BATCH = 500
 # Results left out of a record (their endpoint's row held elsewhere) are tried again
-# with the next results, or after this pause, doubling up to the second.
+# after this pause, doubling up to the second, per endpoint: not with every record (each
+# try waits up to 50 ms for the row, in webhook_record_leaving_held).
 _LEFT_OUT_RETRY = 0.05
 _LEFT_OUT_RETRY_MAX = 1.0
 
@@ -153,6 +154,10 @@ class Deliverer:
         # Set (and replaced) whenever attempts in flight or claims under way go down.
         self._fewer = anyio.Event()
         self._keys: dict[tuple[uuid.UUID, bytes], bytes] = {}
+        # Endpoints whose results a record left out: when their results are tried
+        # again (time.monotonic()), and the pause after that try.
+        self._held_until: dict[str, float] = {}
+        self._held_pause: dict[str, float] = {}
         self._flushing = anyio.Lock()
         self._stopping = False
         self.claims_stopped = anyio.Event()  # a soft stop began: no more claims
@@ -475,40 +480,47 @@ class Deliverer:
     # --- recording ------------------------------------------------------------------------------
 
     async def _record_loop(self) -> None:
-        retry = _LEFT_OUT_RETRY
         while True:
-            # Results left out of the last flush wait for the next results, or a pause.
-            with anyio.move_on_after(retry if self._results else math.inf):
+            # New results, or the time to try left-out ones again.
+            with anyio.move_on_after(self._until_held_retry()):
                 await self._have_results.wait()
             self._have_results = anyio.Event()
             await self._flush(claim_again=True)
-            retry = min(retry * 2, _LEFT_OUT_RETRY_MAX) if self._results else _LEFT_OUT_RETRY
+
+    def _until_held_retry(self) -> float:
+        """Seconds until left-out results are due to be tried again (none: forever)."""
+        if not self._results or not self._held_until:
+            return math.inf
+        return max(0.0, min(self._held_until.values()) - time.monotonic())
 
     async def _flush_all(self) -> None:
         """Flush until nothing is left (the caller bounds the wait): what a record left
         out is tried again every `_LEFT_OUT_RETRY` seconds."""
-        await self._flush()
+        await self._flush(every=True)
         while self._results:
             await anyio.sleep(_LEFT_OUT_RETRY)
-            await self._flush()
+            await self._flush(every=True)
 
-    async def _flush(self, *, claim_again: bool = False) -> None:
+    async def _flush(self, *, claim_again: bool = False, every: bool = False) -> None:
         """Record what has finished, in batches, until each result had its turn;
         `claim_again`: each batch's transaction also claims deliveries for this
         process's free places (the record loop's flushes; not those of a stop).  A
         result left out (its endpoint's row held elsewhere) stays in the list, and so
         does every later result of that endpoint: they are recorded together, in the
-        order they came, by a later flush.  One flush at a time (the record loop, a stop
-        and the end of `run` all flush): two would take the same results."""
+        order they came, by a later flush once the endpoint's pause is over (`every`:
+        whatever the pauses).  One flush at a time (the record loop, a stop and the end
+        of `run` all flush): two would take the same results."""
         async with self._flushing:
             failures = 0
-            held: set[str] = set()  # endpoints whose results wait for a later flush
+            now = time.monotonic()
+            # Endpoints whose results wait for a later flush.
+            held = set() if every else {e for e, t in self._held_until.items() if t > now}
             while batch := self._next_batch(held):
                 try:
                     try:
                         took_all_due, left_out = await self._record(batch, claim_again=claim_again)
                         self._consumed(batch, left_out, wake_claims=not took_all_due)
-                        held.update(r["endpoint_id"] for r in batch if r["delivery_id"] in left_out)
+                        held.update(self._held_again(batch, left_out))
                     except UNAVAILABLE:
                         raise
                     except Exception as exc:
@@ -529,6 +541,23 @@ class Deliverer:
                 if failures and self._health is not None:
                     self._health.ok("webhook_record")
                 failures = 0
+
+    def _held_again(self, batch: list[dict[str, Any]], left_out: frozenset[str]) -> set[str]:
+        """The endpoints of `batch`'s left-out results, each paused before its next try
+        (50 ms, doubling to a second while it stays held); the others' pauses end."""
+        held = {r["endpoint_id"] for r in batch if r["delivery_id"] in left_out}
+        now = time.monotonic()
+        for r in batch:
+            endpoint = r["endpoint_id"]
+            if endpoint in held:
+                pause = min(self._held_pause.get(endpoint, _LEFT_OUT_RETRY / 2) * 2,
+                            _LEFT_OUT_RETRY_MAX)  # fmt: skip
+                self._held_pause[endpoint] = pause
+                self._held_until[endpoint] = now + pause
+            else:
+                self._held_pause.pop(endpoint, None)
+                self._held_until.pop(endpoint, None)
+        return held
 
     def _next_batch(self, held: set[str]) -> list[dict[str, Any]]:
         """The oldest results, but those of endpoints in `held`."""
@@ -598,7 +627,7 @@ class Deliverer:
             try:
                 _, left_out = await self._record([result])
                 if left_out:
-                    held.add(result["endpoint_id"])
+                    held.update(self._held_again([result], left_out))
                     continue
             except UNAVAILABLE:
                 raise
@@ -614,7 +643,7 @@ class Deliverer:
                 try:
                     _, left_out = await self._record([plain])
                     if left_out:
-                        held.add(result["endpoint_id"])
+                        held.update(self._held_again([plain], left_out))
                         continue
                 except UNAVAILABLE:
                     raise

@@ -1,4 +1,4 @@
--- version: 22
+-- version: 23
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -195,14 +195,25 @@ BEGIN
     -- transaction holds would hold the claims' lock as long, and with it every tenant's
     -- deliveries in every process (and the wait would come off the leases' margin).
     -- The claim passes those endpoints over this time.
+    -- Only those it may take from (a token left, a place free): locking the others
+    -- would write their rows for nothing and make records of them wait.
     writable := ARRAY(
         SELECT e.ctid FROM tenantry.webhook_endpoints e
          WHERE e.enabled
            AND (e.rate_limit IS NOT NULL
                 OR (e.circuit_state = 'open' AND e.circuit_retry_at <= now()))
+           AND (e.rate_limit IS NULL
+                OR least(e.rate_limit::float8,
+                         coalesce(e.rate_tokens, e.rate_limit)
+                         + e.rate_limit * extract(epoch FROM
+                             now() - coalesce(e.rate_refilled_at, now()))) >= 1)
            AND EXISTS (SELECT 1 FROM tenantry.webhook_deliveries d
                         WHERE d.tenant_id = e.tenant_id AND d.endpoint_id = e.id
                           AND d.state = 'pending' AND d.next_attempt_at <= now())
+           AND (SELECT count(*) FROM tenantry.webhook_deliveries d
+                 WHERE d.tenant_id = e.tenant_id AND d.endpoint_id = e.id
+                   AND d.state = 'sending')
+               < CASE WHEN e.circuit_state = 'closed' THEN $4 ELSE 1 END
            FOR NO KEY UPDATE SKIP LOCKED);
     RETURN QUERY
     WITH busy AS (
@@ -339,8 +350,8 @@ $$;
 -- send again later with the endpoint's results that came after them.  Waiting held
 -- up the rest of the batch, other tenants' results, and with them the places their
 -- deliveries hold.  A left-out delivery's lease is kept `lease_margin_s` ahead.
-DROP FUNCTION IF EXISTS tenantry.webhook_record(text, jsonb, jsonb);
-CREATE FUNCTION tenantry.webhook_record(owner text, results jsonb, cfg jsonb)
+CREATE OR REPLACE FUNCTION tenantry.webhook_record_leaving_held(
+    owner text, results jsonb, cfg jsonb)
 RETURNS uuid[]
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -363,14 +374,31 @@ DECLARE
     recorded uuid[];
     locked text[];  -- tenant and endpoint ids: an endpoint's id alone is not unique
     left_out uuid[];
+    wait_before text := current_setting('lock_timeout');
 BEGIN
     -- The two keys alone, not webhook_results: that copies every body out of the JSON.
-    locked := ARRAY(
-        SELECT e.tenant_id::text || e.id::text FROM tenantry.webhook_endpoints e
-         WHERE (e.tenant_id, e.id) IN (SELECT (x ->> 'tenant_id')::uuid,
-                                              (x ->> 'endpoint_id')::uuid
-                                         FROM jsonb_array_elements(results) x)
-           FOR UPDATE SKIP LOCKED);
+    -- A row held a moment (another process's record or claim) is waited for, up to
+    -- 50 ms, in one order (two records cannot deadlock); past that the rows held are
+    -- skipped.  Skipping at once left results out whenever a busy process's claims
+    -- or records met them, and each left-out result waits 50 ms or more.
+    BEGIN
+        PERFORM set_config('lock_timeout', '50ms', true);
+        locked := ARRAY(
+            SELECT e.tenant_id::text || e.id::text FROM tenantry.webhook_endpoints e
+             WHERE (e.tenant_id, e.id) IN (SELECT (x ->> 'tenant_id')::uuid,
+                                                  (x ->> 'endpoint_id')::uuid
+                                             FROM jsonb_array_elements(results) x)
+             ORDER BY e.tenant_id, e.id
+               FOR UPDATE);
+        PERFORM set_config('lock_timeout', wait_before, true);
+    EXCEPTION WHEN lock_not_available THEN  -- (the setting is undone with the block)
+        locked := ARRAY(
+            SELECT e.tenant_id::text || e.id::text FROM tenantry.webhook_endpoints e
+             WHERE (e.tenant_id, e.id) IN (SELECT (x ->> 'tenant_id')::uuid,
+                                                  (x ->> 'endpoint_id')::uuid
+                                             FROM jsonb_array_elements(results) x)
+               FOR UPDATE SKIP LOCKED);
+    END;
     IF EXISTS (SELECT 1 FROM jsonb_array_elements(results) x
                 WHERE (x ->> 'tenant_id')::uuid::text || (x ->> 'endpoint_id')::uuid::text
                       <> ALL (locked)) THEN
@@ -387,14 +415,16 @@ BEGIN
     IF cardinality(left_out) > 0 THEN
         -- Still the recorder's while their results wait: their leases are kept a
         -- margin ahead (`lease_margin_s`), so that the rescue does not take them for a
-        -- stopped process's and send them again.
+        -- stopped process's and send them again; moved once less than half of it is
+        -- left, not at every try.
         UPDATE tenantry.webhook_deliveries d
-           SET lease_until = greatest(d.lease_until, clock_timestamp() + make_interval(
-                   secs => coalesce((cfg ->> 'lease_margin_s')::float8, 30)))
-          FROM tenantry.webhook_results(results) r
+           SET lease_until = clock_timestamp() + make_interval(secs => margin)
+          FROM tenantry.webhook_results(results) r,
+               LATERAL (SELECT coalesce((cfg ->> 'lease_margin_s')::float8, 30) AS margin) m
          WHERE d.tenant_id = r.tenant_id AND d.id = r.delivery_id
            AND r.delivery_id = ANY (left_out)
-           AND d.state = 'sending' AND d.lease_owner = owner;
+           AND d.state = 'sending' AND d.lease_owner = owner
+           AND d.lease_until < clock_timestamp() + make_interval(secs => margin / 2);
         results := coalesce((SELECT jsonb_agg(x) FROM jsonb_array_elements(results) x
                               WHERE (x ->> 'delivery_id')::uuid <> ALL (left_out)),
                             '[]');
@@ -541,19 +571,17 @@ BEGIN
 END;
 $$;
 
--- Record finished attempts (webhook_record), then claim up to `max_rows` due
+-- Record finished attempts (webhook_record_leaving_held), then claim up to `max_rows` due
 -- deliveries (webhook_claim), in one transaction: a deliverer takes the places its
 -- record freed in the same round trip, instead of a claim of its own after it (one
 -- round trip and one claim fewer per batch; bench.webhooks made 1.4-1.7 claims per
 -- record).  The claim only if the claims' lock is free at once: a record that waited
 -- (for a delivery's row) must not hold up every claim meanwhile.  Returns the
 -- claimed deliveries (`left_out` false), then a row for each delivery whose result
--- webhook_record left out (`left_out` true, only `id` set).  No claimed row back:
+-- the record left out (`left_out` true, only `id` set).  No claimed row back:
 -- nothing was due, or the claim did not run; the caller claims on its own then.
 -- `max_rows` 0: only the record.
-DROP FUNCTION IF EXISTS tenantry.webhook_record_and_claim(
-    text, jsonb, jsonb, integer, uuid, integer, integer, integer, integer);
-CREATE FUNCTION tenantry.webhook_record_and_claim(
+CREATE OR REPLACE FUNCTION tenantry.webhook_record_leaving_held_and_claim(
     owner text, results jsonb, cfg jsonb, max_rows integer, pivot uuid,
     max_in_flight integer, default_timeout integer, lease_margin integer,
     tenant_in_flight integer
@@ -572,7 +600,7 @@ AS $$
 DECLARE
     later uuid[];
 BEGIN
-    later := tenantry.webhook_record(owner, results, cfg);
+    later := tenantry.webhook_record_leaving_held(owner, results, cfg);
     IF max_rows > 0
        AND pg_try_advisory_xact_lock(32335, hashtext('tenantry.webhook_claim')) THEN
         RETURN QUERY SELECT false, c.* FROM tenantry.webhook_claim(
@@ -583,6 +611,59 @@ BEGIN
                         NULL::text, NULL::integer, NULL::text, NULL::jsonb, NULL::bytea,
                         NULL::bytea, NULL::integer, NULL::integer[], NULL::boolean
                    FROM unnest(later) l(id);
+END;
+$$;
+
+-- The calls of the version before (webhook functions v19), kept with their shapes for
+-- its processes still running while a newer one has migrated (a rolling deploy): they
+-- wait for their endpoints' rows, as that version did, so that they leave nothing out
+-- (that version would take a result left out for one recorded).  webhook_record's
+-- count is not kept (that version read none).
+DROP FUNCTION IF EXISTS tenantry.webhook_record(text, jsonb, jsonb);  -- v20-v22's shape
+CREATE FUNCTION tenantry.webhook_record(owner text, results jsonb, cfg jsonb)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET jit = off  -- see the head of jobs/functions.sql
+AS $$
+BEGIN
+    PERFORM 1 FROM tenantry.webhook_endpoints e
+     WHERE (e.tenant_id, e.id) IN (SELECT (x ->> 'tenant_id')::uuid,
+                                          (x ->> 'endpoint_id')::uuid
+                                     FROM jsonb_array_elements(results) x)
+     ORDER BY e.tenant_id, e.id
+       FOR UPDATE;
+    PERFORM tenantry.webhook_record_leaving_held(owner, results, cfg);
+    RETURN NULL;
+END;
+$$;
+
+DROP FUNCTION IF EXISTS tenantry.webhook_record_and_claim(
+    text, jsonb, jsonb, integer, uuid, integer, integer, integer, integer);
+CREATE FUNCTION tenantry.webhook_record_and_claim(
+    owner text, results jsonb, cfg jsonb, max_rows integer, pivot uuid,
+    max_in_flight integer, default_timeout integer, lease_margin integer,
+    tenant_in_flight integer
+)
+RETURNS TABLE (
+    tenant_id uuid, id uuid, endpoint_id uuid, event_id bigint, event_type text,
+    body text, attempts integer, url text, headers jsonb, secret bytea,
+    previous_secret bytea, timeout_seconds integer, retry_schedule integer[], probe boolean
+)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET jit = off  -- see the head of jobs/functions.sql
+AS $$
+BEGIN
+    PERFORM tenantry.webhook_record(owner, results, cfg);
+    IF max_rows > 0
+       AND pg_try_advisory_xact_lock(32335, hashtext('tenantry.webhook_claim')) THEN
+        RETURN QUERY SELECT * FROM tenantry.webhook_claim(
+            owner, max_rows, pivot, max_in_flight, default_timeout, lease_margin,
+            tenant_in_flight);
+    END IF;
 END;
 $$;
 
@@ -852,6 +933,11 @@ ALTER FUNCTION tenantry.webhook_record(text, jsonb, jsonb) OWNER TO tenantry_sys
 ALTER FUNCTION tenantry.webhook_record_and_claim(
     text, jsonb, jsonb, integer, uuid, integer, integer, integer, integer)
     OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.webhook_record_leaving_held(text, jsonb, jsonb)
+    OWNER TO tenantry_system;
+ALTER FUNCTION tenantry.webhook_record_leaving_held_and_claim(
+    text, jsonb, jsonb, integer, uuid, integer, integer, integer, integer)
+    OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.webhook_rescue(integer, integer) OWNER TO tenantry_system;
 ALTER FUNCTION tenantry.webhook_prune(integer, integer) OWNER TO tenantry_system;
 REVOKE ALL ON FUNCTION tenantry.webhook_fan_out(),
@@ -859,6 +945,9 @@ REVOKE ALL ON FUNCTION tenantry.webhook_fan_out(),
                        tenantry.webhook_claim(text, integer, uuid, integer, integer, integer, integer),
                        tenantry.webhook_record(text, jsonb, jsonb),
                        tenantry.webhook_record_and_claim(
+                           text, jsonb, jsonb, integer, uuid, integer, integer, integer, integer),
+                       tenantry.webhook_record_leaving_held(text, jsonb, jsonb),
+                       tenantry.webhook_record_leaving_held_and_claim(
                            text, jsonb, jsonb, integer, uuid, integer, integer, integer, integer),
                        tenantry.webhook_rescue(integer, integer),
                        tenantry.webhook_prune(integer, integer)
@@ -873,6 +962,10 @@ GRANT EXECUTE ON FUNCTION tenantry.webhook_fan_out(),
                           tenantry.webhook_claim(text, integer, uuid, integer, integer, integer, integer),
                           tenantry.webhook_record(text, jsonb, jsonb),
                           tenantry.webhook_record_and_claim(
+                              text, jsonb, jsonb, integer, uuid, integer, integer, integer,
+                              integer),
+                          tenantry.webhook_record_leaving_held(text, jsonb, jsonb),
+                          tenantry.webhook_record_leaving_held_and_claim(
                               text, jsonb, jsonb, integer, uuid, integer, integer, integer,
                               integer),
                           tenantry.webhook_rescue(integer, integer),

@@ -158,12 +158,12 @@ SELECT * FROM tenantry.webhook_claim($1::text, $2::integer, $3::uuid, $4::intege
                                      $5::integer, $6::integer, $7::integer)
 
 -- name: record
-SELECT tenantry.webhook_record($1::text, $2::jsonb, $3::jsonb)
+SELECT tenantry.webhook_record_leaving_held($1::text, $2::jsonb, $3::jsonb)
 
 -- name: record_and_claim
-SELECT * FROM tenantry.webhook_record_and_claim($1::text, $2::jsonb, $3::jsonb, $4::integer,
-                                                $5::uuid, $6::integer, $7::integer,
-                                                $8::integer, $9::integer)
+SELECT * FROM tenantry.webhook_record_leaving_held_and_claim(
+    $1::text, $2::jsonb, $3::jsonb, $4::integer, $5::uuid, $6::integer, $7::integer,
+    $8::integer, $9::integer)
 
 -- name: rescue
 SELECT tenantry.webhook_rescue($1::integer, $2::integer)
