@@ -11,10 +11,14 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import asyncpg
+import pytest
 from aiohttp import web
 
+from tenantry.app import Service
 from tenantry.db import Conn
 from tests.helpers import eventually, wait_lock_waiter
 from tests.integration.test_webhooks import Tenant, new_tenant, service
@@ -141,17 +145,21 @@ async def test_results_left_for_later_move_the_circuit_in_the_order_they_came(
         assert row is not None and tuple(row) == ("closed", 0)
 
 
+@pytest.mark.parametrize("lease_seconds", [3.0, 1.0])
 async def test_a_result_left_out_keeps_its_deliverys_lease(
-    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
-    admin_pool: asyncpg.Pool,
+    lease_seconds: float, tmp_path: Path, app_url: str, pool: asyncpg.Pool,
+    worker_pool: asyncpg.Pool, admin_pool: asyncpg.Pool,
 ) -> None:  # fmt: skip
     """A result waiting for its endpoint's row no longer held the delivery's row
     either: once the lease ran out, the rescue took the delivery for a stopped
-    process's, put an `interrupted` attempt on record and had it sent again."""
+    process's, put an `interrupted` attempt on record and had it sent again.  With a
+    margin of a second, the lease kept a margin ahead ran out between two tries a
+    second apart (attack, 0cc6136)."""
     async with (
         running_receiver() as receiver,
         service(
-            tmp_path, app_url, pool, worker_pool, webhook_timeout=1, lease_seconds=3.0
+            tmp_path, app_url, pool, worker_pool, webhook_timeout=1,
+            lease_seconds=lease_seconds,
         ) as svc,
     ):  # fmt: skip
         acme = await new_tenant(pool, svc, "Acme")
@@ -168,8 +176,28 @@ async def test_a_result_left_out_keeps_its_deliverys_lease(
                 return bool(await admin_pool.fetchval("SELECT now() > $1", first_lease))
 
             await eventually(past_the_first_lease)
-            # The rescue's pass (what the service's maintenance runs every few seconds).
-            assert await admin_pool.fetchval("SELECT tenantry.webhook_rescue(10, 100)") == 0
+
+            async def tries_a_second_apart() -> bool:
+                return svc.deliverer._held_pause.get(ep["id"], 0.0) >= 1.0
+
+            await eventually(tries_a_second_apart)
+            # The rescue's passes (what the service's maintenance runs every few
+            # seconds), over two tries a second apart.
+            for _ in range(2):
+                tries = svc.deliverer._held_until.get(ep["id"])
+
+                async def tried_again(before: float | None = tries) -> bool:
+                    return svc.deliverer._held_until.get(ep["id"]) != before
+
+                await eventually(tried_again)
+                # Leased past the next try (a pause from now), and not rescued.
+                ahead = await admin_pool.fetchval(
+                    "SELECT extract(epoch FROM lease_until - clock_timestamp())::float8"
+                    "  FROM tenantry.webhook_deliveries WHERE tenant_id = $1",
+                    acme.id,
+                )
+                assert ahead > svc.deliverer._held_pause[ep["id"]], ahead
+                assert await admin_pool.fetchval("SELECT tenantry.webhook_rescue(10, 100)") == 0
             assert await _states(admin_pool, acme) == [("sending", 0)]
         await _until_states(admin_pool, acme, [("delivered", 1)])
         assert len(receiver.at("/held")) == 1
@@ -464,3 +492,66 @@ async def test_left_out_results_are_tried_again_on_their_own_pause_not_with_ever
             # Pauses of 50 ms doubling to a second: about one try a second at most.
             assert tries <= 6 + (time.monotonic() - started), tries
         await _until_states(admin_pool, acme, [("delivered", 1)] * 4)
+
+
+def _refused_for(svc: Service, path: str) -> None:
+    """Results of attempts to `path` are ones the database refuses (request headers
+    NULL): their batch is recorded one by one, theirs without its details."""
+    attempt = svc.deliverer._attempt
+
+    async def refused(session: aiohttp.ClientSession, row: Any) -> dict[str, Any]:
+        result = await attempt(session, row)
+        if row.url.endswith(path):
+            result["request_headers"] = None
+        return result
+
+    svc.deliverer._attempt = refused  # type: ignore[method-assign]
+
+
+async def test_a_pause_ends_with_its_endpoints_last_result_whatever_path_recorded_it(
+    tmp_path: Path, app_url: str, pool: asyncpg.Pool, worker_pool: asyncpg.Pool,
+    admin_pool: asyncpg.Pool,
+) -> None:  # fmt: skip
+    """A left-out result later recorded on the error path (one by one) left its
+    endpoint's pause behind, long over: while another endpoint's row was held, the
+    record loop found a pause due at once, flushed nothing, and did so again, some
+    15,000 times a second (attack, 0cc6136)."""
+    async with running_receiver() as receiver, service(tmp_path, app_url, pool, worker_pool) as svc:
+        acme = await new_tenant(pool, svc, "Acme")
+        other = await new_tenant(pool, svc, "Other")
+        refused = await acme.endpoint(receiver.url("/refused"))
+        held = await other.endpoint(receiver.url("/held"))
+        _refused_for(svc, "/refused")
+        deliverer = svc.deliverer
+        async with _updated_in_an_open_transaction(admin_pool, refused["id"]):
+            await acme.emit(pool, "invoice.paid")
+
+            async def paused() -> bool:
+                return len(deliverer._results) == 1 and refused["id"] in deliverer._held_until
+
+            await eventually(paused)
+        await _until_states(admin_pool, acme, [("delivered", 1)])  # one by one, later
+        flushes = 0
+        flush = deliverer._flush
+
+        async def counting(*, claim_again: bool = False, every: bool = False) -> None:
+            nonlocal flushes
+            flushes += 1
+            await flush(claim_again=claim_again, every=every)
+
+        deliverer._flush = counting  # type: ignore[method-assign]
+        async with _updated_in_an_open_transaction(admin_pool, held["id"]):
+            await other.emit(pool, "invoice.paid")
+
+            async def left_out() -> bool:
+                return held["id"] in deliverer._held_until
+
+            await eventually(left_out)
+            flushes = 0
+
+            async def tried_three_more_times() -> bool:  # 100, 200, 400 ms apart
+                return deliverer._held_pause.get(held["id"], 0.0) >= 0.4
+
+            await eventually(tried_three_more_times)
+            assert flushes < 20, flushes  # a flush a try, not thousands
+        await _until_states(admin_pool, other, [("delivered", 1)])

@@ -488,8 +488,15 @@ class Deliverer:
             await self._flush(claim_again=True)
 
     def _until_held_retry(self) -> float:
-        """Seconds until left-out results are due to be tried again (none: forever)."""
-        if not self._results or not self._held_until:
+        """Seconds until left-out results are due to be tried again (none: forever).
+        Pauses of endpoints with no result left are dropped here: a result recorded on
+        the error path (one by one), or given up on, ends its endpoint's pause there
+        only if that was its last."""
+        waiting = {r["endpoint_id"] for r in self._results}
+        for endpoint in [e for e in self._held_until if e not in waiting]:
+            del self._held_until[endpoint]
+            self._held_pause.pop(endpoint, None)
+        if not self._held_until:
             return math.inf
         return max(0.0, min(self._held_until.values()) - time.monotonic())
 

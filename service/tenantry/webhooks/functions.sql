@@ -1,4 +1,4 @@
--- version: 23
+-- version: 24
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -349,7 +349,7 @@ $$;
 -- record or claim) are left out, and their deliveries returned, for the caller to
 -- send again later with the endpoint's results that came after them.  Waiting held
 -- up the rest of the batch, other tenants' results, and with them the places their
--- deliveries hold.  A left-out delivery's lease is kept `lease_margin_s` ahead.
+-- deliveries hold.  A left-out delivery's lease is kept ahead (see below).
 CREATE OR REPLACE FUNCTION tenantry.webhook_record_leaving_held(
     owner text, results jsonb, cfg jsonb)
 RETURNS uuid[]
@@ -414,13 +414,15 @@ BEGIN
     END IF;
     IF cardinality(left_out) > 0 THEN
         -- Still the recorder's while their results wait: their leases are kept a
-        -- margin ahead (`lease_margin_s`), so that the rescue does not take them for a
-        -- stopped process's and send them again; moved once less than half of it is
-        -- left, not at every try.
+        -- margin ahead (`lease_margin_s`, and 2 s more: the deliverer tries them again
+        -- up to a second apart), so that the rescue does not take them for a stopped
+        -- process's and send them again; moved once less than half of that is left,
+        -- not at every try.
         UPDATE tenantry.webhook_deliveries d
            SET lease_until = clock_timestamp() + make_interval(secs => margin)
           FROM tenantry.webhook_results(results) r,
-               LATERAL (SELECT coalesce((cfg ->> 'lease_margin_s')::float8, 30) AS margin) m
+               LATERAL (SELECT coalesce((cfg ->> 'lease_margin_s')::float8, 30) + 2
+                                   AS margin) m
          WHERE d.tenant_id = r.tenant_id AND d.id = r.delivery_id
            AND r.delivery_id = ANY (left_out)
            AND d.state = 'sending' AND d.lease_owner = owner
