@@ -1,8 +1,9 @@
 """Webhook delivery: claim due deliveries, sign them (Standard Webhooks), POST them with
 a timeout through the address guard, classify the outcome, and record every attempt in
-batches (tenantry.webhook_record, which also moves each endpoint's circuit).  A result
-whose endpoint's row another transaction holds is kept, with that endpoint's later
-results, and recorded once the row is free: the rest of the batch does not wait for it.
+batches (tenantry.webhook_record_leaving_held, which also moves each endpoint's
+circuit).  A result whose endpoint's row another transaction holds is kept, with that
+endpoint's later results, and recorded once the row is free: the rest of the batch does
+not wait for it.
 
 A slow or dead endpoint cannot hold up the others: the claim gives an endpoint at most
 `max_in_flight` deliveries at a time across every process (and no more than its rate
@@ -55,7 +56,7 @@ _LEFT_OUT_RETRY_MAX = 1.0
 
 @dataclass(frozen=True)
 class Breaker:
-    """When an endpoint's circuit opens, and what follows (see webhook_record)."""
+    """When an endpoint's circuit opens, and what follows (see webhook_record_leaving_held)."""
 
     failures: int = 10  # consecutive failed attempts
     ratio: float = 0.5  # or this share of the window's attempts failed...
@@ -379,7 +380,8 @@ class Deliverer:
         headers: dict[str, str],
         response: _Response,
     ) -> dict[str, Any]:
-        """The attempt as webhook_record takes it, with the delivery's next state."""
+        """The attempt as webhook_record_leaving_held takes it, with the delivery's next
+        state."""
         decision = decide(
             attempts=row.attempts,
             schedule=row.schedule or self.config.schedule,
@@ -590,7 +592,8 @@ class Deliverer:
         self, batch: list[dict[str, Any]], *, claim_again: bool = False
     ) -> tuple[bool, frozenset[str]]:
         """Record `batch`; `claim_again`: in the same transaction and round trip, claim
-        and start deliveries for this process's free places (webhook_record_and_claim).
+        and start deliveries for this process's free places
+        (webhook_record_leaving_held_and_claim).
         Returns whether that claim took every delivery due, so that the claim loop
         would find none (some came back, fewer than it asked for; none back says
         nothing: the claim may not have run), and the deliveries whose results the

@@ -1,4 +1,4 @@
--- version: 24
+-- version: 25
 -- The webhooks module's functions: the fan-out from the outbox, the claim of due
 -- deliveries, the recording of attempts (with the circuit breaker), the rescue of
 -- interrupted deliveries and retention.  A repeatable migration (tenantry/migrate.py),
@@ -194,9 +194,9 @@ BEGIN
     -- due, skipping those held elsewhere: waiting for one that an operator's open
     -- transaction holds would hold the claims' lock as long, and with it every tenant's
     -- deliveries in every process (and the wait would come off the leases' margin).
-    -- The claim passes those endpoints over this time.
-    -- Only those it may take from (a token left, a place free): locking the others
-    -- would write their rows for nothing and make records of them wait.
+    -- The claim passes those endpoints over this time.  Only those it may take from
+    -- (a token left, a place free): locking the others would write their rows for
+    -- nothing and make records of them wait.
     writable := ARRAY(
         SELECT e.ctid FROM tenantry.webhook_endpoints e
          WHERE e.enabled
@@ -273,10 +273,10 @@ BEGIN
         UPDATE tenantry.webhook_deliveries d
            SET state = 'sending', attempts = d.attempts + 1, lease_owner = $1,
                -- From the clock, not now(): the transaction may have begun long before
-               -- (waiting for the claims' lock, or a record's delivery rows in
-               -- webhook_record_and_claim), and a lease short by that wait could run
-               -- out while the attempt is still within its timeout: sent twice.  Nothing
-               -- later in the statement waits (`writable`).
+               -- (waiting for the claims' lock, or a record's rows in
+               -- webhook_record_leaving_held_and_claim), and a lease short by that
+               -- wait could run out while the attempt is still within its timeout:
+               -- sent twice.  Nothing later in the statement waits (`writable`).
                lease_until = clock_timestamp() + make_interval(
                    secs => coalesce(e.timeout_seconds, $5) + $6),
                updated_at = now()
@@ -340,16 +340,16 @@ $$;
 -- breaker's settings: failures (consecutive failed attempts that open it), ratio and
 -- volume (a failure ratio over at least that many attempts in the window opens it),
 -- window_s, cooldown_s (open -> one probe), disable_after_s (failing without a single
--- success that long disables the endpoint); and lease_margin_s (below).  Circuit changes and disabling append
--- events to the outbox (aggregate `webhook_endpoint`): the endpoint's history, and
--- what the tenant's other endpoints and the operators hear.
+-- success that long disables the endpoint); and lease_margin_s (below).  Circuit
+-- changes and disabling append events to the outbox (aggregate `webhook_endpoint`):
+-- the endpoint's history, and what the tenant's other endpoints and the operators hear.
 --
--- Nothing in it waits for an endpoint's row: the results of an endpoint whose row
--- another transaction holds (an operator's open transaction, another process's
--- record or claim) are left out, and their deliveries returned, for the caller to
--- send again later with the endpoint's results that came after them.  Waiting held
--- up the rest of the batch, other tenants' results, and with them the places their
--- deliveries hold.  A left-out delivery's lease is kept ahead (see below).
+-- It waits at most 50 ms for an endpoint's row: the results of an endpoint whose row
+-- another transaction holds longer (an operator's open transaction) are left out, and
+-- their deliveries returned, for the caller to send again later with the endpoint's
+-- results that came after them.  Waiting held up the rest of the batch, other
+-- tenants' results, and with them the places their deliveries hold.  A left-out
+-- delivery's lease is kept ahead (see below).
 CREATE OR REPLACE FUNCTION tenantry.webhook_record_leaving_held(
     owner text, results jsonb, cfg jsonb)
 RETURNS uuid[]
@@ -377,28 +377,40 @@ DECLARE
     wait_before text := current_setting('lock_timeout');
 BEGIN
     -- The two keys alone, not webhook_results: that copies every body out of the JSON.
-    -- A row held a moment (another process's record or claim) is waited for, up to
-    -- 50 ms, in one order (two records cannot deadlock); past that the rows held are
-    -- skipped.  Skipping at once left results out whenever a busy process's claims
-    -- or records met them, and each left-out result waits 50 ms or more.
-    BEGIN
-        PERFORM set_config('lock_timeout', '50ms', true);
-        locked := ARRAY(
-            SELECT e.tenant_id::text || e.id::text FROM tenantry.webhook_endpoints e
-             WHERE (e.tenant_id, e.id) IN (SELECT (x ->> 'tenant_id')::uuid,
-                                                  (x ->> 'endpoint_id')::uuid
-                                             FROM jsonb_array_elements(results) x)
-             ORDER BY e.tenant_id, e.id
-               FOR UPDATE);
-        PERFORM set_config('lock_timeout', wait_before, true);
-    EXCEPTION WHEN lock_not_available THEN  -- (the setting is undone with the block)
-        locked := ARRAY(
-            SELECT e.tenant_id::text || e.id::text FROM tenantry.webhook_endpoints e
-             WHERE (e.tenant_id, e.id) IN (SELECT (x ->> 'tenant_id')::uuid,
-                                                  (x ->> 'endpoint_id')::uuid
-                                             FROM jsonb_array_elements(results) x)
-               FOR UPDATE SKIP LOCKED);
-    END;
+    -- Whatever is free at once first (the usual case: no wait, no subtransaction).
+    locked := ARRAY(
+        SELECT e.tenant_id::text || e.id::text FROM tenantry.webhook_endpoints e
+         WHERE (e.tenant_id, e.id) IN (SELECT (x ->> 'tenant_id')::uuid,
+                                              (x ->> 'endpoint_id')::uuid
+                                         FROM jsonb_array_elements(results) x)
+           FOR UPDATE SKIP LOCKED);
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(results) x
+                WHERE (x ->> 'tenant_id')::uuid::text || (x ->> 'endpoint_id')::uuid::text
+                      <> ALL (locked)) THEN
+        -- A row held a moment (another process's record or claim) is waited for, up
+        -- to 50 ms, in one order; past that (or in a deadlock with another record,
+        -- which the timeout ends long before the deadlock check) the rows still held
+        -- are skipped.  Skipping at once left results out whenever a busy process's
+        -- claims or records met them, and each left-out result waits 50 ms or more.
+        BEGIN
+            PERFORM set_config('lock_timeout', '50ms', true);
+            locked := ARRAY(
+                SELECT e.tenant_id::text || e.id::text FROM tenantry.webhook_endpoints e
+                 WHERE (e.tenant_id, e.id) IN (SELECT (x ->> 'tenant_id')::uuid,
+                                                      (x ->> 'endpoint_id')::uuid
+                                                 FROM jsonb_array_elements(results) x)
+                 ORDER BY e.tenant_id, e.id
+                   FOR UPDATE);
+            PERFORM set_config('lock_timeout', wait_before, true);
+        EXCEPTION WHEN lock_not_available THEN  -- (the setting is undone with the block)
+            locked := ARRAY(
+                SELECT e.tenant_id::text || e.id::text FROM tenantry.webhook_endpoints e
+                 WHERE (e.tenant_id, e.id) IN (SELECT (x ->> 'tenant_id')::uuid,
+                                                      (x ->> 'endpoint_id')::uuid
+                                                 FROM jsonb_array_elements(results) x)
+                   FOR UPDATE SKIP LOCKED);
+        END;
+    END IF;
     IF EXISTS (SELECT 1 FROM jsonb_array_elements(results) x
                 WHERE (x ->> 'tenant_id')::uuid::text || (x ->> 'endpoint_id')::uuid::text
                       <> ALL (locked)) THEN
@@ -573,8 +585,8 @@ BEGIN
 END;
 $$;
 
--- Record finished attempts (webhook_record_leaving_held), then claim up to `max_rows` due
--- deliveries (webhook_claim), in one transaction: a deliverer takes the places its
+-- Record finished attempts (webhook_record_leaving_held), then claim up to `max_rows`
+-- due deliveries (webhook_claim), in one transaction: a deliverer takes the places its
 -- record freed in the same round trip, instead of a claim of its own after it (one
 -- round trip and one claim fewer per batch; bench.webhooks made 1.4-1.7 claims per
 -- record).  The claim only if the claims' lock is free at once: a record that waited
