@@ -210,12 +210,27 @@ async def test_arbitrary_requests_get_problem_json_errors_and_never_a_500(svc: S
     wrong = [
         (raw[:200], status, headers.get("content-type"), body[:200])
         for raw, status, headers, body in answers
-        if status >= 500
-        or (status >= 400 and headers.get("content-type") != "application/problem+json")
+        if not _not_ready(raw, status, headers)
+        and (
+            status >= 500
+            or (status >= 400 and headers.get("content-type") != "application/problem+json")
+        )
     ]
     assert wrong == [], f"seed {SEED}: {len(wrong)} of {REQUESTS} wrong ({statuses}): {wrong[:5]}"
     # The fuzz reached the application's own answers, not just its refusals.
     assert {200, 202, 401, 404, 405, 422} <= set(statuses), statuses
+
+
+def _not_ready(raw: bytes, status: int, headers: dict[str, str]) -> bool:
+    """The readiness probe's own "not ready" (documented: 503 and its checks as JSON),
+    not an error: a busy machine can make one of its checks fail for a moment (CI,
+    2026-12-08: one HEAD /readyz of 2,000 requests, two test workers beside)."""
+    path = raw.split(b" ", 2)[1] if raw.count(b" ") >= 2 else b""
+    return (
+        path.split(b"?")[0] == b"/readyz"
+        and status == 503
+        and headers.get("content-type") == "application/json"
+    )
 
 
 PARSER_REFUSES = {
