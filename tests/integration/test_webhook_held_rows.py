@@ -54,6 +54,57 @@ async def _states(admin_pool: asyncpg.Pool, tenant: Tenant) -> list[tuple[str, i
     return [(r[0], r[1]) for r in rows]
 
 
+# Rows and results for the tests that call the record's functions directly.
+BREAKER = {"failures": 10, "ratio": 0.5, "volume": 20, "window_s": 60,
+           "cooldown_s": 30, "disable_after_s": 432000}  # fmt: skip
+
+
+async def sending_delivery(
+    admin_pool: asyncpg.Pool, name: str, attempts: int
+) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID]:
+    """A tenant, its endpoint, and a delivery out on attempt `attempts`, leased to
+    owner 'o' for a minute: (tenant, endpoint, delivery)."""
+    tenant = await admin_pool.fetchval(
+        "INSERT INTO tenantry.tenants (id, slug, name) VALUES (gen_random_uuid(),"
+        " lower($1) || '-' || substr(md5(random()::text), 1, 8), $1) RETURNING id",
+        name,
+    )
+    endpoint = await admin_pool.fetchval(
+        "INSERT INTO tenantry.webhook_endpoints (tenant_id, url, secret)"
+        " VALUES ($1, 'https://' || lower($2) || '.example/', '\\x00'::bytea) RETURNING id",
+        tenant,
+        name,
+    )
+    delivery = await admin_pool.fetchval(
+        "INSERT INTO tenantry.webhook_deliveries (tenant_id, endpoint_id, event_id,"
+        " event_type, body, state, attempts, lease_owner, lease_until)"
+        " VALUES ($1, $2, 1, 'invoice.paid', '{}', 'sending', $3, 'o',"
+        "         now() + interval '1 min') RETURNING id",
+        tenant,
+        endpoint,
+        attempts,
+    )
+    return tenant, endpoint, delivery
+
+
+def attempt_result(
+    rows: tuple[uuid.UUID, uuid.UUID, uuid.UUID], attempted_at: str, *, ok: bool
+) -> dict[str, object]:
+    """Attempt 1's result as the deliverer sends it: delivered (204), or failed (500)
+    with the next attempt 5 s later."""
+    tenant, endpoint, delivery = rows
+    return {
+        "tenant_id": str(tenant), "delivery_id": str(delivery),
+        "endpoint_id": str(endpoint), "attempt": 1, "attempted_at": attempted_at,
+        "url": "https://x.example/", "result": "delivered" if ok else "failed",
+        "request_headers": {}, "request_body": "{}", "response_status": 204 if ok else 500,
+        "response_headers": {}, "response_body": "", "duration_ms": 1.5,
+        "error_class": None, "error": None, "next_state": "delivered" if ok else "pending",
+        "next_attempt_at": None if ok else "2026-12-08T01:00:05+00:00", "reason": None,
+        "success": ok,
+    }  # fmt: skip
+
+
 async def _until_states(
     admin_pool: asyncpg.Pool, tenant: Tenant, expected: list[tuple[str, int]]
 ) -> None:
@@ -209,38 +260,11 @@ async def test_a_late_result_does_not_move_a_delivery_out_on_its_next_attempt(
     """A result recorded after the rescue put its delivery back and the same process
     claimed it again: it moved the delivery, out on its next attempt, to the late
     attempt's state (here back to pending, with that attempt in flight)."""
-    tenant = await admin_pool.fetchval(
-        "INSERT INTO tenantry.tenants (id, slug, name) VALUES (gen_random_uuid(),"
-        " 'late-' || substr(md5(random()::text), 1, 8), 'Late') RETURNING id"
-    )
-    endpoint = await admin_pool.fetchval(
-        "INSERT INTO tenantry.webhook_endpoints (tenant_id, url, secret)"
-        " VALUES ($1, 'https://late.example/', '\\x00'::bytea) RETURNING id",
-        tenant,
-    )
-    delivery = await admin_pool.fetchval(
-        "INSERT INTO tenantry.webhook_deliveries (tenant_id, endpoint_id, event_id,"
-        " event_type, body, state, attempts, lease_owner, lease_until)"
-        " VALUES ($1, $2, 1, 'invoice.paid', '{}', 'sending', 2, 'o', now() + interval '1 min')"
-        " RETURNING id",
-        tenant,
-        endpoint,
-    )
-    late = {
-        "tenant_id": str(tenant), "delivery_id": str(delivery),
-        "endpoint_id": str(endpoint), "attempt": 1,
-        "attempted_at": "2026-12-08T01:00:00.123456+00:00",
-        "url": "https://late.example/", "result": "failed",
-        "request_headers": {}, "request_body": "{}", "response_status": 500,
-        "response_headers": {}, "response_body": "", "duration_ms": 1.5,
-        "error_class": None, "error": None, "next_state": "pending",
-        "next_attempt_at": "2026-12-08T01:00:05+00:00", "reason": None,
-        "success": False,
-    }  # fmt: skip
-    breaker = {"failures": 10, "ratio": 0.5, "volume": 20, "window_s": 60,
-               "cooldown_s": 30, "disable_after_s": 432000}  # fmt: skip
+    rows = await sending_delivery(admin_pool, "Late", attempts=2)
+    delivery = rows[2]
+    late = attempt_result(rows, "2026-12-08T01:00:00.123456+00:00", ok=False)
     left_out = await admin_pool.fetchval(
-        "SELECT tenantry.webhook_record_leaving_held('o', $1::jsonb, $2::jsonb)", [late], breaker
+        "SELECT tenantry.webhook_record_leaving_held('o', $1::jsonb, $2::jsonb)", [late], BREAKER
     )
     assert left_out == []
     state = await admin_pool.fetchrow(
@@ -315,42 +339,16 @@ async def test_the_calls_of_the_version_before_keep_their_shapes_and_leave_nothi
         " headers jsonb, secret bytea, previous_secret bytea, timeout_seconds integer,"
         " retry_schedule integer[], probe boolean)",
     }
-    tenant = await admin_pool.fetchval(
-        "INSERT INTO tenantry.tenants (id, slug, name) VALUES (gen_random_uuid(),"
-        " 'old-' || substr(md5(random()::text), 1, 8), 'Old') RETURNING id"
-    )
-    endpoint = await admin_pool.fetchval(
-        "INSERT INTO tenantry.webhook_endpoints (tenant_id, url, secret)"
-        " VALUES ($1, 'https://old.example/', '\\x00'::bytea) RETURNING id",
-        tenant,
-    )
-    delivery = await admin_pool.fetchval(
-        "INSERT INTO tenantry.webhook_deliveries (tenant_id, endpoint_id, event_id,"
-        " event_type, body, state, attempts, lease_owner, lease_until)"
-        " VALUES ($1, $2, 1, 'invoice.paid', '{}', 'sending', 1, 'o', now() + interval '1 min')"
-        " RETURNING id",
-        tenant,
-        endpoint,
-    )
-    result = {
-        "tenant_id": str(tenant), "delivery_id": str(delivery),
-        "endpoint_id": str(endpoint), "attempt": 1,
-        "attempted_at": "2026-12-08T03:00:00.123456+00:00",
-        "url": "https://old.example/", "result": "delivered",
-        "request_headers": {}, "request_body": "{}", "response_status": 204,
-        "response_headers": {}, "response_body": "", "duration_ms": 1.5,
-        "error_class": None, "error": None, "next_state": "delivered",
-        "next_attempt_at": None, "reason": None, "success": True,
-    }  # fmt: skip
-    breaker = {"failures": 10, "ratio": 0.5, "volume": 20, "window_s": 60,
-               "cooldown_s": 30, "disable_after_s": 432000}  # fmt: skip
+    rows = await sending_delivery(admin_pool, "Old", attempts=1)
+    endpoint, delivery = rows[1], rows[2]
+    result = attempt_result(rows, "2026-12-08T03:00:00.123456+00:00", ok=True)
     async with _updated_in_an_open_transaction(admin_pool, str(endpoint)):
         recording = asyncio.create_task(
             admin_pool.fetch(
                 "SELECT * FROM tenantry.webhook_record_and_claim('o', $1::jsonb, $2::jsonb,"
                 " 0, gen_random_uuid(), 4, 10, 30, 16)",
                 [result],
-                breaker,
+                BREAKER,
             )
         )
         await wait_lock_waiter(admin_pool)  # it waits for the row, as it did

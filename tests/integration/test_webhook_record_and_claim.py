@@ -17,6 +17,7 @@ from aiohttp import web
 
 from tenantry.db import Conn
 from tests.helpers import eventually, wait_lock_waiter
+from tests.integration.test_webhook_held_rows import BREAKER, attempt_result, sending_delivery
 from tests.integration.test_webhooks import Tenant, new_tenant, service
 from tests.receiver import running_receiver
 
@@ -227,40 +228,11 @@ async def test_a_record_sent_again_after_its_answer_was_lost_records_nothing_twi
     deliverer sends the same results again.  Each attempt was stored twice, counted
     twice toward its endpoint's circuit, and applied again to a delivery already out
     on its next attempt (back to pending while that attempt was in flight)."""
-    tenant = await admin_pool.fetchval(
-        "INSERT INTO tenantry.tenants (id, slug, name) VALUES (gen_random_uuid(),"
-        " 'twice-' || substr(md5(random()::text), 1, 8), 'Twice') RETURNING id"
-    )
-    endpoint = await admin_pool.fetchval(
-        "INSERT INTO tenantry.webhook_endpoints (tenant_id, url, secret)"
-        " VALUES ($1, 'https://twice.example/', '\\x00'::bytea) RETURNING id",
-        tenant,
-    )
-    delivery = await admin_pool.fetchval(
-        "INSERT INTO tenantry.webhook_deliveries (tenant_id, endpoint_id, event_id,"
-        " event_type, body, state, attempts, lease_owner, lease_until)"
-        " VALUES ($1, $2, 1, 'invoice.paid', '{}', 'sending', 1, 'o', now() + interval '1 min')"
-        " RETURNING id",
-        tenant,
-        endpoint,
-    )
-    results = [
-        {
-            "tenant_id": str(tenant), "delivery_id": str(delivery),
-            "endpoint_id": str(endpoint), "attempt": 1,
-            "attempted_at": "2026-12-07T23:00:00.123456+00:00",
-            "url": "https://twice.example/", "result": "failed",
-            "request_headers": {}, "request_body": "{}", "response_status": 500,
-            "response_headers": {}, "response_body": "", "duration_ms": 1.5,
-            "error_class": None, "error": None, "next_state": "pending",
-            "next_attempt_at": "2026-12-07T23:00:05+00:00", "reason": None,
-            "success": False,
-        }
-    ]  # fmt: skip
-    breaker = {"failures": 10, "ratio": 0.5, "volume": 20, "window_s": 60,
-               "cooldown_s": 30, "disable_after_s": 432000}  # fmt: skip
+    rows = await sending_delivery(admin_pool, "Twice", attempts=1)
+    _, endpoint, delivery = rows
+    results = [attempt_result(rows, "2026-12-07T23:00:00.123456+00:00", ok=False)]
     record = "SELECT tenantry.webhook_record('o', $1::jsonb, $2::jsonb)"
-    await admin_pool.fetchval(record, results, breaker)
+    await admin_pool.fetchval(record, results, BREAKER)
     # Its retry is due at once: the same process claims it again before the answer
     # lost is noticed and the record sent again.
     await admin_pool.execute(
@@ -268,7 +240,7 @@ async def test_a_record_sent_again_after_its_answer_was_lost_records_nothing_twi
         " lease_owner = 'o', lease_until = now() + interval '1 min' WHERE id = $1",
         delivery,
     )
-    await admin_pool.fetchval(record, results, breaker)
+    await admin_pool.fetchval(record, results, BREAKER)
     state = await admin_pool.fetchrow(
         "SELECT state, attempts FROM tenantry.webhook_deliveries WHERE id = $1", delivery
     )
